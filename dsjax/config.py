@@ -1,0 +1,75 @@
+"""Engine configuration: one frozen dataclass, DistServe's names, loadable from configs/*.toml."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+MODES = ("disaggregated", "colocated", "chunked")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str = "opt-125m"              # a Hugging Face OPT directory, or a size name (dummy)
+    tokenizer: str | None = None         # directory; None = the model's, else GPT-2 BPE fallback
+    dtype: str = "bfloat16"
+    load_format: str = "auto"            # auto | dummy | safetensors | pt | orbax
+    seed: int = 0
+    mode: str = "disaggregated"
+    context_tensor_parallel_size: int = 1
+    context_pipeline_parallel_size: int = 1
+    decoding_tensor_parallel_size: int = 1
+    decoding_pipeline_parallel_size: int = 1
+    num_prefill_instances: int = 1
+    num_decode_instances: int = 1
+    block_size: int = 16
+    max_num_blocks_per_req: int = 256
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 256 << 20  # per instance stage, where there is no accelerator
+    num_blocks: int | None = None        # override the memory-derived page count (tests)
+    swap_space: float = 4.0              # GiB of host memory per decode instance for swapped KV
+    context_max_batch_size: int = 128
+    context_max_tokens_per_batch: int = 4096
+    decoding_max_batch_size: int = 256
+    decoding_max_tokens_per_batch: int = 65536
+    attention_backend: str = "auto"      # auto | xla | pallas
+    log_status: bool = False             # print each instance's status line once per second
+    status_interval: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for f in ("block_size", "max_num_blocks_per_req", "context_max_batch_size",
+                  "context_max_tokens_per_batch", "decoding_max_batch_size",
+                  "decoding_max_tokens_per_batch"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+
+    def placement_kwargs(self) -> dict:
+        names = ("context_tensor_parallel_size", "context_pipeline_parallel_size",
+                 "decoding_tensor_parallel_size", "decoding_pipeline_parallel_size",
+                 "num_prefill_instances", "num_decode_instances")
+        return {n: getattr(self, n) for n in names}
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "EngineConfig":
+        """Settings from a TOML file (top-level keys = field names); keyword overrides win."""
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown}; known: {sorted(fields)}")
+        return cls(**data)

@@ -1,0 +1,367 @@
+"""The engine: builds instances from the placement, admits requests, streams their outputs.
+
+    add_request -> least-loaded prefill instance -> first token streamed, KV kept
+      -> migration_queue -> a decode instance pulls it (KV device to device) -> tokens streamed
+Colocated and chunked modes run one instance that does both phases.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.block_manager import BlockManager
+from dsjax.config import EngineConfig
+from dsjax.instances import (ChunkedInstance, ColocatedInstance, DecodeInstance, Instance,
+                             PrefillInstance)
+from dsjax.kv_cache import bytes_per_block, num_blocks_for_budget
+from dsjax.parallel import InstanceSpec, plan_placement
+from dsjax.request import Request, RequestOutput, Status
+from dsjax.runner import ModelRunner
+from dsjax.sampling_params import SamplingParams
+from dsjax.scheduler import BatchLimits
+from dsjax.stopping import StopChecker
+from dsjax.tokenizer import IncrementalDetokenizer, load_tokenizer
+from models.attention import XLAAttention
+from models.config import OPTConfig
+from models.weights import load_params
+
+log = logging.getLogger("dsjax")
+
+
+class EngineError(RuntimeError):
+    """An instance failed; pending requests end with this error."""
+
+
+def resolve_model(model: str, load_format: str) -> tuple[OPTConfig, str | None]:
+    """(config, model directory or None) from a directory or a size name (dummy weights only)."""
+    path = Path(model)
+    if path.is_dir():
+        from models.checkpoint import is_orbax_checkpoint
+        if (path / "config.json").is_file() or is_orbax_checkpoint(path):
+            return OPTConfig.from_hf_dir(path), str(path)
+    if load_format != "dummy":
+        if path.exists() or "/" in model and not model.startswith("facebook/"):
+            raise FileNotFoundError(f"model directory {model} has no config.json: pass a Hugging "
+                                    f"Face OPT directory, or a size name with load_format='dummy'")
+        raise ValueError(f"{model!r} is not a model directory; a size name like 'opt-125m' "
+                         f"needs load_format='dummy' (random weights; no downloads here)")
+    return OPTConfig.from_name(model), None
+
+
+def attention_backend(name: str):
+    if name == "xla":
+        return XLAAttention()
+    try:
+        from dsjax.kernels import get_attention_backend
+    except ImportError:
+        if name == "pallas":
+            raise
+        return XLAAttention()
+    return get_attention_backend(name)
+
+
+class RequestStream:
+    """Iterate over a request's outputs as they come, or wait for the final one."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: queue.Queue = queue.Queue()
+        self.final: RequestOutput | None = None
+
+    def put(self, output) -> None:
+        self._queue.put(output)
+
+    def __iter__(self):
+        while self.final is None:
+            out = self._queue.get()
+            if isinstance(out, BaseException):
+                raise EngineError(str(out)) from out
+            if out.finished:
+                self.final = out
+            yield out
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.final is None:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out = self._queue.get(timeout=remaining)
+            if isinstance(out, BaseException):
+                raise EngineError(str(out)) from out
+            if out.finished:
+                self.final = out
+        return self.final
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, devices=None, **overrides):
+        config = config or EngineConfig()
+        if overrides:
+            import dataclasses
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.model_config, model_dir = resolve_model(config.model, config.load_format)
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback="gpt2")
+        self.dtype = jnp.dtype(config.dtype)
+        self.lock = threading.RLock()
+        self.requests: dict[str, Request] = {}
+        self.migration_queue: deque[Request] = deque()
+        self.migrations = {"count": 0, "bytes": 0, "seconds": 0.0}
+        self.error: BaseException | None = None
+        self._ids = itertools.count()
+        self._seeds = random.Random(config.seed)
+        self._stopped = threading.Event()
+
+        default_devices = devices is None
+        specs = plan_placement(config.mode, devices=devices, allow_shared_device=default_devices,
+                               **config.placement_kwargs())
+        attention = attention_backend(config.attention_backend)
+
+        def params_for(shardings):
+            return load_params(model_dir or config.model, self.model_config, self.dtype,
+                               load_format=config.load_format, seed=config.seed,
+                               shardings=shardings)
+
+        self.prefill_instances: list[Instance] = []
+        self.decode_instances: list[Instance] = []
+        for spec in specs:
+            self._build_instance(spec, params_for, attention)
+        self.instances = self.prefill_instances + [i for i in self.decode_instances
+                                                   if i not in self.prefill_instances]
+        for inst in self.instances:
+            inst.start()
+        self._status_thread = None
+        if config.log_status:
+            self._status_thread = threading.Thread(target=self._status_loop, daemon=True,
+                                                   name="dsjax-status")
+            self._status_thread.start()
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _build_instance(self, spec: InstanceSpec, params_for, attention) -> None:
+        cfg, mc = self.config, self.model_config
+        prefill_side = spec.role in ("prefill", "colocated", "chunked")
+        num_blocks = cfg.num_blocks or num_blocks_for_budget(
+            mc, block_size=cfg.block_size, dtype=self.dtype, tp=spec.tp, pp=spec.pp,
+            devices=spec.devices, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            cpu_kv_cache_bytes=cfg.cpu_kv_cache_bytes)
+        host_blocks = 0
+        if spec.role != "prefill":
+            per_block = bytes_per_block(mc, cfg.block_size, self.dtype, 1, 1)
+            host_blocks = int(cfg.swap_space * (1 << 30) // per_block)
+        limits_p = BatchLimits(cfg.context_max_batch_size, cfg.context_max_tokens_per_batch)
+        limits_d = BatchLimits(cfg.decoding_max_batch_size, cfg.decoding_max_tokens_per_batch)
+        limits = limits_p if prefill_side and spec.role != "colocated" else limits_d
+        runner = ModelRunner(spec, mc, params_for, dtype=self.dtype, num_pages=num_blocks,
+                             page_size=cfg.block_size, attention=attention,
+                             max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
+                             max_tokens_per_batch=limits.max_tokens_per_batch,
+                             max_blocks_per_request=cfg.max_num_blocks_per_req)
+        blocks = BlockManager(num_blocks, cfg.block_size, host_blocks)
+        if spec.role == "prefill":
+            self.prefill_instances.append(PrefillInstance(self, runner, blocks, limits_p))
+        elif spec.role == "decode":
+            self.decode_instances.append(DecodeInstance(self, runner, blocks, limits_d))
+        else:
+            if spec.role == "colocated":
+                inst = ColocatedInstance(self, runner, blocks, limits_p, limits_d)
+            else:
+                inst = ChunkedInstance(self, runner, blocks, limits_p)
+            self.prefill_instances.append(inst)
+            self.decode_instances.append(inst)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None,
+                    arrival_time: float | None = None) -> RequestStream:
+        """Queue a request; outputs go to on_output (from engine threads) or the returned stream."""
+        if self.error is not None:
+            raise EngineError(f"engine stopped after an instance failed: {self.error}")
+        if self._stopped.is_set():
+            raise EngineError("engine is shut down")
+        params = sampling_params or SamplingParams()
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        self._validate(ids, params)
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        stream = RequestStream(rid)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        req = Request(rid, text, ids, params, seed, arrival_time, on_output or stream.put)
+        req.stop_checker = StopChecker(params, self.model_config.eos_token_id)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            req.text = ""
+        with self.lock:
+            if rid in self.requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self.requests[rid] = req
+            target = min(self.prefill_instances, key=lambda i: i.load())
+            target.admit(req)
+        return stream
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        mc, cfg = self.model_config, self.config
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {mc.vocab_size})")
+        total = len(ids) + params.max_tokens
+        if total > mc.max_position_embeddings:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{total} exceeds the model's context of "
+                             f"{mc.max_position_embeddings} tokens: shorten the prompt or lower "
+                             f"max_tokens")
+        blocks = -(-total // cfg.block_size)
+        if blocks > cfg.max_num_blocks_per_req:
+            raise ValueError(f"request needs {blocks} KV blocks of {cfg.block_size} tokens, over "
+                             f"max_num_blocks_per_req={cfg.max_num_blocks_per_req}")
+        if cfg.mode != "chunked" and len(ids) > cfg.context_max_tokens_per_batch:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds context_max_tokens_per_batch="
+                             f"{cfg.context_max_tokens_per_batch}")
+        for inst in self.decode_instances:
+            if blocks > inst.blocks.num_total:
+                raise ValueError(f"request needs {blocks} KV blocks but {inst.name_} has only "
+                                 f"{inst.blocks.num_total}: lower max_tokens or give more memory")
+
+    def append_token(self, req: Request, token: int, logprobs, now: float) -> bool:
+        """Record a sampled token, detokenize, check stop, stream. Lock held. True if finished."""
+        req.output_token_ids.append(token)
+        req.token_timestamps.append(now)
+        if req.output_logprobs is not None:
+            req.output_logprobs.append(logprobs)
+        emitted = len(req.text) if req.text is not None else 0
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.feed(token)
+        decision = req.stop_checker.check(token, len(req.output_token_ids), req.text)
+        if decision.finished:
+            if req.detokenizer is not None:
+                req.text = decision.text if decision.finish_reason == "stop" and \
+                    decision.text != req.text else req.text + req.detokenizer.flush()
+            req.status = Status.FINISHED
+            req.finish_reason = decision.finish_reason
+            req.add_event("decoding_end")
+            self.requests.pop(req.request_id, None)
+        new_text = None if req.text is None else req.text[emitted:]
+        self._deliver(req, req.to_output(1, new_text))
+        return decision.finished
+
+    @staticmethod
+    def _deliver(req: Request, output) -> None:
+        try:
+            req.on_output(output)
+        except Exception:  # a broken consumer must not take the engine down
+            log.exception("output callback of %s failed", req.request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at whatever stage it is and free every block it holds."""
+        with self.lock:
+            req = self.requests.pop(request_id, None)
+            if req is None or req.finished:
+                return False
+            status = req.status
+            req.status = Status.ABORTED
+            req.finish_reason = "abort"
+            if status is Status.QUEUED:
+                for inst in self.prefill_instances:
+                    if inst.remove_queued(req) and inst.blocks.holds(request_id):
+                        inst.blocks.free(request_id)  # a partly chunked prompt
+            elif status is Status.WAITING_MIGRATION:
+                self.migration_queue.remove(req)
+                req.prefill_instance.release(req)
+            elif status in (Status.DECODING, Status.SWAPPED):
+                for inst in self.decode_instances:
+                    if inst.scheduler.remove(req):
+                        inst.blocks.free(request_id)
+                        inst.swap_space.drop(request_id)
+            elif status is Status.PREFILLING:
+                # The owner frees the blocks when the step returns; a chunked prompt also sits
+                # in its scheduler's queue.
+                for inst in self.prefill_instances:
+                    if isinstance(inst, ChunkedInstance) and inst.remove_queued(req):
+                        inst.blocks.free(request_id)
+            # MIGRATING: the pulling decode instance frees both sides when the copy ends.
+            self._deliver(req, req.to_output(0, "" if req.text is not None else None))
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = error
+            for req in list(self.requests.values()):
+                self._deliver(req, error)
+            self.requests.clear()
+
+    def wake_decoders(self) -> None:
+        for inst in self.decode_instances:
+            inst.wakeup.set()
+
+    def record_migration(self, nbytes: int, seconds: float) -> None:
+        self.migrations["count"] += 1
+        self.migrations["bytes"] += nbytes
+        self.migrations["seconds"] += seconds
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        with self.lock:
+            return bool(self.requests)
+
+    def stats(self) -> list[dict]:
+        with self.lock:
+            return [{"instance": i.name_, **i.counts(), "blocks_used": i.blocks.num_used,
+                     "blocks_total": i.blocks.num_total} for i in self.instances]
+
+    def blocks_in_use(self) -> dict[str, int]:
+        """Device and host blocks held per instance (all zero when idle: nothing leaked)."""
+        with self.lock:
+            return {i.name_: i.blocks.num_used + (i.blocks.host.num_used if i.blocks.host else 0)
+                    for i in self.instances}
+
+    def status_lines(self, elapsed: float) -> list[str]:
+        with self.lock:
+            return [i.status(elapsed) for i in self.instances]
+
+    def _status_loop(self) -> None:
+        last = time.monotonic()
+        while not self._stopped.wait(self.config.status_interval):
+            now = time.monotonic()
+            for line in self.status_lines(now - last):
+                log.info(line)
+            last = now
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        for inst in self.instances:
+            inst.stop()
+        for inst in self.instances:
+            if inst.is_alive():
+                inst.join(timeout=10)
+        with self.lock:
+            for req in list(self.requests.values()):
+                req.status = Status.ABORTED
+                req.finish_reason = "abort"
+                self._deliver(req, req.to_output(0, None))
+            self.requests.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,387 @@
+"""Instance loops: each instance is a thread driving one ModelRunner with its scheduler.
+
+Threads share the engine's lock for all host-side state (queues, block tables, request status);
+device work runs outside the lock so prefill and decode instances overlap on their devices.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from dsjax.block_manager import BlockManager
+from dsjax.request import Request, Status
+from dsjax.runner import ModelRunner, StepOutput
+from dsjax.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
+from dsjax.transfer import migrate
+
+log = logging.getLogger("dsjax")
+
+
+class HostSwapSpace:
+    """Host copies of swapped-out pages, per host block id (numpy, one array per stage)."""
+
+    def __init__(self):
+        self.pages: dict[str, list] = {}
+
+    def store(self, request_id: str, per_stage_host) -> None:
+        self.pages[request_id] = per_stage_host
+
+    def take(self, request_id: str):
+        return self.pages.pop(request_id)
+
+    def drop(self, request_id: str) -> None:
+        self.pages.pop(request_id, None)
+
+
+class Instance(threading.Thread):
+    """Common loop, stats and bookkeeping; subclasses implement step() -> bool (did work)."""
+
+    def __init__(self, engine, runner: ModelRunner, blocks: BlockManager):
+        super().__init__(name=runner.spec.name, daemon=True)
+        self.engine = engine
+        self.runner = runner
+        self.blocks = blocks
+        self.lock = engine.lock
+        self.wakeup = threading.Event()
+        self.stopped = False
+        self.tokens_since_status = 0
+        self.steps = 0
+        self.error: BaseException | None = None
+
+    @property
+    def name_(self) -> str:
+        return self.runner.spec.name
+
+    def run(self) -> None:
+        while not self.stopped:
+            try:
+                did_work = self.step()
+            except BaseException as e:  # surface to callers instead of dying silently
+                log.exception("instance %s failed", self.name_)
+                self.error = e
+                self.engine.fail_all(e)
+                return
+            if not did_work:
+                self.wakeup.wait(0.05)
+                self.wakeup.clear()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wakeup.set()
+
+    def counts(self) -> dict:
+        raise NotImplementedError
+
+    def status(self, elapsed: float) -> str:
+        c = self.counts()
+        rate = self.tokens_since_status / max(elapsed, 1e-9)
+        self.tokens_since_status = 0
+        return (f"[{self.name_}] running {c['running']} | waiting {c['waiting']} | swapped "
+                f"{c['swapped']} | KV blocks {self.blocks.num_used}/{self.blocks.num_total} | "
+                f"{rate:.1f} tokens/s")
+
+    # Shared by subclasses -----------------------------------------------------------------------
+
+    def _emit_tokens(self, requests, out: StepOutput, rows=None) -> list[Request]:
+        """Append each row's sampled token; returns the requests that finished. Lock held."""
+        finished = []
+        now = time.perf_counter()
+        for i, req in enumerate(requests):
+            row = i if rows is None else rows[i]
+            if req.finished:
+                continue
+            logprobs = None
+            if req.output_logprobs is not None:
+                n = req.sampling_params.logprobs
+                logprobs = {int(t): float(l) for t, l in
+                            zip(out.top_ids[row][:n], out.top_logprobs[row][:n])}
+                logprobs[int(out.tokens[row])] = float(out.logprob[row])
+            if self.engine.append_token(req, int(out.tokens[row]), logprobs, now):
+                finished.append(req)
+        self.tokens_since_status += len(requests)
+        return finished
+
+
+class PrefillInstance(Instance):
+    """Runs prompt batches; prefilled requests keep their blocks until a decode instance pulls."""
+
+    def __init__(self, engine, runner, blocks, limits: BatchLimits):
+        super().__init__(engine, runner, blocks)
+        self.scheduler = PrefillScheduler(limits, blocks)
+        self.in_flight: list[Request] = []
+
+    def load(self) -> int:
+        return self.scheduler.num_waiting_tokens + sum(r.prompt_len for r in self.in_flight)
+
+    def admit(self, request: Request) -> None:
+        self.scheduler.add(request)
+        self.wakeup.set()
+
+    def remove_queued(self, request: Request) -> bool:
+        return self.scheduler.remove(request)
+
+    def counts(self):
+        held = sum(1 for r in self.engine.migration_queue if r.prefill_instance is self)
+        return {"running": len(self.in_flight), "waiting": len(self.scheduler.waiting),
+                "swapped": 0, "held": held}
+
+    def step(self) -> bool:
+        with self.lock:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return False
+            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
+            for r in batch:
+                r.status = Status.PREFILLING
+                r.add_event("context_begin")
+            self.in_flight = batch
+        out = self.runner.prefill(batch, tables)
+        with self.lock:
+            self.in_flight = []
+            finished = set(self._emit_tokens(batch, out))
+            for r in batch:
+                r.add_event("context_end")
+                if r.status is Status.ABORTED or r in finished:
+                    self.blocks.free(r.request_id)
+                    continue
+                r.status = Status.WAITING_MIGRATION
+                r.prefill_instance = self
+                self.engine.migration_queue.append(r)
+        self.engine.wake_decoders()
+        return True
+
+    def release(self, request: Request) -> None:
+        """Free a request's prefill blocks (after migration or abort). Lock held."""
+        self.blocks.free(request.request_id)
+        self.wakeup.set()
+
+
+class DecodeMixin:
+    """Decode-step machinery shared by decode, colocated and chunked instances."""
+
+    def _swap(self, swap_out, swap_in) -> None:
+        for r in swap_out:  # tables were already moved to host ids by the scheduler
+            pages = self.runner.gather_pages(self._swap_blocks.pop(r.request_id))
+            self.swap_space.store(r.request_id, [(np.asarray(k), np.asarray(v)) for k, v in pages])
+            r.status = Status.SWAPPED
+        for r in swap_in:
+            self.runner.insert_pages(self.blocks.tables[r.request_id],
+                                     self.swap_space.take(r.request_id))
+            r.status = Status.DECODING
+
+    def _schedule_decode(self, scheduler: DecodeScheduler):
+        """Schedule under the lock, remembering device blocks of swap victims before reuse."""
+        before = {r.request_id: list(self.blocks.tables[r.request_id]) for r in scheduler.running}
+        step = scheduler.schedule()
+        self._swap_blocks = {r.request_id: before[r.request_id] for r in step.swap_out}
+        return step
+
+    def _finish_decoded(self, scheduler, finished) -> None:
+        for r in finished:
+            if scheduler.remove(r) or self.blocks.holds(r.request_id):
+                self.blocks.free(r.request_id)
+            self.swap_space.drop(r.request_id)
+
+
+class DecodeInstance(DecodeMixin, Instance):
+    """Pulls prefilled requests (KV device to device), then decodes with continuous batching."""
+
+    def __init__(self, engine, runner, blocks, limits: BatchLimits):
+        super().__init__(engine, runner, blocks)
+        self.scheduler = DecodeScheduler(limits, blocks)
+        self.swap_space = HostSwapSpace()
+        self._swap_blocks = {}
+
+    def load(self) -> int:
+        return len(self.scheduler)
+
+    def counts(self):
+        s = self.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped)}
+
+    def _pull(self) -> bool:
+        with self.lock:
+            queue = self.engine.migration_queue
+            if not queue or not self.scheduler.can_pull(queue[0].num_tokens):
+                return False
+            req = queue.popleft()
+            req.status = Status.MIGRATING
+            req.add_event("migration_begin")
+            src_blocks = list(req.prefill_instance.blocks.tables[req.request_id])
+            dst_blocks = self.blocks.allocate(req.request_id, req.prompt_len)
+        nbytes = migrate(req.prefill_instance.runner, src_blocks, self.runner, dst_blocks)
+        self.runner.block_until_ready()
+        with self.lock:
+            req.prefill_instance.release(req)
+            req.add_event("migration_end")
+            self.engine.record_migration(nbytes, req.events[-1]["timestamp"] -
+                                         req.events[-2]["timestamp"])
+            if req.status is Status.ABORTED:
+                self.blocks.free(req.request_id)
+            else:
+                req.status = Status.DECODING
+                self.scheduler.add_waiting(req)
+        return True
+
+    def step(self) -> bool:
+        pulled = self._pull()
+        with self.lock:
+            step = self._schedule_decode(self.scheduler)
+            batch = step.batch
+            if not batch and not step.swap_out:
+                return pulled
+            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
+            for r in batch:
+                if r.events[-1]["event_type"] != "decoding_begin" and len(r.output_token_ids) == 1:
+                    r.add_event("decoding_begin")
+        self._swap(step.swap_out, step.swap_in)
+        if not batch:
+            return True
+        out = self.runner.decode(batch, tables)
+        with self.lock:
+            finished = self._emit_tokens(batch, out)
+            self._finish_decoded(self.scheduler, finished)
+        return True
+
+
+class ColocatedInstance(DecodeMixin, Instance):
+    """vLLM-style baseline: one instance, continuous batching, a waiting prompt batch runs first."""
+
+    def __init__(self, engine, runner, blocks, prefill_limits: BatchLimits,
+                 decode_limits: BatchLimits):
+        super().__init__(engine, runner, blocks)
+        self.prefill = PrefillScheduler(prefill_limits, blocks)
+        self.scheduler = DecodeScheduler(decode_limits, blocks)
+        self.swap_space = HostSwapSpace()
+        self._swap_blocks = {}
+        self.in_flight: list[Request] = []
+
+    def load(self) -> int:
+        return len(self.prefill.waiting) + len(self.scheduler)
+
+    def admit(self, request: Request) -> None:
+        self.prefill.add(request)
+        self.wakeup.set()
+
+    def remove_queued(self, request: Request) -> bool:
+        return self.prefill.remove(request)
+
+    def counts(self):
+        s = self.scheduler
+        return {"running": len(s.running) + len(self.in_flight),
+                "waiting": len(self.prefill.waiting) + len(s.waiting), "swapped": len(s.swapped)}
+
+    def step(self) -> bool:
+        with self.lock:
+            batch = []
+            room = self.scheduler.limits.max_batch_size - len(self.scheduler)
+            if not self.scheduler.swapped and room > 0:
+                # Keep a block per running request in reserve so admitting prompts does not
+                # immediately force a swap.
+                reserve = len(self.scheduler.running)
+                if self.blocks.num_free > reserve:
+                    batch = self.prefill.schedule(max_batch_size=min(
+                        room, self.prefill.limits.max_batch_size))
+            if batch:
+                tables = [list(self.blocks.tables[r.request_id]) for r in batch]
+                for r in batch:
+                    r.status = Status.PREFILLING
+                    r.add_event("context_begin")
+                self.in_flight = batch
+        if batch:
+            out = self.runner.prefill(batch, tables)
+            with self.lock:
+                self.in_flight = []
+                finished = set(self._emit_tokens(batch, out))
+                for r in batch:
+                    r.add_event("context_end")
+                    if r.status is Status.ABORTED or r in finished:
+                        self.blocks.free(r.request_id)
+                    else:
+                        r.status = Status.DECODING
+                        self.scheduler.add_waiting(r)
+            return True
+        with self.lock:
+            step = self._schedule_decode(self.scheduler)
+            batch = step.batch
+            if not batch and not step.swap_out:
+                return False
+            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
+            for r in batch:
+                if len(r.output_token_ids) == 1 and r.events[-1]["event_type"] == "context_end":
+                    r.add_event("decoding_begin")
+        self._swap(step.swap_out, step.swap_in)
+        if not batch:
+            return True
+        out = self.runner.decode(batch, tables)
+        with self.lock:
+            finished = self._emit_tokens(batch, out)
+            self._finish_decoded(self.scheduler, finished)
+        return True
+
+
+class ChunkedInstance(DecodeMixin, Instance):
+    """Sarathi-style: each step decodes every running request and fills the rest of a token
+    budget with prompt chunks."""
+
+    def __init__(self, engine, runner, blocks, limits: BatchLimits):
+        super().__init__(engine, runner, blocks)
+        self.chunked = ChunkedScheduler(limits, blocks)
+        self.scheduler = self.chunked.decode
+        self.swap_space = HostSwapSpace()
+        self._swap_blocks = {}
+
+    def load(self) -> int:
+        return len(self.chunked)
+
+    def admit(self, request: Request) -> None:
+        self.chunked.add(request)
+        self.wakeup.set()
+
+    def remove_queued(self, request: Request) -> bool:
+        # A prompt partly computed holds blocks: remove() drops it, the caller frees them.
+        return self.chunked.remove(request)
+
+    def counts(self):
+        s = self.scheduler
+        return {"running": len(s.running), "waiting": len(self.chunked.prefilling) + len(s.waiting),
+                "swapped": len(s.swapped)}
+
+    def step(self) -> bool:
+        with self.lock:
+            before = {r.request_id: list(self.blocks.tables[r.request_id])
+                      for r in self.scheduler.running}
+            step = self.chunked.schedule()
+            self._swap_blocks = {r.request_id: before[r.request_id] for r in step.swap_out}
+            rows = [(r, list(self.blocks.tables[r.request_id]), r.num_tokens - 1, 1)
+                    for r in step.decodes]
+            rows += [(r, list(self.blocks.tables[r.request_id]), start, n)
+                     for r, start, n in step.chunks]
+            if not rows and not step.swap_out:
+                return False
+            for r, start, _ in step.chunks:
+                if start == 0:
+                    r.status = Status.PREFILLING
+                    r.add_event("context_begin")
+        self._swap(step.swap_out, step.swap_in)
+        if not rows:
+            return True
+        out = self.runner.chunked(rows)
+        with self.lock:
+            emit_reqs, emit_rows = list(step.decodes), list(range(len(step.decodes)))
+            for j, (r, start, n) in enumerate(step.chunks):
+                if r.status is Status.ABORTED:
+                    continue
+                if self.chunked.chunk_done(r, n):
+                    r.add_event("context_end")
+                    r.add_event("decoding_begin")
+                    r.status = Status.DECODING
+                    emit_reqs.append(r)
+                    emit_rows.append(len(step.decodes) + j)
+            finished = self._emit_tokens(emit_reqs, out, emit_rows)
+            self._finish_decoded(self.scheduler, finished)
+        return True

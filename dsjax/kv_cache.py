@@ -1,0 +1,95 @@
+"""The device-side page pool of one pipeline stage and its capacity from a memory budget.
+
+Layout and slot convention: models/attention.py. Pages are allocated by BlockManager
+(dsjax/block_manager.py); this module owns the arrays and moves whole pages in and out.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dsjax.parallel import KV_SPEC
+from models.config import OPTConfig
+
+# Leave room on an accelerator for activations and compiled programs beyond the weights.
+ACTIVATION_HEADROOM_BYTES = 1 << 30
+
+
+def dtype_bytes(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def bytes_per_block(config: OPTConfig, block_size: int, dtype, tp: int, pp: int) -> int:
+    """KV bytes one page costs on one device of a (tp, pp) instance (K and V, its layers/heads)."""
+    layers = -(-config.num_hidden_layers // pp)
+    heads = config.num_attention_heads // tp
+    return 2 * layers * block_size * heads * config.head_dim * dtype_bytes(dtype)
+
+
+def num_blocks_for_budget(config: OPTConfig, *, block_size: int, dtype, tp: int, pp: int,
+                          devices, gpu_memory_utilization: float = 0.9,
+                          cpu_kv_cache_bytes: int = 256 << 20) -> int:
+    """Pages that fit: a fraction of accelerator memory minus this device's weights, or a fixed
+    byte budget on CPU (where "device memory" is the host's and not ours to take)."""
+    per_block = bytes_per_block(config, block_size, dtype, tp, pp)
+    device = devices[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        weights = config.num_params() * dtype_bytes(dtype) / (tp * pp)
+        budget = stats["bytes_limit"] * gpu_memory_utilization - weights - ACTIVATION_HEADROOM_BYTES
+        if budget < per_block:
+            raise ValueError(
+                f"{config.name} in {jnp.dtype(dtype).name} leaves no memory for the KV cache on "
+                f"{device} at tp={tp}, pp={pp}: raise the parallel degrees or "
+                f"--gpu-memory-utilization")
+    else:
+        budget = cpu_kv_cache_bytes
+    return max(1, int(budget // per_block))
+
+
+class PagePool:
+    """K and V pages of one stage: [layers, pages, page_size, heads, head_dim], heads sharded."""
+
+    def __init__(self, mesh, num_layers: int, num_pages: int, page_size: int, num_heads: int,
+                 head_dim: int, dtype):
+        self.sharding = NamedSharding(mesh, KV_SPEC)
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.num_pages = num_pages
+        self.page_size = page_size
+        shape = (num_layers, num_pages, page_size, num_heads, head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)
+        self.k = zeros()
+        self.v = zeros()
+
+    def padded_ids(self, block_ids, fill: int) -> np.ndarray:
+        """Block ids padded to a power of two (bounded recompiles); padding reads page `fill`."""
+        n = max(1, 1 << (len(block_ids) - 1).bit_length()) if block_ids else 1
+        ids = np.full(n, fill, np.int32)
+        ids[:len(block_ids)] = block_ids
+        return ids
+
+    def gather(self, block_ids) -> tuple[jax.Array, jax.Array]:
+        """Copies of the given pages, [layers, n_padded, page_size, heads, head_dim] each."""
+        ids = jax.device_put(self.padded_ids(block_ids, 0), self.replicated)
+        return _gather(self.k, self.v, ids)
+
+    def insert(self, block_ids, k_pages, v_pages) -> None:
+        """Write pages (as returned by gather, padding included) at block_ids, in place."""
+        ids = jax.device_put(self.padded_ids(block_ids, self.num_pages), self.replicated)
+        self.k, self.v = _insert(self.k, self.v, ids, k_pages, v_pages)
+
+
+@jax.jit
+def _gather(k, v, ids):
+    return k[:, ids], v[:, ids]
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _insert(k, v, ids, k_pages, v_pages):
+    # Padding ids are out of range (num_pages) and dropped.
+    return (k.at[:, ids].set(k_pages.astype(k.dtype), mode="drop"),
+            v.at[:, ids].set(v_pages.astype(v.dtype), mode="drop"))

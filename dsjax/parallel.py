@@ -1,0 +1,148 @@
+"""Placement of instances on devices, their meshes, and Megatron-style OPT sharding.
+
+An instance with tensor degree tp and pipeline degree pp owns tp*pp devices: stage s is a
+one-axis mesh ("tp") over devices[s*tp:(s+1)*tp] holding layers layer_ranges(L, pp)[s].
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models.config import OPTConfig
+
+TP_AXIS = "tp"
+# The KV cache [layers, pages, page_size, heads, head_dim] is split by heads.
+KV_SPEC = P(None, None, None, TP_AXIS, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    role: str                # "prefill" | "decode" | "colocated" | "chunked"
+    index: int               # among the instances of its role
+    tp: int
+    pp: int
+    devices: tuple
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}{self.index}"
+
+    def stage_devices(self, stage: int) -> tuple:
+        return self.devices[stage * self.tp:(stage + 1) * self.tp]
+
+
+def plan_placement(mode: str, *, context_tensor_parallel_size: int = 1,
+                   context_pipeline_parallel_size: int = 1,
+                   decoding_tensor_parallel_size: int = 1,
+                   decoding_pipeline_parallel_size: int = 1,
+                   num_prefill_instances: int = 1, num_decode_instances: int = 1,
+                   devices=None, allow_shared_device: bool = False) -> list[InstanceSpec]:
+    """Assign devices in order: prefill instances first, then decode instances, disjointly.
+
+    Colocated and chunked modes run one instance with the context (prefill) parallelism.
+    `allow_shared_device` lets a default placement run both phases on a single device when
+    that is all there is (the engine then still schedules them as separate instances).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    for name, v in [("context_tensor_parallel_size", context_tensor_parallel_size),
+                    ("context_pipeline_parallel_size", context_pipeline_parallel_size),
+                    ("decoding_tensor_parallel_size", decoding_tensor_parallel_size),
+                    ("decoding_pipeline_parallel_size", decoding_pipeline_parallel_size),
+                    ("num_prefill_instances", num_prefill_instances),
+                    ("num_decode_instances", num_decode_instances)]:
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if mode in ("colocated", "chunked"):
+        groups = [(mode, 1, context_tensor_parallel_size, context_pipeline_parallel_size)]
+    elif mode == "disaggregated":
+        groups = [("prefill", num_prefill_instances, context_tensor_parallel_size,
+                   context_pipeline_parallel_size),
+                  ("decode", num_decode_instances, decoding_tensor_parallel_size,
+                   decoding_pipeline_parallel_size)]
+    else:
+        raise ValueError(f"mode must be disaggregated, colocated or chunked, got {mode!r}")
+    needed = sum(n * tp * pp for _, n, tp, pp in groups)
+    if needed > len(devices):
+        if allow_shared_device and len(devices) == 1 and all(tp * pp == 1 for _, _, tp, pp in groups):
+            return [InstanceSpec(role, i, 1, 1, (devices[0],))
+                    for role, n, _, _ in groups for i in range(n)]
+        layout = " + ".join(f"{n} {role} x (tp {tp} * pp {pp})" for role, n, tp, pp in groups)
+        raise ValueError(f"placement needs {needed} devices ({layout}) but only {len(devices)} "
+                         f"are available: lower the parallel sizes or the instance counts")
+    specs, at = [], 0
+    for role, n, tp, pp in groups:
+        for i in range(n):
+            specs.append(InstanceSpec(role, i, tp, pp, tuple(devices[at:at + tp * pp])))
+            at += tp * pp
+    return specs
+
+
+def stage_mesh(devices) -> Mesh:
+    return Mesh(np.array(devices), (TP_AXIS,))
+
+
+def layer_ranges(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """Split layers into pp contiguous stages, earlier stages one layer larger when uneven."""
+    if pp > num_layers:
+        raise ValueError(f"pipeline degree {pp} exceeds the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp)
+    ranges, start = [], 0
+    for s in range(pp):
+        end = start + base + (1 if s < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def check_tensor_parallel(config: OPTConfig, tp: int) -> None:
+    for what, n in [("num_attention_heads", config.num_attention_heads), ("ffn_dim", config.ffn_dim)]:
+        if n % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide {config.name}'s {what} "
+                             f"({n}): choose a divisor")
+
+
+_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "fc1")
+_ROW_PARALLEL = ("out_proj", "fc2")
+
+
+def param_spec(path: tuple[str, ...]) -> P:
+    """Megatron sharding: Q/K/V and fc1 split by output columns (with their biases), out_proj and
+    fc2 by input rows (their biases replicated, added once after the reduction). The rest
+    (embeddings, layer norms) is replicated."""
+    if len(path) >= 3 and path[0] == "layers":
+        layer, leaf = path[1], path[-1]
+        if layer in _COLUMN_PARALLEL:
+            return P(None, None, TP_AXIS) if leaf == "kernel" else P(None, TP_AXIS)
+        if layer in _ROW_PARALLEL and leaf == "kernel":
+            return P(None, TP_AXIS, None)
+    return P()
+
+
+def param_shardings(params_shape, mesh: Mesh):
+    """A pytree of NamedShardings matching params_shape (a tree of arrays or ShapeDtypeStructs)."""
+    def one(path, _):
+        keys = tuple(getattr(k, "key", str(k)) for k in path)
+        return NamedSharding(mesh, param_spec(keys))
+    return jax.tree_util.tree_map_with_path(one, params_shape)
+
+
+def stage_param_tree(params: dict, layer_range: tuple[int, int], first: bool, last: bool,
+                     config: OPTConfig) -> dict:
+    """The part of the full param tree one pipeline stage needs (tied embedding on both ends)."""
+    start, end = layer_range
+    out = {"layers": jax.tree_util.tree_map(lambda x: x[start:end], params["layers"])}
+    if first or last:
+        out["embed_tokens"] = params["embed_tokens"]
+    if first:
+        out["embed_positions"] = params["embed_positions"]
+        if config.has_projections:
+            out["project_in"] = params["project_in"]
+    if last:
+        if config.has_final_layer_norm:
+            out["final_layer_norm"] = params["final_layer_norm"]
+        if config.has_projections:
+            out["project_out"] = params["project_out"]
+    return out

@@ -1,0 +1,260 @@
+"""ModelRunner: one instance's params and KV pages on its devices, and its jitted steps.
+
+Each pipeline stage has its own mesh, params, page pool and compiled programs. A step turns
+host-side batch descriptions into padded arrays (shape buckets bound the number of programs),
+runs the stages one after another per micro-batch (JAX dispatches asynchronously, so stage s of
+micro-batch i+1 overlaps stage s+1 of micro-batch i), and samples on the last stage.
+
+Bucket bound (docs/design.md): prefill programs <= |token buckets| x |sequence buckets|, decode
+programs <= |batch buckets| x |block-table buckets|, each x 2 sampling modes x 2 logprob settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dsjax.kv_cache import PagePool
+from dsjax.parallel import (InstanceSpec, check_tensor_parallel, layer_ranges, param_shardings,
+                            stage_mesh, stage_param_tree)
+from dsjax.sampling import SampleOutput, build_sampling_tensors, sample
+from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
+from models.config import OPTConfig
+from models.opt import OPTModel, abstract_params
+
+MAX_LOGPROBS = 20
+MIN_TOKEN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """Host copies of one step's samples, one row per scheduled sequence."""
+    tokens: np.ndarray
+    logprob: np.ndarray
+    top_ids: np.ndarray | None
+    top_logprobs: np.ndarray | None
+
+
+@dataclasses.dataclass
+class DecodeRow:
+    token: int
+    position: int
+    block_table: list[int]
+
+
+class Stage:
+    """One pipeline stage: a tp-device mesh with its layers, params and page pool."""
+
+    def __init__(self, config: OPTConfig, devices, layer_range, first: bool, last: bool,
+                 params, num_pages: int, page_size: int, dtype, attention):
+        self.mesh = stage_mesh(devices)
+        self.layer_range = layer_range
+        self.first, self.last = first, last
+        self.params = params
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        num_layers = layer_range[1] - layer_range[0]
+        self.pool = PagePool(self.mesh, num_layers, num_pages, page_size,
+                             config.num_attention_heads, config.head_dim, dtype)
+        self.fns = {}
+        for mode in ("prefill", "decode", "chunked"):
+            model = OPTModel(config, attention, mode, num_layers=num_layers, first_stage=first,
+                             last_stage=last, dtype=dtype, param_dtype=dtype)
+            self.fns[mode] = jax.jit(functools.partial(_stage_step, model),
+                                     static_argnames=("num_logprobs", "sample_mode"),
+                                     donate_argnums=(2, 3))
+
+    def put(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def run(self, mode, inputs, meta, sampling, num_logprobs, sample_mode):
+        out, self.pool.k, self.pool.v = self.fns[mode](
+            self.params, inputs, self.pool.k, self.pool.v, meta, sampling,
+            num_logprobs=num_logprobs, sample_mode=sample_mode)
+        return out
+
+
+def _stage_step(model, params, inputs, k_cache, v_cache, meta, sampling, *, num_logprobs,
+                sample_mode):
+    out, (k_cache, v_cache) = model.apply({"params": params}, inputs, (k_cache, v_cache), meta)
+    if model.last_stage:
+        out = sample(out, sampling, num_logprobs=num_logprobs, mode=sample_mode)
+    return out, k_cache, v_cache
+
+
+class ModelRunner:
+    """Runs prefill, decode and chunked steps of one instance; moves pages in and out."""
+
+    def __init__(self, spec: InstanceSpec, config: OPTConfig,
+                 load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
+                 max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int):
+        check_tensor_parallel(config, spec.tp)
+        self.spec, self.config, self.dtype = spec, config, dtype
+        self.num_pages, self.page_size = num_pages, page_size
+        self.max_batch_size = max_batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_blocks_per_request = max_blocks_per_request
+        ranges = layer_ranges(config.num_hidden_layers, spec.pp)
+        first_mesh = stage_mesh(spec.stage_devices(0))
+        full = load_params(param_shardings(abstract_params(config, dtype), first_mesh))
+        self.stages: list[Stage] = []
+        for s, rng in enumerate(ranges):
+            first, last = s == 0, s == spec.pp - 1
+            part = stage_param_tree(full, rng, first, last, config) if spec.pp > 1 else full
+            mesh = stage_mesh(spec.stage_devices(s))
+            if s > 0:
+                part = jax.device_put(part, param_shardings(part, mesh))
+            self.stages.append(Stage(config, spec.stage_devices(s), rng, first, last, part,
+                                     num_pages, page_size, dtype, attention))
+        del full
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _pipeline(self, mode, micro_batches):
+        """micro_batches: list of (tokens, meta, sampling, sample args). Returns SampleOutputs."""
+        outs = []
+        for tokens, meta, sampling, nlp, smode in micro_batches:
+            x = tokens
+            for stage in self.stages:
+                x = stage.run(mode, stage.put(x) if stage.first else jax.device_put(
+                    x, stage.replicated), stage.put(meta),
+                    stage.put(sampling) if stage.last else None, nlp, smode)
+            outs.append(x)
+        return outs
+
+    def _split(self, items: list) -> list[list]:
+        """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP)."""
+        n = min(self.spec.pp, len(items))
+        bounds = np.linspace(0, len(items), n + 1).astype(int)
+        return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @staticmethod
+    def _sampling_args(requests):
+        params = [r.sampling_params for r in requests]
+        nlp = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
+        smode = "greedy" if all(p.temperature == 0 for p in params) else "mixed"
+        return nlp, smode
+
+    def _sampling(self, requests, pad_to):
+        return build_sampling_tensors([r.sampling_params for r in requests],
+                                      [r.seed for r in requests],
+                                      [len(r.output_token_ids) for r in requests], pad_to)
+
+    def _slots(self, table, positions):
+        table = np.asarray(table, np.int32)
+        return table[positions // self.page_size] * self.page_size + positions % self.page_size
+
+    def prefill(self, requests, block_tables) -> StepOutput:
+        """Whole prompts; samples each prompt's first output token."""
+        mbs = []
+        nlp, smode = self._sampling_args(requests)
+        for group in self._split(list(zip(requests, block_tables))):
+            reqs = [r for r, _ in group]
+            lens = np.array([r.prompt_len for r in reqs], np.int32)
+            total = int(lens.sum())
+            t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(reqs))
+            tokens = np.zeros(t_pad, np.int32)
+            tokens[:total] = np.concatenate([r.prompt_token_ids for r in reqs])
+            positions = np.zeros(t_pad, np.int32)
+            positions[:total] = np.concatenate([np.arange(n) for n in lens])
+            seq_ids = np.full(t_pad, -1, np.int32)
+            seq_ids[:total] = np.repeat(np.arange(len(reqs)), lens)
+            cu = np.full(b_pad + 1, total, np.int32)
+            cu[0] = 0
+            cu[1:len(reqs) + 1] = np.cumsum(lens)
+            slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
+            slots[:total] = np.concatenate(
+                [self._slots(t, np.arange(n)) for (_, t), n in zip(group, lens)])
+            last = np.zeros(b_pad, np.int32)
+            last[:len(reqs)] = cu[1:len(reqs) + 1] - 1
+            meta = PrefillMetadata(positions, seq_ids, cu, slots, last)
+            mbs.append((tokens, meta, self._sampling(reqs, b_pad), nlp, smode))
+        return self._collect(self._pipeline("prefill", mbs), [len(g) for g in self._split(requests)])
+
+    def decode(self, requests, block_tables) -> StepOutput:
+        """One token for each request: its last token at position num_tokens - 1."""
+        mbs = []
+        nlp, smode = self._sampling_args(requests)
+        for group in self._split(list(zip(requests, block_tables))):
+            reqs = [r for r, _ in group]
+            b_pad = bucket(len(reqs), 8)
+            width = bucket(max(len(t) for _, t in group))
+            tokens = np.zeros(b_pad, np.int32)
+            tokens[:len(reqs)] = [r.last_token_id for r in reqs]
+            positions = np.zeros(b_pad, np.int32)
+            positions[:len(reqs)] = [r.num_tokens - 1 for r in reqs]
+            tables = np.zeros((b_pad, width), np.int32)
+            for i, (_, t) in enumerate(group):
+                tables[i, :len(t)] = t
+            slots = np.full(b_pad, self.num_pages * self.page_size, np.int32)
+            rows = np.arange(len(reqs))
+            slots[:len(reqs)] = (tables[rows, positions[:len(reqs)] // self.page_size]
+                                 * self.page_size + positions[:len(reqs)] % self.page_size)
+            context = np.zeros(b_pad, np.int32)
+            context[:len(reqs)] = positions[:len(reqs)] + 1
+            meta = DecodeMetadata(positions, slots, tables, context)
+            mbs.append((tokens, meta, self._sampling(reqs, b_pad), nlp, smode))
+        return self._collect(self._pipeline("decode", mbs), [len(g) for g in self._split(requests)])
+
+    def chunked(self, rows) -> StepOutput:
+        """Mixed step: rows are (request, block_table, start, length) continuing cached context;
+        decode rows have length 1 and start num_tokens - 1. Samples one token per row (callers
+        drop the samples of chunks that do not finish their prompt)."""
+        reqs = [r for r, _, _, _ in rows]
+        nlp, smode = self._sampling_args(reqs)
+        lens = np.array([n for _, _, _, n in rows], np.int32)
+        total = int(lens.sum())
+        t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(rows), 8)
+        width = bucket(max(len(t) for _, t, _, _ in rows))
+        tokens = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        token_seq = np.full(t_pad, -1, np.int32)
+        slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
+        tables = np.zeros((b_pad, width), np.int32)
+        at = 0
+        for i, (req, table, start, n) in enumerate(rows):
+            all_ids = req.prompt_token_ids + req.output_token_ids
+            tokens[at:at + n] = all_ids[start:start + n]
+            positions[at:at + n] = np.arange(start, start + n)
+            token_seq[at:at + n] = i
+            slots[at:at + n] = self._slots(table, np.arange(start, start + n))
+            tables[i, :len(table)] = table
+            at += n
+        last = np.zeros(b_pad, np.int32)
+        last[:len(rows)] = np.cumsum(lens) - 1
+        meta = ChunkedMetadata(positions, token_seq, slots, tables, last)
+        mb = [(tokens, meta, self._sampling(reqs, b_pad), nlp, smode)]
+        return self._collect(self._pipeline("chunked", mb), [len(rows)])
+
+    @staticmethod
+    def _collect(outs: list[SampleOutput], counts: list[int]) -> StepOutput:
+        host = jax.device_get(outs)
+        cat = lambda f: np.concatenate([getattr(o, f)[:n] for o, n in zip(host, counts)])
+        has_top = host[0].top_ids.shape[-1] > 0
+        return StepOutput(cat("tokens"), cat("logprob"),
+                          cat("top_ids") if has_top else None,
+                          cat("top_logprobs") if has_top else None)
+
+    # ---- pages -------------------------------------------------------------------------------
+
+    def gather_pages(self, block_ids) -> list[tuple[jax.Array, jax.Array]]:
+        """Per stage, device copies of the request's pages (for migration or swap-out)."""
+        return [stage.pool.gather(block_ids) for stage in self.stages]
+
+    def block_until_ready(self) -> None:
+        for stage in self.stages:
+            jax.block_until_ready((stage.pool.k, stage.pool.v))
+
+    def insert_pages(self, block_ids, per_stage_pages) -> None:
+        for stage, (k, v) in zip(self.stages, per_stage_pages):
+            stage.pool.insert(block_ids, k, v)

@@ -1,0 +1,220 @@
+"""Scheduling policy, pure Python: which requests run in the next step. No JAX inside.
+
+The schedulers only decide and keep block tables (through BlockManager); instances carry out the
+device work (prefill, decode, swaps, migration) the decisions call for.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from dsjax.block_manager import BlockManager
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int
+    max_tokens_per_batch: int
+
+
+class PrefillScheduler:
+    """FCFS prompt batching. A batch grows while it has <= max_batch_size prompts, <=
+    max_tokens_per_batch prompt tokens, and its blocks fit beside the blocks already held (which
+    include prefilled requests not yet pulled by a decode instance: that is the back-pressure)."""
+
+    def __init__(self, limits: BatchLimits, blocks: BlockManager):
+        self.limits = limits
+        self.blocks = blocks
+        self.waiting: deque = deque()
+
+    def add(self, request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request) -> bool:
+        try:
+            self.waiting.remove(request)
+            return True
+        except ValueError:
+            return False
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(r.prompt_len for r in self.waiting)
+
+    def schedule(self, max_batch_size: int | None = None) -> list:
+        """Pop the next batch and allocate its blocks; [] if the head of the queue cannot start."""
+        limit = self.limits.max_batch_size if max_batch_size is None else max_batch_size
+        batch, tokens, blocks = [], 0, 0
+        while self.waiting and len(batch) < limit:
+            req = self.waiting[0]
+            need = self.blocks.blocks_needed(req.prompt_len)
+            if tokens + req.prompt_len > self.limits.max_tokens_per_batch and batch:
+                break
+            if not self.blocks.can_allocate(blocks + need):
+                break
+            self.waiting.popleft()
+            batch.append(req)
+            tokens += req.prompt_len
+            blocks += need
+        for req in batch:
+            self.blocks.allocate(req.request_id, req.prompt_len)
+        return batch
+
+
+@dataclasses.dataclass
+class DecodeStep:
+    batch: list            # requests that produce one token this step, in batch order
+    swap_in: list          # swapped requests brought back before this step
+    swap_out: list         # requests moved to host to make room
+
+
+class DecodeScheduler:
+    """FCFS continuous batching. Each step every running request needs a slot for its newest
+    token; when blocks run out the newest request is swapped to host, and swapped requests come
+    back (oldest first) before any waiting request is admitted. Nothing is dropped."""
+
+    # Pull new requests only while the waiting queue's prompt blocks are under this share of
+    # capacity: the queue then lives in prefill memory, as in DistServe.
+    WAITING_SHARE = 0.05
+
+    def __init__(self, limits: BatchLimits, blocks: BlockManager):
+        self.limits = limits
+        self.blocks = blocks
+        self.waiting: deque = deque()   # KV resident here, not yet in the running batch
+        self.running: list = []
+        self.swapped: deque = deque()
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def can_pull(self, num_tokens: int) -> bool:
+        """Whether to accept (and allocate for) a migrating request of num_tokens cached tokens."""
+        if self.swapped:
+            return False
+        waiting_blocks = sum(len(self.blocks.tables[r.request_id]) for r in self.waiting)
+        if waiting_blocks >= self.WAITING_SHARE * self.blocks.num_total and self.waiting:
+            return False
+        # Keep one block per running request free so the running batch can still grow.
+        reserve = len(self.running)
+        return self.blocks.can_allocate(self.blocks.blocks_needed(num_tokens) + reserve)
+
+    def add_waiting(self, request) -> None:
+        """A request whose KV is already in this instance's blocks (after migration or prefill)."""
+        self.waiting.append(request)
+
+    def remove(self, request) -> bool:
+        for queue in (self.waiting, self.running, self.swapped):
+            if request in queue:
+                queue.remove(request)
+                return True
+        return False
+
+    def schedule(self) -> DecodeStep:
+        swap_in, swap_out = [], []
+        # Swapped requests return first, oldest first, while their blocks (+1 to grow) fit.
+        while self.swapped and len(self.running) < self.limits.max_batch_size:
+            req = self.swapped[0]
+            if not self.blocks.device.num_free >= len(self.blocks.host_tables[req.request_id]) + 1:
+                break
+            self.swapped.popleft()
+            self.blocks.swap_in(req.request_id)
+            self.running.append(req)
+            swap_in.append(req)
+        if not self.swapped:
+            tokens = sum(r.num_tokens for r in self.running)
+            while self.waiting and len(self.running) < self.limits.max_batch_size:
+                req = self.waiting[0]
+                if tokens + req.num_tokens > self.limits.max_tokens_per_batch and self.running:
+                    break
+                self.waiting.popleft()
+                self.running.append(req)
+                tokens += req.num_tokens
+        # Every running request needs room for the KV of its newest token (position num_tokens-1).
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            if self.blocks.grow(req.request_id, req.num_tokens):
+                i += 1
+                continue
+            victim = self.running[-1]
+            if not self.blocks.can_swap_out(victim.request_id):
+                raise RuntimeError(
+                    f"KV blocks exhausted and host swap space is full ({victim.request_id} "
+                    f"cannot be swapped out): raise --swap-space or lower the batch limits")
+            self.running.pop()
+            self.blocks.swap_out(victim.request_id)
+            self.swapped.appendleft(victim)  # victims leave newest-first, so the deque stays oldest-first
+            swap_out.append(victim)
+        return DecodeStep(batch=list(self.running), swap_in=swap_in, swap_out=swap_out)
+
+    def finish(self, request) -> None:
+        """Drop a finished request from the running batch and free its blocks."""
+        self.remove(request)
+        self.blocks.free(request.request_id)
+
+
+@dataclasses.dataclass
+class ChunkedStep:
+    """A Sarathi step: decode rows first (one token each), then prompt chunks."""
+    decodes: list
+    chunks: list           # (request, start, length): prompt tokens start:start+length this step
+    swap_in: list
+    swap_out: list
+
+
+class ChunkedScheduler:
+    """A per-step token budget filled with every running decode first, then prefill chunks of
+    waiting prompts in FCFS order (Sarathi-Serve / vLLM v1)."""
+
+    def __init__(self, limits: BatchLimits, blocks: BlockManager):
+        self.limits = limits
+        self.blocks = blocks
+        self.decode = DecodeScheduler(limits, blocks)
+        self.prefilling: deque = deque()  # prompts not fully computed, FCFS
+
+    def add(self, request) -> None:
+        self.prefilling.append(request)
+
+    def remove(self, request) -> bool:
+        if request in self.prefilling:
+            self.prefilling.remove(request)
+            return True
+        return self.decode.remove(request)
+
+    def __len__(self) -> int:
+        return len(self.prefilling) + len(self.decode)
+
+    def schedule(self) -> ChunkedStep:
+        step = self.decode.schedule()
+        budget = self.limits.max_tokens_per_batch - len(step.batch)
+        rows = len(step.batch)
+        chunks = []
+        for req in self.prefilling:
+            if budget <= 0 or rows >= self.limits.max_batch_size or self.decode.swapped:
+                break
+            start = req.num_computed
+            length = min(req.prompt_len - start, budget)
+            if req.request_id not in self.blocks.tables:
+                if not self.blocks.can_allocate(self.blocks.blocks_needed(start + length)):
+                    break
+                self.blocks.allocate(req.request_id, start + length)
+            elif not self.blocks.grow(req.request_id, start + length):
+                break
+            chunks.append((req, start, length))
+            budget -= length
+            rows += 1
+        return ChunkedStep(decodes=step.batch, chunks=chunks, swap_in=step.swap_in,
+                           swap_out=step.swap_out)
+
+    def chunk_done(self, request, length: int) -> bool:
+        """Record a computed chunk; True when the prompt is complete (it then decodes)."""
+        request.num_computed += length
+        if request.num_computed < request.prompt_len:
+            return False
+        self.prefilling.remove(request)
+        self.decode.running.append(request)
+        return True
+
+    def finish(self, request) -> None:
+        self.remove(request)
+        self.blocks.free(request.request_id)

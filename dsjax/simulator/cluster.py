@@ -1,0 +1,172 @@
+"""Clusters of simulated instances, the arrival process, and `simulate()`.
+
+Modes:
+- "disaggregated": n prefill + m decode instances; arrivals go to the prefill instance with the
+  fewest queued prompt tokens; decode instances pull prefilled requests FCFS (the one with the most
+  free KV takes it) when the prompt fits and their own waiting prompts hold under 5% of their KV;
+  the pull takes prompt KV bytes / link bandwidth, then the prefill instance frees the KV.
+- "prefill_only" / "decode_only": one phase alone (Algorithm 1 sizes each phase this way);
+  decode-only requests arrive already prefilled (first token at arrival, no transfer).
+- "colocated" (vLLM) and "chunked" (Sarathi): every instance runs both phases.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+from dsjax.profiles import LatencyModel
+from dsjax.simulator.events import EventLoop
+from dsjax.simulator.instances import ColocatedInstance, DecodeInstance, InstanceSpec, PrefillInstance
+from dsjax.simulator.request import SimRequest
+
+MODES = ("disaggregated", "colocated", "chunked", "prefill_only", "decode_only")
+NVLINK_BYTES_PER_S = 300e9     # A100 NVLink, one direction
+CROSS_NODE_BYTES_PER_S = 25e9  # 200 Gb/s InfiniBand
+
+
+class HasLengths(Protocol):
+    prompt_len: int
+    output_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    mode: str = "disaggregated"
+    prefill: InstanceSpec = InstanceSpec()
+    decode: InstanceSpec = InstanceSpec()
+    num_prefill: int = 1
+    num_decode: int = 1
+    prefill_max_batch: int = 256
+    prefill_max_tokens: int = 8192
+    decode_max_batch: int = 1024
+    kv_link_bytes_per_s: float = CROSS_NODE_BYTES_PER_S
+    decode_waiting_share: float = 0.05   # pull only while waiting prompts hold < 5% of decode KV
+    # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances
+    colocated_max_batch: int = 1024
+    colocated_max_tokens: int = 16384
+    chunk_size: int = 512
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown simulator mode {self.mode!r}; choose one of {MODES}")
+
+
+def poisson_arrivals(num: int, rate: float, seed: int = 0, cv: float = 1.0) -> np.ndarray:
+    """Arrival times (s) of gamma-gap arrivals: shape 1/cv^2, scale cv^2/rate; the first at 0."""
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be positive, got {rate}")
+    gaps = np.random.default_rng(seed).gamma(1.0 / cv**2, cv**2 / rate, size=num)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if num else np.zeros(0)
+
+
+class Cluster:
+    def __init__(self, model: LatencyModel, config: SimConfig):
+        self.loop = EventLoop()
+        self.model, self.config = model, config
+        self.finished: list[SimRequest] = []
+        self.pending: deque[tuple[SimRequest, PrefillInstance | None]] = deque()
+        self.kv_bytes_per_token = model.kv_bytes_per_token()
+        c, loop = config, self.loop
+        self.prefills: list = []
+        self.decodes: list[DecodeInstance] = []
+        if c.mode in ("disaggregated", "prefill_only"):
+            self.prefills = [PrefillInstance(loop, model, c.prefill, self, c.prefill_max_batch,
+                                             c.prefill_max_tokens, f"prefill{i}") for i in range(c.num_prefill)]
+        if c.mode in ("disaggregated", "decode_only"):
+            self.decodes = [DecodeInstance(loop, model, c.decode, self, c.decode_max_batch, f"decode{i}")
+                            for i in range(c.num_decode)]
+        if c.mode in ("colocated", "chunked"):
+            chunk = c.chunk_size if c.mode == "chunked" else None
+            self.prefills = [ColocatedInstance(loop, model, c.prefill, self, c.colocated_max_batch,
+                                               c.colocated_max_tokens, chunk, f"colocated{i}")
+                             for i in range(c.num_prefill)]
+
+    # ------------------------------------------------------------ arrivals
+
+    def arrive(self, req: SimRequest) -> None:
+        if self.config.mode == "decode_only":
+            req.first_token_time = self.loop.now
+            req.generated = 1
+            if req.output_len <= 1:
+                self.on_finished(req)
+                return
+            self.pending.append((req, None))
+            self.dispatch()
+            return
+        target = min(self.prefills, key=lambda inst: inst.load())   # ties: the lowest index
+        target.submit(req)
+
+    # ------------------------------------------------------------ instance callbacks
+
+    def on_prefilled(self, req: SimRequest, inst: PrefillInstance) -> None:
+        if req.output_len <= 1 or self.config.mode == "prefill_only":
+            inst.release(req)
+            self.on_finished(req)
+            return
+        self.pending.append((req, inst))
+        self.dispatch()
+
+    def on_finished(self, req: SimRequest) -> None:
+        req.done_time = self.loop.now
+        self.finished.append(req)
+
+    def on_decode_progress(self, inst: DecodeInstance) -> None:
+        if self.pending:
+            self.dispatch()
+
+    # ------------------------------------------------------------ migration (pull)
+
+    def dispatch(self) -> None:
+        while self.pending:
+            req, source = self.pending[0]
+            need = req.context_len + 1
+            best = None
+            for d in self.decodes:
+                if d.free_tokens() >= need and \
+                        d.waiting_tokens < self.config.decode_waiting_share * d.capacity:
+                    if best is None or d.free_tokens() > best.free_tokens():
+                        best = d
+            if best is None:
+                if all(d.used == 0 for d in self.decodes):
+                    d = self.decodes[0]
+                    raise ValueError(f"a request of {need} KV tokens exceeds the capacity ({d.capacity}) "
+                                     f"of decode tp={d.spec.tp} pp={d.spec.pp}; use more GPUs per instance")
+                return
+            self.pending.popleft()
+            best.reserve(req)
+            now = self.loop.now
+            if source is None:
+                self.loop.at(now, self._migrated, req, source, best)
+                continue
+            seconds = req.prompt_len * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s
+            req.log(now, "migration_begin")
+            self.loop.at(now + seconds, self._migrated, req, source, best)
+
+    def _migrated(self, req: SimRequest, source: PrefillInstance | None, dest: DecodeInstance) -> None:
+        if source is not None:
+            req.log(self.loop.now, "migration_end")
+            source.release(req)
+        dest.admit(req)
+
+    # ------------------------------------------------------------ running
+
+    def run(self, reqs: Sequence[HasLengths], arrivals: Iterable[float]) -> list[SimRequest]:
+        sims = [SimRequest(i, float(t), int(r.prompt_len), int(r.output_len))
+                for i, (r, t) in enumerate(zip(reqs, arrivals))]
+        for req in sims:
+            self.loop.at(req.arrival, self.arrive, req)
+        self.loop.run()
+        if len(self.finished) != len(sims):
+            raise RuntimeError(f"simulation stalled: {len(sims) - len(self.finished)} of {len(sims)} "
+                               f"requests never finished ({self.config})")
+        return sims
+
+
+def simulate(model: LatencyModel, reqs: Sequence[HasLengths], rate: float,
+             config: SimConfig = SimConfig(), seed: int = 0, cv: float = 1.0) -> list[SimRequest]:
+    """Simulate `reqs` arriving at `rate` req/s (gamma gaps, seeded); returns them in input order
+    with their recorded times (SimRequest.to_result() gives a dsjax.results.RequestResult)."""
+    return Cluster(model, config).run(reqs, poisson_arrivals(len(reqs), rate, seed, cv))

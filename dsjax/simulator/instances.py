@@ -1,0 +1,311 @@
+"""Models of serving instances: prefill-only, decode-only, and colocated (vLLM or Sarathi chunked).
+
+Memory is counted in KV tokens against the instance's capacity (LatencyModel.kv_capacity_tokens).
+Pipeline parallelism: a prefill instance admits a new batch each time its first stage frees and
+a batch leaves after pp stage times; a decode instance runs pp micro-batch lanes, each stepping
+with the latency of the whole pipeline, which is exact when the lanes are balanced.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Protocol
+
+from dsjax.profiles import LatencyModel
+from dsjax.simulator.events import EventLoop
+from dsjax.simulator.lane import Lane
+from dsjax.simulator.request import SimRequest
+
+MS = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp
+
+
+class Sink(Protocol):
+    """What instances tell the cluster."""
+    def on_prefilled(self, req: SimRequest, inst: "PrefillInstance") -> None: ...
+    def on_finished(self, req: SimRequest) -> None: ...
+    def on_decode_progress(self, inst: "DecodeInstance") -> None: ...
+
+
+class PrefillInstance:
+    """FCFS batching under max batch size, max tokens per batch and KV back-pressure: prompts
+    keep their KV here until a decode instance pulls them (release())."""
+
+    def __init__(self, loop: EventLoop, model: LatencyModel, spec: InstanceSpec, sink: Sink,
+                 max_batch: int, max_tokens: int, name: str = "prefill"):
+        self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
+        self.max_batch, self.max_tokens = max_batch, max_tokens
+        self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
+        self.name = name
+        self.queue: deque[SimRequest] = deque()
+        self.queued_tokens = 0
+        self.used = 0
+        self.stage_free_at = 0.0
+        self.last_done_at = 0.0
+        self.wakeup_pending = False
+
+    def load(self) -> int:
+        return self.queued_tokens
+
+    def submit(self, req: SimRequest) -> None:
+        self.queue.append(req)
+        self.queued_tokens += req.prompt_len
+        self.try_launch()
+
+    def release(self, req: SimRequest) -> None:
+        """A decode instance has the KV now: free it and maybe launch a waiting batch."""
+        self.used -= req.prompt_len
+        self.try_launch()
+
+    def try_launch(self) -> None:
+        now = self.loop.now
+        if not self.queue or self.wakeup_pending:
+            return
+        if now < self.stage_free_at:
+            self.wakeup_pending = True
+            self.loop.at(self.stage_free_at, self._wakeup)
+            return
+        batch, tokens, sum_sq = [], 0, 0
+        while self.queue and len(batch) < self.max_batch:
+            n = self.queue[0].prompt_len
+            if batch and tokens + n > self.max_tokens:
+                break
+            if self.used + n > self.capacity:
+                if not batch and self.used == 0:
+                    raise ValueError(f"a {n}-token prompt exceeds the KV capacity ({self.capacity} "
+                                     f"tokens) of {self.name} tp={self.spec.tp} pp={self.spec.pp}; "
+                                     f"use more GPUs per prefill instance")
+                break
+            req = self.queue.popleft()
+            batch.append(req)
+            tokens += n
+            sum_sq += n * n
+            self.used += n
+            req.log(now, "context_begin")
+        if not batch:
+            return
+        self.queued_tokens -= tokens
+        stage = self.model.prefill_stage_ms(tokens, sum_sq, self.spec.tp, self.spec.pp) * MS
+        self.stage_free_at = now + stage
+        done = max(now + self.spec.pp * stage, self.last_done_at + stage)
+        self.last_done_at = done
+        self.loop.at(done, self._finish, batch)
+        self.try_launch()
+
+    def _wakeup(self) -> None:
+        self.wakeup_pending = False
+        self.try_launch()
+
+    def _finish(self, batch: list[SimRequest]) -> None:
+        now = self.loop.now
+        for req in batch:
+            req.first_token_time = now
+            req.generated = 1
+            req.prefilled = req.prompt_len
+            req.log(now, "context_end")
+            self.sink.on_prefilled(req, self)
+        self.try_launch()
+
+
+class DecodeInstance:
+    """FCFS continuous batching over pp lanes; on KV exhaustion the newest request of the lane
+    is swapped out (time not charged) and swapped back in before any new request joins."""
+
+    def __init__(self, loop: EventLoop, model: LatencyModel, spec: InstanceSpec, sink: Sink,
+                 max_batch: int, name: str = "decode"):
+        self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
+        self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
+        self.name = name
+        self.lanes = [Lane() for _ in range(spec.pp)]
+        self.lane_max = max(1, -(-max_batch // spec.pp))
+        self.waiting: deque[SimRequest] = deque()   # KV resident, not yet batched
+        self.waiting_tokens = 0
+        self.swapped: list[SimRequest] = []         # a stack: the oldest swapped-out on top
+        self.used = 0                                # KV tokens resident (running + waiting + incoming)
+
+    def free_tokens(self) -> int:
+        return self.capacity - self.used
+
+    def reserve(self, req: SimRequest) -> None:
+        """Blocks for an incoming migration, taken when the pull starts."""
+        self.used += req.context_len
+
+    def admit(self, req: SimRequest) -> None:
+        """A request whose KV is now here; it joins a lane at that lane's next step."""
+        self.waiting.append(req)
+        self.waiting_tokens += req.context_len
+        req.log(self.loop.now, "decoding_begin")
+        for lane in self.lanes:
+            if not lane.busy:
+                self._start_step(lane)
+
+    def _fill(self, lane: Lane) -> None:
+        fewest = min(len(l) for l in self.lanes)
+        while len(lane) < self.lane_max and len(lane) <= fewest:
+            if self.swapped:
+                req = self.swapped[-1]
+                if self.used + req.context_len + len(lane) + 1 > self.capacity:
+                    return   # swapped requests go first, so nothing new joins either
+                self.swapped.pop()
+                self.used += req.context_len
+            elif self.waiting:
+                req = self.waiting.popleft()
+                self.waiting_tokens -= req.context_len
+            else:
+                return
+            lane.join(req)
+
+    def _make_room(self, lane: Lane) -> None:
+        # Each running request needs one more KV slot this step.
+        while len(lane) > 1 and self.used + len(lane) > self.capacity:
+            req = lane.newest()
+            lane.leave(req)
+            self.used -= req.context_len
+            self.swapped.append(req)
+            req.log(self.loop.now, "swap_out")
+
+    def _start_step(self, lane: Lane) -> None:
+        self._fill(lane)
+        self._make_room(lane)
+        if not lane.running:
+            lane.busy = False
+            return
+        lane.busy = True
+        ms = self.spec.pp * self.model.decode_stage_ms(len(lane), lane.sum_ctx, self.spec.tp, self.spec.pp)
+        self.loop.at(self.loop.now + ms * MS, self._end_step, lane)
+
+    def _end_step(self, lane: Lane) -> None:
+        now = self.loop.now
+        self.used += len(lane)
+        for req in lane.end_step(now):
+            self.used -= req.context_len
+            req.log(now, "decoding_end")
+            self.sink.on_finished(req)
+        self._start_step(lane)
+        self.sink.on_decode_progress(self)
+
+
+class ColocatedInstance:
+    """One engine for both phases. chunk_size None: vLLM, a prefill batch (FCFS, max tokens and
+    sequences) runs whenever prompts wait and nothing is swapped, decodes otherwise.
+    chunk_size N: Sarathi, each iteration holds every running decode plus prompt chunks filling
+    the rest of an N-token budget. A mixed iteration costs the decode step plus the prefill
+    terms of its chunks (one fixed overhead). PP is not pipelined here (a known gap)."""
+
+    def __init__(self, loop: EventLoop, model: LatencyModel, spec: InstanceSpec, sink: Sink,
+                 max_batch: int, max_tokens: int, chunk_size: int | None = None, name: str = "colocated"):
+        self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
+        self.max_batch, self.max_tokens, self.chunk_size = max_batch, max_tokens, chunk_size
+        self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
+        self.name = name
+        self.lane = Lane()
+        self.waiting: deque[SimRequest] = deque()
+        self.swapped: list[SimRequest] = []
+        self.used = 0
+
+    def load(self) -> int:
+        return len(self.waiting) + len(self.lane)
+
+    def submit(self, req: SimRequest) -> None:
+        self.waiting.append(req)
+        if not self.lane.busy:
+            self._iterate()
+
+    def _swap_in(self) -> None:
+        while self.swapped and len(self.lane) < self.max_batch:
+            req = self.swapped[-1]
+            if self.used + req.context_len + len(self.lane) + 1 > self.capacity:
+                return
+            self.swapped.pop()
+            self.used += req.context_len
+            self.lane.join(req)
+
+    def _take_prompts(self, budget: int, whole: bool) -> list[tuple[SimRequest, int]]:
+        """FCFS prompt pieces within `budget` tokens; a prompt takes its KV when first picked."""
+        chunks = []
+        for req in self.waiting:
+            if budget <= 0 or len(self.lane) + len(chunks) >= self.max_batch:
+                break
+            left = req.prompt_len - req.prefilled
+            if whole and chunks and left > budget:
+                break
+            if req.prefilled == 0:
+                if self.used + req.prompt_len + len(self.lane) > self.capacity:
+                    if not chunks and not self.lane.running and self.used == 0:
+                        raise ValueError(f"a {req.prompt_len}-token prompt exceeds the KV capacity "
+                                         f"({self.capacity} tokens) of {self.name}; use more GPUs")
+                    break
+                self.used += req.prompt_len
+                req.log(self.loop.now, "context_begin")
+            take = left if whole else min(left, budget)
+            chunks.append((req, take))
+            budget -= take
+        return chunks
+
+    def _iterate(self) -> None:
+        self._swap_in()
+        chunks: list[tuple[SimRequest, int]] = []
+        if self.chunk_size is None:
+            if self.waiting and not self.swapped:
+                chunks = self._take_prompts(self.max_tokens, whole=True)
+        else:
+            chunks = self._take_prompts(self.chunk_size - len(self.lane), whole=False)
+        decoding = not chunks or self.chunk_size is not None
+        if decoding:
+            self._make_room()
+        if not chunks and not self.lane.running:
+            self.lane.busy = False
+            return
+        self.lane.busy = True
+        tp, pp = self.spec.tp, self.spec.pp
+        ms = self.model.decode_stage_ms(len(self.lane), self.lane.sum_ctx, tp, 1) if decoding else 0.0
+        if chunks:
+            # Chunk attention reads the prompt so far: sum of n*(2*done + n) generalises sum(len^2).
+            tokens = sum(n for _, n in chunks)
+            sq = sum(n * (2 * r.prefilled + n) for r, n in chunks)
+            prefill = self.model.prefill_stage_ms(tokens, sq, tp, 1)
+            ms = ms + prefill - (self.model.coeffs(tp).prefill[0] if ms else 0.0)
+        self.loop.at(self.loop.now + ms * MS, self._end_iteration, chunks, decoding)
+
+    def _make_room(self) -> None:
+        lane = self.lane
+        while len(lane) > 1 and self.used + len(lane) > self.capacity:
+            req = lane.newest()
+            lane.leave(req)
+            self.used -= req.context_len
+            self.swapped.append(req)
+            req.log(self.loop.now, "swap_out")
+
+    def _end_iteration(self, chunks: list[tuple[SimRequest, int]], decoding: bool) -> None:
+        now = self.loop.now
+        if decoding:
+            self.used += len(self.lane)
+            for req in self.lane.end_step(now):
+                self.used -= req.context_len
+                req.log(now, "decoding_end")
+                self.sink.on_finished(req)
+        for req, n in chunks:
+            req.prefilled += n
+            if req.prefilled < req.prompt_len:
+                continue
+            self.waiting.remove(req)
+            req.first_token_time = now
+            req.generated = 1
+            self.used += 1
+            req.log(now, "context_end")
+            if req.output_len <= 1:
+                self.used -= req.context_len
+                self.sink.on_finished(req)
+            else:
+                req.log(now, "decoding_begin")
+                self.lane.join(req)
+        self._iterate()

@@ -1,0 +1,302 @@
+"""OPT weights into the Flax param tree: from Hugging Face checkpoints, or random ("dummy").
+
+The tree is `models.opt.abstract_params`: decoder layers stacked on a leading axis (nn.scan),
+Dense kernels [in, out] (a torch Linear weight transposed). Every leaf is built with
+`jax.make_array_from_callback`, so each device reads only its own slice of the files and a
+sharded load never holds the whole model on the host.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from models.config import OPTConfig
+from models.opt import abstract_params
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LOAD_FORMATS = ("auto", "dummy", "safetensors", "pt", "orbax")
+
+# Hugging Face prefixes of the decoder's tensors: OPTForCausalLM, OPTModel, very old exports.
+HF_PREFIXES = ("model.decoder.", "decoder.", "")
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PT_INDEX = "pytorch_model.bin.index.json"
+PT_SINGLE = "pytorch_model.bin"
+
+# Flax module name inside a decoder layer -> HF module path inside `layers.{i}.`
+_LAYER_MODULES = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "out_proj": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2",
+    "self_attn_layer_norm": "self_attn_layer_norm", "final_layer_norm": "final_layer_norm",
+}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """'bfloat16' / jnp.bfloat16 / np.dtype -> np.dtype, restricted to what serving supports."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return np.dtype(DTYPES[name])
+
+
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _default_shardings(abstract):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: device, abstract)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors (slices of them) from checkpoint files
+
+
+class TensorStore(Protocol):
+    def names(self) -> set[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray: ...
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsStore:
+    """safetensors files read through np.memmap: slicing touches only the bytes it needs.
+
+    Parsed by hand because safetensors' numpy reader cannot return bfloat16 (most OPT exports)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, dict]] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(header_len))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                info["base"] = 8 + header_len
+                self._where[name] = (f, info)
+
+    def names(self):
+        return set(self._where)
+
+    def shape(self, name):
+        return tuple(self._where[name][1]["shape"])
+
+    def read(self, name, index):
+        f, info = self._where[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"tensor {name} in {f} has unsupported dtype {info['dtype']}")
+        if f not in self._maps:
+            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        raw = self._maps[f][info["base"] + start: info["base"] + end]
+        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])[index]
+
+
+class TorchStore:
+    """pytorch_model*.bin files, memory-mapped by torch.load."""
+
+    def __init__(self, files: list[Path]):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"reading {files[0].name} needs torch: `pip install torch`, or convert the "
+                f"checkpoint to safetensors") from e
+        self._torch = torch
+        self._tensors = {}
+        for f in files:
+            self._tensors.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+
+    def names(self):
+        return set(self._tensors)
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name, index):
+        t = self._tensors[name][index]
+        # numpy has no bfloat16; widen first (exact), the caller casts to the target dtype.
+        return (t.float() if t.dtype == self._torch.bfloat16 else t).numpy()
+
+
+def find_weight_files(model_dir: str | Path, load_format: str = "auto") -> tuple[str, list[Path]]:
+    """The checkpoint files of a Hugging Face model directory -> ("safetensors" | "pt", files)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} not found: pass an existing "
+                                f"Hugging Face model directory")
+    candidates = {
+        "safetensors": (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors"),
+        "pt": (PT_INDEX, PT_SINGLE, "pytorch_model-*.bin"),
+    }
+    formats = list(candidates) if load_format == "auto" else [load_format]
+    for fmt in formats:
+        index, single, pattern = candidates[fmt]
+        if (model_dir / index).is_file():
+            weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            files = [model_dir / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} in {model_dir} lists missing files: {missing}")
+            return fmt, files
+        if (model_dir / single).is_file():
+            return fmt, [model_dir / single]
+        files = sorted(model_dir.glob(pattern))
+        if files:
+            return fmt, files
+    looked_for = [n for fmt in formats for n in candidates[fmt]]
+    raise FileNotFoundError(f"no weight files in {model_dir}: looked for {', '.join(looked_for)}")
+
+
+def open_store(model_dir: str | Path, load_format: str = "auto") -> TensorStore:
+    fmt, files = find_weight_files(model_dir, load_format)
+    return SafetensorsStore(files) if fmt == "safetensors" else TorchStore(files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax leaf <-> HF tensor
+
+
+def hf_tensor_name(keys: tuple[str, ...], layer: int | None = None) -> str:
+    """HF name (without prefix) of a Flax leaf, e.g. ('layers','fc1','kernel'), 3 -> layers.3.fc1.weight."""
+    *modules, leaf = keys
+    if modules[0] == "layers":
+        return f"layers.{layer}.{_LAYER_MODULES[modules[1]]}.{_LEAF_NAMES[leaf]}"
+    return f"{'.'.join(modules)}.{_LEAF_NAMES[leaf]}"
+
+
+def _detect_prefix(names: set[str]) -> str:
+    for prefix in HF_PREFIXES:
+        if prefix + "embed_tokens.weight" in names:
+            return prefix
+    looked = ", ".join(p + "embed_tokens.weight" for p in HF_PREFIXES)
+    raise KeyError(f"tensor embed_tokens.weight missing from the checkpoint (looked for {looked})")
+
+
+def _leaf_loader(store: TensorStore, prefix: str, keys: tuple[str, ...], aval, num_layers: int):
+    """Check the leaf's HF tensors and return a callback reading any slice of the leaf."""
+    stacked = keys[0] == "layers"
+    transpose = keys[-1] == "kernel"
+    per_tensor_shape = aval.shape[1:] if stacked else aval.shape
+    hf_shape = per_tensor_shape[::-1] if transpose else per_tensor_shape
+    names = [prefix + hf_tensor_name(keys, i) for i in range(num_layers)] if stacked \
+        else [prefix + hf_tensor_name(keys)]
+    available = store.names()
+    for name in names:
+        if name not in available:
+            raise KeyError(f"tensor {name} missing from the checkpoint: it does not match the "
+                           f"config (wrong model directory or config.json?)")
+        if store.shape(name) != tuple(hf_shape):
+            raise ValueError(f"tensor {name} has shape {list(store.shape(name))}, expected "
+                             f"{list(hf_shape)} for this config")
+
+    def read_one(name, index):
+        part = store.read(name, index[::-1] if transpose else index)
+        return np.asarray(part.T if transpose else part).astype(aval.dtype)
+
+    cache: dict[Any, np.ndarray] = {}  # replicated leaves ask for the same slice per device
+
+    def callback(index):
+        index = tuple(index)
+        key = tuple(s.indices(d) for s, d in zip(index, aval.shape))
+        if key not in cache:
+            if stacked:
+                layers = range(*index[0].indices(num_layers))
+                cache[key] = np.stack([read_one(names[i], index[1:]) for i in layers])
+            else:
+                cache[key] = read_one(names[0], index)
+        return cache[key]
+
+    return callback
+
+
+def load_hf_params(model_dir: str | Path, config: OPTConfig, dtype=jnp.float32, shardings=None,
+                   load_format: str = "auto"):
+    """Params of `config` from a Hugging Face OPT checkpoint (safetensors or pytorch .bin, single
+    or sharded), cast to `dtype`, placed on `shardings` (pytree like abstract_params) or the
+    default device. The tied lm_head.weight is ignored."""
+    dtype = resolve_dtype(dtype)
+    store = open_store(model_dir, load_format)
+    prefix = _detect_prefix(store.names())
+    abstract = abstract_params(config, dtype)
+    shardings = _default_shardings(abstract) if shardings is None else shardings
+
+    def load(path, aval, sharding):
+        read = _leaf_loader(store, prefix, _path_keys(path), aval, config.num_hidden_layers)
+        return jax.make_array_from_callback(aval.shape, sharding, read, dtype=aval.dtype)
+
+    return jax.tree_util.tree_map_with_path(load, abstract, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights
+
+
+def _dummy_leaf(key, keys: tuple[str, ...], aval):
+    module, leaf = keys[-2], keys[-1]
+    if module.endswith("layer_norm"):
+        init = jnp.ones if leaf == "scale" else jnp.zeros
+        return init(aval.shape, aval.dtype)
+    scale = 0.01 if leaf == "bias" else 0.02
+    return (scale * jax.random.normal(key, aval.shape, jnp.float32)).astype(aval.dtype)
+
+
+def dummy_params(config: OPTConfig, dtype=jnp.float32, seed: int = 0, shardings=None):
+    """Random params of the real shapes, generated on device straight into `shardings`
+    (nothing passes through the host, so any size fits where its shards fit)."""
+    abstract = abstract_params(config, resolve_dtype(dtype))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def init():
+        root = jax.random.key(seed)
+        leaves = [_dummy_leaf(jax.random.fold_in(root, i), _path_keys(path), aval)
+                  for i, (path, aval) in enumerate(flat)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatcher
+
+
+def detect_load_format(model: str | Path) -> str:
+    """'orbax', 'safetensors' or 'pt' for a model directory."""
+    from models import checkpoint
+
+    if checkpoint.is_orbax_checkpoint(model):
+        return "orbax"
+    return find_weight_files(model)[0]
+
+
+def load_params(model: str | Path, config: OPTConfig, dtype=jnp.float32, load_format: str = "auto",
+                seed: int = 0, shardings=None):
+    """Params for the LLM API. `model` is a model directory (ignored by load_format='dummy')."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy":
+        return dummy_params(config, dtype, seed=seed, shardings=shardings)
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model directory {model} not found: pass a directory with "
+                                f"weights, or load_format='dummy' for random weights")
+    if load_format == "auto":
+        load_format = detect_load_format(model)
+    if load_format == "orbax":
+        from models import checkpoint
+
+        return checkpoint.restore_params(model, config, dtype, shardings=shardings)
+    return load_hf_params(model, config, dtype, shardings=shardings, load_format=load_format)

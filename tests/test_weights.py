@@ -1,0 +1,247 @@
+"""models/weights.py and models/checkpoint.py: every checkpoint layout, dtypes, sharded loads,
+random weights, orbax round trips, and the errors users see."""
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from safetensors.torch import load_file, save_file
+
+from _hf_helpers import make_hf_opt, save_pytorch_bin, save_renamed_safetensors, save_safetensors
+from models import weights
+from models.checkpoint import restore_params, save_params
+from models.config import OPTConfig
+from models.opt import abstract_params
+from models.weights import dummy_params, load_hf_params, load_params
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return make_hf_opt("proj_post_ln", seed=2)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(hf_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "safetensors": save_safetensors(hf_model, root / "st"),
+        "sharded_safetensors": save_safetensors(hf_model, root / "st_sharded", max_shard_size="30KB"),
+        "bin": save_pytorch_bin(hf_model, root / "bin"),
+        "sharded_bin": save_pytorch_bin(hf_model, root / "bin_sharded", shards=3),
+        "decoder_prefix": save_renamed_safetensors(hf_model, root / "decoder", "decoder."),
+        "no_prefix": save_renamed_safetensors(hf_model, root / "bare", ""),
+    }
+
+
+@pytest.fixture(scope="module")
+def config(hf_dirs):
+    return OPTConfig.from_hf_dir(hf_dirs["safetensors"])
+
+
+@pytest.fixture(scope="module")
+def params(hf_dirs, config):
+    return load_hf_params(hf_dirs["safetensors"], config)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_leaves_are_the_hf_tensors(params, hf_model, config):
+    sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    d = "model.decoder."
+    np.testing.assert_array_equal(params["embed_tokens"]["embedding"], sd[d + "embed_tokens.weight"])
+    np.testing.assert_array_equal(params["project_in"]["kernel"], sd[d + "project_in.weight"].T)
+    for i in range(config.num_hidden_layers):
+        layer = f"{d}layers.{i}."
+        np.testing.assert_array_equal(params["layers"]["v_proj"]["kernel"][i],
+                                      sd[layer + "self_attn.v_proj.weight"].T)
+        np.testing.assert_array_equal(params["layers"]["fc2"]["bias"][i], sd[layer + "fc2.bias"])
+        np.testing.assert_array_equal(params["layers"]["self_attn_layer_norm"]["scale"][i],
+                                      sd[layer + "self_attn_layer_norm.weight"])
+    assert "final_layer_norm" not in params  # post-LN OPT has none
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(config))
+
+
+@pytest.mark.parametrize("layout", ["sharded_safetensors", "bin", "sharded_bin",
+                                    "decoder_prefix", "no_prefix"])
+def test_every_checkpoint_layout_loads_the_same(hf_dirs, config, params, layout):
+    assert_trees_equal(load_hf_params(hf_dirs[layout], config), params)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", jnp.float16])
+def test_dtype_cast(hf_dirs, config, params, dtype):
+    loaded = load_hf_params(hf_dirs["bin"], config, dtype)
+    assert_trees_equal(loaded, jax.tree.map(lambda x: x.astype(dtype), params))
+
+
+def test_unsupported_dtype(hf_dirs, config):
+    with pytest.raises(ValueError, match="float64.*bfloat16"):
+        load_hf_params(hf_dirs["safetensors"], config, "float64")
+
+
+def tp_shardings(config, mesh):
+    """Megatron-style: columns of q/k/v/fc1, rows of out_proj/fc2, vocab rows; layers over 'pp'."""
+    specs = {"q_proj": P("pp", None, "tp"), "k_proj": P("pp", None, "tp"),
+             "v_proj": P("pp", None, "tp"), "fc1": P("pp", None, "tp"),
+             "out_proj": P("pp", "tp", None), "fc2": P("pp", "tp", None)}
+
+    def spec(path, aval):
+        keys = [k.key for k in path]
+        if keys[0] == "layers":
+            return NamedSharding(mesh, specs.get(keys[1], P("pp")) if keys[-1] == "kernel" else P("pp"))
+        return NamedSharding(mesh, P("tp") if keys[0] == "embed_tokens" else P())
+
+    return jax.tree_util.tree_map_with_path(spec, abstract_params(config))
+
+
+def test_sharded_load_reads_only_each_devices_slice(hf_dirs, config, params, monkeypatch):
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("pp", "tp"))
+    shardings = tp_shardings(config, mesh)
+    reads = []
+    original = weights.SafetensorsStore.read
+
+    def recording_read(self, name, index):
+        out = original(self, name, index)
+        reads.append((name, out.size, int(np.prod(self.shape(name)))))
+        return out
+
+    monkeypatch.setattr(weights.SafetensorsStore, "read", recording_read)
+    loaded = load_hf_params(hf_dirs["sharded_safetensors"], config, shardings=shardings)
+    assert_trees_equal(jax.device_get(loaded), jax.device_get(params))
+    for leaf, sharding in zip(jax.tree.leaves(loaded), jax.tree.leaves(shardings)):
+        assert leaf.sharding == sharding
+    # Each tensor-parallel weight is read a quarter at a time, never whole.
+    fc1 = [(size, full) for name, size, full in reads if name.endswith("fc1.weight")]
+    assert fc1 and all(size == full // 4 for size, full in fc1)
+
+
+def test_missing_directory_and_files(tmp_path, config):
+    with pytest.raises(FileNotFoundError, match="model directory .*nope.* not found"):
+        load_hf_params(tmp_path / "nope", config)
+    with pytest.raises(FileNotFoundError, match="model.safetensors.*pytorch_model.bin"):
+        load_hf_params(tmp_path, config)
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        OPTConfig.from_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2', not 'opt'"):
+        OPTConfig.from_hf_dir(tmp_path)
+
+
+def test_index_naming_a_missing_shard(hf_dirs, config, tmp_path):
+    src = hf_dirs["sharded_safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        (src / "model.safetensors.index.json").read_text())
+    with pytest.raises(FileNotFoundError, match="lists missing files.*model-00001"):
+        load_hf_params(tmp_path, config)
+
+
+def _edited_checkpoint(hf_dirs, tmp_path, edit):
+    tensors = load_file(hf_dirs["safetensors"] / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_wrong_shape_names_the_tensor(hf_dirs, config, tmp_path):
+    def truncate(t):
+        t["model.decoder.layers.1.fc1.weight"] = t["model.decoder.layers.1.fc1.weight"][:-1].clone()
+    path = _edited_checkpoint(hf_dirs, tmp_path, truncate)
+    with pytest.raises(ValueError, match=r"layers\.1\.fc1\.weight has shape \[191, 96\], "
+                                         r"expected \[192, 96\]"):
+        load_hf_params(path, config)
+
+
+def test_missing_tensor_is_named(hf_dirs, config, tmp_path):
+    path = _edited_checkpoint(hf_dirs, tmp_path,
+                              lambda t: t.pop("model.decoder.layers.1.self_attn.v_proj.bias"))
+    with pytest.raises(KeyError, match=r"layers\.1\.self_attn\.v_proj\.bias missing"):
+        load_hf_params(path, config)
+    path = _edited_checkpoint(hf_dirs, tmp_path,
+                              lambda t: t.pop("model.decoder.embed_tokens.weight"))
+    with pytest.raises(KeyError, match="embed_tokens.weight missing"):
+        load_hf_params(path, config)
+
+
+def test_config_of_another_size_is_rejected(hf_dirs, config):
+    with pytest.raises(ValueError, match="expected"):
+        load_hf_params(hf_dirs["safetensors"], OPTConfig.from_name("opt-tiny"))
+
+
+def test_bin_without_torch_says_how_to_fix(hf_dirs, config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    with pytest.raises(ImportError, match="pip install torch.*safetensors"):
+        load_hf_params(hf_dirs["bin"], config)
+
+
+def test_dummy_params_shapes_values_and_seed(config):
+    a = dummy_params(config, "bfloat16", seed=0)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), a) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(config, jnp.bfloat16))
+    ln = a["layers"]["final_layer_norm"]
+    assert np.all(np.asarray(ln["scale"]) == 1) and np.all(np.asarray(ln["bias"]) == 0)
+    q = np.asarray(a["layers"]["q_proj"]["kernel"], np.float32)
+    assert 0.015 < q.std() < 0.025 and abs(q.mean()) < 0.005
+    assert not np.array_equal(q[0], q[1])  # layers differ
+    assert_trees_equal(dummy_params(config, "bfloat16", seed=0), a)
+    b = dummy_params(config, "bfloat16", seed=1)
+    assert not np.array_equal(np.asarray(b["embed_tokens"]["embedding"]),
+                              np.asarray(a["embed_tokens"]["embedding"]))
+
+
+def test_dummy_params_on_shardings(config):
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("pp", "tp"))
+    shardings = tp_shardings(config, mesh)
+    sharded = dummy_params(config, seed=5, shardings=shardings)
+    for leaf, sharding in zip(jax.tree.leaves(sharded), jax.tree.leaves(shardings)):
+        assert leaf.sharding == sharding
+    assert_trees_equal(jax.device_get(sharded), jax.device_get(dummy_params(config, seed=5)))
+
+
+def test_dummy_params_traces_at_opt_175b_without_memory():
+    cfg = OPTConfig.from_name("opt-175b")
+    shapes = jax.eval_shape(lambda: dummy_params(cfg, "bfloat16"))
+    assert shapes["layers"]["fc1"]["kernel"].shape == (96, 12288, 49152)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert total == cfg.num_params()
+
+
+def test_orbax_round_trip_onto_a_mesh(params, config, tmp_path):
+    save_params(params, tmp_path / "ckpt", config)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    # Shard every leaf's last axis over 2 devices when it divides, else replicate.
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, P(*[None] * (x.ndim - 1), "tp") if x.shape[-1] % 2 == 0 else P()),
+        params)
+    restored = restore_params(tmp_path / "ckpt", config, shardings=shardings)
+    for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+        assert leaf.sharding == sharding
+    assert_trees_equal(jax.device_get(restored), jax.device_get(params))
+    # config.json beside it makes the directory self-describing for load_params.
+    assert OPTConfig.from_hf_dir(tmp_path / "ckpt") == OPTConfig(**{**config.__dict__, "name": "ckpt"})
+    assert_trees_equal(load_params(tmp_path / "ckpt", config, "bfloat16"),
+                       jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_params(params, tmp_path / "ckpt", config)
+
+
+def test_load_params_dispatch(hf_dirs, config, params, tmp_path):
+    assert_trees_equal(load_params(hf_dirs["sharded_bin"], config), params)
+    assert_trees_equal(load_params(hf_dirs["bin"], config, load_format="pt"), params)
+    assert_trees_equal(load_params("opt-whatever", config, load_format="dummy", seed=4),
+                       dummy_params(config, seed=4))
+    with pytest.raises(FileNotFoundError, match="load_format='dummy'"):
+        load_params(tmp_path / "missing", config)
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        load_params(hf_dirs["safetensors"], config, load_format="pt")
+    with pytest.raises(FileNotFoundError, match="not an orbax checkpoint"):
+        load_params(hf_dirs["safetensors"], config, load_format="orbax")
+    with pytest.raises(ValueError, match="unknown load_format"):
+        load_params(hf_dirs["safetensors"], config, load_format="gguf")
