@@ -127,4 +127,4 @@ class BlockManager:
         device_blocks = self.device.allocate(len(host_blocks))
         self.host.free(host_blocks)
         self.tables[request_id] = device_blocks
-        return host_blocks, device_blocks
+        return host_blocks, list(device_blocks)  # a copy: the table grows later

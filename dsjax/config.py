@@ -6,14 +6,14 @@ import tomllib
 from pathlib import Path
 
 MODES = ("disaggregated", "colocated", "chunked")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str = "opt-125m"              # a Hugging Face OPT directory, or a size name (dummy)
     tokenizer: str | None = None         # directory; None = the model's, else GPT-2 BPE fallback
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                  # auto: bfloat16 on accelerators, float32 on CPU
     load_format: str = "auto"            # auto | dummy | safetensors | pt | orbax
     seed: int = 0
     mode: str = "disaggregated"

@@ -58,6 +58,15 @@ def resolve_model(model: str, load_format: str) -> tuple[OPTConfig, str | None]:
     return OPTConfig.from_name(model), None
 
 
+def resolve_dtype(dtype: str, devices=None) -> str:
+    """'auto' is bfloat16 where there is an accelerator; on CPU, where bfloat16 is emulated
+    and slower, float32."""
+    if dtype != "auto":
+        return dtype
+    platform = (devices or jax.devices())[0].platform
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 def attention_backend(name: str):
     if name == "xla":
         return XLAAttention()
@@ -111,7 +120,7 @@ class Engine:
         self.config = config
         self.model_config, model_dir = resolve_model(config.model, config.load_format)
         self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback="gpt2")
-        self.dtype = jnp.dtype(config.dtype)
+        self.dtype = jnp.dtype(resolve_dtype(config.dtype, devices))
         self.lock = threading.RLock()
         self.requests: dict[str, Request] = {}
         self.migration_queue: deque[Request] = deque()

@@ -47,6 +47,7 @@ class Instance(threading.Thread):
         self.blocks = blocks
         self.lock = engine.lock
         self.wakeup = threading.Event()
+        self.paused = threading.Event()  # tests hold an instance still to observe a stage
         self.stopped = False
         self.tokens_since_status = 0
         self.steps = 0
@@ -58,6 +59,9 @@ class Instance(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped:
+            if self.paused.is_set():
+                self.wakeup.wait(0.01)
+                continue
             try:
                 did_work = self.step()
             except BaseException as e:  # surface to callers instead of dying silently
@@ -163,22 +167,19 @@ class PrefillInstance(Instance):
 class DecodeMixin:
     """Decode-step machinery shared by decode, colocated and chunked instances."""
 
-    def _swap(self, swap_out, swap_in) -> None:
-        for r in swap_out:  # tables were already moved to host ids by the scheduler
-            pages = self.runner.gather_pages(self._swap_blocks.pop(r.request_id))
+    num_swap_outs = 0
+
+    def _swap(self, step) -> None:
+        """Carry out the scheduler's swaps: pages of victims to host, returning ones back."""
+        self.num_swap_outs += len(step.swap_out)
+        for r in step.swap_out:
+            pages = self.runner.gather_pages(step.swap_out_blocks[r.request_id])
             self.swap_space.store(r.request_id, [(np.asarray(k), np.asarray(v)) for k, v in pages])
             r.status = Status.SWAPPED
-        for r in swap_in:
-            self.runner.insert_pages(self.blocks.tables[r.request_id],
+        for r in step.swap_in:
+            self.runner.insert_pages(step.swap_in_blocks[r.request_id],
                                      self.swap_space.take(r.request_id))
             r.status = Status.DECODING
-
-    def _schedule_decode(self, scheduler: DecodeScheduler):
-        """Schedule under the lock, remembering device blocks of swap victims before reuse."""
-        before = {r.request_id: list(self.blocks.tables[r.request_id]) for r in scheduler.running}
-        step = scheduler.schedule()
-        self._swap_blocks = {r.request_id: before[r.request_id] for r in step.swap_out}
-        return step
 
     def _finish_decoded(self, scheduler, finished) -> None:
         for r in finished:
@@ -194,7 +195,6 @@ class DecodeInstance(DecodeMixin, Instance):
         super().__init__(engine, runner, blocks)
         self.scheduler = DecodeScheduler(limits, blocks)
         self.swap_space = HostSwapSpace()
-        self._swap_blocks = {}
 
     def load(self) -> int:
         return len(self.scheduler)
@@ -230,7 +230,7 @@ class DecodeInstance(DecodeMixin, Instance):
     def step(self) -> bool:
         pulled = self._pull()
         with self.lock:
-            step = self._schedule_decode(self.scheduler)
+            step = self.scheduler.schedule()
             batch = step.batch
             if not batch and not step.swap_out:
                 return pulled
@@ -238,7 +238,7 @@ class DecodeInstance(DecodeMixin, Instance):
             for r in batch:
                 if r.events[-1]["event_type"] != "decoding_begin" and len(r.output_token_ids) == 1:
                     r.add_event("decoding_begin")
-        self._swap(step.swap_out, step.swap_in)
+        self._swap(step)
         if not batch:
             return True
         out = self.runner.decode(batch, tables)
@@ -257,7 +257,6 @@ class ColocatedInstance(DecodeMixin, Instance):
         self.prefill = PrefillScheduler(prefill_limits, blocks)
         self.scheduler = DecodeScheduler(decode_limits, blocks)
         self.swap_space = HostSwapSpace()
-        self._swap_blocks = {}
         self.in_flight: list[Request] = []
 
     def load(self) -> int:
@@ -306,7 +305,7 @@ class ColocatedInstance(DecodeMixin, Instance):
                         self.scheduler.add_waiting(r)
             return True
         with self.lock:
-            step = self._schedule_decode(self.scheduler)
+            step = self.scheduler.schedule()
             batch = step.batch
             if not batch and not step.swap_out:
                 return False
@@ -314,7 +313,7 @@ class ColocatedInstance(DecodeMixin, Instance):
             for r in batch:
                 if len(r.output_token_ids) == 1 and r.events[-1]["event_type"] == "context_end":
                     r.add_event("decoding_begin")
-        self._swap(step.swap_out, step.swap_in)
+        self._swap(step)
         if not batch:
             return True
         out = self.runner.decode(batch, tables)
@@ -333,7 +332,6 @@ class ChunkedInstance(DecodeMixin, Instance):
         self.chunked = ChunkedScheduler(limits, blocks)
         self.scheduler = self.chunked.decode
         self.swap_space = HostSwapSpace()
-        self._swap_blocks = {}
 
     def load(self) -> int:
         return len(self.chunked)
@@ -353,10 +351,7 @@ class ChunkedInstance(DecodeMixin, Instance):
 
     def step(self) -> bool:
         with self.lock:
-            before = {r.request_id: list(self.blocks.tables[r.request_id])
-                      for r in self.scheduler.running}
             step = self.chunked.schedule()
-            self._swap_blocks = {r.request_id: before[r.request_id] for r in step.swap_out}
             rows = [(r, list(self.blocks.tables[r.request_id]), r.num_tokens - 1, 1)
                     for r in step.decodes]
             rows += [(r, list(self.blocks.tables[r.request_id]), start, n)
@@ -367,7 +362,7 @@ class ChunkedInstance(DecodeMixin, Instance):
                 if start == 0:
                     r.status = Status.PREFILLING
                     r.add_event("context_begin")
-        self._swap(step.swap_out, step.swap_in)
+        self._swap(step)
         if not rows:
             return True
         out = self.runner.chunked(rows)

@@ -15,11 +15,16 @@ from tqdm import tqdm
 
 from dsjax.profiles import LatencyModel
 from dsjax.simulator import (CROSS_NODE_BYTES_PER_S, NVLINK_BYTES_PER_S, InstanceSpec, SimConfig,
-                             attainment_of, simulate)
+                             SimRequest, StopSimulation, simulate)
 from dsjax.simulator.cluster import HasLengths
 
-REL_TOLERANCE = 0.01      # stop bisecting when hi / lo < 1.01
+REL_TOLERANCE = 0.02      # stop bisecting when hi / lo < 1.02
 MIN_RATE = 1e-3
+MAX_RATE_PER_GPU = 100.0  # bracketing stops here: an SLO loose enough to pass beyond it is unbounded
+# A sample simulated at a high rate arrives faster than requests finish, so the whole sample
+# can sit in one batch and look fine. Repeat it until arrivals span this long.
+MIN_HORIZON_S = 60.0
+VERIFY_TOP = 3            # Algorithm 1: units simulated whole before choosing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +92,7 @@ class Placement:
         lines = [f"{'role':<10}{'prefill':>12}{'decode':>12}{'GPUs':>6}{'req/s':>10}{'per GPU':>10}  note"]
         for c in self.candidates:
             spec = lambda s: f"tp{s.tp} pp{s.pp}" if s else "-"
-            rate = "pruned" if c.goodput is None else f"{c.goodput:.2f}"
+            rate = "-" if c.note else "pruned" if c.goodput is None else f"{c.goodput:.2f}"
             per = "" if c.per_gpu is None else f"{c.per_gpu:.3f}"
             lines.append(f"{c.role:<10}{spec(c.prefill):>12}{spec(c.decode):>12}{c.num_gpus:>6}"
                          f"{rate:>10}{per:>10}  {c.note}")
@@ -96,9 +101,10 @@ class Placement:
 
 # ---------------------------------------------------------------- rate search
 
-def max_rate(passes: Callable[[float], bool], start: float, floor: float = 0.0) -> float | None:
-    """Highest rate with passes(rate), to REL_TOLERANCE. If `floor` > 0 and the rate fails there,
-    returns None (cannot beat floor). Returns 0.0 when even MIN_RATE fails."""
+def max_rate(passes: Callable[[float], bool], start: float, floor: float = 0.0,
+             ceiling: float = math.inf) -> float | None:
+    """Highest rate with passes(rate), to REL_TOLERANCE, at most `ceiling`. If `floor` > 0 and
+    the rate fails there, returns None (cannot beat floor). Returns 0.0 when even MIN_RATE fails."""
     if floor > 0:
         if not passes(floor):
             return None
@@ -114,7 +120,9 @@ def max_rate(passes: Callable[[float], bool], start: float, floor: float = 0.0) 
         if lo == 0.0:
             return 0.0
     while hi is None:   # bracket upwards
-        rate = lo * 2
+        rate = min(lo * 2, ceiling)
+        if rate <= lo:
+            return lo
         if passes(rate):
             lo = rate
         else:
@@ -137,15 +145,35 @@ class Searcher:
         self.num_sims = 0
         self.max_context = max(r.prompt_len + r.output_len for r in self.reqs)
 
+    def requests_for(self, rate: float) -> list[HasLengths]:
+        num = max(len(self.reqs), math.ceil(rate * MIN_HORIZON_S))
+        return [self.reqs[i % len(self.reqs)] for i in range(num)]
+
     def attains(self, config: SimConfig, rate: float, metric: str) -> bool:
         self.num_sims += 1
-        out = simulate(self.model, self.reqs, rate, config, seed=self.seed)
-        both, ttft, tpot = attainment_of(out, self.slo.ttft, self.slo.tpot)
-        return {"both": both, "ttft": ttft, "tpot": tpot}[metric] >= self.slo.attainment
+        reqs = self.requests_for(rate)
+        allowed = math.floor((1 - self.slo.attainment) * len(reqs) + 1e-9)
+        misses = 0
+        ttft_slo, tpot_slo = self.slo.ttft, self.slo.tpot
+        check_ttft, check_tpot = metric in ("both", "ttft"), metric in ("both", "tpot")
+
+        def watch(req: SimRequest) -> None:
+            # Overloaded runs are the slow ones; stop once the target is out of reach.
+            nonlocal misses
+            if (check_ttft and req.ttft() > ttft_slo) or (check_tpot and req.tpot() > tpot_slo):
+                misses += 1
+                if misses > allowed:
+                    raise StopSimulation
+
+        try:
+            simulate(self.model, reqs, rate, config, seed=self.seed, watcher=watch)
+        except StopSimulation:
+            return False
+        return True
 
     def goodput(self, config: SimConfig, metric: str, num_gpus: int, best_per_gpu: float) -> float | None:
         return max_rate(lambda r: self.attains(config, r, metric), start=num_gpus,
-                        floor=best_per_gpu * num_gpus)
+                        floor=best_per_gpu * num_gpus, ceiling=MAX_RATE_PER_GPU * num_gpus)
 
     def fits(self, spec: InstanceSpec) -> str:
         """'' when an instance of this shape holds the longest request's KV, else the reason."""
@@ -155,19 +183,22 @@ class Searcher:
         return ""
 
 
-def parallel_degrees(model: LatencyModel, max_gpus: int) -> tuple[list[int], list[int]]:
-    """TP degrees dividing the attention heads, PP degrees dividing the layers, each <= max_gpus."""
+def parallel_degrees(model: LatencyModel, max_tp: int, max_pp: int) -> tuple[list[int], list[int]]:
+    """TP degrees dividing the attention heads (<= max_tp: TP stays inside a node), PP degrees
+    dividing the layers (<= max_pp)."""
     cfg = model.config
-    tps = [t for t in range(1, max_gpus + 1) if cfg.num_attention_heads % t == 0]
-    pps = [p for p in range(1, max_gpus + 1) if cfg.num_hidden_layers % p == 0]
+    tps = [t for t in range(1, max_tp + 1) if cfg.num_attention_heads % t == 0]
+    pps = [p for p in range(1, max_pp + 1) if cfg.num_hidden_layers % p == 0]
     return tps, pps
 
 
 # ---------------------------------------------------------------- Algorithm 1: high affinity
 
-def _best_phase(searcher: Searcher, role: str, specs: list[InstanceSpec], bar) -> list[Candidate]:
+def _phase_goodputs(searcher: Searcher, role: str, specs: list[InstanceSpec], bar) -> list[Candidate]:
+    """Every shape's goodput for one phase alone. No pruning: the best pair must also fit the
+    cluster together, so a shape that loses per GPU may still be the one used."""
     mode, metric = ("prefill_only", "ttft") if role == "prefill" else ("decode_only", "tpot")
-    best, out = 0.0, []
+    out = []
     for spec in specs:
         cand = Candidate(role, spec if role == "prefill" else None, spec if role == "decode" else None,
                          spec.num_gpus)
@@ -175,9 +206,7 @@ def _best_phase(searcher: Searcher, role: str, specs: list[InstanceSpec], bar) -
         if not cand.note:
             config = dataclasses.replace(searcher.base, mode=mode, prefill=spec, decode=spec,
                                          num_prefill=1, num_decode=1)
-            cand.goodput = searcher.goodput(config, metric, spec.num_gpus, best)
-            if cand.goodput is not None:
-                best = max(best, cand.per_gpu)
+            cand.goodput = searcher.goodput(config, metric, spec.num_gpus, 0.0)
         out.append(cand)
         bar.update(1)
     return out
@@ -189,43 +218,63 @@ def _best_of(cands: list[Candidate]) -> Candidate | None:
     return max(ok, key=lambda c: (round(c.per_gpu, 9), -c.num_gpus), default=None)
 
 
-def _replicas(gp: float, np_gpus: int, gd: float, nd_gpus: int, total_gpus: int,
-              rate: float | None) -> tuple[int, int]:
+def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus: int,
+                rate: float | None, keep: int) -> list[tuple[Candidate, Candidate, int, int]]:
+    """Algorithm 1's replication. With a rate: the best per-GPU shape of each phase, n = ceil(R /
+    prefill goodput), m = ceil(R / decode goodput). Without: the `keep` best (shapes, smallest
+    (n, m)) by min(n*Gp, m*Gd) per GPU among those that fit the cluster together."""
+    prefills = [c for c in prefills if c.goodput]
+    decodes = [c for c in decodes if c.goodput]
+    if not prefills or not decodes:
+        raise ValueError("no prefill or decode configuration meets the SLO at any rate; "
+                         "loosen the SLOs or give the model more GPUs")
     if rate is not None:
-        n, m = math.ceil(rate / gp), math.ceil(rate / gd)
-        if n * np_gpus + m * nd_gpus > total_gpus:
-            raise ValueError(f"serving {rate} req/s needs {n} prefill x {np_gpus} + {m} decode x "
-                             f"{nd_gpus} GPUs, more than the cluster's {total_gpus}; lower --rate "
+        bp, bd = _best_of(prefills), _best_of(decodes)
+        n, m = math.ceil(rate / bp.goodput), math.ceil(rate / bd.goodput)
+        if n * bp.num_gpus + m * bd.num_gpus > total_gpus:
+            raise ValueError(f"serving {rate} req/s needs {n} prefill x {bp.num_gpus} + {m} decode x "
+                             f"{bd.num_gpus} GPUs, more than the cluster's {total_gpus}; lower --rate "
                              f"or add nodes")
-        return n, m
-    best = (0.0, 1, 1)
-    for n in range(1, total_gpus // np_gpus + 1):
-        for m in range(1, (total_gpus - n * np_gpus) // nd_gpus + 1):
-            per_gpu = min(n * gp, m * gd) / (n * np_gpus + m * nd_gpus)
-            if per_gpu > best[0] * (1 + 1e-9):
-                best = (per_gpu, n, m)
-    return best[1], best[2]
+        return [(bp, bd, n, m)]
+    scored = []
+    for p in prefills:
+        for d in decodes:
+            best, choice = 0.0, None
+            for n in range(1, total_gpus // p.num_gpus + 1):
+                for m in range(1, (total_gpus - n * p.num_gpus) // d.num_gpus + 1):
+                    per_gpu = min(n * p.goodput, m * d.goodput) / (n * p.num_gpus + m * d.num_gpus)
+                    if per_gpu > best * (1 + 1e-9):
+                        best, choice = per_gpu, (p, d, n, m)
+            if choice:
+                scored.append((best, choice))
+    if not scored:
+        raise ValueError(f"no prefill + decode pair fits in {total_gpus} GPUs; add GPUs")
+    scored.sort(key=lambda x: -x[0])
+    return [choice for _, choice in scored[:keep]]
 
 
 def search_high_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                          rate: float | None = None, progress: bool = True) -> Placement:
     total = num_nodes * gpus_per_node
-    tps, pps = parallel_degrees(searcher.model, total)
+    tps, pps = parallel_degrees(searcher.model, gpus_per_node, total)
     specs = [InstanceSpec(t, p) for t in tps for p in pps if t * p <= total]
     with tqdm(total=2 * len(specs), desc="placement (high affinity)", disable=not progress) as bar:
-        cands = _best_phase(searcher, "prefill", specs, bar) + _best_phase(searcher, "decode", specs, bar)
-    bp = _best_of([c for c in cands if c.role == "prefill"])
-    bd = _best_of([c for c in cands if c.role == "decode"])
-    if bp is None or bd is None:
-        raise ValueError("no prefill or decode configuration meets the SLO at any rate; "
-                         "loosen the SLOs or give the model more GPUs")
-    n, m = _replicas(bp.goodput, bp.num_gpus, bd.goodput, bd.num_gpus, total, rate)
-    # The per-phase goodputs ignore migration and phase coupling: simulate the unit whole.
-    config = dataclasses.replace(searcher.base, mode="disaggregated", prefill=bp.prefill,
-                                 decode=bd.decode, num_prefill=n, num_decode=m,
-                                 kv_link_bytes_per_s=CROSS_NODE_BYTES_PER_S)
-    gpus = n * bp.num_gpus + m * bd.num_gpus
-    goodput = max_rate(lambda r: searcher.attains(config, r, "both"), start=gpus) or 0.0
+        prefills = _phase_goodputs(searcher, "prefill", specs, bar)
+        decodes = _phase_goodputs(searcher, "decode", specs, bar)
+    # Per-phase goodputs count each SLO alone and ignore migration; attaining both at once is
+    # harder, so simulate the few best units whole and keep the best of those.
+    best = None
+    for bp, bd, n, m in _pick_pairs(prefills, decodes, total, rate, keep=VERIFY_TOP):
+        config = dataclasses.replace(searcher.base, mode="disaggregated", prefill=bp.prefill,
+                                     decode=bd.decode, num_prefill=n, num_decode=m,
+                                     kv_link_bytes_per_s=CROSS_NODE_BYTES_PER_S)
+        gpus = n * bp.num_gpus + m * bd.num_gpus
+        goodput = max_rate(lambda r: searcher.attains(config, r, "both"), start=gpus,
+                           ceiling=MAX_RATE_PER_GPU * gpus) or 0.0
+        if best is None or goodput / gpus > best[0] / best[1]:
+            best = (goodput, gpus, bp, bd, n, m)
+    goodput, gpus, bp, bd, n, m = best
+    cands = prefills + decodes
     copies = 1 if rate is not None else total // gpus
     return Placement(searcher.model.model, "disaggregated", bp.prefill, bd.decode, n * copies,
                      m * copies, goodput * copies, cands,
@@ -238,8 +287,8 @@ def search_low_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                         rate: float | None = None, progress: bool = True) -> Placement:
     """Each unit: prefill and decode stages holding the same layers share a node (KV over NVLink);
     pp_cross nodes hold the pipeline. Enumerate pp_cross, then the intra-node split."""
-    tps, pps = parallel_degrees(searcher.model, gpus_per_node)
-    _, all_pps = parallel_degrees(searcher.model, num_nodes * gpus_per_node)
+    tps, pps = parallel_degrees(searcher.model, gpus_per_node, gpus_per_node)
+    _, all_pps = parallel_degrees(searcher.model, gpus_per_node, num_nodes * gpus_per_node)
     units = []
     for cross in (p for p in all_pps if p <= num_nodes):
         for tp_p in tps:
@@ -286,7 +335,7 @@ def search_colocated(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                      rate: float | None = None, progress: bool = True) -> Placement:
     """vLLM-style: one engine per instance; the best (TP, PP) per GPU, replicated."""
     total = num_nodes * gpus_per_node
-    tps, pps = parallel_degrees(searcher.model, total)
+    tps, pps = parallel_degrees(searcher.model, gpus_per_node, total)
     specs = [InstanceSpec(t, p) for t in tps for p in pps if t * p <= total]
     best, cands = 0.0, []
     for spec in tqdm(specs, desc="placement (colocated)", disable=not progress):

@@ -66,6 +66,8 @@ class DecodeStep:
     batch: list            # requests that produce one token this step, in batch order
     swap_in: list          # swapped requests brought back before this step
     swap_out: list         # requests moved to host to make room
+    swap_out_blocks: dict = dataclasses.field(default_factory=dict)  # id -> device blocks left
+    swap_in_blocks: dict = dataclasses.field(default_factory=dict)   # id -> device blocks filled
 
 
 class DecodeScheduler:
@@ -110,14 +112,18 @@ class DecodeScheduler:
         return False
 
     def schedule(self) -> DecodeStep:
-        swap_in, swap_out = [], []
-        # Swapped requests return first, oldest first, while their blocks (+1 to grow) fit.
+        swap_in, swap_out, swap_out_blocks, swap_in_blocks = [], [], {}, {}
+        # Swapped requests return first, oldest first, only when they and every running
+        # request can grow this step (else the newcomer would be the next victim at once).
+        growth = sum(self.blocks.extra_blocks_for(r.request_id, r.num_tokens) for r in self.running)
         while self.swapped and len(self.running) < self.limits.max_batch_size:
             req = self.swapped[0]
-            if not self.blocks.device.num_free >= len(self.blocks.host_tables[req.request_id]) + 1:
+            need = self.blocks.blocks_needed(req.num_tokens)
+            if need + growth > self.blocks.device.num_free:
                 break
+            growth += need - len(self.blocks.host_tables[req.request_id])
             self.swapped.popleft()
-            self.blocks.swap_in(req.request_id)
+            _, swap_in_blocks[req.request_id] = self.blocks.swap_in(req.request_id)
             self.running.append(req)
             swap_in.append(req)
         if not self.swapped:
@@ -142,10 +148,11 @@ class DecodeScheduler:
                     f"KV blocks exhausted and host swap space is full ({victim.request_id} "
                     f"cannot be swapped out): raise --swap-space or lower the batch limits")
             self.running.pop()
-            self.blocks.swap_out(victim.request_id)
+            swap_out_blocks[victim.request_id], _ = self.blocks.swap_out(victim.request_id)
             self.swapped.appendleft(victim)  # victims leave newest-first, so the deque stays oldest-first
             swap_out.append(victim)
-        return DecodeStep(batch=list(self.running), swap_in=swap_in, swap_out=swap_out)
+        return DecodeStep(batch=list(self.running), swap_in=swap_in, swap_out=swap_out,
+                          swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks)
 
     def finish(self, request) -> None:
         """Drop a finished request from the running batch and free its blocks."""
@@ -160,6 +167,8 @@ class ChunkedStep:
     chunks: list           # (request, start, length): prompt tokens start:start+length this step
     swap_in: list
     swap_out: list
+    swap_out_blocks: dict
+    swap_in_blocks: dict
 
 
 class ChunkedScheduler:
@@ -204,7 +213,8 @@ class ChunkedScheduler:
             budget -= length
             rows += 1
         return ChunkedStep(decodes=step.batch, chunks=chunks, swap_in=step.swap_in,
-                           swap_out=step.swap_out)
+                           swap_out=step.swap_out, swap_out_blocks=step.swap_out_blocks,
+                           swap_in_blocks=step.swap_in_blocks)
 
     def chunk_done(self, request, length: int) -> bool:
         """Record a computed chunk; True when the prompt is complete (it then decodes)."""

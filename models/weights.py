@@ -7,6 +7,7 @@ sharded load never holds the whole model on the host.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -143,6 +144,9 @@ def find_weight_files(model_dir: str | Path, load_format: str = "auto") -> tuple
         "safetensors": (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors"),
         "pt": (PT_INDEX, PT_SINGLE, "pytorch_model-*.bin"),
     }
+    if load_format not in ("auto", *candidates):
+        raise ValueError(f"load_format {load_format!r} is not a Hugging Face checkpoint format: "
+                         f"use auto, safetensors or pt")
     formats = list(candidates) if load_format == "auto" else [load_format]
     for fmt in formats:
         index, single, pattern = candidates[fmt]
@@ -235,39 +239,77 @@ def load_hf_params(model_dir: str | Path, config: OPTConfig, dtype=jnp.float32, 
     abstract = abstract_params(config, dtype)
     shardings = _default_shardings(abstract) if shardings is None else shardings
 
-    def load(path, aval, sharding):
-        read = _leaf_loader(store, prefix, _path_keys(path), aval, config.num_hidden_layers)
-        return jax.make_array_from_callback(aval.shape, sharding, read, dtype=aval.dtype)
-
-    return jax.tree_util.tree_map_with_path(load, abstract, shardings)
+    # Check every tensor before reading any, so a bad checkpoint fails in seconds, not after
+    # half of a large model has loaded.
+    readers = jax.tree_util.tree_map_with_path(
+        lambda path, aval: _leaf_loader(store, prefix, _path_keys(path), aval,
+                                        config.num_hidden_layers), abstract)
+    return jax.tree.map(
+        lambda aval, sharding, read: jax.make_array_from_callback(aval.shape, sharding, read,
+                                                                  dtype=aval.dtype),
+        abstract, shardings, readers)
 
 
 # ---------------------------------------------------------------------------------------------
 # Random weights
 
 
-def _dummy_leaf(key, keys: tuple[str, ...], aval):
-    module, leaf = keys[-2], keys[-1]
+def _mix(h):
+    """A 32-bit integer hash (lowbias32): full avalanche, so neighbouring indices decorrelate."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _hash_normal(seed, leaf: int, shape, dtype):
+    """Standard normal noise from a hash of each element's index (Box-Muller).
+
+    Used instead of jax.random because XLA:CPU takes ~0.3 s to compile each threefry call
+    (seconds per model in tests); being elementwise on iotas it is also trivially sharded."""
+    h = jnp.full(shape, _mix(seed.astype(jnp.uint32) * jnp.uint32(1000003) + jnp.uint32(leaf)))
+    for axis in range(len(shape)):
+        salt = jnp.uint32((0x9E3779B9 * (axis + 1)) & 0xFFFFFFFF)
+        h = _mix(h ^ (jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + salt))
+    u1 = ((h >> 8).astype(jnp.float32) + 0.5) / 2 ** 24  # (0, 1): log stays finite
+    u2 = (_mix(h ^ jnp.uint32(0x68E31DA4)) >> 8).astype(jnp.float32) / 2 ** 24
+    return (jnp.sqrt(-2 * jnp.log(u1)) * jnp.cos(2 * jnp.pi * u2)).astype(dtype)
+
+
+def _dummy_leaf(seed, leaf: int, keys: tuple[str, ...], aval):
+    module, name = keys[-2], keys[-1]
     if module.endswith("layer_norm"):
-        init = jnp.ones if leaf == "scale" else jnp.zeros
-        return init(aval.shape, aval.dtype)
-    scale = 0.01 if leaf == "bias" else 0.02
-    return (scale * jax.random.normal(key, aval.shape, jnp.float32)).astype(aval.dtype)
+        return (jnp.ones if name == "scale" else jnp.zeros)(aval.shape, aval.dtype)
+    scale = 0.01 if name == "bias" else 0.02
+    return (scale * _hash_normal(seed, leaf, aval.shape, jnp.float32)).astype(aval.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _dummy_init(config: OPTConfig, dtype: np.dtype, shardings_flat, shardings_treedef):
+    """Jitted seed -> params, cached so repeated calls (tests, restarts) compile once."""
+    abstract = abstract_params(config, dtype)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out_shardings = None if shardings_treedef is None \
+        else jax.tree_util.tree_unflatten(shardings_treedef, shardings_flat)
+
+    def init(seed):
+        leaves = [_dummy_leaf(seed, i, _path_keys(path), aval) for i, (path, aval) in enumerate(flat)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return jax.jit(init, out_shardings=out_shardings)
 
 
 def dummy_params(config: OPTConfig, dtype=jnp.float32, seed: int = 0, shardings=None):
-    """Random params of the real shapes, generated on device straight into `shardings`
-    (nothing passes through the host, so any size fits where its shards fit)."""
-    abstract = abstract_params(config, resolve_dtype(dtype))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-
-    def init():
-        root = jax.random.key(seed)
-        leaves = [_dummy_leaf(jax.random.fold_in(root, i), _path_keys(path), aval)
-                  for i, (path, aval) in enumerate(flat)]
-        return jax.tree_util.tree_unflatten(treedef, leaves)
-
-    return jax.jit(init, out_shardings=shardings)()
+    """Random params of the real shapes (normal*0.02 matrices, normal*0.01 biases, unit
+    LayerNorms), generated on device straight into `shardings`: nothing passes through the
+    host, so any size fits where its shards fit."""
+    if shardings is None:
+        init = _dummy_init(config, resolve_dtype(dtype), None, None)
+    else:
+        flat, treedef = jax.tree_util.tree_flatten(shardings)
+        init = _dummy_init(config, resolve_dtype(dtype), tuple(flat), treedef)
+    return init(jnp.asarray(seed, jnp.uint32))
 
 
 # ---------------------------------------------------------------------------------------------

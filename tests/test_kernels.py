@@ -26,7 +26,7 @@ SEED = int(os.environ.get("DSJAX_KERNEL_SEED", time.time_ns() % 2**31))
 # Max |kernel - reference| / max |reference|. Reference runs in float64 on the same (rounded)
 # inputs, so the bound covers only the kernel's own rounding: f32 accumulation, and for half
 # types the probabilities rounded to the input dtype before p @ V plus the rounded output.
-TOLERANCE = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 2.5e-2}
+TOLERANCE = {jnp.float32: 2e-6, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}
 
 
 @pytest.fixture
@@ -324,3 +324,67 @@ def test_kernels_lower_to_triton_for_gpu(rng, head_dim):
     lowered = jax.jit(pallas.decode).trace(q, k_cache, v_cache, jnp.int32(1), dmeta).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "triton" in lowered, "decode did not lower to a Triton call"
+
+
+def test_benchmark_smoke_run(capsys):
+    """benchmarks/bench_kernels.py must keep running unattended: the smoke configuration
+    produces both tables, and our kernels (interpreted here) measure instead of failing."""
+    import runpy
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    bench = runpy.run_path(str(script))
+    assert bench["main"](["--smoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prefill_row = next(line for line in lines if line.startswith("| 64 |"))
+    decode_row = next(line for line in lines if line.startswith("| 2 | 32 |"))
+    for row in (prefill_row, decode_row):
+        ours = row.split("|")[3]  # after the two shape columns
+        assert "/s" in ours, f"our kernel did not run in the benchmark: {row}"
+
+
+def test_backend_drives_opt_model_like_xla(rng):
+    """End to end through models.opt.OPTModel (opt-tiny, layer scan): a prefill of two packed
+    prompts then one decode step give the same logits and caches with either backend."""
+    from models.config import OPTConfig
+    from models.opt import OPTModel
+
+    config = OPTConfig.from_name("opt-tiny")
+    page_size, num_pages, bucket = 4, 10, 24
+    lens = [5, 11]
+    tables = np.array([[3, 7, 0, 0], [9, 1, 5, 2]], np.int32)  # shuffled pages
+    slots = np.full(bucket, num_pages * page_size, np.int32)  # padding writes nowhere
+    start = 0
+    for b, n in enumerate(lens):
+        t = np.arange(n)
+        slots[start:start + n] = tables[b, t // page_size] * page_size + t % page_size
+        start += n
+    prefill_meta = packed_metadata(lens, bucket)
+    prefill_meta = prefill_meta.replace(slot_mapping=jnp.asarray(slots))
+    ids = jnp.asarray(rng.integers(4, config.vocab_size, bucket), jnp.int32)
+    shape = (config.num_hidden_layers, num_pages, page_size, config.num_attention_heads,
+             config.head_dim)
+    cache = (jnp.zeros(shape), jnp.zeros(shape))
+    new = np.array(lens)
+    decode_meta = DecodeMetadata(
+        positions=jnp.asarray(new, jnp.int32),
+        slot_mapping=jnp.asarray(tables[[0, 1], new // page_size] * page_size + new % page_size),
+        block_tables=jnp.asarray(tables), context_lens=jnp.asarray(new + 1, jnp.int32))
+    next_ids = jnp.asarray(rng.integers(4, config.vocab_size, 2), jnp.int32)
+    params = OPTModel(config, XLAAttention(), "prefill").init(
+        jax.random.key(int(rng.integers(1 << 30))), ids, cache, prefill_meta)
+
+    def run(backend):
+        prefill = OPTModel(config, backend, "prefill")
+        decode = OPTModel(config, backend, "decode")
+        first, kv = jax.jit(prefill.apply)(params, ids, cache, prefill_meta)
+        second, kv = jax.jit(decode.apply)(params, next_ids, kv, decode_meta)
+        return first, second, kv
+
+    ours = run(PallasAttention(interpret=True, prefill_block_q=16, prefill_block_k=16,
+                               decode_pages_per_block=2))
+    ref = run(XLAAttention())
+    for name, a, b in zip(("prefill logits", "decode logits"), ours[:2], ref[:2]):
+        assert_close(a, np.asarray(b, np.float64), jnp.float32, f"OPTModel {name}")
+    for a, b in zip(ours[2], ref[2]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
+                                   err_msg=_where("KV cache after prefill + decode"))

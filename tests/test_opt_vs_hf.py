@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _hf_helpers import TINY_HF_CONFIGS, make_hf_opt, save_pytorch_bin, save_safetensors
-from models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
+from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata, XLAAttention
 from models.config import OPTConfig
 from models.opt import OPTModel
 from models.weights import load_hf_params
@@ -46,6 +46,7 @@ class Case:
         self.prompts = [rng.integers(4, self.config.vocab_size, n).tolist() for n in PROMPT_LENS]
         self.prefill = self._jit("prefill")
         self.decode = self._jit("decode")
+        self.chunked = self._jit("chunked")
 
     def _jit(self, mode):
         model = OPTModel(self.config, XLAAttention(), mode)
@@ -173,3 +174,30 @@ def test_prefill_padding_and_batch_neighbours_do_not_leak(case, contiguous_run):
     tokens, meta = prefill_metadata([case.prompts[0]], contiguous_pages())
     alone, _ = case.prefill(case.params, tokens, case.empty_cache(), meta)
     np.testing.assert_allclose(np.asarray(alone)[0], logits[0, 0], rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_mixed_with_a_decode_token_matches_hf(case):
+    """Sarathi-style step: the rest of a partly prefilled prompt plus another sequence's next
+    token, each attending to its own cached context."""
+    long, short = case.prompts[1], case.prompts[0]
+    split, next_token, bucket = 5, 11, 16
+    # The third prompt only keeps the prefill's compiled shapes; rows 0 and 1 continue.
+    tokens, meta = prefill_metadata([long[:split], short, case.prompts[2]], contiguous_pages())
+    pages = contiguous_pages()[:2]
+    _, cache = case.prefill(case.params, tokens, case.empty_cache(), meta)
+
+    rest = long[split:]
+    positions = [*range(split, len(long)), len(short)]
+    token_seq = [0] * len(rest) + [1]
+    slots = [slot(pages[s], p) for s, p in zip(token_seq, positions)]
+    pad = bucket - len(positions)
+    meta = ChunkedMetadata(
+        positions=jnp.array(positions + [0] * pad, jnp.int32),
+        token_seq=jnp.array(token_seq + [-1] * pad, jnp.int32),
+        slot_mapping=jnp.array(slots + [NOWHERE] * pad, jnp.int32),
+        block_tables=jnp.array(pages, jnp.int32),
+        last_token_idx=jnp.array([len(rest) - 1, len(rest)], jnp.int32))
+    chunk = jnp.array(rest + [next_token] + [0] * pad, jnp.int32)
+    logits, _ = case.chunked(case.params, chunk, cache, meta)
+    ref = np.stack([hf_logits(case.hf, long)[-1], hf_logits(case.hf, short + [next_token])[-1]])
+    assert_logits_close(np.asarray(logits), ref)

@@ -150,13 +150,18 @@ def _edited_checkpoint(hf_dirs, tmp_path, edit):
     return tmp_path
 
 
-def test_wrong_shape_names_the_tensor(hf_dirs, config, tmp_path):
+def test_wrong_shape_names_the_tensor_before_reading_any(hf_dirs, config, tmp_path, monkeypatch):
     def truncate(t):
         t["model.decoder.layers.1.fc1.weight"] = t["model.decoder.layers.1.fc1.weight"][:-1].clone()
     path = _edited_checkpoint(hf_dirs, tmp_path, truncate)
+    reads = []
+    original = weights.SafetensorsStore.read
+    monkeypatch.setattr(weights.SafetensorsStore, "read",
+                        lambda self, name, index: reads.append(name) or original(self, name, index))
     with pytest.raises(ValueError, match=r"layers\.1\.fc1\.weight has shape \[191, 96\], "
                                          r"expected \[192, 96\]"):
         load_hf_params(path, config)
+    assert reads == []  # a bad checkpoint fails before loading anything
 
 
 def test_missing_tensor_is_named(hf_dirs, config, tmp_path):

@@ -34,7 +34,7 @@ def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                                  split_first_page + pages_per_split)
     num_blocks = jnp.maximum(split_end_page - split_first_page + pages_per_block - 1, 0
                              ) // pages_per_block
-    q_parts = [q_ref[pl.ds(c0, cs)].astype(jnp.float32) for c0, cs in chunks]  # pre-scaled
+    q_parts = [q_ref[pl.ds(c0, cs)] for c0, cs in chunks]  # float32, pre-scaled
 
     def load_rows(ref, pages, c0, cs):
         return ref[pages, :, pl.ds(c0, cs)].reshape(block_tokens, cs).astype(jnp.float32)
@@ -123,12 +123,13 @@ def paged_decode_attention(q, k_cache, v_cache, layer, block_tables, context_len
     tables = jnp.pad(tables, ((0, 0), (0, pages_per_split * num_splits - max_pages)),
                      constant_values=0)
     flat = lambda c: c.reshape(num_layers * num_pages, page_size, num_kv_heads, head_dim)  # noqa
-    q_scaled = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)
 
     kernel = functools.partial(_decode_kernel, page_size=page_size,
                                pages_per_block=pages_per_block, chunks=chunks)
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda b, h, s: (0, 0, h // group, 0))
+    # Scaled in float32 outside: B*H*D values, and no extra rounding of q in half precision.
+    q_scaled = q.astype(jnp.float32) * head_dim ** -0.5
     inputs = (context_lens.astype(jnp.int32), tables, q_scaled, flat(k_cache), flat(v_cache))
     o_splits, lse = pl.pallas_call(
         kernel,

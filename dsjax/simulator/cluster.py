@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -62,10 +62,15 @@ def poisson_arrivals(num: int, rate: float, seed: int = 0, cv: float = 1.0) -> n
     return np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if num else np.zeros(0)
 
 
+class StopSimulation(Exception):
+    """Raised by a watcher to end a run early (e.g. the SLO target can no longer be met)."""
+
+
 class Cluster:
-    def __init__(self, model: LatencyModel, config: SimConfig):
+    def __init__(self, model: LatencyModel, config: SimConfig,
+                 watcher: Callable[[SimRequest], None] | None = None):
         self.loop = EventLoop()
-        self.model, self.config = model, config
+        self.model, self.config, self.watcher = model, config, watcher
         self.finished: list[SimRequest] = []
         self.pending: deque[tuple[SimRequest, PrefillInstance | None]] = deque()
         self.kv_bytes_per_token = model.kv_bytes_per_token()
@@ -112,6 +117,8 @@ class Cluster:
     def on_finished(self, req: SimRequest) -> None:
         req.done_time = self.loop.now
         self.finished.append(req)
+        if self.watcher is not None:
+            self.watcher(req)
 
     def on_decode_progress(self, inst: DecodeInstance) -> None:
         if self.pending:
@@ -166,7 +173,9 @@ class Cluster:
 
 
 def simulate(model: LatencyModel, reqs: Sequence[HasLengths], rate: float,
-             config: SimConfig = SimConfig(), seed: int = 0, cv: float = 1.0) -> list[SimRequest]:
+             config: SimConfig = SimConfig(), seed: int = 0, cv: float = 1.0,
+             watcher: Callable[[SimRequest], None] | None = None) -> list[SimRequest]:
     """Simulate `reqs` arriving at `rate` req/s (gamma gaps, seeded); returns them in input order
-    with their recorded times (SimRequest.to_result() gives a dsjax.results.RequestResult)."""
-    return Cluster(model, config).run(reqs, poisson_arrivals(len(reqs), rate, seed, cv))
+    with their recorded times (SimRequest.to_result() gives a dsjax.results.RequestResult).
+    `watcher` sees each request as it finishes and may raise StopSimulation."""
+    return Cluster(model, config, watcher).run(reqs, poisson_arrivals(len(reqs), rate, seed, cv))

@@ -17,6 +17,10 @@ class EventLoop:
     def at(self, time: float, fn: Callable[..., Any], *args: Any) -> None:
         heapq.heappush(self._heap, (time, next(self._seq), fn, args))
 
+    def next_time(self) -> float:
+        """When the next pending event fires (inf if none)."""
+        return self._heap[0][0] if self._heap else float("inf")
+
     def run(self) -> None:
         heap = self._heap
         while heap:

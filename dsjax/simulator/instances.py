@@ -149,7 +149,9 @@ class DecodeInstance:
                 self._start_step(lane)
 
     def _fill(self, lane: Lane) -> None:
-        fewest = min(len(l) for l in self.lanes)
+        if not (self.waiting or self.swapped):
+            return
+        fewest = min(len(l.running) for l in self.lanes)
         while len(lane) < self.lane_max and len(lane) <= fewest:
             if self.swapped:
                 req = self.swapped[-1]
@@ -180,18 +182,32 @@ class DecodeInstance:
             lane.busy = False
             return
         lane.busy = True
-        ms = self.spec.pp * self.model.decode_stage_ms(len(lane), lane.sum_ctx, self.spec.tp, self.spec.pp)
-        self.loop.at(self.loop.now + ms * MS, self._end_step, lane)
+        loop, tp, pp, stage_ms = self.loop, self.spec.tp, self.spec.pp, self.model.decode_stage_ms
+        while True:
+            n = len(lane.running)
+            end = loop.now + pp * stage_ms(n, lane.sum_ctx, tp, pp) * MS
+            # Run the step inline when nothing can happen before it ends and it finishes no one,
+            # needs no swap and admits no one: most steps, and the heap never sees them.
+            if end < loop.next_time() and lane.next_finish_step() > lane.step + 1 and \
+                    not (self.waiting or self.swapped) and self.used + 2 * n <= self.capacity:
+                lane.end_step(end)
+                self.used += n
+                loop.now = end
+                continue
+            loop.at(end, self._end_step, lane)
+            return
 
     def _end_step(self, lane: Lane) -> None:
         now = self.loop.now
-        self.used += len(lane)
-        for req in lane.end_step(now):
+        self.used += len(lane.running)
+        finished = lane.end_step(now)
+        for req in finished:
             self.used -= req.context_len
             req.log(now, "decoding_end")
             self.sink.on_finished(req)
         self._start_step(lane)
-        self.sink.on_decode_progress(self)
+        if finished:
+            self.sink.on_decode_progress(self)
 
 
 class ColocatedInstance:

@@ -40,6 +40,10 @@ class Lane:
     def newest(self) -> SimRequest:
         return self.running[next(reversed(self.running))]
 
+    def next_finish_step(self) -> int:
+        """A lower bound on the step at which the next running request completes."""
+        return self._finish[0][0] if self._finish else 1 << 62
+
     def end_step(self, time: float) -> list[SimRequest]:
         """Every running request made one token at `time`; returns those now complete (removed)."""
         self.step += 1

@@ -1,0 +1,187 @@
+"""Command-line flags of `python -m serving` and how they become an EngineConfig.
+
+Engine flags are generated from EngineConfig's fields (`context_tensor_parallel_size` ->
+`--context-tensor-parallel-size`), so they carry DistServe's names and never drift from the
+config. Precedence, lowest first: EngineConfig defaults < launcher defaults < --config FILE <
+flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Sequence
+
+from dsjax.config import DTYPES, MODES, EngineConfig
+
+log = logging.getLogger("serving")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8400            # DistServe's port
+DEFAULT_MAX_QUEUE = 8192       # requests admitted and not finished before answering 503
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_CPU_DEVICES = 2        # virtual CPU devices: one prefill and one decode instance
+
+# What the launcher changes relative to EngineConfig's own defaults.
+LAUNCHER_DEFAULTS = {"log_status": True}
+
+ENGINE_HELP = {
+    "model": "Hugging Face OPT directory, or a size name from configs/opt.toml (dummy weights)",
+    "tokenizer": "tokenizer directory (default: the model's; GPT-2 BPE when it has none)",
+    "dtype": "parameter and KV cache dtype",
+    "load_format": "auto | dummy | safetensors | pt | orbax",
+    "seed": "seed for dummy weights and for requests that carry no seed",
+    "mode": "disaggregated (DistServe), colocated (vLLM-style baseline) or chunked prefill",
+    "num_blocks": "KV blocks per instance, overriding the memory-derived count",
+    "cpu_kv_cache_bytes": "KV cache bytes per instance stage on a CPU-only machine",
+    "swap_space": "GiB of host memory per decode instance for swapped-out KV",
+    "log_status": "print each instance's status line once per second",
+}
+
+# DistServe flags with nothing to configure here: accepted so its scripts run unchanged.
+DISTSERVE_NO_OPS = {"--context-sched-policy": ["fcfs"], "--decoding-sched-policy": ["fcfs"]}
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _scalar_type(annotation) -> type:
+    """int | None -> int; the engine config only holds scalars."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
+    hints = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        kind = _scalar_type(hints[field.name])
+        help_text = ENGINE_HELP.get(field.name, "")
+        default = LAUNCHER_DEFAULTS.get(field.name, field.default)
+        help_text = f"{help_text} (default: {default})".strip()
+        if kind is bool:
+            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+            continue
+        choices = {"mode": MODES, "dtype": DTYPES}.get(field.name)
+        group.add_argument(_flag(field.name), type=kind, default=None, choices=choices,
+                           help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Serve an OPT model over HTTP: DistServe's POST /generate and the "
+                    "OpenAI-compatible POST /v1/completions (see docs/serving.md). With no "
+                    "argument: dummy-weight opt-125m, one prefill and one decode instance.")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default=DEFAULT_HOST)
+    server.add_argument("--port", type=int, default=DEFAULT_PORT)
+    server.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             "(default: $DSJAX_API_KEY, else no key)")
+    server.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="requests admitted and not finished before new ones get 503")
+    server.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body accepted (413 above)")
+    server.add_argument("--skip-warmup", action="store_true",
+                        help="do not send one tiny request through the engine before serving")
+    server.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML file of engine settings (keys = EngineConfig field names, "
+                             "e.g. the placement search's output); flags given here override it")
+    engine = p.add_argument_group("engine (DistServe's flag names)")
+    _add_engine_flags(engine)
+    engine.add_argument("--use-dummy-weights", action="store_true",
+                        help="random weights; the same as --load-format dummy")
+    engine.add_argument("--trust-remote-code", action="store_true", help="accepted; no effect")
+    for flag, choices in DISTSERVE_NO_OPS.items():
+        engine.add_argument(flag, choices=choices, default=choices[0],
+                            help="accepted for DistServe's scripts; FCFS is the only policy")
+    return p
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    """Engine settings given on the command line (flags left at None were not given)."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.use_dummy_weights:
+        if given.get("load_format", "dummy") != "dummy":
+            raise ValueError(f"--use-dummy-weights contradicts --load-format "
+                             f"{given['load_format']}: give only one of them")
+        given["load_format"] = "dummy"
+    return given
+
+
+def _read_config_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    settings = dict(LAUNCHER_DEFAULTS)
+    if args.config:
+        settings.update(_read_config_file(args.config))
+    settings.update(_flag_overrides(args))
+    if "load_format" not in settings and not Path(settings.get("model", "opt-125m")).is_dir():
+        # A size name has no checkpoint to read: serve random weights instead of failing.
+        log.info("model %r is not a directory: using dummy weights",
+                 settings.get("model", EngineConfig.model))
+        settings["load_format"] = "dummy"
+    return EngineConfig.from_dict(settings)
+
+
+def devices_needed(config: EngineConfig) -> int:
+    """Devices the placement of `config` occupies (prefill instances first, then decode)."""
+    prefill = config.num_prefill_instances * (config.context_tensor_parallel_size *
+                                              config.context_pipeline_parallel_size)
+    if config.mode != "disaggregated":
+        return config.context_tensor_parallel_size * config.context_pipeline_parallel_size
+    return prefill + config.num_decode_instances * (config.decoding_tensor_parallel_size *
+                                                    config.decoding_pipeline_parallel_size)
+
+
+def xla_flags_with_cpu_devices(existing: str, count: int) -> str:
+    """XLA_FLAGS asking for `count` virtual CPU devices, unless the user already chose a count.
+
+    The flag only shapes the host (CPU) platform, so it is harmless where accelerators exist.
+    """
+    if re.search(r"--xla_force_host_platform_device_count=", existing):
+        return existing
+    return f"{existing} --xla_force_host_platform_device_count={count}".strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    host: str
+    port: int
+    api_key: str | None
+    max_queue: int
+    max_body_bytes: int
+    warmup: bool
+
+
+def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_body_bytes < 1024:
+        raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    return ServerOptions(args.host, args.port, args.api_key or None, args.max_queue,
+                         args.max_body_bytes, not args.skip_warmup)
+
+
+def parse_launcher_args(argv: Sequence[str] | None = None
+                        ) -> tuple[EngineConfig, ServerOptions]:
+    """Flags -> (engine config, server options); a bad setting exits with argparse's usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return engine_config_from_args(args), server_options_from_args(args)
+    except (ValueError, TypeError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
+        parser.error(str(e))

@@ -1,0 +1,46 @@
+"""Shared engine fixtures: tiny dummy OPT engines, built once per placement per session."""
+from __future__ import annotations
+
+import time
+
+from dsjax.config import EngineConfig
+from dsjax.engine import Engine
+
+TINY = dict(model="opt-tiny", load_format="dummy", dtype="float32", block_size=4,
+            num_blocks=96, context_max_tokens_per_batch=256, max_num_blocks_per_req=64)
+
+_ENGINES: dict[tuple, Engine] = {}
+
+
+def get_engine(**overrides) -> Engine:
+    """A running engine for these settings, shared across tests (compiles are the slow part)."""
+    key = tuple(sorted(overrides.items()))
+    if key not in _ENGINES:
+        _ENGINES[key] = Engine(EngineConfig(**{**TINY, **overrides}))
+    return _ENGINES[key]
+
+
+def shutdown_all() -> None:
+    for engine in _ENGINES.values():
+        engine.shutdown()
+    _ENGINES.clear()
+
+
+def wait_idle(engine: Engine, timeout: float = 60.0) -> None:
+    """Wait until no request is left and assert every block of every instance is free."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not engine.has_unfinished() and not any(engine.blocks_in_use().values()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: blocks in use {engine.blocks_in_use()}, "
+                         f"stats {engine.stats()}")
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,144 @@
+"""Schedulers and block bookkeeping: pure Python, no JAX."""
+import pytest
+
+from dsjax.block_manager import BlockAllocator, BlockManager, OutOfBlocks
+from dsjax.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
+
+
+class FakeRequest:
+    def __init__(self, rid, prompt_len, generated=0):
+        self.request_id = rid
+        self.prompt_len = prompt_len
+        self.output_token_ids = [0] * generated
+        self.num_computed = 0
+
+    @property
+    def num_tokens(self):
+        return self.prompt_len + len(self.output_token_ids)
+
+    def __repr__(self):
+        return self.request_id
+
+
+def test_allocator_reuses_and_rejects_double_free():
+    a = BlockAllocator(4)
+    blocks = a.allocate(3)
+    assert len(set(blocks)) == 3 and a.num_free == 1
+    with pytest.raises(OutOfBlocks):
+        a.allocate(2)
+    a.free(blocks[:1])
+    with pytest.raises(ValueError, match="freed twice"):
+        a.free(blocks[:1])
+    assert a.num_used == 2
+
+
+def test_block_manager_grow_is_all_or_nothing():
+    bm = BlockManager(3, block_size=4)
+    bm.allocate("a", 8)                 # 2 blocks
+    assert bm.grow("a", 9) and len(bm.tables["a"]) == 3
+    assert not bm.grow("a", 13)         # would need a 4th block: nothing allocated
+    assert len(bm.tables["a"]) == 3 and bm.num_free == 0
+    assert bm.free("a") and bm.num_free == 3
+
+
+def test_prefill_batch_limits_and_fcfs():
+    bm = BlockManager(100, block_size=4)
+    s = PrefillScheduler(BatchLimits(max_batch_size=2, max_tokens_per_batch=20), bm)
+    reqs = [FakeRequest(f"r{i}", n) for i, n in enumerate([8, 8, 8, 30])]
+    for r in reqs:
+        s.add(r)
+    assert s.schedule() == reqs[:2]            # batch size limit
+    assert s.schedule() == [reqs[2]]           # 8 + 30 > 20 tokens: r3 waits its turn
+    assert s.schedule() == [reqs[3]]           # alone it may exceed... only when first
+    assert bm.num_used == 2 + 2 + 2 + 8
+
+
+def test_prefill_back_pressure_from_unpulled_requests():
+    bm = BlockManager(4, block_size=4)
+    s = PrefillScheduler(BatchLimits(8, 100), bm)
+    a, b = FakeRequest("a", 12), FakeRequest("b", 8)
+    s.add(a)
+    s.add(b)
+    assert s.schedule() == [a]                 # b's 2 blocks do not fit beside a's 3
+    assert s.schedule() == []                  # a still holds its blocks (not pulled yet)
+    bm.free("a")                               # decode pulled a
+    assert s.schedule() == [b]
+
+
+def test_decode_admits_fcfs_and_grows_blocks():
+    bm = BlockManager(10, block_size=4)
+    s = DecodeScheduler(BatchLimits(max_batch_size=2, max_tokens_per_batch=1000), bm)
+    reqs = [FakeRequest(f"r{i}", 4, generated=1) for i in range(3)]
+    for r in reqs:
+        bm.allocate(r.request_id, r.prompt_len)
+        s.add_waiting(r)
+    step = s.schedule()
+    assert step.batch == reqs[:2] and not step.swap_out
+    # position 4 (the 5th token) needs a second block for each running request
+    assert [len(bm.tables[r.request_id]) for r in reqs] == [2, 2, 1]
+
+
+def test_decode_swaps_newest_and_restores_oldest_first():
+    bm = BlockManager(4, block_size=4, num_host_blocks=8)
+    s = DecodeScheduler(BatchLimits(8, 1000), bm)
+    reqs = [FakeRequest(f"r{i}", 4, generated=0) for i in range(4)]
+    for r in reqs:
+        bm.allocate(r.request_id, 4)
+        s.add_waiting(r)
+    step = s.schedule()                        # 4 running, every block used
+    assert step.batch == reqs and not step.swap_out
+    for r in reqs:
+        r.output_token_ids.append(1)           # each now needs a 2nd block
+    step = s.schedule()
+    assert step.swap_out == [reqs[3], reqs[2]]  # newest leave first
+    assert step.batch == reqs[:2]
+    assert list(s.swapped) == [reqs[2], reqs[3]]  # oldest comes back first
+    assert not s.can_pull(4)                   # no new work while requests are swapped
+    s.finish(reqs[0])
+    step = s.schedule()
+    assert step.swap_in == [reqs[2]] and step.batch == [reqs[1], reqs[2]]
+    assert "r3" in bm.host_tables and "r3" not in bm.tables
+
+
+def test_decode_pull_respects_waiting_share_and_reserve():
+    bm = BlockManager(40, block_size=4)
+    s = DecodeScheduler(BatchLimits(1, 1000), bm)
+    assert s.can_pull(8)
+    first = FakeRequest("a", 8)
+    bm.allocate("a", 8)
+    s.add_waiting(first)
+    # waiting queue holds 2 blocks = 5% of 40: pull no more until it drains
+    assert not s.can_pull(8)
+    s.schedule()                               # a is admitted
+    assert s.can_pull(8)
+
+
+def test_swap_out_without_host_space_is_a_clear_error():
+    bm = BlockManager(2, block_size=4, num_host_blocks=0)
+    s = DecodeScheduler(BatchLimits(8, 1000), bm)
+    a, b = FakeRequest("a", 4, 1), FakeRequest("b", 4, 1)
+    for r in (a, b):
+        bm.allocate(r.request_id, 4)
+        s.add_waiting(r)
+    with pytest.raises(RuntimeError, match="swap"):
+        s.schedule()
+
+
+def test_chunked_budget_decodes_first_then_chunks():
+    bm = BlockManager(50, block_size=4)
+    s = ChunkedScheduler(BatchLimits(max_batch_size=8, max_tokens_per_batch=10), bm)
+    running = FakeRequest("d", 4, generated=1)
+    bm.allocate("d", 4)
+    s.decode.add_waiting(running)
+    long = FakeRequest("p", 20)
+    s.add(long)
+    step = s.schedule()
+    assert step.decodes == [running]
+    assert step.chunks == [(long, 0, 9)]       # 10 - 1 decode token
+    assert not s.chunk_done(long, 9)
+    step = s.schedule()
+    assert step.chunks == [(long, 9, 9)]
+    assert not s.chunk_done(long, 9)
+    step = s.schedule()
+    assert step.chunks == [(long, 18, 2)]
+    assert s.chunk_done(long, 2) and long in s.decode.running

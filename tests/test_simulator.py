@@ -1,0 +1,234 @@
+"""Simulator and latency-model tests on hand-checkable cases."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dsjax.datasets import Dataset, TestRequest, save_dataset
+from dsjax.profiles import (LatencyModel, StepCoeffs, fit_decode, fit_prefill, load_profile,
+                            save_profile)
+from dsjax.results import load_exp
+from dsjax.simulator import Cluster, InstanceSpec, SimConfig, poisson_arrivals, simulate
+from dsjax.simulator.__main__ import main as simulator_main
+
+# Round numbers so every time below can be worked out by hand (ms).
+PREFILL = (10.0, 0.1, 0.0)        # 10 + 0.1 * tokens
+DECODE = (5.0, 0.01, 1.0)         # 5 + 0.01 * context + 1 * batch
+KV_BYTES = 2 * 40 * 5120 * 2      # OPT-13B, FP16: 819,200 bytes per token
+
+
+def toy_model(capacity: int = 100_000, pp_capacity: dict | None = None) -> LatencyModel:
+    kv = {(1, 1): capacity, **(pp_capacity or {})}
+    return LatencyModel("opt-13b", {1: StepCoeffs(PREFILL, DECODE, DECODE)}, kv)
+
+
+def run(model, reqs, arrivals, **config):
+    return Cluster(model, SimConfig(**config)).run(reqs, arrivals)
+
+
+def req(prompt, output):
+    return TestRequest("", prompt, output)
+
+
+def decode_ms(contexts):
+    return DECODE[0] + DECODE[1] * sum(contexts) + DECODE[2] * len(contexts)
+
+
+# ---------------------------------------------------------------- latency model
+
+def test_a100_profile_matches_distserve_coefficients():
+    m = load_profile(None, "opt-13b")
+    assert m.coeffs(1).prefill[0] == pytest.approx(18.10, abs=0.01)
+    # prefill ms = a + b*sum(len) + c*sum(len^2)
+    a, b, c = m.coeffs(1).prefill
+    assert m.prefill_ms([100, 200], tp=1) == pytest.approx(a + 300 * b + 50_000 * c)
+    # decode switches to the large-batch coefficients at the threshold (95)
+    small, large = m.coeffs(1).decode_small, m.coeffs(1).decode_large
+    assert m.decode_ms([10] * 94, tp=1) == pytest.approx(small[0] + 940 * small[1] + 94 * small[2])
+    assert m.decode_ms([10] * 95, tp=1) == pytest.approx(large[0] + 950 * large[1] + 95 * large[2])
+
+
+def test_pipeline_divides_stage_time_and_charges_prefill_handoff():
+    m = toy_model()
+    assert m.prefill_ms([100], tp=1, pp=2) == pytest.approx(20.0 / 2 + 1.0)
+    assert m.decode_ms([100], tp=1, pp=2) == pytest.approx(decode_ms([100]) / 2)
+
+
+def test_missing_tp_is_interpolated_between_measured_degrees():
+    m = load_profile(None, "opt-66b")           # measured: TP 2, 3, 4, 8
+    for field in ("prefill", "decode_small"):
+        at = {tp: getattr(m.coeffs(tp), field) for tp in (4, 6, 8)}
+        for j in range(3):   # every coefficient sits between its neighbours' values
+            lo, hi = sorted((at[4][j], at[8][j]))
+            assert lo <= at[6][j] <= hi
+    one = load_profile(None, "opt-66b").coeffs(1)
+    assert one.prefill[1] > m.coeffs(2).prefill[1]  # one GPU is slower per token than two
+
+
+def test_kv_capacity_from_csv_else_memory_left_after_weights():
+    m = load_profile(None, "opt-13b")
+    assert m.kv_capacity_tokens(2, 1) == 163008                     # max_num_tokens.csv
+    m66 = load_profile(None, "opt-66b")
+    assert m66.kv_capacity_tokens(1, 1) == 0                         # 132 GB of weights on 80 GB
+    params = m.config.num_params()
+    expected = (3 * 80e9 - 2 * params) // KV_BYTES                   # TP 3 is not in the CSV
+    assert m.kv_capacity_tokens(3, 1) == expected
+
+
+def test_unknown_model_names_the_covered_ones(tmp_path):
+    with pytest.raises(ValueError, match="opt-13b"):
+        load_profile(None, "opt-175b")
+
+
+def test_fits_recover_coefficients_and_save_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = [list(rng.integers(1, 1000, size=rng.integers(1, 8))) for _ in range(40)]
+    ms = [3.0 + 0.05 * sum(b) + 2e-5 * sum(x * x for x in b) for b in batches]
+    assert fit_prefill(batches, ms) == pytest.approx((3.0, 0.05, 2e-5), rel=1e-6)
+    dbatches = [list(rng.integers(1, 2000, size=n)) for n in list(range(1, 60)) + list(range(100, 160))]
+    dms = [(7.0 if len(b) < 95 else 9.0) + 1e-3 * sum(b) + 0.2 * len(b) for b in dbatches]
+    small, large = fit_decode(dbatches, dms)
+    assert small == pytest.approx((7.0, 1e-3, 0.2), rel=1e-6)
+    assert large == pytest.approx((9.0, 1e-3, 0.2), rel=1e-6)
+
+    path = tmp_path / "prof.json"
+    save_profile(path, "opt-13b", {1: StepCoeffs((3.0, 0.05, 2e-5), small, large)},
+                 kv_capacity={(1, 1): 1234}, hardware={"gpu": "cpu", "gpu_memory_bytes": 1e9})
+    raw = json.loads(path.read_text())
+    assert raw["facebook/opt-13b"]["1"]["prefill"] == [3.0, 0.05, 2e-5]   # DistServe's keys
+    back = load_profile(path, "opt-13b", kv_csv=tmp_path / "none.csv")
+    assert back.kv_capacity_tokens(1, 1) == 1234
+    assert back.gpu_memory_bytes == 1e9
+
+
+# ---------------------------------------------------------------- disaggregated cluster
+
+def test_one_request_token_times_by_hand():
+    bw = 1e12
+    [r] = run(toy_model(), [req(100, 3)], [0.0], kv_link_bytes_per_s=bw)
+    first = (10 + 0.1 * 100) / 1e3
+    migrated = first + 100 * KV_BYTES / bw
+    second = migrated + decode_ms([101]) / 1e3
+    third = second + decode_ms([102]) / 1e3
+    assert r.token_timestamps() == pytest.approx([first, second, third])
+    result = r.to_result()
+    assert result.ftl == pytest.approx(first)
+    assert result.tpot == pytest.approx((third - first) / 2)
+    events = [e["event_type"] for e in result.lifecycle_events]
+    assert events == ["issued", "context_begin", "context_end", "migration_begin", "migration_end",
+                      "decoding_begin", "decoding_end"]
+
+
+def test_two_requests_queue_behind_a_running_batch():
+    # The first prompt starts alone at 0 (20 ms); the next two queue behind it.
+    reqs, arrivals = [req(100, 1), req(100, 1), req(300, 1)], [0.0, 0.001, 0.002]
+    batched = run(toy_model(), reqs, arrivals)
+    assert [r.first_token_time for r in batched] == pytest.approx([0.020, 0.070, 0.070])
+    one_at_a_time = run(toy_model(), reqs, arrivals, prefill_max_batch=1)
+    assert [r.first_token_time for r in one_at_a_time] == pytest.approx([0.020, 0.040, 0.080])
+    token_capped = run(toy_model(), reqs, arrivals, prefill_max_tokens=350)
+    assert [r.first_token_time for r in token_capped] == pytest.approx([0.020, 0.040, 0.080])
+
+
+def test_migration_time_is_kv_bytes_over_link_bandwidth():
+    reqs = [req(1000, 2)]
+    fast = run(toy_model(), reqs, [0.0], kv_link_bytes_per_s=1e15)[0]
+    slow = run(toy_model(), reqs, [0.0], kv_link_bytes_per_s=1e9)[0]
+    delay = 1000 * KV_BYTES * (1 / 1e9 - 1 / 1e15)
+    assert slow.last_token_time() - fast.last_token_time() == pytest.approx(delay, rel=1e-6)
+    assert slow.first_token_time == fast.first_token_time   # TTFT does not wait for the transfer
+
+
+def test_prefill_back_pressure_holds_kv_until_decode_pulls():
+    # Prefill KV fits one prompt: the second prompt waits until the first is migrated away.
+    model = toy_model(capacity=100_000, pp_capacity={(2, 1): 150})
+    model.measured[2] = model.measured[1]
+    bw = 100 * KV_BYTES / 0.5     # each transfer takes 0.5 s
+    out = run(model, [req(100, 2), req(100, 2)], [0.0, 0.0], prefill=InstanceSpec(2, 1),
+              kv_link_bytes_per_s=bw)
+    assert out[0].first_token_time == pytest.approx(0.020)
+    assert out[1].first_token_time == pytest.approx(0.020 + 0.5 + 0.020)
+
+
+def test_swap_out_when_decode_kv_runs_out():
+    # 250 KV tokens: two 100-token prompts fit, but not both growing 40 tokens more.
+    model = toy_model(capacity=250)
+    out = run(model, [req(100, 41), req(100, 41)], [0.0, 0.001], kv_link_bytes_per_s=1e15)
+    swapped = [r for r in out if any(e == "swap_out" for _, e in r.events)]
+    assert [r.rid for r in swapped] == [1]                       # the newest goes
+    for r in out:
+        assert len(r.token_timestamps()) == r.output_len          # every token still produced
+    # The swapped request resumes only after the first one finishes and frees its KV.
+    resumed = [t for t in out[1].token_timestamps() if t > out[0].last_token_time()]
+    assert resumed and len(resumed) < out[1].output_len - 1
+
+
+def test_decode_pipeline_lanes_step_with_full_pipeline_latency():
+    model = toy_model(pp_capacity={(1, 2): 100_000})
+    [r] = run(model, [req(100, 2)], [0.0], decode=InstanceSpec(1, 2), kv_link_bytes_per_s=1e18)
+    assert r.last_token_time() - r.first_token_time == pytest.approx(decode_ms([101]) / 1e3)
+
+
+def test_unservable_prompt_names_the_instance():
+    with pytest.raises(ValueError, match="KV capacity"):
+        run(toy_model(capacity=50), [req(100, 2)], [0.0])
+
+
+# ---------------------------------------------------------------- colocated and chunked
+
+def test_colocated_runs_prefill_then_decodes():
+    [r] = run(toy_model(), [req(100, 3)], [0.0], mode="colocated")
+    first = 0.020
+    assert r.token_timestamps() == pytest.approx(
+        [first, first + decode_ms([101]) / 1e3, first + (decode_ms([101]) + decode_ms([102])) / 1e3])
+
+
+def test_colocated_prefill_preempts_running_decodes():
+    out = run(toy_model(), [req(100, 50), req(100, 2)], [0.0, 0.1], mode="colocated")
+    stamps = out[0].token_timestamps()
+    gaps = np.diff(stamps)
+    # Request 0 makes no token while request 1's 20 ms prefill runs: that prefill ends inside
+    # request 0's longest gap, which is at least 20 ms longer than a lone decode step.
+    i = int(np.argmax(gaps))
+    assert stamps[i] < out[1].first_token_time < stamps[i + 1]
+    assert gaps[i] >= gaps.min() + 0.020
+
+
+def test_chunked_prefill_splits_a_long_prompt_by_the_token_budget():
+    [r] = run(toy_model(), [req(1000, 2)], [0.0], mode="chunked", chunk_size=512)
+    # Chunks of 512 and 488 tokens: 10 + 51.2 ms, then 10 + 48.8 ms.
+    assert r.first_token_time == pytest.approx(0.0612 + 0.0588)
+
+
+# ---------------------------------------------------------------- arrivals, determinism, CLI
+
+def test_poisson_arrivals_have_the_requested_rate_and_are_seeded():
+    a = poisson_arrivals(20_000, rate=4.0, seed=3)
+    assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+    assert np.mean(np.diff(a)) == pytest.approx(0.25, rel=0.03)
+    assert np.array_equal(a, poisson_arrivals(20_000, 4.0, seed=3))
+    bursty = np.diff(poisson_arrivals(20_000, 4.0, seed=3, cv=2.0))
+    assert np.std(bursty) / np.mean(bursty) == pytest.approx(2.0, rel=0.1)
+
+
+def test_simulation_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(0)
+    reqs = [req(int(p), int(o)) for p, o in zip(rng.integers(4, 1500, 200), rng.integers(2, 300, 200))]
+    model = load_profile(None, "opt-13b")
+    cfg = SimConfig(prefill=InstanceSpec(2, 1), num_decode=2)
+    stamps = lambda seed: [r.token_timestamps() for r in simulate(model, reqs, 6.0, cfg, seed=seed)]
+    assert stamps(1) == stamps(1)
+    assert stamps(1) != stamps(2)
+
+
+def test_cli_writes_an_exp_file(tmp_path, capsys):
+    data = tmp_path / "tiny.json"
+    save_dataset(Dataset("tiny", [req(50 + 10 * i, 5 + i) for i in range(20)]), data)
+    exp = tmp_path / "distserve-20-2.exp"
+    assert simulator_main(["--dataset", str(data), "--rate", "2", "--num-prompts", "20",
+                           "--ttft-slo", "1", "--tpot-slo", "1", "--exp-out", str(exp)]) == 0
+    results = load_exp(exp)
+    assert len(results) == 20
+    assert all(len(r.token_timestamps) == r.output_len for r in results)
+    assert "SLO attainment: both 100.0%" in capsys.readouterr().out
