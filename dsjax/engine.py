@@ -36,6 +36,7 @@ from models.config import OPTConfig
 from models.weights import load_params
 
 log = logging.getLogger("dsjax")
+GPT2_VOCAB_SIZE = 50257
 
 
 class EngineError(RuntimeError):
@@ -119,7 +120,9 @@ class Engine:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.model_config, model_dir = resolve_model(config.model, config.load_format)
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback="gpt2")
+        # GPT-2's BPE is OPT's up to id numbering; it only fits a vocabulary of OPT's size.
+        fallback = "gpt2" if self.model_config.vocab_size >= GPT2_VOCAB_SIZE else None
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback=fallback)
         self.dtype = jnp.dtype(resolve_dtype(config.dtype, devices))
         self.lock = threading.RLock()
         self.requests: dict[str, Request] = {}

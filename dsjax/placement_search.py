@@ -109,16 +109,18 @@ def max_rate(passes: Callable[[float], bool], start: float, floor: float = 0.0,
         if not passes(floor):
             return None
         lo, hi = floor, None
+    elif passes(start):
+        lo, hi = start, None
+    elif not passes(MIN_RATE):
+        return 0.0        # fails even unloaded: two simulations, not a dozen halvings
     else:
-        lo, hi = 0.0, None
-        rate = start
-        while rate >= MIN_RATE:
+        lo, hi = MIN_RATE, start
+        rate = start / 2
+        while rate > MIN_RATE:
             if passes(rate):
                 lo = rate
                 break
             hi, rate = rate, rate / 2
-        if lo == 0.0:
-            return 0.0
     while hi is None:   # bracket upwards
         rate = min(lo * 2, ceiling)
         if rate <= lo:

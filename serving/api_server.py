@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ CLIENT = web.AppKey("client", EngineClient)
 METRICS = web.AppKey("metrics", ServerMetrics)
 API_KEY = web.AppKey("api_key", object)
 MODEL_NAMES = web.AppKey("model_names", list)
+STARTED = web.AppKey("started", int)
 
 GENERATE_FIELDS = {"prompt", "stream"} | SAMPLING_FIELD_NAMES
 UNAUTHENTICATED_PATHS = {"/health"}
@@ -100,7 +102,8 @@ async def health(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [
-        {"id": request.app[MODEL_NAMES][0], "object": "model", "owned_by": "dsjax"}]})
+        {"id": request.app[MODEL_NAMES][0], "object": "model", "owned_by": "dsjax",
+         "created": request.app[STARTED]}]})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -205,6 +208,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 8192,
     app[CLIENT] = EngineClient(engine, max_queue, app[METRICS])
     app[API_KEY] = api_key
     app[MODEL_NAMES] = served_model_names(engine)
+    app[STARTED] = int(time.time())
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", openai_api.completions_handler(
         app[CLIENT], app[MODEL_NAMES], getattr(engine, "tokenizer", None)))

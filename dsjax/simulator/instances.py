@@ -182,20 +182,33 @@ class DecodeInstance:
             lane.busy = False
             return
         lane.busy = True
-        loop, tp, pp, stage_ms = self.loop, self.spec.tp, self.spec.pp, self.model.decode_stage_ms
-        while True:
-            n = len(lane.running)
-            end = loop.now + pp * stage_ms(n, lane.sum_ctx, tp, pp) * MS
-            # Run the step inline when nothing can happen before it ends and it finishes no one,
-            # needs no swap and admits no one: most steps, and the heap never sees them.
-            if end < loop.next_time() and lane.next_finish_step() > lane.step + 1 and \
-                    not (self.waiting or self.swapped) and self.used + 2 * n <= self.capacity:
-                lane.end_step(end)
-                self.used += n
-                loop.now = end
-                continue
-            loop.at(end, self._end_step, lane)
-            return
+        loop = self.loop
+        n = len(lane.running)
+        co = self.model.coeffs(self.spec.tp)
+        # A micro-batch passes pp stages of T/pp each: its step takes the whole T.
+        a, b, c = co.decode_small if n < co.bs_threshold else co.decode_large
+        a, b, c = a * MS, b * MS, c * MS
+        # Steps that finish no one, need no swap and admit no one, ending before any other event,
+        # run right here: most steps, and the heap never sees them.
+        if self.waiting or self.swapped:
+            inline = 0
+        else:
+            inline = min(lane.next_finish_step() - lane.step - 1, (self.capacity - self.used) // n - 1)
+        horizon = loop.next_time()
+        now, ctx, times, k = loop.now, lane.sum_ctx, lane.step_times, 0
+        end = now + a + b * ctx + c * n
+        while k < inline and end < horizon:
+            times.append(end)
+            ctx += n
+            k += 1
+            now = end
+            end = now + a + b * ctx + c * n
+        if k:
+            lane.step += k
+            lane.sum_ctx = ctx
+            self.used += k * n
+            loop.now = now
+        loop.at(end, self._end_step, lane)
 
     def _end_step(self, lane: Lane) -> None:
         now = self.loop.now

@@ -1,0 +1,159 @@
+"""Placement search: rate bisection, replication, and the artifact's OPT-13B / paper's OPT-66B cases."""
+import re
+import tomllib
+
+import numpy as np
+import pytest
+
+from dsjax.datasets import Dataset, TestRequest, save_dataset
+from dsjax.placement import main as placement_main
+from dsjax.placement_search import (REL_TOLERANCE, SLO, Candidate, _pick_pairs, _unit_copies,
+                                    max_rate, search_placement)
+from dsjax.profiles import load_profile
+from dsjax.simulator import InstanceSpec
+
+# Every 5th percentile of prompt and output lengths of the prepared ShareGPT set (12,088 requests,
+# means 767 / 199): sampling between them gives ShareGPT-like lengths without preparing ShareGPT.
+SHAREGPT_PROMPT_PCTS = [1, 24, 90, 185, 263, 331, 394, 466, 537, 613, 695, 777, 858, 955, 1054,
+                        1158, 1277, 1406, 1555, 1731, 2029]
+SHAREGPT_OUTPUT_PCTS = [1, 5, 9, 11, 14, 18, 23, 29, 40, 60, 92, 133, 183, 229, 275, 317, 363,
+                        427, 520, 701, 1776]
+
+
+def sharegpt_like(num: int, seed: int = 0) -> list[TestRequest]:
+    rng, q, out = np.random.default_rng(seed), np.linspace(0, 1, 21), []
+    while len(out) < num:
+        p = int(np.interp(rng.random(), q, SHAREGPT_PROMPT_PCTS))
+        o = int(np.interp(rng.random(), q, SHAREGPT_OUTPUT_PCTS))
+        if p >= 4 and o >= 2 and p + o < 2048:
+            out.append(TestRequest("", p, o))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharegpt_reqs():
+    return sharegpt_like(300)
+
+
+@pytest.fixture(scope="module")
+def opt13b_low_affinity(sharegpt_reqs):
+    return search_placement(load_profile(None, "opt-13b"), sharegpt_reqs, SLO(0.2, 0.1, 0.9),
+                            num_nodes=1, gpus_per_node=4, affinity="low", progress=False)
+
+
+# ---------------------------------------------------------------- rate search
+
+def test_max_rate_finds_the_threshold_within_tolerance():
+    calls = []
+    passes = lambda r: calls.append(r) or r <= 3.7
+    found = max_rate(passes, start=1.0)
+    assert 3.7 / (1 + REL_TOLERANCE) <= found <= 3.7
+    assert len(calls) < 15
+    assert max_rate(lambda r: r <= 0.3, start=8.0) == pytest.approx(0.3, rel=REL_TOLERANCE)
+
+
+def test_max_rate_prunes_below_the_floor_and_reports_zero_when_hopeless():
+    assert max_rate(lambda r: r <= 3.7, start=1.0, floor=4.0) is None
+    assert max_rate(lambda r: False, start=1.0) == 0.0
+    assert max_rate(lambda r: True, start=1.0, ceiling=20.0) == 20.0
+
+
+# ---------------------------------------------------------------- replication
+
+def _cand(role, tp, pp, goodput):
+    spec = InstanceSpec(tp, pp)
+    return Candidate(role, spec if role == "prefill" else None, spec if role == "decode" else None,
+                     tp * pp, goodput)
+
+
+def test_rate_sets_instance_counts_as_algorithm_1():
+    prefills = [_cand("prefill", 2, 1, 5.0), _cand("prefill", 1, 1, 1.0)]
+    decodes = [_cand("decode", 1, 1, 7.0)]
+    [(p, d, n, m)] = _pick_pairs(prefills, decodes, total_gpus=32, rate=12.0, keep=3)
+    assert (p.prefill.tp, n, m) == (2, 3, 2)         # ceil(12/5), ceil(12/7)
+    with pytest.raises(ValueError, match="more than the cluster"):
+        _pick_pairs(prefills, decodes, total_gpus=4, rate=12.0, keep=3)
+
+
+def test_without_rate_the_unit_balances_phases_inside_the_cluster():
+    prefills = [_cand("prefill", 4, 1, 20.0)]       # 5 req/s per GPU, but 4 GPUs
+    decodes = [_cand("decode", 1, 1, 7.0)]
+    [(p, d, n, m), *_] = _pick_pairs(prefills, decodes, total_gpus=8, rate=None, keep=3)
+    assert (n, m) == (1, 3)                          # min(20, 21) on 7 GPUs beats min(20, 28) on 8
+
+
+def test_low_affinity_units_fill_whole_nodes():
+    unit = Candidate("pair", InstanceSpec(2, 2), InstanceSpec(1, 2), 6, 3.0, nodes=2)
+    assert _unit_copies(unit, num_nodes=4, gpus_per_node=8, rate=None) == 2 * 2   # 3 GPUs per node
+    assert _unit_copies(unit, num_nodes=4, gpus_per_node=8, rate=7.0) == 3
+    with pytest.raises(ValueError, match="add nodes"):
+        _unit_copies(unit, num_nodes=4, gpus_per_node=8, rate=100.0)
+
+
+# ---------------------------------------------------------------- the artifact's cases
+
+def test_opt13b_sharegpt_one_node_of_four_matches_the_artifact(opt13b_low_affinity):
+    # DistServe's simulator README: prefill TP 2, decode TP 1, 1.56 req/s per GPU. Ours lands at
+    # about 2.0 (docs/placement.md says why); the chosen placement is the same.
+    p = opt13b_low_affinity
+    assert (p.prefill, p.decode, p.num_prefill, p.num_decode) == \
+        (InstanceSpec(2, 1), InstanceSpec(1, 1), 1, 1)
+    assert 1.4 <= p.per_gpu <= 2.6
+
+
+def test_high_affinity_search_agrees_on_opt13b(sharegpt_reqs, opt13b_low_affinity):
+    p = search_placement(load_profile(None, "opt-13b"), sharegpt_reqs, SLO(0.2, 0.1, 0.9),
+                         num_nodes=1, gpus_per_node=4, affinity="high", progress=False)
+    assert (p.prefill, p.decode) == (InstanceSpec(2, 1), InstanceSpec(1, 1))
+    assert p.per_gpu == pytest.approx(opt13b_low_affinity.per_gpu, rel=0.1)
+
+
+def test_opt66b_prefill_takes_tp4_like_the_paper(sharegpt_reqs):
+    p = search_placement(load_profile(None, "opt-66b"), sharegpt_reqs, SLO(0.4, 0.1, 0.9),
+                         num_nodes=1, gpus_per_node=8, affinity="high", progress=False)
+    assert p.prefill == InstanceSpec(4, 1)
+    assert p.num_gpus <= 8
+    rejected = [c for c in p.candidates if c.note]
+    assert any(c.prefill == InstanceSpec(1, 1) for c in rejected)   # 132 GB of weights on one GPU
+
+
+def test_colocated_baseline_on_one_gpu_has_lower_goodput_per_gpu(sharegpt_reqs, opt13b_low_affinity):
+    # The paper's vLLM baseline serves OPT-13B at TP 1: prefill interference costs it goodput.
+    p = search_placement(load_profile(None, "opt-13b"), sharegpt_reqs, SLO(0.2, 0.1, 0.9),
+                         num_nodes=1, gpus_per_node=1, backend="colocated", progress=False)
+    assert (p.mode, p.prefill) == ("colocated", InstanceSpec(1, 1))
+    assert 0 < p.per_gpu < opt13b_low_affinity.per_gpu / 2
+
+
+def test_model_too_big_for_the_cluster_is_reported():
+    with pytest.raises(ValueError, match="no prefill or decode configuration"):
+        search_placement(load_profile(None, "opt-66b"), sharegpt_like(50), SLO(0.4, 0.1),
+                         num_nodes=1, gpus_per_node=1, progress=False)
+
+
+# ---------------------------------------------------------------- output
+
+def test_toml_has_the_server_launcher_keys(opt13b_low_affinity):
+    config = tomllib.loads(opt13b_low_affinity.to_toml())
+    assert config == {"mode": "disaggregated", "model": "opt-13b",
+                      "context_tensor_parallel_size": 2, "context_pipeline_parallel_size": 1,
+                      "decoding_tensor_parallel_size": 1, "decoding_pipeline_parallel_size": 1,
+                      "num_prefill_instances": 1, "num_decode_instances": 1}
+
+
+def test_cli_prints_the_table_and_ends_with_the_best_line(tmp_path, capsys):
+    data = tmp_path / "sharegpt-like.json"
+    save_dataset(Dataset("sharegpt-like", sharegpt_like(120, seed=1)), data)
+    out_toml = tmp_path / "placement.toml"
+    assert placement_main(["--model", "opt-13b", "--dataset", str(data), "--num-prompts", "120",
+                           "--ttft-slo", "0.2", "--tpot-slo", "0.1", "--num-nodes", "1",
+                           "--gpus-per-node", "2", "--output", str(out_toml)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    m = re.fullmatch(r"best: prefill tp=(\d+) pp=(\d+) x (\d+), decode tp=(\d+) pp=(\d+) x (\d+), "
+                     r"goodput ([\d.]+) req/s per GPU", lines[-1])
+    assert m, lines[-1]
+    config = tomllib.loads(out_toml.read_text())
+    assert config["context_tensor_parallel_size"] == int(m.group(1))
+    assert config["num_decode_instances"] == int(m.group(6))
+    gpus = int(m.group(1)) * int(m.group(2)) * int(m.group(3)) + int(m.group(4)) * int(m.group(5)) * int(m.group(6))
+    assert gpus <= 2
