@@ -51,6 +51,7 @@ class Instance(threading.Thread):
         self.stopped = False
         self.tokens_since_status = 0
         self.steps = 0
+        self.busy_s = 0.0  # wall time of steps that did work
         self.error: BaseException | None = None
 
     @property
@@ -63,13 +64,17 @@ class Instance(threading.Thread):
                 self.wakeup.wait(0.01)
                 continue
             try:
+                start = time.perf_counter()
                 did_work = self.step()
             except BaseException as e:  # surface to callers instead of dying silently
                 log.exception("instance %s failed", self.name_)
                 self.error = e
                 self.engine.fail_all(e)
                 return
-            if not did_work:
+            if did_work:
+                self.steps += 1
+                self.busy_s += time.perf_counter() - start
+            else:
                 self.wakeup.wait(0.05)
                 self.wakeup.clear()
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import time
 from typing import Callable
 
 import jax
@@ -99,6 +101,10 @@ class ModelRunner:
                  load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int):
         check_tensor_parallel(config, spec.tp)
+        self.device_wait_s = 0.0  # time spent blocked on device results (for overhead figures)
+        # Steps donate the page arrays and replace them; another thread (a decode instance
+        # pulling KV) must not read an array in between. Held only while dispatching.
+        self.lock = threading.Lock()
         self.spec, self.config, self.dtype = spec, config, dtype
         self.num_pages, self.page_size = num_pages, page_size
         self.max_batch_size = max_batch_size
@@ -123,14 +129,18 @@ class ModelRunner:
     def _pipeline(self, mode, micro_batches):
         """micro_batches: list of (tokens, meta, sampling, sample args). Returns SampleOutputs."""
         outs = []
-        for tokens, meta, sampling, nlp, smode in micro_batches:
-            x = tokens
-            for stage in self.stages:
-                x = stage.run(mode, stage.put(x) if stage.first else jax.device_put(
-                    x, stage.replicated), stage.put(meta),
-                    stage.put(sampling) if stage.last else None, nlp, smode)
-            outs.append(x)
+        with self.lock:
+            for mb in micro_batches:
+                outs.append(self._run_stages(mode, *mb))
         return outs
+
+    def _run_stages(self, mode, tokens, meta, sampling, nlp, smode):
+        x = tokens
+        for stage in self.stages:
+            x = stage.run(mode, stage.put(x) if stage.first else jax.device_put(
+                x, stage.replicated), stage.put(meta),
+                stage.put(sampling) if stage.last else None, nlp, smode)
+        return x
 
     def _split(self, items: list) -> list[list]:
         """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP)."""
@@ -236,9 +246,10 @@ class ModelRunner:
         mb = [(tokens, meta, self._sampling(reqs, b_pad), nlp, smode)]
         return self._collect(self._pipeline("chunked", mb), [len(rows)])
 
-    @staticmethod
-    def _collect(outs: list[SampleOutput], counts: list[int]) -> StepOutput:
-        host = jax.device_get(outs)
+    def _collect(self, outs: list[SampleOutput], counts: list[int]) -> StepOutput:
+        start = time.perf_counter()
+        host = jax.device_get(outs)  # the step's only device -> host copy; waits for the device
+        self.device_wait_s += time.perf_counter() - start
         cat = lambda f: np.concatenate([getattr(o, f)[:n] for o, n in zip(host, counts)])
         has_top = host[0].top_ids.shape[-1] > 0
         return StepOutput(cat("tokens"), cat("logprob"),
@@ -249,12 +260,15 @@ class ModelRunner:
 
     def gather_pages(self, block_ids) -> list[tuple[jax.Array, jax.Array]]:
         """Per stage, device copies of the request's pages (for migration or swap-out)."""
-        return [stage.pool.gather(block_ids) for stage in self.stages]
+        with self.lock:
+            return [stage.pool.gather(block_ids) for stage in self.stages]
 
     def block_until_ready(self) -> None:
-        for stage in self.stages:
-            jax.block_until_ready((stage.pool.k, stage.pool.v))
+        with self.lock:
+            pools = [(stage.pool.k, stage.pool.v) for stage in self.stages]
+        jax.block_until_ready(pools)
 
     def insert_pages(self, block_ids, per_stage_pages) -> None:
-        for stage, (k, v) in zip(self.stages, per_stage_pages):
-            stage.pool.insert(block_ids, k, v)
+        with self.lock:
+            for stage, (k, v) in zip(self.stages, per_stage_pages):
+                stage.pool.insert(block_ids, k, v)

@@ -149,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo),
                    *[f"--num-gpus={s}={SYSTEMS[s][1]}" for s in args.systems],
                    "--out", str(plots)])
+    failed = {f.name: len(json.loads(f.read_text()))
+              for f in sorted((out / "exp").glob("*.failed.json"))}
+    if any(failed.values()):
+        print(f"\nWARNING: failed requests per run {failed}: see the server logs")
     print(f"\nkick the tires done in {time.monotonic() - started:.0f} s\n"
           f"  dataset:     {dataset_path}\n  server logs: {out}/server-*.log\n"
           f"  results:     {out / 'exp'}/*.exp\n  figures:     {plots}/")

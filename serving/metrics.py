@@ -21,7 +21,8 @@ INSTANCE_GAUGES = {
     "waiting": ("dsjax_requests_waiting", "requests queued at the instance"),
     "running": ("dsjax_requests_running", "requests in the instance's running batch"),
     "swapped": ("dsjax_requests_swapped", "requests whose KV is swapped out to host memory"),
-    "held": ("dsjax_requests_held", "prefilled requests holding KV until a decode instance pulls them"),
+    "held": ("dsjax_requests_held",
+             "prefilled requests holding KV until a decode instance pulls them"),
     "blocks_used": ("dsjax_kv_blocks_used", "KV cache blocks in use"),
     "blocks_total": ("dsjax_kv_blocks_total", "KV cache blocks in the instance's pool"),
 }

@@ -65,10 +65,21 @@ async def read_json_object(request: web.Request) -> dict:
     return body
 
 
+# The engine's arrays hold int32 (seeds: 64 bits); larger JSON integers would fail inside it.
+INT_BITS = {"seed": 64}
+DEFAULT_INT_BITS = 32
+
+
 def check_kind(name: str, value: Any, kind: str) -> None:
     check, expected = KINDS[kind]
     if value is not None and not check(value):
         raise ApiError(400, f"field {name!r} must be {expected}, got {json.dumps(value)[:80]}")
+    if kind in ("int", "ints") and value is not None:
+        bound = 1 << (INT_BITS.get(name, DEFAULT_INT_BITS) - 1)
+        for number in value if kind == "ints" else [value]:
+            if not -bound <= number < bound:
+                raise ApiError(400, f"field {name!r} holds {number}, outside the "
+                                    f"{INT_BITS.get(name, DEFAULT_INT_BITS)}-bit integer range")
 
 
 def check_prompt(value: Any, allow_list_of_one: bool = False) -> str | list[int]:

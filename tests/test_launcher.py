@@ -19,7 +19,8 @@ DISTSERVE_FLAGS = {
     "--context-pipeline-parallel-size": ("3", "context_pipeline_parallel_size"),
     "--decoding-tensor-parallel-size": ("4", "decoding_tensor_parallel_size"),
     "--decoding-pipeline-parallel-size": ("5", "decoding_pipeline_parallel_size"),
-    "--block-size": ("32", "block_size"), "--max-num-blocks-per-req": ("128", "max_num_blocks_per_req"),
+    "--block-size": ("32", "block_size"),
+    "--max-num-blocks-per-req": ("128", "max_num_blocks_per_req"),
     "--gpu-memory-utilization": ("0.95", "gpu_memory_utilization"),
     "--swap-space": ("16", "swap_space"),
     "--context-max-batch-size": ("64", "context_max_batch_size"),
@@ -106,7 +107,8 @@ def test_devices_needed_follows_the_placement():
                                      "--decoding-pipeline-parallel-size", "2",
                                      "--num-decode-instances", "2"])
     assert devices_needed(config) == 2 + 2 * 2
-    colocated, _ = parse_launcher_args(["--mode", "colocated", "--context-tensor-parallel-size", "4"])
+    colocated, _ = parse_launcher_args(["--mode", "colocated",
+                                        "--context-tensor-parallel-size", "4"])
     assert devices_needed(colocated) == 4
 
 

@@ -174,17 +174,6 @@ def test_openai_client_completions(server):
     assert chunks[-1].usage.completion_tokens == 7
 
 
-def test_our_bench_client_runs_against_the_server(server, tmp_path):
-    requests = [TestRequest(PROMPT, 6, 4), TestRequest("Hello", 2, 3)]
-    for backend in ("distserve", "openai"):
-        results, failures = run_benchmark(backend, server.base_url, requests, rate=float("inf"),
-                                          exp_path=tmp_path / f"{backend}.exp", progress=False)
-        assert not failures, failures
-        assert sorted(r.output_len for r in results) == [3, 4]
-        assert all(len(r.token_timestamps) == r.output_len for r in results)
-    assert (tmp_path / "distserve.exp").is_file()
-
-
 BAD_GENERATE = [
     (b'{"prompt": "hi", ', 400, "not valid JSON"),
     (b'["hi"]', 400, "JSON object"),
@@ -205,6 +194,8 @@ BAD_GENERATE = [
     ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_k": 10**12}, 400, "outside the 32-bit integer range"),
+    ({"prompt": "hi", "stop_token_ids": [10**15]}, 400, "outside the 32-bit integer range"),
     ({"prompt": "x" * (MAX_BODY + 10)}, 413, "too large"),
 ]
 
@@ -296,7 +287,8 @@ def test_metrics_expose_latency_queues_blocks_and_errors(server):
     status, resp, text = server.request("GET", "/metrics")
     assert status == 200 and resp.getheader("Content-Type").startswith("text/plain")
     samples = parse_prometheus(text)
-    for name in ("dsjax_time_to_first_token_seconds_bucket", "dsjax_time_to_first_token_seconds_count",
+    for name in ("dsjax_time_to_first_token_seconds_bucket",
+                 "dsjax_time_to_first_token_seconds_count",
                  "dsjax_time_per_output_token_seconds_sum", "dsjax_requests_waiting",
                  "dsjax_requests_running", "dsjax_requests_swapped", "dsjax_kv_blocks_used",
                  "dsjax_kv_blocks_total", "dsjax_migrations_total", "dsjax_migration_seconds_total",
@@ -344,3 +336,15 @@ def test_admission_bound_answers_503_with_retry_after(servers):
                                   AUTH)[0]) == 503 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status == 200
+
+
+# Last: it is the one test with concurrent requests, so engine races surface here.
+def test_our_bench_client_runs_against_the_server(server, tmp_path):
+    requests = [TestRequest(PROMPT, 6, 4), TestRequest("Hello", 2, 3)]
+    for backend in ("distserve", "openai"):
+        results, failures = run_benchmark(backend, server.base_url, requests, rate=float("inf"),
+                                          exp_path=tmp_path / f"{backend}.exp", progress=False)
+        assert not failures, failures
+        assert sorted(r.output_len for r in results) == [3, 4]
+        assert all(len(r.token_timestamps) == r.output_len for r in results)
+    assert (tmp_path / "distserve.exp").is_file()

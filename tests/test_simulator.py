@@ -1,6 +1,5 @@
 """Simulator and latency-model tests on hand-checkable cases."""
 import json
-import math
 
 import numpy as np
 import pytest

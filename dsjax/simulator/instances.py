@@ -295,7 +295,7 @@ class ColocatedInstance:
             self.lane.busy = False
             return
         self.lane.busy = True
-        tp, pp = self.spec.tp, self.spec.pp
+        tp = self.spec.tp
         ms = self.model.decode_stage_ms(len(self.lane), self.lane.sum_ctx, tp, 1) if decoding else 0.0
         if chunks:
             # Chunk attention reads the prompt so far: sum of n*(2*done + n) generalises sum(len^2).

@@ -1,0 +1,100 @@
+"""Prefill tokens/s and decode step time vs batch size for one OPT size, beside their floors.
+
+    python benchmarks/bench_model.py --model opt-125m --dtype float32
+    python benchmarks/bench_model.py --model opt-13b --dtype bfloat16        # on a GPU
+
+Floors: a decode step reads every weight once, so it takes >= weight bytes / memory bandwidth;
+a prefill token costs >= 2 x params FLOPs, so tokens/s <= peak FLOP/s / (2 x params). Bandwidth
+and peak are measured here (copy and matmul kernels) unless given as arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="opt-125m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-sizes", default="1,8,32,64,128,256")
+    p.add_argument("--context", type=int, default=512, help="tokens per sequence in decode")
+    p.add_argument("--prefill-tokens", default="256,1024,2048")
+    p.add_argument("--prompt-len", type=int, default=256, help="length of each packed prompt")
+    p.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth (default: measured)")
+    p.add_argument("--peak-tflops", type=float, help="peak FLOP/s (default: measured matmul)")
+    p.add_argument("--attention-backend", default="auto")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks._common import measure_bandwidth, measure_matmul_flops, timed
+    from dsjax.engine import attention_backend
+    from dsjax.parallel import plan_placement
+    from dsjax.request import Request
+    from dsjax.runner import ModelRunner
+    from dsjax.sampling_params import SamplingParams
+    from models.config import OPTConfig
+    from models.weights import dummy_params
+
+    cfg = OPTConfig.from_name(args.model)
+    dtype = jnp.dtype(args.dtype)
+    device = jax.devices()[0]
+    bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(device)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_matmul_flops(dtype,
+                                                                                  device=device)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    page = 16
+    pages_per_seq = -(-(args.context + 1) // page)
+    num_pages = max(batches) * pages_per_seq + 8
+    spec = plan_placement("colocated", devices=[device])[0]
+    runner = ModelRunner(spec, cfg, lambda sh: dummy_params(cfg, dtype, 0, sh), dtype=dtype,
+                         num_pages=num_pages, page_size=page,
+                         attention=attention_backend(args.attention_backend),
+                         max_batch_size=max(batches), max_tokens_per_batch=max(
+                             int(t) for t in args.prefill_tokens.split(",")),
+                         max_blocks_per_request=pages_per_seq)
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    weight_bytes = cfg.num_params() * dtype.itemsize
+    print(f"# {args.model} {dtype.name} on {device.device_kind} ({device.platform}); "
+          f"bandwidth {bw / 1e9:.1f} GB/s, peak {peak / 1e12:.2f} TFLOP/s, "
+          f"weights {weight_bytes / 1e9:.2f} GB\n")
+
+    print("| prefill tokens | prompts | tokens/s | floor tokens/s | % of floor |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for total in [int(t) for t in args.prefill_tokens.split(",")]:
+        n = max(1, total // args.prompt_len)
+        reqs = [Request(f"p{i}", None, rng.integers(4, 50000, args.prompt_len).tolist(), greedy, 0)
+                for i in range(n)]
+        tables = [list(range(i * pages_per_seq, i * pages_per_seq +
+                             -(-args.prompt_len // page))) for i in range(n)]
+        tables = [[t % num_pages for t in tab] for tab in tables]
+        seconds = timed(lambda: runner.prefill(reqs, tables), warmup=1, iters=3)
+        rate = n * args.prompt_len / seconds
+        floor = peak / (2 * cfg.num_params())
+        print(f"| {n * args.prompt_len} | {n} | {rate:,.0f} | {floor:,.0f} | {100 * rate / floor:.0f}% |")
+
+    print("\n| decode batch | context | step ms | floor ms (weights / bandwidth) | % of floor |")
+    print("|---|---|---|---|---|")
+    for b in batches:
+        reqs = []
+        for i in range(b):
+            r = Request(f"d{i}", None, rng.integers(4, 50000, args.context).tolist(), greedy, 0)
+            r.output_token_ids.append(5)
+            reqs.append(r)
+        tables = [list(range(i * pages_per_seq, (i + 1) * pages_per_seq)) for i in range(b)]
+        seconds = timed(lambda: runner.decode(reqs, tables), warmup=2, iters=5)
+        floor = weight_bytes / bw
+        print(f"| {b} | {args.context} | {seconds * 1e3:.2f} | {floor * 1e3:.2f} | "
+              f"{100 * floor / seconds:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
