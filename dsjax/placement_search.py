@@ -79,8 +79,11 @@ class Placement:
     def to_toml(self) -> str:
         name = self.model.removeprefix("facebook/")
         if self.mode == "colocated":
-            return (f'mode = "colocated"\nmodel = "{name}"\ntensor_parallel_size = {self.prefill.tp}\n'
-                    f'pipeline_parallel_size = {self.prefill.pp}\nnum_instances = {self.num_prefill}\n')
+            # The colocated engine runs one instance with the context parallelism; replicas are
+            # separate servers (noted in the comment).
+            return (f'# {self.num_prefill} replica(s) of this instance\nmode = "colocated"\n'
+                    f'model = "{name}"\ncontext_tensor_parallel_size = {self.prefill.tp}\n'
+                    f'context_pipeline_parallel_size = {self.prefill.pp}\n')
         return (f'mode = "disaggregated"\nmodel = "{name}"\n'
                 f'context_tensor_parallel_size = {self.prefill.tp}\n'
                 f'context_pipeline_parallel_size = {self.prefill.pp}\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 MAX_LOGPROBS = 20
+INT32_LIMIT = 2 ** 31  # token ids and top_k travel to the device as int32
 
 
 def _unsupported(feature: str, fix: str) -> ValueError:
@@ -61,8 +62,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or a positive int, got {self.top_k}")
+        if not -1 <= self.top_k < INT32_LIMIT:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive int below 2**31, "
+                             f"got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -72,7 +74,7 @@ class SamplingParams:
             raise ValueError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
-        if any(t < 0 for t in self.stop_token_ids):
+        if any(not 0 <= t < INT32_LIMIT for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must hold non-negative ints, got {self.stop_token_ids!r}")
 
     @property

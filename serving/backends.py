@@ -95,8 +95,9 @@ async def _generate_records(response: aiohttp.ClientResponse) -> AsyncIterator[t
 async def request_distserve(session: aiohttp.ClientSession, base_url: str, req: TestRequest,
                             options: BackendOptions) -> RequestResult | FailedRequest:
     payload = {"prompt": req.prompt, **sampling_payload(req)}
-    return await _post_and_time(session, f"{base_url}/generate", payload, req, {},
-                                _generate_records, lifecycle_key="lifetime_events")
+    return await _post_and_time(session, f"{base_url}/generate", payload, req,
+                                _auth_headers(options), _generate_records,
+                                lifecycle_key="lifetime_events")
 
 
 # ---------------------------------------------------------------- openai: POST /v1/completions
