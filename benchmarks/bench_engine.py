@@ -29,29 +29,29 @@ def _engine(args, **kw):
 
 
 def overhead(args) -> None:
-    from dsjax import SamplingParams
     import numpy as np
+    from dsjax import SamplingParams
 
-    print("| batch | steps | step ms | device wait ms | host overhead ms/step |")
+    print("| batch | full-batch steps | step ms | device wait ms | host overhead ms/step |")
     print("|---|---|---|---|---|")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
                          context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
                          num_blocks=b * (args.steps // 16 + 4) + 16)
         rng = np.random.default_rng(0)
-        params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=args.steps,
-                                ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
         prompts = [rng.integers(4, 1000, 16).tolist() for _ in range(b)]
         # warm-up run compiles every bucket this batch will use
         for s in [engine.add_request(p, params) for p in prompts]:
             s.result()
         decode = engine.decode_instances[0]
         runner = decode.runner
-        steps0, busy0, wait0 = decode.steps, decode.busy_s, runner.device_wait_s
+        decode.step_log = []
         for s in [engine.add_request(p, params) for p in prompts]:
             s.result()
-        steps = decode.steps - steps0
-        busy, wait = decode.busy_s - busy0, runner.device_wait_s - wait0
+        full = [(t, w) for n, t, w in decode.step_log if n == b]  # steps with the whole batch
+        steps = len(full)
+        busy, wait = sum(t for t, _ in full), sum(w for _, w in full)
         print(f"| {b} | {steps} | {1e3 * busy / steps:.2f} | {1e3 * wait / steps:.2f} | "
               f"{1e3 * (busy - wait) / steps:.3f} |")
         engine.shutdown()

@@ -173,6 +173,9 @@ class DecodeMixin:
     """Decode-step machinery shared by decode, colocated and chunked instances."""
 
     num_swap_outs = 0
+    # Benchmarks set a list here to get (batch size, step seconds, device-wait seconds) per
+    # decode step (pulls excluded).
+    step_log: list | None = None
 
     def _swap(self, step) -> None:
         """Carry out the scheduler's swaps: pages of victims to host, returning ones back."""
@@ -209,6 +212,13 @@ class DecodeInstance(DecodeMixin, Instance):
         return {"running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped)}
 
     def _pull(self) -> bool:
+        """Pull prefilled requests (FCFS) while this instance has room for them."""
+        pulled = False
+        while self._pull_one():
+            pulled = True
+        return pulled
+
+    def _pull_one(self) -> bool:
         with self.lock:
             queue = self.engine.migration_queue
             if not queue or not self.scheduler.can_pull(queue[0].num_tokens):
@@ -234,6 +244,7 @@ class DecodeInstance(DecodeMixin, Instance):
 
     def step(self) -> bool:
         pulled = self._pull()
+        start = time.perf_counter()
         with self.lock:
             step = self.scheduler.schedule()
             batch = step.batch
@@ -250,6 +261,8 @@ class DecodeInstance(DecodeMixin, Instance):
         with self.lock:
             finished = self._emit_tokens(batch, out)
             self._finish_decoded(self.scheduler, finished)
+        if self.step_log is not None:
+            self.step_log.append((len(batch), time.perf_counter() - start, self.runner.last_wait_s))
         return True
 
 

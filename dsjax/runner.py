@@ -73,25 +73,61 @@ class Stage:
             model = OPTModel(config, attention, mode, num_layers=num_layers, first_stage=first,
                              last_stage=last, dtype=dtype, param_dtype=dtype)
             self.fns[mode] = jax.jit(functools.partial(_stage_step, model),
-                                     static_argnames=("num_logprobs", "sample_mode"),
+                                     static_argnames=("layout", "num_logprobs", "sample_mode"),
                                      donate_argnums=(2, 3))
 
-    def put(self, tree):
-        return jax.device_put(tree, self.replicated)
-
-    def run(self, mode, inputs, meta, sampling, num_logprobs, sample_mode):
+    def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode):
+        """One stage of a step. `packed` holds the host inputs (token ids, metadata, sampling)
+        as two flat arrays, so a step costs one host->device transfer instead of a dozen."""
+        bufs = jax.device_put(packed, self.replicated)
         out, self.pool.k, self.pool.v = self.fns[mode](
-            self.params, inputs, self.pool.k, self.pool.v, meta, sampling,
+            self.params, hidden, self.pool.k, self.pool.v, bufs, layout=layout,
             num_logprobs=num_logprobs, sample_mode=sample_mode)
         return out
 
 
-def _stage_step(model, params, inputs, k_cache, v_cache, meta, sampling, *, num_logprobs,
+def _stage_step(model, params, hidden, k_cache, v_cache, bufs, *, layout, num_logprobs,
                 sample_mode):
+    tokens, meta, sampling = unpack_inputs(bufs, layout)
+    inputs = tokens if model.first_stage else hidden
     out, (k_cache, v_cache) = model.apply({"params": params}, inputs, (k_cache, v_cache), meta)
     if model.last_stage:
         out = sample(out, sampling, num_logprobs=num_logprobs, mode=sample_mode)
     return out, k_cache, v_cache
+
+
+def pack_host_inputs(tree) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
+    """numpy leaves -> (one int32 array, one float32 array) plus the static layout to undo it."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    ints, floats, layout = [], [], []
+    for leaf in leaves:
+        leaf = np.asarray(leaf)
+        if leaf.dtype == np.float32:
+            floats.append(leaf.ravel())
+            layout.append(("f", leaf.shape, "float32"))
+        else:  # int32 and uint32 (seeds) share the int buffer bit for bit
+            ints.append(leaf.astype(leaf.dtype.newbyteorder("=")).view(np.int32).ravel()
+                        if leaf.dtype.itemsize == 4 else leaf.astype(np.int32).ravel())
+            layout.append(("i", leaf.shape, leaf.dtype.name))
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)
+    return (cat(ints, np.int32), cat(floats, np.float32)), (treedef, tuple(layout))
+
+
+def unpack_inputs(bufs, layout):
+    """Inverse of pack_host_inputs, traced inside the step (static slices)."""
+    treedef, fields = layout
+    ints, floats = bufs
+    at = {"i": 0, "f": 0}
+    leaves = []
+    for kind, shape, dtype in fields:
+        size = int(np.prod(shape))
+        buf = ints if kind == "i" else floats
+        flat = buf[at[kind]:at[kind] + size]
+        at[kind] += size
+        if dtype == "uint32":
+            flat = jax.lax.bitcast_convert_type(flat, jnp.uint32)
+        leaves.append(flat.reshape(shape))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class ModelRunner:
@@ -101,7 +137,8 @@ class ModelRunner:
                  load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int):
         check_tensor_parallel(config, spec.tp)
-        self.device_wait_s = 0.0  # time spent blocked on device results (for overhead figures)
+        # Time blocked on device results, in all and in the last step (for overhead figures).
+        self.device_wait_s = self.last_wait_s = 0.0
         # Steps donate the page arrays and replace them; another thread (a decode instance
         # pulling KV) must not read an array in between. Held only while dispatching.
         self.lock = threading.Lock()
@@ -135,11 +172,12 @@ class ModelRunner:
         return outs
 
     def _run_stages(self, mode, tokens, meta, sampling, nlp, smode):
-        x = tokens
+        packed, layout = pack_host_inputs((tokens, meta, sampling))
+        x = None
         for stage in self.stages:
-            x = stage.run(mode, stage.put(x) if stage.first else jax.device_put(
-                x, stage.replicated), stage.put(meta),
-                stage.put(sampling) if stage.last else None, nlp, smode)
+            if x is not None:
+                x = jax.device_put(x, stage.replicated)  # activations to the next stage's mesh
+            x = stage.run(mode, x, packed, layout, nlp, smode)
         return x
 
     def _split(self, items: list) -> list[list]:
@@ -249,7 +287,8 @@ class ModelRunner:
     def _collect(self, outs: list[SampleOutput], counts: list[int]) -> StepOutput:
         start = time.perf_counter()
         host = jax.device_get(outs)  # the step's only device -> host copy; waits for the device
-        self.device_wait_s += time.perf_counter() - start
+        self.last_wait_s = time.perf_counter() - start
+        self.device_wait_s += self.last_wait_s
         cat = lambda f: np.concatenate([getattr(o, f)[:n] for o, n in zip(host, counts)])
         has_top = host[0].top_ids.shape[-1] > 0
         return StepOutput(cat("tokens"), cat("logprob"),

@@ -1,0 +1,212 @@
+"""Simulator vs real engine: SLO attainment of the same requests and arrivals (paper Table 2).
+
+    python benchmarks/validate_simulator.py                      # opt-tiny on this machine
+    python benchmarks/validate_simulator.py --reprofile --out docs/validation.md
+
+1. Profile the model on this machine (python -m dsjax.profile), or load the profile written before.
+2. Sample ShareGPT, scale the lengths down (divide, cap) so a CPU run takes minutes.
+3. For each mode (disaggregated 1 prefill + 1 decode instance; colocated) and each rate: replay the
+   requests against an in-process Engine (dsjax.replay) and simulate the same requests with the
+   same arrival times (dsjax.simulator), then compare SLO attainment.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scaled_requests(num: int, scale: float, max_prompt: int, max_output: int, seed: int = 0):
+    from dsjax.datasets import TestRequest, get_dataset
+    reqs = get_dataset("sharegpt").sample(num, seed=seed)
+    return [TestRequest(r.prompt, max(4, min(max_prompt, round(r.prompt_len / scale))),
+                        max(2, min(max_output, round(r.output_len / scale)))) for r in reqs]
+
+
+def prefill_batches(results):
+    """Real prefill steps recovered from lifecycle events: requests sharing one
+    (context_begin, context_end) pair ran in one batch. Returns [(prompt lens, seconds)]."""
+    groups = defaultdict(list)
+    for r in results:
+        ev = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events or []}
+        if "context_begin" in ev and "context_end" in ev:
+            groups[(ev["context_begin"], ev["context_end"])].append(r.prompt_len)
+    return [(lens, end - begin) for (begin, end), lens in groups.items()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="opt-tiny")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--profile", default=None, help="profile JSON (default: configs/profiles/"
+                   "profiler-cpu-<model>-validation.distserve.json, profiled when missing)")
+    p.add_argument("--reprofile", action="store_true", help="profile even if the file exists")
+    p.add_argument("--num-prompts", type=int, default=150)
+    p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 150, 200, 250, 300])
+    p.add_argument("--scale", type=float, default=8.0, help="divide ShareGPT lengths by this")
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--max-output", type=int, default=32)
+    p.add_argument("--ttft-slo", type=float, default=0.05, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.02, help="seconds")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (0 = greedy; see docs/validation.md)")
+    p.add_argument("--modes", nargs="+", default=["disaggregated", "colocated"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the markdown report here")
+    args = p.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from dsjax.config import EngineConfig
+    from dsjax.engine import Engine
+    from dsjax.profile import Grid, run_profile
+    from dsjax.profiles import load_profile
+    from dsjax.replay import arrival_offsets, replay, warm_up
+    from dsjax.results import attainment
+    from dsjax.simulator import Cluster, InstanceSpec, SimConfig
+
+    compiles = [0]
+    try:   # count XLA compiles during measured runs (each one stalls a step ~0.5 s on a CPU)
+        from jax._src import monitoring
+
+        def on_event(event, duration, **kw):
+            if "backend_compile" in event:
+                compiles[0] += 1
+        monitoring.register_event_duration_secs_listener(on_event)
+    except Exception:  # private API; the count is informative only
+        compiles[0] = -1
+
+    started = time.perf_counter()
+    name = args.model.split("/")[-1]
+    profile = Path(args.profile or ROOT / "configs" / "profiles" /
+                   f"profiler-cpu-{name}-validation.distserve.json")
+    grid = Grid(prefill_lens=(8, 16, 32, 64, 128, 256), prefill_batches=(1, 2, 4, 8),
+                prefill_max_tokens=1024, decode_batches=(1, 2, 4, 8, 16, 32, 64),
+                decode_ctx=(16, 64, 128, 256, 288), decode_max_tokens=16384, repeats=5)
+    if args.reprofile or not profile.exists():
+        print(f"== profiling {args.model} into {profile}")
+        run_profile(args.model, args.dtype, [1], profile, grid, devices=jax.devices()[:1],
+                    temperature=args.temperature)
+    model = load_profile(profile, args.model)
+    co = model.coeffs(1)
+    block_size, num_blocks = 16, 4096
+    model.kv_capacity[(1, 1)] = block_size * num_blocks
+    reqs = scaled_requests(args.num_prompts, args.scale, args.max_prompt, args.max_output, args.seed)
+    mean_in = np.mean([r.prompt_len for r in reqs])
+    mean_out = np.mean([r.output_len for r in reqs])
+    print(f"== {len(reqs)} ShareGPT requests, lengths / {args.scale:g} capped at "
+          f"{args.max_prompt}/{args.max_output}: mean in {mean_in:.1f}, out {mean_out:.1f}")
+
+    limits = dict(context_max_batch_size=128, context_max_tokens_per_batch=1024,
+                  decoding_max_batch_size=256)
+    rows, step_ratios = [], {}
+    for mode in args.modes:
+        engine = Engine(EngineConfig(model=args.model, load_format="dummy", dtype=args.dtype,
+                                     mode=mode, block_size=block_size, num_blocks=num_blocks,
+                                     max_num_blocks_per_req=64, **limits))
+        try:
+            # Warm-up: compile the shape buckets this workload reaches (not measured).
+            t = time.perf_counter()
+            n_steps = warm_up(engine, max(r.prompt_len for r in reqs),
+                              max(r.prompt_len + r.output_len for r in reqs),
+                              max_prefill_batch=32, max_decode_batch=64,
+                              temperature=args.temperature)
+            replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
+            print(f"== {mode}: warm-up {time.perf_counter() - t:.1f} s ({n_steps} shapes)")
+            link = engine.migrations
+            link_bps = (link["bytes"] / link["seconds"]) if link["seconds"] > 0 else 1e12
+            sim_cfg = SimConfig(mode=mode, prefill=InstanceSpec(1, 1), decode=InstanceSpec(1, 1),
+                                prefill_max_batch=limits["context_max_batch_size"],
+                                prefill_max_tokens=limits["context_max_tokens_per_batch"],
+                                decode_max_batch=limits["decoding_max_batch_size"],
+                                colocated_max_batch=limits["decoding_max_batch_size"],
+                                colocated_max_tokens=limits["context_max_tokens_per_batch"],
+                                kv_link_bytes_per_s=link_bps)
+            measured, predicted = [], []
+            for rate in args.rates:
+                compiles[0] = 0
+                offsets = arrival_offsets(len(reqs), rate, 1.0, args.seed)
+                real = replay(engine, reqs, rate, seed=args.seed, temperature=args.temperature,
+                              offsets=offsets)
+                sim = [s.to_result() for s in Cluster(model, sim_cfg).run(reqs, offsets)]
+                ra, sa = attainment(real, args.ttft_slo, args.tpot_slo), \
+                    attainment(sim, args.ttft_slo, args.tpot_slo)
+                mean = lambda rs, f: 1e3 * float(np.mean([getattr(r, f) for r in rs]))
+                row = dict(mode=mode, rate=rate, real=ra, sim=sa,
+                           ttft=(mean(real, "ftl"), mean(sim, "ftl")),
+                           tpot=(mean(real, "tpot"), mean(sim, "tpot")))
+                row["compiles"] = compiles[0]
+                rows.append(row)
+                for lens, secs in prefill_batches(real):
+                    measured.append(secs * 1e3)
+                    predicted.append(model.prefill_ms(lens, 1))
+                print(f"{mode:>13} {rate:6.1f} req/s  real {ra[0]:6.1%} (ttft {ra[1]:6.1%} tpot "
+                      f"{ra[2]:6.1%})  sim {sa[0]:6.1%} (ttft {sa[1]:6.1%} tpot {sa[2]:6.1%})  "
+                      f"mean TTFT {row['ttft'][0]:.1f}/{row['ttft'][1]:.1f} ms  mean TPOT "
+                      f"{row['tpot'][0]:.2f}/{row['tpot'][1]:.2f} ms  compiles {compiles[0]}", flush=True)
+            ratio = np.array(measured) / np.array(predicted)
+            step_ratios[mode] = (float(np.median(ratio)), float(np.mean(ratio)), len(ratio))
+        finally:
+            engine.shutdown()
+
+    errors = [abs(r["real"][0] - r["sim"][0]) * 100 for r in rows]
+    report = render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out,
+                    time.perf_counter() - started)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out, seconds) -> str:
+    import jax
+    cmd = "python benchmarks/validate_simulator.py " + " ".join(sys.argv[1:])
+    lines = [
+        "| mode | rate (req/s) | real attainment | simulated | error (pp) | real / sim TTFT-only |"
+        " real / sim TPOT-only | mean TTFT ms real / sim | mean TPOT ms real / sim | compiles |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r, e in zip(rows, errors):
+        lines.append(f"| {r['mode']} | {r['rate']:g} | {r['real'][0]:.1%} | {r['sim'][0]:.1%} | "
+                     f"{e:.1f} | {r['real'][1]:.1%} / {r['sim'][1]:.1%} | "
+                     f"{r['real'][2]:.1%} / {r['sim'][2]:.1%} | {r['ttft'][0]:.1f} / "
+                     f"{r['ttft'][1]:.1f} | {r['tpot'][0]:.2f} / {r['tpot'][1]:.2f} | {r['compiles']} |")
+    per_mode = {m: max(e for r, e in zip(rows, errors) if r["mode"] == m)
+                for m in dict.fromkeys(r["mode"] for r in rows)}
+    ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"
+                       for m, v in step_ratios.items())
+    return "\n".join([
+        "## Measured run", "",
+        f"Command: `{cmd}` ({seconds / 60:.1f} min).",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; both instances of the "
+        "disaggregated engine run on the one CPU device.",
+        f"Model: {args.model} {args.dtype}, dummy weights, sampling temperature "
+        f"{args.temperature:g}. Profile: `{Path(profile).relative_to(ROOT) if Path(profile).is_relative_to(ROOT) else profile}` "
+        f"(prefill ms = {co.prefill[0]:.3g} + {co.prefill[1]:.3g}*sum(len) + "
+        f"{co.prefill[2]:.3g}*sum(len^2); decode ms = {co.decode_small[0]:.3g} + "
+        f"{co.decode_small[1]:.3g}*sum(ctx) + {co.decode_small[2]:.3g}*batch).",
+        f"Workload: {args.num_prompts} ShareGPT requests (seed {args.seed}), lengths divided by "
+        f"{args.scale:g} and capped at {args.max_prompt} / {args.max_output} (means "
+        f"{mean_in:.1f} / {mean_out:.1f}); Poisson arrivals (cv 1), the same arrival times for "
+        f"the engine and the simulator. SLOs: TTFT {args.ttft_slo * 1e3:g} ms, TPOT "
+        f"{args.tpot_slo * 1e3:g} ms.", "",
+        *lines, "",
+        f"Max abs error: {max(errors):.1f} pp (" +
+        ", ".join(f"{m} {e:.1f} pp" for m, e in per_mode.items()) + ").",
+        f"Real prefill step time / profile prediction, from the engine's context_begin/end "
+        f"events: {ratios}.", ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

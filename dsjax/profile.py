@@ -1,0 +1,272 @@
+"""`python -m dsjax.profile`: time real prefill and decode steps, fit the latency model, save it.
+
+    python -m dsjax.profile --model opt-125m --dtype float32 --quick
+    python -m dsjax.profile --model opt-13b --dtype bfloat16 --tp 1 2 4    # on accelerators
+
+For each tensor-parallel degree that fits the devices (and divides the heads) this builds one
+colocated instance with dummy weights, times prefill batches (prompt lengths -> sum(len),
+sum(len^2)) and decode steps (batch x context -> sum(ctx), batch), warming every shape up first
+(compiles) and taking the median of a few repeats (steps return host copies of their samples,
+so they block until the device is done). The fits go to a DistServe-format profile
+(dsjax.profiles.save_profile) with the hardware and the instance's KV capacity.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dsjax.profiles import (DEFAULT_BS_THRESHOLD, PROFILE_DIR, StepCoeffs, canonical_model_name,
+                            fit_decode, fit_prefill, save_profile)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    prefill_lens: tuple[int, ...]
+    prefill_batches: tuple[int, ...]
+    prefill_max_tokens: int
+    decode_batches: tuple[int, ...]
+    decode_ctx: tuple[int, ...]
+    decode_max_tokens: int      # sum(ctx) cap of one timed decode batch
+    repeats: int
+
+
+FULL_GRID = Grid((16, 32, 64, 128, 256, 512, 1024), (1, 2, 4, 8, 16), 4096,
+                 (1, 2, 4, 8, 16, 32, 64, 128), (32, 128, 256, 512, 1024), 65536, 5)
+QUICK_GRID = Grid((16, 64, 128, 256), (1, 2, 4), 1024,
+                  (1, 4, 16, 32), (32, 128, 256), 8192, 3)
+TINY_GRID = Grid((8, 32), (1, 2), 64, (1, 4), (16, 48), 256, 1)   # tests
+
+
+@dataclasses.dataclass
+class Fit:
+    coeffs: tuple[float, ...]
+    r2: float
+    max_rel_err: float
+
+
+def fit_quality(rows: np.ndarray, coeffs: Sequence[float], ms: Sequence[float]) -> Fit:
+    ms = np.asarray(ms, float)
+    pred = np.asarray(rows, float) @ np.asarray(coeffs, float)
+    ss_res = float(((ms - pred) ** 2).sum())
+    ss_tot = float(((ms - ms.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return Fit(tuple(coeffs), r2, float(np.max(np.abs(pred - ms) / ms)))
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()   # warm-up: compiles this shape bucket
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size: int = 16,
+               temperature: float = 1.0, log: Callable[[str], None] = print):
+    """Time one TP degree. Returns (prefill batches, prefill ms, decode batches, decode ms,
+    KV capacity tokens of such an instance)."""
+    import jax.numpy as jnp
+
+    from dsjax.engine import attention_backend
+    from dsjax.kv_cache import num_blocks_for_budget
+    from dsjax.parallel import plan_placement
+    from dsjax.request import Request
+    from dsjax.runner import ModelRunner
+    from dsjax.sampling_params import SamplingParams
+    from models.config import OPTConfig
+    from models.weights import dummy_params
+
+    cfg = OPTConfig.from_name(model)
+    jdtype = jnp.dtype(dtype)
+    spec = plan_placement("colocated", context_tensor_parallel_size=tp, devices=devices)[0]
+    max_ctx = max(max(grid.decode_ctx), max(grid.prefill_lens)) + 1
+    pages_per_seq = -(-max_ctx // block_size)
+    # Distinct pages for a few sequences; larger batches reuse them (the cost is the same reads).
+    num_pages = pages_per_seq * 4 + 8
+    max_batch = max(max(grid.decode_batches), max(grid.prefill_batches))
+    runner = ModelRunner(spec, cfg, lambda sh: dummy_params(cfg, jdtype, 0, sh), dtype=jdtype,
+                         num_pages=num_pages, page_size=block_size,
+                         attention=attention_backend("auto"), max_batch_size=max_batch,
+                         max_tokens_per_batch=grid.prefill_max_tokens,
+                         max_blocks_per_request=pages_per_seq)
+    # The benchmark payload samples at temperature 1 (the sampler's sort is part of the step).
+    params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=1)
+    rng = np.random.default_rng(0)
+
+    def table(i: int, n_tokens: int) -> list[int]:
+        start = (i % 4) * pages_per_seq
+        return list(range(start, start + -(-n_tokens // block_size)))
+
+    def make(i: int, n: int, decode: bool) -> Request:
+        r = Request(f"r{i}", None, rng.integers(4, cfg.vocab_size, n).tolist(), params, i)
+        if decode:
+            r.output_token_ids.append(5)
+        return r
+
+    pre_batches, pre_ms = [], []
+    for n in grid.prefill_lens:
+        for b in grid.prefill_batches:
+            if n * b > grid.prefill_max_tokens:
+                continue
+            reqs = [make(i, n, False) for i in range(b)]
+            tables = [table(i, n) for i in range(b)]
+            ms = _median_ms(lambda: runner.prefill(reqs, tables), grid.repeats)
+            pre_batches.append([n] * b)
+            pre_ms.append(ms)
+            log(f"  tp{tp} prefill {b:>3} x {n:>5} tokens: {ms:8.2f} ms")
+    dec_batches, dec_ms = [], []
+    for ctx in grid.decode_ctx:
+        for b in grid.decode_batches:
+            if ctx * b > grid.decode_max_tokens:
+                continue
+            reqs = [make(i, ctx - 1, True) for i in range(b)]   # ctx tokens incl. the new one
+            tables = [table(i, ctx) for i in range(b)]
+            ms = _median_ms(lambda: runner.decode(reqs, tables), grid.repeats)
+            dec_batches.append([ctx] * b)
+            dec_ms.append(ms)
+            log(f"  tp{tp} decode  {b:>3} x ctx {ctx:>5}: {ms:8.2f} ms")
+    blocks = num_blocks_for_budget(cfg, block_size=block_size, dtype=jdtype, tp=tp, pp=1,
+                                   devices=spec.devices)
+    del runner
+    return pre_batches, pre_ms, dec_batches, dec_ms, blocks * block_size
+
+
+def _weighted_lstsq(rows: np.ndarray, ms: Sequence[float]) -> tuple[float, float, float]:
+    """Non-negative coefficients minimising the relative error: least squares of
+    rows/ms . x = 1 over every subset of free coefficients (three: 8 subsets), keeping the best
+    solution whose coefficients are all >= 0. Non-negative coefficients make every prediction
+    positive and non-decreasing in tokens and batch size."""
+    ms = np.asarray(ms, float)
+    a, y = rows / ms[:, None], np.ones_like(ms)
+    best, best_res = np.zeros(rows.shape[1]), float(len(ms))
+    for mask in range(1, 1 << rows.shape[1]):
+        cols = [j for j in range(rows.shape[1]) if mask >> j & 1]
+        sol, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if np.any(sol < 0):
+            continue
+        x = np.zeros(rows.shape[1])
+        x[cols] = sol
+        res = float(((a @ x - y) ** 2).sum())
+        if res < best_res:
+            best, best_res = x, res
+    return tuple(float(v) for v in best)
+
+
+def fit_all(pre_batches, pre_ms, dec_batches, dec_ms, threshold: int = DEFAULT_BS_THRESHOLD,
+            relative: bool = True) -> tuple[StepCoeffs, Fit, Fit]:
+    """Fit both phases. relative=False: dsjax.profiles.fit_prefill / fit_decode (least squares
+    in ms, so the largest batches dominate and small steps can even be predicted negative, as
+    on a CPU where a fixed per-step cost dominates small batches); relative=True (default):
+    the same model fitted to minimise relative error, which keeps every measured shape within
+    a similar percentage, with coefficients constrained to be >= 0."""
+    prefill = fit_prefill(pre_batches, pre_ms)
+    small, large = fit_decode(dec_batches, dec_ms, threshold)
+    if relative:
+        prefill = _weighted_lstsq(np.array([(1.0, sum(b), sum(x * x for x in b))
+                                            for b in pre_batches]), pre_ms)
+        fits = {}
+        for side in (True, False):
+            pick = [i for i, b in enumerate(dec_batches) if (len(b) < threshold) == side]
+            if len(pick) >= 3:
+                rows = np.array([(1.0, sum(dec_batches[i]), len(dec_batches[i])) for i in pick])
+                fits[side] = _weighted_lstsq(rows, [dec_ms[i] for i in pick])
+        small = fits.get(True, fits.get(False))
+        large = fits.get(False, small)
+    pre_rows = np.array([(1.0, sum(b), sum(x * x for x in b)) for b in pre_batches])
+    pf = fit_quality(pre_rows, prefill, pre_ms)
+    dec_rows = np.array([(1.0, sum(b), len(b)) for b in dec_batches])
+    pred = np.array([np.dot(r, small if len(b) < threshold else large)
+                     for r, b in zip(dec_rows, dec_batches)])
+    ms = np.asarray(dec_ms)
+    ss_tot = float(((ms - ms.mean()) ** 2).sum())
+    r2 = 1.0 - float(((ms - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    df = Fit(small, r2, float(np.max(np.abs(pred - ms) / ms)))
+    return StepCoeffs(prefill, small, large, threshold), pf, df
+
+
+def default_tps(model: str, devices) -> list[int]:
+    from models.config import OPTConfig
+    heads = OPTConfig.from_name(model).num_attention_heads
+    return [t for t in (1, 2, 4, 8, 16) if t <= len(devices) and heads % t == 0]
+
+
+def hardware_description(devices) -> dict:
+    d = devices[0]
+    stats = d.memory_stats() if d.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        memory = float(stats["bytes_limit"])
+    else:
+        memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return {"gpu": f"{d.device_kind} ({d.platform})", "gpu_memory_bytes": memory,
+            "num_devices": len(devices), "host_cpus": os.cpu_count()}
+
+
+def default_output(model: str, devices) -> Path:
+    kind = devices[0].device_kind.lower().replace(" ", "-")
+    name = canonical_model_name(model).split("/")[-1]
+    return PROFILE_DIR / f"profiler-{devices[0].platform}-{kind}-{name}.distserve.json"
+
+
+def run_profile(model: str, dtype: str = "float32", tps: Sequence[int] | None = None,
+                output: str | os.PathLike | None = None, grid: Grid = QUICK_GRID,
+                devices=None, temperature: float = 1.0, relative_fit: bool = True,
+                log: Callable[[str], None] = print) -> Path:
+    """Profile, fit and save; returns the profile's path."""
+    import jax
+    devices = list(jax.devices() if devices is None else devices)
+    tps = list(tps) if tps else default_tps(model, devices)
+    if not tps:
+        raise ValueError(f"no tensor-parallel degree of {model} fits {len(devices)} devices")
+    coeffs, kv = {}, {}
+    for tp in tps:
+        started = time.perf_counter()
+        pb, pm, db, dm, kv_tokens = profile_tp(model, dtype, tp, grid, devices,
+                                            temperature=temperature, log=log)
+        step, pf, df = fit_all(pb, pm, db, dm, relative=relative_fit)
+        coeffs[tp], kv[(tp, 1)] = step, kv_tokens
+        log(f"tp{tp}: prefill ms = {pf.coeffs[0]:.4g} + {pf.coeffs[1]:.4g}*sum(len) + "
+            f"{pf.coeffs[2]:.4g}*sum(len^2)   R^2 {pf.r2:.4f}, max rel err {pf.max_rel_err:.1%}")
+        log(f"tp{tp}: decode  ms = {df.coeffs[0]:.4g} + {df.coeffs[1]:.4g}*sum(ctx) + "
+            f"{df.coeffs[2]:.4g}*batch   R^2 {df.r2:.4f}, max rel err {df.max_rel_err:.1%}")
+        log(f"tp{tp}: KV capacity {kv_tokens} tokens; profiled in "
+            f"{time.perf_counter() - started:.1f} s")
+    path = Path(output) if output else default_output(model, devices)
+    save_profile(path, model, coeffs, kv, {**hardware_description(devices), "dtype": dtype, "temperature": temperature})
+    log(f"wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsjax.profile",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="opt-125m")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--tp", type=int, nargs="+", default=None,
+                   help="tensor-parallel degrees (default: all that fit the devices)")
+    p.add_argument("--output", default=None, help="profile JSON (merged into if it exists)")
+    p.add_argument("--quick", action="store_true", help="a small grid (minutes on a CPU)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the timed steps (0: greedy, no sampler sort)")
+    p.add_argument("--fit", choices=("relative", "absolute"), default="relative",
+                   help="relative: non-negative, relative-error least squares (default); "
+                        "absolute: dsjax.profiles.fit_prefill / fit_decode")
+    args = p.parse_args(argv)
+    run_profile(args.model, args.dtype, args.tp, args.output,
+                QUICK_GRID if args.quick else FULL_GRID, temperature=args.temperature,
+                relative_fit=args.fit == "relative")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
