@@ -25,6 +25,7 @@ from dsjax.kv_cache import PagePool
 from dsjax.parallel import (InstanceSpec, check_tensor_parallel, layer_ranges, param_shardings,
                             stage_mesh, stage_param_tree)
 from dsjax.sampling import SampleOutput, build_sampling_tensors, sample
+from dsjax.sharded_attention import for_mesh
 from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
 from models.config import OPTConfig
 from models.opt import OPTModel, abstract_params
@@ -68,6 +69,7 @@ class Stage:
         num_layers = layer_range[1] - layer_range[0]
         self.pool = PagePool(self.mesh, num_layers, num_pages, page_size,
                              config.num_attention_heads, config.head_dim, dtype)
+        attention = for_mesh(attention, self.mesh)
         self.fns = {}
         for mode in ("prefill", "decode", "chunked"):
             model = OPTModel(config, attention, mode, num_layers=num_layers, first_stage=first,

@@ -275,3 +275,10 @@ def test_host_fetch_counter_sees_a_naive_reshard(count_host_fetches):
     count_host_fetches["n"] = 0
     jax.device_put(k, dst.stages[0].pool.sharding)
     assert count_host_fetches["n"] > 0
+
+
+def test_pallas_kernels_under_tensor_parallelism_match_reference(reference):
+    """The kernel backend (interpreted on CPU) runs per device on its heads via shard_map."""
+    engine = get_engine(mode="disaggregated", attention_backend="pallas",
+                        context_tensor_parallel_size=2, decoding_tensor_parallel_size=2)
+    assert generate(engine, prompts()[:3]) == reference[:3]
