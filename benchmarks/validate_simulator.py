@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROOT = Path(__file__).resolve().parent.parent
+MARKER = "<!-- validate_simulator.py writes below this line -->"
 
 
 def scaled_requests(num: int, scale: float, max_prompt: int, max_output: int, seed: int = 0):
@@ -43,6 +44,26 @@ def prefill_batches(results):
     return [(lens, end - begin) for (begin, end), lens in groups.items()]
 
 
+def decode_steps(results):
+    """Real decode steps recovered from token timestamps: an instance stamps every token of one
+    step with the same time. A step's duration is its time minus the previous stamp of any
+    step, counted only when one of its requests also had a token at that previous stamp (so the
+    instance was busy with this batch, not idle). Returns [(context lens, seconds)]."""
+    at = defaultdict(list)   # stamp -> [(request index, token index)]
+    for i, r in enumerate(results):
+        for k, t in enumerate(r.token_timestamps):
+            at[t].append((i, k))
+    stamps = sorted(at)
+    steps = []
+    for prev, t in zip(stamps, stamps[1:]):
+        rows = [(i, k) for i, k in at[t] if k > 0]
+        if not rows:
+            continue
+        if any(results[i].token_timestamps[k - 1] == prev for i, k in rows):
+            steps.append(([results[i].prompt_len + k for i, k in rows], t - prev))
+    return steps
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="opt-tiny")
@@ -51,12 +72,12 @@ def main(argv=None) -> int:
                    "profiler-cpu-<model>-validation.distserve.json, profiled when missing)")
     p.add_argument("--reprofile", action="store_true", help="profile even if the file exists")
     p.add_argument("--num-prompts", type=int, default=150)
-    p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 150, 200, 250, 300])
+    p.add_argument("--rates", type=float, nargs="+", default=[10, 20, 30, 40, 50, 60, 80])
     p.add_argument("--scale", type=float, default=8.0, help="divide ShareGPT lengths by this")
     p.add_argument("--max-prompt", type=int, default=256)
     p.add_argument("--max-output", type=int, default=32)
-    p.add_argument("--ttft-slo", type=float, default=0.05, help="seconds")
-    p.add_argument("--tpot-slo", type=float, default=0.02, help="seconds")
+    p.add_argument("--ttft-slo", type=float, default=0.04, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.015, help="seconds")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (0 = greedy; see docs/validation.md)")
     p.add_argument("--modes", nargs="+", default=["disaggregated", "colocated"])
@@ -132,7 +153,7 @@ def main(argv=None) -> int:
                                 colocated_max_batch=limits["decoding_max_batch_size"],
                                 colocated_max_tokens=limits["context_max_tokens_per_batch"],
                                 kv_link_bytes_per_s=link_bps)
-            measured, predicted = [], []
+            measured, predicted, dec_ratio = [], [], []
             for rate in args.rates:
                 compiles[0] = 0
                 offsets = arrival_offsets(len(reqs), rate, 1.0, args.seed)
@@ -146,6 +167,10 @@ def main(argv=None) -> int:
                            ttft=(mean(real, "ftl"), mean(sim, "ftl")),
                            tpot=(mean(real, "tpot"), mean(sim, "tpot")))
                 row["compiles"] = compiles[0]
+                steps = decode_steps(real)
+                row["decode_ratio"] = float(np.median([secs * 1e3 / model.decode_ms(ctx, 1)
+                                                       for ctx, secs in steps])) if steps else 0.0
+                row["decode_batch"] = float(np.mean([len(c) for c, _ in steps])) if steps else 0.0
                 rows.append(row)
                 for lens, secs in prefill_batches(real):
                     measured.append(secs * 1e3)
@@ -153,7 +178,9 @@ def main(argv=None) -> int:
                 print(f"{mode:>13} {rate:6.1f} req/s  real {ra[0]:6.1%} (ttft {ra[1]:6.1%} tpot "
                       f"{ra[2]:6.1%})  sim {sa[0]:6.1%} (ttft {sa[1]:6.1%} tpot {sa[2]:6.1%})  "
                       f"mean TTFT {row['ttft'][0]:.1f}/{row['ttft'][1]:.1f} ms  mean TPOT "
-                      f"{row['tpot'][0]:.2f}/{row['tpot'][1]:.2f} ms  compiles {compiles[0]}", flush=True)
+                      f"{row['tpot'][0]:.2f}/{row['tpot'][1]:.2f} ms  decode step real/profile "
+                      f"{row['decode_ratio']:.2f} (mean batch {row['decode_batch']:.1f})  "
+                      f"compiles {compiles[0]}", flush=True)
             ratio = np.array(measured) / np.array(predicted)
             step_ratios[mode] = (float(np.median(ratio)), float(np.mean(ratio)), len(ratio))
         finally:
@@ -164,7 +191,11 @@ def main(argv=None) -> int:
                     time.perf_counter() - started)
     print(report)
     if args.out:
-        Path(args.out).write_text(report)
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        # Keep the hand-written part of an existing report (everything up to the marker).
+        head = old[:old.index(MARKER)] if MARKER in old else ""
+        out.write_text(head + MARKER + "\n" + report)
         print(f"wrote {args.out}")
     return 0
 
@@ -174,13 +205,14 @@ def render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out, seco
     cmd = "python benchmarks/validate_simulator.py " + " ".join(sys.argv[1:])
     lines = [
         "| mode | rate (req/s) | real attainment | simulated | error (pp) | real / sim TTFT-only |"
-        " real / sim TPOT-only | mean TTFT ms real / sim | mean TPOT ms real / sim | compiles |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        " real / sim TPOT-only | mean TTFT ms real / sim | mean TPOT ms real / sim | real decode step / profile (mean batch) | compiles |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, e in zip(rows, errors):
         lines.append(f"| {r['mode']} | {r['rate']:g} | {r['real'][0]:.1%} | {r['sim'][0]:.1%} | "
                      f"{e:.1f} | {r['real'][1]:.1%} / {r['sim'][1]:.1%} | "
                      f"{r['real'][2]:.1%} / {r['sim'][2]:.1%} | {r['ttft'][0]:.1f} / "
-                     f"{r['ttft'][1]:.1f} | {r['tpot'][0]:.2f} / {r['tpot'][1]:.2f} | {r['compiles']} |")
+                     f"{r['ttft'][1]:.1f} | {r['tpot'][0]:.2f} / {r['tpot'][1]:.2f} | "
+                     f"{r['decode_ratio']:.2f} ({r['decode_batch']:.1f}) | {r['compiles']} |")
     per_mode = {m: max(e for r, e in zip(rows, errors) if r["mode"] == m)
                 for m in dict.fromkeys(r["mode"] for r in rows)}
     ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"

@@ -132,6 +132,10 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
         self._stopped = threading.Event()
+        self._outputs: queue.Queue = queue.Queue()
+        self._output_thread = threading.Thread(target=self._output_loop, daemon=True,
+                                               name="dsjax-output")
+        self._output_thread.start()
 
         default_devices = devices is None
         specs = plan_placement(config.mode, devices=devices, allow_shared_device=default_devices,
@@ -196,8 +200,9 @@ class Engine:
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None,
                     on_output: Callable[[RequestOutput], None] | None = None,
-                    arrival_time: float | None = None) -> RequestStream:
-        """Queue a request; outputs go to on_output (from engine threads) or the returned stream."""
+                    arrival_time: float | None = None, stream: bool = True) -> RequestStream:
+        """Queue a request; outputs go to on_output (from the engine's output thread) or the
+        returned stream: one per token, or only the final one with stream=False."""
         if self.error is not None:
             raise EngineError(f"engine stopped after an instance failed: {self.error}")
         if self._stopped.is_set():
@@ -212,9 +217,10 @@ class Engine:
             ids = [int(t) for t in prompt]
         self._validate(ids, params)
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
-        stream = RequestStream(rid)
+        handle = RequestStream(rid)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        req = Request(rid, text, ids, params, seed, arrival_time, on_output or stream.put)
+        req = Request(rid, text, ids, params, seed, arrival_time, on_output or handle.put)
+        req.stream = stream
         req.stop_checker = StopChecker(params, self.model_config.eos_token_id)
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
@@ -225,7 +231,7 @@ class Engine:
             self.requests[rid] = req
             target = min(self.prefill_instances, key=lambda i: i.load())
             target.admit(req)
-        return stream
+        return handle
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         mc, cfg = self.model_config, self.config
@@ -253,30 +259,84 @@ class Engine:
                 raise ValueError(f"request needs {blocks} KV blocks but {inst.name_} has only "
                                  f"{inst.blocks.num_total}: lower max_tokens or give more memory")
 
-    def append_token(self, req: Request, token: int, logprobs, now: float) -> bool:
-        """Record a sampled token, detokenize, check stop, stream. Lock held. True if finished."""
+    def record_token(self, req: Request, token: int, logprobs, now: float) -> bool:
+        """Record a sampled token and decide the conditions that need no text (eos, stop ids,
+        length). Called by instances with the lock held; returns True if the request finished.
+        Text, stop strings and delivery happen on the output thread, off the step's path."""
         req.output_token_ids.append(token)
         req.token_timestamps.append(now)
         if req.output_logprobs is not None:
             req.output_logprobs.append(logprobs)
-        emitted = len(req.text) if req.text is not None else 0
+        reason = req.stop_checker.check_token(token, len(req.output_token_ids))
+        if reason is not None:
+            self._finish(req, reason)
+        return reason is not None
+
+    def publish(self, requests) -> None:
+        """Queue one step's new tokens for delivery (one queue operation per step)."""
+        self._outputs.put([(r, len(r.output_token_ids)) for r in requests])
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.add_event("decoding_end")
+        self.requests.pop(req.request_id, None)
+
+    def _output_loop(self) -> None:
+        """Detokenize, apply stop strings and hand outputs to consumers, in step order."""
+        while True:
+            item = self._outputs.get()
+            if item is None:
+                return
+            for req, upto in item:
+                try:
+                    self._deliver_tokens(req, upto)
+                except Exception:  # a broken consumer must not take the engine down
+                    log.exception("delivering output of %s failed", req.request_id)
+
+    def _deliver_tokens(self, req: Request, upto: int) -> None:
+        if req.delivered_final:
+            return
+        upto = min(upto, len(req.output_token_ids))
+        new_ids = req.output_token_ids[req.num_delivered:upto]
+        new_text = None
         if req.detokenizer is not None:
-            req.text += req.detokenizer.feed(token)
-        decision = req.stop_checker.check(token, len(req.output_token_ids), req.text)
-        if decision.finished:
-            if req.detokenizer is not None:
-                req.text = decision.text if decision.finish_reason == "stop" and \
-                    decision.text != req.text else req.text + req.detokenizer.flush()
-            req.status = Status.FINISHED
-            req.finish_reason = decision.finish_reason
-            req.add_event("decoding_end")
-            self.requests.pop(req.request_id, None)
-        new_text = None if req.text is None else req.text[emitted:]
-        self._deliver(req, req.to_output(1, new_text))
-        return decision.finished
+            new_text = "".join(req.detokenizer.feed(t) for t in new_ids)
+            req.text += new_text
+            cut = (req.stop_checker.check_text(req.text, upto)
+                   if req.stop_checker.has_stop_strings else None)
+            if cut is not None:
+                with self.lock:
+                    self._stop_at(req, upto)
+                emitted = len(req.text) - len(new_text)
+                req.text = req.text[:cut]
+                new_text = req.text[emitted:] if cut > emitted else ""
+        final = req.finished and upto >= len(req.output_token_ids)
+        if final and req.detokenizer is not None and req.finish_reason != "stop":
+            tail = req.detokenizer.flush()
+            req.text += tail
+            new_text = (new_text or "") + tail
+        req.num_delivered = upto
+        if final or req.stream:
+            req.delivered_final = final
+            self._call(req, req.to_output(new_ids, new_text, upto))
+
+    def _stop_at(self, req: Request, upto: int) -> None:
+        """A stop string ended the output at token `upto`: finish there (the engine may have
+        generated past it meanwhile; those tokens are dropped). Lock held."""
+        if req.status is Status.ABORTED:
+            return
+        if not req.finished:
+            self._release(req)
+            self._finish(req, "stop")
+        req.finish_reason = "stop"
+        del req.output_token_ids[upto:]
+        del req.token_timestamps[upto:]
+        if req.output_logprobs is not None:
+            del req.output_logprobs[upto:]
 
     @staticmethod
-    def _deliver(req: Request, output) -> None:
+    def _call(req: Request, output) -> None:
         try:
             req.on_output(output)
         except Exception:  # a broken consumer must not take the engine down
@@ -288,36 +348,41 @@ class Engine:
             req = self.requests.pop(request_id, None)
             if req is None or req.finished:
                 return False
-            status = req.status
+            self._release(req)
             req.status = Status.ABORTED
             req.finish_reason = "abort"
-            if status is Status.QUEUED:
-                for inst in self.prefill_instances:
-                    if inst.remove_queued(req) and inst.blocks.holds(request_id):
-                        inst.blocks.free(request_id)  # a partly chunked prompt
-            elif status is Status.WAITING_MIGRATION:
-                self.migration_queue.remove(req)
-                req.prefill_instance.release(req)
-            elif status in (Status.DECODING, Status.SWAPPED):
-                for inst in self.decode_instances:
-                    if inst.scheduler.remove(req):
-                        inst.blocks.free(request_id)
-                        inst.swap_space.drop(request_id)
-            elif status is Status.PREFILLING:
-                # The owner frees the blocks when the step returns; a chunked prompt also sits
-                # in its scheduler's queue.
-                for inst in self.prefill_instances:
-                    if isinstance(inst, ChunkedInstance) and inst.remove_queued(req):
-                        inst.blocks.free(request_id)
-            # MIGRATING: the pulling decode instance frees both sides when the copy ends.
-            self._deliver(req, req.to_output(0, "" if req.text is not None else None))
+            self._outputs.put([(req, len(req.output_token_ids))])
         return True
+
+    def _release(self, req: Request) -> None:
+        """Free the blocks of an unfinished request wherever it is. Lock held. A request inside
+        a device step (prefilling, migrating, decoding) is freed by its owner when the step
+        returns: the owner sees it finished."""
+        status = req.status
+        rid = req.request_id
+        if status is Status.QUEUED:
+            for inst in self.prefill_instances:
+                if inst.remove_queued(req) and inst.blocks.holds(rid):
+                    inst.blocks.free(rid)  # a partly chunked prompt
+        elif status is Status.WAITING_MIGRATION:
+            self.migration_queue.remove(req)
+            req.prefill_instance.release(req)
+        elif status in (Status.DECODING, Status.SWAPPED):
+            for inst in self.decode_instances:
+                if inst.scheduler.remove(req):
+                    inst.blocks.free(rid)
+                    inst.swap_space.drop(rid)
+        elif status is Status.PREFILLING:
+            for inst in self.prefill_instances:
+                if isinstance(inst, ChunkedInstance) and inst.remove_queued(req):
+                    inst.blocks.free(rid)
+        # MIGRATING: the pulling decode instance frees both sides when the copy ends.
 
     def fail_all(self, error: BaseException) -> None:
         with self.lock:
             self.error = error
             for req in list(self.requests.values()):
-                self._deliver(req, error)
+                self._call(req, error)
             self.requests.clear()
 
     def wake_decoders(self) -> None:
@@ -369,8 +434,10 @@ class Engine:
             for req in list(self.requests.values()):
                 req.status = Status.ABORTED
                 req.finish_reason = "abort"
-                self._deliver(req, req.to_output(0, None))
+                self._outputs.put([(req, len(req.output_token_ids))])
             self.requests.clear()
+        self._outputs.put(None)
+        self._output_thread.join(timeout=10)
 
     def __enter__(self):
         return self

@@ -109,8 +109,9 @@ class Instance(threading.Thread):
                 logprobs = {int(t): float(l) for t, l in
                             zip(out.top_ids[row][:n], out.top_logprobs[row][:n])}
                 logprobs[int(out.tokens[row])] = float(out.logprob[row])
-            if self.engine.append_token(req, int(out.tokens[row]), logprobs, now):
+            if self.engine.record_token(req, int(out.tokens[row]), logprobs, now):
                 finished.append(req)
+        self.engine.publish(requests)
         self.tokens_since_status += len(requests)
         return finished
 
@@ -151,10 +152,10 @@ class PrefillInstance(Instance):
         out = self.runner.prefill(batch, tables)
         with self.lock:
             self.in_flight = []
-            finished = set(self._emit_tokens(batch, out))
+            self._emit_tokens(batch, out)
             for r in batch:
                 r.add_event("context_end")
-                if r.status is Status.ABORTED or r in finished:
+                if r.finished:
                     self.blocks.free(r.request_id)
                     continue
                 r.status = Status.WAITING_MIGRATION
@@ -235,7 +236,7 @@ class DecodeInstance(DecodeMixin, Instance):
             req.add_event("migration_end")
             self.engine.record_migration(nbytes, req.events[-1]["timestamp"] -
                                          req.events[-2]["timestamp"])
-            if req.status is Status.ABORTED:
+            if req.finished:
                 self.blocks.free(req.request_id)
             else:
                 req.status = Status.DECODING
@@ -313,10 +314,10 @@ class ColocatedInstance(DecodeMixin, Instance):
             out = self.runner.prefill(batch, tables)
             with self.lock:
                 self.in_flight = []
-                finished = set(self._emit_tokens(batch, out))
+                self._emit_tokens(batch, out)
                 for r in batch:
                     r.add_event("context_end")
-                    if r.status is Status.ABORTED or r in finished:
+                    if r.finished:
                         self.blocks.free(r.request_id)
                     else:
                         r.status = Status.DECODING
@@ -387,7 +388,7 @@ class ChunkedInstance(DecodeMixin, Instance):
         with self.lock:
             emit_reqs, emit_rows = list(step.decodes), list(range(len(step.decodes)))
             for j, (r, start, n) in enumerate(step.chunks):
-                if r.status is Status.ABORTED:
+                if r.finished:
                     continue
                 if self.chunked.chunk_done(r, n):
                     r.add_event("context_end")

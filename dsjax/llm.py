@@ -52,7 +52,7 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: "
                                  f"pass one, or one per prompt")
-        streams = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        streams = [self.engine.add_request(p, sp, stream=False) for p, sp in zip(prompts, params)]
         outputs = []
         with tqdm(total=len(streams), desc="generate", disable=not use_tqdm,
                   unit="req") as bar:

@@ -42,7 +42,7 @@ FULL_GRID = Grid((16, 32, 64, 128, 256, 512, 1024), (1, 2, 4, 8, 16), 4096,
                  (1, 2, 4, 8, 16, 32, 64, 128), (32, 128, 256, 512, 1024), 65536, 5)
 QUICK_GRID = Grid((16, 64, 128, 256), (1, 2, 4), 1024,
                   (1, 4, 16, 32), (32, 128, 256), 8192, 3)
-TINY_GRID = Grid((8, 32), (1, 2), 64, (1, 4), (16, 48), 256, 1)   # tests
+TINY_GRID = Grid((8, 128), (1, 2), 256, (1, 16), (16, 128), 4096, 1)   # tests
 
 
 @dataclasses.dataclass
@@ -213,9 +213,11 @@ def hardware_description(devices) -> dict:
 
 
 def default_output(model: str, devices) -> Path:
+    platform = devices[0].platform
     kind = devices[0].device_kind.lower().replace(" ", "-")
+    where = platform if kind == platform else f"{platform}-{kind}"
     name = canonical_model_name(model).split("/")[-1]
-    return PROFILE_DIR / f"profiler-{devices[0].platform}-{kind}-{name}.distserve.json"
+    return PROFILE_DIR / f"profiler-{where}-{name}.distserve.json"
 
 
 def run_profile(model: str, dtype: str = "float32", tps: Sequence[int] | None = None,

@@ -65,6 +65,10 @@ class Request:
         self.detokenizer = None
         self.stop_checker = None
         self.prefill_instance = None  # instance holding the prompt's KV until migration
+        # Delivery state, owned by the engine's output thread.
+        self.stream = True           # deliver every token (False: only the final output)
+        self.num_delivered = 0
+        self.delivered_final = False
 
     @property
     def prompt_len(self) -> int:
@@ -87,15 +91,19 @@ class Request:
         self.events.append({"timestamp": time.perf_counter() if timestamp is None else timestamp,
                             "event_type": event_type})
 
-    def to_output(self, num_new: int, new_text: str | None) -> RequestOutput:
+    def to_output(self, new_token_ids: list[int], new_text: str | None,
+                  upto: int) -> RequestOutput:
+        """A snapshot of the first `upto` tokens (the engine may already be past them)."""
+        finished = self.delivered_final
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids, token_ids=list(self.output_token_ids),
-            text=self.text, finished=self.finished, finish_reason=self.finish_reason,
-            logprobs=None if self.output_logprobs is None else list(self.output_logprobs),
-            new_token_ids=self.output_token_ids[len(self.output_token_ids) - num_new:],
-            new_text=new_text, token_timestamps=list(self.token_timestamps),
-            lifetime_events=list(self.events))
+            prompt_token_ids=self.prompt_token_ids, token_ids=self.output_token_ids[:upto],
+            text=self.text, finished=finished,
+            finish_reason=self.finish_reason if finished else None,
+            logprobs=None if self.output_logprobs is None else self.output_logprobs[:upto],
+            new_token_ids=new_token_ids, new_text=new_text,
+            token_timestamps=self.token_timestamps[:upto],
+            lifetime_events=list(self.events) if finished else [])
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

@@ -70,21 +70,30 @@ class Stage:
         self.pool = PagePool(self.mesh, num_layers, num_pages, page_size,
                              config.num_attention_heads, config.head_dim, dtype)
         attention = for_mesh(attention, self.mesh)
+        self.models = {mode: OPTModel(config, attention, mode, num_layers=num_layers,
+                                      first_stage=first, last_stage=last, dtype=dtype,
+                                      param_dtype=dtype)
+                       for mode in ("prefill", "decode", "chunked")}
         self.fns = {}
-        for mode in ("prefill", "decode", "chunked"):
-            model = OPTModel(config, attention, mode, num_layers=num_layers, first_stage=first,
-                             last_stage=last, dtype=dtype, param_dtype=dtype)
-            self.fns[mode] = jax.jit(functools.partial(_stage_step, model),
-                                     static_argnames=("layout", "num_logprobs", "sample_mode"),
-                                     donate_argnums=(2, 3))
+
+    def _fn(self, mode, layout, num_logprobs, sample_mode):
+        """The jitted step for one input layout; positional-only calls keep JAX's fast C++
+        dispatch path (static keyword arguments would take the slower Python one)."""
+        key = (mode, layout, num_logprobs, sample_mode)
+        fn = self.fns.get(key)
+        if fn is None:
+            fn = jax.jit(functools.partial(_stage_step, self.models[mode], layout=layout,
+                                           num_logprobs=num_logprobs, sample_mode=sample_mode),
+                         donate_argnums=(2, 3))
+            self.fns[key] = fn
+        return fn
 
     def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode):
         """One stage of a step. `packed` holds the host inputs (token ids, metadata, sampling)
         as two flat arrays, so a step costs one host->device transfer instead of a dozen."""
         bufs = jax.device_put(packed, self.replicated)
-        out, self.pool.k, self.pool.v = self.fns[mode](
-            self.params, hidden, self.pool.k, self.pool.v, bufs, layout=layout,
-            num_logprobs=num_logprobs, sample_mode=sample_mode)
+        fn = self._fn(mode, layout, num_logprobs, sample_mode)
+        out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v, bufs)
         return out
 
 

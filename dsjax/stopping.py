@@ -34,17 +34,35 @@ class StopChecker:
 
     def check(self, token_id: int, num_generated: int, text: str | None) -> StopDecision:
         """`num_generated` counts `token_id`; `text` is the whole output text so far or None."""
-        if num_generated >= self._params.min_tokens:
-            if token_id == self._eos_token_id or token_id in self._stop_token_ids:
-                return StopDecision(True, "stop", text)
-            cut = self._find_stop_string(text)
-            if cut is not None:
-                return StopDecision(True, "stop", text[:cut])
+        cut = self.check_text(text, num_generated)
+        if cut is not None:
+            return StopDecision(True, "stop", text[:cut])
+        reason = self.check_token(token_id, num_generated)
+        return StopDecision(reason is not None, reason, text)
+
+    def check_token(self, token_id: int, num_generated: int) -> FinishReason | None:
+        """The conditions that need no text (the engine's hot path): eos, stop ids, length."""
+        if num_generated >= self._params.min_tokens and (
+                token_id == self._eos_token_id or token_id in self._stop_token_ids):
+            return "stop"
+        if num_generated >= self._params.max_tokens:
+            return "length"
+        return None
+
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stop_strings)
+
+    def check_text(self, text: str | None, num_generated: int) -> int | None:
+        """Where to cut the output text if a stop string has just been completed, else None."""
+        if num_generated < self._params.min_tokens:
+            if text is not None:
+                self._checked_chars = len(text)
+            return None
+        cut = self._find_stop_string(text)
         if text is not None:
             self._checked_chars = len(text)
-        if num_generated >= self._params.max_tokens:
-            return StopDecision(True, "length", text)
-        return StopDecision(False, None, text)
+        return cut
 
     def _find_stop_string(self, text: str | None) -> int | None:
         """Index of the earliest stop string that could have been completed by new text."""

@@ -282,3 +282,18 @@ def test_pallas_kernels_under_tensor_parallelism_match_reference(reference):
     engine = get_engine(mode="disaggregated", attention_backend="pallas",
                         context_tensor_parallel_size=2, decoding_tensor_parallel_size=2)
     assert generate(engine, prompts()[:3]) == reference[:3]
+
+
+def test_stop_string_cuts_text_and_frees_blocks():
+    engine = get_engine(mode="disaggregated")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    full = engine.add_request("Paged attention", params).result(timeout=120)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    out = engine.add_request("Paged attention", SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])).result(timeout=120)
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:full.text.index(stop)]
+    assert out.token_ids == full.token_ids[:len(out.token_ids)]
+    assert len(out.token_ids) == len(out.token_timestamps) < len(full.token_ids)
+    wait_idle(engine)
