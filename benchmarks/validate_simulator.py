@@ -144,22 +144,26 @@ def main(argv=None) -> int:
                               temperature=args.temperature)
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: warm-up {time.perf_counter() - t:.1f} s ({n_steps} shapes)")
-            link = engine.migrations
-            link_bps = (link["bytes"] / link["seconds"]) if link["seconds"] > 0 else 1e12
-            sim_cfg = SimConfig(mode=mode, prefill=InstanceSpec(1, 1), decode=InstanceSpec(1, 1),
-                                prefill_max_batch=limits["context_max_batch_size"],
-                                prefill_max_tokens=limits["context_max_tokens_per_batch"],
-                                decode_max_batch=limits["decoding_max_batch_size"],
-                                colocated_max_batch=limits["decoding_max_batch_size"],
-                                colocated_max_tokens=limits["context_max_tokens_per_batch"],
-                                kv_link_bytes_per_s=link_bps)
+            def sim_config(link_bps):
+                return SimConfig(mode=mode, prefill=InstanceSpec(1, 1), decode=InstanceSpec(1, 1),
+                                 prefill_max_batch=limits["context_max_batch_size"],
+                                 prefill_max_tokens=limits["context_max_tokens_per_batch"],
+                                 decode_max_batch=limits["decoding_max_batch_size"],
+                                 colocated_max_batch=limits["decoding_max_batch_size"],
+                                 colocated_max_tokens=limits["context_max_tokens_per_batch"],
+                                 kv_link_bytes_per_s=link_bps)
             measured, predicted, dec_ratio = [], [], []
             for rate in args.rates:
                 compiles[0] = 0
                 offsets = arrival_offsets(len(reqs), rate, 1.0, args.seed)
+                before = dict(engine.migrations)
                 real = replay(engine, reqs, rate, seed=args.seed, temperature=args.temperature,
                               offsets=offsets)
-                sim = [s.to_result() for s in Cluster(model, sim_cfg).run(reqs, offsets)]
+                # The simulator's KV link: this run's measured in-process migration bandwidth.
+                moved = engine.migrations["bytes"] - before["bytes"]
+                secs = engine.migrations["seconds"] - before["seconds"]
+                link_bps = moved / secs if secs > 0 else 1e12
+                sim = [s.to_result() for s in Cluster(model, sim_config(link_bps)).run(reqs, offsets)]
                 ra, sa = attainment(real, args.ttft_slo, args.tpot_slo), \
                     attainment(sim, args.ttft_slo, args.tpot_slo)
                 mean = lambda rs, f: 1e3 * float(np.mean([getattr(r, f) for r in rs]))
@@ -167,6 +171,7 @@ def main(argv=None) -> int:
                            ttft=(mean(real, "ftl"), mean(sim, "ftl")),
                            tpot=(mean(real, "tpot"), mean(sim, "tpot")))
                 row["compiles"] = compiles[0]
+                row["link_gbs"] = link_bps / 1e9
                 steps = decode_steps(real)
                 row["decode_ratio"] = float(np.median([secs * 1e3 / model.decode_ms(ctx, 1)
                                                        for ctx, secs in steps])) if steps else 0.0
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
                       f"mean TTFT {row['ttft'][0]:.1f}/{row['ttft'][1]:.1f} ms  mean TPOT "
                       f"{row['tpot'][0]:.2f}/{row['tpot'][1]:.2f} ms  decode step real/profile "
                       f"{row['decode_ratio']:.2f} (mean batch {row['decode_batch']:.1f})  "
-                      f"compiles {compiles[0]}", flush=True)
+                      f"KV link {row['link_gbs']:.2f} GB/s  compiles {compiles[0]}", flush=True)
             ratio = np.array(measured) / np.array(predicted)
             step_ratios[mode] = (float(np.median(ratio)), float(np.mean(ratio)), len(ratio))
         finally:

@@ -115,6 +115,25 @@ class Instance(threading.Thread):
         self.tokens_since_status += len(requests)
         return finished
 
+    def _start_prefill(self, batch) -> list[list[int]]:
+        """Mark a scheduled prompt batch as running; returns its block tables. Lock held."""
+        for r in batch:
+            r.status = Status.PREFILLING
+            r.add_event("context_begin")
+        self.in_flight = batch
+        return [list(self.blocks.tables[r.request_id]) for r in batch]
+
+    def _finish_prefill(self, batch, out: StepOutput, hand_off) -> None:
+        """Stream first tokens; free finished or aborted requests, hand_off(r) the rest. Lock held."""
+        self.in_flight = []
+        self._emit_tokens(batch, out)
+        for r in batch:
+            r.add_event("context_end")
+            if r.finished:
+                self.blocks.free(r.request_id)
+            else:
+                hand_off(r)
+
 
 class PrefillInstance(Instance):
     """Runs prompt batches; prefilled requests keep their blocks until a decode instance pulls."""
@@ -144,25 +163,17 @@ class PrefillInstance(Instance):
             batch = self.scheduler.schedule()
             if not batch:
                 return False
-            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
-            for r in batch:
-                r.status = Status.PREFILLING
-                r.add_event("context_begin")
-            self.in_flight = batch
+            tables = self._start_prefill(batch)
         out = self.runner.prefill(batch, tables)
         with self.lock:
-            self.in_flight = []
-            self._emit_tokens(batch, out)
-            for r in batch:
-                r.add_event("context_end")
-                if r.finished:
-                    self.blocks.free(r.request_id)
-                    continue
-                r.status = Status.WAITING_MIGRATION
-                r.prefill_instance = self
-                self.engine.migration_queue.append(r)
+            self._finish_prefill(batch, out, self._await_migration)
         self.engine.wake_decoders()
         return True
+
+    def _await_migration(self, r: Request) -> None:
+        r.status = Status.WAITING_MIGRATION
+        r.prefill_instance = self
+        self.engine.migration_queue.append(r)
 
     def release(self, request: Request) -> None:
         """Free a request's prefill blocks (after migration or abort). Lock held."""
@@ -189,6 +200,29 @@ class DecodeMixin:
             self.runner.insert_pages(step.swap_in_blocks[r.request_id],
                                      self.swap_space.take(r.request_id))
             r.status = Status.DECODING
+
+    def _decode_step(self) -> bool:
+        """One continuous-batching step of self.scheduler; False if there was nothing to do."""
+        start = time.perf_counter()
+        with self.lock:
+            step = self.scheduler.schedule()
+            batch = step.batch
+            if not batch and not step.swap_out:
+                return False
+            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
+            for r in batch:
+                if len(r.output_token_ids) == 1 and r.events[-1]["event_type"] != "decoding_begin":
+                    r.add_event("decoding_begin")
+        self._swap(step)
+        if not batch:
+            return True
+        out = self.runner.decode(batch, tables)
+        with self.lock:
+            finished = self._emit_tokens(batch, out)
+            self._finish_decoded(self.scheduler, finished)
+        if self.step_log is not None:
+            self.step_log.append((len(batch), time.perf_counter() - start, self.runner.last_wait_s))
+        return True
 
     def _finish_decoded(self, scheduler, finished) -> None:
         for r in finished:
@@ -245,26 +279,7 @@ class DecodeInstance(DecodeMixin, Instance):
 
     def step(self) -> bool:
         pulled = self._pull()
-        start = time.perf_counter()
-        with self.lock:
-            step = self.scheduler.schedule()
-            batch = step.batch
-            if not batch and not step.swap_out:
-                return pulled
-            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
-            for r in batch:
-                if r.events[-1]["event_type"] != "decoding_begin" and len(r.output_token_ids) == 1:
-                    r.add_event("decoding_begin")
-        self._swap(step)
-        if not batch:
-            return True
-        out = self.runner.decode(batch, tables)
-        with self.lock:
-            finished = self._emit_tokens(batch, out)
-            self._finish_decoded(self.scheduler, finished)
-        if self.step_log is not None:
-            self.step_log.append((len(batch), time.perf_counter() - start, self.runner.last_wait_s))
-        return True
+        return self._decode_step() or pulled
 
 
 class ColocatedInstance(DecodeMixin, Instance):
@@ -297,49 +312,24 @@ class ColocatedInstance(DecodeMixin, Instance):
         with self.lock:
             batch = []
             room = self.scheduler.limits.max_batch_size - len(self.scheduler)
-            if not self.scheduler.swapped and room > 0:
-                # Keep a block per running request in reserve so admitting prompts does not
-                # immediately force a swap.
-                reserve = len(self.scheduler.running)
-                if self.blocks.num_free > reserve:
-                    batch = self.prefill.schedule(max_batch_size=min(
-                        room, self.prefill.limits.max_batch_size))
+            # Prompts first (vLLM's policy), unless requests are swapped out; keep a block per
+            # running request in reserve so admitting prompts does not force a swap at once.
+            if not self.scheduler.swapped and room > 0 and \
+                    self.blocks.num_free > len(self.scheduler.running):
+                batch = self.prefill.schedule(max_batch_size=min(
+                    room, self.prefill.limits.max_batch_size))
             if batch:
-                tables = [list(self.blocks.tables[r.request_id]) for r in batch]
-                for r in batch:
-                    r.status = Status.PREFILLING
-                    r.add_event("context_begin")
-                self.in_flight = batch
-        if batch:
-            out = self.runner.prefill(batch, tables)
-            with self.lock:
-                self.in_flight = []
-                self._emit_tokens(batch, out)
-                for r in batch:
-                    r.add_event("context_end")
-                    if r.finished:
-                        self.blocks.free(r.request_id)
-                    else:
-                        r.status = Status.DECODING
-                        self.scheduler.add_waiting(r)
-            return True
-        with self.lock:
-            step = self.scheduler.schedule()
-            batch = step.batch
-            if not batch and not step.swap_out:
-                return False
-            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
-            for r in batch:
-                if len(r.output_token_ids) == 1 and r.events[-1]["event_type"] == "context_end":
-                    r.add_event("decoding_begin")
-        self._swap(step)
+                tables = self._start_prefill(batch)
         if not batch:
-            return True
-        out = self.runner.decode(batch, tables)
+            return self._decode_step()
+        out = self.runner.prefill(batch, tables)
         with self.lock:
-            finished = self._emit_tokens(batch, out)
-            self._finish_decoded(self.scheduler, finished)
+            self._finish_prefill(batch, out, self._start_decoding)
         return True
+
+    def _start_decoding(self, r: Request) -> None:
+        r.status = Status.DECODING
+        self.scheduler.add_waiting(r)
 
 
 class ChunkedInstance(DecodeMixin, Instance):

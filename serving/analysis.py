@@ -162,8 +162,9 @@ def goodput_table(runs: dict[str, list[Run]], num_gpus: dict[str, int], fixed: d
         rate_ratio = d["goodput"] / c["goodput"] if c["goodput"] > 0 else math.inf
         slo_ratio = c["slo_scale"] / d["slo_scale"] if d["slo_scale"] > 0 else math.inf
         numbers["ratio"] = {"goodput": rate_ratio, "slo_scale": slo_ratio}
-        lines += ["", f"{DISAGGREGATED}/{base}: {rate_ratio:.2f}x goodput per GPU, "
-                      f"{slo_ratio:.2f}x tighter SLO"]
+        rate_text = (f"{rate_ratio:.2f}x goodput per GPU" if math.isfinite(rate_ratio) else
+                     f"goodput ratio undefined ({base} never reached the target)")
+        lines += ["", f"{DISAGGREGATED}/{base}: {rate_text}, {slo_ratio:.2f}x tighter SLO"]
     return "\n".join(lines), numbers
 
 
