@@ -201,7 +201,12 @@ class ModelRunner:
     def _sampling_args(requests):
         params = [r.sampling_params for r in requests]
         nlp = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-        smode = "greedy" if all(p.temperature == 0 for p in params) else "mixed"
+        if all(p.temperature == 0 for p in params):
+            smode = "greedy"
+        elif all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):
+            smode = "temperature"  # no filtering anywhere: no sort of the vocabulary
+        else:
+            smode = "mixed"
         return nlp, smode
 
     def _sampling(self, requests, pad_to):

@@ -14,7 +14,7 @@ import numpy as np
 
 from dsjax.sampling_params import SamplingParams
 
-SAMPLING_MODES = ("greedy", "mixed")
+SAMPLING_MODES = ("greedy", "temperature", "mixed")
 
 
 @flax.struct.dataclass
@@ -67,42 +67,51 @@ def _row_gumbel(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
     return jax.vmap(one)(seeds, steps)
 
 
-def _filtered_sample(logits: jax.Array, st: SamplingTensors):
-    """Temperature + top-k + top-p + Gumbel-max with one descending sort of [B, V].
+def _gumbel_pick(logits: jax.Array, keep, st: SamplingTensors) -> jax.Array:
+    """Gumbel-max over logits / temperature among the kept tokens (vocab order, so a seeded row
+    draws the same token whether or not its batch needed the filtering sort)."""
+    safe_temp = jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
+    scaled = logits / safe_temp
+    if keep is not None:
+        scaled = jnp.where(keep, scaled, -jnp.inf)
+    noise = _row_gumbel(st.seeds, st.steps, logits.shape[-1])
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
-    Returns (tokens [B], sorted_ids [B, V]); sorted_ids is reused for the top-N logprobs.
+
+def _top_k_top_p_mask(logits: jax.Array, st: SamplingTensors):
+    """Which tokens each row's top-k and top-p keep, from one descending sort of [B, V].
+
+    Returns (keep [B, V] in vocab order, sorted_ids [B, V]); sorted_ids is reused for logprobs.
     """
     batch, vocab = logits.shape
-    # Sorting the raw logits gives the same order as the scaled ones (temperature > 0).
     neg_sorted, sorted_ids = jax.lax.sort(
         (-logits, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (batch, vocab))),
         dimension=-1, num_keys=1)
     safe_temp = jnp.where(st.temperature > 0, st.temperature, 1.0)[:, None]
-    scaled = -neg_sorted / safe_temp
-
+    scaled = -neg_sorted / safe_temp  # the same order as the raw logits (temperature > 0)
     rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
     k = jnp.where(st.top_k > 0, st.top_k, vocab)[:, None]
-    scaled = jnp.where(rank < k, scaled, -jnp.inf)
-
+    in_top_k = rank < k
+    scaled = jnp.where(in_top_k, scaled, -jnp.inf)
     # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass strictly
     # before it is below p. Rank 0 always stays, so a row never loses every token.
     probs = jax.nn.softmax(scaled, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < st.top_p[:, None]) | (rank == 0)
-    scaled = jnp.where(keep, scaled, -jnp.inf)
-
-    noise = _row_gumbel(st.seeds, st.steps, vocab)
-    pick = jnp.argmax(scaled + noise, axis=-1)
-    tokens = jnp.take_along_axis(sorted_ids, pick[:, None], axis=-1)[:, 0]
-    return tokens, sorted_ids
+    keep_sorted = in_top_k & ((mass_before < st.top_p[:, None]) | (rank == 0))
+    rows = jnp.arange(batch)[:, None]
+    keep = jnp.zeros((batch, vocab), bool).at[rows, sorted_ids].set(keep_sorted)
+    return keep, sorted_ids
 
 
 def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0,
            mode: str = "mixed") -> SampleOutput:
     """Pick one token per row of `logits` [B, V].
 
-    mode "greedy": every row is argmax (no sort). mode "mixed": each row follows its own
-    temperature / top-k / top-p; rows with temperature 0 still get exactly the argmax.
+    mode "greedy": every row is argmax (no sort). mode "temperature": rows sample from
+    softmax(logits / temperature) with no top-k / top-p anywhere in the batch (no sort).
+    mode "mixed": each row follows its own temperature / top-k / top-p (one sort). Rows with
+    temperature 0 get exactly the argmax in every mode, and a seeded row draws the same token
+    in "temperature" and "mixed" mode.
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
@@ -110,15 +119,20 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0,
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
 
+    sorted_ids = None
     if mode == "greedy":
         tokens = greedy_tokens
-        if num_logprobs:
+    else:
+        keep = None
+        if mode == "mixed":
+            keep, sorted_ids = _top_k_top_p_mask(logits, st)
+        sampled = _gumbel_pick(logits, keep, st)
+        tokens = jnp.where(st.temperature > 0, sampled, greedy_tokens).astype(jnp.int32)
+    if num_logprobs:
+        if sorted_ids is None:
             top_logprobs, top_ids = jax.lax.top_k(log_probs, num_logprobs)
             top_ids = top_ids.astype(jnp.int32)
-    else:
-        sampled, sorted_ids = _filtered_sample(logits, st)
-        tokens = jnp.where(st.temperature > 0, sampled, greedy_tokens).astype(jnp.int32)
-        if num_logprobs:
+        else:
             top_ids = sorted_ids[:, :num_logprobs]
             top_logprobs = jnp.take_along_axis(log_probs, top_ids, axis=-1)
 

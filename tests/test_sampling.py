@@ -246,3 +246,17 @@ def test_earliest_stop_string_wins_and_old_text_is_not_rescanned():
 def test_stop_strings_need_text():
     index, decision = run_checker(SamplingParams(stop=["a"], max_tokens=2), [1, 1])
     assert index == 1 and decision.finish_reason == "length" and decision.text is None
+
+
+def test_temperature_mode_draws_like_mixed_mode_without_sorting():
+    """A seeded row samples the same token whether or not its batch needed top-k/top-p."""
+    from dsjax.sampling import build_sampling_tensors, sample
+    logits = jax.random.normal(jax.random.key(5), (4, 300)) * 3
+    plain = [SamplingParams(temperature=0.7, seed=s) for s in range(4)]
+    st = build_sampling_tensors(plain, [p.seed for p in plain], [3] * 4, 4)
+    st = jax.tree_util.tree_map(jnp.asarray, st)
+    a = sample(logits, st, mode="temperature")
+    b = sample(logits, st, mode="mixed")
+    assert a.tokens.tolist() == b.tokens.tolist()
+    hlo = jax.jit(lambda l, t: sample(l, t, mode="temperature")).lower(logits, st).as_text()
+    assert "stablehlo.sort" not in hlo
