@@ -4,7 +4,7 @@
     results = replay(engine, dataset.sample(100), rate=4.0)
     both, ttft_ok, tpot_ok = dsjax.results.attainment(results, ttft_slo, tpot_slo)
 
-Arrivals are the benchmark client's (serving/bench.py `arrival_offsets`): gamma gaps with shape
+Arrivals are the benchmark client's (`dsjax.arrivals.arrival_offsets`): gamma gaps with shape
 1/cv^2 and scale cv^2/rate drawn from np.random.RandomState(seed), the first request at 0. Each
 request is sent as the client sends it (temperature 1, top_p 1, max_tokens = output_len,
 ignore_eos) with a prompt of prompt_len random token ids (dummy weights do not need text).
@@ -13,23 +13,14 @@ start_time is the scheduled arrival on the engine's clock (time.perf_counter), s
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
 import numpy as np
 
+from dsjax.arrivals import arrival_offsets
 from dsjax.results import RequestResult
 from dsjax.sampling_params import SamplingParams
-
-
-def arrival_offsets(num: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Send times (s, from the start); the same draw as serving/bench.py's arrival_offsets.
-    rate inf or 0 sends everything at once."""
-    if rate in (0.0, math.inf):
-        return np.zeros(num)
-    gaps = np.random.RandomState(seed).gamma(1.0 / (cv * cv), cv * cv / rate, size=num)
-    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if num else np.zeros(0)
 
 
 def _prompt_and_output(req) -> tuple[list[int] | int, int]:

@@ -212,7 +212,8 @@ class ModelRunner:
     def _sampling(self, requests, pad_to):
         return build_sampling_tensors([r.sampling_params for r in requests],
                                       [r.seed for r in requests],
-                                      [len(r.output_token_ids) for r in requests], pad_to)
+                                      [len(r.output_token_ids) for r in requests], pad_to,
+                                      self.config.eos_token_id)
 
     def _slots(self, table, positions):
         table = np.asarray(table, np.int32)

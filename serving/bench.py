@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
-import math
 import os
 import sys
 import time
@@ -23,22 +22,13 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
+from dsjax.arrivals import arrival_offsets
 from dsjax.datasets import TestRequest, get_dataset
 from dsjax.results import (FailedRequest, RequestResult, format_summary, save_exp, save_failures,
                            summarize)
 from serving.backends import DEFAULT_PORTS, REQUEST_FUNCS, BackendOptions, fetch_model_name
 
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=6 * 3600)
-
-
-def arrival_offsets(num: int, rate: float, cv: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Send times (s, from the start) of `num` requests: gamma gaps with shape 1/cv^2 and scale
-    cv^2/rate (cv = 1 is Poisson), drawn as the artifact does (np.random seeded with `seed`).
-    Request i waits for the first i gaps; rate inf or 0 sends everything at once."""
-    if rate in (0.0, math.inf):
-        return np.zeros(num)
-    gaps = np.random.RandomState(seed).gamma(1.0 / (cv * cv), cv * cv / rate, size=num)
-    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if num else np.zeros(0)
 
 
 async def benchmark(backend: str, base_url: str, requests: Sequence[TestRequest], rate: float,

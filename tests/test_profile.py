@@ -55,13 +55,6 @@ def test_default_tps_divide_heads_and_fit_devices():
     assert default_tps("opt-tiny", devices[:1]) == [1]
 
 
-def test_arrival_offsets_match_the_benchmark_client():
-    bench = pytest.importorskip("serving.bench")
-    for rate, cv in [(2.0, 1.0), (7.5, 0.5)]:
-        np.testing.assert_array_equal(arrival_offsets(20, rate, cv, seed=3),
-                                      bench.arrival_offsets(20, rate, cv, seed=3))
-
-
 def test_replay_returns_one_result_per_request():
     engine = get_engine()
     reqs = [TestRequest("x", 9, 4), (5, 1), ([10, 11, 12], 3), TestRequest("y", 20, 6)]

@@ -260,3 +260,17 @@ def test_temperature_mode_draws_like_mixed_mode_without_sorting():
     assert a.tokens.tolist() == b.tokens.tolist()
     hlo = jax.jit(lambda l, t: sample(l, t, mode="temperature")).lower(logits, st).as_text()
     assert "stablehlo.sort" not in hlo
+
+
+@pytest.mark.parametrize("mode", ["greedy", "mixed"])
+def test_eos_is_banned_before_min_tokens(mode):
+    logits = jnp.zeros((3, 50)).at[:, 7].set(10.0)  # eos (7) is by far the most likely
+    params = [SamplingParams(temperature=0 if mode == "greedy" else 1.0, min_tokens=3),
+              SamplingParams(temperature=0 if mode == "greedy" else 1.0, min_tokens=3),
+              SamplingParams(temperature=0 if mode == "greedy" else 1.0, min_tokens=3,
+                             ignore_eos=True)]
+    st = build_sampling_tensors(params, [1, 2, 3], [0, 3, 0], 3, eos_token_id=7)
+    out = sample(logits, jax.tree_util.tree_map(jnp.asarray, st), mode=mode)
+    assert out.tokens[0] != 7          # 0 generated < min_tokens: eos may not end it
+    assert out.tokens[1] == 7          # min_tokens reached
+    assert out.tokens[2] == 7          # ignore_eos: eos is an ordinary token

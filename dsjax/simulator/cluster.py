@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from dsjax.arrivals import arrival_offsets
+
 from dsjax.profiles import LatencyModel
 from dsjax.simulator.events import EventLoop
 from dsjax.simulator.instances import ColocatedInstance, DecodeInstance, InstanceSpec, PrefillInstance
@@ -58,8 +60,7 @@ def poisson_arrivals(num: int, rate: float, seed: int = 0, cv: float = 1.0) -> n
     """Arrival times (s) of gamma-gap arrivals: shape 1/cv^2, scale cv^2/rate; the first at 0."""
     if rate <= 0:
         raise ValueError(f"arrival rate must be positive, got {rate}")
-    gaps = np.random.default_rng(seed).gamma(1.0 / cv**2, cv**2 / rate, size=num)
-    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if num else np.zeros(0)
+    return arrival_offsets(num, rate, cv, seed)  # the load client's exact draw
 
 
 class StopSimulation(Exception):
