@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from models.config import OPTConfig
 
 TP_AXIS = "tp"
+PP_AXIS = "pp"
 # The KV cache [layers, pages, page_size, heads, head_dim] is split by heads.
 KV_SPEC = P(None, None, None, TP_AXIS, None)
 
@@ -130,10 +131,12 @@ def param_shardings(params_shape, mesh: Mesh):
 
 
 def stage_param_tree(params: dict, layer_range: tuple[int, int], first: bool, last: bool,
-                     config: OPTConfig) -> dict:
-    """The part of the full param tree one pipeline stage needs (tied embedding on both ends)."""
+                     config: OPTConfig, take_layers=None) -> dict:
+    """The part of the full param tree one pipeline stage needs (tied embedding on both ends).
+    take_layers(leaf) extracts the stage's layers from a stacked leaf (default: slicing)."""
     start, end = layer_range
-    out = {"layers": jax.tree_util.tree_map(lambda x: x[start:end], params["layers"])}
+    take_layers = take_layers or (lambda x: x[start:end])
+    out = {"layers": jax.tree_util.tree_map(take_layers, params["layers"])}
     if first or last:
         out["embed_tokens"] = params["embed_tokens"]
     if first:
@@ -146,3 +149,28 @@ def stage_param_tree(params: dict, layer_range: tuple[int, int], first: bool, la
         if config.has_projections:
             out["project_out"] = params["project_out"]
     return out
+
+
+def instance_mesh(spec: InstanceSpec) -> Mesh:
+    """All of an instance's devices: stage s is row s."""
+    return Mesh(np.array(spec.devices).reshape(spec.pp, spec.tp), (PP_AXIS, TP_AXIS))
+
+
+def pipeline_param_shardings(params_shape, mesh: Mesh):
+    """Shardings over an instance mesh that put each stage's layers on that stage's devices
+    (stacked layer axis split over "pp") and the rest as param_spec says, on every stage."""
+    def one(path, leaf):
+        keys = tuple(getattr(k, "key", str(k)) for k in path)
+        spec = tuple(param_spec(keys)) + (None,) * (len(leaf.shape) - len(param_spec(keys)))
+        if keys[0] == "layers":
+            spec = (PP_AXIS,) + spec[1:]
+        return NamedSharding(mesh, P(*spec))
+    return jax.tree_util.tree_map_with_path(one, params_shape)
+
+
+def stage_view(array: jax.Array, stage_mesh: Mesh, spec: P, shape) -> jax.Array:
+    """The shards of `array` that live on a stage's devices, as that stage's array (no copy)."""
+    by_device = {shard.device: shard.data for shard in array.addressable_shards}
+    sharding = NamedSharding(stage_mesh, spec)
+    pieces = [by_device[d] for d in sharding.addressable_devices_indices_map(shape)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)

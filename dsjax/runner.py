@@ -22,8 +22,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.kv_cache import PagePool
-from dsjax.parallel import (InstanceSpec, check_tensor_parallel, layer_ranges, param_shardings,
-                            stage_mesh, stage_param_tree)
+from dsjax.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
+                            param_shardings, param_spec, pipeline_param_shardings, stage_mesh,
+                            stage_param_tree, stage_view)
 from dsjax.sampling import SampleOutput, build_sampling_tensors, sample
 from dsjax.sharded_attention import for_mesh
 from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
@@ -159,18 +160,41 @@ class ModelRunner:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_blocks_per_request = max_blocks_per_request
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
-        first_mesh = stage_mesh(spec.stage_devices(0))
-        full = load_params(param_shardings(abstract_params(config, dtype), first_mesh))
+        parts = self._load_stage_params(load_params, ranges)
         self.stages: list[Stage] = []
-        for s, rng in enumerate(ranges):
-            first, last = s == 0, s == spec.pp - 1
-            part = stage_param_tree(full, rng, first, last, config) if spec.pp > 1 else full
-            mesh = stage_mesh(spec.stage_devices(s))
-            if s > 0:
-                part = jax.device_put(part, param_shardings(part, mesh))
-            self.stages.append(Stage(config, spec.stage_devices(s), rng, first, last, part,
-                                     num_pages, page_size, dtype, attention))
-        del full
+        for s, (rng, part) in enumerate(zip(ranges, parts)):
+            self.stages.append(Stage(config, spec.stage_devices(s), rng, s == 0,
+                                     s == spec.pp - 1, part, num_pages, page_size, dtype,
+                                     attention))
+
+    def _load_stage_params(self, load_params, ranges) -> list:
+        """Each stage's params on its own mesh. With even stages the loader places every stage's
+        layers straight on that stage's devices (no device holds more than its share);
+        otherwise the full model loads on stage 0 and is sliced and copied out."""
+        spec, config = self.spec, self.config
+        abstract = abstract_params(config, self.dtype)
+        if spec.pp == 1:
+            return [load_params(param_shardings(abstract, stage_mesh(spec.devices)))]
+        meshes = [stage_mesh(spec.stage_devices(s)) for s in range(spec.pp)]
+        flags = [(s == 0, s == spec.pp - 1) for s in range(spec.pp)]
+        if config.num_hidden_layers % spec.pp == 0:
+            full = load_params(pipeline_param_shardings(abstract, instance_mesh(spec)))
+            per_stage = config.num_hidden_layers // spec.pp
+
+            def view(mesh):
+                def one(path, x):
+                    keys = tuple(getattr(k, "key", str(k)) for k in path)
+                    shape = ((per_stage,) + x.shape[1:]) if keys[0] == "layers" else x.shape
+                    return stage_view(x, mesh, param_spec(keys), shape)
+                return one
+            return [jax.tree_util.tree_map_with_path(view(mesh), stage_param_tree(
+                full, rng, first, last, config, take_layers=lambda x: x))
+                for mesh, rng, (first, last) in zip(meshes, ranges, flags)]
+        full = load_params(param_shardings(abstract, meshes[0]))
+        parts = [stage_param_tree(full, rng, first, last, config)
+                 for rng, (first, last) in zip(ranges, flags)]
+        return [jax.device_put(part, param_shardings(part, mesh))
+                for part, mesh in zip(parts, meshes)]
 
     # ---- steps -------------------------------------------------------------------------------
 

@@ -297,3 +297,17 @@ def test_stop_string_cuts_text_and_frees_blocks():
     assert out.token_ids == full.token_ids[:len(out.token_ids)]
     assert len(out.token_ids) == len(out.token_timestamps) < len(full.token_ids)
     wait_idle(engine)
+
+
+def test_pipeline_stages_hold_only_their_layers_on_their_devices():
+    engine = get_engine(mode="disaggregated", **PLACEMENTS["pp1->2"])
+    runner = engine.decode_instances[0].runner
+    for stage in runner.stages:
+        devices = set(stage.mesh.devices.flat)
+        for leaf in jax.tree_util.tree_leaves(stage.params):
+            assert set(leaf.sharding.device_set) == devices
+        kernel = stage.params["layers"]["fc1"]["kernel"]
+        start, end = stage.layer_range
+        assert kernel.shape[0] == end - start
+    assert "embed_positions" in runner.stages[0].params
+    assert "embed_positions" not in runner.stages[-1].params
