@@ -45,7 +45,6 @@ def overhead(args) -> None:
         for s in [engine.add_request(p, params) for p in prompts]:
             s.result()
         decode = engine.decode_instances[0]
-        runner = decode.runner
         decode.step_log = []
         for s in [engine.add_request(p, params) for p in prompts]:
             s.result()

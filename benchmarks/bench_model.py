@@ -10,7 +10,6 @@ and peak are measured here (copy and matmul kernels) unless given as arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -118,9 +118,6 @@ class BlockManager:
         self.host_tables[request_id] = host_blocks
         return device_blocks, host_blocks
 
-    def can_swap_in(self, request_id: str) -> bool:
-        return len(self.host_tables[request_id]) <= self.device.num_free
-
     def swap_in(self, request_id: str) -> tuple[list[int], list[int]]:
         """Move a swapped request back to device blocks; returns (host_blocks, device_blocks)."""
         host_blocks = self.host_tables.pop(request_id)

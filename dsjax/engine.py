@@ -165,7 +165,6 @@ class Engine:
 
     def _build_instance(self, spec: InstanceSpec, params_for, attention) -> None:
         cfg, mc = self.config, self.model_config
-        prefill_side = spec.role in ("prefill", "colocated", "chunked")
         num_blocks = cfg.num_blocks or num_blocks_for_budget(
             mc, block_size=cfg.block_size, dtype=self.dtype, tp=spec.tp, pp=spec.pp,
             devices=spec.devices, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -176,7 +175,8 @@ class Engine:
             host_blocks = int(cfg.swap_space * (1 << 30) // per_block)
         limits_p = BatchLimits(cfg.context_max_batch_size, cfg.context_max_tokens_per_batch)
         limits_d = BatchLimits(cfg.decoding_max_batch_size, cfg.decoding_max_tokens_per_batch)
-        limits = limits_p if prefill_side and spec.role != "colocated" else limits_d
+        # The runner's token bound is its largest step: prompts, or a chunked step's budget.
+        limits = limits_d if spec.role in ("decode", "chunked") else limits_p
         runner = ModelRunner(spec, mc, params_for, dtype=self.dtype, num_pages=num_blocks,
                              page_size=cfg.block_size, attention=attention,
                              max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
@@ -191,7 +191,7 @@ class Engine:
             if spec.role == "colocated":
                 inst = ColocatedInstance(self, runner, blocks, limits_p, limits_d)
             else:
-                inst = ChunkedInstance(self, runner, blocks, limits_p)
+                inst = ChunkedInstance(self, runner, blocks, limits_d)
             self.prefill_instances.append(inst)
             self.decode_instances.append(inst)
 
@@ -254,10 +254,13 @@ class Engine:
         if cfg.mode != "chunked" and len(ids) > cfg.context_max_tokens_per_batch:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds context_max_tokens_per_batch="
                              f"{cfg.context_max_tokens_per_batch}")
-        for inst in self.decode_instances:
-            if blocks > inst.blocks.num_total:
-                raise ValueError(f"request needs {blocks} KV blocks but {inst.name_} has only "
-                                 f"{inst.blocks.num_total}: lower max_tokens or give more memory")
+        prompt_blocks = -(-len(ids) // cfg.block_size)
+        for inst, need in [(i, prompt_blocks) for i in self.prefill_instances] + \
+                [(i, blocks) for i in self.decode_instances]:
+            if need > inst.blocks.num_total:
+                raise ValueError(f"request needs {need} KV blocks but {inst.name_} has only "
+                                 f"{inst.blocks.num_total}: lower max_tokens or the prompt, or "
+                                 f"give the instance more memory")
 
     def record_token(self, req: Request, token: int, logprobs, now: float) -> bool:
         """Record a sampled token and decide the conditions that need no text (eos, stop ids,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 
-import numpy as np
+import jax
 
 from dsjax.block_manager import BlockManager
 from dsjax.request import Request, Status
@@ -189,17 +188,31 @@ class DecodeMixin:
     # decode step (pulls excluded).
     step_log: list | None = None
 
-    def _swap(self, step) -> None:
-        """Carry out the scheduler's swaps: pages of victims to host, returning ones back."""
+    def _claim_swaps(self, step) -> list:
+        """Status changes and host pages of the scheduler's swaps, under the lock (an abort
+        or a stop string may land while the pages move). Returns the pages to bring back."""
         self.num_swap_outs += len(step.swap_out)
         for r in step.swap_out:
-            pages = self.runner.gather_pages(step.swap_out_blocks[r.request_id])
-            self.swap_space.store(r.request_id, [(np.asarray(k), np.asarray(v)) for k, v in pages])
             r.status = Status.SWAPPED
+        pages_in = []
         for r in step.swap_in:
-            self.runner.insert_pages(step.swap_in_blocks[r.request_id],
-                                     self.swap_space.take(r.request_id))
             r.status = Status.DECODING
+            pages_in.append(self.swap_space.take(r.request_id))
+        return pages_in
+
+    def _move_swapped_pages(self, step, pages_in) -> None:
+        """Device work of the swaps (no lock): victims' pages to host, returning ones back."""
+        if not step.swap_out and not step.swap_in:
+            return
+        gathered = [(r, self.runner.gather_pages(step.swap_out_blocks[r.request_id]))
+                    for r in step.swap_out]
+        host = jax.device_get([pages for _, pages in gathered])  # one sync for all victims
+        for r, pages in zip(step.swap_in, pages_in):
+            self.runner.insert_pages(step.swap_in_blocks[r.request_id], pages)
+        with self.lock:
+            for (r, _), pages in zip(gathered, host):
+                if not r.finished:  # an abort meanwhile already freed its host blocks
+                    self.swap_space.store(r.request_id, pages)
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""
@@ -213,7 +226,8 @@ class DecodeMixin:
             for r in batch:
                 if len(r.output_token_ids) == 1 and r.events[-1]["event_type"] != "decoding_begin":
                     r.add_event("decoding_begin")
-        self._swap(step)
+            pages_in = self._claim_swaps(step)
+        self._move_swapped_pages(step, pages_in)
         if not batch:
             return True
         out = self.runner.decode(batch, tables)
@@ -247,34 +261,35 @@ class DecodeInstance(DecodeMixin, Instance):
         return {"running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped)}
 
     def _pull(self) -> bool:
-        """Pull prefilled requests (FCFS) while this instance has room for them."""
-        pulled = False
-        while self._pull_one():
-            pulled = True
-        return pulled
-
-    def _pull_one(self) -> bool:
-        with self.lock:
-            queue = self.engine.migration_queue
-            if not queue or not self.scheduler.can_pull(queue[0].num_tokens):
-                return False
-            req = queue.popleft()
-            req.status = Status.MIGRATING
-            req.add_event("migration_begin")
-            src_blocks = list(req.prefill_instance.blocks.tables[req.request_id])
-            dst_blocks = self.blocks.allocate(req.request_id, req.prompt_len)
-        nbytes = migrate(req.prefill_instance.runner, src_blocks, self.runner, dst_blocks)
+        """Pull prefilled requests (FCFS) while this instance has room for them: start every
+        copy, wait for the device once, then free the prefill blocks."""
+        moving = []
+        while True:
+            with self.lock:
+                queue = self.engine.migration_queue
+                if not queue or not self.scheduler.can_pull(queue[0].num_tokens):
+                    break
+                req = queue.popleft()
+                req.status = Status.MIGRATING
+                req.add_event("migration_begin")
+                began = req.events[-1]["timestamp"]
+                src_blocks = list(req.prefill_instance.blocks.tables[req.request_id])
+                dst_blocks = self.blocks.allocate(req.request_id, req.prompt_len)
+            nbytes = migrate(req.prefill_instance.runner, src_blocks, self.runner, dst_blocks)
+            moving.append((req, nbytes, began))
+        if not moving:
+            return False
         self.runner.block_until_ready()
         with self.lock:
-            req.prefill_instance.release(req)
-            req.add_event("migration_end")
-            self.engine.record_migration(nbytes, req.events[-1]["timestamp"] -
-                                         req.events[-2]["timestamp"])
-            if req.finished:
-                self.blocks.free(req.request_id)
-            else:
-                req.status = Status.DECODING
-                self.scheduler.add_waiting(req)
+            for req, nbytes, began in moving:
+                req.prefill_instance.release(req)
+                req.add_event("migration_end")
+                self.engine.record_migration(nbytes, req.events[-1]["timestamp"] - began)
+                if req.finished:
+                    self.blocks.free(req.request_id)
+                else:
+                    req.status = Status.DECODING
+                    self.scheduler.add_waiting(req)
         return True
 
     def step(self) -> bool:
@@ -371,7 +386,8 @@ class ChunkedInstance(DecodeMixin, Instance):
                 if start == 0:
                     r.status = Status.PREFILLING
                     r.add_event("context_begin")
-        self._swap(step)
+            pages_in = self._claim_swaps(step)
+        self._move_swapped_pages(step, pages_in)
         if not rows:
             return True
         out = self.runner.chunked(rows)

@@ -50,13 +50,6 @@ class StepOutput:
     top_logprobs: np.ndarray | None
 
 
-@dataclasses.dataclass
-class DecodeRow:
-    token: int
-    position: int
-    block_table: list[int]
-
-
 class Stage:
     """One pipeline stage: a tp-device mesh with its layers, params and page pool."""
 
@@ -149,8 +142,7 @@ class ModelRunner:
                  load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int):
         check_tensor_parallel(config, spec.tp)
-        # Time blocked on device results, in all and in the last step (for overhead figures).
-        self.device_wait_s = self.last_wait_s = 0.0
+        self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
         # Steps donate the page arrays and replace them; another thread (a decode instance
         # pulling KV) must not read an array in between. Held only while dispatching.
         self.lock = threading.Lock()
@@ -312,8 +304,9 @@ class ModelRunner:
         tables = np.zeros((b_pad, width), np.int32)
         at = 0
         for i, (req, table, start, n) in enumerate(rows):
-            all_ids = req.prompt_token_ids + req.output_token_ids
-            tokens[at:at + n] = all_ids[start:start + n]
+            # A decode row continues with its last token; a chunk is a slice of the prompt.
+            tokens[at:at + n] = ([req.last_token_id] if start >= req.prompt_len
+                                 else req.prompt_token_ids[start:start + n])
             positions[at:at + n] = np.arange(start, start + n)
             token_seq[at:at + n] = i
             slots[at:at + n] = self._slots(table, np.arange(start, start + n))
@@ -329,7 +322,6 @@ class ModelRunner:
         start = time.perf_counter()
         host = jax.device_get(outs)  # the step's only device -> host copy; waits for the device
         self.last_wait_s = time.perf_counter() - start
-        self.device_wait_s += self.last_wait_s
         cat = lambda f: np.concatenate([getattr(o, f)[:n] for o, n in zip(host, counts)])
         has_top = host[0].top_ids.shape[-1] > 0
         return StepOutput(cat("tokens"), cat("logprob"),

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Sequence
 
 import aiohttp
-import numpy as np
 from tqdm import tqdm
 
 from dsjax.arrivals import arrival_offsets

@@ -69,4 +69,7 @@ def test_replay_returns_one_result_per_request():
         assert r.ftl >= 0 and r.tpot >= 0
         assert r.lifecycle_events[0]["event_type"] == "issued"
         assert r.lifecycle_events[0]["timestamp"] == r.start_time
+        # sent at its arrival, not before: its prefill cannot start earlier
+        began = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events}["context_begin"]
+        assert began >= r.start_time
     wait_idle(engine)
