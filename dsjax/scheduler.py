@@ -195,6 +195,14 @@ class ChunkedScheduler:
 
     def schedule(self) -> ChunkedStep:
         step = self.decode.schedule()
+        if not step.batch and self.decode.swapped:
+            # Nothing runs and swapped requests cannot come back: the pages held by partly
+            # computed prompts are the only ones left. Give them up (those prompts restart).
+            for req in self.prefilling:
+                if req.request_id in self.blocks.tables:
+                    self.blocks.free(req.request_id)
+                    req.num_computed = 0
+            step = self.decode.schedule()
         budget = self.limits.max_tokens_per_batch - len(step.batch)
         rows = len(step.batch)
         chunks = []

@@ -142,3 +142,20 @@ def test_chunked_budget_decodes_first_then_chunks():
     step = s.schedule()
     assert step.chunks == [(long, 18, 2)]
     assert s.chunk_done(long, 2) and long in s.decode.running
+
+
+def test_chunked_partial_prompts_yield_pages_to_swapped_requests():
+    bm = BlockManager(4, block_size=4, num_host_blocks=8)
+    s = ChunkedScheduler(BatchLimits(max_batch_size=8, max_tokens_per_batch=8), bm)
+    swapped = FakeRequest("old", 4, generated=1)
+    bm.allocate("old", 4)
+    bm.swap_out("old")
+    s.decode.swapped.append(swapped)
+    partial = FakeRequest("p", 16)
+    s.add(partial)
+    bm.allocate("p", 12)                # 3 of 4 pages held by a half-computed prompt
+    partial.num_computed = 12
+    step = s.schedule()                 # without preemption nothing could ever run again
+    assert step.swap_in == [swapped] and step.decodes == [swapped]
+    assert partial.num_computed == 0
+    assert step.chunks == [(partial, 0, 7)]  # the prompt restarts from its first token
