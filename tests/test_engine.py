@@ -312,3 +312,18 @@ def test_pipeline_stages_hold_only_their_layers_on_their_devices():
         assert kernel.shape[0] == end - start
     assert "embed_positions" in runner.stages[0].params
     assert "embed_positions" not in runner.stages[-1].params
+
+
+@pytest.mark.parametrize("mode,extra", [("colocated", {}),
+                                        ("chunked", dict(decoding_max_tokens_per_batch=16))])
+def test_abort_in_baselines_frees_blocks(mode, extra):
+    """Abort a decoding request and a prompt still being chunked / queued behind it."""
+    engine = get_engine(mode=mode, **extra)
+    first = engine.add_request(prompts()[3], LONG, request_id=f"{mode}-a")
+    second = engine.add_request(prompts()[1] * 3, LONG, request_id=f"{mode}-b")
+    req = engine.requests[f"{mode}-a"]
+    wait_for(lambda: len(req.output_token_ids) >= 2, what="decoding to start")
+    assert engine.abort(f"{mode}-b") and engine.abort(f"{mode}-a")
+    assert first.result(timeout=60).finish_reason == "abort"
+    assert second.result(timeout=60).finish_reason == "abort"
+    wait_idle(engine)
