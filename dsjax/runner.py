@@ -239,7 +239,8 @@ class ModelRunner:
         """Whole prompts; samples each prompt's first output token."""
         mbs = []
         nlp, smode = self._sampling_args(requests)
-        for group in self._split(list(zip(requests, block_tables))):
+        groups = self._split(list(zip(requests, block_tables)))
+        for group in groups:
             reqs = [r for r, _ in group]
             lens = np.array([r.prompt_len for r in reqs], np.int32)
             total = int(lens.sum())
@@ -260,13 +261,14 @@ class ModelRunner:
             last[:len(reqs)] = cu[1:len(reqs) + 1] - 1
             meta = PrefillMetadata(positions, seq_ids, cu, slots, last)
             mbs.append((tokens, meta, self._sampling(reqs, b_pad), nlp, smode))
-        return self._collect(self._pipeline("prefill", mbs), [len(g) for g in self._split(requests)])
+        return self._collect(self._pipeline("prefill", mbs), [len(g) for g in groups])
 
     def decode(self, requests, block_tables) -> StepOutput:
         """One token for each request: its last token at position num_tokens - 1."""
         mbs = []
         nlp, smode = self._sampling_args(requests)
-        for group in self._split(list(zip(requests, block_tables))):
+        groups = self._split(list(zip(requests, block_tables)))
+        for group in groups:
             reqs = [r for r, _ in group]
             b_pad = bucket(len(reqs), 8)
             width = bucket(max(len(t) for _, t in group))
@@ -285,7 +287,7 @@ class ModelRunner:
             context[:len(reqs)] = positions[:len(reqs)] + 1
             meta = DecodeMetadata(positions, slots, tables, context)
             mbs.append((tokens, meta, self._sampling(reqs, b_pad), nlp, smode))
-        return self._collect(self._pipeline("decode", mbs), [len(g) for g in self._split(requests)])
+        return self._collect(self._pipeline("decode", mbs), [len(g) for g in groups])
 
     def chunked(self, rows) -> StepOutput:
         """Mixed step: rows are (request, block_table, start, length) continuing cached context;

@@ -1,6 +1,7 @@
 """The disaggregated engine on 8 virtual CPU devices: placements, migration, swap, abort."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import jax
@@ -134,30 +135,32 @@ def _abort_and_check(engine, stream, rid):
     wait_idle(engine)
 
 
+@contextlib.contextmanager
+def held(instance):
+    """Keep an instance from stepping, to observe a request at the stage before it."""
+    instance.paused.set()
+    try:
+        yield
+    finally:
+        instance.paused.clear()
+
+
 def test_abort_while_queued():
     engine = get_engine(mode="disaggregated")
-    prefill = engine.prefill_instances[0]
-    prefill.paused.set()
-    try:
+    with held(engine.prefill_instances[0]):
         stream = engine.add_request(prompts()[3], LONG, request_id="queued")
         assert engine.requests["queued"].status is Status.QUEUED
         _abort_and_check(engine, stream, "queued")
-    finally:
-        prefill.paused.clear()
 
 
 def test_abort_while_waiting_for_migration():
     engine = get_engine(mode="disaggregated")
-    decode = engine.decode_instances[0]
-    decode.paused.set()
-    try:
+    with held(engine.decode_instances[0]):
         stream = engine.add_request(prompts()[3], LONG, request_id="waiting")
         req = engine.requests["waiting"]
         wait_for(lambda: req.status is Status.WAITING_MIGRATION, what="prefill to finish")
         assert engine.prefill_instances[0].blocks.num_used > 0
         _abort_and_check(engine, stream, "waiting")
-    finally:
-        decode.paused.clear()
 
 
 @pytest.mark.parametrize("stage", ["prefilling", "migrating"])

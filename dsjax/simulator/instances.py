@@ -19,6 +19,17 @@ from dsjax.simulator.request import SimRequest
 MS = 1e-3
 
 
+def make_room(instance, lane: Lane) -> None:
+    """Swap the newest requests of `lane` out until each running request has one more KV slot
+    for this step (decode and colocated instances share it: `used`, `capacity`, `swapped`)."""
+    while len(lane) > 1 and instance.used + len(lane) > instance.capacity:
+        req = lane.newest()
+        lane.leave(req)
+        instance.used -= req.context_len
+        instance.swapped.append(req)
+        req.log(instance.loop.now, "swap_out")
+
+
 @dataclasses.dataclass(frozen=True)
 class InstanceSpec:
     tp: int = 1
@@ -167,13 +178,7 @@ class DecodeInstance:
             lane.join(req)
 
     def _make_room(self, lane: Lane) -> None:
-        # Each running request needs one more KV slot this step.
-        while len(lane) > 1 and self.used + len(lane) > self.capacity:
-            req = lane.newest()
-            lane.leave(req)
-            self.used -= req.context_len
-            self.swapped.append(req)
-            req.log(self.loop.now, "swap_out")
+        make_room(self, lane)
 
     def _start_step(self, lane: Lane) -> None:
         self._fill(lane)
@@ -306,13 +311,7 @@ class ColocatedInstance:
         self.loop.at(self.loop.now + ms * MS, self._end_iteration, chunks, decoding)
 
     def _make_room(self) -> None:
-        lane = self.lane
-        while len(lane) > 1 and self.used + len(lane) > self.capacity:
-            req = lane.newest()
-            lane.leave(req)
-            self.used -= req.context_len
-            self.swapped.append(req)
-            req.log(self.loop.now, "swap_out")
+        make_room(self, self.lane)
 
     def _end_iteration(self, chunks: list[tuple[SimRequest, int]], decoding: bool) -> None:
         now = self.loop.now
