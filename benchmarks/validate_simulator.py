@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                                  colocated_max_batch=limits["decoding_max_batch_size"],
                                  colocated_max_tokens=limits["context_max_tokens_per_batch"],
                                  kv_link_bytes_per_s=link_bps)
-            measured, predicted, dec_ratio = [], [], []
+            measured, predicted = [], []
             for rate in args.rates:
                 compiles[0] = 0
                 offsets = arrival_offsets(len(reqs), rate, 1.0, args.seed)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.sampling import SamplingTensors, build_sampling_tensors, sample
+from dsjax.sampling import build_sampling_tensors, sample
 from dsjax.sampling_params import SamplingParams
 from dsjax.stopping import StopChecker
 
