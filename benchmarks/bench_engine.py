@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def _engine(args, **kw):
     from dsjax.config import EngineConfig
-    from dsjax.engine import Engine
+    from dsjax.engine.core import Engine
     return Engine(EngineConfig(model=args.model, load_format="dummy", dtype=args.dtype,
                                block_size=16, **kw))
 
@@ -58,7 +58,7 @@ def overhead(args) -> None:
 
 def migration(args) -> None:
     import jax
-    from dsjax.transfer import migrate
+    from dsjax.executor.kv_migration import migrate
 
     pairs = [(1, 1), (1, 2), (2, 1), (2, 2)]
     if len(jax.devices()) < 4:
@@ -86,7 +86,7 @@ def overlap(args) -> None:
     """Spans of prefill and decode steps while a stream of requests runs."""
     import numpy as np
     from dsjax import SamplingParams
-    import dsjax.instances as instances
+    import dsjax.engine.worker as instances
 
     spans = []
     for cls in (instances.PrefillInstance, instances.DecodeInstance):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.kernels import paged_decode_attention, prefill_attention
+from dsjax.executor.kernels import paged_decode_attention, prefill_attention
 from models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
 
 

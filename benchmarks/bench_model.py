@@ -34,10 +34,10 @@ def main(argv=None) -> None:
     import numpy as np
 
     from benchmarks._common import measure_bandwidth, measure_matmul_flops, timed
-    from dsjax.engine import attention_backend
-    from dsjax.parallel import plan_placement
-    from dsjax.request import Request
-    from dsjax.runner import ModelRunner
+    from dsjax.engine.core import attention_backend
+    from dsjax.executor.parallel import plan_placement
+    from dsjax.engine.request import Request
+    from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
     from models.config import OPTConfig
     from models.weights import dummy_params

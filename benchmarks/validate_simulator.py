@@ -3,11 +3,11 @@
     python benchmarks/validate_simulator.py                      # opt-tiny on this machine
     python benchmarks/validate_simulator.py --reprofile --out docs/validation.md
 
-1. Profile the model on this machine (python -m dsjax.profile), or load the profile written before.
+1. Profile the model on this machine (python -m dsjax.eval.profiler), or load the profile written before.
 2. Sample ShareGPT, scale the lengths down (divide, cap) so a CPU run takes minutes.
 3. For each mode (disaggregated 1 prefill + 1 decode instance; colocated) and each rate: replay the
-   requests against an in-process Engine (dsjax.replay) and simulate the same requests with the
-   same arrival times (dsjax.simulator), then compare SLO attainment.
+   requests against an in-process Engine (dsjax.eval.replay) and simulate the same requests with the
+   same arrival times (dsjax.eval.simulator), then compare SLO attainment.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ MARKER = "<!-- validate_simulator.py writes below this line -->"
 
 
 def scaled_requests(num: int, scale: float, max_prompt: int, max_output: int, seed: int = 0):
-    from dsjax.datasets import TestRequest, get_dataset
+    from dsjax.eval.workloads import TestRequest, get_dataset
     reqs = get_dataset("sharegpt").sample(num, seed=seed)
     return [TestRequest(r.prompt, max(4, min(max_prompt, round(r.prompt_len / scale))),
                         max(2, min(max_output, round(r.output_len / scale)))) for r in reqs]
@@ -88,12 +88,12 @@ def main(argv=None) -> int:
     import numpy as np
 
     from dsjax.config import EngineConfig
-    from dsjax.engine import Engine
-    from dsjax.profile import Grid, run_profile
-    from dsjax.profiles import load_profile
-    from dsjax.replay import arrival_offsets, replay, warm_up
-    from dsjax.results import attainment
-    from dsjax.simulator import Cluster, InstanceSpec, SimConfig
+    from dsjax.engine.core import Engine
+    from dsjax.eval.profiler import Grid, run_profile
+    from dsjax.eval.latency_model import load_profile
+    from dsjax.eval.replay import arrival_offsets, replay, warm_up
+    from dsjax.eval.results import attainment
+    from dsjax.eval.simulator import Cluster, Parallelism, SimConfig
 
     compiles = [0]
     try:   # count XLA compiles during measured runs (each one stalls a step ~0.5 s on a CPU)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: warm-up {time.perf_counter() - t:.1f} s ({n_steps} shapes)")
             def sim_config(link_bps):
-                return SimConfig(mode=mode, prefill=InstanceSpec(1, 1), decode=InstanceSpec(1, 1),
+                return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],
                                  prefill_max_tokens=limits["context_max_tokens_per_batch"],
                                  decode_max_batch=limits["decoding_max_batch_size"],

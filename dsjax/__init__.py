@@ -1,6 +1,6 @@
 """dsjax: DistServe's disaggregated prefill/decode serving on JAX/XLA."""
 from dsjax.config import EngineConfig
-from dsjax.request import RequestOutput
+from dsjax.engine.request import RequestOutput
 from dsjax.sampling_params import SamplingParams
 
 
@@ -10,7 +10,7 @@ def __getattr__(name):
         from dsjax.llm import LLM
         return LLM
     if name == "Engine":
-        from dsjax.engine import Engine
+        from dsjax.engine.core import Engine
         return Engine
     raise AttributeError(f"module 'dsjax' has no attribute {name!r}")
 

@@ -5,7 +5,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-MODES = ("disaggregated", "colocated", "chunked")
+ENGINE_MODES = ("disaggregated", "colocated", "chunked")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -38,8 +38,8 @@ class EngineConfig:
     status_interval: float = 1.0
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in ENGINE_MODES:
+            raise ValueError(f"mode must be one of {ENGINE_MODES}, got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for f in ("block_size", "max_num_blocks_per_req", "context_max_batch_size",

@@ -11,8 +11,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from dsjax.config import EngineConfig
-from dsjax.engine import Engine
-from dsjax.request import RequestOutput
+from dsjax.engine.core import Engine
+from dsjax.engine.request import RequestOutput
 from dsjax.sampling_params import SamplingParams
 
 

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from dsjax.datasets import get_dataset
-from dsjax.placement_search import SLO, search_placement
-from dsjax.profiles import load_profile
+from dsjax.eval.workloads import get_dataset
+from dsjax.eval.placement_search import SLO, search_placement
+from dsjax.eval.latency_model import load_profile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ parallelism shards axis 3 and each device keeps whole pages of its own heads; a 
 page_size consecutive tokens of one sequence. Slot s of a layer is token (s % page_size) of
 page (s // page_size). A slot >= num_pages * page_size means "write nowhere" (padding).
 
-Backends (this XLA one, the Pallas kernels in dsjax.kernels) implement `AttentionBackend`.
+Backends (this XLA one, the Pallas kernels in dsjax.executor.kernels) implement `AttentionBackend`.
 They receive the whole cache plus the layer index so a kernel can read the layer in place
 instead of the model slicing (copying) it every step.
 """

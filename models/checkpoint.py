@@ -42,13 +42,13 @@ def save_params(params, path: str | Path, config: OPTConfig | None = None) -> Pa
 def restore_params(path: str | Path, config: OPTConfig, dtype=jnp.float32, shardings=None):
     """Params of `config` from an orbax checkpoint, cast to dtype, on `shardings` (pytree like
     abstract_params) or the default device."""
-    from models.weights import resolve_dtype
+    from models.weights import as_numpy_dtype
 
     path = Path(path).resolve()
     if not is_orbax_checkpoint(path):
         raise FileNotFoundError(f"{path / PARAMS_SUBDIR} not found: not an orbax checkpoint "
                                 f"written by models.checkpoint.save_params")
-    abstract = abstract_params(config, resolve_dtype(dtype))
+    abstract = abstract_params(config, as_numpy_dtype(dtype))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

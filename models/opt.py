@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from models.attention import AttentionBackend, ChunkedMetadata, DecodeMetadata, PrefillMetadata
 from models.config import OPTConfig
 
-MODES = ("prefill", "decode", "chunked")
+CALL_MODES = ("prefill", "decode", "chunked")
 
 
 class LayerNorm(nn.Module):
@@ -113,8 +113,8 @@ class OPTModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in CALL_MODES:
+            raise ValueError(f"mode must be one of {CALL_MODES}, got {self.mode!r}")
         if self.first_stage or self.last_stage:
             self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.word_embed_proj_dim,
                                          dtype=self.dtype, param_dtype=self.param_dtype)

@@ -41,7 +41,7 @@ _LAYER_MODULES = {
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
-def resolve_dtype(dtype) -> np.dtype:
+def as_numpy_dtype(dtype) -> np.dtype:
     """'bfloat16' / jnp.bfloat16 / np.dtype -> np.dtype, restricted to what serving supports."""
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     if name not in DTYPES:
@@ -233,7 +233,7 @@ def load_hf_params(model_dir: str | Path, config: OPTConfig, dtype=jnp.float32, 
     """Params of `config` from a Hugging Face OPT checkpoint (safetensors or pytorch .bin, single
     or sharded), cast to `dtype`, placed on `shardings` (pytree like abstract_params) or the
     default device. The tied lm_head.weight is ignored."""
-    dtype = resolve_dtype(dtype)
+    dtype = as_numpy_dtype(dtype)
     store = open_store(model_dir, load_format)
     prefix = _detect_prefix(store.names())
     abstract = abstract_params(config, dtype)
@@ -305,10 +305,10 @@ def dummy_params(config: OPTConfig, dtype=jnp.float32, seed: int = 0, shardings=
     LayerNorms), generated on device straight into `shardings`: nothing passes through the
     host, so any size fits where its shards fit."""
     if shardings is None:
-        init = _dummy_init(config, resolve_dtype(dtype), None, None)
+        init = _dummy_init(config, as_numpy_dtype(dtype), None, None)
     else:
         flat, treedef = jax.tree_util.tree_flatten(shardings)
-        init = _dummy_init(config, resolve_dtype(dtype), tuple(flat), treedef)
+        init = _dummy_init(config, as_numpy_dtype(dtype), tuple(flat), treedef)
     return init(jnp.asarray(seed, jnp.uint32))
 
 

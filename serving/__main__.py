@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     os.environ["XLA_FLAGS"] = xla_flags_with_cpu_devices(
         os.environ.get("XLA_FLAGS", ""), max(DEFAULT_CPU_DEVICES, devices_needed(config)))
-    from dsjax.engine import Engine  # imports JAX: after XLA_FLAGS is final
+    from dsjax.engine.core import Engine  # imports JAX: after XLA_FLAGS is final
     started = time.perf_counter()
     try:
         engine = Engine(config)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dsjax.results import FailedRequest, RequestResult, attainment, load_exp, load_failures
+from dsjax.eval.results import FailedRequest, RequestResult, attainment, load_exp, load_failures
 
 SLO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "slo.toml"
 TARGET = 0.9

@@ -14,7 +14,7 @@ import time
 
 from aiohttp import web
 
-from dsjax.request import RequestOutput
+from dsjax.engine.request import RequestOutput
 from serving import openai_api
 from serving.engine_client import ActiveRequest, ApiError, EngineClient
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

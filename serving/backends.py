@@ -13,8 +13,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
-from dsjax.datasets import TestRequest
-from dsjax.results import FailedRequest, RequestResult
+from dsjax.eval.workloads import TestRequest
+from dsjax.eval.results import FailedRequest, RequestResult
 
 DEFAULT_PORTS = {"distserve": 8400, "openai": 8100}   # the artifact's DistServe / vLLM ports
 

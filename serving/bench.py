@@ -21,9 +21,9 @@ from typing import Sequence
 import aiohttp
 from tqdm import tqdm
 
-from dsjax.arrivals import arrival_offsets
-from dsjax.datasets import TestRequest, get_dataset
-from dsjax.results import (FailedRequest, RequestResult, format_summary, save_exp, save_failures,
+from dsjax.eval.arrivals import arrival_offsets
+from dsjax.eval.workloads import TestRequest, get_dataset
+from dsjax.eval.results import (FailedRequest, RequestResult, format_summary, save_exp, save_failures,
                            summarize)
 from serving.backends import DEFAULT_PORTS, REQUEST_FUNCS, BackendOptions, fetch_model_name
 

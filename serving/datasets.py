@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Sequence
 
-from dsjax.datasets import (Dataset, load_dataset, prepare_humaneval, prepare_longbench,
+from dsjax.eval.workloads import (Dataset, load_dataset, prepare_humaneval, prepare_longbench,
                             prepare_sharegpt, save_dataset)
 from dsjax.tokenizer import gpt2_tokenizer, load_tokenizer
 

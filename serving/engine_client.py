@@ -11,7 +11,7 @@ import itertools
 import uuid
 from typing import AsyncIterator
 
-from dsjax.request import RequestOutput
+from dsjax.engine.request import RequestOutput
 from dsjax.sampling_params import SamplingParams
 from serving.metrics import ServerMetrics
 

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from dsjax.datasets import Dataset, get_dataset, save_dataset
+from dsjax.eval.workloads import Dataset, get_dataset, save_dataset
 from serving import analysis, bench
 
 # system name in the .exp file names -> the server's --mode, and the devices it occupies

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Sequence
 
-from dsjax.config import DTYPES, MODES, EngineConfig
+from dsjax.config import DTYPES, ENGINE_MODES, EngineConfig
 
 log = logging.getLogger("serving")
 
@@ -68,7 +68,7 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
             group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
             continue
-        choices = {"mode": MODES, "dtype": DTYPES}.get(field.name)
+        choices = {"mode": ENGINE_MODES, "dtype": DTYPES}.get(field.name)
         group.add_argument(_flag(field.name), type=kind, default=None, choices=choices,
                            help=help_text)
 

@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from dsjax.request import RequestOutput
+from dsjax.engine.request import RequestOutput
 from serving.engine_client import ApiError, EngineClient
 from serving.request_fields import check_kind, check_prompt, read_json_object, sampling_params_from
 

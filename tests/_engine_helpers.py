@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from dsjax.config import EngineConfig
-from dsjax.engine import Engine
+from dsjax.engine.core import Engine
 
 TINY = dict(model="opt-tiny", load_format="dummy", dtype="float32", block_size=4,
             num_blocks=96, context_max_tokens_per_batch=256, max_num_blocks_per_req=64)

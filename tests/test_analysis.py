@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from dsjax.results import FailedRequest, RequestResult, save_exp, save_failures
+from dsjax.eval.results import FailedRequest, RequestResult, save_exp, save_failures
 from serving import analysis
 from tests._bench_helpers import FIXTURES
 

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from dsjax.datasets import Dataset, TestRequest, save_dataset
-from dsjax.results import load_exp, load_failures
+from dsjax.eval.workloads import Dataset, TestRequest, save_dataset
+from dsjax.eval.results import load_exp, load_failures
 from serving import bench
 from tests._bench_helpers import EVENTS, FakeLLMServer
 

@@ -1,4 +1,4 @@
-"""dsjax.datasets and `python -m serving.datasets`: preparation rules, files, sampling."""
+"""dsjax.eval.workloads and `python -m serving.datasets`: preparation rules, files, sampling."""
 import json
 import logging
 import pickle
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from dsjax import datasets as dsmod
-from dsjax.datasets import (Dataset, TestRequest, get_dataset, iter_json_list, load_dataset,
+from dsjax.eval import workloads as dsmod
+from dsjax.eval.workloads import (Dataset, TestRequest, get_dataset, iter_json_list, load_dataset,
                             prepare_humaneval, prepare_longbench, prepare_sharegpt, save_dataset,
                             sharegpt_requests)
 from dsjax.tokenizer import gpt2_tokenizer
@@ -46,7 +46,7 @@ def test_truncated_json_list_recovers_complete_elements(caplog):
     assert [c["id"] for c in iter_json_list(text)] == ["c0", "c1", "c2", "c3", "c4", "c5"]
     assert list(iter_json_list('[{"a": 1} , [2,3],\n "x" ]')) == [{"a": 1}, [2, 3], "x"]
     assert list(iter_json_list("[]")) == []
-    with caplog.at_level(logging.WARNING, logger="dsjax.datasets"):
+    with caplog.at_level(logging.WARNING, logger="dsjax.eval.workloads"):
         convs = dsmod.read_sharegpt_conversations(FIXTURES / "sharegpt_truncated.json")
     assert len(convs) == 6 and "recovered 6 complete conversations" in caplog.text
 

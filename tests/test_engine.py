@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from dsjax import SamplingParams
-from dsjax.request import Status
-from dsjax.transfer import migrate
+from dsjax.engine.request import Status
+from dsjax.executor.kv_migration import migrate
 from tests._engine_helpers import get_engine, shutdown_all, wait_for, wait_idle
 
 PROMPT_LENGTHS = [3, 17, 9, 30, 5, 12]
@@ -178,7 +178,7 @@ def test_abort_during_device_work(stage, monkeypatch):
             return original(*args, **kw)
         monkeypatch.setattr(runner, "prefill", held)
     else:
-        import dsjax.instances as instances
+        import dsjax.engine.worker as instances
 
         def held(*args, **kw):
             entered.set()

@@ -17,9 +17,9 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsjax.kernels import (PallasAttention, combine_splits, get_attention_backend,
+from dsjax.executor.kernels import (PallasAttention, combine_splits, get_attention_backend,
                            paged_decode_attention, prefill_attention)
-from dsjax.kernels._compat import head_dim_chunks
+from dsjax.executor.kernels._compat import head_dim_chunks
 from models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
 
 SEED = int(os.environ.get("DSJAX_KERNEL_SEED", time.time_ns() % 2**31))

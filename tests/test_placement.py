@@ -5,12 +5,12 @@ import tomllib
 import numpy as np
 import pytest
 
-from dsjax.datasets import Dataset, TestRequest, save_dataset
+from dsjax.eval.workloads import Dataset, TestRequest, save_dataset
 from dsjax.placement import main as placement_main
-from dsjax.placement_search import (REL_TOLERANCE, SLO, Candidate, _pick_pairs, _unit_copies,
+from dsjax.eval.placement_search import (REL_TOLERANCE, SLO, Candidate, _pick_pairs, _unit_copies,
                                     max_rate, search_placement)
-from dsjax.profiles import load_profile
-from dsjax.simulator import InstanceSpec
+from dsjax.eval.latency_model import load_profile
+from dsjax.eval.simulator import Parallelism
 
 # Every 5th percentile of prompt and output lengths of the prepared ShareGPT set (12,088 requests,
 # means 767 / 199): sampling between them gives ShareGPT-like lengths without preparing ShareGPT.
@@ -61,7 +61,7 @@ def test_max_rate_prunes_below_the_floor_and_reports_zero_when_hopeless():
 # ---------------------------------------------------------------- replication
 
 def _cand(role, tp, pp, goodput):
-    spec = InstanceSpec(tp, pp)
+    spec = Parallelism(tp, pp)
     return Candidate(role, spec if role == "prefill" else None, spec if role == "decode" else None,
                      tp * pp, goodput)
 
@@ -83,7 +83,7 @@ def test_without_rate_the_unit_balances_phases_inside_the_cluster():
 
 
 def test_low_affinity_units_fill_whole_nodes():
-    unit = Candidate("pair", InstanceSpec(2, 2), InstanceSpec(1, 2), 6, 3.0, nodes=2)
+    unit = Candidate("pair", Parallelism(2, 2), Parallelism(1, 2), 6, 3.0, nodes=2)
     assert _unit_copies(unit, num_nodes=4, gpus_per_node=8, rate=None) == 2 * 2   # 3 GPUs per node
     assert _unit_copies(unit, num_nodes=4, gpus_per_node=8, rate=7.0) == 3
     with pytest.raises(ValueError, match="add nodes"):
@@ -97,31 +97,31 @@ def test_opt13b_sharegpt_one_node_of_four_matches_the_artifact(opt13b_low_affini
     # about 2.0 (docs/placement.md says why); the chosen placement is the same.
     p = opt13b_low_affinity
     assert (p.prefill, p.decode, p.num_prefill, p.num_decode) == \
-        (InstanceSpec(2, 1), InstanceSpec(1, 1), 1, 1)
+        (Parallelism(2, 1), Parallelism(1, 1), 1, 1)
     assert 1.4 <= p.per_gpu <= 2.6
 
 
 def test_high_affinity_search_agrees_on_opt13b(sharegpt_reqs, opt13b_low_affinity):
     p = search_placement(load_profile(None, "opt-13b"), sharegpt_reqs, SLO(0.2, 0.1, 0.9),
                          num_nodes=1, gpus_per_node=4, affinity="high", progress=False)
-    assert (p.prefill, p.decode) == (InstanceSpec(2, 1), InstanceSpec(1, 1))
+    assert (p.prefill, p.decode) == (Parallelism(2, 1), Parallelism(1, 1))
     assert p.per_gpu == pytest.approx(opt13b_low_affinity.per_gpu, rel=0.1)
 
 
 def test_opt66b_prefill_takes_tp4_like_the_paper(sharegpt_reqs):
     p = search_placement(load_profile(None, "opt-66b"), sharegpt_reqs, SLO(0.4, 0.1, 0.9),
                          num_nodes=1, gpus_per_node=8, affinity="high", progress=False)
-    assert p.prefill == InstanceSpec(4, 1)
+    assert p.prefill == Parallelism(4, 1)
     assert p.num_gpus <= 8
     rejected = [c for c in p.candidates if c.note]
-    assert any(c.prefill == InstanceSpec(1, 1) for c in rejected)   # 132 GB of weights on one GPU
+    assert any(c.prefill == Parallelism(1, 1) for c in rejected)   # 132 GB of weights on one GPU
 
 
 def test_colocated_baseline_on_one_gpu_has_lower_goodput_per_gpu(sharegpt_reqs, opt13b_low_affinity):
     # The paper's vLLM baseline serves OPT-13B at TP 1: prefill interference costs it goodput.
     p = search_placement(load_profile(None, "opt-13b"), sharegpt_reqs, SLO(0.2, 0.1, 0.9),
                          num_nodes=1, gpus_per_node=1, backend="colocated", progress=False)
-    assert (p.mode, p.prefill) == ("colocated", InstanceSpec(1, 1))
+    assert (p.mode, p.prefill) == ("colocated", Parallelism(1, 1))
     assert 0 < p.per_gpu < opt13b_low_affinity.per_gpu / 2
 
 

@@ -1,4 +1,4 @@
-"""The profiler (dsjax.profile) and in-process replay (dsjax.replay) on opt-tiny."""
+"""The profiler (dsjax.eval.profiler) and in-process replay (dsjax.eval.replay) on opt-tiny."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from dsjax.datasets import TestRequest
-from dsjax.profile import TINY_GRID, default_tps, fit_all, run_profile
-from dsjax.profiles import load_profile
-from dsjax.replay import arrival_offsets, replay
+from dsjax.eval.workloads import TestRequest
+from dsjax.eval.profiler import TINY_GRID, default_tps, fit_all, run_profile
+from dsjax.eval.latency_model import load_profile
+from dsjax.eval.replay import arrival_offsets, replay
 from tests._engine_helpers import get_engine, wait_idle
 
 

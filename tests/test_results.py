@@ -1,11 +1,11 @@
-"""dsjax.results: per-request metrics, .exp files, attainment and summaries."""
+"""dsjax.eval.results: per-request metrics, .exp files, attainment and summaries."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from dsjax.results import (EXP_FIELDS, FailedRequest, RequestResult, attainment, failures_path,
+from dsjax.eval.results import (EXP_FIELDS, FailedRequest, RequestResult, attainment, failures_path,
                            format_summary, load_exp, load_failures, percentile, save_exp,
                            save_failures, summarize)
 from tests._bench_helpers import FIXTURES

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.sampling import build_sampling_tensors, sample
+from dsjax.executor.sampling import build_sampling_tensors, sample
 from dsjax.sampling_params import SamplingParams
-from dsjax.stopping import StopChecker
+from dsjax.engine.stopping import StopChecker
 
 VOCAB = 16
 NUM_LOGPROBS = 4
@@ -250,7 +250,7 @@ def test_stop_strings_need_text():
 
 def test_temperature_mode_draws_like_mixed_mode_without_sorting():
     """A seeded row samples the same token whether or not its batch needed top-k/top-p."""
-    from dsjax.sampling import build_sampling_tensors, sample
+    from dsjax.executor.sampling import build_sampling_tensors, sample
     logits = jax.random.normal(jax.random.key(5), (4, 300)) * 3
     plain = [SamplingParams(temperature=0.7, seed=s) for s in range(4)]
     st = build_sampling_tensors(plain, [p.seed for p in plain], [3] * 4, 4)

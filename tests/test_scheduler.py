@@ -1,8 +1,8 @@
 """Schedulers and block bookkeeping: pure Python, no JAX."""
 import pytest
 
-from dsjax.block_manager import BlockAllocator, BlockManager, OutOfBlocks
-from dsjax.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
+from dsjax.engine.block_manager import BlockAllocator, BlockManager, OutOfBlocks
+from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
 
 
 class FakeRequest:

@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from dsjax.config import EngineConfig
-from dsjax.datasets import TestRequest
-from dsjax.engine import Engine
+from dsjax.eval.workloads import TestRequest
+from dsjax.engine.core import Engine
 from dsjax.sampling_params import SamplingParams
 from serving.api_server import METRICS, create_app, start_server, stop_server
 from serving.bench import run_benchmark

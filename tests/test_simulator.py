@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from dsjax.datasets import Dataset, TestRequest, save_dataset
-from dsjax.profiles import (LatencyModel, StepCoeffs, fit_decode, fit_prefill, load_profile,
+from dsjax.eval.workloads import Dataset, TestRequest, save_dataset
+from dsjax.eval.latency_model import (LatencyModel, StepCoeffs, fit_decode, fit_prefill, load_profile,
                             save_profile)
-from dsjax.results import load_exp
-from dsjax.simulator import Cluster, InstanceSpec, SimConfig, poisson_arrivals, simulate
-from dsjax.simulator.__main__ import main as simulator_main
+from dsjax.eval.results import load_exp
+from dsjax.eval.simulator import Cluster, Parallelism, SimConfig, poisson_arrivals, simulate
+from dsjax.eval.simulator.__main__ import main as simulator_main
 
 # Round numbers so every time below can be worked out by hand (ms).
 PREFILL = (10.0, 0.1, 0.0)        # 10 + 0.1 * tokens
@@ -144,7 +144,7 @@ def test_prefill_back_pressure_holds_kv_until_decode_pulls():
     model = toy_model(capacity=100_000, pp_capacity={(2, 1): 150})
     model.measured[2] = model.measured[1]
     bw = 100 * KV_BYTES / 0.5     # each transfer takes 0.5 s
-    out = run(model, [req(100, 2), req(100, 2)], [0.0, 0.0], prefill=InstanceSpec(2, 1),
+    out = run(model, [req(100, 2), req(100, 2)], [0.0, 0.0], prefill=Parallelism(2, 1),
               kv_link_bytes_per_s=bw)
     assert out[0].first_token_time == pytest.approx(0.020)
     assert out[1].first_token_time == pytest.approx(0.020 + 0.5 + 0.020)
@@ -165,7 +165,7 @@ def test_swap_out_when_decode_kv_runs_out():
 
 def test_decode_pipeline_lanes_step_with_full_pipeline_latency():
     model = toy_model(pp_capacity={(1, 2): 100_000})
-    [r] = run(model, [req(100, 2)], [0.0], decode=InstanceSpec(1, 2), kv_link_bytes_per_s=1e18)
+    [r] = run(model, [req(100, 2)], [0.0], decode=Parallelism(1, 2), kv_link_bytes_per_s=1e18)
     assert r.last_token_time() - r.first_token_time == pytest.approx(decode_ms([101]) / 1e3)
 
 
@@ -215,7 +215,7 @@ def test_simulation_is_deterministic_for_a_seed():
     rng = np.random.default_rng(0)
     reqs = [req(int(p), int(o)) for p, o in zip(rng.integers(4, 1500, 200), rng.integers(2, 300, 200))]
     model = load_profile(None, "opt-13b")
-    cfg = SimConfig(prefill=InstanceSpec(2, 1), num_decode=2)
+    cfg = SimConfig(prefill=Parallelism(2, 1), num_decode=2)
     stamps = lambda seed: [r.token_timestamps() for r in simulate(model, reqs, 6.0, cfg, seed=seed)]
     assert stamps(1) == stamps(1)
     assert stamps(1) != stamps(2)

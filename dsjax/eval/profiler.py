@@ -1,14 +1,14 @@
-"""`python -m dsjax.profile`: time real prefill and decode steps, fit the latency model, save it.
+"""`python -m dsjax.eval.profiler`: time real prefill and decode steps, fit the latency model, save it.
 
-    python -m dsjax.profile --model opt-125m --dtype float32 --quick
-    python -m dsjax.profile --model opt-13b --dtype bfloat16 --tp 1 2 4    # on accelerators
+    python -m dsjax.eval.profiler --model opt-125m --dtype float32 --quick
+    python -m dsjax.eval.profiler --model opt-13b --dtype bfloat16 --tp 1 2 4    # on accelerators
 
 For each tensor-parallel degree that fits the devices (and divides the heads) this builds one
 colocated instance with dummy weights, times prefill batches (prompt lengths -> sum(len),
 sum(len^2)) and decode steps (batch x context -> sum(ctx), batch), warming every shape up first
 (compiles) and taking the median of a few repeats (steps return host copies of their samples,
 so they block until the device is done). The fits go to a DistServe-format profile
-(dsjax.profiles.save_profile) with the hardware and the instance's KV capacity.
+(dsjax.eval.latency_model.save_profile) with the hardware and the instance's KV capacity.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dsjax.profiles import (DEFAULT_BS_THRESHOLD, PROFILE_DIR, StepCoeffs, canonical_model_name,
+from dsjax.eval.latency_model import (DEFAULT_BS_THRESHOLD, PROFILE_DIR, StepCoeffs, canonical_model_name,
                             fit_decode, fit_prefill, save_profile)
 
 
@@ -78,11 +78,11 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     KV capacity tokens of such an instance)."""
     import jax.numpy as jnp
 
-    from dsjax.engine import attention_backend
-    from dsjax.kv_cache import num_blocks_for_budget
-    from dsjax.parallel import plan_placement
-    from dsjax.request import Request
-    from dsjax.runner import ModelRunner
+    from dsjax.engine.core import attention_backend
+    from dsjax.executor.kv_cache import num_blocks_for_budget
+    from dsjax.executor.parallel import plan_placement
+    from dsjax.engine.request import Request
+    from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
     from models.config import OPTConfig
     from models.weights import dummy_params
@@ -165,7 +165,7 @@ def _weighted_lstsq(rows: np.ndarray, ms: Sequence[float]) -> tuple[float, float
 
 def fit_all(pre_batches, pre_ms, dec_batches, dec_ms, threshold: int = DEFAULT_BS_THRESHOLD,
             relative: bool = True) -> tuple[StepCoeffs, Fit, Fit]:
-    """Fit both phases. relative=False: dsjax.profiles.fit_prefill / fit_decode (least squares
+    """Fit both phases. relative=False: dsjax.eval.latency_model.fit_prefill / fit_decode (least squares
     in ms, so the largest batches dominate and small steps can even be predicted negative, as
     on a CPU where a fixed per-step cost dominates small batches); relative=True (default):
     the same model fitted to minimise relative error, which keeps every measured shape within
@@ -250,7 +250,7 @@ def run_profile(model: str, dtype: str = "float32", tps: Sequence[int] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsjax.profile",
+    p = argparse.ArgumentParser(prog="python -m dsjax.eval.profiler",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="opt-125m")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampling temperature of the timed steps (0: greedy, no sampler sort)")
     p.add_argument("--fit", choices=("relative", "absolute"), default="relative",
                    help="relative: non-negative, relative-error least squares (default); "
-                        "absolute: dsjax.profiles.fit_prefill / fit_decode")
+                        "absolute: dsjax.eval.latency_model.fit_prefill / fit_decode")
     args = p.parse_args(argv)
     run_profile(args.model, args.dtype, args.tp, args.output,
                 QUICK_GRID if args.quick else FULL_GRID, temperature=args.temperature,

@@ -1,10 +1,10 @@
 """Replay a benchmark workload against an in-process Engine (no HTTP) and collect per-request results.
 
-    from dsjax.replay import replay
+    from dsjax.eval.replay import replay
     results = replay(engine, dataset.sample(100), rate=4.0)
-    both, ttft_ok, tpot_ok = dsjax.results.attainment(results, ttft_slo, tpot_slo)
+    both, ttft_ok, tpot_ok = dsjax.eval.results.attainment(results, ttft_slo, tpot_slo)
 
-Arrivals are the benchmark client's (`dsjax.arrivals.arrival_offsets`): gamma gaps with shape
+Arrivals are the benchmark client's (`dsjax.eval.arrivals.arrival_offsets`): gamma gaps with shape
 1/cv^2 and scale cv^2/rate drawn from np.random.RandomState(seed), the first request at 0. Each
 request is sent as the client sends it (temperature 1, top_p 1, max_tokens = output_len,
 ignore_eos) with a prompt of prompt_len random token ids (dummy weights do not need text).
@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dsjax.arrivals import arrival_offsets
-from dsjax.results import RequestResult
+from dsjax.eval.arrivals import arrival_offsets
+from dsjax.eval.results import RequestResult
 from dsjax.sampling_params import SamplingParams
 
 
@@ -72,7 +72,7 @@ def replay(engine, requests: Sequence, rate: float, cv: float = 1.0, seed: int =
 
 
 def _buckets(lo: int, hi: int) -> list[int]:
-    from dsjax.runner import bucket
+    from dsjax.executor.runner import bucket
     out, b = [], bucket(lo)
     while b <= bucket(hi):
         out.append(b)
@@ -86,8 +86,8 @@ def warm_up(engine, max_prompt_len: int, max_context_len: int, max_prefill_batch
     every instance, before anything is measured (a compile takes ~0.5 s on a CPU and would
     land in some request's TTFT or TPOT). Call it on an idle engine: it writes into free KV
     pages. Returns the number of steps run."""
-    from dsjax.request import Request
-    from dsjax.runner import MIN_TOKEN_BUCKET
+    from dsjax.engine.request import Request
+    from dsjax.executor.runner import MIN_TOKEN_BUCKET
 
     params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=1)
     steps = 0

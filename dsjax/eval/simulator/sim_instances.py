@@ -11,10 +11,10 @@ import dataclasses
 from collections import deque
 from typing import Protocol
 
-from dsjax.profiles import LatencyModel
-from dsjax.simulator.events import EventLoop
-from dsjax.simulator.lane import Lane
-from dsjax.simulator.request import SimRequest
+from dsjax.eval.latency_model import LatencyModel
+from dsjax.eval.simulator.events import EventLoop
+from dsjax.eval.simulator.lane import Lane
+from dsjax.eval.simulator.sim_request import SimRequest
 
 MS = 1e-3
 
@@ -31,7 +31,7 @@ def make_room(instance, lane: Lane) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class InstanceSpec:
+class Parallelism:
     tp: int = 1
     pp: int = 1
 
@@ -51,7 +51,7 @@ class PrefillInstance:
     """FCFS batching under max batch size, max tokens per batch and KV back-pressure: prompts
     keep their KV here until a decode instance pulls them (release())."""
 
-    def __init__(self, loop: EventLoop, model: LatencyModel, spec: InstanceSpec, sink: Sink,
+    def __init__(self, loop: EventLoop, model: LatencyModel, spec: Parallelism, sink: Sink,
                  max_batch: int, max_tokens: int, name: str = "prefill"):
         self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
         self.max_batch, self.max_tokens = max_batch, max_tokens
@@ -131,7 +131,7 @@ class DecodeInstance:
     """FCFS continuous batching over pp lanes; on KV exhaustion the newest request of the lane
     is swapped out (time not charged) and swapped back in before any new request joins."""
 
-    def __init__(self, loop: EventLoop, model: LatencyModel, spec: InstanceSpec, sink: Sink,
+    def __init__(self, loop: EventLoop, model: LatencyModel, spec: Parallelism, sink: Sink,
                  max_batch: int, name: str = "decode"):
         self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
         self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
@@ -235,7 +235,7 @@ class ColocatedInstance:
     the rest of an N-token budget. A mixed iteration costs the decode step plus the prefill
     terms of its chunks (one fixed overhead). PP is not pipelined here (a known gap)."""
 
-    def __init__(self, loop: EventLoop, model: LatencyModel, spec: InstanceSpec, sink: Sink,
+    def __init__(self, loop: EventLoop, model: LatencyModel, spec: Parallelism, sink: Sink,
                  max_batch: int, max_tokens: int, chunk_size: int | None = None, name: str = "colocated"):
         self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
         self.max_batch, self.max_tokens, self.chunk_size = max_batch, max_tokens, chunk_size

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dsjax.kernels._compat import compiler_params, head_dim_chunks, is_power_of_two, out_struct
+from dsjax.executor.kernels._compat import compiler_params, head_dim_chunks, is_power_of_two, out_struct
 from models.attention import PrefillMetadata
 
 # Running-max start value: finite so that a row that has seen only masked keys keeps

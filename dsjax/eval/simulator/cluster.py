@@ -17,14 +17,14 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from dsjax.arrivals import arrival_offsets
+from dsjax.eval.arrivals import arrival_offsets
 
-from dsjax.profiles import LatencyModel
-from dsjax.simulator.events import EventLoop
-from dsjax.simulator.instances import ColocatedInstance, DecodeInstance, InstanceSpec, PrefillInstance
-from dsjax.simulator.request import SimRequest
+from dsjax.eval.latency_model import LatencyModel
+from dsjax.eval.simulator.events import EventLoop
+from dsjax.eval.simulator.sim_instances import ColocatedInstance, DecodeInstance, Parallelism, PrefillInstance
+from dsjax.eval.simulator.sim_request import SimRequest
 
-MODES = ("disaggregated", "colocated", "chunked", "prefill_only", "decode_only")
+SIM_MODES = ("disaggregated", "colocated", "chunked", "prefill_only", "decode_only")
 NVLINK_BYTES_PER_S = 300e9     # A100 NVLink, one direction
 CROSS_NODE_BYTES_PER_S = 25e9  # 200 Gb/s InfiniBand
 
@@ -37,8 +37,8 @@ class HasLengths(Protocol):
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
     mode: str = "disaggregated"
-    prefill: InstanceSpec = InstanceSpec()
-    decode: InstanceSpec = InstanceSpec()
+    prefill: Parallelism = Parallelism()
+    decode: Parallelism = Parallelism()
     num_prefill: int = 1
     num_decode: int = 1
     prefill_max_batch: int = 256
@@ -52,8 +52,8 @@ class SimConfig:
     chunk_size: int = 512
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown simulator mode {self.mode!r}; choose one of {MODES}")
+        if self.mode not in SIM_MODES:
+            raise ValueError(f"unknown simulator mode {self.mode!r}; choose one of {SIM_MODES}")
 
 
 def poisson_arrivals(num: int, rate: float, seed: int = 0, cv: float = 1.0) -> np.ndarray:
@@ -177,6 +177,6 @@ def simulate(model: LatencyModel, reqs: Sequence[HasLengths], rate: float,
              config: SimConfig = SimConfig(), seed: int = 0, cv: float = 1.0,
              watcher: Callable[[SimRequest], None] | None = None) -> list[SimRequest]:
     """Simulate `reqs` arriving at `rate` req/s (gamma gaps, seeded); returns them in input order
-    with their recorded times (SimRequest.to_result() gives a dsjax.results.RequestResult).
+    with their recorded times (SimRequest.to_result() gives a dsjax.eval.results.RequestResult).
     `watcher` sees each request as it finishes and may raise StopSimulation."""
     return Cluster(model, config, watcher).run(reqs, poisson_arrivals(len(reqs), rate, seed, cv))

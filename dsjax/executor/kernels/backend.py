@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 from flax import struct
 
-from dsjax.kernels.decode import paged_decode_attention
-from dsjax.kernels.prefill import prefill_attention
+from dsjax.executor.kernels.decode import paged_decode_attention
+from dsjax.executor.kernels.prefill import prefill_attention
 from models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata, XLAAttention,
                               write_kv_scatter)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from dsjax.block_manager import BlockManager
+from dsjax.engine.block_manager import BlockManager
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.parallel import KV_SPEC
+from dsjax.executor.parallel import KV_SPEC
 from models.config import OPTConfig
 
 # Leave room on an accelerator for activations and compiled programs beyond the weights.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from dsjax.parallel import KV_SPEC
+from dsjax.executor.parallel import KV_SPEC
 
 HEAD_AXIS, LAYER_AXIS = 3, 0
 

@@ -1,6 +1,6 @@
-"""`python -m dsjax.simulator`: simulate one (dataset, rate, placement) run and write an .exp file.
+"""`python -m dsjax.eval.simulator`: simulate one (dataset, rate, placement) run and write an .exp file.
 
-  python -m dsjax.simulator --model opt-13b --dataset sharegpt --mode disaggregated \\
+  python -m dsjax.eval.simulator --model opt-13b --dataset sharegpt --mode disaggregated \\
       --prefill-tp 2 --decode-tp 1 --rate 4 --num-prompts 300 --exp-out distserve-300-4.exp
 """
 from __future__ import annotations
@@ -9,18 +9,18 @@ import argparse
 import sys
 import time
 
-from dsjax.datasets import get_dataset
-from dsjax.profiles import load_profile
-from dsjax.results import format_summary, save_exp, summarize
-from dsjax.simulator import MODES, InstanceSpec, SimConfig, simulate
+from dsjax.eval.workloads import get_dataset
+from dsjax.eval.latency_model import load_profile
+from dsjax.eval.results import format_summary, save_exp, summarize
+from dsjax.eval.simulator import SIM_MODES, Parallelism, SimConfig, simulate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dsjax.simulator", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dsjax.eval.simulator", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="opt-13b")
     p.add_argument("--profile", default=None, help="DistServe-format profile JSON (default: A100)")
     p.add_argument("--dataset", default="sharegpt", help="prepared dataset file, or sharegpt / humaneval")
-    p.add_argument("--mode", choices=MODES, default="disaggregated")
+    p.add_argument("--mode", choices=SIM_MODES, default="disaggregated")
     p.add_argument("--rate", type=float, required=True, help="arrival rate, req/s")
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps")
     p.add_argument("--num-prompts", type=int, default=300)
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = get_dataset(args.dataset)
     reqs = dataset.sample(args.num_prompts, seed=args.seed)
     extra = {} if args.link_gbps is None else {"kv_link_bytes_per_s": args.link_gbps * 1e9}
-    config = SimConfig(mode=args.mode, prefill=InstanceSpec(args.prefill_tp, args.prefill_pp),
-                       decode=InstanceSpec(args.decode_tp, args.decode_pp), num_prefill=args.num_prefill,
+    config = SimConfig(mode=args.mode, prefill=Parallelism(args.prefill_tp, args.prefill_pp),
+                       decode=Parallelism(args.decode_tp, args.decode_pp), num_prefill=args.num_prefill,
                        num_decode=args.num_decode, chunk_size=args.chunk_size, **extra)
     started = time.perf_counter()
     sims = simulate(model, reqs, args.rate, config, seed=args.seed, cv=args.cv)

@@ -19,17 +19,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dsjax.block_manager import BlockManager
+from dsjax.engine.block_manager import BlockManager
 from dsjax.config import EngineConfig
-from dsjax.instances import (ChunkedInstance, ColocatedInstance, DecodeInstance, Instance,
+from dsjax.engine.worker import (ChunkedInstance, ColocatedInstance, DecodeInstance, Instance,
                              PrefillInstance)
-from dsjax.kv_cache import bytes_per_block, num_blocks_for_budget
-from dsjax.parallel import InstanceSpec, plan_placement
-from dsjax.request import Request, RequestOutput, Status
-from dsjax.runner import ModelRunner
+from dsjax.executor.kv_cache import bytes_per_block, num_blocks_for_budget
+from dsjax.executor.parallel import InstanceSpec, plan_placement
+from dsjax.engine.request import Request, RequestOutput, Status
+from dsjax.executor.runner import ModelRunner
 from dsjax.sampling_params import SamplingParams
-from dsjax.scheduler import BatchLimits
-from dsjax.stopping import StopChecker
+from dsjax.engine.scheduler import BatchLimits
+from dsjax.engine.stopping import StopChecker
 from dsjax.tokenizer import IncrementalDetokenizer, load_tokenizer
 from models.attention import XLAAttention
 from models.config import OPTConfig
@@ -72,7 +72,7 @@ def attention_backend(name: str):
     if name == "xla":
         return XLAAttention()
     try:
-        from dsjax.kernels import get_attention_backend
+        from dsjax.executor.kernels import get_attention_backend
     except ImportError:
         if name == "pallas":
             raise

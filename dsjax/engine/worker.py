@@ -11,11 +11,11 @@ import time
 
 import jax
 
-from dsjax.block_manager import BlockManager
-from dsjax.request import Request, Status
-from dsjax.runner import ModelRunner, StepOutput
-from dsjax.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
-from dsjax.transfer import migrate
+from dsjax.engine.block_manager import BlockManager
+from dsjax.engine.request import Request, Status
+from dsjax.executor.runner import ModelRunner, StepOutput
+from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
+from dsjax.executor.kv_migration import migrate
 
 log = logging.getLogger("dsjax")
 

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsjax.parallel import KV_SPEC, TP_AXIS
+from dsjax.executor.parallel import KV_SPEC, TP_AXIS
 
 HEADS = P(None, TP_AXIS, None)  # [tokens, heads, head_dim]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 
-from dsjax.simulator.request import SimRequest
+from dsjax.eval.simulator.sim_request import SimRequest
 
 
 class Lane:

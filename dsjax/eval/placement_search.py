@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from dsjax.profiles import LatencyModel
-from dsjax.simulator import (CROSS_NODE_BYTES_PER_S, NVLINK_BYTES_PER_S, InstanceSpec, SimConfig,
+from dsjax.eval.latency_model import LatencyModel
+from dsjax.eval.simulator import (CROSS_NODE_BYTES_PER_S, NVLINK_BYTES_PER_S, Parallelism, SimConfig,
                              SimRequest, StopSimulation, simulate)
-from dsjax.simulator.cluster import HasLengths
+from dsjax.eval.simulator.cluster import HasLengths
 
 REL_TOLERANCE = 0.02      # stop bisecting when hi / lo < 1.02
 MIN_RATE = 1e-3
@@ -37,8 +37,8 @@ class SLO:
 @dataclasses.dataclass
 class Candidate:
     role: str                          # "prefill", "decode", "pair" or "colocated"
-    prefill: InstanceSpec | None
-    decode: InstanceSpec | None
+    prefill: Parallelism | None
+    decode: Parallelism | None
     num_gpus: int
     goodput: float | None = None       # req/s of one instance (pair); None: pruned, cannot win
     note: str = ""
@@ -53,8 +53,8 @@ class Candidate:
 class Placement:
     model: str
     mode: str                          # "disaggregated" or "colocated"
-    prefill: InstanceSpec
-    decode: InstanceSpec
+    prefill: Parallelism
+    decode: Parallelism
     num_prefill: int
     num_decode: int
     goodput: float                     # req/s of the whole placement, simulated
@@ -180,7 +180,7 @@ class Searcher:
         return max_rate(lambda r: self.attains(config, r, metric), start=num_gpus,
                         floor=best_per_gpu * num_gpus, ceiling=MAX_RATE_PER_GPU * num_gpus)
 
-    def fits(self, spec: InstanceSpec) -> str:
+    def fits(self, spec: Parallelism) -> str:
         """'' when an instance of this shape holds the longest request's KV, else the reason."""
         cap = self.model.kv_capacity_tokens(spec.tp, spec.pp)
         if cap < self.max_context:
@@ -199,7 +199,7 @@ def parallel_degrees(model: LatencyModel, max_tp: int, max_pp: int) -> tuple[lis
 
 # ---------------------------------------------------------------- Algorithm 1: high affinity
 
-def _phase_goodputs(searcher: Searcher, role: str, specs: list[InstanceSpec], bar) -> list[Candidate]:
+def _phase_goodputs(searcher: Searcher, role: str, specs: list[Parallelism], bar) -> list[Candidate]:
     """Every shape's goodput for one phase alone. No pruning: the best pair must also fit the
     cluster together, so a shape that loses per GPU may still be the one used."""
     mode, metric = ("prefill_only", "ttft") if role == "prefill" else ("decode_only", "tpot")
@@ -262,7 +262,7 @@ def search_high_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                          rate: float | None = None, progress: bool = True) -> Placement:
     total = num_nodes * gpus_per_node
     tps, pps = parallel_degrees(searcher.model, gpus_per_node, total)
-    specs = [InstanceSpec(t, p) for t in tps for p in pps if t * p <= total]
+    specs = [Parallelism(t, p) for t in tps for p in pps if t * p <= total]
     with tqdm(total=2 * len(specs), desc="placement (high affinity)", disable=not progress) as bar:
         prefills = _phase_goodputs(searcher, "prefill", specs, bar)
         decodes = _phase_goodputs(searcher, "decode", specs, bar)
@@ -302,7 +302,7 @@ def search_low_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                     for pp_d in pps:
                         if tp_p * pp_p + tp_d * pp_d <= gpus_per_node and \
                                 pp_p * cross in all_pps and pp_d * cross in all_pps:
-                            units.append((cross, InstanceSpec(tp_p, pp_p * cross), InstanceSpec(tp_d, pp_d * cross)))
+                            units.append((cross, Parallelism(tp_p, pp_p * cross), Parallelism(tp_d, pp_d * cross)))
     best, cands = 0.0, []
     for cross, pspec, dspec in tqdm(units, desc="placement (low affinity)", disable=not progress):
         cand = Candidate("pair", pspec, dspec, pspec.num_gpus + dspec.num_gpus,
@@ -341,7 +341,7 @@ def search_colocated(searcher: Searcher, num_nodes: int, gpus_per_node: int,
     """vLLM-style: one engine per instance; the best (TP, PP) per GPU, replicated."""
     total = num_nodes * gpus_per_node
     tps, pps = parallel_degrees(searcher.model, gpus_per_node, total)
-    specs = [InstanceSpec(t, p) for t in tps for p in pps if t * p <= total]
+    specs = [Parallelism(t, p) for t in tps for p in pps if t * p <= total]
     best, cands = 0.0, []
     for spec in tqdm(specs, desc="placement (colocated)", disable=not progress):
         cand = Candidate("colocated", spec, spec, spec.num_gpus, note=searcher.fits(spec))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dsjax.kernels._compat import compiler_params, head_dim_chunks, is_power_of_two, out_struct
+from dsjax.executor.kernels._compat import compiler_params, head_dim_chunks, is_power_of_two, out_struct
 
 _M_INIT = -1e30  # finite running-max start: see prefill.py
 

@@ -1,7 +1,7 @@
 """A simulated request: its lengths, its progress, and the times the simulator recorded for it."""
 from __future__ import annotations
 
-from dsjax.results import RequestResult
+from dsjax.eval.results import RequestResult
 
 
 class SimRequest:
@@ -61,7 +61,7 @@ class SimRequest:
 
 
 def attainment_of(reqs: list[SimRequest], ttft_slo: float, tpot_slo: float) -> tuple[float, float, float]:
-    """(both, TTFT only, TPOT only), as dsjax.results.attainment, without building results."""
+    """(both, TTFT only, TPOT only), as dsjax.eval.results.attainment, without building results."""
     n = len(reqs) or 1
     ttft_ok = [r.ttft() <= ttft_slo for r in reqs]
     tpot_ok = [r.tpot() <= tpot_slo for r in reqs]

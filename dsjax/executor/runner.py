@@ -21,17 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.kv_cache import PagePool
-from dsjax.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
+from dsjax.executor.kv_cache import PagePool
+from dsjax.executor.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
                             param_shardings, param_spec, pipeline_param_shardings, stage_mesh,
                             stage_param_tree, stage_view)
-from dsjax.sampling import SampleOutput, build_sampling_tensors, sample
-from dsjax.sharded_attention import for_mesh
+from dsjax.sampling_params import MAX_LOGPROBS
+from dsjax.executor.sampling import SampleOutput, build_sampling_tensors, sample
+from dsjax.executor.sharded_attention import for_mesh
 from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
 from models.config import OPTConfig
 from models.opt import OPTModel, abstract_params
 
-MAX_LOGPROBS = 20
 MIN_TOKEN_BUCKET = 16
 
 
