@@ -33,6 +33,9 @@ class EngineConfig:
     context_max_tokens_per_batch: int = 4096
     decoding_max_batch_size: int = 256
     decoding_max_tokens_per_batch: int = 65536
+    # A decode instance pulls a prefilled request only while the prompts already waiting in it
+    # hold under this share of its KV blocks: the queue then lives in prefill memory (DistServe).
+    decoding_waiting_share: float = 0.05
     attention_backend: str = "auto"      # auto | xla | pallas
     log_status: bool = False             # print each instance's status line once per second
     status_interval: float = 1.0
@@ -50,6 +53,9 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
+        if not 0 < self.decoding_waiting_share <= 1:
+            raise ValueError(f"decoding_waiting_share must be in (0, 1], got "
+                             f"{self.decoding_waiting_share}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
 
