@@ -1,14 +1,17 @@
-"""Engine figures: host overhead per decode step, migration time vs KV bytes, phase overlap.
+"""Engine figures: host overhead per decode step, migration time vs KV bytes, interference.
 
     python benchmarks/bench_engine.py overhead --model opt-tiny --batch-sizes 1,16,64,256
     python benchmarks/bench_engine.py migration --model opt-125m
-    python benchmarks/bench_engine.py overlap --model opt-125m
+    python benchmarks/bench_engine.py interference --model opt-125m --backends uni,mp
 
 overhead: decode steps of a running batch; host overhead = step wall time minus the time
   blocked on the device's results (the rest is Python: scheduling, metadata, sampling bookkeeping,
   streaming). Target: < 1 ms per step at batch 256, so the engine never starves a GPU.
 migration: KV copy time between instances for each TP pair (device to device).
-overlap: prefill and decode steps' time spans; overlapping spans show both phases computing at once.
+interference: a decode instance's time per output token alone, and while the prefill instance
+  runs long prompts, for each executor backend (timed at the caller from token timestamps, so
+  instances in other processes are measured the same way). Near 1 means the phases do not
+  interfere; on a CPU only the "mp" backend gives each instance its own cores.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def _engine(args, **kw):
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
-    return Engine(EngineConfig(model=args.model, load_format="dummy", dtype=args.dtype,
-                               block_size=16, **kw))
+    return Engine(EngineConfig(**{**dict(model=args.model, load_format="dummy", dtype=args.dtype,
+                                         block_size=16), **kw}))
 
 
 def overhead(args) -> None:
@@ -44,7 +47,7 @@ def overhead(args) -> None:
         # warm-up run compiles every bucket this batch will use
         for s in [engine.add_request(p, params) for p in prompts]:
             s.result()
-        decode = engine.decode_instances[0]
+        decode = engine.local_worker("decode0")
         decode.step_log = []
         for s in [engine.add_request(p, params) for p in prompts]:
             s.result()
@@ -68,71 +71,81 @@ def migration(args) -> None:
     for ctp, dtp in pairs:
         engine = _engine(args, context_tensor_parallel_size=ctp,
                          decoding_tensor_parallel_size=dtp, num_blocks=260)
-        src, dst = engine.prefill_instances[0].runner, engine.decode_instances[0].runner
+        src = engine.local_worker("prefill0").runner
+        dst = engine.local_worker("decode0").runner
+
+        def wait():
+            jax.block_until_ready([(s.pool.k, s.pool.v) for s in dst.stages])
         for tokens in [128, 512, 2048]:
             blocks = list(range(tokens // 16))
             migrate(src, blocks, dst, blocks)  # compile
-            dst.block_until_ready()
+            wait()
             start = time.perf_counter()
             nbytes = migrate(src, blocks, dst, blocks)
-            dst.block_until_ready()
+            wait()
             dt = time.perf_counter() - start
             print(f"| {ctp} | {dtp} | {tokens} | {nbytes / 1e6:.1f} | {1e3 * dt:.2f} | "
                   f"{nbytes / dt / 1e9:.2f} |")
         engine.shutdown()
 
 
-def overlap(args) -> None:
-    """Spans of prefill and decode steps while a stream of requests runs."""
+def interference(args) -> None:
+    """Decode time per output token alone vs while long prompts keep the prefill instance busy."""
     import numpy as np
     from dsjax import SamplingParams
-    import dsjax.engine.worker as instances
 
-    spans = []
-    for cls in (instances.PrefillInstance, instances.DecodeInstance):
-        original = cls.step
-
-        def timed_step(self, _orig=original):
-            start = time.perf_counter()
-            did = _orig(self)
-            if did:
-                spans.append((self.name_, start, time.perf_counter()))
-            return did
-        cls.step = timed_step
-    engine = _engine(args, num_blocks=512)
     rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
-    streams = []
-    for i in range(args.requests):
-        streams.append(engine.add_request(rng.integers(4, 1000, 128).tolist(), params))
-        time.sleep(0.05)
-    for s in streams:
-        s.result()
-    engine.shutdown()
-    t0 = min(s for _, s, _ in spans)
-    prefill = [(a - t0, b - t0) for n, a, b in spans if n.startswith("prefill")]
-    decode = [(a - t0, b - t0) for n, a, b in spans if n.startswith("decode")]
-    both = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in prefill for a2, b2 in decode)
-    print(f"prefill steps {len(prefill)} busy {sum(b - a for a, b in prefill):.3f} s; "
-          f"decode steps {len(decode)} busy {sum(b - a for a, b in decode):.3f} s; "
-          f"both phases busy at once for {both:.3f} s")
-    for a, b in prefill[:5]:
-        print(f"  prefill step {a:8.3f} -> {b:8.3f} s")
+    print("| backend | TPOT alone ms | TPOT during prefill ms | ratio | prefill steps overlapped |")
+    print("|---|---|---|---|---|")
+    for backend in args.backends.split(","):
+        engine = _engine(args, distributed_executor_backend=backend, num_blocks=512,
+                         context_max_tokens_per_batch=args.prompt_len,
+                         warmup_max_prompt_len=args.prompt_len,
+                         warmup_max_context_len=args.decode_tokens + 64,
+                         warmup_max_prefill_batch=1, warmup_max_decode_batch=8)
+        decode = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
+        long = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+        def gaps(out, spans=None):
+            """Gaps between consecutive tokens, split by whether a prefill step overlapped."""
+            t = out.token_timestamps
+            pairs = list(zip(t[1:-1], t[2:]))   # skip the first decode step (a migration)
+            hit = [any(a < e and s < b for s, e in spans or []) for a, b in pairs]
+            return ([b - a for (a, b), h in zip(pairs, hit) if h],
+                    [b - a for (a, b), h in zip(pairs, hit) if not h])
+
+        alone = engine.add_request(rng.integers(4, 1000, 16).tolist(), decode).result()
+        _, quiet = gaps(alone)
+        finals = []
+        engine.add_request(rng.integers(4, 1000, 16).tolist(), decode, stream=False,
+                           on_output=finals.append)
+        spans = []
+        while not finals:   # keep the prefill instance busy until the decode finishes
+            out = engine.add_request(rng.integers(4, 1000, args.prompt_len).tolist(),
+                                     long).result()
+            ev = {e["event_type"]: e["timestamp"] for e in out.lifetime_events}
+            spans.append((ev["context_begin"], ev["context_end"]))
+        during, _ = gaps(finals[0], spans)
+        a, b = 1e3 * float(np.median(quiet)), 1e3 * float(np.median(during)) if during else 0.0
+        print(f"| {backend} | {a:.1f} | {b:.1f} | {b / a:.2f} | {len(spans)} |")
+        engine.shutdown()
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["overhead", "migration", "overlap"])
+    p.add_argument("what", choices=["overhead", "migration", "interference"])
     p.add_argument("--model", default="opt-tiny")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-sizes", default="1,16,64,256")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--backends", default="uni,mp")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--decode-tokens", type=int, default=64)
     args = p.parse_args(argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_force_host_platform_device_count=8").strip()
-    {"overhead": overhead, "migration": migration, "overlap": overlap}[args.what](args)
+    {"overhead": overhead, "migration": migration, "interference": interference}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ def main(argv=None) -> None:
     import numpy as np
 
     from benchmarks._common import measure_bandwidth, measure_matmul_flops, timed
-    from dsjax.engine.core import attention_backend
-    from dsjax.executor.parallel import plan_placement
-    from dsjax.engine.request import Request
+    from dsjax.executor.batch import DecodeRow, PrefillRow, SamplingRow
+    from dsjax.executor.kernels import get_attention_backend
+    from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
     from models.config import OPTConfig
@@ -52,14 +52,14 @@ def main(argv=None) -> None:
     page = 16
     pages_per_seq = -(-(args.context + 1) // page)
     num_pages = max(batches) * pages_per_seq + 8
-    spec = plan_placement("colocated", devices=[device])[0]
+    spec = single_instance_spec("colocated", [device])
     runner = ModelRunner(spec, cfg, lambda sh: dummy_params(cfg, dtype, 0, sh), dtype=dtype,
                          num_pages=num_pages, page_size=page,
-                         attention=attention_backend(args.attention_backend),
+                         attention=get_attention_backend(args.attention_backend),
                          max_batch_size=max(batches), max_tokens_per_batch=max(
                              int(t) for t in args.prefill_tokens.split(",")),
                          max_blocks_per_request=pages_per_seq)
-    greedy = SamplingParams(temperature=0, max_tokens=1)
+    greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), 0, 0)
     weight_bytes = cfg.num_params() * dtype.itemsize
     print(f"# {args.model} {dtype.name} on {device.device_kind} ({device.platform}); "
           f"bandwidth {bw / 1e9:.1f} GB/s, peak {peak / 1e12:.2f} TFLOP/s, "
@@ -70,12 +70,11 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     for total in [int(t) for t in args.prefill_tokens.split(",")]:
         n = max(1, total // args.prompt_len)
-        reqs = [Request(f"p{i}", None, rng.integers(4, 50000, args.prompt_len).tolist(), greedy, 0)
+        rows = [PrefillRow(tuple(int(t) for t in rng.integers(4, 50000, args.prompt_len)),
+                           tuple((i * pages_per_seq + j) % num_pages
+                                 for j in range(-(-args.prompt_len // page))), greedy)
                 for i in range(n)]
-        tables = [list(range(i * pages_per_seq, i * pages_per_seq +
-                             -(-args.prompt_len // page))) for i in range(n)]
-        tables = [[t % num_pages for t in tab] for tab in tables]
-        seconds = timed(lambda: runner.prefill(reqs, tables), warmup=1, iters=3)
+        seconds = timed(lambda: runner.prefill(rows), warmup=1, iters=3)
         rate = n * args.prompt_len / seconds
         floor = peak / (2 * cfg.num_params())
         print(f"| {n * args.prompt_len} | {n} | {rate:,.0f} | {floor:,.0f} | {100 * rate / floor:.0f}% |")
@@ -83,13 +82,9 @@ def main(argv=None) -> None:
     print("\n| decode batch | context | step ms | floor ms (weights / bandwidth) | % of floor |")
     print("|---|---|---|---|---|")
     for b in batches:
-        reqs = []
-        for i in range(b):
-            r = Request(f"d{i}", None, rng.integers(4, 50000, args.context).tolist(), greedy, 0)
-            r.output_token_ids.append(5)
-            reqs.append(r)
-        tables = [list(range(i * pages_per_seq, (i + 1) * pages_per_seq)) for i in range(b)]
-        seconds = timed(lambda: runner.decode(reqs, tables), warmup=2, iters=5)
+        rows = [DecodeRow(5, args.context, tuple(range(i * pages_per_seq, (i + 1) * pages_per_seq)),
+                          greedy) for i in range(b)]
+        seconds = timed(lambda: runner.decode(rows), warmup=2, iters=5)
         floor = weight_bytes / bw
         print(f"| {b} | {args.context} | {seconds * 1e3:.2f} | {floor * 1e3:.2f} | "
               f"{100 * floor / seconds:.0f}% |")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 ENGINE_MODES = ("disaggregated", "colocated", "chunked")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXECUTOR_BACKENDS = ("uni", "mp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,15 @@ class EngineConfig:
     # hold under this share of its KV blocks: the queue then lives in prefill memory (DistServe).
     decoding_waiting_share: float = 0.05
     attention_backend: str = "auto"      # auto | xla | pallas
+    # Where instances run: "uni" = threads of this process (KV by device_put), "mp" = one OS
+    # process each with its own devices (KV over JAX transfer servers bound to kv_transfer_host).
+    distributed_executor_backend: str = "uni"
+    kv_transfer_host: str = "127.0.0.1"
+    # Compile the step programs of this workload before serving (0 = compile on first use).
+    warmup_max_prompt_len: int = 0
+    warmup_max_context_len: int = 0      # 0: the prompt length + 1
+    warmup_max_prefill_batch: int = 8
+    warmup_max_decode_batch: int = 64
     log_status: bool = False             # print each instance's status line once per second
     status_interval: float = 1.0
 
@@ -53,6 +63,15 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                             f"got {self.distributed_executor_backend!r}")
+        for f in ("warmup_max_prompt_len", "warmup_max_context_len"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0 (0 = off), got {getattr(self, f)}")
+        for f in ("warmup_max_prefill_batch", "warmup_max_decode_batch"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if not 0 < self.decoding_waiting_share <= 1:
             raise ValueError(f"decoding_waiting_share must be in (0, 1], got "
                              f"{self.decoding_waiting_share}")

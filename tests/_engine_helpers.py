@@ -1,4 +1,4 @@
-"""Shared engine fixtures: tiny dummy OPT engines, built once per placement per session."""
+"""Shared engine fixtures: tiny engines built once per configuration per session."""
 from __future__ import annotations
 
 import time
@@ -20,10 +20,23 @@ def get_engine(**overrides) -> Engine:
     return _ENGINES[key]
 
 
+def hf_engine(model_dir, **overrides) -> Engine:
+    """A shared engine serving the transformers-written checkpoint in `model_dir`."""
+    return get_engine(model=str(model_dir), load_format="auto", **overrides)
+
+
 def shutdown_all() -> None:
     for engine in _ENGINES.values():
         engine.shutdown()
     _ENGINES.clear()
+
+
+def generate(engine, prompt_list, params, timeout: float = 300) -> list[list[int]]:
+    """Greedy (or seeded) tokens of each prompt, submitted together; checks nothing leaked."""
+    streams = [engine.add_request(p, params) for p in prompt_list]
+    outs = [s.result(timeout=timeout) for s in streams]
+    wait_idle(engine)
+    return [o.token_ids for o in outs]
 
 
 def wait_idle(engine: Engine, timeout: float = 60.0) -> None:

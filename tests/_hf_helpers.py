@@ -78,3 +78,25 @@ def save_pytorch_bin(model, out_dir: Path, shards: int = 1) -> Path:
         weight_map.update({n: file for n in part})
     (out_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return out_dir
+
+
+def make_varied_hf_opt(seed: int = 0, init_std: float = 0.3):
+    """An OPTForCausalLM initialised by transformers itself with a large init_std, so greedy
+    decoding does not settle into repeating one token: each position's choice then depends on
+    the whole context, and an engine that attends to the wrong tokens gives other tokens."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(**dict(COMMON, **TINY_HF_CONFIGS["pre_ln"]), word_embed_proj_dim=64,
+                       init_std=init_std)
+    model = OPTForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None   # generate exactly max_new_tokens
+    return model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt` by exactly n tokens."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=1)
+    return out[0, len(prompt):].tolist()

@@ -9,3 +9,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Prompts of mixed lengths and the number of tokens every placement test generates.
+ENGINE_PROMPT_LENGTHS = (3, 17, 9, 30, 5, 12)
+ENGINE_MAX_NEW = 12
+
+
+def engine_prompts() -> list[list[int]]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(4, 1000, n).tolist() for n in ENGINE_PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="session")
+def hf_opt(tmp_path_factory):
+    """(transformers model, its safetensors directory): a random OPT whose greedy tokens vary."""
+    from tests._hf_helpers import make_varied_hf_opt, save_safetensors
+    model = make_varied_hf_opt()
+    return model, save_safetensors(model, tmp_path_factory.mktemp("hf-opt") / "opt")
+
+
+@pytest.fixture(scope="session")
+def hf_reference(hf_opt):
+    """transformers' own greedy continuations of engine_prompts()."""
+    from tests._hf_helpers import hf_greedy
+    return [hf_greedy(hf_opt[0], p, ENGINE_MAX_NEW) for p in engine_prompts()]

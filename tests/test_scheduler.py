@@ -113,15 +113,48 @@ def test_decode_pull_respects_waiting_share_and_reserve():
     assert s.can_pull(8)
 
 
-def test_swap_out_without_host_space_is_a_clear_error():
+def test_no_room_anywhere_drops_only_the_newest_request_with_a_clear_reason():
     bm = BlockManager(2, block_size=4, num_host_blocks=0)
     s = DecodeScheduler(BatchLimits(8, 1000), bm)
     a, b = FakeRequest("a", 4, 1), FakeRequest("b", 4, 1)
     for r in (a, b):
         bm.allocate(r.request_id, 4)
         s.add_waiting(r)
-    with pytest.raises(RuntimeError, match="swap"):
-        s.schedule()
+    step = s.schedule()
+    assert [r for r, _ in step.dropped] == [b] and "swap" in step.dropped[0][1]
+    assert step.batch == [a] and not bm.holds("b") and len(bm.tables["a"]) == 2
+
+
+def test_pulls_in_flight_count_against_the_waiting_share():
+    """A burst of offers: each pull is judged with the pulls already started, so one round
+    cannot take every waiting request (it took all of them before)."""
+    bm = BlockManager(40, block_size=4)
+    s = DecodeScheduler(BatchLimits(8, 1000), bm)
+    assert s.can_pull(8, in_flight_blocks=0)
+    assert not s.can_pull(8, in_flight_blocks=2)     # 2 blocks = 5% of 40 already coming
+
+
+def test_swapped_request_that_cannot_return_does_not_block_waiting_ones():
+    """decode batch size 1: the running request is swapped out for want of a block that a
+    pulled, waiting request holds. The waiting one must run (it used to wait forever)."""
+    bm = BlockManager(3, block_size=4, num_host_blocks=8)
+    s = DecodeScheduler(BatchLimits(max_batch_size=1, max_tokens_per_batch=1000), bm)
+    a = FakeRequest("a", 7, generated=1)     # 8 tokens: 2 blocks
+    bm.allocate("a", 8)
+    s.add_waiting(a)
+    assert s.schedule().batch == [a]
+    b = FakeRequest("b", 4, generated=1)
+    bm.allocate("b", 4)                      # pulled while a ran: the last free block
+    s.add_waiting(b)
+    a.output_token_ids.append(0)             # a needs a third block: none is free
+    step = s.schedule()
+    assert step.swap_out == [a] and step.batch == []
+    assert s.schedule().batch == [b]         # a cannot return (b holds a block): b runs
+    b.output_token_ids = [0] * 4             # b finishes after growing into a's old block
+    s.remove(b)
+    bm.free("b")
+    step = s.schedule()
+    assert step.swap_in == [a] and step.batch == [a]
 
 
 def test_chunked_budget_decodes_first_then_chunks():
@@ -133,7 +166,7 @@ def test_chunked_budget_decodes_first_then_chunks():
     long = FakeRequest("p", 20)
     s.add(long)
     step = s.schedule()
-    assert step.decodes == [running]
+    assert step.decode.batch == [running]
     assert step.chunks == [(long, 0, 9)]       # 10 - 1 decode token
     assert not s.chunk_done(long, 9)
     step = s.schedule()
@@ -156,6 +189,43 @@ def test_chunked_partial_prompts_yield_pages_to_swapped_requests():
     bm.allocate("p", 12)                # 3 of 4 pages held by a half-computed prompt
     partial.num_computed = 12
     step = s.schedule()                 # without preemption nothing could ever run again
-    assert step.swap_in == [swapped] and step.decodes == [swapped]
+    assert step.decode.swap_in == [swapped] and step.decode.batch == [swapped]
     assert partial.num_computed == 0
     assert step.chunks == [(partial, 0, 7)]  # the prompt restarts from its first token
+
+
+def test_chunked_swap_decision_is_carried_out_exactly_once():
+    """Memory pressure in chunked mode: the decode scheduler decides once per step, so every
+    swap-out it decides is in the step (a dropped decision made the engine raise KeyError)."""
+    bm = BlockManager(8, block_size=4, num_host_blocks=16)
+    s = ChunkedScheduler(BatchLimits(max_batch_size=8, max_tokens_per_batch=8), bm)
+    a = FakeRequest("a", 4)
+    s.add(a)
+    step = s.schedule()
+    assert step.chunks == [(a, 0, 4)] and s.chunk_done(a, 4)
+    a.output_token_ids = [0, 0]               # two tokens generated, as in the bug report
+    b = FakeRequest("b", 28)                  # with 4 output tokens b alone fills the 8 pages
+    s.add(b)
+    limit = {"a": 20, "b": 4}
+    seen_out, seen_in, on_host = [], [], set()
+    for _ in range(200):
+        step = s.schedule()
+        seen_out += step.decode.swap_out
+        seen_in += step.decode.swap_in
+        on_host |= {r.request_id for r in step.decode.swap_out}
+        on_host -= {r.request_id for r in step.decode.swap_in}
+        # Every request whose pages went to the host was in a returned step's swap_out, so
+        # the instance moved its pages (a lost decision left them nowhere).
+        assert set(bm.host_tables) == on_host
+        for r, first, n in step.chunks:
+            if s.chunk_done(r, n):
+                r.output_token_ids.append(0)
+        for r in step.decode.batch:
+            r.output_token_ids.append(0)
+            if len(r.output_token_ids) >= limit[r.request_id]:
+                s.remove(r)
+                bm.free(r.request_id)
+        if not len(s):
+            break
+    assert not len(s) and bm.num_used == 0
+    assert len(seen_out) == len(seen_in) > 0

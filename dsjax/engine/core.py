@@ -1,46 +1,50 @@
-"""The engine: builds instances from the placement, admits requests, streams their outputs.
+"""The engine: places instances, admits requests, routes messages, delivers outputs.
 
-    add_request -> least-loaded prefill instance -> first token streamed, KV kept
-      -> migration_queue -> a decode instance pulls it (KV device to device) -> tokens streamed
+    add_request -> router -> AddRequest -> least-loaded prefill instance
+      prefill: first token streamed, KV kept; Report.prefilled -> router -> OfferMigration
+      decode (when it has room): ExportKV -> prefill -> KVReady -> decode -> tokens streamed
 Colocated and chunked modes run one instance that does both phases.
+
+One router thread owns every caller-facing request record (dsjax.engine.delivery) and the
+routing tables; instances own their requests' scheduling state (dsjax.engine.worker). Callers,
+instances and the router talk only through queues of dsjax.engine.messages.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
 import random
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-
-from dsjax.engine.block_manager import BlockManager
 from dsjax.config import EngineConfig
-from dsjax.engine.worker import (ChunkedInstance, ColocatedInstance, DecodeInstance, Instance,
-                             PrefillInstance)
-from dsjax.executor.kv_cache import bytes_per_block, num_blocks_for_budget
-from dsjax.executor.parallel import InstanceSpec, plan_placement
-from dsjax.engine.request import Request, RequestOutput, Status
-from dsjax.executor.runner import ModelRunner
+from dsjax.engine.delivery import TrackedRequest
+from dsjax.engine.instance_hosts import (ProcessHost, ThreadHost, accelerator_count,
+                                         cpu_core_sets)
+from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed,
+                                   InstanceReady, KVReady, KVRefused, OfferMigration, PeerMessage,
+                                   Report, RequestSpec)
+from dsjax.engine.request import RequestOutput
+from dsjax.executor.parallel import plan_placement
 from dsjax.sampling_params import SamplingParams
-from dsjax.engine.scheduler import BatchLimits
-from dsjax.engine.stopping import StopChecker
 from dsjax.tokenizer import IncrementalDetokenizer, load_tokenizer
-from models.attention import XLAAttention
 from models.config import OPTConfig
-from models.weights import load_params
 
 log = logging.getLogger("dsjax")
 GPT2_VOCAB_SIZE = 50257
+PROMPT_ROLES = ("prefill", "colocated", "chunked")
+DECODE_ROLES = ("decode", "colocated", "chunked")
+# Queue-drain samples kept for the admission estimate (first tokens observed).
+DRAIN_WINDOW = 64
 
 
 class EngineError(RuntimeError):
-    """An instance failed; pending requests end with this error."""
+    """The engine cannot serve (stopped, or no instance left for a phase), or a request failed
+    inside it."""
 
 
 def resolve_model(model: str, load_format: str) -> tuple[OPTConfig, str | None]:
@@ -59,27 +63,6 @@ def resolve_model(model: str, load_format: str) -> tuple[OPTConfig, str | None]:
     return OPTConfig.from_name(model), None
 
 
-def resolve_dtype(dtype: str, devices=None) -> str:
-    """'auto' is bfloat16 where there is an accelerator; on CPU, where bfloat16 is emulated
-    and slower, float32."""
-    if dtype != "auto":
-        return dtype
-    platform = (devices or jax.devices())[0].platform
-    return "float32" if platform == "cpu" else "bfloat16"
-
-
-def attention_backend(name: str):
-    if name == "xla":
-        return XLAAttention()
-    try:
-        from dsjax.executor.kernels import get_attention_backend
-    except ImportError:
-        if name == "pallas":
-            raise
-        return XLAAttention()
-    return get_attention_backend(name)
-
-
 class RequestStream:
     """Iterate over a request's outputs as they come, or wait for the final one."""
 
@@ -91,25 +74,87 @@ class RequestStream:
     def put(self, output) -> None:
         self._queue.put(output)
 
+    def _next(self, timeout: float | None = None) -> RequestOutput:
+        out = self._queue.get(timeout=timeout)
+        if isinstance(out, BaseException):
+            raise EngineError(str(out)) from out
+        if out.finished:
+            self.final = out
+        return out
+
     def __iter__(self):
         while self.final is None:
-            out = self._queue.get()
-            if isinstance(out, BaseException):
-                raise EngineError(str(out)) from out
-            if out.finished:
-                self.final = out
-            yield out
+            yield self._next()
 
     def result(self, timeout: float | None = None) -> RequestOutput:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.final is None:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out = self._queue.get(timeout=remaining)
-            if isinstance(out, BaseException):
-                raise EngineError(str(out)) from out
-            if out.finished:
-                self.final = out
+            self._next(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self.final
+
+
+class _Instance:
+    """The router's view of one instance: its host, liveness, capacity and latest stats."""
+
+    def __init__(self, name: str, role: str, host):
+        self.name, self.role, self.host = name, role, host
+        self.alive = True
+        self.error: str | None = None
+        self.num_blocks = 0
+        self.stats: dict = {"instance": name, "role": role}
+        self.outstanding = 0   # routed work not yet done: prompt tokens (prefill), KV (decode)
+
+
+class _Add:
+    def __init__(self, tracked: TrackedRequest, spec: RequestSpec):
+        self.tracked, self.spec = tracked, spec
+
+
+class _UserAbort:
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+
+
+_STOP = object()
+
+
+class AdmissionMeter:
+    """Prompt tokens waiting for their first token, and how fast such tokens drain.
+
+    The drain rate is measured over the time the queue was not empty, so a lightly loaded
+    engine reports its prefill speed and an overloaded one its real throughput (decode
+    back-pressure included)."""
+
+    def __init__(self):
+        self.queued_tokens = 0
+        self._busy_s = 0.0
+        self._drained = 0
+        self._since = time.perf_counter()
+        self._samples: collections.deque = collections.deque(maxlen=DRAIN_WINDOW)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self.queued_tokens > 0:
+            self._busy_s += now - self._since
+        self._since = now
+
+    def queued(self, tokens: int) -> None:
+        self._tick()
+        self.queued_tokens += tokens
+
+    def left_queue(self, tokens: int, served: bool) -> None:
+        self._tick()
+        self.queued_tokens -= tokens
+        if served:
+            self._drained += tokens
+            self._samples.append((self._busy_s, self._drained))
+
+    def rate(self) -> float | None:
+        """Prompt tokens per second of queue time, once a few requests were measured."""
+        if len(self._samples) < 4:
+            return None
+        (b0, d0), (b1, d1) = self._samples[0], self._samples[-1]
+        return (d1 - d0) / (b1 - b0) if b1 > b0 else None
 
 
 class Engine:
@@ -123,38 +168,21 @@ class Engine:
         # GPT-2's BPE is OPT's up to id numbering; it only fits a vocabulary of OPT's size.
         fallback = "gpt2" if self.model_config.vocab_size >= GPT2_VOCAB_SIZE else None
         self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback=fallback)
-        self.dtype = jnp.dtype(resolve_dtype(config.dtype, devices))
-        self.lock = threading.RLock()
-        self.requests: dict[str, Request] = {}
-        self.migration_queue: deque[Request] = deque()
         self.migrations = {"count": 0, "bytes": 0, "seconds": 0.0}
-        self.error: BaseException | None = None
+        self.error: EngineError | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._tracked: dict[str, TrackedRequest] = {}   # router thread only
+        self._live: set[str] = set()                    # ids in use, for callers' checks
+        self._live_lock = threading.Lock()
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
         self._stopped = threading.Event()
-        self._outputs: queue.Queue = queue.Queue()
-        self._output_thread = threading.Thread(target=self._output_loop, daemon=True,
-                                               name="dsjax-output")
-        self._output_thread.start()
-
-        default_devices = devices is None
-        specs = plan_placement(config.mode, devices=devices, allow_shared_device=default_devices,
-                               **config.placement_kwargs())
-        attention = attention_backend(config.attention_backend)
-
-        def params_for(shardings):
-            return load_params(model_dir or config.model, self.model_config, self.dtype,
-                               load_format=config.load_format, seed=config.seed,
-                               shardings=shardings)
-
-        self.prefill_instances: list[Instance] = []
-        self.decode_instances: list[Instance] = []
-        for spec in specs:
-            self._build_instance(spec, params_for, attention)
-        self.instances = self.prefill_instances + [i for i in self.decode_instances
-                                                   if i not in self.prefill_instances]
-        for inst in self.instances:
-            inst.start()
+        self._admission = AdmissionMeter()
+        self.instances: dict[str, _Instance] = {}
+        self._start_instances(devices, model_dir)
+        self._router = threading.Thread(target=self._route_loop, daemon=True,
+                                        name="dsjax-router")
+        self._router.start()
         self._status_thread = None
         if config.log_status:
             self._status_thread = threading.Thread(target=self._status_loop, daemon=True,
@@ -163,50 +191,58 @@ class Engine:
 
     # ---- construction -------------------------------------------------------------------------
 
-    def _build_instance(self, spec: InstanceSpec, params_for, attention) -> None:
-        cfg, mc = self.config, self.model_config
-        num_blocks = cfg.num_blocks or num_blocks_for_budget(
-            mc, block_size=cfg.block_size, dtype=self.dtype, tp=spec.tp, pp=spec.pp,
-            devices=spec.devices, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            cpu_kv_cache_bytes=cfg.cpu_kv_cache_bytes)
-        host_blocks = 0
-        if spec.role != "prefill":
-            per_block = bytes_per_block(mc, cfg.block_size, self.dtype, 1, 1)
-            host_blocks = int(cfg.swap_space * (1 << 30) // per_block)
-        limits_p = BatchLimits(cfg.context_max_batch_size, cfg.context_max_tokens_per_batch)
-        limits_d = BatchLimits(cfg.decoding_max_batch_size, cfg.decoding_max_tokens_per_batch)
-        # The runner's token bound is its largest step: prompts, or a chunked step's budget.
-        limits = limits_d if spec.role in ("decode", "chunked") else limits_p
-        runner = ModelRunner(spec, mc, params_for, dtype=self.dtype, num_pages=num_blocks,
-                             page_size=cfg.block_size, attention=attention,
-                             max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
-                             max_tokens_per_batch=limits.max_tokens_per_batch,
-                             max_blocks_per_request=cfg.max_num_blocks_per_req)
-        blocks = BlockManager(num_blocks, cfg.block_size, host_blocks)
-        if spec.role == "prefill":
-            self.prefill_instances.append(PrefillInstance(self, runner, blocks, limits_p))
-        elif spec.role == "decode":
-            self.decode_instances.append(DecodeInstance(self, runner, blocks, limits_d))
+    def _start_instances(self, devices, model_dir) -> None:
+        cfg = self.config
+        if cfg.distributed_executor_backend == "mp":
+            platform, count = accelerator_count()
+            plans = plan_placement(cfg.mode, count or _devices_needed(cfg),
+                                   **cfg.placement_kwargs())
+            cores = cpu_core_sets(len(plans)) if platform == "cpu" else [None] * len(plans)
+            for plan, core_set in zip(plans, cores):
+                host = ProcessHost(plan, cfg, self.model_config, model_dir, platform,
+                                   plan.device_ids, core_set, self._inbox.put)
+                self.instances[plan.name] = _Instance(plan.name, plan.role, host)
         else:
-            if spec.role == "colocated":
-                inst = ColocatedInstance(self, runner, blocks, limits_p, limits_d)
-            else:
-                inst = ChunkedInstance(self, runner, blocks, limits_d)
-            self.prefill_instances.append(inst)
-            self.decode_instances.append(inst)
+            import jax
+            default = devices is None
+            devices = list(jax.devices() if default else devices)
+            plans = plan_placement(cfg.mode, len(devices), allow_shared_device=default,
+                                   **cfg.placement_kwargs())
+            for plan in plans:
+                host = ThreadHost(plan, cfg, self.model_config, model_dir, devices,
+                                  self._inbox.put)
+                self.instances[plan.name] = _Instance(plan.name, plan.role, host)
+        self._await_ready()
 
-    # ---- requests -----------------------------------------------------------------------------
+    def _await_ready(self) -> None:
+        """Wait for every instance to load and compile; any that cannot start stops the engine
+        before it serves (a half-built engine is a configuration error, not a fault)."""
+        waiting = set(self.instances)
+        errors = []
+        while waiting:
+            msg = self._inbox.get()
+            if isinstance(msg, InstanceReady):
+                self.instances[msg.instance].num_blocks = msg.num_blocks
+                waiting.discard(msg.instance)
+            elif isinstance(msg, InstanceFailed):
+                errors.append(f"{msg.instance}: {msg.error}")
+                waiting.discard(msg.instance)
+            elif isinstance(msg, Report):
+                self.instances[msg.instance].stats = msg.stats or {}
+        if errors:
+            self._stop_hosts()
+            raise EngineError("could not start the engine: " + "; ".join(errors))
+
+    # ---- requests (any thread) ----------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None,
                     on_output: Callable[[RequestOutput], None] | None = None,
                     arrival_time: float | None = None, stream: bool = True) -> RequestStream:
-        """Queue a request; outputs go to on_output (from the engine's output thread) or the
-        returned stream: one per token, or only the final one with stream=False."""
-        if self.error is not None:
-            raise EngineError(f"engine stopped after an instance failed: {self.error}")
-        if self._stopped.is_set():
-            raise EngineError("engine is shut down")
+        """Queue a request; outputs go to on_output (from the engine's router thread) or the
+        returned stream: one per token, or only the final one with stream=False. A request that
+        fails inside the engine delivers an exception instead (the stream raises EngineError)."""
+        self._check_serving()
         params = sampling_params or SamplingParams()
         text = None
         if isinstance(prompt, str):
@@ -218,20 +254,23 @@ class Engine:
         self._validate(ids, params)
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         handle = RequestStream(rid)
-        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        req = Request(rid, text, ids, params, seed, arrival_time, on_output or handle.put)
-        req.stream = stream
-        req.stop_checker = StopChecker(params, self.model_config.eos_token_id)
-        if self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-            req.text = ""
-        with self.lock:
-            if rid in self.requests:
+        with self._live_lock:
+            if rid in self._live:
                 raise ValueError(f"request id {rid!r} is already in use")
-            self.requests[rid] = req
-            target = min(self.prefill_instances, key=lambda i: i.load())
-            target.admit(req)
+            self._live.add(rid)
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                 if self.tokenizer is not None else None)
+        tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream, detok,
+                                 self.model_config.eos_token_id, arrival_time)
+        self._inbox.put(_Add(tracked, RequestSpec(rid, tuple(ids), params, seed)))
         return handle
+
+    def _check_serving(self) -> None:
+        if self._stopped.is_set():
+            raise EngineError("engine is shut down")
+        if self.error is not None:
+            raise EngineError(str(self.error))
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         mc, cfg = self.model_config, self.config
@@ -255,195 +294,261 @@ class Engine:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds context_max_tokens_per_batch="
                              f"{cfg.context_max_tokens_per_batch}")
         prompt_blocks = -(-len(ids) // cfg.block_size)
-        for inst, need in [(i, prompt_blocks) for i in self.prefill_instances] + \
-                [(i, blocks) for i in self.decode_instances]:
-            if need > inst.blocks.num_total:
-                raise ValueError(f"request needs {need} KV blocks but {inst.name_} has only "
-                                 f"{inst.blocks.num_total}: lower max_tokens or the prompt, or "
-                                 f"give the instance more memory")
-
-    def record_token(self, req: Request, token: int, logprobs, now: float) -> bool:
-        """Record a sampled token and decide the conditions that need no text (eos, stop ids,
-        length). Called by instances with the lock held; returns True if the request finished.
-        Text, stop strings and delivery happen on the output thread, off the step's path."""
-        req.output_token_ids.append(token)
-        req.token_timestamps.append(now)
-        if req.output_logprobs is not None:
-            req.output_logprobs.append(logprobs)
-        reason = req.stop_checker.check_token(token, len(req.output_token_ids))
-        if reason is not None:
-            self._finish(req, reason)
-        return reason is not None
-
-    def publish(self, requests) -> None:
-        """Queue one step's new tokens for delivery (one queue operation per step)."""
-        self._outputs.put([(r, len(r.output_token_ids)) for r in requests])
-
-    def _finish(self, req: Request, reason: str) -> None:
-        req.status = Status.FINISHED
-        req.finish_reason = reason
-        req.add_event("decoding_end")
-        self.requests.pop(req.request_id, None)
-
-    def _output_loop(self) -> None:
-        """Detokenize, apply stop strings and hand outputs to consumers, in step order."""
-        while True:
-            item = self._outputs.get()
-            if item is None:
-                return
-            for req, upto in item:
-                try:
-                    self._deliver_tokens(req, upto)
-                except Exception:  # a broken consumer must not take the engine down
-                    log.exception("delivering output of %s failed", req.request_id)
-
-    def _deliver_tokens(self, req: Request, upto: int) -> None:
-        if req.delivered_final:
-            return
-        upto = min(upto, len(req.output_token_ids))
-        new_ids = req.output_token_ids[req.num_delivered:upto]
-        new_text = None
-        if req.detokenizer is not None:
-            new_text = "".join(req.detokenizer.feed(t) for t in new_ids)
-            req.text += new_text
-            cut = (req.stop_checker.check_text(req.text, upto)
-                   if req.stop_checker.has_stop_strings else None)
-            if cut is not None:
-                with self.lock:
-                    self._stop_at(req, upto)
-                emitted = len(req.text) - len(new_text)
-                req.text = req.text[:cut]
-                new_text = req.text[emitted:] if cut > emitted else ""
-        final = req.finished and upto >= len(req.output_token_ids)
-        if final and req.detokenizer is not None and req.finish_reason != "stop":
-            tail = req.detokenizer.flush()
-            req.text += tail
-            new_text = (new_text or "") + tail
-        req.num_delivered = upto
-        if final or req.stream:
-            req.delivered_final = final
-            self._call(req, req.to_output(new_ids, new_text, upto))
-
-    def _stop_at(self, req: Request, upto: int) -> None:
-        """A stop string ended the output at token `upto`: finish there (the engine may have
-        generated past it meanwhile; those tokens are dropped). Lock held."""
-        if req.status is Status.ABORTED:
-            return
-        if not req.finished:
-            self._release(req)
-            self._finish(req, "stop")
-        req.finish_reason = "stop"
-        del req.output_token_ids[upto:]
-        del req.token_timestamps[upto:]
-        if req.output_logprobs is not None:
-            del req.output_logprobs[upto:]
-
-    @staticmethod
-    def _call(req: Request, output) -> None:
-        try:
-            req.on_output(output)
-        except Exception:  # a broken consumer must not take the engine down
-            log.exception("output callback of %s failed", req.request_id)
+        for inst in self.instances.values():
+            need = blocks if inst.role in DECODE_ROLES else prompt_blocks
+            if need > inst.num_blocks:
+                raise ValueError(f"request needs {need} KV blocks but {inst.name} has only "
+                                 f"{inst.num_blocks}: lower max_tokens or the prompt, or give "
+                                 f"the instance more memory")
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request at whatever stage it is and free every block it holds."""
-        with self.lock:
-            req = self.requests.pop(request_id, None)
-            if req is None or req.finished:
+        """Stop a request at whatever stage it is; its owner frees every block it holds.
+        Returns False if no such request is running."""
+        with self._live_lock:
+            if request_id not in self._live:
                 return False
-            self._release(req)
-            req.status = Status.ABORTED
-            req.finish_reason = "abort"
-            self._outputs.put([(req, len(req.output_token_ids))])
+        self._inbox.put(_UserAbort(request_id))
         return True
 
-    def _release(self, req: Request) -> None:
-        """Free the blocks of an unfinished request wherever it is. Lock held. A request inside
-        a device step (prefilling, migrating, decoding) is freed by its owner when the step
-        returns: the owner sees it finished."""
-        status = req.status
-        rid = req.request_id
-        if status is Status.QUEUED:
-            for inst in self.prefill_instances:
-                if inst.remove_queued(req) and inst.blocks.holds(rid):
-                    inst.blocks.free(rid)  # a partly chunked prompt
-        elif status is Status.WAITING_MIGRATION:
-            self.migration_queue.remove(req)
-            req.prefill_instance.release(req)
-        elif status in (Status.DECODING, Status.SWAPPED):
-            for inst in self.decode_instances:
-                if inst.scheduler.remove(req):
-                    inst.blocks.free(rid)
-                    inst.swap_space.drop(rid)
-        elif status is Status.PREFILLING:
-            for inst in self.prefill_instances:
-                if isinstance(inst, ChunkedInstance) and inst.remove_queued(req):
-                    inst.blocks.free(rid)
-        # MIGRATING: the pulling decode instance frees both sides when the copy ends.
+    def admission_estimate(self, num_prompt_tokens: int) -> float | None:
+        """Seconds until a new request of this many prompt tokens would get its first token,
+        at the measured drain rate of the prompt queue; None until enough was measured."""
+        rate = self._admission.rate()
+        if not rate:
+            return None
+        return (self._admission.queued_tokens + num_prompt_tokens) / rate
 
-    def fail_all(self, error: BaseException) -> None:
-        with self.lock:
-            self.error = error
-            for req in list(self.requests.values()):
-                self._call(req, error)
-            self.requests.clear()
+    # ---- the router thread --------------------------------------------------------------------
 
-    def wake_decoders(self) -> None:
-        for inst in self.decode_instances:
-            inst.wakeup.set()
+    def _route_loop(self) -> None:
+        while True:
+            msg = self._inbox.get()
+            if msg is _STOP:
+                return
+            try:
+                self._route(msg)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the engine
+                log.exception("routing %s failed", type(msg).__name__)
 
-    def record_migration(self, nbytes: int, seconds: float) -> None:
-        self.migrations["count"] += 1
-        self.migrations["bytes"] += nbytes
-        self.migrations["seconds"] += seconds
+    def _route(self, msg) -> None:
+        if isinstance(msg, Report):
+            self._on_report(msg)
+        elif isinstance(msg, PeerMessage):
+            self._on_peer(msg)
+        elif isinstance(msg, _Add):
+            self._on_add(msg.tracked, msg.spec)
+        elif isinstance(msg, _UserAbort):
+            tracked = self._tracked.get(msg.request_id)
+            if tracked is not None:
+                tracked.abort()
+                self._end(tracked, drop_from=tracked.location)
+        elif isinstance(msg, InstanceFailed):
+            self._on_instance_failed(msg.instance, msg.error)
 
-    # ---- state --------------------------------------------------------------------------------
+    def _pick(self, roles, weight: int) -> _Instance | None:
+        alive = [i for i in self.instances.values() if i.alive and i.role in roles]
+        if not alive:
+            return None
+        best = min(alive, key=lambda i: i.outstanding)
+        best.outstanding += weight
+        return best
+
+    def _on_add(self, tracked: TrackedRequest, spec: RequestSpec) -> None:
+        self._tracked[spec.request_id] = tracked
+        target = self._pick(PROMPT_ROLES, len(spec.prompt_token_ids))
+        if target is None:
+            self._fail(tracked, EngineError("no instance left that runs prompts"))
+            return
+        tracked.location.add(target.name)
+        tracked.queued = True
+        self._admission.queued(len(spec.prompt_token_ids))
+        target.host.send(AddRequest(spec))
+
+    def _on_report(self, report: Report) -> None:
+        inst = self.instances[report.instance]
+        if report.stats:
+            inst.stats = report.stats
+        for nbytes, seconds in report.migrations:
+            self.migrations["count"] += 1
+            self.migrations["bytes"] += nbytes
+            self.migrations["seconds"] += seconds
+        for event in report.events:
+            tracked = self._tracked.get(event.request_id)
+            if tracked is not None:
+                tracked.add_event(event.event_type, event.timestamp)
+        by_request: dict[str, list] = {}
+        for update in report.tokens:
+            by_request.setdefault(update.request_id, []).append(update)
+        for rid, updates in by_request.items():
+            tracked = self._tracked.get(rid)
+            if tracked is None:
+                continue
+            self._first_token(tracked, inst)
+            if tracked.add_tokens(updates):
+                self._end(tracked, drop_from=tracked.location)   # a stop string ended it
+            elif tracked.finished:
+                self._end(tracked)
+        for offer in report.prefilled:
+            self._on_prefilled(offer, inst)
+        for failure in report.failed:
+            tracked = self._tracked.get(failure.request_id)
+            if tracked is not None:
+                tracked.location.discard(report.instance)
+                self._fail(tracked, EngineError(
+                    f"request {failure.request_id} failed in {report.instance}: "
+                    f"{failure.error}"))
+
+    def _first_token(self, tracked: TrackedRequest, inst: _Instance) -> None:
+        if not tracked.queued:
+            return
+        tracked.queued = False
+        n = len(tracked.prompt_token_ids)
+        self._admission.left_queue(n, served=True)
+        inst.outstanding = max(0, inst.outstanding - n)
+
+    def _on_prefilled(self, offer, source: _Instance) -> None:
+        tracked = self._tracked.get(offer.spec.request_id)
+        if tracked is None:   # ended while its first token was on the way
+            source.host.send(AbortRequest(offer.spec.request_id))
+            return
+        weight = len(offer.spec.prompt_token_ids) + offer.spec.params.max_tokens
+        dest = self._pick(("decode",), weight)
+        if dest is None:
+            self._fail(tracked, EngineError("no decode instance left"))
+            return
+        tracked.location.add(dest.name)
+        tracked.decode_weight = weight
+        dest.host.send(OfferMigration(offer))
+
+    def _on_peer(self, peer: PeerMessage) -> None:
+        msg = peer.message
+        dest = self.instances.get(peer.dest)
+        tracked = self._tracked.get(msg.request_id)
+        if isinstance(msg, KVReady) and tracked is not None:
+            tracked.location = {peer.dest}    # the prefill side let go of its pages
+        if dest is not None and dest.alive:
+            dest.host.send(msg)
+        elif isinstance(msg, ExportKV):       # its prefill instance is gone: tell the puller
+            self._on_peer(PeerMessage(msg.dest, KVRefused(msg.request_id,
+                                                          f"{peer.dest} has failed")))
+
+    def _end(self, tracked: TrackedRequest, drop_from=()) -> None:
+        """Forget a finished request; instances in drop_from are told to free it."""
+        rid = tracked.request_id
+        self._tracked.pop(rid, None)
+        for name in drop_from:
+            inst = self.instances.get(name)
+            if inst is not None and inst.alive:
+                inst.host.send(AbortRequest(rid))
+        queued_tokens = len(tracked.prompt_token_ids) if tracked.queued else 0
+        if tracked.queued:
+            tracked.queued = False
+            self._admission.left_queue(queued_tokens, served=False)
+        for name in tracked.location:
+            inst = self.instances.get(name)
+            if inst is not None:
+                done = tracked.decode_weight if inst.role == "decode" else queued_tokens
+                inst.outstanding = max(0, inst.outstanding - done)
+        with self._live_lock:
+            self._live.discard(rid)
+
+    def _fail(self, tracked: TrackedRequest, error: EngineError) -> None:
+        tracked.fail(error)
+        self._end(tracked, drop_from=tracked.location)
+
+    def _on_instance_failed(self, name: str, error: str) -> None:
+        inst = self.instances[name]
+        if not inst.alive:
+            return
+        inst.alive, inst.error = False, error
+        log.error("instance %s failed: %s", name, error)
+        for tracked in [t for t in self._tracked.values() if name in t.location]:
+            tracked.location.discard(name)
+            self._fail(tracked, EngineError(f"request {tracked.request_id} failed: instance "
+                                            f"{name} stopped ({error})"))
+        prompts = any(i.alive for i in self.instances.values() if i.role in PROMPT_ROLES)
+        decodes = any(i.alive for i in self.instances.values() if i.role in DECODE_ROLES)
+        if not (prompts and decodes):
+            self.error = EngineError(f"no instance left for a phase after {name} failed: "
+                                     f"{error}")
+
+    # ---- state (any thread) -------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        with self.lock:
-            return bool(self.requests)
+        with self._live_lock:
+            return bool(self._live)
 
     def stats(self) -> list[dict]:
-        with self.lock:
-            return [{"instance": i.name_, **i.counts(), "blocks_used": i.blocks.num_used,
-                     "blocks_total": i.blocks.num_total} for i in self.instances]
+        """Per instance: running/waiting/swapped requests, KV blocks used and total, ..."""
+        empty = {"running": 0, "waiting": 0, "swapped": 0, "blocks_used": 0}
+        return [{**empty, **i.stats, "instance": i.name, "blocks_total": i.num_blocks,
+                 "alive": i.alive} for i in self.instances.values()]
 
     def blocks_in_use(self) -> dict[str, int]:
-        """Device and host blocks held per instance (all zero when idle: nothing leaked)."""
-        with self.lock:
-            return {i.name_: i.blocks.num_used + (i.blocks.host.num_used if i.blocks.host else 0)
-                    for i in self.instances}
+        """Device and host blocks held per live instance (all zero when idle: nothing leaked)."""
+        return {i.name: i.stats.get("blocks_used", 0) + i.stats.get("host_blocks_used", 0)
+                for i in self.instances.values() if i.alive}
 
-    def status_lines(self, elapsed: float) -> list[str]:
-        with self.lock:
-            return [i.status(elapsed) for i in self.instances]
+    def health(self) -> dict:
+        """{"ok": whether the engine can serve, "instances": {name: "ok" | "failed: why"}}."""
+        return {"ok": self.error is None and not self._stopped.is_set(),
+                "instances": {i.name: "ok" if i.alive else f"failed: {i.error}"
+                              for i in self.instances.values()}}
+
+    def status_lines(self, elapsed: float, previous: dict[str, int]) -> list[str]:
+        """One DistServe-style status line per instance; `previous` holds token counts seen
+        at the last call (updated here) to turn them into rates."""
+        lines = []
+        for inst in self.instances.values():
+            s = inst.stats
+            tokens = s.get("tokens", 0)
+            rate = (tokens - previous.get(inst.name, tokens)) / max(elapsed, 1e-9)
+            previous[inst.name] = tokens
+            state = "" if inst.alive else f" | FAILED: {inst.error}"
+            lines.append(f"[{inst.name}] running {s.get('running', 0)} | waiting "
+                         f"{s.get('waiting', 0)} | swapped {s.get('swapped', 0)} | KV blocks "
+                         f"{s.get('blocks_used', 0)}/{inst.num_blocks} | {rate:.1f} tokens/s"
+                         f"{state}")
+        return lines
 
     def _status_loop(self) -> None:
-        last = time.monotonic()
+        last, seen = time.monotonic(), {}
         while not self._stopped.wait(self.config.status_interval):
             now = time.monotonic()
-            for line in self.status_lines(now - last):
+            for line in self.status_lines(now - last, seen):
                 log.info(line)
             last = now
 
+    def local_worker(self, name: str):
+        """The worker object of an in-process ("uni") instance, for fault injection in tests
+        and per-step timing in benchmarks; None for instances in other processes."""
+        return getattr(self.instances[name].host, "worker", None)
+
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    def _stop_hosts(self) -> None:
+        for inst in self.instances.values():
+            inst.host.stop()
+
     def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
         self._stopped.set()
-        for inst in self.instances:
-            inst.stop()
-        for inst in self.instances:
-            if inst.is_alive():
-                inst.join(timeout=10)
-        with self.lock:
-            for req in list(self.requests.values()):
-                req.status = Status.ABORTED
-                req.finish_reason = "abort"
-                self._outputs.put([(req, len(req.output_token_ids))])
-            self.requests.clear()
-        self._outputs.put(None)
-        self._output_thread.join(timeout=10)
+        self._stop_hosts()
+        self._inbox.put(_STOP)
+        self._router.join(timeout=10)
+        for tracked in list(self._tracked.values()):
+            tracked.abort()
+            self._end(tracked)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _devices_needed(config: EngineConfig) -> int:
+    from dsjax.executor.parallel import placement_groups
+    return sum(n * tp * pp for _, n, tp, pp in placement_groups(config.mode,
+                                                                **config.placement_kwargs()))

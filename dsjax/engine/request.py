@@ -1,10 +1,18 @@
-"""A request's state inside the engine, and what callers get back (RequestOutput)."""
+"""A request's state inside the instance that owns it, and what callers get back (RequestOutput).
+
+A `Request` lives in exactly one instance worker at a time and only that worker's thread (or
+process) touches it. When a decode instance pulls a prefilled request it builds its own
+`Request` from the offer; the prefill side's copy is dropped.
+"""
 from __future__ import annotations
 
 import dataclasses
 import enum
-import time
-from typing import Any, Callable
+from typing import Any
+
+from dsjax.engine.messages import MigrationOffer, RequestSpec
+from dsjax.engine.stopping import StopChecker
+from dsjax.executor.batch import SamplingRow
 
 # Lifetime events, in DistServe's order.
 EVENT_TYPES = ("issued", "context_begin", "context_end", "migration_begin", "migration_end",
@@ -12,14 +20,11 @@ EVENT_TYPES = ("issued", "context_begin", "context_end", "migration_begin", "mig
 
 
 class Status(enum.Enum):
-    QUEUED = "queued"                  # waiting for a prefill batch
-    PREFILLING = "prefilling"
+    QUEUED = "queued"                  # waiting for a prefill batch (or, chunked: mid-prompt)
     WAITING_MIGRATION = "waiting_migration"  # prefilled, holding prefill blocks, not yet pulled
-    MIGRATING = "migrating"
-    DECODING = "decoding"              # in a decode instance (waiting or running)
+    MIGRATING = "migrating"            # a decode instance allocated room and asked for the KV
+    DECODING = "decoding"              # in a decode scheduler (waiting or running)
     SWAPPED = "swapped"
-    FINISHED = "finished"
-    ABORTED = "aborted"
 
 
 @dataclasses.dataclass
@@ -40,35 +45,23 @@ class RequestOutput:
 
 
 class Request:
-    """Mutable engine-side state. Only engine threads touch it, under the engine's locks."""
+    """Engine-side state of one request in its owning instance."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 sampling_params, seed: int, arrival_time: float | None = None,
-                 on_output: Callable[[RequestOutput], None] | None = None):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = list(prompt_token_ids)
-        self.sampling_params = sampling_params
-        self.seed = seed
-        self.output_token_ids: list[int] = []
-        self.output_logprobs: list[dict[int, float]] | None = (
-            [] if sampling_params.logprobs is not None else None)
-        self.token_timestamps: list[float] = []
-        self.text: str | None = None
+    def __init__(self, spec: RequestSpec, eos_token_id: int | None,
+                 output_token_ids: tuple[int, ...] = ()):
+        self.spec = spec
+        self.request_id = spec.request_id
+        self.prompt_token_ids = spec.prompt_token_ids
+        self.params = spec.params
+        self.output_token_ids: list[int] = list(output_token_ids)
         self.status = Status.QUEUED
-        self.finish_reason: str | None = None
         self.num_computed = 0  # prompt tokens whose KV is cached (chunked prefill)
-        self.on_output = on_output
-        self.events: list[dict[str, Any]] = []
-        self.add_event("issued", arrival_time)
-        # Set by the engine: the detokenizer and stop checker of this request.
-        self.detokenizer = None
-        self.stop_checker = None
-        self.prefill_instance = None  # instance holding the prompt's KV until migration
-        # Delivery state, owned by the engine's output thread.
-        self.stream = True           # deliver every token (False: only the final output)
-        self.num_delivered = 0
-        self.delivered_final = False
+        self.decoding_started = False
+        self.stop_checker = StopChecker(spec.params, eos_token_id)
+
+    @classmethod
+    def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> "Request":
+        return cls(offer.spec, eos_token_id, offer.output_token_ids)
 
     @property
     def prompt_len(self) -> int:
@@ -83,27 +76,11 @@ class Request:
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
-    @property
-    def finished(self) -> bool:
-        return self.status in (Status.FINISHED, Status.ABORTED)
+    def sampling_row(self) -> SamplingRow:
+        return SamplingRow(self.params, self.spec.seed, len(self.output_token_ids))
 
-    def add_event(self, event_type: str, timestamp: float | None = None) -> None:
-        self.events.append({"timestamp": time.perf_counter() if timestamp is None else timestamp,
-                            "event_type": event_type})
-
-    def to_output(self, new_token_ids: list[int], new_text: str | None,
-                  upto: int) -> RequestOutput:
-        """A snapshot of the first `upto` tokens (the engine may already be past them)."""
-        finished = self.delivered_final
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids, token_ids=self.output_token_ids[:upto],
-            text=self.text, finished=finished,
-            finish_reason=self.finish_reason if finished else None,
-            logprobs=None if self.output_logprobs is None else self.output_logprobs[:upto],
-            new_token_ids=new_token_ids, new_text=new_text,
-            token_timestamps=self.token_timestamps[:upto],
-            lifetime_events=list(self.events) if finished else [])
+    def offer(self, source: str) -> MigrationOffer:
+        return MigrationOffer(self.spec, tuple(self.output_token_ids), source)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

@@ -68,6 +68,7 @@ class DecodeStep:
     swap_out: list         # requests moved to host to make room
     swap_out_blocks: dict = dataclasses.field(default_factory=dict)  # id -> device blocks left
     swap_in_blocks: dict = dataclasses.field(default_factory=dict)   # id -> device blocks filled
+    dropped: list = dataclasses.field(default_factory=list)  # (request, why): no room anywhere
 
 
 class DecodeScheduler:
@@ -75,13 +76,12 @@ class DecodeScheduler:
     token; when blocks run out the newest request is swapped to host, and swapped requests come
     back (oldest first) before any waiting request is admitted. Nothing is dropped."""
 
-    # Pull new requests only while the waiting queue's prompt blocks are under this share of
-    # capacity: the queue then lives in prefill memory, as in DistServe.
-    WAITING_SHARE = 0.05
-
-    def __init__(self, limits: BatchLimits, blocks: BlockManager):
+    def __init__(self, limits: BatchLimits, blocks: BlockManager, waiting_share: float = 0.05):
         self.limits = limits
         self.blocks = blocks
+        # Pull only while the prompts waiting here hold under this share of the KV blocks:
+        # the queue then lives in prefill memory, as in DistServe (EngineConfig's setting).
+        self.waiting_share = waiting_share
         self.waiting: deque = deque()   # KV resident here, not yet in the running batch
         self.running: list = []
         self.swapped: deque = deque()
@@ -89,16 +89,26 @@ class DecodeScheduler:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
-    def can_pull(self, num_tokens: int) -> bool:
-        """Whether to accept (and allocate for) a migrating request of num_tokens cached tokens."""
+    def can_pull(self, num_tokens: int, in_flight_blocks: int = 0) -> bool:
+        """Whether to accept (and allocate for) one more migrating request of num_tokens cached
+        tokens, with `in_flight_blocks` already allocated for pulls not yet arrived (they count
+        as waiting: each pull is judged with the ones before it)."""
         if self.swapped:
             return False
-        waiting_blocks = sum(len(self.blocks.tables[r.request_id]) for r in self.waiting)
-        if waiting_blocks >= self.WAITING_SHARE * self.blocks.num_total and self.waiting:
+        waiting_blocks = in_flight_blocks + sum(len(self.blocks.tables[r.request_id])
+                                                for r in self.waiting)
+        if waiting_blocks and waiting_blocks >= self.waiting_share * self.blocks.num_total:
             return False
         # Keep one block per running request free so the running batch can still grow.
         reserve = len(self.running)
         return self.blocks.can_allocate(self.blocks.blocks_needed(num_tokens) + reserve)
+
+    def swap_in_blocked(self) -> bool:
+        """Nothing runs or waits, and the oldest swapped request cannot come back: only pages
+        held outside this scheduler (partly computed prompts, in chunked mode) can free room."""
+        if not self.swapped or self.running or self.waiting:
+            return False
+        return self.blocks.blocks_needed(self.swapped[0].num_tokens) > self.blocks.device.num_free
 
     def add_waiting(self, request) -> None:
         """A request whose KV is already in this instance's blocks (after migration or prefill)."""
@@ -112,7 +122,7 @@ class DecodeScheduler:
         return False
 
     def schedule(self) -> DecodeStep:
-        swap_in, swap_out, swap_out_blocks, swap_in_blocks = [], [], {}, {}
+        swap_in, swap_out, swap_out_blocks, swap_in_blocks, dropped = [], [], {}, {}, []
         # Swapped requests return first, oldest first, only when they and every running
         # request can grow this step (else the newcomer would be the next victim at once).
         growth = sum(self.blocks.extra_blocks_for(r.request_id, r.num_tokens) for r in self.running)
@@ -126,7 +136,9 @@ class DecodeScheduler:
             _, swap_in_blocks[req.request_id] = self.blocks.swap_in(req.request_id)
             self.running.append(req)
             swap_in.append(req)
-        if not self.swapped:
+        # New requests wait while swapped ones cannot return, unless nothing runs: then the
+        # waiting requests (whose pages are already here) run, finish and make the room.
+        if not self.swapped or not self.running:
             tokens = sum(r.num_tokens for r in self.running)
             while self.waiting and len(self.running) < self.limits.max_batch_size:
                 req = self.waiting[0]
@@ -142,17 +154,19 @@ class DecodeScheduler:
             if self.blocks.grow(req.request_id, req.num_tokens):
                 i += 1
                 continue
-            victim = self.running[-1]
+            victim = self.running.pop()
             if not self.blocks.can_swap_out(victim.request_id):
-                raise RuntimeError(
-                    f"KV blocks exhausted and host swap space is full ({victim.request_id} "
-                    f"cannot be swapped out): raise --swap-space or lower the batch limits")
-            self.running.pop()
+                # Neither device nor host memory can hold it: this request fails, alone.
+                self.blocks.free(victim.request_id)
+                dropped.append((victim, "KV blocks exhausted and the host swap space is full: "
+                                        "raise --swap-space or lower the batch limits"))
+                continue
             swap_out_blocks[victim.request_id], _ = self.blocks.swap_out(victim.request_id)
             self.swapped.appendleft(victim)  # victims leave newest-first, so the deque stays oldest-first
             swap_out.append(victim)
         return DecodeStep(batch=list(self.running), swap_in=swap_in, swap_out=swap_out,
-                          swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks)
+                          swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks,
+                          dropped=dropped)
 
     def finish(self, request) -> None:
         """Drop a finished request from the running batch and free its blocks."""
@@ -162,23 +176,20 @@ class DecodeScheduler:
 
 @dataclasses.dataclass
 class ChunkedStep:
-    """A Sarathi step: decode rows first (one token each), then prompt chunks."""
-    decodes: list
+    """A Sarathi step: the decode scheduler's step (its batch runs one token each), then
+    prompt chunks."""
+    decode: DecodeStep
     chunks: list           # (request, start, length): prompt tokens start:start+length this step
-    swap_in: list
-    swap_out: list
-    swap_out_blocks: dict
-    swap_in_blocks: dict
 
 
 class ChunkedScheduler:
     """A per-step token budget filled with every running decode first, then prefill chunks of
     waiting prompts in FCFS order (Sarathi-Serve / vLLM v1)."""
 
-    def __init__(self, limits: BatchLimits, blocks: BlockManager):
+    def __init__(self, limits: BatchLimits, blocks: BlockManager, waiting_share: float = 0.05):
         self.limits = limits
         self.blocks = blocks
-        self.decode = DecodeScheduler(limits, blocks)
+        self.decode = DecodeScheduler(limits, blocks, waiting_share)
         self.prefilling: deque = deque()  # prompts not fully computed, FCFS
 
     def add(self, request) -> None:
@@ -194,15 +205,15 @@ class ChunkedScheduler:
         return len(self.prefilling) + len(self.decode)
 
     def schedule(self) -> ChunkedStep:
-        step = self.decode.schedule()
-        if not step.batch and self.decode.swapped:
-            # Nothing runs and swapped requests cannot come back: the pages held by partly
-            # computed prompts are the only ones left. Give them up (those prompts restart).
+        if self.decode.swap_in_blocked():
+            # Nothing can run and the swapped requests cannot come back: the pages held by
+            # partly computed prompts are the only ones left. Give them up (those prompts
+            # restart) before the decode scheduler decides, so its one decision stands.
             for req in self.prefilling:
                 if req.request_id in self.blocks.tables:
                     self.blocks.free(req.request_id)
                     req.num_computed = 0
-            step = self.decode.schedule()
+        step = self.decode.schedule()
         budget = self.limits.max_tokens_per_batch - len(step.batch)
         rows = len(step.batch)
         chunks = []
@@ -220,9 +231,7 @@ class ChunkedScheduler:
             chunks.append((req, start, length))
             budget -= length
             rows += 1
-        return ChunkedStep(decodes=step.batch, chunks=chunks, swap_in=step.swap_in,
-                           swap_out=step.swap_out, swap_out_blocks=step.swap_out_blocks,
-                           swap_in_blocks=step.swap_in_blocks)
+        return ChunkedStep(decode=step, chunks=chunks)
 
     def chunk_done(self, request, length: int) -> bool:
         """Record a computed chunk; True when the prompt is complete (it then decodes)."""

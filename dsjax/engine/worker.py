@@ -1,407 +1,625 @@
-"""Instance loops: each instance is a thread driving one ModelRunner with its scheduler.
+"""Instance workers: each owns one instance's requests, scheduler, block tables and runner.
 
-Threads share the engine's lock for all host-side state (queues, block tables, request status);
-device work runs outside the lock so prefill and decode instances overlap on their devices.
+A worker runs one loop, in a thread of the engine's process or in a process of its own (see
+dsjax.engine.instance_hosts), and talks to the engine only by messages (dsjax.engine.messages):
+
+    loop:  apply the messages that arrived (adds, aborts, offers, KV exports/imports)
+           run one step (schedule, build plain rows, runner, emit tokens)
+           send one Report (tokens, lifetime events, offers, failures, fresh stats)
+
+Nothing else reads or writes its requests, so there are no locks. Aborts and stop strings
+arrive as messages and are applied between steps.
+
+Faults stay contained. Host-side work on one request (building its row, recording its token)
+fails that request alone. A step that raises while the runner's state is intact is retried one
+request at a time, so only the request that breaks it fails. A step that leaves the page pools
+lost (a device or runtime fault) stops the instance: its requests fail with that error and the
+engine serves on with the instances that remain.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import queue
 import time
+from collections import deque
+from typing import Callable
 
 import jax
 
 from dsjax.engine.block_manager import BlockManager
+from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed, KVReady,
+                                   KVRefused, LifetimeEvent, MigrationOffer, OfferMigration,
+                                   PeerMessage, Report, RequestFailed, Shutdown, TokenUpdate)
 from dsjax.engine.request import Request, Status
-from dsjax.executor.runner import ModelRunner, StepOutput
 from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
-from dsjax.executor.kv_migration import migrate
+from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
+from dsjax.executor.runner import StepOutput
 
 log = logging.getLogger("dsjax")
 
-
-class HostSwapSpace:
-    """Host copies of swapped-out pages, per host block id (numpy, one array per stage)."""
-
-    def __init__(self):
-        self.pages: dict[str, list] = {}
-
-    def store(self, request_id: str, per_stage_host) -> None:
-        self.pages[request_id] = per_stage_host
-
-    def take(self, request_id: str):
-        return self.pages.pop(request_id)
-
-    def drop(self, request_id: str) -> None:
-        self.pages.pop(request_id, None)
+IDLE_WAIT_S = 1.0   # how long an idle worker blocks on its inbox before looking again
 
 
-class Instance(threading.Thread):
-    """Common loop, stats and bookkeeping; subclasses implement step() -> bool (did work)."""
+class InstanceFault(RuntimeError):
+    """The instance's device state is gone: it cannot serve any request any more."""
 
-    def __init__(self, engine, runner: ModelRunner, blocks: BlockManager):
-        super().__init__(name=runner.spec.name, daemon=True)
-        self.engine = engine
+
+class InstanceWorker:
+    """The loop, message handling, token emission, failure containment and stats."""
+
+    role = ""
+
+    def __init__(self, name: str, runner, blocks: BlockManager, eos_token_id: int | None,
+                 kv_link, send: Callable[[object], None]):
+        self.name = name
         self.runner = runner
         self.blocks = blocks
-        self.lock = engine.lock
-        self.wakeup = threading.Event()
-        self.paused = threading.Event()  # tests hold an instance still to observe a stage
-        self.stopped = False
-        self.tokens_since_status = 0
+        self.eos_token_id = eos_token_id
+        self.kv = kv_link
+        self._send = send
+        self.requests: dict[str, Request] = {}
         self.steps = 0
-        self.busy_s = 0.0  # wall time of steps that did work
-        self.error: BaseException | None = None
+        self.busy_s = 0.0
+        self.tokens_out = 0
+        self.num_preemptions = 0
+        # Benchmarks set a list here to get (batch size, step seconds, device-wait seconds)
+        # per decode step.
+        self.step_log: list | None = None
+        self._reset_report()
+        self._last_stats: dict | None = None
 
-    @property
-    def name_(self) -> str:
-        return self.runner.spec.name
+    # ---- the loop -----------------------------------------------------------------------------
 
-    def run(self) -> None:
-        while not self.stopped:
-            if self.paused.is_set():
-                self.wakeup.wait(0.01)
-                continue
-            try:
-                start = time.perf_counter()
-                did_work = self.step()
-            except BaseException as e:  # surface to callers instead of dying silently
-                log.exception("instance %s failed", self.name_)
-                self.error = e
-                self.engine.fail_all(e)
-                return
-            if did_work:
-                self.steps += 1
-                self.busy_s += time.perf_counter() - start
+    def run(self, inbox) -> None:
+        """Serve until a Shutdown message; an instance fault ends the loop after reporting."""
+        try:
+            while True:
+                for msg in self._drain(inbox, block=not self.has_work()):
+                    if isinstance(msg, Shutdown):
+                        return
+                    self._apply(msg)
+                self._step_contained()
+                self._flush()
+        except InstanceFault as fault:
+            self._fail_everything(fault)
+        finally:
+            self.kv.close()
+
+    def _drain(self, inbox, block: bool) -> list:
+        msgs = []
+        try:
+            msgs.append(inbox.get(timeout=IDLE_WAIT_S) if block else inbox.get_nowait())
+            while True:
+                msgs.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs
+
+    def _apply(self, msg) -> None:
+        handler = {AddRequest: lambda m: self._admit(Request(m.spec, self.eos_token_id)),
+                   AbortRequest: lambda m: self._drop(m.request_id),
+                   OfferMigration: lambda m: self._offered(m.offer),
+                   ExportKV: lambda m: self._export(m.request_id, m.dest),
+                   KVReady: lambda m: self._import(m.request_id, m.payload),
+                   KVRefused: lambda m: self._drop(m.request_id)}.get(type(msg))
+        if handler is None:
+            log.error("%s: unexpected message %r", self.name, msg)
+            return
+        rid = getattr(msg, "request_id", None) or getattr(getattr(msg, "spec", None),
+                                                          "request_id", None)
+        try:
+            handler(msg)
+        except InstanceFault:
+            raise
+        except Exception as e:  # noqa: BLE001 - this message's request fails, the rest go on
+            self._check_state(e)
+            if rid is not None:
+                self._fail(rid, e)
             else:
-                self.wakeup.wait(0.05)
-                self.wakeup.clear()
+                log.exception("%s: handling %s failed", self.name, type(msg).__name__)
 
-    def stop(self) -> None:
-        self.stopped = True
-        self.wakeup.set()
+    def _step_contained(self) -> None:
+        start = time.perf_counter()
+        self._in_step: list[Request] = []
+        try:
+            did_work = self.step()
+        except InstanceFault:
+            raise
+        except Exception as e:  # noqa: BLE001 - a scheduling bug: fail this step's requests
+            self._check_state(e)
+            log.exception("%s: step failed; failing its %d requests", self.name,
+                          len(self._in_step))
+            for r in self._in_step:
+                self._fail(r.request_id, e)
+            return
+        if did_work:
+            self.steps += 1
+            self.busy_s += time.perf_counter() - start
+
+    def _check_state(self, error: BaseException) -> None:
+        if not self.runner.healthy():
+            raise InstanceFault(f"{self.name} lost its device state: "
+                                f"{type(error).__name__}: {error}") from error
+
+    # ---- subclasses ---------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def _admit(self, req: Request) -> None:
+        raise ValueError(f"{self.name} ({self.role}) takes no new requests")
+
+    def _offered(self, offer: MigrationOffer) -> None:
+        raise ValueError(f"{self.name} ({self.role}) takes no migrations")
+
+    def _export(self, request_id: str, dest: str) -> None:
+        raise ValueError(f"{self.name} ({self.role}) exports no KV")
+
+    def _import(self, request_id: str, payload) -> None:
+        raise ValueError(f"{self.name} ({self.role}) imports no KV")
+
+    def _forget(self, req: Request) -> None:
+        """Remove a request from this worker's queues (its blocks are freed by the caller)."""
+        raise NotImplementedError
 
     def counts(self) -> dict:
         raise NotImplementedError
 
-    def status(self, elapsed: float) -> str:
-        c = self.counts()
-        rate = self.tokens_since_status / max(elapsed, 1e-9)
-        self.tokens_since_status = 0
-        return (f"[{self.name_}] running {c['running']} | waiting {c['waiting']} | swapped "
-                f"{c['swapped']} | KV blocks {self.blocks.num_used}/{self.blocks.num_total} | "
-                f"{rate:.1f} tokens/s")
+    # ---- running rows -------------------------------------------------------------------------
 
-    # Shared by subclasses -----------------------------------------------------------------------
+    def _run_rows(self, fn, requests: list[Request], build_row) -> list:
+        """Build each request's row, run them in one step, and return one result per request:
+        (token, logprob, top_ids, top_logprobs) or None where that request failed (it has been
+        failed and freed). If the whole step raises with the runner intact, each request is
+        retried alone, so only the one that breaks the step fails."""
+        rows, live = [], []
+        for r in requests:
+            try:
+                rows.append(build_row(r))
+                live.append(r)
+            except Exception as e:  # noqa: BLE001 - this request's row is malformed
+                self._fail(r.request_id, e)
+        results = {}
+        if rows:
+            try:
+                results = dict(zip([r.request_id for r in live], _rows_of(fn(rows))))
+            except Exception as e:  # noqa: BLE001
+                self._check_state(e)
+                if len(rows) == 1:
+                    self._fail(live[0].request_id, e)
+                else:
+                    log.warning("%s: a step of %d requests failed (%s: %s); retrying each alone",
+                                self.name, len(rows), type(e).__name__, e)
+                    for r, row in zip(live, rows):
+                        try:
+                            results[r.request_id] = _rows_of(fn([row]))[0]
+                        except Exception as solo:  # noqa: BLE001
+                            self._check_state(solo)
+                            self._fail(r.request_id, solo)
+        return [results.get(r.request_id) for r in requests]
 
-    def _emit_tokens(self, requests, out: StepOutput, rows=None) -> list[Request]:
-        """Append each row's sampled token; returns the requests that finished. Lock held."""
-        finished = []
+    def _emit(self, req: Request, result, now: float) -> str | None:
+        """Record a sampled token; returns the finish reason when it ends the request."""
+        token, logprob, top_ids, top_logprobs = result
+        req.output_token_ids.append(token)
+        logprobs = None
+        n = req.params.logprobs
+        if n is not None:
+            logprobs = {}
+            if n and top_ids is not None:
+                logprobs = {int(t): float(lp) for t, lp in zip(top_ids[:n], top_logprobs[:n])}
+            logprobs[token] = float(logprob)
+        reason = req.stop_checker.check_token(token, len(req.output_token_ids))
+        self._tokens.append(TokenUpdate(req.request_id, token, logprobs, now, reason))
+        self.tokens_out += 1
+        if reason is not None:
+            self._event(req, "decoding_end", now)
+        return reason
+
+    def _emit_all(self, pairs) -> list[Request]:
+        """Emit (request, result) pairs (results of None were failed); returns those finished."""
         now = time.perf_counter()
-        for i, req in enumerate(requests):
-            row = i if rows is None else rows[i]
-            if req.finished:
+        finished = []
+        for req, result in pairs:
+            if result is None:
                 continue
-            logprobs = None
-            if req.output_logprobs is not None:
-                n = req.sampling_params.logprobs
-                logprobs = {int(t): float(l) for t, l in
-                            zip(out.top_ids[row][:n], out.top_logprobs[row][:n])}
-                logprobs[int(out.tokens[row])] = float(out.logprob[row])
-            if self.engine.record_token(req, int(out.tokens[row]), logprobs, now):
-                finished.append(req)
-        self.engine.publish(requests)
-        self.tokens_since_status += len(requests)
+            try:
+                if self._emit(req, result, now) is not None:
+                    finished.append(req)
+            except Exception as e:  # noqa: BLE001 - recording this request's token failed
+                self._fail(req.request_id, e)
         return finished
 
-    def _start_prefill(self, batch) -> list[list[int]]:
-        """Mark a scheduled prompt batch as running; returns its block tables. Lock held."""
+    def _prefill(self, batch: list[Request], hand_off) -> None:
+        """Run a batch of whole prompts (blocks allocated), stream their first tokens, free the
+        requests that end there and hand_off(r) the others."""
+        self._in_step = batch
         for r in batch:
-            r.status = Status.PREFILLING
-            r.add_event("context_begin")
-        self.in_flight = batch
-        return [list(self.blocks.tables[r.request_id]) for r in batch]
-
-    def _finish_prefill(self, batch, out: StepOutput, hand_off) -> None:
-        """Stream first tokens; free finished or aborted requests, hand_off(r) the rest. Lock held."""
-        self.in_flight = []
-        self._emit_tokens(batch, out)
-        for r in batch:
-            r.add_event("context_end")
-            if r.finished:
-                self.blocks.free(r.request_id)
+            self._event(r, "context_begin")
+        tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}
+        results = self._run_rows(self.runner.prefill, batch, lambda r: PrefillRow(
+            r.prompt_token_ids, tables[r.request_id], r.sampling_row()))
+        now = time.perf_counter()
+        for r, result in zip(batch, results):
+            if result is not None:
+                self._event(r, "context_end", now)
+        finished = {id(r) for r in self._emit_all(zip(batch, results))}
+        for r, result in zip(batch, results):
+            if result is None or r.request_id not in self.requests:
+                continue
+            if id(r) in finished:
+                self._release(r)
             else:
                 hand_off(r)
 
+    # ---- ending requests ----------------------------------------------------------------------
 
-class PrefillInstance(Instance):
-    """Runs prompt batches; prefilled requests keep their blocks until a decode instance pulls."""
+    def _release(self, req: Request) -> None:
+        """Forget a request and free every block it holds here."""
+        self._forget(req)
+        self.requests.pop(req.request_id, None)
+        if self.blocks.holds(req.request_id):
+            self.blocks.free(req.request_id)
 
-    def __init__(self, engine, runner, blocks, limits: BatchLimits):
-        super().__init__(engine, runner, blocks)
-        self.scheduler = PrefillScheduler(limits, blocks)
-        self.in_flight: list[Request] = []
+    def _drop(self, request_id: str) -> None:
+        """The engine no longer wants this request here (abort, stop string, peer refusal)."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._release(req)
 
-    def load(self) -> int:
-        return self.scheduler.num_waiting_tokens + sum(r.prompt_len for r in self.in_flight)
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        """One request fails alone: free it, tell the engine why."""
+        log.warning("%s: request %s failed: %s: %s", self.name, request_id,
+                    type(error).__name__, error)
+        req = self.requests.get(request_id)
+        if req is not None:
+            try:
+                self._release(req)
+            except Exception:  # noqa: BLE001 - its bookkeeping is what broke; drop the entry
+                log.exception("%s: freeing %s failed", self.name, request_id)
+                self.requests.pop(request_id, None)
+        self._failed.append(RequestFailed(request_id, f"{type(error).__name__}: {error}"))
 
-    def admit(self, request: Request) -> None:
-        self.scheduler.add(request)
-        self.wakeup.set()
+    def _fail_everything(self, fault: InstanceFault) -> None:
+        log.error("instance %s stopped: %s", self.name, fault)
+        for rid in list(self.requests):
+            self._failed.append(RequestFailed(rid, str(fault)))
+        self.requests.clear()
+        self._flush()
+        self._send(InstanceFailed(self.name, str(fault)))
 
-    def remove_queued(self, request: Request) -> bool:
-        return self.scheduler.remove(request)
+    # ---- reports ------------------------------------------------------------------------------
 
-    def counts(self):
-        held = sum(1 for r in self.engine.migration_queue if r.prefill_instance is self)
-        return {"running": len(self.in_flight), "waiting": len(self.scheduler.waiting),
-                "swapped": 0, "held": held}
+    def _event(self, req: Request, event_type: str, timestamp: float | None = None) -> None:
+        self._events.append(LifetimeEvent(req.request_id, event_type,
+                                          time.perf_counter() if timestamp is None else timestamp))
+
+    def _peer(self, dest: str, message) -> None:
+        self._send(PeerMessage(dest, message))
+
+    def _reset_report(self) -> None:
+        self._tokens, self._events, self._failed = [], [], []
+        self._prefilled, self._migrations = [], []
+
+    def stats(self) -> dict:
+        host = self.blocks.host
+        return {"instance": self.name, "role": self.role, **self.counts(),
+                "blocks_used": self.blocks.num_used, "blocks_total": self.blocks.num_total,
+                "host_blocks_used": host.num_used if host else 0,
+                "num_preemptions": self.num_preemptions, "steps": self.steps,
+                "busy_s": self.busy_s, "tokens": self.tokens_out}
+
+    def _flush(self) -> None:
+        stats = self.stats()
+        changed = {k: v for k, v in stats.items() if k != "busy_s"} != \
+            {k: v for k, v in (self._last_stats or {}).items() if k != "busy_s"}
+        if not (changed or self._tokens or self._events or self._failed or self._prefilled
+                or self._migrations):
+            return
+        self._last_stats = stats
+        self._send(Report(self.name, tuple(self._tokens), tuple(self._events),
+                          tuple(self._prefilled), tuple(self._failed), tuple(self._migrations),
+                          stats))
+        self._reset_report()
+
+
+def _rows_of(out: StepOutput) -> list:
+    top = out.top_ids is not None
+    return [(int(out.tokens[i]), float(out.logprob[i]),
+             out.top_ids[i] if top else None, out.top_logprobs[i] if top else None)
+            for i in range(len(out.tokens))]
+
+
+class PrefillWorker(InstanceWorker):
+    """Runs prompt batches; prefilled requests keep their blocks until a decode instance asks
+    for their KV (ExportKV), which is the back-pressure on new prompts."""
+
+    role = "prefill"
+
+    def __init__(self, *args, limits: BatchLimits, **kw):
+        super().__init__(*args, **kw)
+        self.scheduler = PrefillScheduler(limits, self.blocks)
+        self.held: dict[str, Request] = {}   # prefilled, waiting for a decode instance
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting)
+
+    def counts(self) -> dict:
+        return {"running": 0, "waiting": len(self.scheduler.waiting), "swapped": 0,
+                "held": len(self.held),
+                "waiting_tokens": self.scheduler.num_waiting_tokens}
+
+    def _admit(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def _forget(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self.held.pop(req.request_id, None)
 
     def step(self) -> bool:
-        with self.lock:
-            batch = self.scheduler.schedule()
-            if not batch:
-                return False
-            tables = self._start_prefill(batch)
-        out = self.runner.prefill(batch, tables)
-        with self.lock:
-            self._finish_prefill(batch, out, self._await_migration)
-        self.engine.wake_decoders()
-        return True
+        batch = self.scheduler.schedule()
+        if batch:
+            self._prefill(batch, self._hold)
+        return bool(batch)
 
-    def _await_migration(self, r: Request) -> None:
-        r.status = Status.WAITING_MIGRATION
-        r.prefill_instance = self
-        self.engine.migration_queue.append(r)
+    def _hold(self, req: Request) -> None:
+        req.status = Status.WAITING_MIGRATION
+        self.held[req.request_id] = req
+        self._prefilled.append(req.offer(self.name))
 
-    def release(self, request: Request) -> None:
-        """Free a request's prefill blocks (after migration or abort). Lock held."""
-        self.blocks.free(request.request_id)
-        self.wakeup.set()
+    def _export(self, request_id: str, dest: str) -> None:
+        req = self.held.get(request_id)
+        if req is None:
+            self._peer(dest, KVRefused(request_id, f"{request_id} is no longer held by "
+                                                   f"{self.name}"))
+            return
+        try:
+            payload = self.kv.export(self.runner, self.blocks.tables[request_id])
+        except Exception as e:
+            self._peer(dest, KVRefused(request_id, f"exporting its KV failed: {e}"))
+            raise
+        # The export copied the pages: they are free for new prompts at once.
+        self._release(req)
+        self._peer(dest, KVReady(request_id, payload))
 
 
-class DecodeMixin:
-    """Decode-step machinery shared by decode, colocated and chunked instances."""
+class DecodingWorker(InstanceWorker):
+    """Continuous batching with swap to host: shared by decode, colocated and chunked."""
 
-    num_swap_outs = 0
-    # Benchmarks set a list here to get (batch size, step seconds, device-wait seconds) per
-    # decode step (pulls excluded).
-    step_log: list | None = None
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.swapped_pages: dict[str, list] = {}   # host copies of swapped-out pages
+        self.scheduler: DecodeScheduler
 
-    def _claim_swaps(self, step) -> list:
-        """Status changes and host pages of the scheduler's swaps, under the lock (an abort
-        or a stop string may land while the pages move). Returns the pages to bring back."""
-        self.num_swap_outs += len(step.swap_out)
-        for r in step.swap_out:
-            r.status = Status.SWAPPED
-        pages_in = []
+    def _forget(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self.swapped_pages.pop(req.request_id, None)
+
+    def _apply_swaps(self, step) -> None:
+        """Victims' pages to host (one sync for all), returning requests' pages back."""
+        for r, why in step.dropped:
+            self._fail(r.request_id, MemoryError(why))
+        if step.swap_out:
+            self.num_preemptions += len(step.swap_out)
+            gathered = [self.runner.gather_pages(step.swap_out_blocks[r.request_id])
+                        for r in step.swap_out]
+            for r, pages in zip(step.swap_out, jax.device_get(gathered)):
+                r.status = Status.SWAPPED
+                self.swapped_pages[r.request_id] = pages
         for r in step.swap_in:
             r.status = Status.DECODING
-            pages_in.append(self.swap_space.take(r.request_id))
-        return pages_in
+            self.runner.insert_pages(step.swap_in_blocks[r.request_id],
+                                     self.swapped_pages.pop(r.request_id))
 
-    def _move_swapped_pages(self, step, pages_in) -> None:
-        """Device work of the swaps (no lock): victims' pages to host, returning ones back."""
-        if not step.swap_out and not step.swap_in:
-            return
-        gathered = [(r, self.runner.gather_pages(step.swap_out_blocks[r.request_id]))
-                    for r in step.swap_out]
-        host = jax.device_get([pages for _, pages in gathered])  # one sync for all victims
-        for r, pages in zip(step.swap_in, pages_in):
-            self.runner.insert_pages(step.swap_in_blocks[r.request_id], pages)
-        with self.lock:
-            for (r, _), pages in zip(gathered, host):
-                if not r.finished:  # an abort meanwhile already freed its host blocks
-                    self.swap_space.store(r.request_id, pages)
+    def _decode_row(self, req: Request) -> DecodeRow:
+        return DecodeRow(req.last_token_id, req.num_tokens - 1,
+                         tuple(self.blocks.tables[req.request_id]), req.sampling_row())
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""
         start = time.perf_counter()
-        with self.lock:
-            step = self.scheduler.schedule()
-            batch = step.batch
-            if not batch and not step.swap_out:
-                return False
-            tables = [list(self.blocks.tables[r.request_id]) for r in batch]
-            for r in batch:
-                if len(r.output_token_ids) == 1 and r.events[-1]["event_type"] != "decoding_begin":
-                    r.add_event("decoding_begin")
-            pages_in = self._claim_swaps(step)
-        self._move_swapped_pages(step, pages_in)
-        if not batch:
+        step = self.scheduler.schedule()
+        self._in_step = step.batch + step.swap_out
+        if not step.batch and not step.swap_out and not step.dropped:
+            return False
+        self._apply_swaps(step)
+        if not step.batch:
             return True
-        out = self.runner.decode(batch, tables)
-        with self.lock:
-            finished = self._emit_tokens(batch, out)
-            self._finish_decoded(self.scheduler, finished)
+        for r in step.batch:
+            if not r.decoding_started:
+                r.decoding_started = True
+                self._event(r, "decoding_begin", start)
+        results = self._run_rows(self.runner.decode, step.batch, self._decode_row)
+        for r in self._emit_all(zip(step.batch, results)):
+            self._release(r)
         if self.step_log is not None:
-            self.step_log.append((len(batch), time.perf_counter() - start, self.runner.last_wait_s))
+            self.step_log.append((len(step.batch), time.perf_counter() - start,
+                                  self.runner.last_wait_s))
         return True
 
-    def _finish_decoded(self, scheduler, finished) -> None:
-        for r in finished:
-            if scheduler.remove(r) or self.blocks.holds(r.request_id):
-                self.blocks.free(r.request_id)
-            self.swap_space.drop(r.request_id)
-
-
-class DecodeInstance(DecodeMixin, Instance):
-    """Pulls prefilled requests (KV device to device), then decodes with continuous batching."""
-
-    def __init__(self, engine, runner, blocks, limits: BatchLimits):
-        super().__init__(engine, runner, blocks)
-        self.scheduler = DecodeScheduler(limits, blocks)
-        self.swap_space = HostSwapSpace()
-
-    def load(self) -> int:
-        return len(self.scheduler)
-
-    def counts(self):
+    def counts(self) -> dict:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped)}
 
-    def _pull(self) -> bool:
-        """Pull prefilled requests (FCFS) while this instance has room for them: start every
-        copy, wait for the device once, then free the prefill blocks."""
-        moving = []
-        while True:
-            with self.lock:
-                queue = self.engine.migration_queue
-                if not queue or not self.scheduler.can_pull(queue[0].num_tokens):
-                    break
-                req = queue.popleft()
-                req.status = Status.MIGRATING
-                req.add_event("migration_begin")
-                began = req.events[-1]["timestamp"]
-                src_blocks = list(req.prefill_instance.blocks.tables[req.request_id])
-                dst_blocks = self.blocks.allocate(req.request_id, req.prompt_len)
-            nbytes = migrate(req.prefill_instance.runner, src_blocks, self.runner, dst_blocks)
-            moving.append((req, nbytes, began))
-        if not moving:
-            return False
-        self.runner.block_until_ready()
-        with self.lock:
-            for req, nbytes, began in moving:
-                req.prefill_instance.release(req)
-                req.add_event("migration_end")
-                self.engine.record_migration(nbytes, req.events[-1]["timestamp"] - began)
-                if req.finished:
-                    self.blocks.free(req.request_id)
-                else:
-                    req.status = Status.DECODING
-                    self.scheduler.add_waiting(req)
-        return True
+
+class DecodeWorker(DecodingWorker):
+    """Pulls prefilled requests when it has room (FCFS, one at a time against the waiting
+    share), then decodes them with continuous batching."""
+
+    role = "decode"
+
+    def __init__(self, *args, limits: BatchLimits, waiting_share: float, **kw):
+        super().__init__(*args, **kw)
+        self.scheduler = DecodeScheduler(limits, self.blocks, waiting_share)
+        self.offers: deque[MigrationOffer] = deque()
+        self.migrating: dict[str, tuple[Request, float]] = {}   # KV asked for, not arrived
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0
+
+    def counts(self) -> dict:
+        return {**super().counts(), "offered": len(self.offers), "migrating": len(self.migrating)}
+
+    def _offered(self, offer: MigrationOffer) -> None:
+        self.offers.append(offer)
+
+    def _forget(self, req: Request) -> None:
+        super()._forget(req)
+        self.migrating.pop(req.request_id, None)
+
+    def _drop(self, request_id: str) -> None:
+        self.offers = deque(o for o in self.offers if o.spec.request_id != request_id)
+        super()._drop(request_id)
+
+    def _request_pulls(self) -> None:
+        """Ask for the KV of offered requests while there is room, each judged with the pulls
+        already in flight (so one round cannot take every waiting request at once)."""
+        while self.offers:
+            offer = self.offers[0]
+            in_flight = sum(len(self.blocks.tables[rid]) for rid in self.migrating)
+            if not self.scheduler.can_pull(offer.num_cached_tokens, in_flight):
+                return
+            self.offers.popleft()
+            req = Request.from_offer(offer, self.eos_token_id)
+            req.status = Status.MIGRATING
+            self.requests[req.request_id] = req
+            self.blocks.allocate(req.request_id, offer.num_cached_tokens)
+            began = time.perf_counter()
+            self.migrating[req.request_id] = (req, began)
+            self._event(req, "migration_begin", began)
+            self._peer(offer.source, ExportKV(req.request_id, self.name))
+
+    def _import(self, request_id: str, payload) -> None:
+        entry = self.migrating.pop(request_id, None)
+        if entry is None:   # dropped meanwhile: its pages here are already free
+            self.kv.discard(payload)
+            return
+        req, began = entry
+        nbytes = self.kv.import_pages(self.runner, payload, self.blocks.tables[request_id])
+        now = time.perf_counter()
+        self._event(req, "migration_end", now)
+        self._migrations.append((nbytes, now - began))
+        req.status = Status.DECODING
+        self.scheduler.add_waiting(req)
 
     def step(self) -> bool:
-        pulled = self._pull()
-        return self._decode_step() or pulled
+        self._request_pulls()
+        return self._decode_step()
 
 
-class ColocatedInstance(DecodeMixin, Instance):
+class ColocatedWorker(DecodingWorker):
     """vLLM-style baseline: one instance, continuous batching, a waiting prompt batch runs first."""
 
-    def __init__(self, engine, runner, blocks, prefill_limits: BatchLimits,
-                 decode_limits: BatchLimits):
-        super().__init__(engine, runner, blocks)
-        self.prefill = PrefillScheduler(prefill_limits, blocks)
-        self.scheduler = DecodeScheduler(decode_limits, blocks)
-        self.swap_space = HostSwapSpace()
-        self.in_flight: list[Request] = []
+    role = "colocated"
 
-    def load(self) -> int:
-        return len(self.prefill.waiting) + len(self.scheduler)
+    def __init__(self, *args, prefill_limits: BatchLimits, decode_limits: BatchLimits,
+                 waiting_share: float, **kw):
+        super().__init__(*args, **kw)
+        self.prefill = PrefillScheduler(prefill_limits, self.blocks)
+        self.scheduler = DecodeScheduler(decode_limits, self.blocks, waiting_share)
 
-    def admit(self, request: Request) -> None:
-        self.prefill.add(request)
-        self.wakeup.set()
+    def has_work(self) -> bool:
+        return bool(self.prefill.waiting) or len(self.scheduler) > 0
 
-    def remove_queued(self, request: Request) -> bool:
-        return self.prefill.remove(request)
+    def counts(self) -> dict:
+        c = super().counts()
+        c["waiting"] += len(self.prefill.waiting)
+        c["waiting_tokens"] = self.prefill.num_waiting_tokens
+        return c
 
-    def counts(self):
-        s = self.scheduler
-        return {"running": len(s.running) + len(self.in_flight),
-                "waiting": len(self.prefill.waiting) + len(s.waiting), "swapped": len(s.swapped)}
+    def _admit(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.prefill.add(req)
+
+    def _forget(self, req: Request) -> None:
+        super()._forget(req)
+        self.prefill.remove(req)
 
     def step(self) -> bool:
-        with self.lock:
-            batch = []
-            room = self.scheduler.limits.max_batch_size - len(self.scheduler)
-            # Prompts first (vLLM's policy), unless requests are swapped out; keep a block per
-            # running request in reserve so admitting prompts does not force a swap at once.
-            if not self.scheduler.swapped and room > 0 and \
-                    self.blocks.num_free > len(self.scheduler.running):
-                batch = self.prefill.schedule(max_batch_size=min(
-                    room, self.prefill.limits.max_batch_size))
-            if batch:
-                tables = self._start_prefill(batch)
+        room = self.scheduler.limits.max_batch_size - len(self.scheduler)
+        batch = []
+        # Prompts first (vLLM's policy), unless requests are swapped out; keep a block per
+        # running request in reserve so admitting prompts does not force a swap at once.
+        if not self.scheduler.swapped and room > 0 and \
+                self.blocks.num_free > len(self.scheduler.running):
+            batch = self.prefill.schedule(max_batch_size=min(
+                room, self.prefill.limits.max_batch_size))
         if not batch:
             return self._decode_step()
-        out = self.runner.prefill(batch, tables)
-        with self.lock:
-            self._finish_prefill(batch, out, self._start_decoding)
+        self._prefill(batch, self._start_decoding)
         return True
 
-    def _start_decoding(self, r: Request) -> None:
-        r.status = Status.DECODING
-        self.scheduler.add_waiting(r)
+    def _start_decoding(self, req: Request) -> None:
+        req.status = Status.DECODING
+        self.scheduler.add_waiting(req)
 
 
-class ChunkedInstance(DecodeMixin, Instance):
+class ChunkedWorker(DecodingWorker):
     """Sarathi-style: each step decodes every running request and fills the rest of a token
     budget with prompt chunks."""
 
-    def __init__(self, engine, runner, blocks, limits: BatchLimits):
-        super().__init__(engine, runner, blocks)
-        self.chunked = ChunkedScheduler(limits, blocks)
+    role = "chunked"
+
+    def __init__(self, *args, limits: BatchLimits, waiting_share: float, **kw):
+        super().__init__(*args, **kw)
+        self.chunked = ChunkedScheduler(limits, self.blocks, waiting_share)
         self.scheduler = self.chunked.decode
-        self.swap_space = HostSwapSpace()
 
-    def load(self) -> int:
-        return len(self.chunked)
+    def has_work(self) -> bool:
+        return len(self.chunked) > 0
 
-    def admit(self, request: Request) -> None:
-        self.chunked.add(request)
-        self.wakeup.set()
+    def counts(self) -> dict:
+        c = super().counts()
+        c["waiting"] += len(self.chunked.prefilling)
+        c["waiting_tokens"] = sum(r.prompt_len - r.num_computed for r in self.chunked.prefilling)
+        return c
 
-    def remove_queued(self, request: Request) -> bool:
-        # A prompt partly computed holds blocks: remove() drops it, the caller frees them.
-        return self.chunked.remove(request)
+    def _admit(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.chunked.add(req)
 
-    def counts(self):
-        s = self.scheduler
-        return {"running": len(s.running), "waiting": len(self.chunked.prefilling) + len(s.waiting),
-                "swapped": len(s.swapped)}
+    def _forget(self, req: Request) -> None:
+        super()._forget(req)
+        self.chunked.remove(req)
 
     def step(self) -> bool:
-        with self.lock:
-            step = self.chunked.schedule()
-            rows = [(r, list(self.blocks.tables[r.request_id]), r.num_tokens - 1, 1)
-                    for r in step.decodes]
-            rows += [(r, list(self.blocks.tables[r.request_id]), start, n)
-                     for r, start, n in step.chunks]
-            if not rows and not step.swap_out:
-                return False
-            for r, start, _ in step.chunks:
-                if start == 0:
-                    r.status = Status.PREFILLING
-                    r.add_event("context_begin")
-            pages_in = self._claim_swaps(step)
-        self._move_swapped_pages(step, pages_in)
-        if not rows:
+        start = time.perf_counter()
+        plan = self.chunked.schedule()
+        step = plan.decode
+        self._in_step = step.batch + step.swap_out + [r for r, _, _ in plan.chunks]
+        if not step.batch and not plan.chunks and not step.swap_out and not step.dropped:
+            return False
+        self._apply_swaps(step)
+        for r, first, _ in plan.chunks:
+            if first == 0:
+                self._event(r, "context_begin", start)
+        for r in step.batch:
+            if not r.decoding_started:
+                r.decoding_started = True
+                self._event(r, "decoding_begin", start)
+        items = [(r, (r.last_token_id,), r.num_tokens - 1) for r in step.batch]
+        items += [(r, r.prompt_token_ids[first:first + n], first) for r, first, n in plan.chunks]
+        if not items:
             return True
-        out = self.runner.chunked(rows)
-        with self.lock:
-            emit_reqs, emit_rows = list(step.decodes), list(range(len(step.decodes)))
-            for j, (r, start, n) in enumerate(step.chunks):
-                if r.finished:
-                    continue
-                if self.chunked.chunk_done(r, n):
-                    r.add_event("context_end")
-                    r.add_event("decoding_begin")
-                    r.status = Status.DECODING
-                    emit_reqs.append(r)
-                    emit_rows.append(len(step.decodes) + j)
-            finished = self._emit_tokens(emit_reqs, out, emit_rows)
-            self._finish_decoded(self.scheduler, finished)
+        reqs = [r for r, _, _ in items]
+        rows = {id(r): ChunkRow(tuple(ids), first, tuple(self.blocks.tables[r.request_id]),
+                                r.sampling_row()) for r, ids, first in items}
+        results = self._run_rows(self.runner.chunked, reqs, lambda r: rows[id(r)])
+        emit = list(zip(step.batch, results[:len(step.batch)]))
+        now = time.perf_counter()
+        for (r, first, n), result in zip(plan.chunks, results[len(step.batch):]):
+            if result is None or r.request_id not in self.requests:
+                continue
+            if self.chunked.chunk_done(r, n):
+                self._event(r, "context_end", now)
+                self._event(r, "decoding_begin", now)
+                r.decoding_started = True
+                r.status = Status.DECODING
+                emit.append((r, result))
+        for r in self._emit_all(emit):
+            self._release(r)
         return True

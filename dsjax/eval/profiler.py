@@ -78,10 +78,10 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     KV capacity tokens of such an instance)."""
     import jax.numpy as jnp
 
-    from dsjax.engine.core import attention_backend
+    from dsjax.executor.batch import DecodeRow, PrefillRow, SamplingRow
+    from dsjax.executor.kernels import get_attention_backend
     from dsjax.executor.kv_cache import num_blocks_for_budget
-    from dsjax.executor.parallel import plan_placement
-    from dsjax.engine.request import Request
+    from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
     from models.config import OPTConfig
@@ -89,7 +89,7 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
 
     cfg = OPTConfig.from_name(model)
     jdtype = jnp.dtype(dtype)
-    spec = plan_placement("colocated", context_tensor_parallel_size=tp, devices=devices)[0]
+    spec = single_instance_spec("colocated", devices, tp=tp)
     max_ctx = max(max(grid.decode_ctx), max(grid.prefill_lens)) + 1
     pages_per_seq = -(-max_ctx // block_size)
     # Distinct pages for a few sequences; larger batches reuse them (the cost is the same reads).
@@ -97,31 +97,31 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     max_batch = max(max(grid.decode_batches), max(grid.prefill_batches))
     runner = ModelRunner(spec, cfg, lambda sh: dummy_params(cfg, jdtype, 0, sh), dtype=jdtype,
                          num_pages=num_pages, page_size=block_size,
-                         attention=attention_backend("auto"), max_batch_size=max_batch,
+                         attention=get_attention_backend("auto"), max_batch_size=max_batch,
                          max_tokens_per_batch=grid.prefill_max_tokens,
                          max_blocks_per_request=pages_per_seq)
     # The benchmark payload samples at temperature 1 (the sampler's sort is part of the step).
     params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=1)
     rng = np.random.default_rng(0)
 
-    def table(i: int, n_tokens: int) -> list[int]:
+    def table(i: int, n_tokens: int) -> tuple[int, ...]:
         start = (i % 4) * pages_per_seq
-        return list(range(start, start + -(-n_tokens // block_size)))
+        return tuple(range(start, start + -(-n_tokens // block_size)))
 
-    def make(i: int, n: int, decode: bool) -> Request:
-        r = Request(f"r{i}", None, rng.integers(4, cfg.vocab_size, n).tolist(), params, i)
-        if decode:
-            r.output_token_ids.append(5)
-        return r
+    def prompt_row(i: int, n: int) -> PrefillRow:
+        ids = tuple(int(t) for t in rng.integers(4, cfg.vocab_size, n))
+        return PrefillRow(ids, table(i, n), SamplingRow(params, i, 0))
+
+    def decode_row(i: int, ctx: int) -> DecodeRow:   # ctx tokens including the new one
+        return DecodeRow(5, ctx - 1, table(i, ctx), SamplingRow(params, i, 1))
 
     pre_batches, pre_ms = [], []
     for n in grid.prefill_lens:
         for b in grid.prefill_batches:
             if n * b > grid.prefill_max_tokens:
                 continue
-            reqs = [make(i, n, False) for i in range(b)]
-            tables = [table(i, n) for i in range(b)]
-            ms = _median_ms(lambda: runner.prefill(reqs, tables), grid.repeats)
+            rows = [prompt_row(i, n) for i in range(b)]
+            ms = _median_ms(lambda: runner.prefill(rows), grid.repeats)
             pre_batches.append([n] * b)
             pre_ms.append(ms)
             log(f"  tp{tp} prefill {b:>3} x {n:>5} tokens: {ms:8.2f} ms")
@@ -130,9 +130,8 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
         for b in grid.decode_batches:
             if ctx * b > grid.decode_max_tokens:
                 continue
-            reqs = [make(i, ctx - 1, True) for i in range(b)]   # ctx tokens incl. the new one
-            tables = [table(i, ctx) for i in range(b)]
-            ms = _median_ms(lambda: runner.decode(reqs, tables), grid.repeats)
+            rows = [decode_row(i, ctx) for i in range(b)]
+            ms = _median_ms(lambda: runner.decode(rows), grid.repeats)
             dec_batches.append([ctx] * b)
             dec_ms.append(ms)
             log(f"  tp{tp} decode  {b:>3} x ctx {ctx:>5}: {ms:8.2f} ms")

@@ -1,4 +1,4 @@
-"""Moving a request's KV pages from one instance's devices to another's, device to device.
+"""Moving a request's KV pages from one instance to another, shard by shard, for any TP/PP pair.
 
 `jax.device_put` between shardings whose shards differ (prefill TP 2 -> decode TP 1, or PP
 stages holding other layers) falls back to fetching the whole array to the host. We avoid that
@@ -6,8 +6,19 @@ by copying shard by shard: every destination device receives, from each source s
 part of its (layers, heads) box, exactly that part, sliced on the source device and copied with a
 single-device `device_put`; the pieces are joined on the destination device and assembled into
 the destination's sharded array.
+
+Two transports share that reshard:
+- `LocalKVLink` (instances in one process): the exported shards are the source's device arrays,
+  handed over by reference; the copy is a device-to-device `device_put`.
+- `dsjax.executor.remote_kv.TransferServerKVLink` (instances in separate processes): the source
+  offers its shards on a JAX transfer server and the destination pulls them.
+
+The source side exports (gathers the pages into fresh arrays, so it may reuse its pages at once);
+the destination side imports into pages it has allocated.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,51 +29,66 @@ from dsjax.executor.parallel import KV_SPEC
 HEAD_AXIS, LAYER_AXIS = 3, 0
 
 
-def _box(shard_index, shape, layer_offset):
-    """(layer_start, layer_end, head_start, head_end) of a shard in global model coordinates."""
+@dataclasses.dataclass(frozen=True)
+class ShardBox:
+    """Where one shard sits in global model coordinates: layers [l0, l1), heads [h0, h1)."""
+    l0: int
+    l1: int
+    h0: int
+    h1: int
+
+
+@dataclasses.dataclass
+class PageShard:
+    """One device's part of a request's exported K and V pages."""
+    box: ShardBox
+    k: jax.Array   # [l1-l0, n_pages, page_size, h1-h0, head_dim] on one device
+    v: jax.Array
+
+
+def _box(shard_index, shape, layer_offset) -> ShardBox:
     layers, heads = shard_index[LAYER_AXIS], shard_index[HEAD_AXIS]
     l0, l1, _ = layers.indices(shape[LAYER_AXIS])
     h0, h1, _ = heads.indices(shape[HEAD_AXIS])
-    return l0 + layer_offset, l1 + layer_offset, h0, h1
+    return ShardBox(l0 + layer_offset, l1 + layer_offset, h0, h1)
 
 
-def _source_shards(per_stage, src_ranges):
-    """Every addressable shard of the source pages: (box, data array on its device)."""
+def export_shards(runner, block_ids) -> list[PageShard]:
+    """Copies of the request's pages on the source's devices, one entry per device shard."""
     shards = []
-    for (k, v), (start, _) in zip(per_stage, src_ranges):
+    for stage, (k, v) in zip(runner.stages, runner.gather_pages(block_ids)):
+        start = stage.layer_range[0]
         for ks, vs in zip(k.addressable_shards, v.addressable_shards):
-            shards.append((_box(ks.index, k.shape, start), ks.data, vs.data))
+            shards.append(PageShard(_box(ks.index, k.shape, start), ks.data, vs.data))
     return shards
 
 
-def reshard_pages(per_stage, src_ranges, dst_meshes, dst_ranges):
-    """Pages gathered on the source stages -> the same pages laid out for the destination stages.
-
-    per_stage: [(k, v)] per source stage, each [stage_layers, n, page_size, heads, head_dim]
-    sharded by heads on that stage's mesh. Returns [(k, v)] per destination stage.
-    """
-    sources = _source_shards(per_stage, src_ranges)
-    _, n, page, heads, head_dim = per_stage[0][0].shape
+def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, jax.Array]]:
+    """Exported shards -> the same pages laid out for each of the destination's stages."""
+    _, n, page, _, head_dim = shards[0].k.shape
+    heads = max(s.box.h1 for s in shards)
     out = []
-    for mesh, (d0, d1) in zip(dst_meshes, dst_ranges):
-        sharding = NamedSharding(mesh, KV_SPEC)
+    for stage in dst_runner.stages:
+        d0, d1 = stage.layer_range
+        sharding = NamedSharding(stage.mesh, KV_SPEC)
         shape = (d1 - d0, n, page, heads, head_dim)
         k_parts, v_parts = [], []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            _, _, h0, h1 = _box(index, shape, d0)
+            want = _box(index, shape, d0)
             k_rows, v_rows = [], []
-            # Walk layers in order; for each source stage's layer span, join its heads.
-            spans = sorted({(max(l0, d0), min(l1, d1)) for (l0, l1, _, _), _, _ in sources
-                            if l0 < d1 and l1 > d0})
+            # Walk layers in order; for each source span of layers, join its heads.
+            spans = sorted({(max(s.box.l0, d0), min(s.box.l1, d1)) for s in shards
+                            if s.box.l0 < d1 and s.box.l1 > d0})
             for a, b in spans:
                 k_heads, v_heads = [], []
-                for (l0, l1, s0, s1), kd, vd in sorted(sources, key=lambda s: s[0][2]):
-                    if not (l0 <= a and b <= l1 and s0 < h1 and s1 > h0):
+                for s in sorted(shards, key=lambda s: s.box.h0):
+                    box = s.box
+                    if not (box.l0 <= a and b <= box.l1 and box.h0 < want.h1 and box.h1 > want.h0):
                         continue
-                    sel = (slice(a - l0, b - l0), slice(None), slice(None),
-                           slice(max(h0, s0) - s0, min(h1, s1) - s0))
-                    k_heads.append(jax.device_put(kd[sel], device))
-                    v_heads.append(jax.device_put(vd[sel], device))
+                    sel = (slice(a - box.l0, b - box.l0), slice(None), slice(None),
+                           slice(max(want.h0, box.h0) - box.h0, min(want.h1, box.h1) - box.h0))
+                    k_heads.append(jax.device_put(s.k[sel], device))
+                    v_heads.append(jax.device_put(s.v[sel], device))
                 k_rows.append(_join(k_heads, HEAD_AXIS))
                 v_rows.append(_join(v_heads, HEAD_AXIS))
             k_parts.append(_join(k_rows, LAYER_AXIS))
@@ -76,12 +102,30 @@ def _join(parts, axis):
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
+def shards_nbytes(shards: list[PageShard], num_blocks: int) -> int:
+    """Bytes of the request's real pages (the export pads the page count to a power of two)."""
+    padded = shards[0].k.shape[1]
+    return sum(s.k.nbytes + s.v.nbytes for s in shards) * num_blocks // max(1, padded)
+
+
+class LocalKVLink:
+    """KV between instances of one process: exported shards travel by reference."""
+
+    def export(self, runner, block_ids) -> list[PageShard]:
+        return export_shards(runner, block_ids)
+
+    def import_pages(self, runner, payload: list[PageShard], dst_blocks) -> int:
+        runner.insert_pages(dst_blocks, reshard_pages(payload, runner))
+        return shards_nbytes(payload, len(dst_blocks))
+
+    def discard(self, payload) -> None:
+        """An export nobody will import (the request ended meanwhile): nothing to release."""
+
+    def close(self) -> None:
+        pass
+
+
 def migrate(src_runner, src_blocks, dst_runner, dst_blocks) -> int:
-    """Copy a request's pages from src_runner to dst_runner; returns the bytes moved."""
-    pages = src_runner.gather_pages(src_blocks)
-    moved = reshard_pages(pages, [s.layer_range for s in src_runner.stages],
-                          [s.mesh for s in dst_runner.stages],
-                          [s.layer_range for s in dst_runner.stages])
-    dst_runner.insert_pages(dst_blocks, moved)
-    per_page = sum(k.nbytes + v.nbytes for k, v in pages) // max(1, pages[0][0].shape[1])
-    return per_page * len(src_blocks)
+    """Copy pages from src_runner to dst_runner in one process; returns the bytes moved."""
+    link = LocalKVLink()
+    return link.import_pages(dst_runner, link.export(src_runner, src_blocks), dst_blocks)

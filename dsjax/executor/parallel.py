@@ -20,12 +20,41 @@ KV_SPEC = P(None, None, None, TP_AXIS, None)
 
 
 @dataclasses.dataclass(frozen=True)
-class InstanceSpec:
+class InstancePlan:
+    """Where an instance goes, in plain data (it crosses process boundaries): its role and
+    degrees, and the indices of its devices among those its host process sees."""
     role: str                # "prefill" | "decode" | "colocated" | "chunked"
     index: int               # among the instances of its role
     tp: int
     pp: int
+    device_ids: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}{self.index}"
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    """An InstancePlan bound to device objects in the process that runs the instance."""
+    role: str
+    index: int
+    tp: int
+    pp: int
     devices: tuple
+
+    @classmethod
+    def bind(cls, plan: InstancePlan, devices) -> "InstanceSpec":
+        devices = list(devices)
+        if max(plan.device_ids) >= len(devices):
+            raise ValueError(f"{plan.name} needs device ids {plan.device_ids} but this process "
+                             f"sees {len(devices)} devices")
+        return cls(plan.role, plan.index, plan.tp, plan.pp,
+                   tuple(devices[i] for i in plan.device_ids))
 
     @property
     def name(self) -> str:
@@ -35,19 +64,14 @@ class InstanceSpec:
         return self.devices[stage * self.tp:(stage + 1) * self.tp]
 
 
-def plan_placement(mode: str, *, context_tensor_parallel_size: int = 1,
-                   context_pipeline_parallel_size: int = 1,
-                   decoding_tensor_parallel_size: int = 1,
-                   decoding_pipeline_parallel_size: int = 1,
-                   num_prefill_instances: int = 1, num_decode_instances: int = 1,
-                   devices=None, allow_shared_device: bool = False) -> list[InstanceSpec]:
-    """Assign devices in order: prefill instances first, then decode instances, disjointly.
-
-    Colocated and chunked modes run one instance with the context (prefill) parallelism.
-    `allow_shared_device` lets a default placement run both phases on a single device when
-    that is all there is (the engine then still schedules them as separate instances).
-    """
-    devices = list(jax.devices() if devices is None else devices)
+def placement_groups(mode: str, *, context_tensor_parallel_size: int = 1,
+                     context_pipeline_parallel_size: int = 1,
+                     decoding_tensor_parallel_size: int = 1,
+                     decoding_pipeline_parallel_size: int = 1,
+                     num_prefill_instances: int = 1, num_decode_instances: int = 1
+                     ) -> list[tuple[str, int, int, int]]:
+    """(role, instances, tp, pp) per role. Colocated and chunked modes run one instance with
+    the context (prefill) parallelism."""
     for name, v in [("context_tensor_parallel_size", context_tensor_parallel_size),
                     ("context_pipeline_parallel_size", context_pipeline_parallel_size),
                     ("decoding_tensor_parallel_size", decoding_tensor_parallel_size),
@@ -57,28 +81,44 @@ def plan_placement(mode: str, *, context_tensor_parallel_size: int = 1,
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if mode in ("colocated", "chunked"):
-        groups = [(mode, 1, context_tensor_parallel_size, context_pipeline_parallel_size)]
-    elif mode == "disaggregated":
-        groups = [("prefill", num_prefill_instances, context_tensor_parallel_size,
-                   context_pipeline_parallel_size),
-                  ("decode", num_decode_instances, decoding_tensor_parallel_size,
-                   decoding_pipeline_parallel_size)]
-    else:
-        raise ValueError(f"mode must be disaggregated, colocated or chunked, got {mode!r}")
+        return [(mode, 1, context_tensor_parallel_size, context_pipeline_parallel_size)]
+    if mode == "disaggregated":
+        return [("prefill", num_prefill_instances, context_tensor_parallel_size,
+                 context_pipeline_parallel_size),
+                ("decode", num_decode_instances, decoding_tensor_parallel_size,
+                 decoding_pipeline_parallel_size)]
+    raise ValueError(f"mode must be disaggregated, colocated or chunked, got {mode!r}")
+
+
+def plan_placement(mode: str, num_devices: int, *, allow_shared_device: bool = False,
+                   **sizes) -> list[InstancePlan]:
+    """Assign device indices 0..num_devices-1 in order: prefill instances first, then decode
+    instances, disjointly.
+
+    `allow_shared_device` lets a default placement run both phases on a single device when
+    that is all there is (the engine then still schedules them as separate instances).
+    """
+    groups = placement_groups(mode, **sizes)
     needed = sum(n * tp * pp for _, n, tp, pp in groups)
-    if needed > len(devices):
-        if allow_shared_device and len(devices) == 1 and all(tp * pp == 1 for _, _, tp, pp in groups):
-            return [InstanceSpec(role, i, 1, 1, (devices[0],))
-                    for role, n, _, _ in groups for i in range(n)]
+    if needed > num_devices:
+        if allow_shared_device and num_devices == 1 and all(tp * pp == 1 for _, _, tp, pp in groups):
+            return [InstancePlan(role, i, 1, 1, (0,)) for role, n, _, _ in groups for i in range(n)]
         layout = " + ".join(f"{n} {role} x (tp {tp} * pp {pp})" for role, n, tp, pp in groups)
-        raise ValueError(f"placement needs {needed} devices ({layout}) but only {len(devices)} "
+        raise ValueError(f"placement needs {needed} devices ({layout}) but only {num_devices} "
                          f"are available: lower the parallel sizes or the instance counts")
-    specs, at = [], 0
+    plans, at = [], 0
     for role, n, tp, pp in groups:
         for i in range(n):
-            specs.append(InstanceSpec(role, i, tp, pp, tuple(devices[at:at + tp * pp])))
+            plans.append(InstancePlan(role, i, tp, pp, tuple(range(at, at + tp * pp))))
             at += tp * pp
-    return specs
+    return plans
+
+
+def single_instance_spec(role: str, devices, tp: int = 1, pp: int = 1) -> InstanceSpec:
+    """One instance on the first tp*pp of `devices` (profiler, benchmarks)."""
+    plan = plan_placement("colocated", len(devices), context_tensor_parallel_size=tp,
+                          context_pipeline_parallel_size=pp)[0]
+    return InstanceSpec.bind(dataclasses.replace(plan, role=role), devices)
 
 
 def stage_mesh(devices) -> Mesh:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 import time
 from typing import Callable
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
 from dsjax.executor.kv_cache import PagePool
 from dsjax.executor.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
                             param_shardings, param_spec, pipeline_param_shardings, stage_mesh,
@@ -143,9 +143,6 @@ class ModelRunner:
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int):
         check_tensor_parallel(config, spec.tp)
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
-        # Steps donate the page arrays and replace them; another thread (a decode instance
-        # pulling KV) must not read an array in between. Held only while dispatching.
-        self.lock = threading.Lock()
         self.spec, self.config, self.dtype = spec, config, dtype
         self.num_pages, self.page_size = num_pages, page_size
         self.max_batch_size = max_batch_size
@@ -190,13 +187,9 @@ class ModelRunner:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _pipeline(self, mode, micro_batches):
+    def _pipeline(self, mode, micro_batches) -> list:
         """micro_batches: list of (tokens, meta, sampling, sample args). Returns SampleOutputs."""
-        outs = []
-        with self.lock:
-            for mb in micro_batches:
-                outs.append(self._run_stages(mode, *mb))
-        return outs
+        return [self._run_stages(mode, *mb) for mb in micro_batches]
 
     def _run_stages(self, mode, tokens, meta, sampling, nlp, smode):
         packed, layout = pack_host_inputs((tokens, meta, sampling))
@@ -207,15 +200,17 @@ class ModelRunner:
             x = stage.run(mode, x, packed, layout, nlp, smode)
         return x
 
-    def _split(self, items: list) -> list[list]:
+    def _split(self, rows: list) -> list[list]:
         """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP)."""
-        n = min(self.spec.pp, len(items))
-        bounds = np.linspace(0, len(items), n + 1).astype(int)
-        return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        n = min(self.spec.pp, len(rows))
+        bounds = np.linspace(0, len(rows), n + 1).astype(int)
+        return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
-    def _sampling_args(requests):
-        params = [r.sampling_params for r in requests]
+    def _sampling_args(rows) -> tuple[int, str]:
+        params = [r.sampling.params for r in rows]
+        # Top-N ids are computed only when some row asks for N >= 1 (logprobs=0 needs only the
+        # chosen token's log-probability, which every step returns).
         nlp = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
         if all(p.temperature == 0 for p in params):
             smode = "greedy"
@@ -225,99 +220,96 @@ class ModelRunner:
             smode = "mixed"
         return nlp, smode
 
-    def _sampling(self, requests, pad_to):
-        return build_sampling_tensors([r.sampling_params for r in requests],
-                                      [r.seed for r in requests],
-                                      [len(r.output_token_ids) for r in requests], pad_to,
+    def _sampling(self, rows, pad_to):
+        return build_sampling_tensors([r.sampling.params for r in rows],
+                                      [r.sampling.seed for r in rows],
+                                      [r.sampling.step for r in rows], pad_to,
                                       self.config.eos_token_id)
 
     def _slots(self, table, positions):
         table = np.asarray(table, np.int32)
         return table[positions // self.page_size] * self.page_size + positions % self.page_size
 
-    def prefill(self, requests, block_tables) -> StepOutput:
+    def prefill(self, rows: list[PrefillRow]) -> StepOutput:
         """Whole prompts; samples each prompt's first output token."""
         mbs = []
-        nlp, smode = self._sampling_args(requests)
-        groups = self._split(list(zip(requests, block_tables)))
+        nlp, smode = self._sampling_args(rows)
+        groups = self._split(rows)
         for group in groups:
-            reqs = [r for r, _ in group]
-            lens = np.array([r.prompt_len for r in reqs], np.int32)
+            lens = np.array([len(r.token_ids) for r in group], np.int32)
             total = int(lens.sum())
-            t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(reqs))
+            t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(group))
             tokens = np.zeros(t_pad, np.int32)
-            tokens[:total] = np.concatenate([r.prompt_token_ids for r in reqs])
+            tokens[:total] = np.concatenate([r.token_ids for r in group])
             positions = np.zeros(t_pad, np.int32)
             positions[:total] = np.concatenate([np.arange(n) for n in lens])
             seq_ids = np.full(t_pad, -1, np.int32)
-            seq_ids[:total] = np.repeat(np.arange(len(reqs)), lens)
+            seq_ids[:total] = np.repeat(np.arange(len(group)), lens)
             cu = np.full(b_pad + 1, total, np.int32)
             cu[0] = 0
-            cu[1:len(reqs) + 1] = np.cumsum(lens)
+            cu[1:len(group) + 1] = np.cumsum(lens)
             slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
             slots[:total] = np.concatenate(
-                [self._slots(t, np.arange(n)) for (_, t), n in zip(group, lens)])
+                [self._slots(r.block_table, np.arange(n)) for r, n in zip(group, lens)])
             last = np.zeros(b_pad, np.int32)
-            last[:len(reqs)] = cu[1:len(reqs) + 1] - 1
+            last[:len(group)] = cu[1:len(group) + 1] - 1
             meta = PrefillMetadata(positions, seq_ids, cu, slots, last)
-            mbs.append((tokens, meta, self._sampling(reqs, b_pad), nlp, smode))
+            mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode))
         return self._collect(self._pipeline("prefill", mbs), [len(g) for g in groups])
 
-    def decode(self, requests, block_tables) -> StepOutput:
-        """One token for each request: its last token at position num_tokens - 1."""
+    def decode(self, rows: list[DecodeRow]) -> StepOutput:
+        """One token for each row, attending to the row's cached context and itself."""
         mbs = []
-        nlp, smode = self._sampling_args(requests)
-        groups = self._split(list(zip(requests, block_tables)))
+        nlp, smode = self._sampling_args(rows)
+        groups = self._split(rows)
         for group in groups:
-            reqs = [r for r, _ in group]
-            b_pad = bucket(len(reqs), 8)
-            width = bucket(max(len(t) for _, t in group))
+            n = len(group)
+            b_pad = bucket(n, 8)
+            width = bucket(max(len(r.block_table) for r in group))
             tokens = np.zeros(b_pad, np.int32)
-            tokens[:len(reqs)] = [r.last_token_id for r in reqs]
+            tokens[:n] = [r.token_id for r in group]
             positions = np.zeros(b_pad, np.int32)
-            positions[:len(reqs)] = [r.num_tokens - 1 for r in reqs]
+            positions[:n] = [r.position for r in group]
             tables = np.zeros((b_pad, width), np.int32)
-            for i, (_, t) in enumerate(group):
-                tables[i, :len(t)] = t
+            for i, r in enumerate(group):
+                tables[i, :len(r.block_table)] = r.block_table
             slots = np.full(b_pad, self.num_pages * self.page_size, np.int32)
-            rows = np.arange(len(reqs))
-            slots[:len(reqs)] = (tables[rows, positions[:len(reqs)] // self.page_size]
-                                 * self.page_size + positions[:len(reqs)] % self.page_size)
+            at = positions[:n]
+            slots[:n] = tables[np.arange(n), at // self.page_size] * self.page_size \
+                + at % self.page_size
             context = np.zeros(b_pad, np.int32)
-            context[:len(reqs)] = positions[:len(reqs)] + 1
+            context[:n] = at + 1
             meta = DecodeMetadata(positions, slots, tables, context)
-            mbs.append((tokens, meta, self._sampling(reqs, b_pad), nlp, smode))
+            mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode))
         return self._collect(self._pipeline("decode", mbs), [len(g) for g in groups])
 
-    def chunked(self, rows) -> StepOutput:
-        """Mixed step: rows are (request, block_table, start, length) continuing cached context;
-        decode rows have length 1 and start num_tokens - 1. Samples one token per row (callers
-        drop the samples of chunks that do not finish their prompt)."""
-        reqs = [r for r, _, _, _ in rows]
-        nlp, smode = self._sampling_args(reqs)
-        lens = np.array([n for _, _, _, n in rows], np.int32)
+    def chunked(self, rows: list[ChunkRow]) -> StepOutput:
+        """Mixed step: each row continues its cached context with its tokens (a prompt chunk,
+        or a decode row's newest token). Samples one token per row (callers drop the samples
+        of chunks that do not finish their prompt)."""
+        nlp, smode = self._sampling_args(rows)
+        lens = np.array([len(r.token_ids) for r in rows], np.int32)
         total = int(lens.sum())
         t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(rows), 8)
-        width = bucket(max(len(t) for _, t, _, _ in rows))
+        width = bucket(max(len(r.block_table) for r in rows))
         tokens = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
         token_seq = np.full(t_pad, -1, np.int32)
         slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
         tables = np.zeros((b_pad, width), np.int32)
         at = 0
-        for i, (req, table, start, n) in enumerate(rows):
-            # A decode row continues with its last token; a chunk is a slice of the prompt.
-            tokens[at:at + n] = ([req.last_token_id] if start >= req.prompt_len
-                                 else req.prompt_token_ids[start:start + n])
-            positions[at:at + n] = np.arange(start, start + n)
+        for i, r in enumerate(rows):
+            n = len(r.token_ids)
+            tokens[at:at + n] = r.token_ids
+            positions[at:at + n] = np.arange(r.start, r.start + n)
             token_seq[at:at + n] = i
-            slots[at:at + n] = self._slots(table, np.arange(start, start + n))
-            tables[i, :len(table)] = table
+            slots[at:at + n] = self._slots(r.block_table, np.arange(r.start, r.start + n))
+            tables[i, :len(r.block_table)] = r.block_table
             at += n
         last = np.zeros(b_pad, np.int32)
         last[:len(rows)] = np.cumsum(lens) - 1
         meta = ChunkedMetadata(positions, token_seq, slots, tables, last)
-        mb = [(tokens, meta, self._sampling(reqs, b_pad), nlp, smode)]
+        mb = [(tokens, meta, self._sampling(rows, b_pad), nlp, smode)]
         return self._collect(self._pipeline("chunked", mb), [len(rows)])
 
     def _collect(self, outs: list[SampleOutput], counts: list[int]) -> StepOutput:
@@ -330,19 +322,23 @@ class ModelRunner:
                           cat("top_ids") if has_top else None,
                           cat("top_logprobs") if has_top else None)
 
+    def healthy(self) -> bool:
+        """Whether the page pools survived the last step. A step that fails after its inputs
+        were donated (a device or runtime fault) leaves them deleted or poisoned: the instance
+        has lost every request's KV and must stop; a step that failed before (tracing, a bad
+        input) left them intact, and only that step's requests are affected."""
+        try:
+            jax.block_until_ready([(s.pool.k, s.pool.v) for s in self.stages])
+        except Exception:  # noqa: BLE001 - any failure here means the state is gone
+            return False
+        return not any(s.pool.k.is_deleted() or s.pool.v.is_deleted() for s in self.stages)
+
     # ---- pages -------------------------------------------------------------------------------
 
     def gather_pages(self, block_ids) -> list[tuple[jax.Array, jax.Array]]:
-        """Per stage, device copies of the request's pages (for migration or swap-out)."""
-        with self.lock:
-            return [stage.pool.gather(block_ids) for stage in self.stages]
-
-    def block_until_ready(self) -> None:
-        with self.lock:
-            pools = [(stage.pool.k, stage.pool.v) for stage in self.stages]
-        jax.block_until_ready(pools)
+        """Per stage, device copies of the given pages (for migration or swap-out)."""
+        return [stage.pool.gather(block_ids) for stage in self.stages]
 
     def insert_pages(self, block_ids, per_stage_pages) -> None:
-        with self.lock:
-            for stage, (k, v) in zip(self.stages, per_stage_pages):
-                stage.pool.insert(block_ids, k, v)
+        for stage, (k, v) in zip(self.stages, per_stage_pages):
+            stage.pool.insert(block_ids, k, v)

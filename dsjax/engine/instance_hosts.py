@@ -1,0 +1,245 @@
+"""Where an instance worker lives: a thread of the engine's process, or a process of its own.
+
+`--distributed-executor-backend` (vLLM's flag name) picks the host:
+- "uni": every instance is a thread of the engine's process on its own disjoint mesh; KV moves
+  device to device with `device_put`, shard by shard (the default).
+- "mp": every instance is an OS process with its own JAX runtime and its own devices (on CPU:
+  its own virtual devices, pinned to its own cores). KV moves over JAX transfer servers bound to
+  `kv_transfer_host`. Messages cross by multiprocessing queues; the KV never does.
+
+Both hosts run the same `InstanceWorker` code built by `build_worker`.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+from typing import Callable
+
+from dsjax.engine.messages import InstanceFailed, InstanceReady, Shutdown
+
+log = logging.getLogger("dsjax")
+
+STOP_TIMEOUT_S = 10.0
+
+
+def resolve_dtype(dtype: str, devices) -> str:
+    """'auto' is bfloat16 where there is an accelerator; on CPU, where bfloat16 is emulated
+    and slower, float32."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if devices[0].platform == "cpu" else "bfloat16"
+
+
+def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
+    """The worker of one instance on `devices` (the devices its process sees): runner with its
+    params and page pool, block tables, scheduler; its programs compiled before it serves."""
+    import jax.numpy as jnp
+
+    from dsjax.engine.block_manager import BlockManager
+    from dsjax.engine.scheduler import BatchLimits
+    from dsjax.engine.worker import ChunkedWorker, ColocatedWorker, DecodeWorker, PrefillWorker
+    from dsjax.executor.kernels import get_attention_backend
+    from dsjax.executor.kv_cache import bytes_per_block, num_blocks_for_budget
+    from dsjax.executor.parallel import InstanceSpec
+    from dsjax.executor.runner import ModelRunner
+    from dsjax.executor.warmup import warm_up_runner
+    from models.weights import load_params
+
+    cfg, mc = config, model_config
+    spec = InstanceSpec.bind(plan, devices)
+    dtype = jnp.dtype(resolve_dtype(cfg.dtype, spec.devices))
+    num_blocks = cfg.num_blocks or num_blocks_for_budget(
+        mc, block_size=cfg.block_size, dtype=dtype, tp=spec.tp, pp=spec.pp,
+        devices=spec.devices, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        cpu_kv_cache_bytes=cfg.cpu_kv_cache_bytes)
+    host_blocks = 0
+    if spec.role != "prefill":
+        per_block = bytes_per_block(mc, cfg.block_size, dtype, 1, 1)
+        host_blocks = int(cfg.swap_space * (1 << 30) // per_block)
+    limits_p = BatchLimits(cfg.context_max_batch_size, cfg.context_max_tokens_per_batch)
+    limits_d = BatchLimits(cfg.decoding_max_batch_size, cfg.decoding_max_tokens_per_batch)
+    # The runner's token bound is its largest step: prompts, or a chunked step's budget.
+    limits = limits_d if spec.role in ("decode", "chunked") else limits_p
+
+    def params_for(shardings):
+        return load_params(model_dir or cfg.model, mc, dtype, load_format=cfg.load_format,
+                           seed=cfg.seed, shardings=shardings)
+
+    runner = ModelRunner(spec, mc, params_for, dtype=dtype, num_pages=num_blocks,
+                         page_size=cfg.block_size,
+                         attention=get_attention_backend(cfg.attention_backend),
+                         max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
+                         max_tokens_per_batch=limits.max_tokens_per_batch,
+                         max_blocks_per_request=cfg.max_num_blocks_per_req)
+    warm_up_runner(runner, spec.role, cfg)
+    blocks = BlockManager(num_blocks, cfg.block_size, host_blocks)
+    common = (spec.name, runner, blocks, mc.eos_token_id, kv_link, send)
+    share = cfg.decoding_waiting_share
+    if spec.role == "prefill":
+        return PrefillWorker(*common, limits=limits_p)
+    if spec.role == "decode":
+        return DecodeWorker(*common, limits=limits_d, waiting_share=share)
+    if spec.role == "colocated":
+        return ColocatedWorker(*common, prefill_limits=limits_p, decode_limits=limits_d,
+                               waiting_share=share)
+    return ChunkedWorker(*common, limits=limits_d, waiting_share=share)
+
+
+def _serve(plan, build: Callable, send, inbox, transfer_address=None) -> None:
+    """Build the worker, say ready (or why not), then run its loop until Shutdown."""
+    try:
+        worker = build()
+    except BaseException as e:  # noqa: BLE001 - report it to the engine instead of dying mute
+        log.exception("instance %s could not start", plan.name)
+        send(InstanceFailed(plan.name, f"could not start: {type(e).__name__}: {e}"))
+        return
+    send(InstanceReady(plan.name, plan.role, worker.blocks.num_total, worker.blocks.block_size,
+                       transfer_address))
+    worker.run(inbox)
+
+
+class ThreadHost:
+    """An instance as a thread of this process, on its own slice of this process's devices."""
+
+    def __init__(self, plan, config, model_config, model_dir, devices, router_put):
+        from dsjax.executor.kv_migration import LocalKVLink
+        self.name = plan.name
+        self.inbox: queue.Queue = queue.Queue()
+        self.worker = None
+
+        def build():
+            self.worker = build_worker(plan, config, model_config, model_dir, devices,
+                                       router_put, LocalKVLink())
+            return self.worker
+        self._thread = threading.Thread(target=_serve, name=f"dsjax-{plan.name}", daemon=True,
+                                        args=(plan, build, router_put, self.inbox))
+        self._thread.start()
+
+    def send(self, message) -> None:
+        self.inbox.put(message)
+
+    def stop(self) -> None:
+        self.inbox.put(Shutdown())
+        self._thread.join(timeout=STOP_TIMEOUT_S)
+
+
+def _process_main(plan, config, model_config, model_dir, env, cores, inbox, outbox) -> None:
+    """Entry point of an instance process: its own JAX runtime on its own devices."""
+    os.environ.update(env)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    import jax
+    # The spawned interpreter may have imported JAX (the parent's main module) before this
+    # ran: its platform choice must be set through the config, not the environment.
+    if "JAX_PLATFORMS" in env:
+        jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
+    precision = env.get("DSJAX_MATMUL_PRECISION")
+    if precision:
+        jax.config.update("jax_default_matmul_precision", precision)
+    from dsjax.executor.remote_kv import TransferServerKVLink
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s {plan.name}: %(message)s")
+    logging.getLogger("dsjax").setLevel(logging.INFO)
+    link = TransferServerKVLink(config.kv_transfer_host)
+    _serve(plan, lambda: build_worker(plan, config, model_config, model_dir, jax.devices(),
+                                      outbox.put, link),
+           outbox.put, inbox, link.address)
+
+
+def cpu_core_sets(num_instances: int) -> list[set[int] | None]:
+    """Disjoint sets of this process's allowed cores, one per instance (None when there are
+    fewer cores than instances: they then share)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < num_instances:
+        return [None] * num_instances
+    per = len(cores) // num_instances
+    return [set(cores[i * per:(i + 1) * per]) for i in range(num_instances)]
+
+
+class ProcessHost:
+    """An instance as an OS process (spawned, so it starts its own JAX runtime)."""
+
+    def __init__(self, plan, config, model_config, model_dir, platform: str, device_ids,
+                 cores, router_put):
+        import dataclasses
+        self.name = plan.name
+        self._router_put = router_put
+        ctx = multiprocessing.get_context("spawn")
+        self.inbox = ctx.Queue()
+        self._outbox = ctx.Queue()
+        env = child_environment(platform, device_ids, plan.num_devices)
+        local = dataclasses.replace(plan, device_ids=tuple(range(plan.num_devices)))
+        self.process = ctx.Process(target=_process_main, name=f"dsjax-{plan.name}", daemon=True,
+                                   args=(local, config, model_config, model_dir, env, cores,
+                                         self.inbox, self._outbox))
+        self.process.start()
+        self._stopping = False
+        self._forwarder = threading.Thread(target=self._forward, daemon=True,
+                                           name=f"dsjax-{plan.name}-out")
+        self._forwarder.start()
+
+    def _forward(self) -> None:
+        """The process's messages to the router; its death becomes an InstanceFailed."""
+        while True:
+            try:
+                msg = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.is_alive():
+                    continue
+                if not self._stopping:
+                    self._router_put(InstanceFailed(
+                        self.name, f"instance process exited (code {self.process.exitcode})"))
+                return
+            except (EOFError, OSError):
+                return
+            self._router_put(msg)
+
+    def send(self, message) -> None:
+        try:
+            self.inbox.put(message)
+        except (ValueError, OSError):   # the queue closed with a dead process
+            pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.send(Shutdown())
+        self.process.join(timeout=STOP_TIMEOUT_S)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=STOP_TIMEOUT_S)
+        self._forwarder.join(timeout=STOP_TIMEOUT_S)
+
+
+def child_environment(platform: str, device_ids, num_devices: int) -> dict:
+    """Environment of an instance process: which devices it may see, no memory grab beyond its
+    own, and the parent's matmul precision (tests ask for float32-exact matmuls)."""
+    env = {}
+    if platform == "cpu":
+        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
+        env["JAX_PLATFORMS"] = "cpu"
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in device_ids)
+    if "jax" in sys.modules:
+        precision = sys.modules["jax"].config.jax_default_matmul_precision
+        if precision:
+            env["DSJAX_MATMUL_PRECISION"] = str(precision)
+    return env
+
+
+def accelerator_count() -> tuple[str, int]:
+    """(platform, device count) for process hosts, without starting JAX in this process (it
+    would claim every GPU's memory): NVIDIA GPUs from the driver, else CPU."""
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        return "cpu", 0
+    gpus = "/proc/driver/nvidia/gpus"
+    if os.path.isdir(gpus) and os.listdir(gpus):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = len(visible.split(",")) if visible else len(os.listdir(gpus))
+        return "gpu", count
+    return "cpu", 0

@@ -1,0 +1,144 @@
+"""Every message between the engine and its instances. Plain, immutable, picklable data.
+
+Each request has one owner at a time: the prefill instance that holds it, then the decode
+instance that pulled it. Nobody else touches its state; they ask the owner by message.
+
+    caller ---AddRequest/AbortRequest---> engine router ---> instance inbox
+    instance ---Report (tokens, events, offers, failures, stats)---> engine router
+    prefill --Report.prefilled--> router --OfferMigration--> decode        (the decode instance
+    decode --ExportKV--> prefill --KVReady | KVRefused--> decode            pulls when it has room)
+
+Peer messages (ExportKV, KVReady, KVRefused) travel as `PeerMessage(dest, ...)` through the
+router, which forwards them and so always knows where each request lives.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dsjax.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSpec:
+    """What an instance needs to run a request."""
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+
+
+# ---- engine -> instance -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    spec: RequestSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequest:
+    """Drop the request and free what it holds here (an abort, a stop string, a failure)."""
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationOffer:
+    """A prefilled request whose KV waits in `source`'s pages for a decode instance."""
+    spec: RequestSpec
+    output_token_ids: tuple[int, ...]
+    source: str
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return len(self.spec.prompt_token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfferMigration:
+    offer: MigrationOffer
+
+
+@dataclasses.dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---- instance <-> instance (through the router) -------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ExportKV:
+    """decode -> prefill: send me this request's pages (I have allocated room for them)."""
+    request_id: str
+    dest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class KVReady:
+    """prefill -> decode: the pages, exported (the prefill side has freed its own copy)."""
+    request_id: str
+    payload: Any   # transport-specific: device arrays in one process, a transfer id across
+
+
+@dataclasses.dataclass(frozen=True)
+class KVRefused:
+    """prefill (or the router, for a dead instance) -> decode: the request is gone."""
+    request_id: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerMessage:
+    dest: str
+    message: Any
+
+
+# ---- instance -> engine -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TokenUpdate:
+    request_id: str
+    token_id: int
+    logprobs: dict[int, float] | None   # the chosen token's and the top-N, when asked for
+    timestamp: float
+    finish_reason: str | None           # set on the request's last token ("stop" | "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class LifetimeEvent:
+    request_id: str
+    event_type: str
+    timestamp: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestFailed:
+    request_id: str
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """One loop iteration's news from an instance (one queue operation per step)."""
+    instance: str
+    tokens: tuple[TokenUpdate, ...] = ()
+    events: tuple[LifetimeEvent, ...] = ()
+    prefilled: tuple[MigrationOffer, ...] = ()
+    failed: tuple[RequestFailed, ...] = ()
+    migrations: tuple[tuple[int, float], ...] = ()   # (bytes, seconds) of finished pulls
+    stats: dict | None = None                        # a fresh snapshot when anything changed
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceReady:
+    instance: str
+    role: str
+    num_blocks: int          # device KV pages
+    block_size: int
+    transfer_address: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceFailed:
+    """A device or runtime fault: the instance has stopped and failed its own requests."""
+    instance: str
+    error: str

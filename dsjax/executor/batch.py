@@ -1,0 +1,48 @@
+"""Plain descriptions of one step's work: what the runner is fed instead of live requests.
+
+The engine's workers build these from the requests they own; the profiler, replay warm-up and
+benchmarks build them directly. They hold only immutable data (token ids, positions, page ids,
+sampling rows), so a step can never observe a request changing under it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from dsjax.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """How to sample one row: the request's parameters, its seed and how many tokens it has
+    generated so far (which picks the row's random stream and the min_tokens eos ban)."""
+    params: SamplingParams
+    seed: int
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillRow:
+    """A whole prompt, written to `block_table`'s pages from position 0."""
+    token_ids: tuple[int, ...]
+    block_table: tuple[int, ...]
+    sampling: SamplingRow
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeRow:
+    """One new token at `position` (the cached context is positions 0..position-1)."""
+    token_id: int
+    position: int
+    block_table: tuple[int, ...]
+    sampling: SamplingRow
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRow:
+    """Tokens continuing a cached sequence at positions start..start+len(token_ids)-1: a slice
+    of a prompt (chunked prefill) or a decode row's single newest token."""
+    token_ids: tuple[int, ...]
+    start: int
+    block_table: tuple[int, ...]
+    sampling: SamplingRow
+

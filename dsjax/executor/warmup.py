@@ -1,0 +1,92 @@
+"""Compile, before an instance serves, the step programs a configured workload can reach.
+
+A compile takes ~0.5 s on a CPU (tens of seconds for a large model on an accelerator); without
+this it would land in some request's TTFT or TPOT. The workload is described by EngineConfig's
+warmup_* settings: prompts up to `warmup_max_prompt_len` tokens, decode contexts up to
+`warmup_max_context_len`, up to `warmup_max_prefill_batch` prompts per prefill step and
+`warmup_max_decode_batch` rows per decode step. Greedy and plain-temperature sampling are
+compiled (top-k/top-p and logprobs variants compile on first use). Runs on the instance's own
+thread or process, on pages nothing holds yet.
+"""
+from __future__ import annotations
+
+from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
+from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket
+from dsjax.sampling_params import SamplingParams
+
+WARMUP_SAMPLING = (SamplingParams(temperature=0.0, max_tokens=1),
+                   SamplingParams(temperature=1.0, max_tokens=1))
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    """Buckets from bucket(lo) up to bucket(hi)."""
+    out, b = [], bucket(lo)
+    while b <= bucket(hi):
+        out.append(b)
+        b *= 2
+    return out
+
+
+def _tables(runner, lengths):
+    """Disjoint page lists for rows of these token counts (wrapping around the pool)."""
+    at, out = 0, []
+    for n in lengths:
+        k = -(-n // runner.page_size)
+        out.append(tuple((at + j) % runner.num_pages for j in range(k)))
+        at += k
+    return out
+
+
+def prefill_shapes(runner, max_prompt: int, max_batch: int) -> list[list[int]]:
+    """Prompt lengths of one batch per (token bucket, batch bucket) the workload reaches."""
+    max_prompt = min(max_prompt, runner.max_blocks_per_request * runner.page_size)
+    max_tokens = min(runner.max_tokens_per_batch, max_batch * max_prompt)
+    shapes = []
+    for b in powers_of_two(1, min(max_batch, runner.max_batch_size)):
+        for t in powers_of_two(max(MIN_TOKEN_BUCKET, b), max_tokens):
+            if t // 2 >= b * max_prompt:   # not even half this bucket fits b prompts
+                continue
+            n = min(t, b * max_prompt)
+            shapes.append([n // b + (1 if i < n % b else 0) for i in range(b)])
+    return shapes
+
+
+def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, int]]:
+    """(batch, context) per (batch bucket, block-table bucket) the workload reaches."""
+    max_width = min(-(-max_context // runner.page_size), runner.max_blocks_per_request)
+    return [(b, w * runner.page_size)
+            for b in powers_of_two(8, min(max_batch, runner.max_batch_size))
+            for w in powers_of_two(1, max_width)]
+
+
+def warm_up_runner(runner, role: str, config) -> int:
+    """Run every step shape of the configured workload once per sampling variant; returns
+    the number of steps run (0 when warm-up is off)."""
+    max_prompt = config.warmup_max_prompt_len
+    if max_prompt <= 0:
+        return 0
+    max_context = max(config.warmup_max_context_len, max_prompt + 1)
+    steps = 0
+    for params in WARMUP_SAMPLING:
+        row = SamplingRow(params, 0, 0)
+        if role in ("prefill", "colocated"):
+            for lengths in prefill_shapes(runner, max_prompt, config.warmup_max_prefill_batch):
+                runner.prefill([PrefillRow((5,) * n, t, row)
+                                for n, t in zip(lengths, _tables(runner, lengths))])
+                steps += 1
+        if role in ("decode", "colocated"):
+            for b, n in decode_shapes(runner, max_context, config.warmup_max_decode_batch):
+                runner.decode([DecodeRow(5, n - 1, t, row) for t in _tables(runner, [n] * b)])
+                steps += 1
+        if role == "chunked":
+            budget = runner.max_tokens_per_batch
+            for lengths in prefill_shapes(runner, min(max_prompt, budget),
+                                          config.warmup_max_prefill_batch):
+                tables = _tables(runner, [max_context] * len(lengths))
+                runner.chunked([ChunkRow((5,) * n, 0, t, row) for n, t in zip(lengths, tables)])
+                steps += 1
+            for b, n in decode_shapes(runner, max_context, config.warmup_max_decode_batch):
+                runner.chunked([ChunkRow((5,), n - 1, t, row)
+                                for t in _tables(runner, [n] * b)])
+                steps += 1
+    return steps
