@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature (0 = greedy; see docs/validation.md)")
     p.add_argument("--modes", nargs="+", default=["disaggregated", "colocated"])
+    p.add_argument("--backend", choices=["uni", "mp"], default="mp",
+                   help="executor backend: mp gives each instance its own cores, so prefill and "
+                        "decode do not share them as the simulator assumes they do not")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
     from dsjax.engine.core import Engine
     from dsjax.eval.profiler import Grid, run_profile
     from dsjax.eval.latency_model import load_profile
-    from dsjax.eval.replay import arrival_offsets, replay, warm_up
+    from dsjax.eval.replay import arrival_offsets, replay
     from dsjax.eval.results import attainment
     from dsjax.eval.simulator import Cluster, Parallelism, SimConfig
 
@@ -131,18 +134,18 @@ def main(argv=None) -> int:
                   decoding_max_batch_size=256)
     rows, step_ratios = [], {}
     for mode in args.modes:
-        engine = Engine(EngineConfig(model=args.model, load_format="dummy", dtype=args.dtype,
-                                     mode=mode, block_size=block_size, num_blocks=num_blocks,
-                                     max_num_blocks_per_req=64, **limits))
+        # The engine compiles the shape buckets this workload reaches before it is ready.
+        t = time.perf_counter()
+        engine = Engine(EngineConfig(
+            model=args.model, load_format="dummy", dtype=args.dtype, mode=mode,
+            block_size=block_size, num_blocks=num_blocks, max_num_blocks_per_req=64,
+            distributed_executor_backend=args.backend,
+            warmup_max_prompt_len=max(r.prompt_len for r in reqs),
+            warmup_max_context_len=max(r.prompt_len + r.output_len for r in reqs),
+            warmup_max_prefill_batch=32, warmup_max_decode_batch=64, **limits))
         try:
-            # Warm-up: compile the shape buckets this workload reaches (not measured).
-            t = time.perf_counter()
-            n_steps = warm_up(engine, max(r.prompt_len for r in reqs),
-                              max(r.prompt_len + r.output_len for r in reqs),
-                              max_prefill_batch=32, max_decode_batch=64,
-                              temperature=args.temperature)
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
-            print(f"== {mode}: warm-up {time.perf_counter() - t:.1f} s ({n_steps} shapes)")
+            print(f"== {mode}: ready and warm in {time.perf_counter() - t:.1f} s")
             def sim_config(link_bps):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],

@@ -42,6 +42,9 @@ class EngineConfig:
     # process each with its own devices (KV over JAX transfer servers bound to kv_transfer_host).
     distributed_executor_backend: str = "uni"
     kv_transfer_host: str = "127.0.0.1"
+    # JAX's persistent compilation cache, so a restart does not compile again: "auto" is
+    # $XDG_CACHE_HOME/dsjax/jax (~/.cache/dsjax/jax), "" turns it off, else a directory.
+    compilation_cache_dir: str = "auto"
     # Compile the step programs of this workload before serving (0 = compile on first use).
     warmup_max_prompt_len: int = 0
     warmup_max_context_len: int = 0      # 0: the prompt length + 1

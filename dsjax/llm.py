@@ -25,7 +25,7 @@ class LLM:
     (context_tensor_parallel_size, decoding_pipeline_parallel_size, num_prefill_instances, ...).
     """
 
-    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "bfloat16",
+    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
                  load_format: str = "auto", seed: int = 0, devices=None, **engine_kwargs):
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)

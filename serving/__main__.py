@@ -6,6 +6,7 @@ virtual devices can be asked for in XLA_FLAGS first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -17,27 +18,11 @@ from serving.launcher_config import (DEFAULT_CPU_DEVICES, ServerOptions, devices
                                      parse_launcher_args, xla_flags_with_cpu_devices)
 
 log = logging.getLogger("serving")
-WARMUP_TIMEOUT_S = 600
 
 
 def configure_logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def warm_up(engine) -> None:
-    """Tiny requests through every phase, greedy and sampled, so that the first clients do not
-    pay for compiling those paths."""
-    from dsjax.sampling_params import SamplingParams
-    started = time.perf_counter()
-    bos = engine.model_config.bos_token_id
-    streams = [engine.add_request([bos, bos], SamplingParams(max_tokens=2, temperature=t,
-                                                             ignore_eos=True),
-                                  request_id=f"warmup-{i}")
-               for i, t in enumerate((0.0, 1.0))]
-    for stream in streams:
-        stream.result(timeout=WARMUP_TIMEOUT_S)
-    log.info("warm-up request done in %.1f s", time.perf_counter() - started)
 
 
 async def serve(engine, options: ServerOptions) -> None:
@@ -68,16 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["XLA_FLAGS"] = xla_flags_with_cpu_devices(
         os.environ.get("XLA_FLAGS", ""), max(DEFAULT_CPU_DEVICES, devices_needed(config)))
     from dsjax.engine.core import Engine  # imports JAX: after XLA_FLAGS is final
+    if not options.warmup:
+        config = dataclasses.replace(config, warmup_max_prompt_len=0)
     started = time.perf_counter()
     try:
-        engine = Engine(config)
+        engine = Engine(config)   # compiles the configured workload's programs before ready
     except KeyboardInterrupt:
         return 0
     log.info("engine ready in %.1f s: %s", time.perf_counter() - started,
              ", ".join(f"{s['instance']} ({s['blocks_total']} KV blocks)" for s in engine.stats()))
     try:
-        if options.warmup:
-            warm_up(engine)
         asyncio.run(serve(engine, options))
     except KeyboardInterrupt:
         log.info("interrupted before serving")

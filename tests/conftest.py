@@ -1,5 +1,6 @@
 """Tests run on CPU with 8 virtual devices; this must happen before JAX initialises."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -9,6 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One compilation cache for the session: engines of the same model and shapes (many tests build
+# them) compile each program once. A fresh directory keeps runs independent of each other.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dsjax-tests-xla-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 
 from dsjax import LLM, SamplingParams
 from tests._engine_helpers import wait_idle
-from tests._hf_helpers import make_hf_opt, save_safetensors
+from tests._hf_helpers import hf_greedy, make_hf_opt, save_safetensors
 
 PROMPTS = [[2, 17, 300, 45, 9], [2, 800], [2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
 MAX_TOKENS = 8
@@ -21,17 +21,10 @@ def hf_model():
 @pytest.fixture(scope="module")
 def llm(hf_model, tmp_path_factory):
     model_dir = save_safetensors(hf_model, tmp_path_factory.mktemp("llm") / "opt")
-    llm = LLM(str(model_dir), dtype="float32", block_size=4, num_blocks=64,
+    llm = LLM(str(model_dir), block_size=4, num_blocks=64,   # dtype "auto": float32 on CPU
               decoding_tensor_parallel_size=2)
     yield llm
     llm.shutdown()
-
-
-def hf_greedy(hf_model, prompt, n):
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                                min_new_tokens=n, pad_token_id=1)
-    return out[0, len(prompt):].tolist()
 
 
 def test_greedy_matches_transformers_in_input_order(llm, hf_model):

@@ -274,3 +274,20 @@ def test_eos_is_banned_before_min_tokens(mode):
     assert out.tokens[0] != 7          # 0 generated < min_tokens: eos may not end it
     assert out.tokens[1] == 7          # min_tokens reached
     assert out.tokens[2] == 7          # ignore_eos: eos is an ordinary token
+
+
+@pytest.mark.parametrize("params, mode", [
+    ([SamplingParams(temperature=0)] * 3, "greedy"),
+    ([SamplingParams(temperature=0), SamplingParams(temperature=0.7)] * 2, "temperature"),
+    ([SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.0, top_p=0.5),
+      SamplingParams(temperature=0)], "mixed"),
+])
+def test_auto_mode_takes_the_batchs_cheapest_exact_path(params, mode):
+    """The engine compiles one program ("auto") that branches at run time; each branch must be
+    the explicit mode the batch needs (the explicit modes are checked statistically above)."""
+    logits = ranked_logits(len(params), rng_seed=5)
+    st = tensors(params, seeds=list(range(len(params))), steps=[2] * len(params))
+    auto = jit_sample(logits, st, num_logprobs=NUM_LOGPROBS, mode="auto")
+    explicit = jit_sample(logits, st, num_logprobs=NUM_LOGPROBS, mode=mode)
+    np.testing.assert_array_equal(auto.tokens, explicit.tokens)
+    np.testing.assert_allclose(auto.logprob, explicit.logprob)

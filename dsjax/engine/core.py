@@ -24,7 +24,7 @@ from typing import Callable
 from dsjax.config import EngineConfig
 from dsjax.engine.delivery import TrackedRequest
 from dsjax.engine.instance_hosts import (ProcessHost, ThreadHost, accelerator_count,
-                                         cpu_core_sets)
+                                         configure_jax, cpu_core_sets)
 from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed,
                                    InstanceReady, KVReady, KVRefused, OfferMigration, PeerMessage,
                                    Report, RequestSpec)
@@ -204,6 +204,7 @@ class Engine:
                 self.instances[plan.name] = _Instance(plan.name, plan.role, host)
         else:
             import jax
+            configure_jax(cfg)
             default = devices is None
             devices = list(jax.devices() if default else devices)
             plans = plan_placement(cfg.mode, len(devices), allow_shared_device=default,

@@ -34,6 +34,25 @@ def resolve_dtype(dtype: str, devices) -> str:
     return "float32" if devices[0].platform == "cpu" else "bfloat16"
 
 
+def compilation_cache_path(setting: str) -> str | None:
+    if not setting:
+        return None
+    if setting != "auto":
+        return os.path.expanduser(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "dsjax", "jax")
+
+
+def configure_jax(config) -> None:
+    """Process-wide JAX settings an engine needs: the persistent compilation cache (unless the
+    user set one up already), caching every program however quick its compile."""
+    import jax
+    path = compilation_cache_path(config.compilation_cache_dir)
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
     """The worker of one instance on `devices` (the devices its process sees): runner with its
     params and page pool, block tables, scheduler; its programs compiled before it serves."""
@@ -140,6 +159,9 @@ def _process_main(plan, config, model_config, model_dir, env, cores, inbox, outb
     precision = env.get("DSJAX_MATMUL_PRECISION")
     if precision:
         jax.config.update("jax_default_matmul_precision", precision)
+    if env.get("DSJAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", env["DSJAX_COMPILATION_CACHE_DIR"])
+    configure_jax(config)
     from dsjax.executor.remote_kv import TransferServerKVLink
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s %(levelname)s {plan.name}: %(message)s")
@@ -215,8 +237,9 @@ class ProcessHost:
 
 
 def child_environment(platform: str, device_ids, num_devices: int) -> dict:
-    """Environment of an instance process: which devices it may see, no memory grab beyond its
-    own, and the parent's matmul precision (tests ask for float32-exact matmuls)."""
+    """Environment of an instance process: which devices it may see, and the parent's JAX
+    settings that must carry over (tests ask for float32-exact matmuls and their own
+    compilation cache)."""
     env = {}
     if platform == "cpu":
         flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -226,9 +249,11 @@ def child_environment(platform: str, device_ids, num_devices: int) -> dict:
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in device_ids)
     if "jax" in sys.modules:
-        precision = sys.modules["jax"].config.jax_default_matmul_precision
-        if precision:
-            env["DSJAX_MATMUL_PRECISION"] = str(precision)
+        jax_config = sys.modules["jax"].config
+        if jax_config.jax_default_matmul_precision:
+            env["DSJAX_MATMUL_PRECISION"] = str(jax_config.jax_default_matmul_precision)
+        if jax_config.jax_compilation_cache_dir:
+            env["DSJAX_COMPILATION_CACHE_DIR"] = str(jax_config.jax_compilation_cache_dir)
     return env
 
 

@@ -6,7 +6,8 @@ runs the stages one after another per micro-batch (JAX dispatches asynchronously
 micro-batch i+1 overlaps stage s+1 of micro-batch i), and samples on the last stage.
 
 Bucket bound (docs/design.md): prefill programs <= |token buckets| x |sequence buckets|, decode
-programs <= |batch buckets| x |block-table buckets|, each x 2 sampling modes x 2 logprob settings.
+programs <= |batch buckets| x |block-table buckets|, each x 2 logprob settings (the sampler
+chooses greedy, temperature or filtered sampling at run time inside one program).
 """
 from __future__ import annotations
 
@@ -208,17 +209,11 @@ class ModelRunner:
 
     @staticmethod
     def _sampling_args(rows) -> tuple[int, str]:
-        params = [r.sampling.params for r in rows]
         # Top-N ids are computed only when some row asks for N >= 1 (logprobs=0 needs only the
-        # chosen token's log-probability, which every step returns).
-        nlp = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-        if all(p.temperature == 0 for p in params):
-            smode = "greedy"
-        elif all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):
-            smode = "temperature"  # no filtering anywhere: no sort of the vocabulary
-        else:
-            smode = "mixed"
-        return nlp, smode
+        # chosen token's log-probability, which every step returns). The sampler picks greedy,
+        # temperature or filtered sampling at run time: one program per shape.
+        nlp = MAX_LOGPROBS if any(r.sampling.params.logprobs for r in rows) else 0
+        return nlp, "auto"
 
     def _sampling(self, rows, pad_to):
         return build_sampling_tensors([r.sampling.params for r in rows],

@@ -14,7 +14,7 @@ import numpy as np
 
 from dsjax.sampling_params import SamplingParams
 
-SAMPLING_MODES = ("greedy", "temperature", "mixed")
+SAMPLING_MODES = ("greedy", "temperature", "mixed", "auto")
 
 
 @flax.struct.dataclass
@@ -118,7 +118,9 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0,
     softmax(logits / temperature) with no top-k / top-p anywhere in the batch (no sort).
     mode "mixed": each row follows its own temperature / top-k / top-p (one sort). Rows with
     temperature 0 get exactly the argmax in every mode, and a seeded row draws the same token
-    in "temperature" and "mixed" mode.
+    in "temperature" and "mixed" mode. mode "auto" is one program that picks the cheapest of
+    the three at run time from the batch's rows (what the engine compiles: one program per
+    shape instead of three).
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
@@ -129,7 +131,17 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0,
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     sorted_ids = None
-    if mode == "greedy":
+    if mode == "auto":
+        def drawn(filtered: bool):
+            keep = _top_k_top_p_mask(logits, st)[0] if filtered else None
+            return jnp.where(st.temperature > 0, _gumbel_pick(logits, keep, st),
+                             greedy_tokens).astype(jnp.int32)
+        sampling = st.temperature > 0
+        filtering = jnp.any(sampling & ((st.top_k > 0) | (st.top_p < 1.0)))
+        branch = jnp.where(jnp.any(sampling), jnp.where(filtering, 2, 1), 0)
+        tokens = jax.lax.switch(branch, [lambda: greedy_tokens, lambda: drawn(False),
+                                         lambda: drawn(True)])
+    elif mode == "greedy":
         tokens = greedy_tokens
     else:
         keep = None

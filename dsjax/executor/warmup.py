@@ -4,9 +4,9 @@ A compile takes ~0.5 s on a CPU (tens of seconds for a large model on an acceler
 this it would land in some request's TTFT or TPOT. The workload is described by EngineConfig's
 warmup_* settings: prompts up to `warmup_max_prompt_len` tokens, decode contexts up to
 `warmup_max_context_len`, up to `warmup_max_prefill_batch` prompts per prefill step and
-`warmup_max_decode_batch` rows per decode step. Greedy and plain-temperature sampling are
-compiled (top-k/top-p and logprobs variants compile on first use). Runs on the instance's own
-thread or process, on pages nothing holds yet.
+`warmup_max_decode_batch` rows per decode step. One program per shape serves every sampling
+setting; the variant that returns top-N logprobs compiles on first use. Runs on the instance's
+own thread or process, on pages nothing holds yet.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket
 from dsjax.sampling_params import SamplingParams
 
-WARMUP_SAMPLING = (SamplingParams(temperature=0.0, max_tokens=1),
-                   SamplingParams(temperature=1.0, max_tokens=1))
+WARMUP_SAMPLING = SamplingRow(SamplingParams(temperature=1.0, max_tokens=1), 0, 0)
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -60,33 +59,32 @@ def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, i
 
 
 def warm_up_runner(runner, role: str, config) -> int:
-    """Run every step shape of the configured workload once per sampling variant; returns
-    the number of steps run (0 when warm-up is off)."""
+    """Run every step shape of the configured workload once; returns the number of steps run
+    (0 when warm-up is off)."""
     max_prompt = config.warmup_max_prompt_len
     if max_prompt <= 0:
         return 0
     max_context = max(config.warmup_max_context_len, max_prompt + 1)
-    steps = 0
-    for params in WARMUP_SAMPLING:
-        row = SamplingRow(params, 0, 0)
-        if role in ("prefill", "colocated"):
-            for lengths in prefill_shapes(runner, max_prompt, config.warmup_max_prefill_batch):
-                runner.prefill([PrefillRow((5,) * n, t, row)
-                                for n, t in zip(lengths, _tables(runner, lengths))])
-                steps += 1
-        if role in ("decode", "colocated"):
-            for b, n in decode_shapes(runner, max_context, config.warmup_max_decode_batch):
-                runner.decode([DecodeRow(5, n - 1, t, row) for t in _tables(runner, [n] * b)])
-                steps += 1
-        if role == "chunked":
-            budget = runner.max_tokens_per_batch
-            for lengths in prefill_shapes(runner, min(max_prompt, budget),
-                                          config.warmup_max_prefill_batch):
-                tables = _tables(runner, [max_context] * len(lengths))
-                runner.chunked([ChunkRow((5,) * n, 0, t, row) for n, t in zip(lengths, tables)])
-                steps += 1
-            for b, n in decode_shapes(runner, max_context, config.warmup_max_decode_batch):
-                runner.chunked([ChunkRow((5,), n - 1, t, row)
-                                for t in _tables(runner, [n] * b)])
-                steps += 1
+    prompts = prefill_shapes(runner, max_prompt if role != "chunked" else
+                             min(max_prompt, runner.max_tokens_per_batch),
+                             config.warmup_max_prefill_batch)
+    decodes = decode_shapes(runner, max_context, config.warmup_max_decode_batch)
+    row, steps = WARMUP_SAMPLING, 0
+    if role in ("prefill", "colocated"):
+        for lengths in prompts:
+            runner.prefill([PrefillRow((5,) * n, t, row)
+                            for n, t in zip(lengths, _tables(runner, lengths))])
+            steps += 1
+    if role in ("decode", "colocated"):
+        for b, n in decodes:
+            runner.decode([DecodeRow(5, n - 1, t, row) for t in _tables(runner, [n] * b)])
+            steps += 1
+    if role == "chunked":
+        for lengths in prompts:
+            tables = _tables(runner, [max_context] * len(lengths))
+            runner.chunked([ChunkRow((5,) * n, 0, t, row) for n, t in zip(lengths, tables)])
+            steps += 1
+        for b, n in decodes:
+            runner.chunked([ChunkRow((5,), n - 1, t, row) for t in _tables(runner, [n] * b)])
+            steps += 1
     return steps
