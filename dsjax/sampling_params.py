@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 MAX_LOGPROBS = 20
 INT32_LIMIT = 2 ** 31  # token ids and top_k travel to the device as int32
+MAX_SAMPLES = 64        # n and best_of: sequences decoded from one prompt
+MAX_LOGIT_BIAS = 300    # entries, as OpenAI caps it
+LOGIT_BIAS_RANGE = 100.0
 
 
 def _unsupported(feature: str, fix: str) -> ValueError:
@@ -18,7 +23,14 @@ class SamplingParams:
     temperature 0 means greedy; top_k -1 or 0 and top_p 1 switch those filters off.
     logprobs=N returns, per generated token, the chosen token's log-probability and the
     N most likely tokens' ones, taken from the model's raw distribution (before
-    temperature, top-k and top-p).
+    penalties, temperature, top-k and top-p). prompt_logprobs=N does the same for every
+    prompt token after the first (OpenAI's `echo` with logprobs).
+
+    n sequences are returned, chosen among best_of (>= n) sampled from one prefill: they share
+    the prompt's KV pages. With best_of > n the n of highest cumulative log-probability win.
+    Penalties follow vLLM: presence/frequency subtract from the logits of tokens generated so
+    far (once / per occurrence), repetition divides positive and multiplies negative logits of
+    tokens in the prompt or the output; logit_bias adds to the given tokens' logits first.
     """
     n: int = 1
     best_of: int | None = None
@@ -34,6 +46,9 @@ class SamplingParams:
     logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
+    prompt_logprobs: int | None = None
     use_beam_search: bool = False
     skip_special_tokens: bool = True
 
@@ -46,18 +61,40 @@ class SamplingParams:
             stop = (stop,)
         object.__setattr__(self, "stop", tuple(stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else \
+            (self.logit_bias or ())
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in bias)))
         self._validate()
 
     def _validate(self) -> None:
-        if self.n != 1:
-            raise _unsupported(f"n={self.n}", "send n separate requests with n=1")
-        if self.best_of is not None and self.best_of > 1:
-            raise _unsupported(f"best_of={self.best_of}", "leave best_of unset or 1")
+        if not 1 <= self.n <= MAX_SAMPLES:
+            raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {self.n}")
+        if self.best_of is not None and not self.n <= self.best_of <= MAX_SAMPLES:
+            raise ValueError(f"best_of must be in [n={self.n}, {MAX_SAMPLES}], got {self.best_of}")
         if self.use_beam_search:
             raise _unsupported("use_beam_search=True", "use sampling or greedy (temperature=0)")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise _unsupported(f"{name}={getattr(self, name)}", f"set {name}=0")
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2] (1 = off), got "
+                             f"{self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias holds {len(self.logit_bias)} entries; at most "
+                             f"{MAX_LOGIT_BIAS}")
+        for token, bias in self.logit_bias:
+            if not 0 <= token < INT32_LIMIT:
+                raise ValueError(f"logit_bias token id {token} is not a valid token id")
+            if not (math.isfinite(bias) and -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE):
+                raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got "
+                                 f"{bias}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be None or in [0, {MAX_LOGPROBS}], got "
+                             f"{self.prompt_logprobs}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -80,3 +117,14 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences decoded from the prompt (best_of, or n)."""
+        return self.best_of or self.n
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the sampler needs this request's token history or bias."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or
+                    self.repetition_penalty != 1.0)

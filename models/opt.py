@@ -101,6 +101,7 @@ class OPTModel(nn.Module):
       kv_cache: (k, v), each [layers_of_this_stage, pages, page_size, heads, head_dim]
       outputs: float32 logits [B, vocab] of the rows selected by the metadata (each prompt's
                last token, or every decode row) on the last stage, else hidden states [T, hidden].
+               With all_logits, a prefill's last stage returns every token's logits [T, vocab].
     """
     config: OPTConfig
     attention: AttentionBackend
@@ -110,6 +111,7 @@ class OPTModel(nn.Module):
     last_stage: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    all_logits: bool = False  # prefill: logits of every token (prompt log-probabilities)
 
     def setup(self):
         cfg = self.config
@@ -151,7 +153,7 @@ class OPTModel(nn.Module):
                                                jnp.arange(self._num_layers), meta)
         if not self.last_stage:
             return x, (k_cache, v_cache)
-        if self.mode != "decode":
+        if self.mode != "decode" and not self.all_logits:
             x = x[meta.last_token_idx]
         if self.config.has_final_layer_norm:
             x = self.final_layer_norm(x)

@@ -48,7 +48,10 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    """Per-instance block tables: device blocks for resident requests, host blocks for swapped ones."""
+    """Per-instance block tables: device blocks for resident requests, host blocks for swapped ones.
+
+    Sequences forked from one prompt (n, best_of) share the prompt's full blocks; `shared`
+    counts the extra holders of such a block, which is freed when its last holder lets go."""
 
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0):
         self.block_size = block_size
@@ -56,6 +59,7 @@ class BlockManager:
         self.host = BlockAllocator(num_host_blocks) if num_host_blocks > 0 else None
         self.tables: dict[str, list[int]] = {}
         self.host_tables: dict[str, list[int]] = {}
+        self.shared: dict[int, int] = {}   # device block -> holders beyond the first
 
     @property
     def num_total(self) -> int:
@@ -85,36 +89,83 @@ class BlockManager:
         self.tables[request_id] = table
         return table
 
-    def extra_blocks_for(self, request_id: str, num_tokens: int) -> int:
-        """Blocks to add so that `num_tokens` tokens fit in the request's table."""
-        return max(0, self.blocks_needed(num_tokens) - len(self.tables[request_id]))
-
     def grow(self, request_id: str, num_tokens: int) -> bool:
         """Extend the table to hold num_tokens; False (and nothing allocated) if blocks run out."""
-        extra = self.extra_blocks_for(request_id, num_tokens)
+        extra = max(0, self.blocks_needed(num_tokens) - len(self.tables[request_id]))
         if extra > self.device.num_free:
             return False
         if extra:
             self.tables[request_id].extend(self.device.allocate(extra))
         return True
 
+    def _release_device(self, blocks: list[int]) -> None:
+        for b in blocks:
+            extra = self.shared.get(b, 0)
+            if extra > 1:
+                self.shared[b] = extra - 1
+            elif extra == 1:
+                del self.shared[b]
+            else:
+                self.device.free([b])
+
     def free(self, request_id: str) -> list[int]:
         """Release everything the request holds (device and host); returns its device blocks."""
         table = self.tables.pop(request_id, [])
-        self.device.free(table)
+        self._release_device(table)
         host = self.host_tables.pop(request_id, None)
         if host is not None:
             self.host.free(host)
         return table
 
+    def fork(self, parent_id: str, child_ids: list[str]) -> None:
+        """Hand the parent's table to several children that share every block; a child that
+        writes into a shared block gets its own copy first (prepare_write)."""
+        table = self.tables.pop(parent_id)
+        for child in child_ids:
+            self.tables[child] = list(table)
+        for b in table:
+            self.shared[b] = self.shared.get(b, 0) + len(child_ids) - 1
+            if not self.shared[b]:
+                del self.shared[b]
+
+    def _write_block(self, request_id: str, num_tokens: int) -> int | None:
+        """Index in the table of the block that the token at num_tokens-1 is written to, if
+        that block is shared (it must be copied before the write), else None."""
+        table = self.tables[request_id]
+        at = (num_tokens - 1) // self.block_size
+        return at if at < len(table) and table[at] in self.shared else None
+
+    def extra_blocks_for(self, request_id: str, num_tokens: int) -> int:
+        """Blocks to add so that `num_tokens` tokens fit and the newest one has a block of its
+        own to be written to."""
+        grow = max(0, self.blocks_needed(num_tokens) - len(self.tables[request_id]))
+        return grow + (self._write_block(request_id, num_tokens) is not None)
+
+    def prepare_write(self, request_id: str, num_tokens: int) -> tuple[bool, tuple | None]:
+        """Make room for num_tokens and give the request its own copy of the block its newest
+        token goes to (copy on write). All or nothing: (False, None) if blocks run out, else
+        (True, (source block, new block) to copy, or None)."""
+        if self.extra_blocks_for(request_id, num_tokens) > self.device.num_free:
+            return False, None
+        self.grow(request_id, num_tokens)
+        at = self._write_block(request_id, num_tokens)
+        if at is None:
+            return True, None
+        table = self.tables[request_id]
+        old, (new,) = table[at], self.device.allocate(1)
+        self._release_device([old])
+        table[at] = new
+        return True, (old, new)
+
     def can_swap_out(self, request_id: str) -> bool:
         return self.host is not None and len(self.tables[request_id]) <= self.host.num_free
 
     def swap_out(self, request_id: str) -> tuple[list[int], list[int]]:
-        """Move the request's table to host blocks; returns (device_blocks, host_blocks)."""
+        """Move the request's table to host blocks; returns (device_blocks, host_blocks).
+        Blocks it shares stay on the device for their other holders."""
         device_blocks = self.tables.pop(request_id)
         host_blocks = self.host.allocate(len(device_blocks))
-        self.device.free(device_blocks)
+        self._release_device(device_blocks)
         self.host_tables[request_id] = host_blocks
         return device_blocks, host_blocks
 

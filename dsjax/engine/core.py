@@ -253,6 +253,10 @@ class Engine:
         else:
             ids = [int(t) for t in prompt]
         self._validate(ids, params)
+        if stream and params.num_samples > params.n:
+            raise ValueError(f"best_of={params.best_of} > n={params.n} cannot be streamed: the "
+                             f"best sequences are known only at the end; set stream off or "
+                             f"best_of equal to n")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         handle = RequestStream(rid)
         with self._live_lock:
@@ -260,12 +264,16 @@ class Engine:
                 raise ValueError(f"request id {rid!r} is already in use")
             self._live.add(rid)
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        detok = (IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-                 if self.tokenizer is not None else None)
-        tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream, detok,
+        tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream,
+                                 self._detokenizer_factory(params),
                                  self.model_config.eos_token_id, arrival_time)
         self._inbox.put(_Add(tracked, RequestSpec(rid, tuple(ids), params, seed)))
         return handle
+
+    def _detokenizer_factory(self, params: SamplingParams):
+        if self.tokenizer is None:
+            return lambda: None
+        return lambda: IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
 
     def _check_serving(self) -> None:
         if self._stopped.is_set():
@@ -277,10 +285,12 @@ class Engine:
         mc, cfg = self.model_config, self.config
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < mc.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                             f"[0, {mc.vocab_size})")
+        for what, tokens in (("prompt token ids", ids),
+                             ("logit_bias token ids", [t for t, _ in params.logit_bias])):
+            bad = [t for t in tokens if not 0 <= t < mc.vocab_size]
+            if bad:
+                raise ValueError(f"{what} {bad[:5]} are outside the vocabulary "
+                                 f"[0, {mc.vocab_size})")
         total = len(ids) + params.max_tokens
         if total > mc.max_position_embeddings:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -291,6 +301,10 @@ class Engine:
         if blocks > cfg.max_num_blocks_per_req:
             raise ValueError(f"request needs {blocks} KV blocks of {cfg.block_size} tokens, over "
                              f"max_num_blocks_per_req={cfg.max_num_blocks_per_req}")
+        if cfg.mode == "chunked" and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs (echo with logprobs) is not supported in chunked "
+                             "mode: the prompt is scored in pieces; use disaggregated or "
+                             "colocated mode")
         if cfg.mode != "chunked" and len(ids) > cfg.context_max_tokens_per_batch:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds context_max_tokens_per_batch="
                              f"{cfg.context_max_tokens_per_batch}")
@@ -377,6 +391,10 @@ class Engine:
             tracked = self._tracked.get(event.request_id)
             if tracked is not None:
                 tracked.add_event(event.event_type, event.timestamp)
+        for rid, entries in report.prompt_logprobs:
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                tracked.prompt_logprobs = [None, *entries]
         by_request: dict[str, list] = {}
         for update in report.tokens:
             by_request.setdefault(update.request_id, []).append(update)
@@ -385,10 +403,13 @@ class Engine:
             if tracked is None:
                 continue
             self._first_token(tracked, inst)
-            if tracked.add_tokens(updates):
-                self._end(tracked, drop_from=tracked.location)   # a stop string ended it
-            elif tracked.finished:
-                self._end(tracked)
+            stopped = tracked.add_tokens(updates)
+            if tracked.finished:   # instances drop what a stop string ended; they freed the rest
+                self._end(tracked, drop_from=tracked.location if stopped else ())
+            else:
+                for index in stopped:
+                    for name in tracked.location:
+                        self.instances[name].host.send(AbortRequest(rid, index))
         for offer in report.prefilled:
             self._on_prefilled(offer, inst)
         for failure in report.failed:
@@ -400,6 +421,7 @@ class Engine:
                     f"{failure.error}"))
 
     def _first_token(self, tracked: TrackedRequest, inst: _Instance) -> None:
+        """The prompt left the admission queue (its first token came)."""
         if not tracked.queued:
             return
         tracked.queued = False
@@ -427,6 +449,10 @@ class Engine:
         tracked = self._tracked.get(msg.request_id)
         if isinstance(msg, KVReady) and tracked is not None:
             tracked.location = {peer.dest}    # the prefill side let go of its pages
+        elif isinstance(msg, KVRefused) and tracked is not None:
+            # A live request whose KV cannot be had is lost: fail it rather than let it hang.
+            self._fail(tracked, EngineError(f"request {msg.request_id} lost its KV cache: "
+                                            f"{msg.reason}"))
         if dest is not None and dest.alive:
             dest.host.send(msg)
         elif isinstance(msg, ExportKV):       # its prefill instance is gone: tell the puller

@@ -2,7 +2,8 @@
 lifetime events, and the outputs handed to the caller's stream or callback.
 
 Only the engine's router thread touches a TrackedRequest. Instances own the request's
-scheduling state; this is the caller-facing copy built from their messages.
+scheduling state; this is the caller-facing copy built from their messages. A request with
+n / best_of > 1 has one SequenceState per sequence sampled from its prompt.
 """
 from __future__ import annotations
 
@@ -11,15 +12,78 @@ import time
 from typing import Callable
 
 from dsjax.engine.messages import TokenUpdate
-from dsjax.engine.request import RequestOutput
+from dsjax.engine.request import CompletionOutput, RequestOutput
 from dsjax.engine.stopping import StopChecker
 
 log = logging.getLogger("dsjax")
 
 
+class SequenceState:
+    """One sequence's tokens, text and stop strings, as delivered."""
+
+    def __init__(self, index: int, params, detokenizer, eos_token_id: int | None):
+        self.index = index
+        self.detokenizer = detokenizer
+        self.stop_checker = StopChecker(params, eos_token_id)
+        self.text: str | None = "" if detokenizer is not None else None
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.timestamps: list[float] = []
+        self.cumulative_logprob = 0.0
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.new_ids: list[int] = []
+        self.new_text: str | None = None
+
+    def add(self, update: TokenUpdate) -> bool:
+        """Record one token; returns True when a stop string ended the sequence here (before
+        the instance decided it was done)."""
+        self.token_ids.append(update.token_id)
+        self.timestamps.append(update.timestamp)
+        self.cumulative_logprob += update.logprob
+        if self.logprobs is not None:
+            self.logprobs.append(update.logprobs or {})
+        self.new_ids.append(update.token_id)
+        if self.detokenizer is not None:
+            piece = self.detokenizer.feed(update.token_id)
+            self.text += piece
+            self.new_text = (self.new_text or "") + piece
+            cut = (self.stop_checker.check_text(self.text, len(self.token_ids))
+                   if self.stop_checker.has_stop_strings else None)
+            if cut is not None:
+                emitted = len(self.text) - len(self.new_text)
+                self.text = self.text[:cut]
+                self.new_text = self.text[emitted:] if cut > emitted else ""
+                self.end("stop")
+                return update.finish_reason is None
+        if update.finish_reason is not None:
+            self.end(update.finish_reason)
+        return False
+
+    def end(self, reason: str) -> None:
+        self.finished = True
+        self.finish_reason = reason
+        if self.detokenizer is not None and reason != "stop":
+            tail = self.detokenizer.flush()
+            self.text += tail
+            self.new_text = (self.new_text or "") + tail
+
+    def output(self, index: int) -> CompletionOutput:
+        """This sequence as returned (at position `index` among the returned ones), with what
+        it added since the last output."""
+        out = CompletionOutput(
+            index=index, token_ids=list(self.token_ids), text=self.text,
+            finish_reason=self.finish_reason, logprobs=None if self.logprobs is None
+            else list(self.logprobs), cumulative_logprob=self.cumulative_logprob,
+            new_token_ids=self.new_ids, new_text=self.new_text,
+            token_timestamps=list(self.timestamps))
+        self.new_ids, self.new_text = [], None
+        return out
+
+
 class TrackedRequest:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params, deliver: Callable, stream: bool, detokenizer,
+                 params, deliver: Callable, stream: bool, make_detokenizer: Callable,
                  eos_token_id: int | None, arrival_time: float | None = None):
         self.request_id = request_id
         self.prompt = prompt
@@ -27,90 +91,77 @@ class TrackedRequest:
         self.params = params
         self.stream = stream
         self._deliver = deliver
-        self.detokenizer = detokenizer
-        self.stop_checker = StopChecker(params, eos_token_id)
-        self.text: str | None = "" if detokenizer is not None else None
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.timestamps: list[float] = []
+        self.sequences = [SequenceState(i, params, make_detokenizer(), eos_token_id)
+                          for i in range(params.num_samples)]
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.events: list[dict] = [{"timestamp": time.perf_counter() if arrival_time is None
                                     else arrival_time, "event_type": "issued"}]
         self.finished = False
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None   # "abort" / "error" for the whole request
         # Router bookkeeping: instances holding any of its state, whether its prompt is still
         # in the admission queue, and the KV weight it adds to its decode instance's load.
         self.location: set[str] = set()
         self.queued = False
         self.decode_weight = 0
 
+    @property
+    def has_tokens(self) -> bool:
+        return any(s.token_ids for s in self.sequences)
+
     def add_event(self, event_type: str, timestamp: float) -> None:
-        self.events.append({"timestamp": timestamp, "event_type": event_type})
+        """Each lifetime event once (sequences of one request report the same events)."""
+        if all(e["event_type"] != event_type for e in self.events):
+            self.events.append({"timestamp": timestamp, "event_type": event_type})
 
-    def add_tokens(self, updates: list[TokenUpdate]) -> bool:
-        """Record tokens in order, detokenize, apply stop strings, deliver. Returns True when
-        a stop string ended the request here (the instance must be told to drop it)."""
-        new_ids: list[int] = []
-        new_text = "" if self.text is not None else None
-        stopped_by_text = False
+    def add_tokens(self, updates: list[TokenUpdate]) -> list[int]:
+        """Record tokens in order, detokenize, apply stop strings, deliver. Returns the
+        sequences a stop string ended here (the instance must be told to drop them)."""
+        stopped = []
         for u in updates:
-            self.token_ids.append(u.token_id)
-            self.timestamps.append(u.timestamp)
-            if self.logprobs is not None:
-                self.logprobs.append(u.logprobs or {})
-            new_ids.append(u.token_id)
-            if self.detokenizer is not None:
-                piece = self.detokenizer.feed(u.token_id)
-                self.text += piece
-                new_text += piece
-                cut = (self.stop_checker.check_text(self.text, len(self.token_ids))
-                       if self.stop_checker.has_stop_strings else None)
-                if cut is not None:
-                    emitted = len(self.text) - len(new_text)
-                    self.text = self.text[:cut]
-                    new_text = self.text[emitted:] if cut > emitted else ""
-                    self._end("stop")
-                    stopped_by_text = u.finish_reason is None
-                    break
-            if u.finish_reason is not None:
-                self._end(u.finish_reason)
-                break
-        if self.finished and self.detokenizer is not None and self.finish_reason != "stop":
-            tail = self.detokenizer.flush()
-            self.text += tail
-            new_text += tail
+            seq = self.sequences[u.index]
+            if not seq.finished and seq.add(u):
+                stopped.append(u.index)
+        if all(s.finished for s in self.sequences):
+            self.finished = True
+            self.add_event("decoding_end", max((s.timestamps[-1] for s in self.sequences
+                                                if s.timestamps), default=time.perf_counter()))
         if self.finished or self.stream:
-            self._emit(new_ids, new_text)
-        return stopped_by_text
-
-    def _end(self, reason: str) -> None:
-        self.finished = True
-        self.finish_reason = reason
-        if not self.events or self.events[-1]["event_type"] != "decoding_end":
-            self.add_event("decoding_end", self.timestamps[-1] if self.timestamps
-                           else time.perf_counter())
+            self._emit()
+        return stopped
 
     def abort(self) -> None:
         """The caller or the engine gave up on it: a final output with finish_reason abort."""
-        self.finished = True
-        self.finish_reason = "abort"
-        self._emit([], "" if self.text is not None else None)
+        self.finished, self.finish_reason = True, "abort"
+        for seq in self.sequences:
+            if not seq.finished:
+                seq.finished, seq.finish_reason = True, "abort"
+        self._emit()
 
     def fail(self, error: BaseException) -> None:
         """It failed inside the engine: the caller's stream raises this error."""
-        self.finished = True
-        self.finish_reason = "error"
+        self.finished, self.finish_reason = True, "error"
         self._call(error)
 
-    def _emit(self, new_ids: list[int], new_text: str | None) -> None:
+    def returned(self) -> list[SequenceState]:
+        """The sequences the caller gets: all n; with best_of > n (never streamed, so only
+        once finished) the n of highest cumulative log-probability, best first."""
+        if len(self.sequences) == self.params.n:
+            return self.sequences
+        return sorted(self.sequences, key=lambda s: -s.cumulative_logprob)[:self.params.n]
+
+    def _emit(self) -> None:
+        outputs = [s.output(i) for i, s in enumerate(self.returned())]
+        first = outputs[0]
+        finish = self.finish_reason or first.finish_reason
         self._call(RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids, token_ids=list(self.token_ids),
-            text=self.text, finished=self.finished,
-            finish_reason=self.finish_reason if self.finished else None,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-            new_token_ids=new_ids, new_text=new_text,
-            token_timestamps=list(self.timestamps),
-            lifetime_events=list(self.events) if self.finished else []))
+            prompt_token_ids=self.prompt_token_ids, token_ids=first.token_ids,
+            text=first.text, finished=self.finished,
+            finish_reason=finish if self.finished else None,
+            logprobs=first.logprobs, new_token_ids=first.new_token_ids,
+            new_text=first.new_text, token_timestamps=first.token_timestamps,
+            lifetime_events=list(self.events) if self.finished else [],
+            prompt_logprobs=self.prompt_logprobs, outputs=outputs))
 
     def _call(self, output) -> None:
         try:

@@ -37,15 +37,19 @@ class AddRequest:
 
 @dataclasses.dataclass(frozen=True)
 class AbortRequest:
-    """Drop the request and free what it holds here (an abort, a stop string, a failure)."""
+    """Drop the request (every sequence of it, or only sequence `index`) and free what it
+    holds here: an abort, a stop string, a failure."""
     request_id: str
+    index: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class MigrationOffer:
-    """A prefilled request whose KV waits in `source`'s pages for a decode instance."""
+    """A prefilled request whose KV waits in `source`'s pages for a decode instance: its
+    prompt, and (sequence index, tokens so far) of each of its unfinished sequences (one,
+    or several forked from the prompt for n / best_of)."""
     spec: RequestSpec
-    output_token_ids: tuple[int, ...]
+    samples: tuple[tuple[int, tuple[int, ...]], ...]
     source: str
 
     @property
@@ -97,10 +101,12 @@ class PeerMessage:
 @dataclasses.dataclass(frozen=True)
 class TokenUpdate:
     request_id: str
+    index: int                          # the sequence (0 unless n / best_of > 1)
     token_id: int
+    logprob: float                      # of the chosen token (ranks best_of sequences)
     logprobs: dict[int, float] | None   # the chosen token's and the top-N, when asked for
     timestamp: float
-    finish_reason: str | None           # set on the request's last token ("stop" | "length")
+    finish_reason: str | None           # set on the sequence's last token ("stop" | "length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +132,8 @@ class Report:
     failed: tuple[RequestFailed, ...] = ()
     migrations: tuple[tuple[int, float], ...] = ()   # (bytes, seconds) of finished pulls
     stats: dict | None = None                        # a fresh snapshot when anything changed
+    # (request id, one {token: logprob} per prompt token after the first), when asked for
+    prompt_logprobs: tuple[tuple[str, tuple[dict[int, float], ...]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

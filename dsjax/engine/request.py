@@ -28,8 +28,24 @@ class Status(enum.Enum):
 
 
 @dataclasses.dataclass
+class CompletionOutput:
+    """One returned sequence of a request (several with n > 1)."""
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float
+    new_token_ids: list[int]
+    new_text: str | None
+    token_timestamps: list[float]
+
+
+@dataclasses.dataclass
 class RequestOutput:
-    """What a caller sees: the whole output so far, plus the tokens new since the last update."""
+    """What a caller sees: the whole output so far, plus the tokens new since the last update.
+    The top-level token_ids/text/... are the first returned sequence's; `outputs` holds every
+    returned sequence (n of them)."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -42,15 +58,36 @@ class RequestOutput:
     new_text: str | None
     token_timestamps: list[float]
     lifetime_events: list[dict[str, Any]]
+    # None for the first prompt token, then {token: logprob} (its own and the top-N), when
+    # the request asked for prompt_logprobs.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
+
+
+def sequence_id(request_id: str, index: int, num_samples: int) -> str:
+    """The id a sequence goes by inside an instance: the request's own id, unless the request
+    decodes several sequences (n, best_of): then one id per sequence."""
+    return request_id if num_samples == 1 else f"{request_id}#{index}"
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """Sequence i of a request draws from its own random stream (the request's seed for i=0)."""
+    return seed if index == 0 else (seed * 1000003 + index * 0x9E3779B1) & 0xFFFFFFFF
 
 
 class Request:
-    """Engine-side state of one request in its owning instance."""
+    """Engine-side state of one sequence in its owning instance. A request with n / best_of
+    > 1 is one Request (index None) until its prompt is computed, then one per sequence."""
 
     def __init__(self, spec: RequestSpec, eos_token_id: int | None,
-                 output_token_ids: tuple[int, ...] = ()):
+                 output_token_ids: tuple[int, ...] = (), index: int | None = 0):
         self.spec = spec
-        self.request_id = spec.request_id
+        self.index = index
+        self.num_samples = spec.params.num_samples
+        if index is None and self.num_samples == 1:
+            self.index = index = 0
+        self.request_id = (spec.request_id if index is None else
+                           sequence_id(spec.request_id, index, self.num_samples))
         self.prompt_token_ids = spec.prompt_token_ids
         self.params = spec.params
         self.output_token_ids: list[int] = list(output_token_ids)
@@ -58,10 +95,18 @@ class Request:
         self.num_computed = 0  # prompt tokens whose KV is cached (chunked prefill)
         self.decoding_started = False
         self.stop_checker = StopChecker(spec.params, eos_token_id)
+        self.eos_token_id = eos_token_id
 
     @classmethod
-    def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> "Request":
-        return cls(offer.spec, eos_token_id, offer.output_token_ids)
+    def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> list["Request"]:
+        """The offered request's unfinished sequences, as this instance's requests."""
+        return [cls(offer.spec, eos_token_id, tokens, index) for index, tokens in offer.samples]
+
+    def sequences(self) -> list["Request"]:
+        """The sequences this request samples from its prompt: itself, or n / best_of new ones."""
+        if self.index is not None:
+            return [self]
+        return [Request(self.spec, self.eos_token_id, (), i) for i in range(self.num_samples)]
 
     @property
     def prompt_len(self) -> int:
@@ -77,10 +122,10 @@ class Request:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def sampling_row(self) -> SamplingRow:
-        return SamplingRow(self.params, self.spec.seed, len(self.output_token_ids))
-
-    def offer(self, source: str) -> MigrationOffer:
-        return MigrationOffer(self.spec, tuple(self.output_token_ids), source)
+        history = ((self.prompt_token_ids, tuple(self.output_token_ids))
+                   if self.params.has_penalties else None)
+        return SamplingRow(self.params, sequence_seed(self.spec.seed, self.index or 0),
+                           len(self.output_token_ids), history)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

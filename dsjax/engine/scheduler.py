@@ -69,6 +69,7 @@ class DecodeStep:
     swap_out_blocks: dict = dataclasses.field(default_factory=dict)  # id -> device blocks left
     swap_in_blocks: dict = dataclasses.field(default_factory=dict)   # id -> device blocks filled
     dropped: list = dataclasses.field(default_factory=list)  # (request, why): no room anywhere
+    copies: list = dataclasses.field(default_factory=list)   # (src, dst) pages to copy first
 
 
 class DecodeScheduler:
@@ -147,11 +148,15 @@ class DecodeScheduler:
                 self.waiting.popleft()
                 self.running.append(req)
                 tokens += req.num_tokens
-        # Every running request needs room for the KV of its newest token (position num_tokens-1).
-        i = 0
+        # Every running request needs room for the KV of its newest token (position num_tokens-1),
+        # in a block of its own (sequences forked from one prompt share blocks until they write).
+        i, copies = 0, []
         while i < len(self.running):
             req = self.running[i]
-            if self.blocks.grow(req.request_id, req.num_tokens):
+            ok, copy = self.blocks.prepare_write(req.request_id, req.num_tokens)
+            if ok:
+                if copy is not None:
+                    copies.append(copy)
                 i += 1
                 continue
             victim = self.running.pop()
@@ -164,9 +169,11 @@ class DecodeScheduler:
             swap_out_blocks[victim.request_id], _ = self.blocks.swap_out(victim.request_id)
             self.swapped.appendleft(victim)  # victims leave newest-first, so the deque stays oldest-first
             swap_out.append(victim)
+        # A copy whose destination was freed again by a later swap-out in this loop is moot.
+        live = {b for r in self.running for b in self.blocks.tables[r.request_id]}
         return DecodeStep(batch=list(self.running), swap_in=swap_in, swap_out=swap_out,
                           swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks,
-                          dropped=dropped)
+                          dropped=dropped, copies=[c for c in copies if c[1] in live])
 
     def finish(self, request) -> None:
         """Drop a finished request from the running batch and free its blocks."""

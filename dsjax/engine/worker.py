@@ -96,8 +96,9 @@ class InstanceWorker:
         return msgs
 
     def _apply(self, msg) -> None:
-        handler = {AddRequest: lambda m: self._admit(Request(m.spec, self.eos_token_id)),
-                   AbortRequest: lambda m: self._drop(m.request_id),
+        handler = {AddRequest: lambda m: self._admit(Request(m.spec, self.eos_token_id,
+                                                             index=None)),
+                   AbortRequest: lambda m: self._drop(m.request_id, m.index),
                    OfferMigration: lambda m: self._offered(m.offer),
                    ExportKV: lambda m: self._export(m.request_id, m.dest),
                    KVReady: lambda m: self._import(m.request_id, m.payload),
@@ -171,10 +172,11 @@ class InstanceWorker:
     # ---- running rows -------------------------------------------------------------------------
 
     def _run_rows(self, fn, requests: list[Request], build_row) -> list:
-        """Build each request's row, run them in one step, and return one result per request:
-        (token, logprob, top_ids, top_logprobs) or None where that request failed (it has been
-        failed and freed). If the whole step raises with the runner intact, each request is
-        retried alone, so only the one that breaks the step fails."""
+        """Build each request's row, run them in one step, and return per request the list of
+        its sampled rows' results (token, logprob, top_ids, top_logprobs, prompt scores), or
+        None where that request failed (it has been failed and freed). If the whole step
+        raises with the runner intact, each request is retried alone, so only the one that
+        breaks the step fails."""
         rows, live = [], []
         for r in requests:
             try:
@@ -185,7 +187,7 @@ class InstanceWorker:
         results = {}
         if rows:
             try:
-                results = dict(zip([r.request_id for r in live], _rows_of(fn(rows))))
+                results = dict(zip([r.request_id for r in live], _per_row(rows, fn(rows))))
             except Exception as e:  # noqa: BLE001
                 self._check_state(e)
                 if len(rows) == 1:
@@ -195,15 +197,15 @@ class InstanceWorker:
                                 self.name, len(rows), type(e).__name__, e)
                     for r, row in zip(live, rows):
                         try:
-                            results[r.request_id] = _rows_of(fn([row]))[0]
+                            results[r.request_id] = _per_row([row], fn([row]))[0]
                         except Exception as solo:  # noqa: BLE001
                             self._check_state(solo)
                             self._fail(r.request_id, solo)
         return [results.get(r.request_id) for r in requests]
 
     def _emit(self, req: Request, result, now: float) -> str | None:
-        """Record a sampled token; returns the finish reason when it ends the request."""
-        token, logprob, top_ids, top_logprobs = result
+        """Record a sampled token; returns the finish reason when it ends the sequence."""
+        token, logprob, top_ids, top_logprobs, _ = result
         req.output_token_ids.append(token)
         logprobs = None
         n = req.params.logprobs
@@ -213,14 +215,13 @@ class InstanceWorker:
                 logprobs = {int(t): float(lp) for t, lp in zip(top_ids[:n], top_logprobs[:n])}
             logprobs[token] = float(logprob)
         reason = req.stop_checker.check_token(token, len(req.output_token_ids))
-        self._tokens.append(TokenUpdate(req.request_id, token, logprobs, now, reason))
+        self._tokens.append(TokenUpdate(req.spec.request_id, req.index or 0, token, logprob,
+                                        logprobs, now, reason))
         self.tokens_out += 1
-        if reason is not None:
-            self._event(req, "decoding_end", now)
         return reason
 
     def _emit_all(self, pairs) -> list[Request]:
-        """Emit (request, result) pairs (results of None were failed); returns those finished."""
+        """Emit (sequence, result) pairs (results of None were failed); returns those finished."""
         now = time.perf_counter()
         finished = []
         for req, result in pairs:
@@ -234,26 +235,32 @@ class InstanceWorker:
         return finished
 
     def _prefill(self, batch: list[Request], hand_off) -> None:
-        """Run a batch of whole prompts (blocks allocated), stream their first tokens, free the
-        requests that end there and hand_off(r) the others."""
+        """Run a batch of whole prompts (blocks allocated), stream the first token of each of
+        their sequences, free the requests that end there and hand_off(r, sequences) the
+        others (the sequences still running)."""
         self._in_step = batch
         for r in batch:
             self._event(r, "context_begin")
         tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}
+        sequences = {r.request_id: r.sequences() for r in batch}
         results = self._run_rows(self.runner.prefill, batch, lambda r: PrefillRow(
-            r.prompt_token_ids, tables[r.request_id], r.sampling_row()))
+            r.prompt_token_ids, tables[r.request_id],
+            tuple(s.sampling_row() for s in sequences[r.request_id])))
         now = time.perf_counter()
-        for r, result in zip(batch, results):
-            if result is not None:
-                self._event(r, "context_end", now)
-        finished = {id(r) for r in self._emit_all(zip(batch, results))}
         for r, result in zip(batch, results):
             if result is None or r.request_id not in self.requests:
                 continue
-            if id(r) in finished:
+            self._event(r, "context_end", now)
+            if r.params.prompt_logprobs is not None:
+                self._prompt_logprobs.append((r.spec.request_id,
+                                              prompt_logprob_entries(r, result[0][4])))
+            seqs = sequences[r.request_id]
+            ended = {id(s) for s in self._emit_all(zip(seqs, result))}
+            running = [s for s in seqs if id(s) not in ended]
+            if running and r.request_id in self.requests:
+                hand_off(r, running)
+            elif r.request_id in self.requests:
                 self._release(r)
-            else:
-                hand_off(r)
 
     # ---- ending requests ----------------------------------------------------------------------
 
@@ -264,28 +271,31 @@ class InstanceWorker:
         if self.blocks.holds(req.request_id):
             self.blocks.free(req.request_id)
 
-    def _drop(self, request_id: str) -> None:
-        """The engine no longer wants this request here (abort, stop string, peer refusal)."""
-        req = self.requests.get(request_id)
-        if req is not None:
+    def _drop(self, request_id: str, index: int | None = None) -> None:
+        """The engine no longer wants this request here (abort, stop string, peer refusal):
+        all its sequences, or only sequence `index`."""
+        for req in [r for r in self.requests.values() if r.spec.request_id == request_id
+                    and (index is None or r.index == index)]:
             self._release(req)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
-        """One request fails alone: free it, tell the engine why."""
+        """One request fails alone: free it (every sequence of it), tell the engine why.
+        request_id is a sequence's id or the request's own."""
         log.warning("%s: request %s failed: %s: %s", self.name, request_id,
                     type(error).__name__, error)
         req = self.requests.get(request_id)
-        if req is not None:
+        group = req.spec.request_id if req is not None else request_id.split("#")[0]
+        for r in [r for r in self.requests.values() if r.spec.request_id == group]:
             try:
-                self._release(req)
+                self._release(r)
             except Exception:  # noqa: BLE001 - its bookkeeping is what broke; drop the entry
-                log.exception("%s: freeing %s failed", self.name, request_id)
-                self.requests.pop(request_id, None)
-        self._failed.append(RequestFailed(request_id, f"{type(error).__name__}: {error}"))
+                log.exception("%s: freeing %s failed", self.name, r.request_id)
+                self.requests.pop(r.request_id, None)
+        self._failed.append(RequestFailed(group, f"{type(error).__name__}: {error}"))
 
     def _fail_everything(self, fault: InstanceFault) -> None:
         log.error("instance %s stopped: %s", self.name, fault)
-        for rid in list(self.requests):
+        for rid in {r.spec.request_id for r in self.requests.values()}:
             self._failed.append(RequestFailed(rid, str(fault)))
         self.requests.clear()
         self._flush()
@@ -294,7 +304,7 @@ class InstanceWorker:
     # ---- reports ------------------------------------------------------------------------------
 
     def _event(self, req: Request, event_type: str, timestamp: float | None = None) -> None:
-        self._events.append(LifetimeEvent(req.request_id, event_type,
+        self._events.append(LifetimeEvent(req.spec.request_id, event_type,
                                           time.perf_counter() if timestamp is None else timestamp))
 
     def _peer(self, dest: str, message) -> None:
@@ -302,7 +312,7 @@ class InstanceWorker:
 
     def _reset_report(self) -> None:
         self._tokens, self._events, self._failed = [], [], []
-        self._prefilled, self._migrations = [], []
+        self._prefilled, self._migrations, self._prompt_logprobs = [], [], []
 
     def stats(self) -> dict:
         host = self.blocks.host
@@ -317,20 +327,41 @@ class InstanceWorker:
         changed = {k: v for k, v in stats.items() if k != "busy_s"} != \
             {k: v for k, v in (self._last_stats or {}).items() if k != "busy_s"}
         if not (changed or self._tokens or self._events or self._failed or self._prefilled
-                or self._migrations):
+                or self._migrations or self._prompt_logprobs):
             return
         self._last_stats = stats
         self._send(Report(self.name, tuple(self._tokens), tuple(self._events),
                           tuple(self._prefilled), tuple(self._failed), tuple(self._migrations),
-                          stats))
+                          stats, tuple(self._prompt_logprobs)))
         self._reset_report()
 
 
-def _rows_of(out: StepOutput) -> list:
+def _per_row(rows, out: StepOutput) -> list[list]:
+    """A step's sampled rows, grouped by the row (prompt or sequence) that asked for them."""
     top = out.top_ids is not None
-    return [(int(out.tokens[i]), float(out.logprob[i]),
-             out.top_ids[i] if top else None, out.top_logprobs[i] if top else None)
+    scores = out.prompt_scores or [None] * len(out.tokens)
+    flat = [(int(out.tokens[i]), float(out.logprob[i]),
+             out.top_ids[i] if top else None, out.top_logprobs[i] if top else None, scores[i])
             for i in range(len(out.tokens))]
+    grouped, at = [], 0
+    for row in rows:
+        n = len(row.sampling) if isinstance(row.sampling, tuple) else 1
+        grouped.append(flat[at:at + n])
+        at += n
+    return grouped
+
+
+def prompt_logprob_entries(req: Request, scores) -> tuple[dict[int, float], ...]:
+    """One {token: logprob} per prompt token after the first: the token's own and the top-N
+    the request asked for (OpenAI's echo with logprobs)."""
+    next_lp, top_ids, top_lps = scores
+    n = req.params.prompt_logprobs
+    entries = []
+    for i, token in enumerate(req.prompt_token_ids[1:]):
+        entry = {int(t): float(lp) for t, lp in zip(top_ids[i][:n], top_lps[i][:n])} if n else {}
+        entry[int(token)] = float(next_lp[i])
+        entries.append(entry)
+    return tuple(entries)
 
 
 class PrefillWorker(InstanceWorker):
@@ -366,10 +397,11 @@ class PrefillWorker(InstanceWorker):
             self._prefill(batch, self._hold)
         return bool(batch)
 
-    def _hold(self, req: Request) -> None:
+    def _hold(self, req: Request, sequences: list[Request]) -> None:
         req.status = Status.WAITING_MIGRATION
         self.held[req.request_id] = req
-        self._prefilled.append(req.offer(self.name))
+        self._prefilled.append(MigrationOffer(
+            req.spec, tuple((s.index, tuple(s.output_token_ids)) for s in sequences), self.name))
 
     def _export(self, request_id: str, dest: str) -> None:
         req = self.held.get(request_id)
@@ -410,10 +442,24 @@ class DecodingWorker(InstanceWorker):
             for r, pages in zip(step.swap_out, jax.device_get(gathered)):
                 r.status = Status.SWAPPED
                 self.swapped_pages[r.request_id] = pages
+        if step.copies:   # copy on write: sequences about to write into a shared block
+            sources, targets = zip(*step.copies)
+            self.runner.insert_pages(list(targets), self.runner.gather_pages(list(sources)))
         for r in step.swap_in:
             r.status = Status.DECODING
             self.runner.insert_pages(step.swap_in_blocks[r.request_id],
                                      self.swapped_pages.pop(r.request_id))
+
+    def _start_sequences(self, req: Request, sequences: list[Request]) -> None:
+        """A prompt's KV is in this instance's blocks (held under req's id): its running
+        sequences join the decode queue, sharing those blocks when there are several."""
+        if sequences != [req]:
+            self.blocks.fork(req.request_id, [s.request_id for s in sequences])
+            self.requests.pop(req.request_id, None)
+        for s in sequences:
+            s.status = Status.DECODING
+            self.requests[s.request_id] = s
+            self.scheduler.add_waiting(s)
 
     def _decode_row(self, req: Request) -> DecodeRow:
         return DecodeRow(req.last_token_id, req.num_tokens - 1,
@@ -434,7 +480,7 @@ class DecodingWorker(InstanceWorker):
                 r.decoding_started = True
                 self._event(r, "decoding_begin", start)
         results = self._run_rows(self.runner.decode, step.batch, self._decode_row)
-        for r in self._emit_all(zip(step.batch, results)):
+        for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
             self._release(r)
         if self.step_log is not None:
             self.step_log.append((len(step.batch), time.perf_counter() - start,
@@ -456,7 +502,8 @@ class DecodeWorker(DecodingWorker):
         super().__init__(*args, **kw)
         self.scheduler = DecodeScheduler(limits, self.blocks, waiting_share)
         self.offers: deque[MigrationOffer] = deque()
-        self.migrating: dict[str, tuple[Request, float]] = {}   # KV asked for, not arrived
+        # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
+        self.migrating: dict[str, tuple[MigrationOffer, float]] = {}
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
@@ -467,13 +514,12 @@ class DecodeWorker(DecodingWorker):
     def _offered(self, offer: MigrationOffer) -> None:
         self.offers.append(offer)
 
-    def _forget(self, req: Request) -> None:
-        super()._forget(req)
-        self.migrating.pop(req.request_id, None)
-
-    def _drop(self, request_id: str) -> None:
-        self.offers = deque(o for o in self.offers if o.spec.request_id != request_id)
-        super()._drop(request_id)
+    def _drop(self, request_id: str, index: int | None = None) -> None:
+        if index is None:
+            self.offers = deque(o for o in self.offers if o.spec.request_id != request_id)
+            if self.migrating.pop(request_id, None) is not None:
+                self.blocks.free(request_id)
+        super()._drop(request_id, index)
 
     def _request_pulls(self) -> None:
         """Ask for the KV of offered requests while there is room, each judged with the pulls
@@ -484,27 +530,29 @@ class DecodeWorker(DecodingWorker):
             if not self.scheduler.can_pull(offer.num_cached_tokens, in_flight):
                 return
             self.offers.popleft()
-            req = Request.from_offer(offer, self.eos_token_id)
-            req.status = Status.MIGRATING
-            self.requests[req.request_id] = req
-            self.blocks.allocate(req.request_id, offer.num_cached_tokens)
+            rid = offer.spec.request_id
+            self.blocks.allocate(rid, offer.num_cached_tokens)
             began = time.perf_counter()
-            self.migrating[req.request_id] = (req, began)
-            self._event(req, "migration_begin", began)
-            self._peer(offer.source, ExportKV(req.request_id, self.name))
+            self.migrating[rid] = (offer, began)
+            self._events.append(LifetimeEvent(rid, "migration_begin", began))
+            self._peer(offer.source, ExportKV(rid, self.name))
 
     def _import(self, request_id: str, payload) -> None:
         entry = self.migrating.pop(request_id, None)
         if entry is None:   # dropped meanwhile: its pages here are already free
             self.kv.discard(payload)
             return
-        req, began = entry
-        nbytes = self.kv.import_pages(self.runner, payload, self.blocks.tables[request_id])
+        offer, began = entry
+        try:
+            nbytes = self.kv.import_pages(self.runner, payload, self.blocks.tables[request_id])
+        except Exception:
+            self.blocks.free(request_id)
+            raise
         now = time.perf_counter()
-        self._event(req, "migration_end", now)
+        self._events.append(LifetimeEvent(request_id, "migration_end", now))
         self._migrations.append((nbytes, now - began))
-        req.status = Status.DECODING
-        self.scheduler.add_waiting(req)
+        group = Request(offer.spec, self.eos_token_id, index=None)
+        self._start_sequences(group, Request.from_offer(offer, self.eos_token_id))
 
     def step(self) -> bool:
         self._request_pulls()
@@ -550,12 +598,8 @@ class ColocatedWorker(DecodingWorker):
                 room, self.prefill.limits.max_batch_size))
         if not batch:
             return self._decode_step()
-        self._prefill(batch, self._start_decoding)
+        self._prefill(batch, self._start_sequences)
         return True
-
-    def _start_decoding(self, req: Request) -> None:
-        req.status = Status.DECODING
-        self.scheduler.add_waiting(req)
 
 
 class ChunkedWorker(DecodingWorker):
@@ -606,20 +650,39 @@ class ChunkedWorker(DecodingWorker):
         if not items:
             return True
         reqs = [r for r, _, _ in items]
-        rows = {id(r): ChunkRow(tuple(ids), first, tuple(self.blocks.tables[r.request_id]),
-                                r.sampling_row()) for r, ids, first in items}
+        # The chunk that completes a prompt samples each of its sequences' first token.
+        sequences = {id(r): r.sequences() for r, first, n in plan.chunks
+                     if first + n == r.prompt_len}
+        rows = {}
+        for r, ids, first in items:
+            seqs = sequences.get(id(r))
+            sampling = tuple(q.sampling_row() for q in seqs) if seqs else (r.sampling_row(),)
+            rows[id(r)] = ChunkRow(tuple(ids), first, tuple(self.blocks.tables[r.request_id]),
+                                   sampling)
         results = self._run_rows(self.runner.chunked, reqs, lambda r: rows[id(r)])
-        emit = list(zip(step.batch, results[:len(step.batch)]))
+        emit = [(r, rs and rs[0]) for r, rs in zip(step.batch, results[:len(step.batch)])]
         now = time.perf_counter()
-        for (r, first, n), result in zip(plan.chunks, results[len(step.batch):]):
-            if result is None or r.request_id not in self.requests:
+        for (r, first, n), rs in zip(plan.chunks, results[len(step.batch):]):
+            if rs is None or r.request_id not in self.requests or \
+                    not self.chunked.chunk_done(r, n):
                 continue
-            if self.chunked.chunk_done(r, n):
-                self._event(r, "context_end", now)
-                self._event(r, "decoding_begin", now)
+            self._event(r, "context_end", now)
+            self._event(r, "decoding_begin", now)
+            seqs = sequences[id(r)]
+            if seqs == [r]:
                 r.decoding_started = True
                 r.status = Status.DECODING
-                emit.append((r, result))
+                emit.append((r, rs[0]))
+                continue
+            self.scheduler.running.remove(r)   # the prompt becomes its sequences
+            ended = {id(q) for q in self._emit_all(zip(seqs, rs))}
+            running = [q for q in seqs if id(q) not in ended]
+            for q in running:
+                q.decoding_started = True
+            if running:
+                self._start_sequences(r, running)
+            else:
+                self._release(r)
         for r in self._emit_all(emit):
             self._release(r)
         return True

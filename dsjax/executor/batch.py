@@ -14,18 +14,21 @@ from dsjax.sampling_params import SamplingParams
 @dataclasses.dataclass(frozen=True)
 class SamplingRow:
     """How to sample one row: the request's parameters, its seed and how many tokens it has
-    generated so far (which picks the row's random stream and the min_tokens eos ban)."""
+    generated so far (which picks the row's random stream and the min_tokens eos ban). Rows
+    with penalties or a logit bias also carry the sequence's (prompt ids, output ids)."""
     params: SamplingParams
     seed: int
     step: int
+    history: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillRow:
-    """A whole prompt, written to `block_table`'s pages from position 0."""
+    """A whole prompt, written to `block_table`'s pages from position 0. Its first token is
+    sampled once per sampling row (several for n / best_of: the sequences' first tokens)."""
     token_ids: tuple[int, ...]
     block_table: tuple[int, ...]
-    sampling: SamplingRow
+    sampling: tuple[SamplingRow, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +43,10 @@ class DecodeRow:
 @dataclasses.dataclass(frozen=True)
 class ChunkRow:
     """Tokens continuing a cached sequence at positions start..start+len(token_ids)-1: a slice
-    of a prompt (chunked prefill) or a decode row's single newest token."""
+    of a prompt (chunked prefill) or a decode row's single newest token. Sampled once per
+    sampling row (a prompt's last chunk samples each of its sequences' first token)."""
     token_ids: tuple[int, ...]
     start: int
     block_table: tuple[int, ...]
-    sampling: SamplingRow
+    sampling: tuple[SamplingRow, ...]
 

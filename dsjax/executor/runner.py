@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
+from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.kv_cache import PagePool
 from dsjax.executor.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
                             param_shardings, param_spec, pipeline_param_shardings, stage_mesh,
                             stage_param_tree, stage_view)
 from dsjax.sampling_params import MAX_LOGPROBS
-from dsjax.executor.sampling import SampleOutput, build_sampling_tensors, sample
+from dsjax.executor.sampling import SampleOutput, build_sampling_tensors, sample, score_prompt
 from dsjax.executor.sharded_attention import for_mesh
 from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
 from models.config import OPTConfig
@@ -49,6 +49,8 @@ class StepOutput:
     logprob: np.ndarray
     top_ids: np.ndarray | None
     top_logprobs: np.ndarray | None
+    # Prompt scoring, per row when asked: (log p of prompt tokens 1.., top ids, top logprobs).
+    prompt_scores: list | None = None
 
 
 class Stage:
@@ -69,6 +71,9 @@ class Stage:
                                       first_stage=first, last_stage=last, dtype=dtype,
                                       param_dtype=dtype)
                        for mode in ("prefill", "decode", "chunked")}
+        self.models["prefill_scored"] = OPTModel(
+            config, attention, "prefill", num_layers=num_layers, first_stage=first,
+            last_stage=last, dtype=dtype, param_dtype=dtype, all_logits=True)
         self.fns = {}
 
     def _fn(self, mode, layout, num_logprobs, sample_mode):
@@ -97,7 +102,13 @@ def _stage_step(model, params, hidden, k_cache, v_cache, bufs, *, layout, num_lo
     tokens, meta, sampling = unpack_inputs(bufs, layout)
     inputs = tokens if model.first_stage else hidden
     out, (k_cache, v_cache) = model.apply({"params": params}, inputs, (k_cache, v_cache), meta)
-    if model.last_stage:
+    if model.last_stage and model.all_logits:
+        scores = score_prompt(out, tokens, num_logprobs)
+        out = sample(out[meta.last_token_idx], sampling, num_logprobs=num_logprobs,
+                     mode=sample_mode)
+        out = out.replace(next_logprob=scores[0], next_top_ids=scores[1],
+                          next_top_logprobs=scores[2])
+    elif model.last_stage:
         out = sample(out, sampling, num_logprobs=num_logprobs, mode=sample_mode)
     return out, k_cache, v_cache
 
@@ -208,32 +219,43 @@ class ModelRunner:
         return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
-    def _sampling_args(rows) -> tuple[int, str]:
+    def _samples(rows) -> list[SamplingRow]:
+        """Every sampled row of a step, in order (a prompt may sample several sequences)."""
+        return [s for r in rows for s in (r.sampling if isinstance(r.sampling, tuple)
+                                          else (r.sampling,))]
+
+    def _sampling_args(self, rows) -> tuple[int, str]:
         # Top-N ids are computed only when some row asks for N >= 1 (logprobs=0 needs only the
         # chosen token's log-probability, which every step returns). The sampler picks greedy,
         # temperature or filtered sampling at run time: one program per shape.
-        nlp = MAX_LOGPROBS if any(r.sampling.params.logprobs for r in rows) else 0
+        nlp = MAX_LOGPROBS if any(s.params.logprobs for s in self._samples(rows)) else 0
         return nlp, "auto"
 
     def _sampling(self, rows, pad_to):
-        return build_sampling_tensors([r.sampling.params for r in rows],
-                                      [r.sampling.seed for r in rows],
-                                      [r.sampling.step for r in rows], pad_to,
-                                      self.config.eos_token_id)
+        samples = self._samples(rows)
+        return build_sampling_tensors([s.params for s in samples], [s.seed for s in samples],
+                                      [s.step for s in samples], pad_to,
+                                      self.config.eos_token_id, [s.history for s in samples])
 
     def _slots(self, table, positions):
         table = np.asarray(table, np.int32)
         return table[positions // self.page_size] * self.page_size + positions % self.page_size
 
     def prefill(self, rows: list[PrefillRow]) -> StepOutput:
-        """Whole prompts; samples each prompt's first output token."""
+        """Whole prompts; samples each prompt's first output token (and scores the prompt's
+        tokens when a row asks for prompt logprobs)."""
         mbs = []
         nlp, smode = self._sampling_args(rows)
+        scored = any(r.sampling[0].params.prompt_logprobs is not None for r in rows)
+        if scored and any(r.sampling[0].params.prompt_logprobs for r in rows):
+            nlp = MAX_LOGPROBS
         groups = self._split(rows)
         for group in groups:
             lens = np.array([len(r.token_ids) for r in group], np.int32)
             total = int(lens.sum())
-            t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(group))
+            per_row = np.array([len(r.sampling) for r in group])
+            b_pad = bucket(max(len(group), int(per_row.sum())))
+            t_pad = bucket(total, MIN_TOKEN_BUCKET)
             tokens = np.zeros(t_pad, np.int32)
             tokens[:total] = np.concatenate([r.token_ids for r in group])
             positions = np.zeros(t_pad, np.int32)
@@ -246,11 +268,16 @@ class ModelRunner:
             slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
             slots[:total] = np.concatenate(
                 [self._slots(r.block_table, np.arange(n)) for r, n in zip(group, lens)])
+            # A prompt's last token is sampled once per sequence it starts.
             last = np.zeros(b_pad, np.int32)
-            last[:len(group)] = cu[1:len(group) + 1] - 1
+            last[:int(per_row.sum())] = np.repeat(cu[1:len(group) + 1] - 1, per_row)
             meta = PrefillMetadata(positions, seq_ids, cu, slots, last)
             mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode))
-        return self._collect(self._pipeline("prefill", mbs), [len(g) for g in groups])
+        host = self._fetch(self._pipeline("prefill_scored" if scored else "prefill", mbs))
+        out = self._collect(host, [len(self._samples(g)) for g in groups])
+        if scored:
+            out.prompt_scores = self._prompt_scores(groups, host)
+        return out
 
     def decode(self, rows: list[DecodeRow]) -> StepOutput:
         """One token for each row, attending to the row's cached context and itself."""
@@ -276,7 +303,7 @@ class ModelRunner:
             context[:n] = at + 1
             meta = DecodeMetadata(positions, slots, tables, context)
             mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode))
-        return self._collect(self._pipeline("decode", mbs), [len(g) for g in groups])
+        return self._collect(self._fetch(self._pipeline("decode", mbs)), [len(g) for g in groups])
 
     def chunked(self, rows: list[ChunkRow]) -> StepOutput:
         """Mixed step: each row continues its cached context with its tokens (a prompt chunk,
@@ -285,7 +312,8 @@ class ModelRunner:
         nlp, smode = self._sampling_args(rows)
         lens = np.array([len(r.token_ids) for r in rows], np.int32)
         total = int(lens.sum())
-        t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(len(rows), 8)
+        per_row = np.array([len(r.sampling) for r in rows])
+        t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(int(per_row.sum()), 8)
         width = bucket(max(len(r.block_table) for r in rows))
         tokens = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
@@ -302,15 +330,35 @@ class ModelRunner:
             tables[i, :len(r.block_table)] = r.block_table
             at += n
         last = np.zeros(b_pad, np.int32)
-        last[:len(rows)] = np.cumsum(lens) - 1
+        last[:int(per_row.sum())] = np.repeat(np.cumsum(lens) - 1, per_row)
         meta = ChunkedMetadata(positions, token_seq, slots, tables, last)
         mb = [(tokens, meta, self._sampling(rows, b_pad), nlp, smode)]
-        return self._collect(self._pipeline("chunked", mb), [len(rows)])
+        return self._collect(self._fetch(self._pipeline("chunked", mb)),
+                             [int(per_row.sum())])
 
-    def _collect(self, outs: list[SampleOutput], counts: list[int]) -> StepOutput:
+    @staticmethod
+    def _prompt_scores(groups, host_outs) -> list:
+        """Per sampled row: the log-probability of each prompt token after the first, and the
+        top-N alternatives at each of those positions."""
+        scores = []
+        for group, host in zip(groups, host_outs):
+            at = 0
+            for r in group:
+                n = len(r.token_ids)
+                sl = slice(at, at + n - 1)   # position t scores token t+1 of the same prompt
+                scores += [(host.next_logprob[sl], host.next_top_ids[sl],
+                            host.next_top_logprobs[sl])] * len(r.sampling)
+                at += n
+        return scores
+
+    def _fetch(self, outs: list[SampleOutput]) -> list[SampleOutput]:
         start = time.perf_counter()
         host = jax.device_get(outs)  # the step's only device -> host copy; waits for the device
         self.last_wait_s = time.perf_counter() - start
+        return host
+
+    @staticmethod
+    def _collect(host: list[SampleOutput], counts: list[int]) -> StepOutput:
         cat = lambda f: np.concatenate([getattr(o, f)[:n] for o, n in zip(host, counts)])
         has_top = host[0].top_ids.shape[-1] > 0
         return StepOutput(cat("tokens"), cat("logprob"),
