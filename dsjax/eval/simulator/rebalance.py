@@ -6,7 +6,8 @@ Every window the policy measures each role's load as a share of its capacity:
 - decode: requests held (running, waiting, swapped) plus those waiting to be pulled, over the
   instances times the batch one instance can step within the TPOT SLO at the current mean context.
 If moving one instance from the lighter role to the busier one lowers the higher of the two loads
-by the factor `gain`, it drains that instance (a prefill instance finishes its batches and waits
+by the factor `gain` in `patience` windows in a row (a start-up or a burst passes), it drains that
+instance (a prefill instance finishes its batches and waits
 for decode to pull their KV; a decode instance hands its requests to the other decode instances,
 which pull their KV over the link) and the instance rejoins in the other role. One switch at a
 time; each role keeps at least one instance. Both roles must share one parallelism.
@@ -27,10 +28,12 @@ class RebalancePolicy:
     tpot_slo: float            # seconds: sets a decode instance's capacity
     window_s: float = 5.0      # how often the loads are measured
     gain: float = 1.2          # required drop of the higher load; hysteresis against flapping
+    patience: int = 2          # windows in a row that must call for the same move
 
     def __post_init__(self):
-        if self.tpot_slo <= 0 or self.window_s <= 0 or self.gain < 1:
-            raise ValueError(f"rebalance policy needs tpot_slo > 0, window_s > 0, gain >= 1: {self}")
+        if self.tpot_slo <= 0 or self.window_s <= 0 or self.gain < 1 or self.patience < 1:
+            raise ValueError(f"rebalance policy needs tpot_slo > 0, window_s > 0, gain >= 1, "
+                             f"patience >= 1: {self}")
 
 
 class Rebalancer:
@@ -38,6 +41,7 @@ class Rebalancer:
         self.cluster, self.policy = cluster, policy
         self.busy_seen: dict[int, float] = {}      # id(prefill instance) -> busy_s at the last tick
         self.instances = len(cluster.prefills) + len(cluster.decodes)
+        self.calls: list[str] = []                 # the move each recent window called for
         self.loads: list[tuple[float, float, float]] = []   # (time, prefill load, decode load)
 
     def start(self) -> None:
@@ -50,28 +54,35 @@ class Rebalancer:
         prefill, decode = self.prefill_load(), self.decode_load()
         self.loads.append((cluster.loop.now, prefill, decode))
         if len(cluster.prefills) + len(cluster.decodes) == self.instances:   # no drain under way
-            self.consider(prefill, decode)
+            self.calls = (self.calls + [self.move(prefill, decode)])[-self.policy.patience:]
+            call = self.calls[0]
+            if call and len(self.calls) == self.policy.patience and self.calls.count(call) == len(self.calls):
+                self.calls = []
+                self.switch(call)
+        else:
+            self.calls = []
         cluster.loop.at(cluster.loop.now + self.policy.window_s, self.tick)
 
-    def consider(self, prefill: float, decode: float) -> None:
+    def move(self, prefill: float, decode: float) -> str:
+        """"to_prefill", "to_decode" or "" (stay), by these loads."""
         cluster = self.cluster
         n_p, n_d = len(cluster.prefills), len(cluster.decodes)
-        now_max = max(prefill, decode)
         moves = []
         if n_d > 1:
             moves.append((max(prefill * n_p / (n_p + 1), decode * n_d / (n_d - 1)), "to_prefill"))
         if n_p > 1:
             moves.append((max(prefill * n_p / (n_p - 1), decode * n_d / (n_d + 1)), "to_decode"))
         if not moves:
-            return
+            return ""
         new_max, move = min(moves)
-        if new_max * self.policy.gain >= now_max:
-            return
+        return move if new_max * self.policy.gain < max(prefill, decode) else ""
+
+    def switch(self, move: str) -> None:
+        cluster = self.cluster
         if move == "to_prefill":   # the decode instance with the least KV to hand over
-            inst = min(cluster.decodes, key=lambda d: d.used)
+            cluster.switch_role(min(cluster.decodes, key=lambda d: d.used))
         else:
-            inst = min(cluster.prefills, key=lambda p: p.used + p.queued_tokens)
-        cluster.switch_role(inst)
+            cluster.switch_role(min(cluster.prefills, key=lambda p: p.used + p.queued_tokens))
 
     def prefill_load(self) -> float:
         cluster, window = self.cluster, self.policy.window_s
