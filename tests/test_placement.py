@@ -78,7 +78,7 @@ def _cand(role, tp, pp, goodput):
 def test_rate_sets_instance_counts_as_algorithm_1():
     prefills = [_cand("prefill", 2, 1, 5.0), _cand("prefill", 1, 1, 1.0)]
     decodes = [_cand("decode", 1, 1, 7.0)]
-    [(_, unit, _, _)] = _pick_pairs(prefills, decodes, total_gpus=32, rate=12.0, keep=3)
+    [(_, unit)] = _pick_pairs(prefills, decodes, total_gpus=32, rate=12.0, keep=3)
     assert (unit.prefill.tp, unit.num_prefill, unit.num_decode) == (2, 3, 2)   # ceil(12/5), ceil(12/7)
     with pytest.raises(ValueError, match="more than the cluster"):
         _pick_pairs(prefills, decodes, total_gpus=4, rate=12.0, keep=3)
@@ -87,7 +87,7 @@ def test_rate_sets_instance_counts_as_algorithm_1():
 def test_without_rate_the_unit_balances_phases_inside_the_cluster():
     prefills = [_cand("prefill", 4, 1, 20.0)]       # 5 req/s per GPU, but 4 GPUs
     decodes = [_cand("decode", 1, 1, 7.0)]
-    [(estimate, unit, _, _), *_] = _pick_pairs(prefills, decodes, total_gpus=8, rate=None, keep=3)
+    [(estimate, unit), *_] = _pick_pairs(prefills, decodes, total_gpus=8, rate=None, keep=3)
     assert (unit.num_prefill, unit.num_decode) == (1, 3)   # min(20, 21) on 7 GPUs beats min(20, 28) on 8
     assert estimate == pytest.approx(20 / 7)
 

@@ -75,7 +75,6 @@ class Placement:
     mode: str
     parts: list[Part]
     candidates: list[Candidate]
-    estimate: float = 0.0              # req/s predicted before the whole placement was simulated
     base: SimConfig = SimConfig()      # the batch limits the simulations assumed
 
     @property
@@ -305,9 +304,8 @@ def _phase_goodputs(searcher: Searcher, role: str, specs: list[Parallelism], bar
 
 
 def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus: int,
-                rate: float | None, keep: int) -> list[tuple[float, Unit, float, float]]:
-    """Algorithm 1's replication, as (estimated per-GPU goodput, unit, prefill goodput, decode
-    goodput). With a rate: the best per-GPU shape of each phase, n = ceil(R / prefill goodput),
+                rate: float | None, keep: int) -> list[tuple[float, Unit]]:
+    """Algorithm 1's replication, as (estimated per-GPU goodput, unit). With a rate: the best per-GPU shape of each phase, n = ceil(R / prefill goodput),
     m = ceil(R / decode goodput). Without: the `keep` best (shapes, smallest (n, m)) by
     min(n*Gp, m*Gd) per GPU among those that fit the cluster together."""
     prefills = [c for c in prefills if c.goodput]
@@ -323,7 +321,7 @@ def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus:
                              f"{bd.num_gpus} GPUs, more than the cluster's {total_gpus}; lower --rate "
                              f"or add nodes")
         unit = Unit("disaggregated", bp.spec, bd.spec, n, m)
-        return [(min(n * bp.goodput, m * bd.goodput) / unit.num_gpus, unit, bp.goodput, bd.goodput)]
+        return [(min(n * bp.goodput, m * bd.goodput) / unit.num_gpus, unit)]
     scored = []
     for p in prefills:
         for d in decodes:
@@ -332,10 +330,9 @@ def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus:
                 for m in range(1, (total_gpus - n * p.num_gpus) // d.num_gpus + 1):
                     per_gpu = min(n * p.goodput, m * d.goodput) / (n * p.num_gpus + m * d.num_gpus)
                     if per_gpu > best * (1 + 1e-9):
-                        best, choice = per_gpu, (Unit("disaggregated", p.spec, d.spec, n, m),
-                                                 p.goodput, d.goodput)
+                        best, choice = per_gpu, Unit("disaggregated", p.spec, d.spec, n, m)
             if choice:
-                scored.append((best, *choice))
+                scored.append((best, choice))
     if not scored:
         raise ValueError(f"no prefill + decode pair fits in {total_gpus} GPUs; add GPUs")
     scored.sort(key=lambda x: -x[0])
@@ -370,21 +367,15 @@ def search_high_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
     # Per-phase goodputs count each SLO alone and ignore migration; attaining both at once is
     # harder, so simulate the few best units whole and keep the best of those.
     units, best = [], 0.0
-    for estimate, unit, gp, gd in _pick_pairs(prefills, decodes, total, rate, keep=VERIFY_TOP):
+    for _, unit in _pick_pairs(prefills, decodes, total, rate, keep=VERIFY_TOP):
         cand = Candidate("disaggregated", unit, goodput=searcher.unit_goodput(unit, best))
         best = max(best, cand.per_gpu or 0.0)
         units.append(cand)
     top = _best_of(units) or units[0]
     top.goodput = top.goodput or 0.0
     copies = 1 if rate is not None else _copies(top.unit, top.goodput, num_nodes, gpus_per_node, None)
-    estimate = min(top.unit.num_prefill * _goodput_of(prefills, top.unit.prefill),
-                   top.unit.num_decode * _goodput_of(decodes, top.unit.decode))
     return Placement(searcher.model.model, "disaggregated", [Part(top.unit, copies, top.goodput)],
-                     prefills + decodes + units, copies * estimate, searcher.base)
-
-
-def _goodput_of(cands: list[Candidate], spec: Parallelism) -> float:
-    return next(c.goodput for c in cands if c.spec == spec)
+                     prefills + decodes + units, searcher.base)
 
 
 # ---------------------------------------------------------------- Algorithm 2: low affinity
@@ -419,7 +410,7 @@ def search_low_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
         raise ValueError("no placement meets the SLO at any rate; loosen the SLOs or add GPUs")
     copies = _copies(top.unit, top.goodput, num_nodes, gpus_per_node, rate)
     return Placement(searcher.model.model, "disaggregated", [Part(top.unit, copies, top.goodput)],
-                     cands, copies * top.goodput, searcher.base)
+                     cands, searcher.base)
 
 
 # ---------------------------------------------------------------- colocated and chunked
@@ -444,7 +435,7 @@ def search_one_engine(searcher: Searcher, mode: str, num_nodes: int, gpus_per_no
         raise ValueError(f"no {mode} configuration meets the SLO at any rate")
     copies = _copies(top.unit, top.goodput, num_nodes, gpus_per_node, rate)
     return Placement(searcher.model.model, mode, [Part(top.unit, copies, top.goodput)], cands,
-                     copies * top.goodput, searcher.base)
+                     searcher.base)
 
 
 # ---------------------------------------------------------------- all modes
@@ -494,8 +485,7 @@ def search(model: LatencyModel, reqs: Sequence[HasLengths], slo: SLO, modes: Seq
                  if c.unit is not None and c.goodput and c.unit.nodes == 1]
         parts = best_fleet(units, num_nodes, gpus_per_node, rate)
         if parts:
-            found["mixed"] = Placement(model.model, "mixed", parts, [],
-                                       sum(p.copies * p.goodput for p in parts), base)
+            found["mixed"] = Placement(model.model, "mixed", parts, [], base)
     placements = {m: found[m] for m in MODES if m in modes and m in found}
     if not placements:
         raise ValueError("; ".join(errors) or "no placement meets the SLO")
