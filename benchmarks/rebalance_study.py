@@ -68,8 +68,9 @@ def rebalance_table(quick: bool = False) -> str:
     rows = [("search's best disaggregated, whole trace", searched.describe(), searched.goodput, "-")]
     rows += [(f"static split {k}P:{GPUS - k}D", split(k).describe(), whole.unit_goodput(split(k)) or 0.0, "-")
              for k in sorted({static_k, first_k, second_k})]
-    for label, k in (("rebalancing from the best static split", static_k),
-                     ("rebalancing from the first half's best split", first_k)):
+    starts = {static_k: "rebalancing from the best static split"}
+    starts.setdefault(first_k, "rebalancing from the first half's best split")
+    for k, label in starts.items():
         g, switches = dynamic(whole, k)
         rows.append((label, f"starts {k}P:{GPUS - k}D", g, str(switches)))
     lines = [f"OPT-13B, 1 x {GPUS} A100 (DistServe's profile), SLO {TTFT:g} s / {TPOT:g} s; "

@@ -119,6 +119,7 @@ class SearchResult:
     cpu_s: float                       # CPU time of the searches (other jobs on the cores excluded)
     num_sims: int
     rate: float | None = None          # the target rate, if the search sized for one
+    failures: list[str] = dataclasses.field(default_factory=list)   # modes with no placement, why
 
     def rank_key(self, p: Placement) -> tuple:
         """Higher is better: goodput per GPU used (the paper's measure), or with a target rate
@@ -137,6 +138,8 @@ class SearchResult:
         for i, p in enumerate(ranked, 1):
             lines.append(f"{i:<5}{p.mode:<15}{p.num_gpus:>5}{p.goodput:>9.2f}{p.per_gpu:>9.3f}  "
                          f"{p.describe()}")
+        lines += [f"{'-':<5}{f.split(':')[0]:<15}{'-':>5}{'-':>9}{'-':>9}  {f.split(': ', 1)[1]}"
+                  for f in self.failures]
         return "\n".join(lines)
 
     def candidates_table(self) -> str:
@@ -490,4 +493,4 @@ def search(model: LatencyModel, reqs: Sequence[HasLengths], slo: SLO, modes: Seq
     if not placements:
         raise ValueError("; ".join(errors) or "no placement meets the SLO")
     return SearchResult(placements, time.perf_counter() - started, sum(o[2] for o in outcomes),
-                        sum(o[1] for o in outcomes), rate)
+                        sum(o[1] for o in outcomes), rate, [e for e in errors if e.split(":")[0] in modes])
