@@ -168,7 +168,7 @@ def test_toml_has_the_server_launcher_keys(opt13b_low_affinity):
                       "context_tensor_parallel_size": 2, "context_pipeline_parallel_size": 1,
                       "decoding_tensor_parallel_size": 1, "decoding_pipeline_parallel_size": 1,
                       "num_prefill_instances": 1, "num_decode_instances": 1,
-                      "context_max_batch_size": 256, "context_max_tokens_per_batch": 8192,
+                      "context_max_batch_size": 128, "context_max_tokens_per_batch": 8192,
                       "decoding_max_batch_size": 1024}
     EngineConfig.from_dict(config)
 

@@ -44,10 +44,11 @@ class SimConfig:
     decode: Parallelism = Parallelism()
     num_prefill: int = 1
     num_decode: int = 1
-    # Batch limits: the artifact's settings for its simulated runs (DistServe's OPT launch
-    # scripts: prefill 256 sequences / 8192 tokens, decode 1024 sequences), kept here rather
-    # than EngineConfig's, whose defaults size a small real engine.
-    prefill_max_batch: int = 256
+    # Batch limits: the artifact's settings (its api-server launch for the OPT runs: context
+    # 128 sequences / 8192 tokens, decoding 1024 sequences), kept here rather than
+    # EngineConfig's, whose defaults size a small real engine. Its decoding limit of 65,536
+    # tokens is not modelled (DistServe's simulator caps a step at 50,000 context tokens).
+    prefill_max_batch: int = 128
     prefill_max_tokens: int = 8192
     decode_max_batch: int = 1024
     kv_link_bytes_per_s: float = CROSS_NODE_BYTES_PER_S
