@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsjax.eval.workloads import Dataset, TestRequest, save_dataset
-from dsjax.placement import main as placement_main
+from dsjax.placement import main as placement_main, output_paths
 from dsjax.config import EngineConfig
 from dsjax.eval.placement_search import (REL_TOLERANCE, SLO, Candidate, _copies, _pick_pairs, max_rate,
                                          search)
@@ -198,3 +198,8 @@ def test_cli_prints_the_ranking_and_ends_with_the_best_line(tmp_path, capsys):
     assert "host overhead 2 ms + 0.0001 ms/token" in out
     assert re.search(r"^best: mode=disaggregated prefill tp=\d+ pp=\d+ x \d+, decode tp=\d+ pp=\d+ x \d+, "
                      r"goodput [\d.]+ req/s per GPU$", out, re.M)
+
+
+def test_a_mixed_fleet_gets_one_config_file_per_part(tmp_path):
+    assert output_paths(str(tmp_path / "p.toml"), 3) == \
+        [tmp_path / "p.toml", tmp_path / "p.2.toml", tmp_path / "p.3.toml"]
