@@ -17,10 +17,11 @@ COLORS = {"distserve": "tab:green", "vllm": "tab:blue", "openai": "tab:blue", "c
 
 
 def _plot_curves(ax, xs_by_backend: dict[str, Sequence[float]],
-                 curves_by_backend: dict[str, dict[str, Sequence[float]]], target: float) -> None:
+                 curves_by_backend: dict[str, dict[str, Sequence[float]]], target: float,
+                 kinds: Sequence[str] = ("both", "ttft", "tpot")) -> None:
     for i, (backend, xs) in enumerate(xs_by_backend.items()):
         color = COLORS.get(backend, f"C{i + 2}")
-        for kind, style, marker, label in KIND_STYLES:
+        for kind, style, marker, label in (k for k in KIND_STYLES if k[0] in kinds):
             ax.plot(xs, [100 * v for v in curves_by_backend[backend][kind]], linestyle=style,
                     marker=marker, markersize=4, color=color, label=f"{backend} ({label})")
     ax.axhline(100 * target, **TARGET_LINE)
@@ -30,16 +31,18 @@ def _plot_curves(ax, xs_by_backend: dict[str, Sequence[float]],
 
 
 def plot_attainment_vs_rate(ax, rates: dict[str, Sequence[float]],
-                            curves: dict[str, dict[str, Sequence[float]]], target: float = 0.9) -> None:
-    """rates: backend -> per-GPU rates; curves: backend -> {"both"|"ttft"|"tpot": attainments}."""
-    _plot_curves(ax, rates, curves, target)
+                            curves: dict[str, dict[str, Sequence[float]]], target: float = 0.9,
+                            kinds: Sequence[str] = ("both", "ttft", "tpot")) -> None:
+    """rates: backend -> per-GPU rates; curves: backend -> {"both"|"ttft"|"tpot": attainments};
+    kinds: which of the three curves to draw."""
+    _plot_curves(ax, rates, curves, target, kinds)
     ax.set_xlabel("Per-GPU rate (req/s)")
 
 
 def plot_attainment_vs_slo_scale(ax, scales: dict[str, Sequence[float]],
                                  curves: dict[str, dict[str, Sequence[float]]],
-                                 target: float = 0.9) -> None:
-    _plot_curves(ax, scales, curves, target)
+                                 target: float = 0.9, kinds: Sequence[str] = ("both", "ttft", "tpot")) -> None:
+    _plot_curves(ax, scales, curves, target, kinds)
     ax.set_xlabel("SLO scale")
     ax.invert_xaxis()   # tighter SLOs to the right, as in the paper
 

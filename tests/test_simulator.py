@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from dsjax.eval.workloads import Dataset, TestRequest, save_dataset
-from dsjax.eval.latency_model import (LatencyModel, StepCoeffs, fit_decode, fit_prefill, load_profile,
-                            save_profile)
+from dsjax.config import EngineConfig
+from dsjax.eval.latency_model import (LatencyModel, StepCoeffs, StepOverhead, fit_decode, fit_overhead,
+                                      fit_prefill, load_profile, save_profile, scale_model)
 from dsjax.eval.results import load_exp
 from dsjax.eval.simulator import Cluster, Parallelism, SimConfig, poisson_arrivals, simulate
 from dsjax.eval.simulator.__main__ import main as simulator_main
+from dsjax.eval.simulator.pipeline import Pipeline
 
 # Round numbers so every time below can be worked out by hand (ms).
 PREFILL = (10.0, 0.1, 0.0)        # 10 + 0.1 * tokens
@@ -231,3 +233,86 @@ def test_cli_writes_an_exp_file(tmp_path, capsys):
     assert len(results) == 20
     assert all(len(r.token_timestamps) == r.output_len for r in results)
     assert "SLO attainment: both 100.0%" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- host overhead per step
+
+OVERHEAD = StepOverhead(2.0, 0.001)     # 2 ms + 0.001 ms per context token
+
+
+def test_overhead_is_charged_once_per_step_in_every_mode():
+    model = toy_model().with_overhead(OVERHEAD)
+    first = (10 + 0.1 * 100 + 2 + 0.001 * 100) / 1e3
+    step = lambda ctx: (decode_ms([ctx]) + 2 + 0.001 * ctx) / 1e3
+    [r] = run(model, [req(100, 3)], [0.0], kv_link_bytes_per_s=1e18)
+    assert r.token_timestamps() == pytest.approx([first, first + step(101), first + step(101) + step(102)])
+    [c] = run(model, [req(100, 3)], [0.0], mode="colocated")
+    assert c.token_timestamps() == pytest.approx(r.token_timestamps())
+
+
+def test_fit_overhead_recovers_the_terms_and_keeps_them_non_negative():
+    tokens = [0, 500, 1000, 4000, 20000]
+    got = fit_overhead(tokens, [2 + 1e-4 * t for t in tokens])
+    assert (got.base_ms, got.per_token_ms) == pytest.approx((2.0, 1e-4))
+    flat = fit_overhead([100, 200, 300], [3.0, 2.9, 2.8])          # slope < 0: a constant
+    assert (flat.base_ms, flat.per_token_ms) == pytest.approx((2.9, 0.0))
+    proportional = fit_overhead([100, 200, 300], [0.1, 0.3, 0.5])  # base < 0: through zero
+    assert proportional.base_ms == 0.0
+    assert proportional.per_token_ms == pytest.approx(np.dot([100, 200, 300], [0.1, 0.3, 0.5]) / 140_000)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_overhead([1], [1.0])
+
+
+def test_overhead_round_trips_through_the_profile_and_defaults_to_none(tmp_path):
+    path = tmp_path / "prof.json"
+    save_profile(path, "opt-13b", {1: StepCoeffs(PREFILL, DECODE, DECODE)}, overhead=OVERHEAD)
+    assert json.loads(path.read_text())["facebook/opt-13b"]["step_overhead_ms"] == \
+        {"base": 2.0, "per_token": 0.001}
+    assert load_profile(path, "opt-13b").overhead == OVERHEAD
+    assert load_profile(None, "opt-13b").overhead == StepOverhead()      # DistServe's A100 file
+    assert StepOverhead.parse("2,0.0001") == StepOverhead(2.0, 0.0001)
+    with pytest.raises(ValueError, match="BASE_MS,PER_TOKEN_MS"):
+        StepOverhead.parse("2")
+
+
+# ---------------------------------------------------------------- pipelines
+
+def test_pipeline_stages_are_fifo_queues():
+    p = Pipeline(2)
+    assert p.run(0.0, 3.0, 2.0) == 5.0      # stage 0 [0, 3], stage 1 [3, 5]
+    assert p.run(0.0, 1.0, 1.0) == 6.0      # stage 0 [3, 4], stage 1 waits for [5, 6]
+    assert p.free_at() == 4.0
+
+
+def test_colocated_pipeline_lanes_stall_behind_a_prefill_stage_by_stage():
+    # PP 2: a stage takes half the step (prefill: plus 1 ms hand-off). By hand (ms): r0's
+    # prefill holds stage 0 [0, 11] and stage 1 [11, 22]; r1 (arrived at 5) waits for stage 0,
+    # prefills [11, 22] and [22, 33]; r0's first decode step (3.505 per stage) takes stage 0
+    # at 22 but waits for stage 1 until 33: its token comes at 36.505, not 29.01.
+    model = toy_model(pp_capacity={(1, 2): 100_000})
+    r0, r1 = run(model, [req(100, 3), req(100, 2)], [0.0, 0.005], mode="colocated",
+                 prefill=Parallelism(1, 2))
+    assert r0.token_timestamps() == pytest.approx([0.022, 0.036505, 0.043525])
+    assert r1.token_timestamps() == pytest.approx([0.033, 0.04001])
+
+
+def test_simulator_reads_the_pull_policy_from_the_engine_config():
+    assert SimConfig().decode_waiting_share == EngineConfig().decoding_waiting_share
+
+
+# ---------------------------------------------------------------- OPT-175B from two measured sizes
+
+def test_scaled_profile_grows_with_size_between_no_gain_and_flops():
+    m13, m66 = load_profile(None, "opt-13b"), load_profile(None, "opt-66b")
+    m175 = scale_model(m66, m13, "opt-175b")
+    flops = m175.config.num_params() / m66.config.num_params()       # about 2.6
+    for tp in (4, 8):
+        for ratio in (m175.prefill_ms([512], tp) / m66.prefill_ms([512], tp),
+                      m175.decode_ms([700] * 32, tp) / m66.decode_ms([700] * 32, tp)):
+            assert 1.5 < ratio < flops
+    assert m175.kv_capacity_tokens(3, 3) == 76192                    # max_num_tokens.csv
+    # The exponent is the one that maps OPT-13B onto OPT-66B at the degrees both measured.
+    back = scale_model(m13, m66, "opt-66b")
+    logs = [np.log(back.prefill_ms([n], tp) / m66.prefill_ms([n], tp))
+            for tp in (2, 4) for n in (128, 512, 1024, 2048)]
+    assert np.mean(logs) == pytest.approx(0.0, abs=1e-9)

@@ -4,15 +4,18 @@ File format (DistServe's `profiler-*.json`): {model: {str(tp): {"prefill": [a, b
 "decoding_smallbs": [a, b, c], "decoding_largebs": [a, b, c],
 "decoding_large_small_bs_threshold": n}}}, times in ms:
   prefill ms = a + b*sum(len) + c*sum(len^2);  decode ms = a + b*sum(ctx) + c*batch.
-Our additions, ignored by DistServe's loader: per model "kv_capacity_tokens": {"<tp>x<pp>": tokens},
+Our additions, ignored by DistServe's loader: per model "kv_capacity_tokens": {"<tp>x<pp>": tokens}
+and "step_overhead_ms": {"base": ms, "per_token": ms} (host time per step, see StepOverhead),
 and a top-level "hardware": {"gpu": name, "gpu_memory_bytes": bytes}.
 KV capacity also comes from DistServe's max_num_tokens.csv beside the JSON when present.
+DistServe's A100 files carry no overhead term: a model without "step_overhead_ms" gets none.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,6 +32,38 @@ DEFAULT_BS_THRESHOLD = 95
 PP_STAGE_OVERHEAD_MS = 1.0
 
 Coeffs = tuple[float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOverhead:
+    """Host time a step costs on top of its kernels (scheduling, input packing, dispatch, output
+    handling): base_ms + per_token_ms * tokens, where tokens is the step's context: the prompt
+    tokens of a prefill batch, the context sum of a decode batch, both for a mixed iteration.
+    DistServe's simulator charges 2 ms + 0.0001 ms/token per step for Ray; whether a real engine
+    pays that is a measurement, so the term is fitted (fit_overhead) and stored per profile."""
+    base_ms: float = 0.0
+    per_token_ms: float = 0.0
+
+    def ms(self, tokens: float) -> float:
+        return self.base_ms + self.per_token_ms * tokens
+
+    def to_json(self) -> dict:
+        return {"base": self.base_ms, "per_token": self.per_token_ms}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "StepOverhead":
+        return cls(float(d["base"]), float(d["per_token"]))
+
+    @classmethod
+    def parse(cls, text: str) -> "StepOverhead":
+        """"A,B" (ms, ms per token), as the command lines take it."""
+        try:
+            base, per_token = (float(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"overhead {text!r}: write BASE_MS,PER_TOKEN_MS, e.g. 2,0.0001") from None
+        if base < 0 or per_token < 0:
+            raise ValueError(f"overhead {text!r}: both terms must be >= 0")
+        return cls(base, per_token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +102,7 @@ class LatencyModel:
 
     def __init__(self, model: str, coeffs: Mapping[int, StepCoeffs],
                  kv_capacity: Mapping[tuple[int, int], int] | None = None,
-                 gpu_memory_bytes: float = A100_MEMORY_BYTES):
+                 gpu_memory_bytes: float = A100_MEMORY_BYTES, overhead: StepOverhead = StepOverhead()):
         if not coeffs:
             raise ValueError(f"no step coefficients for {model}; profile it first "
                              f"(the profile's model keys must match)")
@@ -75,8 +110,12 @@ class LatencyModel:
         self.measured = dict(sorted(coeffs.items()))
         self.kv_capacity = dict(kv_capacity or {})
         self.gpu_memory_bytes = gpu_memory_bytes
+        self.overhead = overhead
         self.config = OPTConfig.from_name(self.model)
         self._cache: dict[int, StepCoeffs] = {}
+
+    def with_overhead(self, overhead: StepOverhead) -> "LatencyModel":
+        return LatencyModel(self.model, self.measured, self.kv_capacity, self.gpu_memory_bytes, overhead)
 
     def coeffs(self, tp: int) -> StepCoeffs:
         if tp in self.measured:
@@ -114,6 +153,11 @@ class LatencyModel:
         co = self.coeffs(tp)
         a, b, c = co.decode_small if batch < co.bs_threshold else co.decode_large
         return (a + b * sum_ctx + c * batch) / pp
+
+    def overhead_ms(self, tokens: float) -> float:
+        """Host time of one step over `tokens` context tokens (StepOverhead), charged once per
+        step however many pipeline stages it crosses."""
+        return self.overhead.ms(tokens)
 
     def prefill_ms(self, lengths: Sequence[int], tp: int, pp: int = 1) -> float:
         """Stage time of a prefill batch of these prompt lengths (see prefill_stage_ms)."""
@@ -172,7 +216,9 @@ def load_profile(path: str | os.PathLike | None, model: str,
         tp, pp = (int(x) for x in tp_pp.split("x"))
         kv[(tp, pp)] = int(tokens)
     memory = float(data.get("hardware", {}).get("gpu_memory_bytes", A100_MEMORY_BYTES))
-    return LatencyModel(key, coeffs, kv, memory)
+    overhead = StepOverhead.from_json(entry["step_overhead_ms"]) if "step_overhead_ms" in entry \
+        else StepOverhead()
+    return LatencyModel(key, coeffs, kv, memory, overhead)
 
 
 def _read_kv_csv(path: Path, model: str) -> dict[tuple[int, int], int]:
@@ -185,13 +231,15 @@ def _read_kv_csv(path: Path, model: str) -> dict[tuple[int, int], int]:
 
 def save_profile(path: str | os.PathLike, model: str, coeffs: Mapping[int, StepCoeffs],
                  kv_capacity: Mapping[tuple[int, int], int] | None = None,
-                 hardware: Mapping | None = None) -> None:
+                 hardware: Mapping | None = None, overhead: StepOverhead | None = None) -> None:
     """Write (or merge into an existing file) one model's entry in DistServe's format."""
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
     entry = {str(tp): c.to_json() for tp, c in sorted(coeffs.items())}
     if kv_capacity:
         entry["kv_capacity_tokens"] = {f"{tp}x{pp}": int(n) for (tp, pp), n in sorted(kv_capacity.items())}
+    if overhead is not None:
+        entry["step_overhead_ms"] = overhead.to_json()
     data[canonical_model_name(model)] = entry
     if hardware:
         data["hardware"] = dict(hardware)
@@ -230,3 +278,63 @@ def fit_decode(batches: Sequence[Sequence[int]], ms: Sequence[float],
     small = fits.get(True, fits.get(False))
     large = fits.get(False, small)
     return small, large
+
+
+def fit_overhead(tokens: Sequence[float], ms: Sequence[float]) -> StepOverhead:
+    """StepOverhead from measured steps: `tokens` each step's context tokens (as StepOverhead
+    counts them), `ms` the host time it took beyond its kernels (e.g. the engine's whole step
+    minus the timed model step). Least squares of ms = base + per_token * tokens with both terms
+    kept >= 0: a negative slope is noise around a constant, a negative base means no base."""
+    if len(tokens) != len(ms):
+        raise ValueError(f"fit_overhead: {len(tokens)} token counts but {len(ms)} times")
+    if len(ms) < 2:
+        raise ValueError(f"fitting the step overhead needs at least 2 timed steps, got {len(ms)}")
+    x, y = np.asarray(tokens, float), np.asarray(ms, float)
+    if np.ptp(x) > 0:
+        per_token, base = np.polyfit(x, y, 1)
+        if per_token >= 0 and base >= 0:
+            return StepOverhead(float(base), float(per_token))
+    # The unconstrained optimum has a negative term: the best fit keeps one term at 0.
+    flat = StepOverhead(max(float(y.mean()), 0.0), 0.0)
+    through_zero = StepOverhead(0.0, max(float(x @ y / (x @ x)), 0.0) if x @ x > 0 else 0.0)
+    sse = lambda o: float(((y - o.base_ms - o.per_token_ms * x) ** 2).sum())
+    return min((flat, through_zero), key=sse)
+
+
+# Representative steps for fitting size exponents: single prompts, and decode batches at a
+# ShareGPT-like mean context.
+_SIZE_FIT_PROMPTS = (128, 512, 1024, 2048)
+_SIZE_FIT_DECODE_BATCHES = (8, 32, 128)
+_SIZE_FIT_CONTEXT = 1000
+
+
+def scale_model(source: LatencyModel, reference: LatencyModel, target: str,
+                kv_csv: str | os.PathLike | None = None) -> LatencyModel:
+    """A profile for an OPT size nobody profiled (DistServe's files stop at OPT-66B), from two
+    measured sizes: per phase, step time ~ (parameters)^k, with k fitted on the TP degrees both
+    `source` and `reference` measured (geometric mean over representative steps); `source`'s
+    coefficients are then multiplied by (target params / source params)^k. Scaling by FLOPs
+    alone (k = 1) overstates OPT-66B from OPT-13B by 1.3-1.7x: bigger matrices use the GPU
+    better. KV capacities come from max_num_tokens.csv (it covers OPT-175B), else from memory."""
+    shared = sorted(set(source.measured) & set(reference.measured))
+    if not shared:
+        raise ValueError(f"{source.model} and {reference.model} share no measured TP degree")
+    size_ratio = source.config.num_params() / reference.config.num_params()
+    dst = OPTConfig.from_name(canonical_model_name(target))
+    grow = dst.num_params() / source.config.num_params()
+
+    def factor(step) -> float:
+        logs = [math.log(step(source, tp) / step(reference, tp)) for tp in shared]
+        return grow ** (sum(logs) / len(logs) / math.log(size_ratio))
+
+    prefill = factor(lambda m, tp: math.prod(m.prefill_ms([n], tp) for n in _SIZE_FIT_PROMPTS))
+    decode = factor(lambda m, tp: math.prod(m.decode_ms([_SIZE_FIT_CONTEXT] * b, tp)
+                                            for b in _SIZE_FIT_DECODE_BATCHES))
+    prefill, decode = prefill ** (1 / len(_SIZE_FIT_PROMPTS)), decode ** (1 / len(_SIZE_FIT_DECODE_BATCHES))
+    times = lambda c, f: tuple(x * f for x in c)
+    coeffs = {tp: StepCoeffs(times(c.prefill, prefill), times(c.decode_small, decode),
+                             times(c.decode_large, decode), c.bs_threshold)
+              for tp, c in source.measured.items()}
+    key = canonical_model_name(target)
+    kv = _read_kv_csv(Path(kv_csv) if kv_csv else DEFAULT_PROFILE.parent / "max_num_tokens.csv", key)
+    return LatencyModel(key, coeffs, kv, source.gpu_memory_bytes, source.overhead)

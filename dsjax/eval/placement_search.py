@@ -1,23 +1,36 @@
-"""Goodput-optimal placement search (DistServe's Algorithms 1 and 2) over the simulator.
+"""Goodput-optimal placement search over serving modes, on the simulator.
 
-Goodput of a configuration = the highest arrival rate whose simulated SLO attainment reaches the
-target, found by bracketing then bisection on the rate. A candidate is first tried at the rate
-that would only tie the best per-GPU goodput so far; if it fails there it cannot win and is
-dropped after one simulation (the artifact prunes the same way).
+Modes: "disaggregated" (DistServe's Algorithms 1 and 2), "colocated" (one engine per instance,
+vLLM's scheduling, every TP x PP shape), "chunked" (Sarathi's chunked prefill, every shape and
+token budget in CHUNK_BUDGETS) and "mixed" (a fleet of units of those modes; see fleet.py).
+
+Goodput of a unit = the highest arrival rate whose simulated SLO attainment reaches the target,
+found by bracketing then bisection on the rate. A candidate is first tried at the rate that
+would only tie the best per-GPU goodput so far in its mode; if it fails there it cannot win and
+is dropped after one simulation (the artifact prunes the same way). Modes are compared per GPU
+used, as the paper does; the unit is copied to fill the cluster.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from dsjax.eval.fleet import Part, best_fleet
 from dsjax.eval.latency_model import LatencyModel
-from dsjax.eval.simulator import (CROSS_NODE_BYTES_PER_S, NVLINK_BYTES_PER_S, Parallelism, SimConfig,
-                             SimRequest, StopSimulation, simulate)
+from dsjax.eval.simulator import Parallelism, SimConfig, SimRequest, StopSimulation, simulate
 from dsjax.eval.simulator.cluster import HasLengths
+from dsjax.eval.units import Unit
 
+MODES = ("disaggregated", "colocated", "chunked", "mixed")
+# Tokens per chunked iteration (decodes + prompt chunks), largest first: large budgets usually
+# win on throughput, and the best found early prunes the rest in one simulation each.
+CHUNK_BUDGETS = (4096, 2048, 1024, 512, 256)
 REL_TOLERANCE = 0.02      # stop bisecting when hi / lo < 1.02
 MIN_RATE = 1e-3
 MAX_RATE_PER_GPU = 100.0  # bracketing stops here: an SLO loose enough to pass beyond it is unbounded
@@ -36,69 +49,106 @@ class SLO:
 
 @dataclasses.dataclass
 class Candidate:
-    role: str                          # "prefill", "decode", "pair" or "colocated"
-    prefill: Parallelism | None
-    decode: Parallelism | None
-    num_gpus: int
-    goodput: float | None = None       # req/s of one instance (pair); None: pruned, cannot win
-    note: str = ""
-    nodes: int = 1                     # nodes a low-affinity unit spans (inter-node PP degree)
+    """One simulated shape: a phase alone (role "prefill" / "decode") or a whole unit."""
+    role: str                          # "prefill", "decode", or a unit's mode
+    unit: Unit | None                  # None for a phase alone
+    spec: Parallelism | None = None    # a phase alone: its shape
+    goodput: float | None = None       # req/s of one unit or instance; None: pruned, cannot win
+    note: str = ""                     # why it was not simulated
+
+    @property
+    def num_gpus(self) -> int:
+        return self.unit.num_gpus if self.unit else self.spec.num_gpus
 
     @property
     def per_gpu(self) -> float | None:
         return None if self.goodput is None else self.goodput / self.num_gpus
 
+    def describe(self) -> str:
+        return self.unit.describe() if self.unit else f"{self.role} tp={self.spec.tp} pp={self.spec.pp}"
+
 
 @dataclasses.dataclass
 class Placement:
+    """A mode's answer: copies of one unit (or, for "mixed", of several) and their goodput."""
     model: str
-    mode: str                          # "disaggregated" or "colocated"
-    prefill: Parallelism
-    decode: Parallelism
-    num_prefill: int
-    num_decode: int
-    goodput: float                     # req/s of the whole placement, simulated
+    mode: str
+    parts: list[Part]
     candidates: list[Candidate]
-    estimate: float = 0.0              # req/s predicted from the per-phase goodputs
+    base: SimConfig = SimConfig()      # the batch limits the simulations assumed
+
+    @property
+    def goodput(self) -> float:
+        return sum(p.copies * p.goodput for p in self.parts)
 
     @property
     def num_gpus(self) -> int:
-        if self.mode == "colocated":
-            return self.num_prefill * self.prefill.num_gpus
-        return self.num_prefill * self.prefill.num_gpus + self.num_decode * self.decode.num_gpus
+        return sum(p.copies * p.unit.num_gpus for p in self.parts)
 
     @property
     def per_gpu(self) -> float:
         return self.goodput / self.num_gpus
 
-    def best_line(self) -> str:
-        p, d = self.prefill, self.decode
-        return (f"best: prefill tp={p.tp} pp={p.pp} x {self.num_prefill}, decode tp={d.tp} pp={d.pp} "
-                f"x {self.num_decode}, goodput {self.per_gpu:.2f} req/s per GPU")
+    def describe(self) -> str:
+        if self.mode != "mixed":
+            return self.parts[0].unit.describe(self.parts[0].copies)
+        return " + ".join(f"{p.unit.mode} {p.unit.describe(p.copies)}" for p in self.parts)
 
-    def to_toml(self) -> str:
+    def best_line(self) -> str:
+        return f"best: mode={self.mode} {self.describe()}, goodput {self.per_gpu:.2f} req/s per GPU"
+
+    def to_toml(self) -> list[str]:
+        """One server config per part (a mixed fleet runs several kinds of server behind a
+        load balancer that splits traffic in proportion to their goodputs)."""
         name = self.model.removeprefix("facebook/")
-        if self.mode == "colocated":
-            # The colocated engine runs one instance with the context parallelism; replicas are
-            # separate servers (noted in the comment).
-            return (f'# {self.num_prefill} replica(s) of this instance\nmode = "colocated"\n'
-                    f'model = "{name}"\ncontext_tensor_parallel_size = {self.prefill.tp}\n'
-                    f'context_pipeline_parallel_size = {self.prefill.pp}\n')
-        return (f'mode = "disaggregated"\nmodel = "{name}"\n'
-                f'context_tensor_parallel_size = {self.prefill.tp}\n'
-                f'context_pipeline_parallel_size = {self.prefill.pp}\n'
-                f'decoding_tensor_parallel_size = {self.decode.tp}\n'
-                f'decoding_pipeline_parallel_size = {self.decode.pp}\n'
-                f'num_prefill_instances = {self.num_prefill}\nnum_decode_instances = {self.num_decode}\n')
+        total = self.goodput
+        out = []
+        for i, p in enumerate(self.parts):
+            head = f"# {self.best_line()}\n"
+            if len(self.parts) > 1:
+                head += (f"# part {i + 1} of {len(self.parts)} of a mixed fleet: give it "
+                         f"{p.copies * p.goodput / total:.0%} of the traffic\n")
+            out.append(head + p.unit.to_toml(name, p.copies, self.base))
+        return out
+
+
+@dataclasses.dataclass
+class SearchResult:
+    placements: dict[str, Placement]   # mode -> its best placement
+    elapsed_s: float                   # wall clock
+    cpu_s: float                       # CPU time of the searches (other jobs on the cores excluded)
+    num_sims: int
+    rate: float | None = None          # the target rate, if the search sized for one
+    failures: list[str] = dataclasses.field(default_factory=list)   # modes with no placement, why
+
+    def rank_key(self, p: Placement) -> tuple:
+        """Higher is better: goodput per GPU used (the paper's measure), or with a target rate
+        the fewest GPUs. Ties go to the simpler mode (MODES order)."""
+        if self.rate is None:
+            return (round(p.per_gpu, 9), -MODES.index(p.mode))
+        return (-p.num_gpus, round(p.goodput, 9), -MODES.index(p.mode))
+
+    @property
+    def best(self) -> Placement:
+        return max(self.placements.values(), key=self.rank_key)
 
     def table(self) -> str:
-        lines = [f"{'role':<10}{'prefill':>12}{'decode':>12}{'GPUs':>6}{'req/s':>10}{'per GPU':>10}  note"]
-        for c in self.candidates:
-            spec = lambda s: f"tp{s.tp} pp{s.pp}" if s else "-"
-            rate = "-" if c.note else "pruned" if c.goodput is None else f"{c.goodput:.2f}"
-            per = "" if c.per_gpu is None else f"{c.per_gpu:.3f}"
-            lines.append(f"{c.role:<10}{spec(c.prefill):>12}{spec(c.decode):>12}{c.num_gpus:>6}"
-                         f"{rate:>10}{per:>10}  {c.note}")
+        ranked = sorted(self.placements.values(), key=self.rank_key, reverse=True)
+        lines = [f"{'rank':<5}{'mode':<15}{'GPUs':>5}{'req/s':>9}{'per GPU':>9}  placement"]
+        for i, p in enumerate(ranked, 1):
+            lines.append(f"{i:<5}{p.mode:<15}{p.num_gpus:>5}{p.goodput:>9.2f}{p.per_gpu:>9.3f}  "
+                         f"{p.describe()}")
+        lines += [f"{'-':<5}{f.split(':')[0]:<15}{'-':>5}{'-':>9}{'-':>9}  {f.split(': ', 1)[1]}"
+                  for f in self.failures]
+        return "\n".join(lines)
+
+    def candidates_table(self) -> str:
+        lines = [f"{'mode':<15}{'GPUs':>5}{'req/s':>9}{'per GPU':>9}  candidate"]
+        for mode, p in self.placements.items():
+            for c in p.candidates:
+                rate = c.note or ("pruned" if c.goodput is None else f"{c.goodput:.2f}")
+                per = "" if c.per_gpu is None else f"{c.per_gpu:.3f}"
+                lines.append(f"{mode:<15}{c.num_gpus:>5}{rate:>9}{per:>9}  {c.describe()}")
         return "\n".join(lines)
 
 
@@ -142,11 +192,12 @@ def max_rate(passes: Callable[[float], bool], start: float, floor: float = 0.0,
 
 
 class Searcher:
-    """Runs simulations for one model, request sample and SLO."""
+    """Runs simulations for one model, request sample, SLO and arrival burstiness (cv)."""
 
     def __init__(self, model: LatencyModel, reqs: Sequence[HasLengths], slo: SLO, seed: int = 0,
-                 base: SimConfig = SimConfig()):
-        self.model, self.reqs, self.slo, self.seed, self.base = model, list(reqs), slo, seed, base
+                 base: SimConfig = SimConfig(), cv: float = 1.0):
+        self.model, self.reqs, self.slo, self.seed, self.base, self.cv = \
+            model, list(reqs), slo, seed, base, cv
         self.num_sims = 0
         self.max_context = max(r.prompt_len + r.output_len for r in self.reqs)
 
@@ -158,20 +209,28 @@ class Searcher:
         self.num_sims += 1
         reqs = self.requests_for(rate)
         allowed = math.floor((1 - self.slo.attainment) * len(reqs) + 1e-9)
-        misses = 0
+        missed: set[int] = set()
         ttft_slo, tpot_slo = self.slo.ttft, self.slo.tpot
         check_ttft, check_tpot = metric in ("both", "ttft"), metric in ("both", "tpot")
 
-        def watch(req: SimRequest) -> None:
-            # Overloaded runs are the slow ones; stop once the target is out of reach.
-            nonlocal misses
+        # Overloaded runs are the slow ones; stop once the target is out of reach. A TTFT miss
+        # is known at the first token, long before the request finishes.
+        def miss(req: SimRequest) -> None:
+            missed.add(req.rid)
+            if len(missed) > allowed:
+                raise StopSimulation
+
+        def first_token(req: SimRequest) -> None:
+            if check_ttft and req.ttft() > ttft_slo:
+                miss(req)
+
+        def finished(req: SimRequest) -> None:
             if (check_ttft and req.ttft() > ttft_slo) or (check_tpot and req.tpot() > tpot_slo):
-                misses += 1
-                if misses > allowed:
-                    raise StopSimulation
+                miss(req)
 
         try:
-            simulate(self.model, reqs, rate, config, seed=self.seed, watcher=watch)
+            simulate(self.model, reqs, rate, config, seed=self.seed, cv=self.cv, watcher=finished,
+                     first_token_watcher=first_token)
         except StopSimulation:
             return False
         return True
@@ -179,6 +238,9 @@ class Searcher:
     def goodput(self, config: SimConfig, metric: str, num_gpus: int, best_per_gpu: float) -> float | None:
         return max_rate(lambda r: self.attains(config, r, metric), start=num_gpus,
                         floor=best_per_gpu * num_gpus, ceiling=MAX_RATE_PER_GPU * num_gpus)
+
+    def unit_goodput(self, unit: Unit, best_per_gpu: float = 0.0) -> float | None:
+        return self.goodput(unit.sim_config(self.base), "both", unit.num_gpus, best_per_gpu)
 
     def fits(self, spec: Parallelism) -> str:
         """'' when an instance of this shape holds the longest request's KV, else the reason."""
@@ -197,24 +259,13 @@ def parallel_degrees(model: LatencyModel, max_tp: int, max_pp: int) -> tuple[lis
     return tps, pps
 
 
-# ---------------------------------------------------------------- Algorithm 1: high affinity
-
-def _phase_goodputs(searcher: Searcher, role: str, specs: list[Parallelism], bar) -> list[Candidate]:
-    """Every shape's goodput for one phase alone. No pruning: the best pair must also fit the
-    cluster together, so a shape that loses per GPU may still be the one used."""
-    mode, metric = ("prefill_only", "ttft") if role == "prefill" else ("decode_only", "tpot")
-    out = []
-    for spec in specs:
-        cand = Candidate(role, spec if role == "prefill" else None, spec if role == "decode" else None,
-                         spec.num_gpus)
-        cand.note = searcher.fits(spec)
-        if not cand.note:
-            config = dataclasses.replace(searcher.base, mode=mode, prefill=spec, decode=spec,
-                                         num_prefill=1, num_decode=1)
-            cand.goodput = searcher.goodput(config, metric, spec.num_gpus, 0.0)
-        out.append(cand)
-        bar.update(1)
-    return out
+def instance_shapes(model: LatencyModel, num_nodes: int, gpus_per_node: int) -> list[Parallelism]:
+    """Every (TP, PP) that fits the cluster, fewest GPUs first (cheap simulations raise the
+    pruning floor before the expensive ones run)."""
+    total = num_nodes * gpus_per_node
+    tps, pps = parallel_degrees(model, gpus_per_node, total)
+    return sorted((Parallelism(t, p) for t in tps for p in pps if t * p <= total),
+                  key=lambda s: (s.num_gpus, s.pp))
 
 
 def _best_of(cands: list[Candidate]) -> Candidate | None:
@@ -223,11 +274,43 @@ def _best_of(cands: list[Candidate]) -> Candidate | None:
     return max(ok, key=lambda c: (round(c.per_gpu, 9), -c.num_gpus), default=None)
 
 
+def _copies(unit: Unit, goodput: float, num_nodes: int, gpus_per_node: int, rate: float | None) -> int:
+    """Copies of a unit: as many as the cluster holds, or with a rate as many as it needs."""
+    fit = (num_nodes // unit.nodes) * (gpus_per_node // (unit.num_gpus // unit.nodes)) \
+        if unit.nodes > 1 else num_nodes * gpus_per_node // unit.num_gpus
+    if rate is None:
+        return fit
+    need = math.ceil(rate / goodput)
+    if need > fit:
+        raise ValueError(f"serving {rate} req/s needs {need} copies of {unit.describe()} "
+                         f"({unit.num_gpus} GPUs each); the cluster holds {fit}. Lower --rate or add nodes")
+    return need
+
+
+# ---------------------------------------------------------------- Algorithm 1: high affinity
+
+def _phase_goodputs(searcher: Searcher, role: str, specs: list[Parallelism], bar,
+                    floor: Callable[[list[Candidate]], float] = lambda done: 0.0) -> list[Candidate]:
+    """Each shape's goodput for one phase alone; `floor(done so far)` is the per-GPU goodput a
+    shape must reach to matter (0: simulate it whole)."""
+    mode, metric = ("prefill_only", "ttft") if role == "prefill" else ("decode_only", "tpot")
+    out: list[Candidate] = []
+    for spec in specs:
+        cand = Candidate(role, None, spec, note=searcher.fits(spec))
+        if not cand.note:
+            config = dataclasses.replace(searcher.base, mode=mode, prefill=spec, decode=spec,
+                                         num_prefill=1, num_decode=1)
+            cand.goodput = searcher.goodput(config, metric, spec.num_gpus, floor(out))
+        out.append(cand)
+        bar.update(1)
+    return out
+
+
 def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus: int,
-                rate: float | None, keep: int) -> list[tuple[Candidate, Candidate, int, int]]:
-    """Algorithm 1's replication. With a rate: the best per-GPU shape of each phase, n = ceil(R /
-    prefill goodput), m = ceil(R / decode goodput). Without: the `keep` best (shapes, smallest
-    (n, m)) by min(n*Gp, m*Gd) per GPU among those that fit the cluster together."""
+                rate: float | None, keep: int) -> list[tuple[float, Unit]]:
+    """Algorithm 1's replication, as (estimated per-GPU goodput, unit). With a rate: the best per-GPU shape of each phase, n = ceil(R / prefill goodput),
+    m = ceil(R / decode goodput). Without: the `keep` best (shapes, smallest (n, m)) by
+    min(n*Gp, m*Gd) per GPU among those that fit the cluster together."""
     prefills = [c for c in prefills if c.goodput]
     decodes = [c for c in decodes if c.goodput]
     if not prefills or not decodes:
@@ -240,7 +323,8 @@ def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus:
             raise ValueError(f"serving {rate} req/s needs {n} prefill x {bp.num_gpus} + {m} decode x "
                              f"{bd.num_gpus} GPUs, more than the cluster's {total_gpus}; lower --rate "
                              f"or add nodes")
-        return [(bp, bd, n, m)]
+        unit = Unit("disaggregated", bp.spec, bd.spec, n, m)
+        return [(min(n * bp.goodput, m * bd.goodput) / unit.num_gpus, unit)]
     scored = []
     for p in prefills:
         for d in decodes:
@@ -249,41 +333,52 @@ def _pick_pairs(prefills: list[Candidate], decodes: list[Candidate], total_gpus:
                 for m in range(1, (total_gpus - n * p.num_gpus) // d.num_gpus + 1):
                     per_gpu = min(n * p.goodput, m * d.goodput) / (n * p.num_gpus + m * d.num_gpus)
                     if per_gpu > best * (1 + 1e-9):
-                        best, choice = per_gpu, (p, d, n, m)
+                        best, choice = per_gpu, Unit("disaggregated", p.spec, d.spec, n, m)
             if choice:
                 scored.append((best, choice))
     if not scored:
         raise ValueError(f"no prefill + decode pair fits in {total_gpus} GPUs; add GPUs")
     scored.sort(key=lambda x: -x[0])
-    return [choice for _, choice in scored[:keep]]
+    return scored[:keep]
+
+
+def _decode_floor(prefills: list[Candidate], total: int, rate: float | None):
+    """The per-GPU decode goodput a decode shape needs to improve the best pair so far. A unit
+    of prefill and decode shapes with per-GPU goodputs P and D serves at most P*D/(P+D) per
+    GPU (perfectly balanced), so with the best prefill P* and the best pair's estimate E a
+    decode shape must beat E*P*/(P* - E). With a rate Algorithm 1 takes the best decode per GPU."""
+    best_prefill = max((c.per_gpu for c in prefills if c.goodput), default=0.0)
+
+    def floor(decodes: list[Candidate]) -> float:
+        done = [c for c in decodes if c.goodput]
+        if not done or not best_prefill:
+            return 0.0
+        if rate is not None:
+            return max(c.per_gpu for c in done)
+        estimate = _pick_pairs(prefills, done, total, None, keep=1)[0][0]
+        return math.inf if estimate >= best_prefill else estimate * best_prefill / (best_prefill - estimate)
+    return floor
 
 
 def search_high_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                          rate: float | None = None, progress: bool = True) -> Placement:
     total = num_nodes * gpus_per_node
-    tps, pps = parallel_degrees(searcher.model, gpus_per_node, total)
-    specs = [Parallelism(t, p) for t in tps for p in pps if t * p <= total]
-    with tqdm(total=2 * len(specs), desc="placement (high affinity)", disable=not progress) as bar:
+    specs = instance_shapes(searcher.model, num_nodes, gpus_per_node)
+    with tqdm(total=2 * len(specs), desc="disaggregated (high affinity)", disable=not progress) as bar:
         prefills = _phase_goodputs(searcher, "prefill", specs, bar)
-        decodes = _phase_goodputs(searcher, "decode", specs, bar)
+        decodes = _phase_goodputs(searcher, "decode", specs, bar, _decode_floor(prefills, total, rate))
     # Per-phase goodputs count each SLO alone and ignore migration; attaining both at once is
     # harder, so simulate the few best units whole and keep the best of those.
-    best = None
-    for bp, bd, n, m in _pick_pairs(prefills, decodes, total, rate, keep=VERIFY_TOP):
-        config = dataclasses.replace(searcher.base, mode="disaggregated", prefill=bp.prefill,
-                                     decode=bd.decode, num_prefill=n, num_decode=m,
-                                     kv_link_bytes_per_s=CROSS_NODE_BYTES_PER_S)
-        gpus = n * bp.num_gpus + m * bd.num_gpus
-        goodput = max_rate(lambda r: searcher.attains(config, r, "both"), start=gpus,
-                           ceiling=MAX_RATE_PER_GPU * gpus) or 0.0
-        if best is None or goodput / gpus > best[0] / best[1]:
-            best = (goodput, gpus, bp, bd, n, m)
-    goodput, gpus, bp, bd, n, m = best
-    cands = prefills + decodes
-    copies = 1 if rate is not None else total // gpus
-    return Placement(searcher.model.model, "disaggregated", bp.prefill, bd.decode, n * copies,
-                     m * copies, goodput * copies, cands,
-                     estimate=copies * min(n * bp.goodput, m * bd.goodput))
+    units, best = [], 0.0
+    for _, unit in _pick_pairs(prefills, decodes, total, rate, keep=VERIFY_TOP):
+        cand = Candidate("disaggregated", unit, goodput=searcher.unit_goodput(unit, best))
+        best = max(best, cand.per_gpu or 0.0)
+        units.append(cand)
+    top = _best_of(units) or units[0]
+    top.goodput = top.goodput or 0.0
+    copies = 1 if rate is not None else _copies(top.unit, top.goodput, num_nodes, gpus_per_node, None)
+    return Placement(searcher.model.model, "disaggregated", [Part(top.unit, copies, top.goodput)],
+                     prefills + decodes + units, searcher.base)
 
 
 # ---------------------------------------------------------------- Algorithm 2: low affinity
@@ -302,74 +397,100 @@ def search_low_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                     for pp_d in pps:
                         if tp_p * pp_p + tp_d * pp_d <= gpus_per_node and \
                                 pp_p * cross in all_pps and pp_d * cross in all_pps:
-                            units.append((cross, Parallelism(tp_p, pp_p * cross), Parallelism(tp_d, pp_d * cross)))
+                            units.append(Unit("disaggregated", Parallelism(tp_p, pp_p * cross),
+                                              Parallelism(tp_d, pp_d * cross), 1, 1,
+                                              affinity="low", nodes=cross))
     best, cands = 0.0, []
-    for cross, pspec, dspec in tqdm(units, desc="placement (low affinity)", disable=not progress):
-        cand = Candidate("pair", pspec, dspec, pspec.num_gpus + dspec.num_gpus,
-                         note=searcher.fits(pspec) or searcher.fits(dspec), nodes=cross)
+    for unit in tqdm(units, desc="disaggregated (low affinity)", disable=not progress):
+        cand = Candidate("disaggregated", unit, note=searcher.fits(unit.prefill) or searcher.fits(unit.decode))
         if not cand.note:
-            config = dataclasses.replace(searcher.base, mode="disaggregated", prefill=pspec,
-                                         decode=dspec, num_prefill=1, num_decode=1,
-                                         kv_link_bytes_per_s=NVLINK_BYTES_PER_S)
-            cand.goodput = searcher.goodput(config, "both", cand.num_gpus, best)
+            cand.goodput = searcher.unit_goodput(unit, best)
             if cand.goodput is not None:
                 best = max(best, cand.per_gpu)
         cands.append(cand)
     top = _best_of(cands)
     if top is None:
         raise ValueError("no placement meets the SLO at any rate; loosen the SLOs or add GPUs")
-    copies = _unit_copies(top, num_nodes, gpus_per_node, rate)
-    return Placement(searcher.model.model, "disaggregated", top.prefill, top.decode, copies, copies,
-                     copies * top.goodput, cands, estimate=copies * top.goodput)
+    copies = _copies(top.unit, top.goodput, num_nodes, gpus_per_node, rate)
+    return Placement(searcher.model.model, "disaggregated", [Part(top.unit, copies, top.goodput)],
+                     cands, searcher.base)
 
 
-def _unit_copies(unit: Candidate, num_nodes: int, gpus_per_node: int, rate: float | None) -> int:
-    fit = (num_nodes // unit.nodes) * (gpus_per_node // (unit.num_gpus // unit.nodes))
-    if rate is None:
-        return fit
-    need = math.ceil(rate / unit.goodput)
-    if need > fit:
-        raise ValueError(f"serving {rate} req/s needs {need} units of {unit.num_gpus} GPUs; the "
-                         f"cluster holds {fit}. Lower --rate or add nodes")
-    return need
+# ---------------------------------------------------------------- colocated and chunked
 
-
-# ---------------------------------------------------------------- colocated baseline
-
-def search_colocated(searcher: Searcher, num_nodes: int, gpus_per_node: int,
-                     rate: float | None = None, progress: bool = True) -> Placement:
-    """vLLM-style: one engine per instance; the best (TP, PP) per GPU, replicated."""
-    total = num_nodes * gpus_per_node
-    tps, pps = parallel_degrees(searcher.model, gpus_per_node, total)
-    specs = [Parallelism(t, p) for t in tps for p in pps if t * p <= total]
+def search_one_engine(searcher: Searcher, mode: str, num_nodes: int, gpus_per_node: int,
+                      rate: float | None = None, progress: bool = True) -> Placement:
+    """One engine runs both phases: every (TP, PP) shape (PP pipelines micro-batches; it is
+    not pruned), and for "chunked" every token budget of CHUNK_BUDGETS; best per GPU, copied."""
+    specs = instance_shapes(searcher.model, num_nodes, gpus_per_node)
+    budgets = CHUNK_BUDGETS if mode == "chunked" else (None,)
+    units = [Unit(mode, spec, chunk=b) for spec in specs for b in budgets]
     best, cands = 0.0, []
-    for spec in tqdm(specs, desc="placement (colocated)", disable=not progress):
-        cand = Candidate("colocated", spec, spec, spec.num_gpus, note=searcher.fits(spec))
+    for unit in tqdm(units, desc=mode, disable=not progress):
+        cand = Candidate(mode, unit, note=searcher.fits(unit.prefill))
         if not cand.note:
-            config = dataclasses.replace(searcher.base, mode="colocated", prefill=spec, num_prefill=1)
-            cand.goodput = searcher.goodput(config, "both", spec.num_gpus, best)
+            cand.goodput = searcher.unit_goodput(unit, best)
             if cand.goodput is not None:
                 best = max(best, cand.per_gpu)
         cands.append(cand)
     top = _best_of(cands)
     if top is None:
-        raise ValueError("no colocated configuration meets the SLO at any rate")
-    copies = total // top.num_gpus if rate is None else math.ceil(rate / top.goodput)
-    return Placement(searcher.model.model, "colocated", top.prefill, top.prefill, copies, copies,
-                     copies * top.goodput, cands, estimate=copies * top.goodput)
+        raise ValueError(f"no {mode} configuration meets the SLO at any rate")
+    copies = _copies(top.unit, top.goodput, num_nodes, gpus_per_node, rate)
+    return Placement(searcher.model.model, mode, [Part(top.unit, copies, top.goodput)], cands,
+                     searcher.base)
 
 
-def search_placement(model: LatencyModel, reqs: Sequence[HasLengths], slo: SLO, num_nodes: int = 1,
-                     gpus_per_node: int = 8, affinity: str = "high", backend: str = "distserve",
-                     rate: float | None = None, seed: int = 0, progress: bool = True,
-                     base: SimConfig = SimConfig()) -> Placement:
-    searcher = Searcher(model, reqs, slo, seed, base)
-    if backend == "colocated":
-        return search_colocated(searcher, num_nodes, gpus_per_node, rate, progress)
-    if backend != "distserve":
-        raise ValueError(f"unknown backend {backend!r}; choose distserve or colocated")
-    if affinity == "high":
-        return search_high_affinity(searcher, num_nodes, gpus_per_node, rate, progress)
-    if affinity == "low":
-        return search_low_affinity(searcher, num_nodes, gpus_per_node, rate, progress)
-    raise ValueError(f"unknown affinity {affinity!r}; choose high or low")
+# ---------------------------------------------------------------- all modes
+
+def _search_mode(mode: str, searcher: Searcher, num_nodes: int, gpus_per_node: int, affinity: str,
+                 rate: float | None, progress: bool) -> tuple[Placement | str, int, float]:
+    """One mode's best placement (or why there is none), the simulations and CPU seconds it took."""
+    cpu, sims = time.process_time(), searcher.num_sims
+    try:
+        if mode == "disaggregated":
+            algo = search_high_affinity if affinity == "high" else search_low_affinity
+            found = algo(searcher, num_nodes, gpus_per_node, rate, progress)
+        else:
+            found = search_one_engine(searcher, mode, num_nodes, gpus_per_node, rate, progress)
+    except ValueError as e:
+        found = f"{mode}: {e}"
+    return found, searcher.num_sims - sims, time.process_time() - cpu
+
+
+def search(model: LatencyModel, reqs: Sequence[HasLengths], slo: SLO, modes: Sequence[str] = MODES,
+           num_nodes: int = 1, gpus_per_node: int = 8, affinity: str = "high",
+           rate: float | None = None, seed: int = 0, cv: float = 1.0, progress: bool = True,
+           base: SimConfig = SimConfig(), jobs: int = 1) -> SearchResult:
+    """The best placement of each requested mode ("mixed" builds on the others' candidates,
+    searching them if they were not requested). jobs > 1 searches modes in parallel processes
+    (their progress bars off)."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise ValueError(f"unknown modes {unknown}; choose from {MODES}")
+    if affinity not in ("high", "low"):
+        raise ValueError(f"unknown affinity {affinity!r}; choose high or low")
+    started = time.perf_counter()
+    searcher = Searcher(model, reqs, slo, seed, base, cv)
+    needed = [m for m in MODES[:3] if "mixed" in modes or m in modes]
+    args = [(m, searcher, num_nodes, gpus_per_node, affinity, rate) for m in needed]
+    if jobs > 1 and len(needed) > 1:
+        # spawn, not fork: the caller may hold threads (JAX, tqdm) that fork would copy mid-lock.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(needed)), mp_context=ctx) as pool:
+            outcomes = list(pool.map(_search_mode, *zip(*args), [False] * len(args)))
+    else:
+        outcomes = [_search_mode(*a, progress) for a in args]
+    found = {m: o[0] for m, o in zip(needed, outcomes) if isinstance(o[0], Placement)}
+    errors = [o[0] for o in outcomes if isinstance(o[0], str)]
+    if "mixed" in modes and found:
+        units = [Part(c.unit, 1, c.goodput) for p in found.values() for c in p.candidates
+                 if c.unit is not None and c.goodput and c.unit.nodes == 1]
+        parts = best_fleet(units, num_nodes, gpus_per_node, rate)
+        if parts:
+            found["mixed"] = Placement(model.model, "mixed", parts, [], base)
+    placements = {m: found[m] for m in MODES if m in modes and m in found}
+    if not placements:
+        raise ValueError("; ".join(errors) or "no placement meets the SLO")
+    return SearchResult(placements, time.perf_counter() - started, sum(o[2] for o in outcomes),
+                        sum(o[1] for o in outcomes), rate, [e for e in errors if e.split(":")[0] in modes])

@@ -2,8 +2,9 @@
 from dsjax.eval.simulator.cluster import (SIM_MODES, NVLINK_BYTES_PER_S, CROSS_NODE_BYTES_PER_S, Cluster,
                                      StopSimulation,
                                      SimConfig, poisson_arrivals, simulate)
+from dsjax.eval.simulator.rebalance import RebalancePolicy
 from dsjax.eval.simulator.sim_instances import Parallelism
 from dsjax.eval.simulator.sim_request import SimRequest, attainment_of
 
 __all__ = ["SIM_MODES", "NVLINK_BYTES_PER_S", "CROSS_NODE_BYTES_PER_S", "Cluster", "SimConfig", "StopSimulation",
-           "Parallelism", "SimRequest", "attainment_of", "poisson_arrivals", "simulate"]
+           "Parallelism", "RebalancePolicy", "SimRequest", "attainment_of", "poisson_arrivals", "simulate"]

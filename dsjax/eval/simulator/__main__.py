@@ -10,7 +10,7 @@ import sys
 import time
 
 from dsjax.eval.workloads import get_dataset
-from dsjax.eval.latency_model import load_profile
+from dsjax.eval.latency_model import StepOverhead, load_profile
 from dsjax.eval.results import format_summary, save_exp, summarize
 from dsjax.eval.simulator import SIM_MODES, Parallelism, SimConfig, simulate
 
@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--link-gbps", type=float, default=None,
                    help="KV transfer bandwidth in GB/s (default: 25, cross-node)")
     p.add_argument("--chunk-size", type=int, default=512, help="chunked mode's token budget")
+    p.add_argument("--overhead-ms", type=StepOverhead.parse, default=None, metavar="BASE,PER_TOKEN",
+                   help="host overhead per step in ms, plus ms per context token (default: the "
+                        "profile's; DistServe's A100 files have none)")
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds, for the printed attainment")
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds, for the printed attainment")
     p.add_argument("--exp-out", default=None, help="write the per-request results here (.exp)")
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = load_profile(args.profile, args.model)
+    if args.overhead_ms is not None:
+        model = model.with_overhead(args.overhead_ms)
     dataset = get_dataset(args.dataset)
     reqs = dataset.sample(args.num_prompts, seed=args.seed)
     extra = {} if args.link_gbps is None else {"kv_link_bytes_per_s": args.link_gbps * 1e9}

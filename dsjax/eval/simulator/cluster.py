@@ -3,8 +3,9 @@
 Modes:
 - "disaggregated": n prefill + m decode instances; arrivals go to the prefill instance with the
   fewest queued prompt tokens; decode instances pull prefilled requests FCFS (the one with the most
-  free KV takes it) when the prompt fits and their own waiting prompts hold under 5% of their KV;
-  the pull takes prompt KV bytes / link bandwidth, then the prefill instance frees the KV.
+  free KV takes it) when the prompt fits and their own waiting prompts hold under
+  EngineConfig.decoding_waiting_share of their KV; the pull takes KV bytes / link bandwidth, then
+  the source frees the KV. With a RebalancePolicy, instances change role as the load shifts.
 - "prefill_only" / "decode_only": one phase alone (Algorithm 1 sizes each phase this way);
   decode-only requests arrive already prefilled (first token at arrival, no transfer).
 - "colocated" (vLLM) and "chunked" (Sarathi): every instance runs both phases.
@@ -17,11 +18,13 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from dsjax.config import EngineConfig
 from dsjax.eval.arrivals import arrival_offsets
-
 from dsjax.eval.latency_model import LatencyModel
+from dsjax.eval.simulator.colocated import ColocatedInstance
 from dsjax.eval.simulator.events import EventLoop
-from dsjax.eval.simulator.sim_instances import ColocatedInstance, DecodeInstance, Parallelism, PrefillInstance
+from dsjax.eval.simulator.rebalance import RebalancePolicy, Rebalancer
+from dsjax.eval.simulator.sim_instances import DecodeInstance, Parallelism, PrefillInstance
 from dsjax.eval.simulator.sim_request import SimRequest
 
 SIM_MODES = ("disaggregated", "colocated", "chunked", "prefill_only", "decode_only")
@@ -41,19 +44,29 @@ class SimConfig:
     decode: Parallelism = Parallelism()
     num_prefill: int = 1
     num_decode: int = 1
-    prefill_max_batch: int = 256
+    # Batch limits: the artifact's settings (its api-server launch for the OPT runs: context
+    # 128 sequences / 8192 tokens, decoding 1024 sequences), kept here rather than
+    # EngineConfig's, whose defaults size a small real engine. Its decoding limit of 65,536
+    # tokens is not modelled (DistServe's simulator caps a step at 50,000 context tokens).
+    prefill_max_batch: int = 128
     prefill_max_tokens: int = 8192
     decode_max_batch: int = 1024
     kv_link_bytes_per_s: float = CROSS_NODE_BYTES_PER_S
-    decode_waiting_share: float = 0.05   # pull only while waiting prompts hold < 5% of decode KV
-    # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances
+    # The pull policy's constant has one home, the engine's config.
+    decode_waiting_share: float = EngineConfig.decoding_waiting_share
+    # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
+    # the limits are the artifact's vLLM flags (--max-num-seqs 1024 --max-num-batched-tokens 16384).
     colocated_max_batch: int = 1024
     colocated_max_tokens: int = 16384
-    chunk_size: int = 512
+    chunk_size: int = 512        # chunked: tokens per iteration (EngineConfig.decoding_max_tokens_per_batch)
+    rebalance: RebalancePolicy | None = None
 
     def __post_init__(self):
         if self.mode not in SIM_MODES:
             raise ValueError(f"unknown simulator mode {self.mode!r}; choose one of {SIM_MODES}")
+        if self.rebalance is not None and (self.mode != "disaggregated" or self.prefill != self.decode):
+            raise ValueError("rebalancing moves instances between roles: it needs mode "
+                             "disaggregated and the same parallelism for prefill and decode")
 
 
 def poisson_arrivals(num: int, rate: float, seed: int = 0, cv: float = 1.0) -> np.ndarray:
@@ -69,10 +82,14 @@ class StopSimulation(Exception):
 
 class Cluster:
     def __init__(self, model: LatencyModel, config: SimConfig,
-                 watcher: Callable[[SimRequest], None] | None = None):
+                 watcher: Callable[[SimRequest], None] | None = None,
+                 first_token_watcher: Callable[[SimRequest], None] | None = None):
         self.loop = EventLoop()
         self.model, self.config, self.watcher = model, config, watcher
+        self.first_token_watcher = first_token_watcher
         self.finished: list[SimRequest] = []
+        self.num_requests = 0
+        self.role_switches: list[tuple[float, str]] = []   # (time, "prefill->decode" or back)
         self.pending: deque[tuple[SimRequest, PrefillInstance | None]] = deque()
         self.kv_bytes_per_token = model.kv_bytes_per_token()
         c, loop = config, self.loop
@@ -89,6 +106,7 @@ class Cluster:
             self.prefills = [ColocatedInstance(loop, model, c.prefill, self, c.colocated_max_batch,
                                                c.colocated_max_tokens, chunk, f"colocated{i}")
                              for i in range(c.num_prefill)]
+        self.rebalancer = Rebalancer(self, c.rebalance) if c.rebalance else None
 
     # ------------------------------------------------------------ arrivals
 
@@ -102,12 +120,20 @@ class Cluster:
             self.pending.append((req, None))
             self.dispatch()
             return
+        self.route(req)
+
+    def route(self, req: SimRequest) -> None:
         target = min(self.prefills, key=lambda inst: inst.load())   # ties: the lowest index
         target.submit(req)
 
     # ------------------------------------------------------------ instance callbacks
 
+    def on_first_token(self, req: SimRequest) -> None:
+        if self.first_token_watcher is not None:
+            self.first_token_watcher(req)
+
     def on_prefilled(self, req: SimRequest, inst: PrefillInstance) -> None:
+        self.on_first_token(req)
         if req.output_len <= 1 or self.config.mode == "prefill_only":
             inst.release(req)
             self.on_finished(req)
@@ -124,6 +150,34 @@ class Cluster:
     def on_decode_progress(self, inst: DecodeInstance) -> None:
         if self.pending:
             self.dispatch()
+
+    # ------------------------------------------------------------ role changes (rebalance.py)
+
+    def switch_role(self, inst: PrefillInstance | DecodeInstance) -> None:
+        """Start draining `inst`; it rejoins in the other role once its KV is gone."""
+        if isinstance(inst, PrefillInstance):
+            self.prefills.remove(inst)
+            for req in inst.drain():     # queued prompts hold no KV yet: they just move
+                self.route(req)
+        else:
+            self.decodes.remove(inst)
+            inst.drain()
+
+    def on_evicted(self, reqs: list[SimRequest], inst: DecodeInstance) -> None:
+        """A draining decode instance's requests wait to be pulled, ahead of newer ones."""
+        self.pending.extendleft((req, inst) for req in reversed(reqs))
+        self.dispatch()
+
+    def on_drained(self, inst: PrefillInstance | DecodeInstance) -> None:
+        c, loop = self.config, self.loop
+        if isinstance(inst, PrefillInstance):
+            self.decodes.append(DecodeInstance(loop, self.model, inst.spec, self, c.decode_max_batch, inst.name))
+            self.role_switches.append((loop.now, "prefill->decode"))
+            self.dispatch()
+        else:
+            self.prefills.append(PrefillInstance(loop, self.model, inst.spec, self, c.prefill_max_batch,
+                                                 c.prefill_max_tokens, inst.name))
+            self.role_switches.append((loop.now, "decode->prefill"))
 
     # ------------------------------------------------------------ migration (pull)
 
@@ -149,7 +203,8 @@ class Cluster:
             if source is None:
                 self.loop.at(now, self._migrated, req, source, best)
                 continue
-            seconds = req.prompt_len * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s
+            # KV exists for every token but the newest one (it is fed at the next step).
+            seconds = (req.context_len - 1) * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s
             req.log(now, "migration_begin")
             self.loop.at(now + seconds, self._migrated, req, source, best)
 
@@ -164,8 +219,11 @@ class Cluster:
     def run(self, reqs: Sequence[HasLengths], arrivals: Iterable[float]) -> list[SimRequest]:
         sims = [SimRequest(i, float(t), int(r.prompt_len), int(r.output_len))
                 for i, (r, t) in enumerate(zip(reqs, arrivals))]
+        self.num_requests = len(sims)
         for req in sims:
             self.loop.at(req.arrival, self.arrive, req)
+        if self.rebalancer:
+            self.rebalancer.start()
         self.loop.run()
         if len(self.finished) != len(sims):
             raise RuntimeError(f"simulation stalled: {len(sims) - len(self.finished)} of {len(sims)} "
@@ -175,8 +233,11 @@ class Cluster:
 
 def simulate(model: LatencyModel, reqs: Sequence[HasLengths], rate: float,
              config: SimConfig = SimConfig(), seed: int = 0, cv: float = 1.0,
-             watcher: Callable[[SimRequest], None] | None = None) -> list[SimRequest]:
+             watcher: Callable[[SimRequest], None] | None = None,
+             first_token_watcher: Callable[[SimRequest], None] | None = None) -> list[SimRequest]:
     """Simulate `reqs` arriving at `rate` req/s (gamma gaps, seeded); returns them in input order
     with their recorded times (SimRequest.to_result() gives a dsjax.eval.results.RequestResult).
-    `watcher` sees each request as it finishes and may raise StopSimulation."""
-    return Cluster(model, config, watcher).run(reqs, poisson_arrivals(len(reqs), rate, seed, cv))
+    `watcher` sees each request as it finishes, `first_token_watcher` as its first token
+    comes out (decode-only runs: never); either may raise StopSimulation."""
+    return Cluster(model, config, watcher, first_token_watcher).run(
+        reqs, poisson_arrivals(len(reqs), rate, seed, cv))

@@ -44,6 +44,23 @@ class Lane:
         """A lower bound on the step at which the next running request completes."""
         return self._finish[0][0] if self._finish else 1 << 62
 
+    def run_quiet_steps(self, now: float, horizon: float, a: float, b: float, c: float,
+                        limit: int) -> tuple[int, float, float]:
+        """Advance up to `limit` steps of cost a + b*ctx + c*batch seconds that change nothing but
+        the clock (no request finishes or joins; the caller checks), stopping before `horizon`.
+        Returns (steps run, when the last one ended, when the next step would end)."""
+        n, ctx, times, k = len(self.running), self.sum_ctx, self.step_times, 0
+        end = now + a + b * ctx + c * n
+        while k < limit and end < horizon:
+            times.append(end)
+            ctx += n
+            k += 1
+            now = end
+            end = now + a + b * ctx + c * n
+        self.step += k
+        self.sum_ctx = ctx
+        return k, now, end
+
     def end_step(self, time: float) -> list[SimRequest]:
         """Every running request made one token at `time`; returns those now complete (removed)."""
         self.step += 1

@@ -1,9 +1,12 @@
-"""Models of serving instances: prefill-only, decode-only, and colocated (vLLM or Sarathi chunked).
+"""Models of the disaggregated instances: prefill-only and decode-only (colocated.py has the
+instance that runs both phases).
 
 Memory is counted in KV tokens against the instance's capacity (LatencyModel.kv_capacity_tokens).
-Pipeline parallelism: a prefill instance admits a new batch each time its first stage frees and
-a batch leaves after pp stage times; a decode instance runs pp micro-batch lanes, each stepping
-with the latency of the whole pipeline, which is exact when the lanes are balanced.
+Every step also pays the profile's host overhead (LatencyModel.overhead_ms), once per step.
+Pipeline parallelism: a prefill instance runs its batches through a Pipeline of FIFO stages;
+a decode instance runs pp micro-batch lanes, each stepping with the latency of the whole
+pipeline, which is exact when the lanes are balanced (they are filled evenly).
+Either instance can be drained (drain()) so that it can change role (rebalance.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Protocol
 from dsjax.eval.latency_model import LatencyModel
 from dsjax.eval.simulator.events import EventLoop
 from dsjax.eval.simulator.lane import Lane
+from dsjax.eval.simulator.pipeline import Pipeline
 from dsjax.eval.simulator.sim_request import SimRequest
 
 MS = 1e-3
@@ -30,6 +34,15 @@ def make_room(instance, lane: Lane) -> None:
         req.log(instance.loop.now, "swap_out")
 
 
+def step_coeffs(model: LatencyModel, tp: int, batch: int) -> tuple[float, float, float]:
+    """(a, b, c) in seconds of a whole decode step (all pipeline stages) plus its host
+    overhead: a + b*sum(ctx) + c*batch."""
+    co = model.coeffs(tp)
+    a, b, c = co.decode_small if batch < co.bs_threshold else co.decode_large
+    over = model.overhead
+    return (a + over.base_ms) * MS, (b + over.per_token_ms) * MS, c * MS
+
+
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
     tp: int = 1
@@ -42,9 +55,12 @@ class Parallelism:
 
 class Sink(Protocol):
     """What instances tell the cluster."""
+    def on_first_token(self, req: SimRequest) -> None: ...
     def on_prefilled(self, req: SimRequest, inst: "PrefillInstance") -> None: ...
     def on_finished(self, req: SimRequest) -> None: ...
     def on_decode_progress(self, inst: "DecodeInstance") -> None: ...
+    def on_evicted(self, reqs: list[SimRequest], inst: "DecodeInstance") -> None: ...
+    def on_drained(self, inst) -> None: ...
 
 
 class PrefillInstance:
@@ -60,9 +76,11 @@ class PrefillInstance:
         self.queue: deque[SimRequest] = deque()
         self.queued_tokens = 0
         self.used = 0
-        self.stage_free_at = 0.0
-        self.last_done_at = 0.0
+        self.pipeline = Pipeline(spec.pp)
+        self.in_flight = 0
+        self.busy_s = 0.0            # stage-0 time used so far (the rebalancer's load signal)
         self.wakeup_pending = False
+        self.draining = False
 
     def load(self) -> int:
         return self.queued_tokens
@@ -76,14 +94,30 @@ class PrefillInstance:
         """A decode instance has the KV now: free it and maybe launch a waiting batch."""
         self.used -= req.prompt_len
         self.try_launch()
+        self._maybe_drained()
+
+    def drain(self) -> list[SimRequest]:
+        """Stop taking prompts; returns the queued ones (not started, no KV) for rerouting.
+        The instance is drained once its batches are done and decode has pulled their KV."""
+        self.draining = True
+        queued = list(self.queue)
+        self.queue.clear()
+        self.queued_tokens = 0
+        self._maybe_drained()
+        return queued
+
+    def _maybe_drained(self) -> None:
+        if self.draining and self.in_flight == 0 and self.used == 0:
+            self.draining = False
+            self.sink.on_drained(self)
 
     def try_launch(self) -> None:
         now = self.loop.now
         if not self.queue or self.wakeup_pending:
             return
-        if now < self.stage_free_at:
+        if now < self.pipeline.free_at():
             self.wakeup_pending = True
-            self.loop.at(self.stage_free_at, self._wakeup)
+            self.loop.at(self.pipeline.free_at(), self._wakeup)
             return
         batch, tokens, sum_sq = [], 0, 0
         while self.queue and len(batch) < self.max_batch:
@@ -106,10 +140,10 @@ class PrefillInstance:
             return
         self.queued_tokens -= tokens
         stage = self.model.prefill_stage_ms(tokens, sum_sq, self.spec.tp, self.spec.pp) * MS
-        self.stage_free_at = now + stage
-        done = max(now + self.spec.pp * stage, self.last_done_at + stage)
-        self.last_done_at = done
-        self.loop.at(done, self._finish, batch)
+        first = stage + self.model.overhead_ms(tokens) * MS
+        self.busy_s += first
+        self.in_flight += 1
+        self.loop.at(self.pipeline.run(now, first, stage), self._finish, batch)
         self.try_launch()
 
     def _wakeup(self) -> None:
@@ -118,6 +152,7 @@ class PrefillInstance:
 
     def _finish(self, batch: list[SimRequest]) -> None:
         now = self.loop.now
+        self.in_flight -= 1
         for req in batch:
             req.first_token_time = now
             req.generated = 1
@@ -125,6 +160,7 @@ class PrefillInstance:
             req.log(now, "context_end")
             self.sink.on_prefilled(req, self)
         self.try_launch()
+        self._maybe_drained()
 
 
 class DecodeInstance:
@@ -142,9 +178,14 @@ class DecodeInstance:
         self.waiting_tokens = 0
         self.swapped: list[SimRequest] = []         # a stack: the oldest swapped-out on top
         self.used = 0                                # KV tokens resident (running + waiting + incoming)
+        self.draining = False
 
     def free_tokens(self) -> int:
         return self.capacity - self.used
+
+    def resident(self) -> int:
+        """Requests this instance holds (running, waiting, swapped)."""
+        return sum(len(lane) for lane in self.lanes) + len(self.waiting) + len(self.swapped)
 
     def reserve(self, req: SimRequest) -> None:
         """Blocks for an incoming migration, taken when the pull starts."""
@@ -152,12 +193,53 @@ class DecodeInstance:
 
     def admit(self, req: SimRequest) -> None:
         """A request whose KV is now here; it joins a lane at that lane's next step."""
+        if self.draining:   # a pull that began before the drain: pass it on too
+            self._hand_over([req])
+            return
         self.waiting.append(req)
         self.waiting_tokens += req.context_len
         req.log(self.loop.now, "decoding_begin")
         for lane in self.lanes:
             if not lane.busy:
                 self._start_step(lane)
+
+    def release(self, req: SimRequest) -> None:
+        """Another decode instance has pulled an evicted request's KV."""
+        self.used -= req.context_len
+        self._maybe_drained()
+
+    def drain(self) -> None:
+        """Hand every request on to other decode instances: the waiting and swapped ones now,
+        the running ones when their lane's current step ends. Their KV stays here (counted in
+        `used`) until pulled; then the instance is drained."""
+        self.draining = True
+        evicted = list(self.waiting)
+        self.waiting.clear()
+        self.waiting_tokens = 0
+        for req in reversed(self.swapped):    # oldest first; their KV comes back from host memory
+            self.used += req.context_len
+            evicted.append(req)
+        self.swapped.clear()
+        for lane in self.lanes:
+            if not lane.busy:
+                evicted.extend(self._evict_lane(lane))
+        self._hand_over(evicted)
+
+    def _evict_lane(self, lane: Lane) -> list[SimRequest]:
+        reqs = list(lane.running.values())
+        for req in reqs:
+            lane.leave(req)
+        return reqs
+
+    def _hand_over(self, reqs: list[SimRequest]) -> None:
+        if reqs:
+            self.sink.on_evicted(reqs, self)
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if self.draining and self.used == 0 and not any(lane.busy for lane in self.lanes):
+            self.draining = False
+            self.sink.on_drained(self)
 
     def _fill(self, lane: Lane) -> None:
         if not (self.waiting or self.swapped):
@@ -177,43 +259,25 @@ class DecodeInstance:
                 return
             lane.join(req)
 
-    def _make_room(self, lane: Lane) -> None:
-        make_room(self, lane)
-
     def _start_step(self, lane: Lane) -> None:
         self._fill(lane)
-        self._make_room(lane)
+        make_room(self, lane)
         if not lane.running:
             lane.busy = False
             return
         lane.busy = True
-        loop = self.loop
         n = len(lane.running)
-        co = self.model.coeffs(self.spec.tp)
         # A micro-batch passes pp stages of T/pp each: its step takes the whole T.
-        a, b, c = co.decode_small if n < co.bs_threshold else co.decode_large
-        a, b, c = a * MS, b * MS, c * MS
+        a, b, c = step_coeffs(self.model, self.spec.tp, n)
         # Steps that finish no one, need no swap and admit no one, ending before any other event,
         # run right here: most steps, and the heap never sees them.
-        if self.waiting or self.swapped:
-            inline = 0
-        else:
-            inline = min(lane.next_finish_step() - lane.step - 1, (self.capacity - self.used) // n - 1)
-        horizon = loop.next_time()
-        now, ctx, times, k = loop.now, lane.sum_ctx, lane.step_times, 0
-        end = now + a + b * ctx + c * n
-        while k < inline and end < horizon:
-            times.append(end)
-            ctx += n
-            k += 1
-            now = end
-            end = now + a + b * ctx + c * n
+        quiet = 0 if self.waiting or self.swapped else \
+            min(lane.next_finish_step() - lane.step - 1, (self.capacity - self.used) // n - 1)
+        k, now, end = lane.run_quiet_steps(self.loop.now, self.loop.next_time(), a, b, c, quiet)
         if k:
-            lane.step += k
-            lane.sum_ctx = ctx
             self.used += k * n
-            loop.now = now
-        loop.at(end, self._end_step, lane)
+            self.loop.now = now
+        self.loop.at(end, self._end_step, lane)
 
     def _end_step(self, lane: Lane) -> None:
         now = self.loop.now
@@ -223,117 +287,10 @@ class DecodeInstance:
             self.used -= req.context_len
             req.log(now, "decoding_end")
             self.sink.on_finished(req)
-        self._start_step(lane)
+        if self.draining:
+            lane.busy = False
+            self._hand_over(self._evict_lane(lane))
+        else:
+            self._start_step(lane)
         if finished:
             self.sink.on_decode_progress(self)
-
-
-class ColocatedInstance:
-    """One engine for both phases. chunk_size None: vLLM, a prefill batch (FCFS, max tokens and
-    sequences) runs whenever prompts wait and nothing is swapped, decodes otherwise.
-    chunk_size N: Sarathi, each iteration holds every running decode plus prompt chunks filling
-    the rest of an N-token budget. A mixed iteration costs the decode step plus the prefill
-    terms of its chunks (one fixed overhead). PP is not pipelined here (a known gap)."""
-
-    def __init__(self, loop: EventLoop, model: LatencyModel, spec: Parallelism, sink: Sink,
-                 max_batch: int, max_tokens: int, chunk_size: int | None = None, name: str = "colocated"):
-        self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
-        self.max_batch, self.max_tokens, self.chunk_size = max_batch, max_tokens, chunk_size
-        self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
-        self.name = name
-        self.lane = Lane()
-        self.waiting: deque[SimRequest] = deque()
-        self.swapped: list[SimRequest] = []
-        self.used = 0
-
-    def load(self) -> int:
-        return len(self.waiting) + len(self.lane)
-
-    def submit(self, req: SimRequest) -> None:
-        self.waiting.append(req)
-        if not self.lane.busy:
-            self._iterate()
-
-    def _swap_in(self) -> None:
-        while self.swapped and len(self.lane) < self.max_batch:
-            req = self.swapped[-1]
-            if self.used + req.context_len + len(self.lane) + 1 > self.capacity:
-                return
-            self.swapped.pop()
-            self.used += req.context_len
-            self.lane.join(req)
-
-    def _take_prompts(self, budget: int, whole: bool) -> list[tuple[SimRequest, int]]:
-        """FCFS prompt pieces within `budget` tokens; a prompt takes its KV when first picked."""
-        chunks = []
-        for req in self.waiting:
-            if budget <= 0 or len(self.lane) + len(chunks) >= self.max_batch:
-                break
-            left = req.prompt_len - req.prefilled
-            if whole and chunks and left > budget:
-                break
-            if req.prefilled == 0:
-                if self.used + req.prompt_len + len(self.lane) > self.capacity:
-                    if not chunks and not self.lane.running and self.used == 0:
-                        raise ValueError(f"a {req.prompt_len}-token prompt exceeds the KV capacity "
-                                         f"({self.capacity} tokens) of {self.name}; use more GPUs")
-                    break
-                self.used += req.prompt_len
-                req.log(self.loop.now, "context_begin")
-            take = left if whole else min(left, budget)
-            chunks.append((req, take))
-            budget -= take
-        return chunks
-
-    def _iterate(self) -> None:
-        self._swap_in()
-        chunks: list[tuple[SimRequest, int]] = []
-        if self.chunk_size is None:
-            if self.waiting and not self.swapped:
-                chunks = self._take_prompts(self.max_tokens, whole=True)
-        else:
-            chunks = self._take_prompts(self.chunk_size - len(self.lane), whole=False)
-        decoding = not chunks or self.chunk_size is not None
-        if decoding:
-            self._make_room()
-        if not chunks and not self.lane.running:
-            self.lane.busy = False
-            return
-        self.lane.busy = True
-        tp = self.spec.tp
-        ms = self.model.decode_stage_ms(len(self.lane), self.lane.sum_ctx, tp, 1) if decoding else 0.0
-        if chunks:
-            # Chunk attention reads the prompt so far: sum of n*(2*done + n) generalises sum(len^2).
-            tokens = sum(n for _, n in chunks)
-            sq = sum(n * (2 * r.prefilled + n) for r, n in chunks)
-            prefill = self.model.prefill_stage_ms(tokens, sq, tp, 1)
-            ms = ms + prefill - (self.model.coeffs(tp).prefill[0] if ms else 0.0)
-        self.loop.at(self.loop.now + ms * MS, self._end_iteration, chunks, decoding)
-
-    def _make_room(self) -> None:
-        make_room(self, self.lane)
-
-    def _end_iteration(self, chunks: list[tuple[SimRequest, int]], decoding: bool) -> None:
-        now = self.loop.now
-        if decoding:
-            self.used += len(self.lane)
-            for req in self.lane.end_step(now):
-                self.used -= req.context_len
-                req.log(now, "decoding_end")
-                self.sink.on_finished(req)
-        for req, n in chunks:
-            req.prefilled += n
-            if req.prefilled < req.prompt_len:
-                continue
-            self.waiting.remove(req)
-            req.first_token_time = now
-            req.generated = 1
-            self.used += 1
-            req.log(now, "context_end")
-            if req.output_len <= 1:
-                self.used -= req.context_len
-                self.sink.on_finished(req)
-            else:
-                req.log(now, "decoding_begin")
-                self.lane.join(req)
-        self._iterate()
