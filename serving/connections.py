@@ -4,7 +4,8 @@
   waits for a complete request head, counted from the connection's start or its previous
   answer. That is exactly a header time-out, so `keepalive_timeout=header_timeout` gives one
   (idle keep-alive connections close after the same time, as uvicorn's 5 s default does).
-- Body time-out: per request, where handlers read the body (request_fields.read_json_object).
+- Body time-out: per request, where handlers read the body (request_fields.read_json_object);
+  aiohttp's lingering read of a body left unread after the answer is bounded by it too.
 - Open connections: the listener's protocol factory hands a connection past the bound a
   refusal (503, closed) instead of aiohttp's handler. Connections register one loop turn after
   their accept, so one accept burst may pass the bound by up to the listen backlog.
@@ -48,6 +49,7 @@ class ClientFaultLog(logging.LoggerAdapter):
 def runner_settings(limits: HttpLimits) -> dict:
     """Keyword arguments of web.AppRunner (passed on to aiohttp's RequestHandler)."""
     return {"keepalive_timeout": limits.header_timeout,
+            "lingering_time": limits.body_timeout,
             "logger": ClientFaultLog(logging.getLogger("aiohttp.server"), {})}
 
 
