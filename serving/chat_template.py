@@ -82,8 +82,9 @@ class ChatTemplate:
         """The prompt text; ChatTemplateError when the template refuses the messages. `variables`
         (a request's chat_template_kwargs) may replace the special tokens, not the messages."""
         try:
+            # tools and documents: defined and None, as transformers renders them.
             text = self._template.render({**self.special_tokens, **(variables or {}),
-                                          "messages": messages,
+                                          "messages": messages, "tools": None, "documents": None,
                                           "add_generation_prompt": add_generation_prompt})
         except Exception as e:  # jinja's errors, and any a template's expressions raise
             raise ChatTemplateError(f"the chat template ({self.origin}) refused these "
@@ -120,14 +121,13 @@ def load_chat_template(option: str | None, tokenizer_dir: str | Path | None
     if config_path is not None and config_path.is_file():
         config = json.loads(config_path.read_text())
     tokens = {name: _token_text(config.get(name), OPT_BOS) for name in ("bos_token", "eos_token")}
+    if option and any(mark in option for mark in ("{{", "{%")):
+        return ChatTemplate(option, "--chat-template", tokens)
     if option:
-        path = Path(option)
-        if path.is_file():
-            return ChatTemplate(path.read_text(), str(path), tokens)
-        if not any(mark in option for mark in ("{{", "{%")):
+        if not Path(option).is_file():
             raise ValueError(f"--chat-template {option}: no such file (give a Jinja template "
                              f"file, or the template itself)")
-        return ChatTemplate(option, "--chat-template", tokens)
+        return ChatTemplate(Path(option).read_text(), option, tokens)
     if tokenizer_dir and (Path(tokenizer_dir) / TEMPLATE_FILE).is_file():
         path = Path(tokenizer_dir) / TEMPLATE_FILE
         return ChatTemplate(path.read_text(), str(path), tokens)
