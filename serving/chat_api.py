@@ -16,8 +16,8 @@ from serving.api_errors import ApiError
 from serving.chat_template import ChatTemplateError
 from serving.context import ServingContext
 from serving.openai_api import (Handler, TokenLogprobs, final_outputs, new_tokens, stream_sse,
-                                usage)
-from serving.request_fields import CHAT_FIELDS, include_usage, read_fields, sampling_params
+                                usage, usage_so_far)
+from serving.request_fields import CHAT_FIELDS, read_fields, sampling_params, stream_usage
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -62,10 +62,11 @@ class ChatChoices:
     """The JSON objects of one chat completion: chunks with deltas, choices, logprobs."""
 
     def __init__(self, request_id: str, model: str, logprobs: TokenLogprobs,
-                 num_top: int | None):
-        self.base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": model}
+                 num_top: int | None, continuous_usage: bool = False):
+        self.base = {"id": request_id, "created": int(time.time()), "model": model}
         self.logprobs = logprobs
         self.num_top = num_top          # None: no logprobs asked for
+        self.continuous_usage = continuous_usage
         self.started: set[int] = set()  # choices whose role chunk went out
 
     def _entry(self, token_id: int, logprob: float | None) -> dict:
@@ -84,19 +85,24 @@ class ChatChoices:
             content.append(entry)
         return {"content": content}
 
-    def _chunk(self, index: int, delta: dict, logprobs=None, reason=None) -> dict:
-        return {**self.base, "object": "chat.completion.chunk", "choices": [
+    def _chunk(self, index: int, output: RequestOutput, tokens_so_far: int, delta: dict,
+               logprobs=None, reason=None) -> dict:
+        chunk = {**self.base, "object": "chat.completion.chunk", "choices": [
             {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+        if self.continuous_usage:
+            chunk["usage"] = usage_so_far(output, tokens_so_far)
+        return chunk
 
     def chunks(self, index: int, output: RequestOutput) -> list[dict]:
         chunks = []
         if index not in self.started:
             self.started.add(index)
-            chunks.append(self._chunk(index, {"role": "assistant", "content": ""}))
+            chunks.append(self._chunk(index, output, 0, {"role": "assistant", "content": ""}))
         tokens = new_tokens(output)
         for i, token in enumerate(tokens):
             last = output.finished and i == len(tokens) - 1
-            chunks.append(self._chunk(index, {"content": token[2]}, self._logprobs(output, [token]),
+            chunks.append(self._chunk(index, output, token[0] + 1, {"content": token[2]},
+                                      self._logprobs(output, [token]),
                                       output.finish_reason if last else None))
         return chunks
 
@@ -125,7 +131,7 @@ def chat_handler(ctx: ServingContext) -> Handler:
             raise ApiError(400, "field 'messages' is required: a list of {role, content}",
                            param="messages")
         messages = read_messages(values["messages"])
-        with_usage = include_usage(values)
+        final_usage, continuous_usage = stream_usage(values)
         continue_final = values.get("continue_final_message", False)
         if continue_final and values.get("add_generation_prompt"):
             raise ApiError(400, "continue_final_message and add_generation_prompt exclude each "
@@ -145,10 +151,11 @@ def chat_handler(ctx: ServingContext) -> Handler:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         num_top = values.get("top_logprobs", 0) if values.get("logprobs") else None
         params = sampling_params(values, CHAT_FIELDS, max_tokens=max_tokens, logprobs=num_top)
-        with ctx.client.submit([ids], [params], id_prefix="chat") as group:
-            fmt = ChatChoices(group.id, model, TokenLogprobs(ctx.tokenizer), num_top)
+        with ctx.client.submit([ids], [params], id_prefix="chatcmpl") as group:
+            fmt = ChatChoices(group.id, model, TokenLogprobs(ctx.tokenizer), num_top,
+                              continuous_usage)
             if values.get("stream"):
                 return await stream_sse(request, group, fmt.chunks,
-                                        fmt.usage_chunk if with_usage else None)
+                                        fmt.usage_chunk if final_usage else None)
             return web.json_response(fmt.answer((await final_outputs(group))[0]))
     return chat

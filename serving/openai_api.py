@@ -2,7 +2,8 @@
 
 Streams follow OpenAI's wire format closely enough for the official `openai` client: one SSE
 event per generated token, a usage chunk (empty `choices`) only when `stream_options.
-include_usage` asks for it, then `data: [DONE]`. A list of prompts runs as one engine request
+include_usage` asks for it (usage in every chunk too with vLLM's `continuous_usage_stats`),
+then `data: [DONE]`. A list of prompts runs as one engine request
 per prompt; choices come back in prompt order with their `index`, usage summed. Unknown fields
 are ignored, as OpenAI-compatible servers do; fields dsjax cannot honour answer 400
 (request_fields.py). The SSE writer and token logprobs here serve /v1/chat/completions too.
@@ -19,8 +20,8 @@ from dsjax.engine.request import RequestOutput
 from serving.api_errors import ApiError, openai_error
 from serving.context import ServingContext
 from serving.engine_client import EngineFailure, RequestGroup
-from serving.request_fields import (COMPLETION_FIELDS, include_usage, read_fields, read_prompts,
-                                    sampling_params)
+from serving.request_fields import (COMPLETION_FIELDS, read_fields, read_prompts,
+                                    sampling_params, stream_usage)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,6 +35,13 @@ def usage(outputs: list[RequestOutput]) -> dict:
     completion = sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def usage_so_far(output: RequestOutput, completion_tokens: int) -> dict:
+    """One request's usage after its first `completion_tokens` tokens (continuous_usage_stats)."""
+    prompt = len(output.prompt_token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
 
 
 def new_tokens(output: RequestOutput) -> list[tuple[int, int, str]]:
@@ -123,12 +131,13 @@ class CompletionChoices:
     """The JSON objects of one completion: chunks, choices and OpenAI's logprobs object."""
 
     def __init__(self, request_id: str, model: str, logprobs: TokenLogprobs,
-                 num_logprobs: int | None, num_choices: int):
+                 num_logprobs: int | None, num_choices: int, continuous_usage: bool = False):
         self.base = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                      "model": model}
         self.logprobs = logprobs
         self.num_logprobs = num_logprobs
         self.text_offset = [0] * num_choices
+        self.continuous_usage = continuous_usage
 
     def _logprobs(self, index: int, output: RequestOutput, tokens) -> dict | None:
         if self.num_logprobs is None or output.logprobs is None:
@@ -153,9 +162,14 @@ class CompletionChoices:
     def chunks(self, index: int, output: RequestOutput) -> list[dict]:
         """One chunk per new token, OpenAI-style."""
         tokens = new_tokens(output)
-        return [{**self.base, "choices": [self.choice(
-                    index, output, [token], token[2], output.finished and i == len(tokens) - 1)]}
-                for i, token in enumerate(tokens)]
+        chunks = []
+        for i, token in enumerate(tokens):
+            last = output.finished and i == len(tokens) - 1
+            chunk = {**self.base, "choices": [self.choice(index, output, [token], token[2], last)]}
+            if self.continuous_usage:
+                chunk["usage"] = usage_so_far(output, token[0] + 1)
+            chunks.append(chunk)
+        return chunks
 
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return {**self.base, "choices": [], "usage": usage(finals)}
@@ -175,17 +189,17 @@ def completions_handler(ctx: ServingContext) -> Handler:
             raise ApiError(400, "field 'prompt' is required: a string, a list of token ids, or "
                                 "a list of either (a batch)", param="prompt")
         prompts = read_prompts(values["prompt"])
-        with_usage = include_usage(values)
+        final_usage, continuous_usage = stream_usage(values)
         ids = [await ctx.prompt_ids(p) for p in prompts]
         params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
                       prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS))
                   for prompt_ids in ids]
         with ctx.client.submit(ids, params, id_prefix="cmpl") as group:
             fmt = CompletionChoices(group.id, model, TokenLogprobs(ctx.tokenizer),
-                                    params[0].logprobs, len(prompts))
+                                    params[0].logprobs, len(prompts), continuous_usage)
             if values.get("stream"):
                 return await stream_sse(request, group, fmt.chunks,
-                                        fmt.usage_chunk if with_usage else None)
+                                        fmt.usage_chunk if final_usage else None)
             return web.json_response(fmt.answer(await final_outputs(group)))
     return completions
 

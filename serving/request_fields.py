@@ -155,10 +155,7 @@ CHAT_FIELDS = {
                            fix="start the server with --chat-template FILE instead"),
 }
 
-STREAM_OPTION_FIELDS = {
-    "include_usage": Field("bool"),
-    "continuous_usage_stats": _unsupported("bool", False, "leave it unset or false"),
-}
+STREAM_OPTION_FIELDS = {"include_usage": Field("bool"), "continuous_usage_stats": Field("bool")}
 
 
 def check_kind(name: str, value: Any, kind: str) -> None:
@@ -199,12 +196,15 @@ def sampling_params(values: dict, table: dict[str, Field], **overrides) -> Sampl
         raise ApiError(400, str(e)) from e
 
 
-def include_usage(values: dict) -> bool:
-    """stream_options.include_usage: the usage chunk is sent only when asked for, as OpenAI."""
+def stream_usage(values: dict) -> tuple[bool, bool]:
+    """stream_options -> (a usage chunk at the end, usage in every chunk). As OpenAI: usage
+    only when include_usage asks for it; as vLLM: continuous_usage_stats adds it per chunk."""
     options = read_fields(values.get("stream_options") or {}, STREAM_OPTION_FIELDS)
     if options and not values.get("stream"):
-        raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
-    return bool(options.get("include_usage"))
+        raise ApiError(400, "stream_options is only allowed with stream=true",
+                       param="stream_options")
+    final = bool(options.get("include_usage"))
+    return final, final and bool(options.get("continuous_usage_stats"))
 
 
 # ---- prompts ---------------------------------------------------------------------------------

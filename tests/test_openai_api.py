@@ -125,6 +125,12 @@ def test_chat_streams_role_then_deltas_and_usage_only_when_asked(server):
     chunks = list(client.chat.completions.create(**args, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == len(ids) + 5
 
+    # vLLM's continuous_usage_stats (guidellm asks for it): usage so far in every chunk.
+    chunks = list(client.chat.completions.create(**args, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    assert [c.usage.completion_tokens for c in chunks] == [0, 1, 2, 3, 4, 5, 5]
+    assert {c.usage.prompt_tokens for c in chunks} == {len(ids)}
+
 
 def test_chat_logprobs(server):
     ids, expected = expected_chat(server, MESSAGES, 3)
