@@ -140,7 +140,7 @@ def chat_handler(ctx: ServingContext) -> Handler:
             text = ctx.chat_template.render(
                 messages, add_generation_prompt=values.get("add_generation_prompt",
                                                            not continue_final),
-                continue_final_message=continue_final,
+                continue_final_message=continue_final, documents=values.get("documents"),
                 variables=values.get("chat_template_kwargs"))
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from e

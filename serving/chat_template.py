@@ -78,13 +78,15 @@ class ChatTemplate:
                                **(special_tokens or {})}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,
-               continue_final_message: bool = False, variables: dict | None = None) -> str:
+               continue_final_message: bool = False, documents: list | None = None,
+               variables: dict | None = None) -> str:
         """The prompt text; ChatTemplateError when the template refuses the messages. `variables`
         (a request's chat_template_kwargs) may replace the special tokens, not the messages."""
         try:
-            # tools and documents: defined and None, as transformers renders them.
+            # tools: defined and None, as transformers renders it (templates test both ways).
             text = self._template.render({**self.special_tokens, **(variables or {}),
-                                          "messages": messages, "tools": None, "documents": None,
+                                          "messages": messages, "tools": None,
+                                          "documents": documents,
                                           "add_generation_prompt": add_generation_prompt})
         except Exception as e:  # jinja's errors, and any a template's expressions raise
             raise ChatTemplateError(f"the chat template ({self.origin}) refused these "

@@ -190,7 +190,7 @@ def completions_handler(ctx: ServingContext) -> Handler:
                                 "a list of either (a batch)", param="prompt")
         prompts = read_prompts(values["prompt"])
         final_usage, continuous_usage = stream_usage(values)
-        ids = [await ctx.prompt_ids(p) for p in prompts]
+        ids = [await ctx.prompt_ids(p, values.get("add_special_tokens", True)) for p in prompts]
         params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
                       prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS))
                   for prompt_ids in ids]

@@ -124,17 +124,37 @@ COMPLETION_LOGPROBS = Field("int", "logprobs", low=0, high=20)
 GENERATE_FIELDS = {**SAMPLING_FIELDS, **VLLM_02_FIELDS, "prompt": Field("any"),
                    "logprobs": COMPLETION_LOGPROBS}
 
+def _absent(kind: str, fix: str) -> Field:
+    """A field no value of which dsjax honours: null or absent only."""
+    return Field(kind, allowed=(), fix=fix)
+
+
+NO_STRUCTURED_OUTPUT = "dsjax has no structured (guided) output: leave it unset"
+
+# Fields of both OpenAI endpoints: OpenAI's, and vLLM's extensions that change the output.
 OPENAI_FIELDS = {
     "model": Field("str"),
     "user": Field("str"),
     "stream_options": Field("object"),
+    "add_special_tokens": Field("bool"),
     "echo": _unsupported("bool", False, "leave echo unset or false; the client has the prompt"),
+    "response_format": Field("object", allowed=({"type": "text"},),
+                             fix=f'leave it unset or {{"type": "text"}}; {NO_STRUCTURED_OUTPUT}'),
+    "truncate_prompt_tokens": _absent("int", "shorten the prompt yourself"),
+    "allowed_token_ids": _unsupported("ints", [], "leave allowed_token_ids unset"),
+    "bad_words": _unsupported("strs", [], "leave bad_words unset"),
+    "priority": _unsupported("int", 0, "leave it unset or 0: requests are served first come, "
+                                       "first served"),
+    "return_tokens_as_token_ids": _unsupported("bool", False, "leave it unset or false"),
+    **{name: _absent("any", NO_STRUCTURED_OUTPUT) for name in (
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")},
 }
 
 COMPLETION_FIELDS = {**SAMPLING_FIELDS, **VLLM_02_FIELDS, **OPENAI_FIELDS,
                      "prompt": Field("any"), "logprobs": COMPLETION_LOGPROBS,
                      "suffix": _unsupported("str", "", "leave suffix unset")}
 
+NO_TOOLS = "dsjax parses no tool calls: describe the tools in a message"
 CHAT_FIELDS = {
     **SAMPLING_FIELDS, **OPENAI_FIELDS,
     "messages": Field("list"),
@@ -143,16 +163,19 @@ CHAT_FIELDS = {
     "max_completion_tokens": Field("int", low=1),
     "add_generation_prompt": Field("bool"),
     "continue_final_message": Field("bool"),
-    "add_special_tokens": Field("bool"),
     "chat_template_kwargs": Field("object"),
-    "tools": _unsupported("list", [], "dsjax parses no tool calls: describe tools in a message"),
-    "tool_choice": Field("any", allowed=("none", "auto"),
-                         fix="leave tool_choice unset, 'none' or 'auto' (no tools)"),
+    "documents": Field("list"),
+    "tools": _unsupported("list", [], NO_TOOLS),
+    "functions": _unsupported("list", [], NO_TOOLS),
+    "tool_choice": Field("any", allowed=("none", "auto"), fix=f"leave it unset, 'none' or "
+                                                              f"'auto'; {NO_TOOLS}"),
+    "function_call": Field("any", allowed=("none", "auto"), fix=NO_TOOLS),
     "parallel_tool_calls": Field("bool"),
-    "response_format": Field("object", allowed=({"type": "text"},),
-                             fix="leave response_format unset or {\"type\": \"text\"}"),
-    "chat_template": Field("str", allowed=(),
-                           fix="start the server with --chat-template FILE instead"),
+    "modalities": Field("strs", allowed=(["text"], "text"), fix="this model writes text only"),
+    "audio": _absent("object", "this model writes text only"),
+    "prediction": _absent("object", "leave prediction unset"),
+    "web_search_options": _absent("object", "dsjax does not search the web"),
+    "chat_template": _absent("str", "start the server with --chat-template FILE instead"),
 }
 
 STREAM_OPTION_FIELDS = {"include_usage": Field("bool"), "continuous_usage_stats": Field("bool")}

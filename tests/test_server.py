@@ -204,6 +204,12 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens'", "max_tokens"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "only allowed with stream=true", "stream_options"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}}, 400, "structured", "guided_json"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema"}}, 400, "structured",
+     "response_format"),
+    ({"prompt": "hi", "truncate_prompt_tokens": 10}, 400, "shorten the prompt",
+     "truncate_prompt_tokens"),
+    ({"prompt": "hi", "logit_bias": {"50": 10}}, 400, "logit_bias", "logit_bias"),
 ]
 
 
