@@ -31,7 +31,7 @@ class Admission:
         self.accepting = True
 
     def estimate(self, num_prompt_tokens: int) -> float | None:
-        # getattr: engines without the estimate (older ones, test fakes) are bound by max_queue only.
+        # getattr: engines without an estimate (older ones, fakes) are bound by max_queue only.
         estimate = getattr(self.engine, "admission_estimate", None)
         return None if estimate is None else estimate(num_prompt_tokens)
 

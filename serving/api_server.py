@@ -29,9 +29,7 @@ from serving.middlewares import (LOCAL_HOSTS, auth_middleware, configured_host, 
 
 log = logging.getLogger("serving")
 
-ENGINE = web.AppKey("engine", object)
 CLIENT = web.AppKey("client", EngineClient)
-METRICS = web.AppKey("metrics", ServerMetrics)
 LIMITS = web.AppKey("limits", HttpLimits)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", set)
 DEFAULT_HOSTS = web.AppKey("default_hosts", bool)
@@ -100,7 +98,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
         error_middleware(metrics), host_middleware(hosts), auth_middleware(api_key),
         json_post_middleware])
-    app[ENGINE], app[CLIENT], app[METRICS], app[LIMITS] = engine, client, metrics, limits
+    app[CLIENT], app[LIMITS] = client, limits
     app[ALLOWED_HOSTS], app[DEFAULT_HOSTS] = hosts, allowed_hosts is None
     app.router.add_post("/generate", generate_api.generate_handler(ctx))
     app.router.add_post("/v1/completions", openai_api.completions_handler(ctx))

@@ -20,7 +20,10 @@ from serving.api_errors import ApiError
 
 
 def _dump(value: Any, limit: int = 60) -> str:
-    return json.dumps(value)[:limit]
+    try:
+        return json.dumps(value)[:limit]
+    except RecursionError:   # parsed just under the parser's depth limit, too deep to write
+        return f"a {type(value).__name__} nested too deeply"
 
 
 def _is_int(v) -> bool:

@@ -291,7 +291,8 @@ def hostile_requests(rng: random.Random) -> list[tuple[str, bytes]]:
             ["evil.example", "127.0.0.1.nip.io:8400", "[::2]"])),
         "content types": lambda: request_bytes(good, Content_Type=rng.choice(
             ["text/plain", "multipart/form-data; boundary=x", "application/xml", None])),
-        "deep JSON": lambda: request_bytes(b"[" * 100_000),
+        "deep JSON": lambda: request_bytes(rng.choice([
+            b"[" * 100_000, b'{"prompt": ' + b"[" * 990 + b"]" * 990 + b"}"])),
         "bad chat": lambda: request_bytes(rng.choice([
             {"messages": []}, {"messages": [{"role": "wizard", "content": "hi"}]},
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

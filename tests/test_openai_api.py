@@ -87,7 +87,8 @@ def test_where_templates_come_from(tmp_path):
     assert load_chat_template(None, tmp_path) is None
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"bos_token": {"content": "<s>"}, "chat_template": [
-        {"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}]}))
+        {"name": "tool_use", "template": "T"},
+        {"name": "default", "template": "{{ bos_token }}D"}]}))
     assert load_chat_template(None, tmp_path).render(MESSAGES) == "<s>D"
     (tmp_path / "chat_template.jinja").write_text("J")
     assert load_chat_template(None, tmp_path).render(MESSAGES) == "J"
