@@ -20,7 +20,7 @@ from serving.admission import (DEFAULT_MAX_QUEUE, DEFAULT_TTFT_SLO, QUEUE_DELAY_
 from serving.chat_template import load_chat_template
 from serving.connections import (DEFAULT_MAX_BODY_BYTES, BoundedTCPSite, HttpLimits,
                                  runner_settings)
-from serving.context import ServingContext, max_model_len
+from serving.context import ServingContext, longest_token_bytes, max_model_len
 from serving.engine_client import EngineClient
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import ServerMetrics
@@ -91,6 +91,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
     tokenizer_dir = engine.config.tokenizer or engine.config.model
     ctx = ServingContext(client=client, model_names=tuple(names), root=str(engine.config.model),
                          max_model_len=max_model_len(engine),
+                         longest_token=longest_token_bytes(engine.tokenizer),
                          body_timeout=limits.body_timeout,
                          chat_template=load_chat_template(chat_template, tokenizer_dir),
                          created=int(time.time()))

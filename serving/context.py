@@ -20,12 +20,23 @@ def max_model_len(engine) -> int:
                cfg.max_num_blocks_per_req * cfg.block_size, smallest_pool * cfg.block_size)
 
 
+def longest_token_bytes(tokenizer) -> int:
+    """The most bytes one token spells: a text over max_model_len times this many characters
+    cannot fit the context, so it is refused without tokenizing it (tokenizing 15 MiB takes
+    2 s and holds the GIL, and so the event loop, for 0.3 s of it)."""
+    if tokenizer is None:
+        return 0
+    return max(len(tokenizer.token_bytes(i, skip_special_tokens=False))
+               for i in range(tokenizer.vocab_size))
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingContext:
     client: EngineClient
     model_names: tuple[str, ...]    # the first is the default and the metrics' model_name
     root: str                       # what was loaded (--model)
     max_model_len: int
+    longest_token: int              # longest_token_bytes(tokenizer)
     body_timeout: float
     chat_template: ChatTemplate | None
     created: int                    # the model cards' creation time
@@ -50,6 +61,12 @@ class ServingContext:
                          ) -> list[int]:
         if isinstance(prompt, list):
             return prompt
+        if self.longest_token and len(prompt) > self.max_model_len * self.longest_token:
+            # (a character is at least a byte)
+            raise ApiError(400, f"prompt of {len(prompt)} characters cannot fit the context of "
+                                f"{self.max_model_len} tokens (max_model_len; no token spells "
+                                f"more than {self.longest_token} bytes): shorten it",
+                           param="prompt")
         return await self.client.tokenize(prompt, add_special_tokens)
 
     def max_tokens(self, ids: list[int], requested: int | None, default: int | None = None

@@ -111,6 +111,8 @@ EDGE_CASES = {
     "body stalls (Content-Length 1000, one byte sent)": (
         request_bytes(b"{").replace(b"Content-Length: 1", b"Content-Length: 1000"), 408,
         "--body-timeout"),
+    "a prompt too long for the context, refused untokenized": (
+        request_bytes({"prompt": "x" * 600_000}), 400, "cannot fit the context of 2048 tokens"),
     "foreign Host (DNS rebinding)": (request_bytes({"prompt": "hi"}, Host="evil.example:8400"),
                                      400, "--allowed-hosts"),
     "cross-origin text/plain POST": (request_bytes({"prompt": "hi"}, Content_Type="text/plain"),
@@ -221,14 +223,14 @@ class GatedTokenizer:
 
 
 def test_a_long_prompt_is_tokenized_off_the_event_loop(loop, server):
-    """While a 1 MiB prompt is being tokenized, the server answers other requests: were it
+    """While a 100 kB prompt is being tokenized, the server answers other requests: were it
     tokenized on the event loop, /health could not answer until the gate opened."""
     tokenizer = GatedTokenizer(server.engine.tokenizer)
     gated = loop.serve(EngineProxy(server.engine, tokenizer=tokenizer))
 
     async def scenario():
         long = asyncio.ensure_future(exchange(gated.port, request_bytes(
-            {"prompt": "word " * (1 << 18), "max_tokens": 1})))
+            {"prompt": "word " * 20_000, "max_tokens": 1})))
         while not tokenizer.entered.is_set():
             await asyncio.sleep(0.01)
         health = await exchange(gated.port, request_bytes(b"", path="/health", method="GET"))
