@@ -21,8 +21,9 @@ from serving.admission import Admission
 from serving.api_errors import ApiError
 from serving.metrics import ServerMetrics
 
-# Longer texts are tokenized on a worker thread: BPE runs at about 10 MB/s, so a 15 MiB prompt
-# held the event loop for 1.3 s. Shorter ones are cheaper to tokenize than to hand over.
+# Longer texts are tokenized on a worker thread (BPE runs at about 7 MB/s: the longest text
+# that can fit the context, ~256 kB for OPT, takes ~35 ms). Shorter ones are cheaper to
+# tokenize than to hand over.
 OFF_LOOP_CHARS = 16 << 10
 
 
