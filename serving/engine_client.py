@@ -1,134 +1,138 @@
-"""The bridge between the engine's threads and aiohttp handlers: admission, streaming, abort.
+"""The bridge between the engine's threads and aiohttp handlers: tokenizing, admission,
+streaming, abort.
 
-Engine threads call `on_output` for every token; it hops onto the event loop with
-`call_soon_threadsafe`, so handlers read a plain asyncio.Queue. A handler that stops reading
-before the request finished (client gone, handler cancelled) aborts it, which frees its blocks.
+One HTTP request becomes a RequestGroup of engine requests (one per prompt of a batch). Engine
+threads call each request's callback for every token; it hops onto the event loop with
+`call_soon_threadsafe`, so handlers read one asyncio.Queue per group. A handler that leaves
+the group before its requests finished (client gone, handler cancelled) aborts them, which
+frees their blocks.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import uuid
 from typing import AsyncIterator
 
 from dsjax.engine.request import RequestOutput
 from dsjax.sampling_params import SamplingParams
+from serving.admission import Admission
+from serving.api_errors import ApiError
 from serving.metrics import ServerMetrics
 
-
-class ApiError(Exception):
-    """An HTTP error answer: status, a message naming the problem and its fix, extra headers."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 error_type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-        self.error_type = error_type
+# Longer texts are tokenized on a worker thread (BPE runs at about 7 MB/s: the longest text
+# that can fit the context, ~256 kB for OPT, takes ~35 ms). Shorter ones are cheaper to
+# tokenize than to hand over.
+OFF_LOOP_CHARS = 16 << 10
 
 
-RETRY_AFTER_SECONDS = 1
+class EngineFailure(RuntimeError):
+    """The engine failed one request (it serves on): answer 500 or end the stream with an error."""
 
 
 class EngineClient:
-    """Admits requests into the engine up to `max_queue` at once and streams their outputs."""
-
-    def __init__(self, engine, max_queue: int, metrics: ServerMetrics):
+    def __init__(self, engine, admission: Admission, metrics: ServerMetrics):
         self.engine = engine
-        self.max_queue = max_queue
+        self.admission = admission
         self.metrics = metrics
-        self.accepting = True
-        self._active: dict[str, "ActiveRequest"] = {}
+        self._active: dict[str, "RequestGroup"] = {}   # engine request id -> its group
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
     @property
     def num_active(self) -> int:
+        """Engine requests admitted and not finished (what --max-queue bounds)."""
         return len(self._active)
 
-    def submit(self, prompt: str | list[int], params: SamplingParams,
-               id_prefix: str = "gen") -> "ActiveRequest":
-        """Queue a request or raise ApiError (400 bad input, 503 full or stopping)."""
-        if not self.accepting:
-            raise ApiError(503, "server is shutting down: retry on another server",
-                           {"Retry-After": str(RETRY_AFTER_SECONDS)}, "unavailable")
-        if len(self._active) >= self.max_queue:
-            self.metrics.rejected_overload += 1
-            raise ApiError(503, f"server is at its admission bound of {self.max_queue} requests "
-                                f"in flight: retry later, or start it with a larger --max-queue",
-                           {"Retry-After": str(RETRY_AFTER_SECONDS)}, "overloaded")
-        request_id = f"{id_prefix}-{self._prefix}-{next(self._ids)}"
-        active = ActiveRequest(self, request_id)
-        try:
-            self.engine.add_request(prompt, params, request_id=request_id,
-                                    on_output=active.deliver_threadsafe)
-        except ValueError as e:          # the engine names what is wrong with the input
-            raise ApiError(400, str(e)) from e
-        except RuntimeError as e:        # the engine stopped or failed
-            raise ApiError(503, f"engine unavailable: {e}", error_type="unavailable") from e
-        self._active[request_id] = active
-        return active
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids",
+                           param="prompt")
+        encode = functools.partial(tokenizer.encode, text, add_bos=add_special_tokens)
+        if len(text) <= OFF_LOOP_CHARS:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(None, encode)
 
-    def _finished(self, active: "ActiveRequest") -> None:
-        self._active.pop(active.request_id, None)
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams],
+               id_prefix: str) -> "RequestGroup":
+        """Admit every prompt (token ids) or none: ApiError 400 (the engine refused one) or 503."""
+        self.admission.check(len(self._active), len(prompts), sum(map(len, prompts)))
+        group = RequestGroup(self, f"{id_prefix}-{self._prefix}-{next(self._ids)}", len(prompts))
+        try:
+            for index, (ids, sampling) in enumerate(zip(prompts, params)):
+                request_id = group.request_ids[index]
+                self.engine.add_request(ids, sampling, request_id=request_id,
+                                        on_output=functools.partial(group.deliver, index))
+                self._active[request_id] = group
+        except ValueError as e:          # the engine names what is wrong with the input
+            group.abort()
+            where = f"prompt {index}: " if len(prompts) > 1 else ""
+            raise ApiError(400, f"{where}{e}", param="prompt") from e
+        except RuntimeError as e:        # the engine stopped or failed
+            group.abort()
+            raise ApiError(503, f"engine unavailable: {e}", {"Retry-After": "1"}) from e
+        return group
+
+    def finished(self, request_id: str, reason: str, output: RequestOutput | None) -> None:
+        if self._active.pop(request_id, None) is not None:
+            self.metrics.observe_finished(reason, output)
 
     def abort_all(self) -> None:
-        for active in list(self._active.values()):
-            active.abort()
+        for group in set(self._active.values()):
+            group.abort()
 
 
-class ActiveRequest:
-    """One admitted request: iterate its outputs. Use it as a context manager: leaving the
-    block before the request finished (client gone, handler cancelled) aborts it."""
+class RequestGroup:
+    """The engine requests of one HTTP request. Use it as a context manager: leaving the block
+    before they finished (client gone, handler cancelled) aborts them."""
 
-    def __init__(self, client: EngineClient, request_id: str):
+    def __init__(self, client: EngineClient, group_id: str, size: int):
         self.client = client
-        self.request_id = request_id
-        self.final: RequestOutput | None = None
-        self._done = False
+        self.id = group_id
+        self.request_ids = [group_id] if size == 1 else [f"{group_id}-{i}" for i in range(size)]
+        self.final: list[RequestOutput | None] = [None] * size
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
 
-    def __enter__(self) -> "ActiveRequest":
+    def __enter__(self) -> "RequestGroup":
         return self
 
     def __exit__(self, *exc) -> None:
         self.abort()
 
-    def deliver_threadsafe(self, output) -> None:
-        """Called from engine threads (or from the loop itself, on abort)."""
+    def deliver(self, index: int, output) -> None:
+        """The engine's callback (from its threads): a RequestOutput, or the Exception that
+        failed this request."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
         except RuntimeError:  # the loop closed: the server is gone, nobody is listening
             pass
 
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """Each output as it comes; raises RuntimeError if the engine failed."""
-        while self.final is None:
-            output = await self._queue.get()
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as they come, until every request finished; raises
+        EngineFailure when the engine failed one."""
+        while None in self.final:
+            index, output = await self._queue.get()
+            request_id = self.request_ids[index]
             if isinstance(output, BaseException):
-                self._mark_done("error")
-                raise RuntimeError(f"engine failed: {output}") from output
+                self.client.finished(request_id, "error", None)
+                raise EngineFailure(f"engine failed: {output}") from output
             if output.finished:
-                self.final = output
-                self._mark_done(output.finish_reason, output)
-            yield output
+                self.final[index] = output
+                self.client.finished(request_id, output.finish_reason, output)
+            yield index, output
 
-    async def result(self) -> RequestOutput:
+    async def results(self) -> list[RequestOutput]:
         async for _ in self.outputs():
             pass
         return self.final
 
     def abort(self) -> None:
-        """Stop the request in the engine and free its blocks; no-op once it finished."""
-        if not self._done:
-            self.client.engine.abort(self.request_id)
-            self._mark_done("abort")
-
-    def _mark_done(self, reason: str, output: RequestOutput | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.client._finished(self)
-        self.client.metrics.observe_finished(reason, output)
+        """Stop the unfinished requests in the engine and free their blocks (a request the
+        engine failed too: aborting one it already dropped is a no-op)."""
+        for request_id, final in zip(self.request_ids, self.final):
+            if final is None:
+                self.client.engine.abort(request_id)
+                self.client.finished(request_id, "abort", None)

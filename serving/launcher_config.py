@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Sequence
 
 from dsjax.config import DTYPES, ENGINE_MODES, EngineConfig
+from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TTFT_SLO, QUEUE_DELAY_SLO_MULTIPLE
+from serving.chat_template import load_chat_template
+from serving.connections import DEFAULT_MAX_BODY_BYTES, HttpLimits
 
 log = logging.getLogger("serving")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8400            # DistServe's port
-DEFAULT_MAX_QUEUE = 8192       # requests admitted and not finished before answering 503
-DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_CPU_DEVICES = 2        # virtual CPU devices: one prefill and one decode instance
 
 # What the launcher changes relative to EngineConfig's own defaults.
@@ -85,10 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $DSJAX_API_KEY, else no key)")
-    server.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help="requests admitted and not finished before new ones get 503")
-    server.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        dest="served_model_names",
+                        help="names clients use for the model; the first is the default and "
+                             "the metrics' model_name (default: --model, then its size name)")
+    server.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="Jinja chat template for /v1/chat/completions, a file or the "
+                             "template itself (default: the tokenizer directory's)")
+    server.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                        help="Host header names served; '*' serves any (default: localhost, "
+                             "127.0.0.1, ::1 and --host): guards a local server against DNS "
+                             "rebinding")
+    admission = p.add_argument_group("admission (503 + Retry-After past these)")
+    admission.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                           help="requests admitted and not finished (default: %(default)s)")
+    admission.add_argument("--ttft-slo", type=float, default=DEFAULT_TTFT_SLO,
+                           help="time-to-first-token SLO in seconds (default: %(default)s)")
+    admission.add_argument("--max-queue-delay", type=float, default=None,
+                           help="refuse a request the engine estimates would wait longer than "
+                                f"this for its first token (default: {QUEUE_DELAY_SLO_MULTIPLE}"
+                                " x --ttft-slo)")
+    limits = p.add_argument_group("HTTP limits")
+    limits.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted (413 above)")
+    limits.add_argument("--header-timeout", type=float, default=HttpLimits.header_timeout,
+                        help="seconds a connection has to send a request's headers, from its "
+                             "start or its previous answer; idle keep-alive connections close "
+                             "after it too (default: %(default)s)")
+    limits.add_argument("--body-timeout", type=float, default=HttpLimits.body_timeout,
+                        help="seconds a request has to send its body (408 after; default: "
+                             "%(default)s)")
+    limits.add_argument("--max-connections", type=int, default=HttpLimits.max_connections,
+                        help="connections open at once; more get 503 (default: %(default)s)")
     server.add_argument("--skip-warmup", action="store_true",
                         help="do not send one tiny request through the engine before serving")
     server.add_argument("--config", default=None, metavar="FILE",
@@ -165,15 +194,47 @@ class ServerOptions:
     max_queue: int
     max_body_bytes: int
     warmup: bool
+    max_queue_delay: float
+    limits: HttpLimits
+    allowed_hosts: tuple[str, ...] | None
+    served_model_names: tuple[str, ...] | None
+    chat_template: str | None
+
+    def app_settings(self) -> dict:
+        """Keyword arguments of serving.api_server.create_app."""
+        return {"api_key": self.api_key, "max_queue": self.max_queue,
+                "max_body_bytes": self.max_body_bytes, "max_queue_delay": self.max_queue_delay,
+                "limits": self.limits, "allowed_hosts": self.allowed_hosts,
+                "served_model_names": self.served_model_names,
+                "chat_template": self.chat_template}
+
+
+def _positive(flag: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"{flag} must be > 0, got {value}")
+    return value
 
 
 def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
     if args.max_body_bytes < 1024:
         raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    delay = args.max_queue_delay
+    if delay is None:
+        delay = QUEUE_DELAY_SLO_MULTIPLE * _positive("--ttft-slo", args.ttft_slo)
+    limits = HttpLimits(_positive("--header-timeout", args.header_timeout),
+                        _positive("--body-timeout", args.body_timeout), args.max_connections)
+    if args.chat_template:
+        load_chat_template(args.chat_template, None)   # a missing or broken template stops here
     return ServerOptions(args.host, args.port, args.api_key or None, args.max_queue,
-                         args.max_body_bytes, not args.skip_warmup)
+                         args.max_body_bytes, not args.skip_warmup,
+                         _positive("--max-queue-delay", delay), limits,
+                         tuple(args.allowed_hosts) if args.allowed_hosts else None,
+                         tuple(args.served_model_names) if args.served_model_names else None,
+                         args.chat_template)
 
 
 def parse_launcher_args(argv: Sequence[str] | None = None

@@ -1,22 +1,45 @@
-"""Server metrics in the Prometheus text exposition format (version 0.0.4), written by hand.
+"""GET /metrics: vLLM's metric names (dashboards built for vLLM work) plus dsjax's own.
 
-Latencies are the server's view: TTFT from the request's `issued` event to its first token,
-TPOT = (last - first token time) / (tokens - 1), as DistServe defines them. Engine state
-(queues, KV blocks, migrations) is read at scrape time. Only the event loop thread updates
-these counters, so they need no lock.
+prometheus_client renders the exposition, from a registry per app (two apps in one process,
+as the tests run them, do not share counts). Per-request histograms are observed when a request
+finishes, from its lifetime events and token timestamps (the engine's time.perf_counter clock);
+engine state (queues, KV blocks, preemptions, migrations) is read at scrape time by a collector.
+Every series carries `model_name`; per-instance dsjax_* series carry `instance`. Only the event
+loop thread observes, so nothing here needs a lock.
 """
 from __future__ import annotations
 
-import bisect
-from collections import Counter
-from typing import Iterable
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from serving.admission import REJECTION_REASONS
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
-TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-# engine.stats() key -> (metric name, help)
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# Per-request phases: histogram name -> (help, buckets).
+PHASES = {
+    "vllm:time_to_first_token_seconds": ("time from arrival to the first token", TTFT_BUCKETS),
+    "vllm:inter_token_latency_seconds": ("time between a request's consecutive tokens",
+                                         ITL_BUCKETS),
+    "vllm:e2e_request_latency_seconds": ("time from arrival to the last token",
+                                         REQUEST_BUCKETS),
+    "vllm:request_queue_time_seconds": ("time from arrival to the start of its prefill",
+                                        REQUEST_BUCKETS),
+    "vllm:request_prefill_time_seconds": ("time the prefill step took", REQUEST_BUCKETS),
+    "vllm:request_decode_time_seconds": ("time from the first token to the last",
+                                         REQUEST_BUCKETS),
+}
+
+# engine.stats() key -> (dsjax metric, help): per instance.
 INSTANCE_GAUGES = {
     "waiting": ("dsjax_requests_waiting", "requests queued at the instance"),
     "running": ("dsjax_requests_running", "requests in the instance's running batch"),
@@ -26,100 +49,128 @@ INSTANCE_GAUGES = {
     "blocks_used": ("dsjax_kv_blocks_used", "KV cache blocks in use"),
     "blocks_total": ("dsjax_kv_blocks_total", "KV cache blocks in the instance's pool"),
 }
+# Requests admitted into the engine but in no running batch: what vLLM calls waiting.
+WAITING_KEYS = ("waiting", "held", "swapped")
 
 
-class Histogram:
-    def __init__(self, buckets: Iterable[float]):
-        self.bounds = tuple(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)   # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
+def request_phases(output) -> dict[str, list[float]]:
+    """Histogram name -> observations, from a finished output's events and token times."""
+    times = output.token_timestamps
+    events = {}
+    for event in output.lifetime_events:
+        events.setdefault(event["event_type"], event["timestamp"])
+    phases: dict[str, list[float]] = {}
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+    def span(name: str, start: float | None, end: float | None) -> None:
+        if start is not None and end is not None:
+            phases[name] = [max(0.0, end - start)]
 
-    def lines(self, name: str) -> list[str]:
-        out, cumulative = [], 0
-        for bound, n in zip((*map(_number, self.bounds), "+Inf"), self.counts):
-            cumulative += n
-            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        out += [f"{name}_sum {_number(self.sum)}", f"{name}_count {self.count}"]
-        return out
-
-
-def _number(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def _escape(label_value: str) -> str:
-    return str(label_value).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-
-
-def _family(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
+    issued = events.get("issued")
+    span("vllm:request_queue_time_seconds", issued, events.get("context_begin"))
+    span("vllm:request_prefill_time_seconds", events.get("context_begin"),
+         events.get("context_end"))
+    if times:
+        span("vllm:time_to_first_token_seconds", issued, times[0])
+        span("vllm:e2e_request_latency_seconds", issued, times[-1])
+        span("vllm:request_decode_time_seconds", times[0], times[-1])
+        phases["vllm:inter_token_latency_seconds"] = [b - a for a, b in zip(times, times[1:])]
+    return phases
 
 
 class ServerMetrics:
-    def __init__(self):
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
-        self.finished = Counter()      # finish reason -> requests
-        self.http_errors = Counter()   # status code -> answers
-        self.rejected_overload = 0
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
 
-    def observe_finished(self, reason: str, output=None) -> None:
-        self.finished[reason or "unknown"] += 1
-        times = output.token_timestamps if output is not None else []
-        if not times:
+        def counter(name, help_text, extra=()):
+            return Counter(name, help_text, [*labels, *extra], registry=self.registry)
+
+        self.histograms = {name: Histogram(name, help_text, labels, buckets=buckets,
+                                           registry=self.registry).labels(model_name)
+                           for name, (help_text, buckets) in PHASES.items()}
+        self.prompt_tokens = counter("vllm:prompt_tokens", "prompt tokens of finished "
+                                     "requests").labels(model_name)
+        self.generation_tokens = counter("vllm:generation_tokens", "tokens generated by "
+                                         "finished requests").labels(model_name)
+        self.success = counter("vllm:request_success", "requests finished, by finish reason "
+                               "(stop, length, abort, error)", ["finished_reason"])
+        self.http_errors = counter("dsjax_http_errors", "error answers, by HTTP status",
+                                   ["status"])
+        self.rejections = counter("dsjax_admission_rejections", "requests refused with 503 at "
+                                  "admission, by reason", ["reason"])
+        for reason in REJECTION_REASONS:   # every reason shows, at 0 until it happens
+            self.rejections.labels(model_name, reason)
+
+    def observe_finished(self, reason: str | None, output=None) -> None:
+        self.success.labels(self.model_name, reason or "unknown").inc()
+        if output is None:
             return
-        issued = next((e["timestamp"] for e in output.lifetime_events
-                       if e["event_type"] == "issued"), None)
-        if issued is not None:
-            self.ttft.observe(max(0.0, times[0] - issued))
-        if len(times) > 1:
-            self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(len(output.token_ids))
+        for name, values in request_phases(output).items():
+            for value in values:
+                self.histograms[name].observe(value)
 
     def observe_http_error(self, status: int) -> None:
-        self.http_errors[status] += 1
+        self.http_errors.labels(self.model_name, str(status)).inc()
 
-    def render(self, engine, active_requests: int) -> str:
-        lines: list[str] = []
-        lines += _family("dsjax_time_to_first_token_seconds", "histogram",
-                         "time from arrival to the first generated token",
-                         self.ttft.lines("dsjax_time_to_first_token_seconds"))
-        lines += _family("dsjax_time_per_output_token_seconds", "histogram",
-                         "mean time between a request's generated tokens after the first",
-                         self.tpot.lines("dsjax_time_per_output_token_seconds"))
-        lines += _family("dsjax_requests_finished_total", "counter",
-                         "requests ended, by finish reason (stop, length, abort, error)",
-                         [f'dsjax_requests_finished_total{{finish_reason="{_escape(r)}"}} {n}'
-                          for r, n in sorted(self.finished.items())])
-        lines += _family("dsjax_http_errors_total", "counter", "error answers, by HTTP status",
-                         [f'dsjax_http_errors_total{{status="{s}"}} {n}'
-                          for s, n in sorted(self.http_errors.items())])
-        lines += _family("dsjax_requests_rejected_overload_total", "counter",
-                         "requests answered 503 at the admission bound",
-                         [f"dsjax_requests_rejected_overload_total {self.rejected_overload}"])
-        lines += _family("dsjax_requests_in_flight", "gauge",
-                         "requests admitted by the server and not finished",
-                         [f"dsjax_requests_in_flight {active_requests}"])
-        lines += self._engine_lines(engine)
-        return "\n".join(lines) + "\n"
+    def observe_rejection(self, reason: str) -> None:
+        self.rejections.labels(self.model_name, reason).inc()
 
-    @staticmethod
-    def _engine_lines(engine) -> list[str]:
-        stats = engine.stats()
-        lines: list[str] = []
-        for key, (name, help_text) in INSTANCE_GAUGES.items():
-            samples = [f'{name}{{instance="{_escape(s["instance"])}"}} {s[key]}'
-                       for s in stats if key in s]
-            lines += _family(name, "gauge", help_text, samples)
-        migrations = dict(engine.migrations)
-        for key, name in (("count", "dsjax_migrations_total"),
-                          ("seconds", "dsjax_migration_seconds_total"),
-                          ("bytes", "dsjax_migration_bytes_total")):
-            lines += _family(name, "counter", f"KV cache migrations prefill -> decode: {key}",
-                             [f"{name} {_number(migrations[key])}"])
-        return lines
+    def watch(self, engine, num_active) -> None:
+        """Read the engine's state (and the admission queue's length, num_active()) per scrape."""
+        self.registry.register(EngineCollector(engine, self.model_name, num_active))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector:
+    """Engine state at scrape time, as vLLM's gauges and dsjax's per-instance ones."""
+
+    def __init__(self, engine, model_name: str, num_active):
+        self.engine = engine
+        self.model_name = model_name
+        self.num_active = num_active
+
+    def describe(self):
+        return []   # not known before the first scrape; prometheus_client then skips the check
+
+    def collect(self):
+        stats = self.engine.stats()
+        name = [self.model_name]
+
+        def family(kind, metric, help_text, value, **labels):
+            f = kind(metric, help_text, labels=["model_name", *labels])
+            f.add_metric(name + list(labels.values()), value)
+            return f
+
+        used = sum(s["blocks_used"] for s in stats)
+        total = sum(s["blocks_total"] for s in stats)
+        yield family(GaugeMetricFamily, "vllm:num_requests_running",
+                     "requests in running batches (all instances)",
+                     sum(s["running"] for s in stats))
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting",
+                     "requests queued, held for migration or swapped out (all instances)",
+                     sum(s.get(k, 0) for s in stats for k in WAITING_KEYS))
+        yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc",
+                     "KV cache blocks in use over all instances; 1 means full",
+                     used / total if total else 0.0)
+        yield family(CounterMetricFamily, "vllm:num_preemptions",
+                     "requests swapped out to host memory to make room",
+                     sum(s.get("num_preemptions", 0) for s in stats))
+        yield family(GaugeMetricFamily, "dsjax_admission_queue_length",
+                     "requests admitted by the server and not finished (bounded by --max-queue)",
+                     self.num_active())
+        for key, (metric, help_text) in INSTANCE_GAUGES.items():
+            f = GaugeMetricFamily(metric, help_text, labels=["model_name", "instance"])
+            for s in stats:
+                if key in s:
+                    f.add_metric([self.model_name, s["instance"]], s[key])
+            yield f
+        migrations = dict(self.engine.migrations)
+        for key, metric in (("count", "dsjax_migrations"), ("seconds", "dsjax_migration_seconds"),
+                            ("bytes", "dsjax_migration_bytes")):
+            yield family(CounterMetricFamily, metric,
+                         f"KV cache migrations prefill -> decode: {key}", migrations[key])

@@ -1,8 +1,12 @@
-"""OpenAI-compatible POST /v1/completions (legacy completions API), with SSE streaming.
+"""OpenAI-compatible POST /v1/completions (batched prompts, SSE streaming) and GET /v1/models.
 
-Follows OpenAI's wire format closely enough for the official `openai` client: one SSE event
-per generated token, then a usage chunk with empty `choices`, then `data: [DONE]`. Unknown
-fields are ignored, as OpenAI-compatible servers do; fields dsjax cannot honour answer 400.
+Streams follow OpenAI's wire format closely enough for the official `openai` client: one SSE
+event per generated token, a usage chunk (empty `choices`) only when `stream_options.
+include_usage` asks for it (usage in every chunk too with vLLM's `continuous_usage_stats`),
+then `data: [DONE]`. A list of prompts runs as one engine request
+per prompt; choices come back in prompt order with their `index`, usage summed. Unknown fields
+are ignored, as OpenAI-compatible servers do; fields dsjax cannot honour answer 400
+(request_fields.py). The SSE writer and token logprobs here serve /v1/chat/completions too.
 """
 from __future__ import annotations
 
@@ -13,140 +17,208 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from dsjax.engine.request import RequestOutput
-from serving.engine_client import ApiError, EngineClient
-from serving.request_fields import check_kind, check_prompt, read_json_object, sampling_params_from
+from serving.api_errors import ApiError, openai_error
+from serving.context import ServingContext
+from serving.engine_client import EngineFailure, RequestGroup
+from serving.request_fields import (COMPLETION_FIELDS, read_fields, read_prompts,
+                                    sampling_params, stream_usage)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-def _check_unsupported(body: dict) -> None:
-    if body.get("echo"):
-        raise ApiError(400, "echo=true is not supported by dsjax: leave echo unset or false")
-    if body.get("suffix"):
-        raise ApiError(400, "suffix is not supported by dsjax: leave suffix unset")
-    if body.get("logit_bias"):
-        raise ApiError(400, "logit_bias is not supported by dsjax: leave logit_bias unset")
-    for name, kind in (("echo", "bool"), ("stream", "bool"), ("user", "str"),
-                       ("stream_options", "object")):
-        check_kind(name, body.get(name), kind)
+DEFAULT_MAX_TOKENS = 16   # OpenAI's and vLLM's default for completions
+MIN_LOGPROB = -9999.0     # stands for -inf, which JSON cannot carry (as vLLM)
+ABORTED = "request aborted: the server is shutting down"
 
 
-class CompletionFormatter:
-    """Builds the OpenAI JSON objects of one completion."""
-
-    def __init__(self, request_id: str, model: str, tokenizer, num_logprobs: int | None):
-        self.base = {"id": request_id, "object": "text_completion",
-                     "created": int(time.time()), "model": model}
-        self.tokenizer = tokenizer
-        self.num_logprobs = num_logprobs
-        self.text_offset = 0
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
-
-    def logprobs(self, output: RequestOutput, token_ids: list[int], start: int) -> dict | None:
-        """OpenAI's logprobs object for token_ids, the tokens at output positions start..."""
-        if self.num_logprobs is None or output.logprobs is None:
-            return None
-        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for i, token_id in enumerate(token_ids):
-            table = output.logprobs[start + i]
-            text = self._token_text(token_id)
-            top = sorted(table.items(), key=lambda kv: -kv[1])[:self.num_logprobs]
-            result["tokens"].append(text)
-            result["token_logprobs"].append(table.get(token_id))
-            result["top_logprobs"].append({self._token_text(t): lp for t, lp in top})
-            result["text_offset"].append(self.text_offset)
-            self.text_offset += len(text)
-        return result
-
-    def choice(self, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
-        body = {**self.base, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return body
-
-
-def usage(output: RequestOutput) -> dict:
-    prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
 
-def _sse(payload) -> bytes:
+def usage_so_far(output: RequestOutput, completion_tokens: int) -> dict:
+    """One request's usage after its first `completion_tokens` tokens (continuous_usage_stats)."""
+    prompt = len(output.prompt_token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+def new_tokens(output: RequestOutput) -> list[tuple[int, int, str]]:
+    """(position, token id, text) per token new in `output`; its new text rides on the last."""
+    new = output.new_token_ids
+    first = len(output.token_ids) - len(new)
+    return [(first + i, t, (output.new_text or "") if i == len(new) - 1 else "")
+            for i, t in enumerate(new)]
+
+
+class TokenLogprobs:
+    """A token's text, bytes and log-probabilities, from the engine's per-token tables."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def bytes(self, token_id: int) -> list[int]:
+        if self.tokenizer is None:
+            return list(self.text(token_id).encode())
+        return list(self.tokenizer.token_bytes(token_id, skip_special_tokens=False))
+
+    @staticmethod
+    def top(table: dict[int, float], n: int) -> list[tuple[int, float]]:
+        return [(t, max(lp, MIN_LOGPROB)) for t, lp in sorted(table.items(),
+                                                              key=lambda kv: -kv[1])[:n]]
+
+    @staticmethod
+    def chosen(table: dict[int, float], token_id: int) -> float | None:
+        lp = table.get(token_id)
+        return None if lp is None else max(lp, MIN_LOGPROB)
+
+
+# ---- SSE ------------------------------------------------------------------------------------
+
+def sse(payload) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
 
 
-def _stream_chunks(fmt: CompletionFormatter, output: RequestOutput) -> list[dict]:
-    """One chunk per new token (the token's text rides on the last), OpenAI-style."""
-    new = output.new_token_ids
-    first = len(output.token_ids) - len(new)
-    chunks = []
-    for i, token_id in enumerate(new):
-        last = i == len(new) - 1
-        text = (output.new_text or "") if last else ""
-        reason = output.finish_reason if output.finished and last else None
-        chunks.append(fmt.chunk([fmt.choice(text, fmt.logprobs(output, [token_id], first + i),
-                                            reason)]))
-    return chunks
-
-
-async def _stream_completion(request: web.Request, active, fmt: CompletionFormatter
-                             ) -> web.StreamResponse:
+async def stream_sse(request: web.Request, group: RequestGroup,
+                     chunks: Callable[[int, RequestOutput], list[dict]],
+                     usage_chunk: Callable[[list[RequestOutput]], dict] | None
+                     ) -> web.StreamResponse:
+    """Write `chunks(index, output)` per output, the usage chunk (if asked for), [DONE]."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:
-        async for output in active.outputs():
-            events = [_sse(c) for c in _stream_chunks(fmt, output)]
-            if output.finished and output.finish_reason == "abort":
-                events.append(_sse({"error": {"message": "request aborted: the server is "
-                                              "shutting down", "type": "unavailable"}}))
-            elif output.finished:
-                events.append(_sse(fmt.chunk([], usage(output))))
-            if events:
+        async for index, output in group.outputs():
+            events = [sse(c) for c in chunks(index, output)]
+            if output.finish_reason == "abort":
+                events.append(sse(openai_error(503, ABORTED)))
                 await response.write(b"".join(events))
-    except RuntimeError as e:  # the engine failed after the stream began
-        await response.write(_sse({"error": {"message": str(e), "type": "internal_error"}}))
-    except ConnectionResetError:  # the client left; leaving the `with` aborts the request
+                break
+            await response.write(b"".join(events))
+        else:
+            if usage_chunk is not None:
+                await response.write(sse(usage_chunk(group.final)))
+    except EngineFailure as e:
+        await response.write(sse(openai_error(500, str(e))))
+    except ConnectionError:  # the client left; leaving the group aborts its requests
         return response
-    await response.write(_sse("[DONE]"))
+    await response.write(sse("[DONE]"))
     await response.write_eof()
     return response
 
 
-def completions_handler(client: EngineClient, model_names: list[str], tokenizer) -> Handler:
+async def final_outputs(group: RequestGroup) -> list[RequestOutput]:
+    """Every request's final output; 500 when the engine failed one, 503 when aborted."""
+    try:
+        finals = await group.results()
+    except EngineFailure as e:
+        raise ApiError(500, str(e)) from e
+    if any(f.finish_reason == "abort" for f in finals):
+        raise ApiError(503, ABORTED, {"Retry-After": "1"})
+    return finals
+
+
+# ---- POST /v1/completions -------------------------------------------------------------------
+
+class CompletionChoices:
+    """The JSON objects of one completion: chunks, choices and OpenAI's logprobs object."""
+
+    def __init__(self, request_id: str, model: str, logprobs: TokenLogprobs,
+                 num_logprobs: int | None, num_choices: int, continuous_usage: bool = False):
+        self.base = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                     "model": model}
+        self.logprobs = logprobs
+        self.num_logprobs = num_logprobs
+        self.text_offset = [0] * num_choices
+        self.continuous_usage = continuous_usage
+
+    def _logprobs(self, index: int, output: RequestOutput, tokens) -> dict | None:
+        if self.num_logprobs is None or output.logprobs is None:
+            return None
+        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for position, token_id, _ in tokens:
+            table = output.logprobs[position]
+            text = self.logprobs.text(token_id)
+            result["tokens"].append(text)
+            result["token_logprobs"].append(self.logprobs.chosen(table, token_id))
+            result["top_logprobs"].append({self.logprobs.text(t): lp for t, lp in
+                                           self.logprobs.top(table, self.num_logprobs)})
+            result["text_offset"].append(self.text_offset[index])
+            self.text_offset[index] += len(text)
+        return result
+
+    def choice(self, index: int, output: RequestOutput, tokens, text: str,
+               finished: bool) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, output, tokens),
+                "finish_reason": output.finish_reason if finished else None}
+
+    def chunks(self, index: int, output: RequestOutput) -> list[dict]:
+        """One chunk per new token, OpenAI-style."""
+        tokens = new_tokens(output)
+        chunks = []
+        for i, token in enumerate(tokens):
+            last = output.finished and i == len(tokens) - 1
+            chunk = {**self.base, "choices": [self.choice(index, output, [token], token[2], last)]}
+            if self.continuous_usage:
+                chunk["usage"] = usage_so_far(output, token[0] + 1)
+            chunks.append(chunk)
+        return chunks
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> dict:
+        return {**self.base, "choices": [], "usage": usage(finals)}
+
+    def answer(self, finals: list[RequestOutput]) -> dict:
+        choices = [self.choice(i, f, [(p, t, "") for p, t in enumerate(f.token_ids)],
+                               f.text or "", True) for i, f in enumerate(finals)]
+        return {**self.base, "choices": choices, "usage": usage(finals)}
+
+
+def completions_handler(ctx: ServingContext) -> Handler:
     async def completions(request: web.Request) -> web.StreamResponse:
-        body = await read_json_object(request)
-        model = body.get("model")
-        check_kind("model", model, "str")
-        if model is None:
-            raise ApiError(400, f"field 'model' is required: use {model_names[0]!r} "
-                                f"(GET /v1/models)")
-        if model not in model_names:
-            raise ApiError(404, f"model {model!r} is not served here: use {model_names[0]!r} "
-                                f"(GET /v1/models)", error_type="not_found_error")
-        if "prompt" not in body:
-            raise ApiError(400, "field 'prompt' is required: a string or a list of token ids")
-        prompt = check_prompt(body["prompt"], allow_list_of_one=True)
-        _check_unsupported(body)
-        params = sampling_params_from(body)
-        with client.submit(prompt, params, id_prefix="cmpl") as active:
-            fmt = CompletionFormatter(active.request_id, model, tokenizer, params.logprobs)
-            if body.get("stream"):
-                return await _stream_completion(request, active, fmt)
-            try:
-                final = await active.result()
-            except RuntimeError as e:
-                raise ApiError(500, str(e), error_type="internal_error") from e
-            if final.finish_reason == "abort":
-                raise ApiError(503, "request aborted: the server is shutting down",
-                               error_type="unavailable")
-            choice = fmt.choice(final.text or "", fmt.logprobs(final, final.token_ids, 0),
-                                final.finish_reason)
-            return web.json_response(fmt.chunk([choice], usage(final)))
+        body = await ctx.read_body(request)
+        values = read_fields(body, COMPLETION_FIELDS)
+        model = ctx.model_name(values.get("model"))
+        if "prompt" not in values:
+            raise ApiError(400, "field 'prompt' is required: a string, a list of token ids, or "
+                                "a list of either (a batch)", param="prompt")
+        prompts = read_prompts(values["prompt"])
+        final_usage, continuous_usage = stream_usage(values)
+        ids = [await ctx.prompt_ids(p, values.get("add_special_tokens", True)) for p in prompts]
+        params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
+                      prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS))
+                  for prompt_ids in ids]
+        with ctx.client.submit(ids, params, id_prefix="cmpl") as group:
+            fmt = CompletionChoices(group.id, model, TokenLogprobs(ctx.tokenizer),
+                                    params[0].logprobs, len(prompts), continuous_usage)
+            if values.get("stream"):
+                return await stream_sse(request, group, fmt.chunks,
+                                        fmt.usage_chunk if final_usage else None)
+            return web.json_response(fmt.answer(await final_outputs(group)))
     return completions
+
+
+# ---- GET /v1/models -------------------------------------------------------------------------
+
+def model_card(ctx: ServingContext, name: str) -> dict:
+    return {"id": name, "object": "model", "created": ctx.created, "owned_by": "dsjax",
+            "root": ctx.root, "parent": None, "max_model_len": ctx.max_model_len}
+
+
+def models_handler(ctx: ServingContext) -> Handler:
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list",
+                                  "data": [model_card(ctx, n) for n in ctx.model_names]})
+    return models
+
+
+def model_handler(ctx: ServingContext) -> Handler:
+    async def model(request: web.Request) -> web.Response:
+        return web.json_response(model_card(ctx, ctx.model_name(request.match_info["model"])))
+    return model

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import subprocess
 import sys
 
 import pytest
 
 from dsjax.config import EngineConfig
+from serving.api_server import create_app
+from serving.connections import HttpLimits
 from serving.launcher_config import (DEFAULT_PORT, devices_needed, parse_launcher_args,
                                      xla_flags_with_cpu_devices)
 
@@ -94,12 +97,48 @@ def test_bad_flags_name_the_problem(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_server_options_from_flags():
-    _, options = parse_launcher_args(["--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
-                                      "--max-queue", "3", "--skip-warmup"])
+def test_server_options_from_flags(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    _, options = parse_launcher_args([
+        "--host", "0.0.0.0", "--port", "9000", "--api-key", "k", "--max-queue", "3",
+        "--skip-warmup", "--header-timeout", "2", "--body-timeout", "5",
+        "--max-connections", "64", "--allowed-hosts", "api.example", "10.0.0.1",
+        "--ttft-slo", "0.5", "--served-model-name", "chat", "org/chat",
+        "--chat-template", str(template)])
     assert (options.host, options.port, options.api_key, options.max_queue) == \
         ("0.0.0.0", 9000, "k", 3)
     assert not options.warmup
+    assert options.limits == HttpLimits(header_timeout=2.0, body_timeout=5.0, max_connections=64)
+    assert options.allowed_hosts == ("api.example", "10.0.0.1")
+    assert options.max_queue_delay == 4 * 0.5          # a stated multiple of the TTFT SLO
+    assert options.served_model_names == ("chat", "org/chat")
+    assert options.chat_template == str(template)
+    _, explicit = parse_launcher_args(["--ttft-slo", "0.5", "--max-queue-delay", "7"])
+    assert explicit.max_queue_delay == 7.0
+
+
+def test_server_defaults_and_create_app_takes_every_setting():
+    _, options = parse_launcher_args([])
+    assert options.limits == HttpLimits(10.0, 30.0, 1024)
+    assert options.max_queue_delay == 4 * 2.5
+    assert (options.allowed_hosts, options.served_model_names, options.chat_template) == \
+        (None, None, None)
+    assert set(options.app_settings()) <= set(inspect.signature(create_app).parameters)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--header-timeout", "0"], "--header-timeout must be > 0"),
+    (["--body-timeout", "-1"], "--body-timeout must be > 0"),
+    (["--max-connections", "0"], "--max-connections must be >= 1"),
+    (["--ttft-slo", "0"], "--ttft-slo must be > 0"),
+    (["--chat-template", "/no/such.jinja"], "no such file"),
+    (["--chat-template", "{% if %}"], "does not compile"),
+])
+def test_bad_server_flags_name_the_problem(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_launcher_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_devices_needed_follows_the_placement():
@@ -127,5 +166,7 @@ def test_help_lists_distserve_flags_without_importing_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert "JAX_LAZY" in out
-    for flag in [*DISTSERVE_FLAGS, "--use-dummy-weights", "--config", "--api-key", "--max-queue"]:
+    for flag in [*DISTSERVE_FLAGS, "--use-dummy-weights", "--config", "--api-key", "--max-queue",
+                 "--header-timeout", "--body-timeout", "--max-connections", "--allowed-hosts",
+                 "--ttft-slo", "--max-queue-delay", "--served-model-name", "--chat-template"]:
         assert flag in out, flag

@@ -5,100 +5,42 @@ guarded one (API key, admission bound 1) to test auth and overload without resta
 """
 from __future__ import annotations
 
-import asyncio
-import http.client
+import dataclasses
 import json
-import re
 import socket
-import threading
 import time
 
 import openai
 import pytest
 
-from dsjax.config import EngineConfig
 from dsjax.eval.workloads import TestRequest
-from dsjax.engine.core import Engine
-from dsjax.sampling_params import SamplingParams
-from serving.api_server import METRICS, create_app, start_server, stop_server
 from serving.bench import run_benchmark
+from dsjax.sampling_params import SamplingParams
+from tests._server_helpers import (EngineProxy, ServerLoop, engine_tokens, parse_metrics,
+                                   tiny_engine, wait_until_no_blocks)
 
 API_KEY = "test-key"
 MAX_BODY = 64 << 10
 LONG = 1500  # max_tokens that cannot finish during a test step; the tests abort these requests
 
 
-class Served:
-    def __init__(self, engine, app, port):
-        self.engine, self.app, self.port = engine, app, port
-        self.base_url = f"http://127.0.0.1:{port}"
-
-    def request(self, method: str, path: str, body=None, headers: dict | None = None):
-        """(status, headers, parsed JSON or text) over a fresh connection."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json",
-                                                       **(headers or {})})
-        resp = conn.getresponse()
-        raw = resp.read()
-        conn.close()
-        ctype = resp.getheader("Content-Type", "")
-        return resp.status, resp, json.loads(raw) if "json" in ctype else raw.decode()
-
-    def post(self, path: str, body, headers: dict | None = None):
-        return self.request("POST", path, body, headers)
-
-    def open_stream(self, path: str, body: dict, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.request("POST", path, body=json.dumps(body).encode(),
-                     headers={"Content-Type": "application/json", **(headers or {})})
-        return conn, conn.getresponse()
+@pytest.fixture(scope="module")
+def loop():
+    engine = tiny_engine()
+    loop = ServerLoop(engine)
+    yield loop
+    loop.close()
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def servers():
-    engine = Engine(EngineConfig(model="opt-tiny", load_format="dummy", dtype="float32",
-                                 num_blocks=256, block_size=16))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def on_loop(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
-
-    async def make(**kwargs):
-        app = create_app(engine, **kwargs)
-        runner, port = await start_server(app, "127.0.0.1", 0)
-        return app, runner, port
-
-    open_app = on_loop(make(max_body_bytes=MAX_BODY))
-    guarded_app = on_loop(make(api_key=API_KEY, max_queue=1))
-    yield Served(engine, open_app[0], open_app[2]), Served(engine, guarded_app[0], guarded_app[2])
-    for app, runner, _ in (open_app, guarded_app):
-        on_loop(stop_server(app, runner))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    engine.shutdown()
+def servers(loop):
+    return loop.serve(max_body_bytes=MAX_BODY), loop.serve(api_key=API_KEY, max_queue=1)
 
 
 @pytest.fixture(scope="module")
 def server(servers):
     return servers[0]
-
-
-def engine_tokens(engine, prompt, **params) -> list[int]:
-    return engine.add_request(prompt, SamplingParams(**params)).result(timeout=120).token_ids
-
-
-def wait_until_no_blocks(engine, timeout: float = 5.0) -> dict:
-    """Blocks held once the engine is idle; the timeout is far below the LONG requests' run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        held = engine.blocks_in_use()
-        if not any(held.values()) and not engine.has_unfinished():
-            return held
-        time.sleep(0.05)
-    return engine.blocks_in_use()
 
 
 PROMPT = "The capital of France is"
@@ -167,11 +109,55 @@ def test_openai_client_completions(server):
 
     chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=7,
                                             temperature=0, stream=True, extra_body=extra))
-    token_chunks = [c for c in chunks if c.choices]
-    assert len(token_chunks) == 7
-    assert "".join(c.choices[0].text for c in token_chunks) == text
-    assert token_chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].usage.completion_tokens == 7
+    assert len(chunks) == 7 and all(c.choices and c.usage is None for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    # As OpenAI: the usage chunk (empty choices) only with stream_options.include_usage.
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=7,
+                                            temperature=0, stream=True, extra_body=extra,
+                                            stream_options={"include_usage": True}))
+    assert [bool(c.choices) for c in chunks] == [True] * 7 + [False]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == \
+        (prompt_len, 7)
+
+
+def engine_logprobs(engine, prompt, max_tokens: int) -> list[float]:
+    """The chosen tokens' logprobs of a greedy run, from the engine itself."""
+    out = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                    ignore_eos=True, logprobs=1)
+                             ).result(timeout=120)
+    return [table[t] for t, table in zip(out.token_ids, out.logprobs)]
+
+
+def test_logprobs_zero_is_passed_through_and_formatted(loop, server):
+    """logprobs=0 asks for the chosen token's logprob only. The engine gets 0; its answer (here:
+    the real engine's tables cut to the chosen token, as a fixed engine gives) is formatted as
+    OpenAI's: token_logprobs, and top_logprobs empty."""
+    asked = []
+
+    def add_request(prompt, params, **kwargs):
+        asked.append(params.logprobs)
+        on_output = kwargs.pop("on_output")
+
+        def chosen_only(output):
+            if not isinstance(output, BaseException) and output.logprobs is not None:
+                output.logprobs = [{t: table[t]} for t, table in
+                                   zip(output.token_ids, output.logprobs)]
+            on_output(output)
+        return server.engine.add_request(prompt, dataclasses.replace(params, logprobs=1),
+                                         on_output=chosen_only, **kwargs)
+
+    proxy = loop.serve(EngineProxy(server.engine, add_request=add_request))
+    full = engine_logprobs(server.engine, PROMPT, max_tokens=4)
+    status, _, answer = proxy.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 4,
+                                                       "temperature": 0, "ignore_eos": True,
+                                                       "logprobs": 0})
+    assert status == 200, answer
+    assert asked == [0]
+    logprobs = answer["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"] == pytest.approx(full)
+    assert logprobs["top_logprobs"] == [{}] * 4 and len(logprobs["tokens"]) == 4
 
 
 BAD_GENERATE = [
@@ -182,21 +168,23 @@ BAD_GENERATE = [
     ({"prompt": 5}, 400, "'prompt' must be a string or a list of token ids"),
     ({"prompt": "hi", "stream": "yes"}, 400, "'stream' must be true or false"),
     ({"prompt": "hi", "temprature": 0.5}, 400, "unknown field(s) ['temprature']"),
-    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
-    ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens must be >= 1"),
-    ({"prompt": "hi", "max_tokens": 2047}, 400, "exceeds the model's context"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' is 0: it must be >= 1"),
+    ({"prompt": "hi", "max_tokens": -3}, 400, "'max_tokens' is -3: it must be >= 1"),
+    ({"prompt": "hi", "max_tokens": 2047}, 400, "lower max_tokens to at most 2046"),
     ({"prompt": ""}, 400, "'prompt' is empty"),
     ({"prompt": []}, 400, "'prompt' is empty"),
     ({"prompt": [2, 50272]}, 400, "outside the vocabulary"),
-    ({"prompt": "hi", "n": 2}, 400, "n=2"),
+    ({"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of=3"),
     ({"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
     ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
-    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "temperature": -1}, 400, "'temperature' is -1: it must be >= 0"),
+    (b'{"prompt": "hi", "top_p": 1e400}', 400, "'top_p' must be a finite number"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "'logprobs' is 21: it must be in [0, 20]"),
     ({"prompt": "hi", "top_k": 10**12}, 400, "outside the 32-bit integer range"),
     ({"prompt": "hi", "stop_token_ids": [10**15]}, 400, "outside the 32-bit integer range"),
-    ({"prompt": "x" * (MAX_BODY + 10)}, 413, "too large"),
+    ({"prompt": "x" * (MAX_BODY + 10)}, 413, "over the limit"),
 ]
 
 
@@ -209,20 +197,30 @@ def test_bad_generate_input_is_answered_4xx(server, body, status, message):
 
 
 BAD_COMPLETIONS = [
-    ({"model": "opt-13b", "prompt": "hi"}, 404, "not served here"),
-    ({"prompt": "hi"}, 400, "'model' is required"),
-    ({"model": "opt-tiny", "prompt": "hi", "n": 2}, 400, "n=2"),
-    ({"model": "opt-tiny", "prompt": "hi", "echo": True}, 400, "echo"),
-    ({"model": "opt-tiny", "prompt": ["a", "b"]}, 400, "one prompt per request"),
-    ({"model": "opt-tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens'"),
+    ({"model": "opt-13b", "prompt": "hi"}, 404, "not served here", "model"),
+    ({"prompt": "hi", "n": 2}, 400, "n=2", "n"),
+    ({"prompt": "hi", "echo": True}, 400, "echo", "echo"),
+    ({"prompt": ["a", 5]}, 400, "must be a string or a list of token ids", "prompt"),
+    ({"prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens'", "max_tokens"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "only allowed with stream=true", "stream_options"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}}, 400, "structured", "guided_json"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema"}}, 400, "structured",
+     "response_format"),
+    ({"prompt": "hi", "truncate_prompt_tokens": 10}, 400, "shorten the prompt",
+     "truncate_prompt_tokens"),
+    ({"prompt": "hi", "logit_bias": {"50": 10}}, 400, "logit_bias", "logit_bias"),
 ]
 
 
-@pytest.mark.parametrize("body,status,message", BAD_COMPLETIONS,
-                         ids=[m for _, _, m in BAD_COMPLETIONS])
-def test_bad_completions_input_is_answered_openai_style(server, body, status, message):
+@pytest.mark.parametrize("body,status,message,param", BAD_COMPLETIONS,
+                         ids=[m for _, _, m, _ in BAD_COMPLETIONS])
+def test_bad_completions_input_is_answered_in_vllms_error_shape(server, body, status, message,
+                                                               param):
     got, _, answer = server.post("/v1/completions", body)
     assert got == status, answer
+    assert answer["error"]["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
+    assert (answer["error"]["code"], answer["error"]["param"]) == (status, param)
     assert message in answer["error"]["message"]
 
 
@@ -231,12 +229,20 @@ def test_server_serves_on_after_bad_input(server):
     assert server.request("GET", "/generate")[0] == 405
     status, _, answer = server.post("/generate", {"prompt": "hi", "max_tokens": 2})
     assert status == 200 and len(answer["token_ids"]) <= 2
-    assert server.request("GET", "/health")[2] == {"status": "ok"}
+    assert server.request("GET", "/health")[2] == {
+        "status": "ok", "ok": True, "instances": {"prefill0": "ok", "decode0": "ok"}}
     assert not any(wait_until_no_blocks(server.engine).values())
 
 
-def aborted(served) -> int:
-    return served.app[METRICS].finished["abort"]
+def metric(served, name: str, **labels) -> float:
+    """A sample's value from GET /metrics (0 when absent)."""
+    samples = parse_metrics(served.request("GET", "/metrics")[2])
+    return sum(v for sample_labels, v in samples.get(name, [])
+               if labels.items() <= sample_labels.items())
+
+
+def aborted(served) -> float:
+    return metric(served, "vllm:request_success_total", finished_reason="abort")
 
 
 def test_stream_disconnect_aborts_and_frees_blocks(server):
@@ -256,7 +262,8 @@ def test_non_streaming_disconnect_aborts_and_frees_blocks(server):
     aborts = aborted(server)
     body = json.dumps({"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 30
         while not any(server.engine.blocks_in_use().values()) and time.monotonic() < deadline:
@@ -266,41 +273,94 @@ def test_non_streaming_disconnect_aborts_and_frees_blocks(server):
     assert aborted(server) == aborts + 1
 
 
-def parse_prometheus(text: str) -> dict[str, list[tuple[str, float]]]:
-    """Sample name -> [(labels, value)], checking every line against the text format."""
-    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})?'
-                        r' (-?[0-9.e+-]+|\+Inf|NaN)$')
-    samples: dict[str, list] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            continue
-        match = sample.match(line)
-        assert match, f"not a Prometheus sample line: {line!r}"
-        samples.setdefault(match.group(1), []).append((match.group(2) or "",
-                                                       float(match.group(3))))
-    return samples
+class FailingEngine(EngineProxy):
+    """The real engine, but the engine "fails" every request after its first output: the
+    callback gets an Exception, as when one request fails inside the engine."""
+
+    def add_request(self, prompt, params, *, on_output, **kwargs):
+        failed = []
+
+        def fail_after_first(output):
+            if failed:
+                return
+            on_output(output)
+            if not isinstance(output, BaseException) and not output.finished:
+                failed.append(True)
+                on_output(RuntimeError("injected failure"))
+        return self._engine.add_request(prompt, params, on_output=fail_after_first, **kwargs)
 
 
-def test_metrics_expose_latency_queues_blocks_and_errors(server):
-    server.post("/generate", {"prompt": "hi", "max_tokens": 2})
+def test_a_request_the_engine_fails_is_answered_500_and_the_server_serves_on(loop, server):
+    failing = loop.serve(FailingEngine(server.engine))
+    long = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True}
+    status, _, answer = failing.post("/generate", long)
+    assert status == 500 and "injected failure" in answer["error"]
+    status, _, answer = failing.post("/v1/completions", long)
+    assert status == 500 and answer["error"]["type"] == "InternalServerError"
+
+    conn, resp = failing.open_stream("/generate", {**long, "stream": True})
+    records = [json.loads(line) for line in resp.read().splitlines()]
+    assert records[0]["finished"] is False and "injected failure" in records[-1]["error"]
+    conn, resp = failing.open_stream("/v1/completions", {**long, "stream": True})
+    events = [e for e in resp.read().decode().split("\n\n") if e]
+    assert "injected failure" in json.loads(events[-2][6:])["error"]["message"]
+    assert events[-1] == "data: [DONE]"
+    assert not any(wait_until_no_blocks(server.engine).values())   # the rest was aborted
+    assert failing.post("/generate", {"prompt": "hi", "max_tokens": 1})[0] == 200
+    assert server.post("/generate", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+@pytest.mark.parametrize("replaced,failed", [
+    ({"health": lambda: {"ok": False, "instances": {"prefill0": "ok",
+                                                    "decode0": "failed: XlaRuntimeError"}}},
+     "decode0: failed: XlaRuntimeError"),
+    ({"error": RuntimeError("device lost")}, "prefill0: failed: device lost"),
+], ids=["health()", "engine.error"])
+def test_health_names_a_failed_instance(loop, server, replaced, failed):
+    sick = loop.serve(EngineProxy(server.engine, **replaced))
+    status, _, answer = sick.request("GET", "/health")
+    assert status == 503 and failed in answer["status"]
+
+
+VLLM_METRICS = [
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+    "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions",
+    "vllm:request_success"]
+
+
+def test_metrics_have_vllms_names_and_dsjaxs_own(server):
+    """prometheus_client's parser reads the exposition; every vLLM family is there with the
+    model_name label, histograms count this request's phases, dsjax's series name instances."""
+    server.post("/generate", {"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
     server.post("/generate", {"prompt": "hi", "max_tokens": "ten"})
     status, resp, text = server.request("GET", "/metrics")
     assert status == 200 and resp.getheader("Content-Type").startswith("text/plain")
-    samples = parse_prometheus(text)
-    for name in ("dsjax_time_to_first_token_seconds_bucket",
-                 "dsjax_time_to_first_token_seconds_count",
-                 "dsjax_time_per_output_token_seconds_sum", "dsjax_requests_waiting",
-                 "dsjax_requests_running", "dsjax_requests_swapped", "dsjax_kv_blocks_used",
-                 "dsjax_kv_blocks_total", "dsjax_migrations_total", "dsjax_migration_seconds_total",
-                 "dsjax_migration_bytes_total", "dsjax_requests_finished_total",
-                 "dsjax_http_errors_total", "dsjax_requests_in_flight"):
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in VLLM_METRICS:
+        assert name in families, name
+        assert all(s.labels["model_name"] == "opt-tiny" for s in families[name].samples), name
+    samples = parse_metrics(text)
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_queue_time_seconds_count", "vllm:request_prefill_time_seconds_count",
+                 "vllm:request_decode_time_seconds_count"):
+        assert samples[name][0][1] >= 1, name
+    assert samples["vllm:inter_token_latency_seconds_count"][0][1] >= 2
+    assert metric(server, "vllm:request_success_total", finished_reason="length") >= 1
+    assert metric(server, "vllm:generation_tokens_total") >= 3
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0   # idle: every block free
+    assert {s[0]["instance"]: s[1] for s in samples["dsjax_kv_blocks_total"]} == \
+        {"prefill0": 256.0, "decode0": 256.0}
+    for name in ("dsjax_requests_waiting", "dsjax_requests_running", "dsjax_requests_swapped",
+                 "dsjax_requests_held", "dsjax_kv_blocks_used", "dsjax_migrations_total",
+                 "dsjax_migration_seconds_total", "dsjax_migration_bytes_total",
+                 "dsjax_admission_queue_length", "dsjax_admission_rejections_total"):
         assert name in samples, name
-    assert dict(samples["dsjax_kv_blocks_total"]) == {'{instance="prefill0"}': 256.0,
-                                                      '{instance="decode0"}': 256.0}
-    assert dict(samples["dsjax_http_errors_total"])['{status="400"}'] >= 1
-    assert dict(samples["dsjax_requests_finished_total"])['{finish_reason="length"}'] >= 1
-    assert samples["dsjax_migrations_total"][0][1] >= 1
-    assert samples["dsjax_time_to_first_token_seconds_count"][0][1] >= 1
+    assert metric(server, "dsjax_http_errors_total", status="400") >= 1
+    assert metric(server, "dsjax_migrations_total") >= 1
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

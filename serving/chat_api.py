@@ -1,0 +1,161 @@
+"""OpenAI-compatible POST /v1/chat/completions: messages -> the chat template -> one request.
+
+The prompt is the model's chat template rendered over the messages (chat_template.py) and
+tokenized without adding BOS, as vLLM does (`add_special_tokens` turns it on): templates write
+their own special tokens. Without max_tokens the answer may fill the context. Streams send the
+assistant role first, then one delta per token, as OpenAI's do.
+"""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from dsjax.engine.request import RequestOutput
+from serving.api_errors import ApiError
+from serving.chat_template import ChatTemplateError
+from serving.context import ServingContext
+from serving.openai_api import (Handler, TokenLogprobs, final_outputs, new_tokens, stream_sse,
+                                usage, usage_so_far)
+from serving.request_fields import CHAT_FIELDS, read_fields, sampling_params, stream_usage
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _text_of(content, index: int) -> str:
+    """A message's content as text: a string, or OpenAI's list of {"type": "text"} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{index}].content holds a {kind or 'malformed'} "
+                                    f"part: this model reads text only, send "
+                                    f'{{"type": "text", "text": "..."}} parts', param="messages")
+            texts.append(part["text"])
+        return "\n".join(texts)   # vLLM's "string" content format
+    raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts",
+                   param="messages")
+
+
+def read_messages(value: list) -> list[dict]:
+    """Messages with text content, checked; other keys (name, tool_call_id...) kept for the
+    template."""
+    if not value:
+        raise ApiError(400, "field 'messages' is empty: send at least one message",
+                       param="messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] must be an object with a role among {ROLES}",
+                           param="messages")
+        message = {k: v for k, v in message.items() if v is not None}
+        if "content" in message:
+            message["content"] = _text_of(message["content"], i)
+        messages.append(message)
+    return messages
+
+
+class ChatChoices:
+    """The JSON objects of one chat completion: chunks with deltas, choices, logprobs."""
+
+    def __init__(self, request_id: str, model: str, logprobs: TokenLogprobs,
+                 num_top: int | None, continuous_usage: bool = False):
+        self.base = {"id": request_id, "created": int(time.time()), "model": model}
+        self.logprobs = logprobs
+        self.num_top = num_top          # None: no logprobs asked for
+        self.continuous_usage = continuous_usage
+        self.started: set[int] = set()  # choices whose role chunk went out
+
+    def _entry(self, token_id: int, logprob: float | None) -> dict:
+        return {"token": self.logprobs.text(token_id), "logprob": logprob,
+                "bytes": self.logprobs.bytes(token_id)}
+
+    def _logprobs(self, output: RequestOutput, tokens) -> dict | None:
+        if self.num_top is None or output.logprobs is None:
+            return None
+        content = []
+        for position, token_id, _ in tokens:
+            table = output.logprobs[position]
+            entry = self._entry(token_id, self.logprobs.chosen(table, token_id))
+            entry["top_logprobs"] = [self._entry(t, lp)
+                                     for t, lp in self.logprobs.top(table, self.num_top)]
+            content.append(entry)
+        return {"content": content}
+
+    def _chunk(self, index: int, output: RequestOutput, tokens_so_far: int, delta: dict,
+               logprobs=None, reason=None) -> dict:
+        chunk = {**self.base, "object": "chat.completion.chunk", "choices": [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+        if self.continuous_usage:
+            chunk["usage"] = usage_so_far(output, tokens_so_far)
+        return chunk
+
+    def chunks(self, index: int, output: RequestOutput) -> list[dict]:
+        chunks = []
+        if index not in self.started:
+            self.started.add(index)
+            chunks.append(self._chunk(index, output, 0, {"role": "assistant", "content": ""}))
+        tokens = new_tokens(output)
+        for i, token in enumerate(tokens):
+            last = output.finished and i == len(tokens) - 1
+            chunks.append(self._chunk(index, output, token[0] + 1, {"content": token[2]},
+                                      self._logprobs(output, [token]),
+                                      output.finish_reason if last else None))
+        return chunks
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> dict:
+        return {**self.base, "object": "chat.completion.chunk", "choices": [],
+                "usage": usage(finals)}
+
+    def answer(self, final: RequestOutput) -> dict:
+        tokens = [(p, t, "") for p, t in enumerate(final.token_ids)]
+        choice = {"index": 0, "message": {"role": "assistant", "content": final.text or ""},
+                  "logprobs": self._logprobs(final, tokens), "finish_reason": final.finish_reason}
+        return {**self.base, "object": "chat.completion", "choices": [choice],
+                "usage": usage([final])}
+
+
+def chat_handler(ctx: ServingContext) -> Handler:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await ctx.read_body(request)
+        values = read_fields(body, CHAT_FIELDS)
+        model = ctx.model_name(values.get("model"))
+        if ctx.chat_template is None:
+            raise ApiError(400, f"model {model!r} has no chat template (no 'chat_template' in "
+                                f"its tokenizer_config.json): start the server with "
+                                f"--chat-template FILE, or use /v1/completions")
+        if "messages" not in values:
+            raise ApiError(400, "field 'messages' is required: a list of {role, content}",
+                           param="messages")
+        messages = read_messages(values["messages"])
+        final_usage, continuous_usage = stream_usage(values)
+        continue_final = values.get("continue_final_message", False)
+        if continue_final and values.get("add_generation_prompt"):
+            raise ApiError(400, "continue_final_message and add_generation_prompt exclude each "
+                                "other: set one", param="continue_final_message")
+        try:
+            text = ctx.chat_template.render(
+                messages, add_generation_prompt=values.get("add_generation_prompt",
+                                                           not continue_final),
+                continue_final_message=continue_final, documents=values.get("documents"),
+                variables=values.get("chat_template_kwargs"))
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from e
+        ids = await ctx.prompt_ids(text, values.get("add_special_tokens", False))
+        max_tokens = ctx.max_tokens(ids, values.get("max_completion_tokens",
+                                                    values.get("max_tokens")))
+        if "top_logprobs" in values and not values.get("logprobs"):
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        num_top = values.get("top_logprobs", 0) if values.get("logprobs") else None
+        params = sampling_params(values, CHAT_FIELDS, max_tokens=max_tokens, logprobs=num_top)
+        with ctx.client.submit([ids], [params], id_prefix="chatcmpl") as group:
+            fmt = ChatChoices(group.id, model, TokenLogprobs(ctx.tokenizer), num_top,
+                              continuous_usage)
+            if values.get("stream"):
+                return await stream_sse(request, group, fmt.chunks,
+                                        fmt.usage_chunk if final_usage else None)
+            return web.json_response(fmt.answer((await final_outputs(group))[0]))
+    return chat

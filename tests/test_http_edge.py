@@ -1,0 +1,367 @@
+"""The HTTP edge under hostile input, over raw sockets: every bad request gets a 4xx (or, for
+broken framing and stalled heads, a closed connection), nothing logs a traceback, nothing leaks.
+
+One real engine (opt-tiny, dummy weights) behind apps with short time-outs, so the time-out
+cases take a fraction of a second; waits are hang guards, never timed assertions.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import random
+import socket
+import struct
+import threading
+
+import pytest
+
+from tests._server_helpers import (EngineProxy, ServerLoop, parse_metrics, tiny_engine,
+                                   wait_until_no_blocks)
+
+HEADER_TIMEOUT = BODY_TIMEOUT = 0.5
+HANG_GUARD = 60.0        # seconds before a test gives up waiting: the server hangs
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def loop():
+    engine = tiny_engine()
+    loop = ServerLoop(engine)
+    yield loop
+    loop.close()
+    engine.shutdown()
+
+
+def limits(**changes):
+    from serving.connections import HttpLimits
+    return HttpLimits(**{"header_timeout": HEADER_TIMEOUT, "body_timeout": BODY_TIMEOUT,
+                         **changes})
+
+
+@pytest.fixture(scope="module")
+def server(loop):
+    return loop.serve(limits=limits(), api_key=None, max_body_bytes=1 << 20)
+
+
+def request_bytes(body: bytes | dict = b"{}", path: str = "/generate", method: str = "POST",
+                  **headers) -> bytes:
+    """One HTTP/1.1 request (Connection: close, so the server ends the exchange)."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    head = {"Host": "localhost", "Content-Type": "application/json",
+            "Content-Length": str(len(body)), "Connection": "close"}
+    head.update({k.replace("_", "-"): v for k, v in headers.items()})
+    lines = "".join(f"{k}: {v}\r\n" for k, v in head.items() if v is not None)
+    return f"{method} {path} HTTP/1.1\r\n".encode() + lines.encode("latin-1", "surrogateescape") \
+        + b"\r\n" + body
+
+
+def status_of(raw: bytes) -> int | None:
+    """The answer's status; None when the server closed without one."""
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.") else None
+
+
+def body_of(raw: bytes) -> dict:
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send `data`, read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), HANG_GUARD)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+def run(loop, coro):
+    return loop.run(coro, timeout=3 * HANG_GUARD)
+
+
+def send(loop, served, data: bytes) -> bytes:
+    return run(loop, exchange(served.port, data))
+
+
+# ---- each case, one request -------------------------------------------------------------------
+
+DEEP = b'{"prompt": "hi", "stop": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+BAD_GZIP = request_bytes(b"this is not gzip", Content_Encoding="gzip")
+
+EDGE_CASES = {
+    # name: (request bytes, status, words the answer must contain)
+    "JSON nested 1,000 deep": (request_bytes(DEEP), 400, "nested too deeply"),
+    "body not matching Content-Encoding: gzip": (BAD_GZIP, 400, "Content-Encoding"),
+    "NaN temperature": (request_bytes(b'{"prompt": "hi", "temperature": NaN}'), 400,
+                        "'temperature' must be a finite number"),
+    "infinite temperature": (request_bytes(b'{"prompt": "hi", "temperature": 1e999}'), 400,
+                             "'temperature' must be a finite number"),
+    "best_of 0": (request_bytes({"prompt": "hi", "best_of": 0}), 400, "'best_of' is 0"),
+    "best_of -1": (request_bytes({"prompt": "hi", "best_of": -1}), 400, "'best_of' is -1"),
+    "a 5,000-digit integer": (request_bytes(b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}"),
+                              400, "not valid JSON"),
+    "Content-Length 1e9, one byte sent": (request_bytes(b"{")
+                                          .replace(b"Content-Length: 1", b"Content-Length: "
+                                                   b"1000000000"), 413, "over the limit"),
+    "body stalls (Content-Length 1000, one byte sent)": (
+        request_bytes(b"{").replace(b"Content-Length: 1", b"Content-Length: 1000"), 408,
+        "--body-timeout"),
+    "a prompt too long for the context, refused untokenized": (
+        request_bytes({"prompt": "x" * 600_000}), 400, "cannot fit the context of 2048 tokens"),
+    "foreign Host (DNS rebinding)": (request_bytes({"prompt": "hi"}, Host="evil.example:8400"),
+                                     400, "--allowed-hosts"),
+    "cross-origin text/plain POST": (request_bytes({"prompt": "hi"}, Content_Type="text/plain"),
+                                     415, "application/json"),
+    "form POST (curl -d without -H)": (
+        request_bytes({"prompt": "hi"}, Content_Type="application/x-www-form-urlencoded"), 415,
+        "-H 'Content-Type: application/json'"),
+    "POST without a Content-Type": (request_bytes({"prompt": "hi"}, Content_Type=None), 415,
+                                    "Content-Type"),
+}
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_edge_case_is_answered_4xx_naming_the_fix(loop, server, name):
+    data, status, words = EDGE_CASES[name]
+    raw = send(loop, server, data)
+    assert status_of(raw) == status, raw[:300]
+    assert words in json.dumps(body_of(raw))
+
+
+def test_logprobs_zero_passes_the_edge(loop, server):
+    """logprobs=0 (the chosen token's logprob only) is valid: the edge passes it on."""
+    asked = []
+
+    def add_request(prompt, params, **kwargs):
+        asked.append(params.logprobs)
+        raise ValueError("recorded")
+
+    proxy = loop.serve(EngineProxy(server.engine, add_request=add_request))
+    for path in ("/generate", "/v1/completions"):
+        raw = send(loop, proxy, request_bytes({"prompt": "hi", "logprobs": 0}, path=path))
+        assert status_of(raw) == 400 and "recorded" in json.dumps(body_of(raw))
+    assert asked == [0, 0]
+
+
+def test_non_utf8_authorization_header_is_401(loop):
+    guarded = loop.serve(api_key="k")
+    raw = send(loop, guarded, request_bytes({"prompt": "hi"}, Authorization="Bearer \udcff\udcfe"))
+    assert status_of(raw) == 401 and "API key" in body_of(raw)["error"]
+    raw = send(loop, guarded, request_bytes({"prompt": "hi", "max_tokens": 1},
+                                            Authorization="Bearer k"))
+    assert status_of(raw) == 200
+
+
+def test_allowed_hosts(loop, server):
+    for host in ("localhost:8400", "127.0.0.1", "[::1]:1", "LOCALHOST."):
+        raw = send(loop, server, request_bytes({"prompt": "hi", "max_tokens": 1}, Host=host))
+        assert status_of(raw) == 200, host
+    named = loop.serve(allowed_hosts=["api.example"])
+    assert status_of(send(loop, named, request_bytes({"prompt": "hi", "max_tokens": 1},
+                                                     Host="api.example:80"))) == 200
+    assert status_of(send(loop, named, request_bytes({"prompt": "hi"}, Host="localhost"))) == 400
+    anyone = loop.serve(allowed_hosts=["*"])
+    assert status_of(send(loop, anyone, request_bytes({"prompt": "hi", "max_tokens": 1},
+                                                      Host="evil.example"))) == 200
+    # Probes reach /health by any name.
+    raw = send(loop, named, request_bytes(b"", path="/health", method="GET", Host="10.1.2.3"))
+    assert status_of(raw) == 200
+
+
+def test_stalled_request_heads_are_closed(loop, server):
+    """Half-sent request lines (slowloris): the server closes each after the header time-out."""
+    async def stall(n: int) -> list[bytes]:
+        return await asyncio.gather(*[exchange(server.port, b"POST /generate HTT")
+                                      for _ in range(n)])
+    assert run(loop, stall(200)) == [b""] * 200
+
+
+def test_connections_past_the_bound_are_refused(loop):
+    bounded = loop.serve(limits=limits(max_connections=4, header_timeout=HANG_GUARD))
+
+    async def scenario():
+        opened = []
+        for _ in range(4):   # four keep-alive connections, each registered by a full exchange
+            reader, writer = await asyncio.open_connection("127.0.0.1", bounded.port)
+            writer.write(request_bytes(b"", path="/health", method="GET", Connection=None))
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_GUARD)
+            assert status_of(head) == 200
+            opened.append(writer)
+        refused = await exchange(bounded.port, request_bytes(b"", path="/health", method="GET"))
+        opened.pop().close()
+        await asyncio.sleep(0.2)   # the server sees the close
+        served = await exchange(bounded.port, request_bytes(b"", path="/health", method="GET"))
+        for writer in opened:
+            writer.close()
+        return refused, served
+
+    refused, served = run(loop, scenario())
+    assert status_of(refused) == 503 and "--max-connections" in body_of(refused)["error"]
+    assert status_of(served) == 200
+
+
+class GatedTokenizer:
+    """The engine's tokenizer, but encode() waits until the test opens the gate."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def encode(self, text, add_bos=True):
+        self.entered.set()
+        assert self.gate.wait(HANG_GUARD)
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(loop, server):
+    """While a 100 kB prompt is being tokenized, the server answers other requests: were it
+    tokenized on the event loop, /health could not answer until the gate opened."""
+    tokenizer = GatedTokenizer(server.engine.tokenizer)
+    gated = loop.serve(EngineProxy(server.engine, tokenizer=tokenizer))
+
+    async def scenario():
+        long = asyncio.ensure_future(exchange(gated.port, request_bytes(
+            {"prompt": "word " * 20_000, "max_tokens": 1})))
+        while not tokenizer.entered.is_set():
+            await asyncio.sleep(0.01)
+        health = await exchange(gated.port, request_bytes(b"", path="/health", method="GET"))
+        tokenizer.gate.set()
+        return health, await long
+
+    health, long = run(loop, scenario())
+    assert status_of(health) == 200
+    assert status_of(long) == 400 and "max_model_len" in body_of(long)["error"]
+
+
+def test_overload_is_refused_early_with_retry_after(loop, server):
+    """An engine that estimates a 30 s wait for the first token: past --max-queue-delay (8 s)
+    every request gets 503 + Retry-After (the 22 s over); the rejection shows in /metrics."""
+    overloaded = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 30.0),
+                            max_queue_delay=8.0)
+    raw = send(loop, overloaded, request_bytes({"prompt": "hi"}))
+    assert status_of(raw) == 503 and b"Retry-After: 22" in raw
+    assert "--max-queue-delay of 8 s" in body_of(raw)["error"]
+    text = send(loop, overloaded, request_bytes(b"", path="/metrics", method="GET"))
+    samples = parse_metrics(text.split(b"\r\n\r\n", 1)[1].decode())
+    rejected = {s[0]["reason"]: s[1] for s in samples["dsjax_admission_rejections_total"]}
+    assert rejected == {"queue_delay": 1, "queue_full": 0, "shutting_down": 0}
+    relaxed = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 1.0),
+                         max_queue_delay=8.0)
+    assert status_of(send(loop, relaxed, request_bytes({"prompt": "hi", "max_tokens": 1}))) == 200
+
+
+# ---- the hostile run ---------------------------------------------------------------------------
+
+def hostile_requests(rng: random.Random) -> list[tuple[str, bytes]]:
+    """(kind, request) pairs: every kind of bad input this file covers, and then some."""
+    good = json.dumps({"prompt": PROMPT, "max_tokens": 4}).encode()
+    chunked = request_bytes(b"", Content_Length=None, Transfer_Encoding="chunked")
+    kinds = {
+        "bad JSON": lambda: request_bytes(good[:rng.randrange(1, len(good) - 1)]),
+        "wrong types": lambda: request_bytes(rng.choice([
+            {"prompt": 5}, {"prompt": {"a": 1}}, {"prompt": "hi", "max_tokens": "many"},
+            {"prompt": "hi", "stop": [1, 2]}, {"prompt": [1.5, 2]}, {"prompt": "hi", "n": None,
+                                                                     "stream": "yes"}])),
+        "huge numbers": lambda: request_bytes(rng.choice([
+            {"prompt": "hi", "max_tokens": 10 ** 30}, {"prompt": "hi", "seed": 2 ** 70},
+            {"prompt": [2, 10 ** 12]}, b'{"prompt": "hi", "top_k": 1e400}',
+            b'{"prompt": "hi", "max_tokens": ' + b"7" * 4400 + b"}"])),
+        "NaN": lambda: request_bytes(rng.choice([b'{"prompt": "hi", "temperature": NaN}',
+                                                 b'{"prompt": "hi", "top_p": -Infinity}'])),
+        "bad encodings": lambda: rng.choice([
+            BAD_GZIP, request_bytes(b'{"prompt": "\xff\xfe"}'),
+            request_bytes("{}".encode("utf-16")), request_bytes(gzip.compress(b"[1, 2]"),
+                                                                Content_Encoding="gzip"),
+            request_bytes({"prompt": "hi"}, Host="\udcff\udcfe")]),
+        "bad framing": lambda: rng.choice([
+            b"GARBAGE\r\n\r\n", b"POST /generate HTTP/1.1\r\nHost localhost\r\n\r\n",
+            request_bytes(good, Transfer_Encoding="chunked"),
+            chunked + b"zz\r\nnot hex\r\n0\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n",
+            b"POST /generate HTTP/9.9\r\n\r\n"]),
+        "slowloris": lambda: b"POST /generate HTTP/1.1\r\nHost: localh",
+        "foreign hosts": lambda: request_bytes(good, Host=rng.choice(
+            ["evil.example", "127.0.0.1.nip.io:8400", "[::2]"])),
+        "content types": lambda: request_bytes(good, Content_Type=rng.choice(
+            ["text/plain", "multipart/form-data; boundary=x", "application/xml", None])),
+        "deep JSON": lambda: request_bytes(rng.choice([
+            b"[" * 100_000, b'{"prompt": ' + b"[" * 990 + b"]" * 990 + b"}"])),
+        "bad chat": lambda: request_bytes(rng.choice([
+            {"messages": []}, {"messages": [{"role": "wizard", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            {"messages": "hi"}]), path="/v1/chat/completions"),
+        "bad batches": lambda: request_bytes(rng.choice([
+            {"prompt": ["a", 5]}, {"prompt": [[]]}, {"prompt": [[2, 50272]]},
+            {"prompt": ["a"] * 3, "max_tokens": 5000}]), path="/v1/completions"),
+        "unknown routes": lambda: request_bytes(b"", path=rng.choice(["/admin", "/v2/x", "/.env"]),
+                                                method=rng.choice(["GET", "DELETE", "PUT"])),
+    }
+    names = sorted(kinds)
+    return [(kind, kinds[kind]()) for kind in (names * 100)[:1000]]
+
+
+async def disconnect_mid_stream(port: int) -> None:
+    """A streaming request abandoned after its first token (the socket reset, not closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes({"prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True,
+                                "stream": True}))
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_GUARD)
+    assert status_of(head) == 200, head
+    await asyncio.wait_for(reader.readuntil(b"\n"), HANG_GUARD)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+async def leave_before_the_answer(port: int) -> None:
+    """A client that sends a streaming request and hangs up before the answer's headers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes({"prompt": PROMPT, "max_tokens": 64, "stream": True}))
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+async def in_waves(coros, size: int):
+    results = []
+    for start in range(0, len(coros), size):
+        results += await asyncio.gather(*coros[start:start + size])
+    return results
+
+
+def test_server_survives_a_hostile_run(loop, caplog):
+    """1,000 malformed or hostile requests, 200 clients leaving mid-stream and 100 before the
+    answer began: every answer a 4xx (stalled or broken framing: closed), no traceback logged,
+    no KV block leaked, and a normal request is still served."""
+    hostile = loop.serve(limits=limits(max_connections=256), max_body_bytes=1 << 20)
+    requests = hostile_requests(random.Random(0))
+    caplog.set_level(logging.INFO)
+    answers = run(loop, in_waves([exchange(hostile.port, data) for _, data in requests], 100))
+    run(loop, in_waves([disconnect_mid_stream(hostile.port) for _ in range(200)], 20))
+    run(loop, in_waves([leave_before_the_answer(hostile.port) for _ in range(100)], 20))
+
+    by_kind: dict[str, set] = {}
+    for (kind, _), raw in zip(requests, answers):
+        by_kind.setdefault(kind, set()).add(status_of(raw))
+    assert by_kind.pop("slowloris") == {None}
+    for kind, statuses in by_kind.items():
+        assert all(s is not None and 400 <= s < 500 for s in statuses - {None}), (kind, statuses)
+    assert not any(wait_until_no_blocks(hostile.engine).values())
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks[:5]]
+    raw = send(loop, hostile, request_bytes({"prompt": PROMPT, "max_tokens": 4,
+                                             "ignore_eos": True}))
+    assert status_of(raw) == 200 and len(body_of(raw)["token_ids"]) == 4
+    metrics = send(loop, hostile, request_bytes(b"", path="/metrics", method="GET"))
+    samples = parse_metrics(metrics.split(b"\r\n\r\n", 1)[1].decode())
+    assert not [s for s in samples["dsjax_http_errors_total"] if s[0]["status"].startswith("5")]
