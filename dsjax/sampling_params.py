@@ -63,7 +63,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else \
             (self.logit_bias or ())
-        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(v)) for t, v in bias)))
+        try:
+            bias = tuple(sorted((int(t), float(v)) for t, v in bias))
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map token ids to numbers, got "
+                             f"{self.logit_bias!r:.80}") from None
+        object.__setattr__(self, "logit_bias", bias)
         self._validate()
 
     def _validate(self) -> None:

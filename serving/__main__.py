@@ -27,8 +27,7 @@ def configure_logging() -> None:
 
 async def serve(engine, options: ServerOptions) -> None:
     from serving.api_server import CLIENT, create_app, start_server, stop_server
-    app = create_app(engine, api_key=options.api_key, max_queue=options.max_queue,
-                     max_body_bytes=options.max_body_bytes)
+    app = create_app(engine, **options.app_settings())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

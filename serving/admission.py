@@ -31,9 +31,8 @@ class Admission:
         self.accepting = True
 
     def estimate(self, num_prompt_tokens: int) -> float | None:
-        # getattr: engines without an estimate (older ones, fakes) are bound by max_queue only.
-        estimate = getattr(self.engine, "admission_estimate", None)
-        return None if estimate is None else estimate(num_prompt_tokens)
+        """Seconds to this request's first token; None until the engine measured its drain."""
+        return self.engine.admission_estimate(num_prompt_tokens)
 
     def check(self, in_flight: int, num_requests: int, num_prompt_tokens: int) -> None:
         """Raise ApiError 503 unless `num_requests` more requests with `num_prompt_tokens`

@@ -44,28 +44,18 @@ def default_model_names(engine) -> list[str]:
     return names
 
 
-def engine_health(engine) -> dict:
-    """engine.health(): {"ok", "instances": {name: "ok" | "failed: <error>"}}."""
-    health = getattr(engine, "health", None)
-    if health is not None:
-        return health()
-    # Engines without health() know only one error for the whole engine.
-    ok = engine.error is None
-    return {"ok": ok, "instances": {s["instance"]: "ok" if ok else f"failed: {engine.error}"
-                                    for s in engine.stats()}}
-
-
 def health_handler(client: EngineClient):
     async def health(request: web.Request) -> web.Response:
         if not client.admission.accepting:
             return web.json_response({"status": "shutting down"}, status=503)
-        state = engine_health(client.engine)
+        state = client.engine.health()
+        failed = "; ".join(f"{name}: {s}" for name, s in state["instances"].items() if s != "ok")
         if not state["ok"]:
-            failed = "; ".join(f"{name}: {s}" for name, s in state["instances"].items()
-                               if s != "ok")
             return web.json_response({"status": f"engine failed: {failed}", **state},
                                      status=503)
-        return web.json_response({"status": "ok", **state})
+        # Some instance failed but every phase still has one: serving, and saying so.
+        status = f"degraded: {failed}" if failed else "ok"
+        return web.json_response({"status": status, **state})
     return health
 
 

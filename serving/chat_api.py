@@ -73,7 +73,7 @@ class ChatChoices:
         return {"token": self.logprobs.text(token_id), "logprob": logprob,
                 "bytes": self.logprobs.bytes(token_id)}
 
-    def _logprobs(self, output: RequestOutput, tokens) -> dict | None:
+    def _logprobs(self, output, tokens) -> dict | None:
         if self.num_top is None or output.logprobs is None:
             return None
         content = []
@@ -93,17 +93,21 @@ class ChatChoices:
             chunk["usage"] = usage_so_far(output, tokens_so_far)
         return chunk
 
-    def chunks(self, index: int, output: RequestOutput) -> list[dict]:
+    def chunks(self, _prompt: int, output: RequestOutput) -> list[dict]:
+        """Per sequence (choice): the assistant role first, then one delta per new token."""
         chunks = []
-        if index not in self.started:
-            self.started.add(index)
-            chunks.append(self._chunk(index, output, 0, {"role": "assistant", "content": ""}))
-        tokens = new_tokens(output)
-        for i, token in enumerate(tokens):
-            last = output.finished and i == len(tokens) - 1
-            chunks.append(self._chunk(index, output, token[0] + 1, {"content": token[2]},
-                                      self._logprobs(output, [token]),
-                                      output.finish_reason if last else None))
+        for seq in output.outputs:
+            index = seq.index
+            if index not in self.started:
+                self.started.add(index)
+                chunks.append(self._chunk(index, output, 0, {"role": "assistant",
+                                                             "content": ""}))
+            tokens = new_tokens(seq)
+            for i, token in enumerate(tokens):
+                last = seq.finished and i == len(tokens) - 1
+                chunks.append(self._chunk(index, output, token[0] + 1, {"content": token[2]},
+                                          self._logprobs(seq, [token]),
+                                          seq.finish_reason if last else None))
         return chunks
 
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
@@ -111,10 +115,12 @@ class ChatChoices:
                 "usage": usage(finals)}
 
     def answer(self, final: RequestOutput) -> dict:
-        tokens = [(p, t, "") for p, t in enumerate(final.token_ids)]
-        choice = {"index": 0, "message": {"role": "assistant", "content": final.text or ""},
-                  "logprobs": self._logprobs(final, tokens), "finish_reason": final.finish_reason}
-        return {**self.base, "object": "chat.completion", "choices": [choice],
+        choices = [{"index": seq.index,
+                    "message": {"role": "assistant", "content": seq.text or ""},
+                    "logprobs": self._logprobs(seq, [(p, t, "") for p, t in
+                                                     enumerate(seq.token_ids)]),
+                    "finish_reason": seq.finish_reason} for seq in final.outputs]
+        return {**self.base, "object": "chat.completion", "choices": choices,
                 "usage": usage([final])}
 
 
@@ -151,7 +157,8 @@ def chat_handler(ctx: ServingContext) -> Handler:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         num_top = values.get("top_logprobs", 0) if values.get("logprobs") else None
         params = sampling_params(values, CHAT_FIELDS, max_tokens=max_tokens, logprobs=num_top)
-        with ctx.client.submit([ids], [params], id_prefix="chatcmpl") as group:
+        with ctx.client.submit([ids], [params], id_prefix="chatcmpl",
+                              stream=bool(values.get("stream"))) as group:
             fmt = ChatChoices(group.id, model, TokenLogprobs(ctx.tokenizer), num_top,
                               continuous_usage)
             if values.get("stream"):

@@ -16,37 +16,49 @@ from serving.request_fields import (GENERATE_FIELDS, read_fields, read_prompt,
                                     reject_unknown_fields, sampling_params)
 
 
-def _logprobs_at(output: RequestOutput, index: int) -> dict[str, float] | None:
-    if output.logprobs is None or index >= len(output.logprobs):
-        return None
-    return {str(t): lp for t, lp in output.logprobs[index].items()}
+def _table(table: dict[int, float] | None) -> dict[str, float] | None:
+    return None if table is None else {str(t): lp for t, lp in table.items()}
+
+
+def _sequence(seq) -> dict:
+    answer = {"text": seq.text or "", "token_ids": seq.token_ids,
+              "timestamps": seq.token_timestamps, "finish_reason": seq.finish_reason}
+    if seq.logprobs is not None:
+        answer["logprobs"] = [_table(t) for t in seq.logprobs]
+    return answer
 
 
 def generate_answer(output: RequestOutput) -> dict:
-    answer = {"text": output.text or "", "token_ids": output.token_ids,
-              "timestamps": output.token_timestamps, "lifetime_events": output.lifetime_events,
-              "finish_reason": output.finish_reason}
-    if output.logprobs is not None:
-        answer["logprobs"] = [_logprobs_at(output, i) for i in range(len(output.token_ids))]
+    """The first sequence at the top level (DistServe's shape); with n > 1 every sequence in
+    `outputs`; the prompt's log-probabilities when asked for (prompt_logprobs)."""
+    answer = {**_sequence(output.outputs[0]), "lifetime_events": output.lifetime_events}
+    if len(output.outputs) > 1:
+        answer["outputs"] = [_sequence(seq) for seq in output.outputs]
+    if output.prompt_logprobs is not None:
+        answer["prompt_logprobs"] = [_table(t) for t in output.prompt_logprobs]
     return answer
 
 
 def generate_stream_records(output: RequestOutput) -> list[dict]:
-    """One record per new token; the text the output adds rides on its last token."""
-    new = output.new_token_ids
-    first = len(output.token_ids) - len(new)
+    """One record per new token of each sequence (with its `index` when n > 1); the text a
+    sequence adds rides on its last new token."""
     records = []
-    for i, token_id in enumerate(new):
-        last = i == len(new) - 1
-        record = {"text": (output.new_text or "") if last else "", "token_id": token_id,
-                  "timestamp": output.token_timestamps[first + i],
-                  "finished": output.finished and last}
-        if output.logprobs is not None:
-            record["logprobs"] = _logprobs_at(output, first + i)
-        if record["finished"]:
-            record["finish_reason"] = output.finish_reason
-            record["lifetime_events"] = output.lifetime_events
-        records.append(record)
+    for seq in output.outputs:
+        new = seq.new_token_ids
+        first = len(seq.token_ids) - len(new)
+        for i, token_id in enumerate(new):
+            last = i == len(new) - 1
+            record = {"text": (seq.new_text or "") if last else "", "token_id": token_id,
+                      "timestamp": seq.token_timestamps[first + i],
+                      "finished": output.finished and last and seq is output.outputs[-1]}
+            if len(output.outputs) > 1:
+                record["index"] = seq.index
+            if seq.logprobs is not None:
+                record["logprobs"] = _table(seq.logprobs[first + i])
+            if record["finished"]:
+                record["finish_reason"] = seq.finish_reason
+                record["lifetime_events"] = output.lifetime_events
+            records.append(record)
     return records
 
 
@@ -79,7 +91,8 @@ def generate_handler(ctx: ServingContext) -> Handler:
         ids = await ctx.prompt_ids(read_prompt(values["prompt"]))
         max_tokens = ctx.max_tokens(ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS)
         params = sampling_params(values, GENERATE_FIELDS, max_tokens=max_tokens)
-        with ctx.client.submit([ids], [params], id_prefix="gen") as group:
+        with ctx.client.submit([ids], [params], id_prefix="gen",
+                              stream=bool(values.get("stream"))) as group:
             if values.get("stream"):
                 return await _stream(request, group)
             return web.json_response(generate_answer((await final_outputs(group))[0]))

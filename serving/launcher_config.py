@@ -29,7 +29,12 @@ DEFAULT_PORT = 8400            # DistServe's port
 DEFAULT_CPU_DEVICES = 2        # virtual CPU devices: one prefill and one decode instance
 
 # What the launcher changes relative to EngineConfig's own defaults.
-LAUNCHER_DEFAULTS = {"log_status": True}
+# The server compiles the programs of a modest workload before /health turns ready (prompts up
+# to 256 tokens, contexts up to 512, 4 prompts per prefill step, 32 decode rows); JAX's
+# compilation cache makes a restart cheap. --warmup-max-prompt-len etc. change it.
+LAUNCHER_DEFAULTS = {"log_status": True, "warmup_max_prompt_len": 256,
+                     "warmup_max_context_len": 512, "warmup_max_prefill_batch": 4,
+                     "warmup_max_decode_batch": 32}
 
 ENGINE_HELP = {
     "model": "Hugging Face OPT directory, or a size name from configs/opt.toml (dummy weights)",

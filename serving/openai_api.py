@@ -4,7 +4,9 @@ Streams follow OpenAI's wire format closely enough for the official `openai` cli
 event per generated token, a usage chunk (empty `choices`) only when `stream_options.
 include_usage` asks for it (usage in every chunk too with vLLM's `continuous_usage_stats`),
 then `data: [DONE]`. A list of prompts runs as one engine request
-per prompt; choices come back in prompt order with their `index`, usage summed. Unknown fields
+per prompt; choices come back in prompt order with their `index` (n per prompt: choice
+i * n + j is sequence j of prompt i), usage summed. `echo` puts the prompt (and, with logprobs,
+its log-probabilities) before each choice's text. Unknown fields
 are ignored, as OpenAI-compatible servers do; fields dsjax cannot honour answer 400
 (request_fields.py). The SSE writer and token logprobs here serve /v1/chat/completions too.
 """
@@ -31,8 +33,9 @@ ABORTED = "request aborted: the server is shutting down"
 
 
 def usage(outputs: list[RequestOutput]) -> dict:
+    """Usage of a request's final outputs: every returned sequence's tokens (n > 1)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(o.token_ids) for o in outputs)
+    completion = sum(len(s.token_ids) for o in outputs for s in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
@@ -44,8 +47,9 @@ def usage_so_far(output: RequestOutput, completion_tokens: int) -> dict:
             "total_tokens": prompt + completion_tokens}
 
 
-def new_tokens(output: RequestOutput) -> list[tuple[int, int, str]]:
-    """(position, token id, text) per token new in `output`; its new text rides on the last."""
+def new_tokens(output) -> list[tuple[int, int, str]]:
+    """(position, token id, text) per token new in `output` (a RequestOutput or one of its
+    sequences); its new text rides on the last."""
     new = output.new_token_ids
     first = len(output.token_ids) - len(new)
     return [(first + i, t, (output.new_text or "") if i == len(new) - 1 else "")
@@ -128,55 +132,93 @@ async def final_outputs(group: RequestGroup) -> list[RequestOutput]:
 # ---- POST /v1/completions -------------------------------------------------------------------
 
 class CompletionChoices:
-    """The JSON objects of one completion: chunks, choices and OpenAI's logprobs object."""
+    """The JSON objects of one completion: chunks, choices and OpenAI's logprobs object.
+    Choice `i * n + j` is sequence j of prompt i (n sequences per prompt)."""
 
     def __init__(self, request_id: str, model: str, logprobs: TokenLogprobs,
-                 num_logprobs: int | None, num_choices: int, continuous_usage: bool = False):
+                 num_logprobs: int | None, n: int, continuous_usage: bool = False,
+                 echo: bool = False):
         self.base = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                      "model": model}
         self.logprobs = logprobs
         self.num_logprobs = num_logprobs
-        self.text_offset = [0] * num_choices
+        self.n = n
+        self.text_offset: dict[int, int] = {}
         self.continuous_usage = continuous_usage
+        self.echo = echo
+        self.echoed: set[int] = set()   # choices whose prompt went out (streaming)
 
-    def _logprobs(self, index: int, output: RequestOutput, tokens) -> dict | None:
-        if self.num_logprobs is None or output.logprobs is None:
+    def _logprobs(self, index: int, tables, tokens) -> dict | None:
+        """OpenAI's logprobs object for `tokens` (position, id, _), whose tables (None: the
+        first prompt token, which has no log-probability) are `tables[position]`."""
+        if self.num_logprobs is None or tables is None:
             return None
         result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for position, token_id, _ in tokens:
-            table = output.logprobs[position]
+            table = tables[position]
             text = self.logprobs.text(token_id)
             result["tokens"].append(text)
-            result["token_logprobs"].append(self.logprobs.chosen(table, token_id))
-            result["top_logprobs"].append({self.logprobs.text(t): lp for t, lp in
-                                           self.logprobs.top(table, self.num_logprobs)})
-            result["text_offset"].append(self.text_offset[index])
-            self.text_offset[index] += len(text)
+            result["token_logprobs"].append(None if table is None else
+                                            self.logprobs.chosen(table, token_id))
+            result["top_logprobs"].append(None if table is None else {
+                self.logprobs.text(t): lp for t, lp in self.logprobs.top(table,
+                                                                         self.num_logprobs)})
+            result["text_offset"].append(self.text_offset.get(index, 0))
+            self.text_offset[index] = self.text_offset.get(index, 0) + len(text)
         return result
 
-    def choice(self, index: int, output: RequestOutput, tokens, text: str,
-               finished: bool) -> dict:
-        return {"index": index, "text": text, "logprobs": self._logprobs(index, output, tokens),
-                "finish_reason": output.finish_reason if finished else None}
+    def _prompt_part(self, index: int, output: RequestOutput) -> tuple[str, dict | None]:
+        """With echo: the prompt's text and (when logprobs are asked) its logprobs object."""
+        ids = output.prompt_token_ids
+        text = output.prompt if output.prompt is not None else (
+            self.logprobs.tokenizer.decode(ids) if self.logprobs.tokenizer is not None else "")
+        tokens = [(p, t, "") for p, t in enumerate(ids)]
+        return text, self._logprobs(index, output.prompt_logprobs, tokens)
 
-    def chunks(self, index: int, output: RequestOutput) -> list[dict]:
-        """One chunk per new token, OpenAI-style."""
-        tokens = new_tokens(output)
+    def _choice(self, index: int, seq, tokens, text: str, finished: bool,
+                prefix: tuple[str, dict | None] | None = None) -> dict:
+        logprobs = self._logprobs(index, seq.logprobs, tokens)
+        if prefix is not None:
+            text = prefix[0] + text
+            if prefix[1] is not None and logprobs is not None:
+                logprobs = {k: prefix[1][k] + logprobs[k] for k in logprobs}
+        return {"index": index, "text": text, "logprobs": logprobs,
+                "finish_reason": seq.finish_reason if finished else None}
+
+    def chunks(self, prompt_index: int, output: RequestOutput) -> list[dict]:
+        """One chunk per new token of each sequence, OpenAI-style."""
         chunks = []
-        for i, token in enumerate(tokens):
-            last = output.finished and i == len(tokens) - 1
-            chunk = {**self.base, "choices": [self.choice(index, output, [token], token[2], last)]}
-            if self.continuous_usage:
-                chunk["usage"] = usage_so_far(output, token[0] + 1)
-            chunks.append(chunk)
+        for seq in output.outputs:
+            index = prompt_index * self.n + seq.index
+            prefix = None
+            if self.echo and index not in self.echoed:
+                self.echoed.add(index)
+                prefix = self._prompt_part(index, output)
+            tokens = new_tokens(seq)
+            if not tokens and prefix is not None:
+                chunks.append({**self.base, "choices": [self._choice(index, seq, [], "", False,
+                                                                     prefix)]})
+            for i, token in enumerate(tokens):
+                last = seq.finished and i == len(tokens) - 1
+                chunk = {**self.base, "choices": [self._choice(index, seq, [token], token[2],
+                                                               last, prefix if i == 0 else None)]}
+                if self.continuous_usage:
+                    chunk["usage"] = usage_so_far(output, token[0] + 1)
+                chunks.append(chunk)
         return chunks
 
     def usage_chunk(self, finals: list[RequestOutput]) -> dict:
         return {**self.base, "choices": [], "usage": usage(finals)}
 
     def answer(self, finals: list[RequestOutput]) -> dict:
-        choices = [self.choice(i, f, [(p, t, "") for p, t in enumerate(f.token_ids)],
-                               f.text or "", True) for i, f in enumerate(finals)]
+        choices = []
+        for i, final in enumerate(finals):
+            prefix = self._prompt_part(i * self.n, final) if self.echo else None
+            for seq in final.outputs:
+                index = i * self.n + seq.index
+                choices.append(self._choice(index, seq, [(p, t, "") for p, t in
+                                                         enumerate(seq.token_ids)],
+                                            seq.text or "", True, prefix))
         return {**self.base, "choices": choices, "usage": usage(finals)}
 
 
@@ -191,12 +233,20 @@ def completions_handler(ctx: ServingContext) -> Handler:
         prompts = read_prompts(values["prompt"])
         final_usage, continuous_usage = stream_usage(values)
         ids = [await ctx.prompt_ids(p, values.get("add_special_tokens", True)) for p in prompts]
+        # echo with logprobs returns the prompt's log-probabilities too (vLLM's prompt_logprobs).
+        echo = values.get("echo", False)
+        scored = {"prompt_logprobs": values["logprobs"]} if echo and "logprobs" in values else {}
         params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
-                      prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS))
+                      prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS), **scored)
                   for prompt_ids in ids]
-        with ctx.client.submit(ids, params, id_prefix="cmpl") as group:
+        if values.get("stream") and params[0].num_samples > params[0].n:
+            raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known "
+                                "only at the end; set stream false or best_of equal to n",
+                           param="best_of")
+        with ctx.client.submit(ids, params, id_prefix="cmpl",
+                              stream=bool(values.get("stream"))) as group:
             fmt = CompletionChoices(group.id, model, TokenLogprobs(ctx.tokenizer),
-                                    params[0].logprobs, len(prompts), continuous_usage)
+                                    params[0].logprobs, params[0].n, continuous_usage, echo)
             if values.get("stream"):
                 return await stream_sse(request, group, fmt.chunks,
                                         fmt.usage_chunk if final_usage else None)

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dsjax.sampling_params import SamplingParams
+from dsjax.sampling_params import MAX_LOGPROBS, MAX_SAMPLES, SamplingParams
 from serving.api_errors import ApiError
 
 
@@ -103,11 +103,12 @@ SAMPLING_FIELDS = {
     # Accepted without effect: dsjax's detokenizer always spaces special tokens.
     "spaces_between_special_tokens": Field("bool"),
     "stream": Field("bool"),
-    "n": Field("int", low=1, allowed=(1,), fix="send n separate requests (n=1)"),
-    "presence_penalty": _unsupported("float", 0, "leave it unset or 0"),
-    "frequency_penalty": _unsupported("float", 0, "leave it unset or 0"),
-    "repetition_penalty": _unsupported("float", 1, "leave it unset or 1"),
-    "logit_bias": _unsupported("object", {}, "leave logit_bias unset"),
+    "n": Field("int", "n", low=1, high=MAX_SAMPLES),
+    "presence_penalty": Field("float", "presence_penalty", low=-2, high=2),
+    "frequency_penalty": Field("float", "frequency_penalty", low=-2, high=2),
+    "repetition_penalty": Field("float", "repetition_penalty", low=0, high=2),
+    # {"token id": bias}: JSON keys are strings; SamplingParams turns them into ids.
+    "logit_bias": Field("object", "logit_bias"),
     "use_beam_search": _unsupported("bool", False, "use sampling or greedy (temperature 0)"),
     "min_p": _unsupported("float", 0, "leave it unset or 0; use top_p or top_k"),
     "include_stop_str_in_output": _unsupported("bool", False, "leave it unset or false"),
@@ -115,10 +116,10 @@ SAMPLING_FIELDS = {
 
 # vLLM 0.2's extra SamplingParams fields, which DistServe's client and old scripts send.
 VLLM_02_FIELDS = {
-    "best_of": Field("int", low=1, allowed=(1,), fix="leave best_of unset or 1"),
+    "best_of": Field("int", "best_of", low=1, high=MAX_SAMPLES),
     "length_penalty": _unsupported("float", 1, "leave it unset or 1 (no beam search)"),
     "early_stopping": _unsupported("bool", False, "leave it unset or false (no beam search)"),
-    "prompt_logprobs": Field("int", allowed=(), fix="leave prompt_logprobs unset"),
+    "prompt_logprobs": Field("int", "prompt_logprobs", low=0, high=MAX_LOGPROBS),
     "logits_processors": _unsupported("any", [], "leave logits_processors unset"),
 }
 
@@ -140,7 +141,7 @@ OPENAI_FIELDS = {
     "user": Field("str"),
     "stream_options": Field("object"),
     "add_special_tokens": Field("bool"),
-    "echo": _unsupported("bool", False, "leave echo unset or false; the client has the prompt"),
+    "echo": Field("bool"),
     "response_format": Field("object", allowed=({"type": "text"},),
                              fix=f'leave it unset or {{"type": "text"}}; {NO_STRUCTURED_OUTPUT}'),
     "truncate_prompt_tokens": _absent("int", "shorten the prompt yourself"),
@@ -218,8 +219,9 @@ def sampling_params(values: dict, table: dict[str, Field], **overrides) -> Sampl
     kwargs.update(overrides)
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e)) from e
+    except (ValueError, TypeError) as e:   # SamplingParams' messages start with the field
+        first = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=first if first in table else None) from e
 
 
 def stream_usage(values: dict) -> tuple[bool, bool]:

@@ -184,7 +184,7 @@ BAD_CHAT = [
     ({"messages": []}, "'messages' is empty", "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "reads text only", "messages"),
-    ({"messages": MESSAGES, "n": 2}, "n=2", "n"),
+    ({"messages": MESSAGES, "n": 0}, "'n' is 0", "n"),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tool", "tools"),
     ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format",
      "response_format"),
@@ -240,3 +240,68 @@ def test_model_cards_and_served_model_names(loop, server):
     assert done.model == "org/tiny"
     samples = parse_metrics(named.request("GET", "/metrics")[2])
     assert {s[0]["model_name"] for s in samples["vllm:request_success_total"]} == {"tiny-chat"}
+
+
+def engine_output(engine, prompt, **params):
+    from dsjax import SamplingParams
+    return engine.add_request(prompt, SamplingParams(**params), stream=False).result(timeout=120)
+
+
+def test_n_and_best_of_with_the_openai_client(server):
+    """n sequences per prompt (choice i * n + j is sequence j of prompt i), as the engine
+    samples them from one prefill; best_of keeps the n most likely."""
+    prompts = ["The capital of France is", [2, 100, 200, 300]]
+    params = dict(temperature=1.0, seed=7, max_tokens=5, ignore_eos=True)
+    client = client_of(server)
+    done = client.completions.create(model="opt-tiny", prompt=prompts, n=2, max_tokens=5,
+                                     temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    expected = [engine_output(server.engine, server.engine.tokenizer.encode(p)
+                              if isinstance(p, str) else p, n=2, **params) for p in prompts]
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert [c.text for c in done.choices] == [s.text for e in expected for s in e.outputs]
+    assert done.usage.completion_tokens == 20
+    best = client.completions.create(model="opt-tiny", prompt=prompts[1], n=1, best_of=3,
+                                     max_tokens=5, temperature=1.0, seed=7,
+                                     extra_body={"ignore_eos": True})
+    every = engine_output(server.engine, prompts[1], n=3, **params)
+    most_likely = max(every.outputs, key=lambda s: s.cumulative_logprob)
+    assert best.choices[0].text == most_likely.text
+    chat = client.chat.completions.create(model="opt-tiny", messages=MESSAGES, n=3,
+                                          max_tokens=4, temperature=1.0, seed=1,
+                                          extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert len({c.message.content for c in chat.choices}) > 1
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(server):
+    prompt = [2, 100, 200, 300]
+    done = client_of(server).completions.create(
+        model="opt-tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=2, temperature=0,
+        extra_body={"ignore_eos": True})
+    reference = engine_output(server.engine, prompt, temperature=0, max_tokens=2,
+                              ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    tokenizer = server.engine.tokenizer
+    choice = done.choices[0]
+    assert choice.text == tokenizer.decode(prompt) + reference.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(prompt) + 2 and lp.token_logprobs[0] is None
+    expected = [reference.prompt_logprobs[i][t] for i, t in enumerate(prompt) if i] + \
+        [reference.logprobs[i][t] for i, t in enumerate(reference.token_ids)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected)
+
+
+def test_penalties_and_logit_bias_with_the_openai_client(server):
+    client = client_of(server)
+    prompt = [2, 100, 200, 300]
+    forced = client.completions.create(model="opt-tiny", prompt=prompt, max_tokens=4,
+                                       temperature=0, logit_bias={"4000": 100},
+                                       extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == server.engine.tokenizer.decode([4000] * 4)
+    penalised = client.completions.create(
+        model="opt-tiny", prompt=prompt, max_tokens=6, temperature=0, presence_penalty=1.5,
+        frequency_penalty=0.5, extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    reference = engine_output(server.engine, prompt, temperature=0, max_tokens=6,
+                              ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5,
+                              repetition_penalty=1.3)
+    plain = engine_output(server.engine, prompt, temperature=0, max_tokens=6, ignore_eos=True)
+    assert penalised.choices[0].text == reference.text != plain.text

@@ -40,6 +40,10 @@ class CompletionOutput:
     new_text: str | None
     token_timestamps: list[float]
 
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
 
 @dataclasses.dataclass
 class RequestOutput:
