@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         n = max(1, total // args.prompt_len)
         rows = [PrefillRow(tuple(int(t) for t in rng.integers(4, 50000, args.prompt_len)),
                            tuple((i * pages_per_seq + j) % num_pages
-                                 for j in range(-(-args.prompt_len // page))), greedy)
+                                 for j in range(-(-args.prompt_len // page))), (greedy,))
                 for i in range(n)]
         seconds = timed(lambda: runner.prefill(rows), warmup=1, iters=3)
         rate = n * args.prompt_len / seconds

@@ -65,8 +65,8 @@ def test_without_a_measurement_only_the_hard_cap_applies():
     assert rejected == [QUEUE_FULL, QUEUE_FULL]
 
 
-def test_engines_without_an_estimate_are_bound_by_the_cap_only():
-    admission, _ = policy(object(), max_queue=1)
+def test_before_anything_is_measured_only_the_cap_bounds():
+    admission, _ = policy(FakeEngine(per_token=None), max_queue=1)
     admission.check(0, 1, 10 ** 6)
     refusal(admission, 1, 1, 1)
 

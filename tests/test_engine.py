@@ -230,3 +230,19 @@ def test_pipeline_stages_hold_only_their_layers_on_their_devices():
         assert kernel.shape[0] == end - start
     assert "embed_positions" in runner.stages[0].params
     assert "embed_positions" not in runner.stages[-1].params
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated", "chunked"])
+def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
+    """Requests within the warm-up workload (prompts <= 32 tokens, contexts <= 64, 2 prompts
+    per prefill, 8 decode rows) find every step program compiled before the engine is ready."""
+    extra = dict(decoding_max_tokens_per_batch=32) if mode == "chunked" else {}
+    engine = hf_engine(hf_opt[1], mode=mode, warmup_max_prompt_len=32,
+                       warmup_max_context_len=64, warmup_max_prefill_batch=2,
+                       warmup_max_decode_batch=8, **extra)
+    runners = [engine.local_worker(name).runner for name in engine.instances]
+    compiled = [len(s.fns) for r in runners for s in r.stages]
+    assert min(compiled) > 0
+    generate(engine, [p[:16] for p in engine_prompts()[:2]], SamplingParams(
+        temperature=0.7, max_tokens=20, ignore_eos=True, seed=1))
+    assert [len(s.fns) for r in runners for s in r.stages] == compiled

@@ -11,7 +11,7 @@ import pytest
 from dsjax.config import EngineConfig
 from serving.api_server import create_app
 from serving.connections import HttpLimits
-from serving.launcher_config import (DEFAULT_PORT, devices_needed, parse_launcher_args,
+from serving.launcher_config import (LAUNCHER_DEFAULTS, DEFAULT_PORT, devices_needed, parse_launcher_args,
                                      xla_flags_with_cpu_devices)
 
 # The flags of DistServe's api server and artifact scripts, with a value each.
@@ -70,9 +70,9 @@ def test_config_file_then_flags_override(tmp_path):
                     'decoding_max_batch_size = 64\nlog_status = false\n')
     config, _ = parse_launcher_args(["--config", str(path), "--block-size", "8",
                                      "--log-status"])
-    expected = dataclasses.replace(EngineConfig(), model="opt-tiny", mode="colocated",
-                                   block_size=8, decoding_max_batch_size=64, log_status=True,
-                                   load_format="dummy")
+    expected = dataclasses.replace(EngineConfig(), **{
+        **LAUNCHER_DEFAULTS, "model": "opt-tiny", "mode": "colocated", "block_size": 8,
+        "decoding_max_batch_size": 64, "log_status": True, "load_format": "dummy"})
     assert config == expected
 
 

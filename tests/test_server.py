@@ -279,19 +279,22 @@ def test_non_streaming_disconnect_aborts_and_frees_blocks(server):
 
 
 class FailingEngine(EngineProxy):
-    """The real engine, but the engine "fails" every request after its first output: the
-    callback gets an Exception, as when one request fails inside the engine."""
+    """The real engine, but the engine "fails" every request of more than one token at its
+    first output (after delivering it, when streaming): the callback gets an Exception, as
+    when one request fails inside the engine."""
 
     def add_request(self, prompt, params, *, on_output, **kwargs):
-        failed = []
+        failed = [] if params.max_tokens > 1 else [False]
 
         def fail_after_first(output):
             if failed:
+                if failed == [False]:
+                    on_output(output)
                 return
-            on_output(output)
+            failed.append(True)
             if not isinstance(output, BaseException) and not output.finished:
-                failed.append(True)
-                on_output(RuntimeError("injected failure"))
+                on_output(output)
+            on_output(RuntimeError("injected failure"))
         return self._engine.add_request(prompt, params, on_output=fail_after_first, **kwargs)
 
 

@@ -110,7 +110,7 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
 
     def prompt_row(i: int, n: int) -> PrefillRow:
         ids = tuple(int(t) for t in rng.integers(4, cfg.vocab_size, n))
-        return PrefillRow(ids, table(i, n), SamplingRow(params, i, 0))
+        return PrefillRow(ids, table(i, n), (SamplingRow(params, i, 0),))
 
     def decode_row(i: int, ctx: int) -> DecodeRow:   # ctx tokens including the new one
         return DecodeRow(5, ctx - 1, table(i, ctx), SamplingRow(params, i, 1))

@@ -58,6 +58,16 @@ def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, i
             for w in powers_of_two(1, max_width)]
 
 
+def chunked_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """(rows, tokens, context) per (row bucket, token bucket, block-table bucket) a chunked
+    step can reach: its token budget split over up to max_batch rows."""
+    max_width = min(-(-max_context // runner.page_size), runner.max_blocks_per_request)
+    rows = powers_of_two(8, min(max_batch, runner.max_batch_size))
+    return [(b, t, w * runner.page_size) for b in rows
+            for t in powers_of_two(MIN_TOKEN_BUCKET, runner.max_tokens_per_batch)
+            for w in powers_of_two(1, max_width) if b <= t <= b * w * runner.page_size]
+
+
 def warm_up_runner(runner, role: str, config) -> int:
     """Run every step shape of the configured workload once; returns the number of steps run
     (0 when warm-up is off)."""
@@ -65,14 +75,12 @@ def warm_up_runner(runner, role: str, config) -> int:
     if max_prompt <= 0:
         return 0
     max_context = max(config.warmup_max_context_len, max_prompt + 1)
-    prompts = prefill_shapes(runner, max_prompt if role != "chunked" else
-                             min(max_prompt, runner.max_tokens_per_batch),
-                             config.warmup_max_prefill_batch)
+    prompts = prefill_shapes(runner, max_prompt, config.warmup_max_prefill_batch)
     decodes = decode_shapes(runner, max_context, config.warmup_max_decode_batch)
     row, steps = WARMUP_SAMPLING, 0
     if role in ("prefill", "colocated"):
         for lengths in prompts:
-            runner.prefill([PrefillRow((5,) * n, t, row)
+            runner.prefill([PrefillRow((5,) * n, t, (row,))
                             for n, t in zip(lengths, _tables(runner, lengths))])
             steps += 1
     if role in ("decode", "colocated"):
@@ -80,11 +88,10 @@ def warm_up_runner(runner, role: str, config) -> int:
             runner.decode([DecodeRow(5, n - 1, t, row) for t in _tables(runner, [n] * b)])
             steps += 1
     if role == "chunked":
-        for lengths in prompts:
-            tables = _tables(runner, [max_context] * len(lengths))
-            runner.chunked([ChunkRow((5,) * n, 0, t, row) for n, t in zip(lengths, tables)])
-            steps += 1
-        for b, n in decodes:
-            runner.chunked([ChunkRow((5,), n - 1, t, row) for t in _tables(runner, [n] * b)])
+        # t tokens over b rows that each end at context n: chunks and decode rows alike.
+        for b, t, n in chunked_shapes(runner, max_context, config.warmup_max_decode_batch):
+            sizes = [t // b + (1 if i < t % b else 0) for i in range(b)]
+            runner.chunked([ChunkRow((5,) * k, n - k, tab, (row,))
+                            for k, tab in zip(sizes, _tables(runner, [n] * b))])
             steps += 1
     return steps
