@@ -388,3 +388,20 @@ def test_backend_drives_opt_model_like_xla(rng):
     for a, b in zip(ours[2], ref[2]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
                                    err_msg=_where("KV cache after prefill + decode"))
+
+
+def test_self_check_passes_the_kernels_and_catches_a_wrong_backend():
+    """On a GPU, "auto" uses the kernels only after this check on the device; here the
+    interpreted kernels pass it, and a backend with an off-by-one context fails it."""
+    from dsjax.executor.kernels.backend import checked_or_reference, self_check
+    assert self_check(PallasAttention(interpret=True), num_heads=2, head_dim=80) is None
+
+    class DropsNewestToken(XLAAttention):
+        def decode(self, q, k_cache, v_cache, layer, meta):
+            return super().decode(q, k_cache, v_cache, layer,
+                                  meta.replace(context_lens=meta.context_lens - 1))
+    problem = self_check(DropsNewestToken())
+    assert problem is not None and "decode differs" in problem
+    with pytest.warns(RuntimeWarning, match="failed their start-up check"):
+        assert isinstance(checked_or_reference(DropsNewestToken(), 4, 64, 16, jnp.float32),
+                          XLAAttention)

@@ -90,7 +90,9 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
 
     runner = ModelRunner(spec, mc, params_for, dtype=dtype, num_pages=num_blocks,
                          page_size=cfg.block_size,
-                         attention=get_attention_backend(cfg.attention_backend),
+                         attention=get_attention_backend(
+                             cfg.attention_backend, num_heads=mc.num_attention_heads // spec.tp,
+                             head_dim=mc.head_dim, page_size=cfg.block_size, dtype=dtype),
                          max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
                          max_tokens_per_batch=limits.max_tokens_per_batch,
                          max_blocks_per_request=cfg.max_num_blocks_per_req)

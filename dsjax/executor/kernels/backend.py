@@ -7,7 +7,12 @@ swap only `prefill`/`decode` for kernels in their own modules) and a name in
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dsjax.executor.kernels.decode import paged_decode_attention
@@ -60,12 +65,78 @@ class PallasAttention:
         return XLAAttention().chunked(q, k_cache, v_cache, layer, meta)
 
 
-def get_attention_backend(name: str = "auto", interpret: bool | None = None):
-    """"auto": Pallas on GPU, XLA elsewhere. "pallas": Pallas everywhere (interpreted off GPU
-    unless `interpret` says otherwise). "xla": the plain-jnp reference."""
+def self_check(backend, num_heads: int = 4, head_dim: int = 64, page_size: int = 16,
+               dtype=jnp.float32) -> str | None:
+    """Run `backend`'s prefill and paged decode on a few random shapes of this model (mixed
+    prompt lengths, junk in unused pages) beside the XLA reference on this device. Returns
+    what went wrong, or None when both agree within the dtype's tolerance."""
+    tol = 2e-2 if jnp.dtype(dtype).itemsize < 4 else 2e-3
+    reference = XLAAttention()
+    rng = np.random.default_rng(0)
+    lens = [37, 5, 130]
+    total, pages = sum(lens), sum(-(-n // page_size) for n in lens)
+    q = jnp.asarray(rng.normal(size=(total, num_heads, head_dim)), dtype)
+    k = jnp.asarray(rng.normal(size=(total, num_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.normal(size=(total, num_heads, head_dim)), dtype)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    seq_ids = np.repeat(np.arange(len(lens)), lens).astype(np.int32)
+    positions = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
+    slots = np.arange(total, dtype=np.int32)   # unused here: prefill reads q, k, v directly
+    prefill = PrefillMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cu),
+                              jnp.asarray(slots), jnp.asarray(cu[1:] - 1))
+    cache_shape = (1, pages + 2, page_size, num_heads, head_dim)
+    k_cache = jnp.asarray(rng.normal(size=cache_shape) * 50, dtype)   # junk beyond contexts
+    v_cache = jnp.asarray(rng.normal(size=cache_shape) * 50, dtype)
+    width = max(-(-n // page_size) for n in lens)
+    tables = np.zeros((len(lens), width), np.int32)
+    at = 0
+    for i, n in enumerate(lens):
+        blocks = -(-n // page_size)
+        tables[i, :blocks] = np.arange(at, at + blocks)[::-1]   # pages in shuffled order
+        at += blocks
+    decode = DecodeMetadata(jnp.asarray([n - 1 for n in lens], jnp.int32), jnp.zeros(3, jnp.int32),
+                            jnp.asarray(tables), jnp.asarray(lens, jnp.int32))
+    q_dec = q[cu[1:] - 1]
+    try:
+        checks = [("prefill", backend.prefill(q, k, v, prefill),
+                   reference.prefill(q, k, v, prefill)),
+                  ("decode", backend.decode(q_dec, k_cache, v_cache, 0, decode),
+                   reference.decode(q_dec, k_cache, v_cache, 0, decode))]
+        for what, got, want in checks:
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+            if not err <= tol:
+                return f"{what} differs from the XLA reference by {err:.3g} (tolerance {tol})"
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run here
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
+def get_attention_backend(name: str = "auto", interpret: bool | None = None, *,
+                          num_heads: int = 4, head_dim: int = 64, page_size: int = 16,
+                          dtype=jnp.float32):
+    """"auto": Pallas on GPU once a self-check on this device agrees with the XLA reference
+    (else XLA, with one warning saying why); XLA elsewhere. "pallas": Pallas everywhere
+    (interpreted off GPU unless `interpret` says otherwise). "xla": the plain-jnp reference.
+    The self-check uses the model's heads per device, head_dim, page size and dtype."""
     on_gpu = jax.default_backend() == "gpu"
     if name == "xla" or (name == "auto" and not on_gpu):
         return XLAAttention()
-    if name in ("pallas", "auto"):
-        return PallasAttention(interpret=(not on_gpu) if interpret is None else interpret)
-    raise ValueError(f"unknown attention backend {name!r}: pass one of {BACKEND_NAMES}")
+    if name not in ("pallas", "auto"):
+        raise ValueError(f"unknown attention backend {name!r}: pass one of {BACKEND_NAMES}")
+    kernels = PallasAttention(interpret=(not on_gpu) if interpret is None else interpret)
+    if name == "pallas":
+        return kernels
+    return checked_or_reference(kernels, num_heads, head_dim, page_size, jnp.dtype(dtype))
+
+
+@functools.cache
+def checked_or_reference(kernels, num_heads, head_dim, page_size, dtype):
+    """The kernels if they pass the self-check on this device, else the XLA reference."""
+    problem = self_check(kernels, num_heads, head_dim, page_size, dtype)
+    if problem is None:
+        return kernels
+    warnings.warn(f"the Pallas attention kernels failed their start-up check on "
+                  f"{jax.devices()[0].device_kind} ({problem}); using the XLA attention "
+                  f"instead. Pass attention_backend='pallas' to use them anyway.",
+                  RuntimeWarning, stacklevel=2)
+    return XLAAttention()
