@@ -31,7 +31,12 @@ class EngineConfig:
     num_blocks: int | None = None        # override the memory-derived page count (tests)
     swap_space: float = 4.0              # GiB of host memory per decode instance for swapped KV
     context_max_batch_size: int = 128
-    context_max_tokens_per_batch: int = 4096
+    context_max_tokens_per_batch: int = 4096   # the largest prefill step (a hard cap)
+    # Prompt tokens a prefill step batches: 0 picks it after warm-up from measured step times,
+    # the largest power of two whose step takes at most a quarter of ttft_slo (the cap when
+    # nothing was measured). A prompt longer than the budget still runs, alone.
+    prefill_token_budget: int = 0
+    ttft_slo: float = 2.5                # seconds; the paper's OPT-66B chatbot SLO
     decoding_max_batch_size: int = 256
     decoding_max_tokens_per_batch: int = 65536
     # A decode instance pulls a prefilled request only while the prompts already waiting in it
@@ -66,6 +71,11 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
+        if self.prefill_token_budget < 0:
+            raise ValueError(f"prefill_token_budget must be >= 0 (0 = measured), got "
+                             f"{self.prefill_token_budget}")
+        if not self.ttft_slo > 0:
+            raise ValueError(f"ttft_slo must be > 0 seconds, got {self.ttft_slo}")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
                              f"got {self.distributed_executor_backend!r}")

@@ -14,7 +14,6 @@ import math
 from serving.api_errors import ApiError
 
 DEFAULT_MAX_QUEUE = 8192            # requests admitted and not finished
-DEFAULT_TTFT_SLO = 2.5              # seconds: the paper's chatbot SLO for OPT-66B (Table 1)
 QUEUE_DELAY_SLO_MULTIPLE = 4        # an admitted request waits at most this many TTFT SLOs
 
 QUEUE_FULL, QUEUE_DELAY, SHUTTING_DOWN = "queue_full", "queue_delay", "shutting_down"

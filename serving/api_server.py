@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 from aiohttp import web
 
 from serving import chat_api, generate_api, openai_api
-from serving.admission import (DEFAULT_MAX_QUEUE, DEFAULT_TTFT_SLO, QUEUE_DELAY_SLO_MULTIPLE,
+from serving.admission import (DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE,
                                Admission)
 from serving.chat_template import load_chat_template
 from serving.connections import (DEFAULT_MAX_BODY_BYTES, BoundedTCPSite, HttpLimits,
@@ -67,7 +67,7 @@ def metrics_handler(metrics: ServerMetrics):
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_queue_delay: float = QUEUE_DELAY_SLO_MULTIPLE * DEFAULT_TTFT_SLO,
+               max_queue_delay: float | None = None,
                limits: HttpLimits = HttpLimits(), allowed_hosts: Iterable[str] | None = None,
                served_model_names: Sequence[str] | None = None,
                chat_template: str | None = None) -> web.Application:
@@ -75,6 +75,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
     it, the bound address. chat_template: --chat-template (else the tokenizer directory's)."""
     names = list(served_model_names or default_model_names(engine))
     metrics = ServerMetrics(names[0])
+    if max_queue_delay is None:   # the engine's own TTFT SLO, times the stated multiple
+        max_queue_delay = QUEUE_DELAY_SLO_MULTIPLE * engine.config.ttft_slo
     admission = Admission(engine, max_queue, max_queue_delay, metrics.observe_rejection)
     client = EngineClient(engine, admission, metrics)
     metrics.watch(engine, lambda: client.num_active)

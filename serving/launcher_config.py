@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dsjax.config import DTYPES, ENGINE_MODES, EngineConfig
-from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TTFT_SLO, QUEUE_DELAY_SLO_MULTIPLE
+from serving.admission import DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE
 from serving.chat_template import load_chat_template
 from serving.connections import DEFAULT_MAX_BODY_BYTES, HttpLimits
 
@@ -105,12 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     admission = p.add_argument_group("admission (503 + Retry-After past these)")
     admission.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                            help="requests admitted and not finished (default: %(default)s)")
-    admission.add_argument("--ttft-slo", type=float, default=DEFAULT_TTFT_SLO,
-                           help="time-to-first-token SLO in seconds (default: %(default)s)")
     admission.add_argument("--max-queue-delay", type=float, default=None,
                            help="refuse a request the engine estimates would wait longer than "
                                 f"this for its first token (default: {QUEUE_DELAY_SLO_MULTIPLE}"
-                                " x --ttft-slo)")
+                                " x the engine's --ttft-slo)")
     limits = p.add_argument_group("HTTP limits")
     limits.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted (413 above)")
@@ -220,7 +218,7 @@ def _positive(flag: str, value: float) -> float:
     return value
 
 
-def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
+def server_options_from_args(args: argparse.Namespace, config: EngineConfig) -> ServerOptions:
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.max_connections < 1:
@@ -229,7 +227,7 @@ def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
     delay = args.max_queue_delay
     if delay is None:
-        delay = QUEUE_DELAY_SLO_MULTIPLE * _positive("--ttft-slo", args.ttft_slo)
+        delay = QUEUE_DELAY_SLO_MULTIPLE * config.ttft_slo
     limits = HttpLimits(_positive("--header-timeout", args.header_timeout),
                         _positive("--body-timeout", args.body_timeout), args.max_connections)
     if args.chat_template:
@@ -248,6 +246,7 @@ def parse_launcher_args(argv: Sequence[str] | None = None
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return engine_config_from_args(args), server_options_from_args(args)
+        config = engine_config_from_args(args)
+        return config, server_options_from_args(args, config)
     except (ValueError, TypeError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
         parser.error(str(e))

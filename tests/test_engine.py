@@ -242,7 +242,24 @@ def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
                        warmup_max_decode_batch=8, **extra)
     runners = [engine.local_worker(name).runner for name in engine.instances]
     compiled = [len(s.fns) for r in runners for s in r.stages]
+    # At the default 2.5 s TTFT SLO this tiny model's budget is the 256-token cap.
+    assert {s["token_budget"] for s in engine.stats() if "token_budget" in s} <= {256}
     assert min(compiled) > 0
     generate(engine, [p[:16] for p in engine_prompts()[:2]], SamplingParams(
         temperature=0.7, max_tokens=20, ignore_eos=True, seed=1))
     assert [len(s.fns) for r in runners for s in r.stages] == compiled
+
+
+def test_prefill_budget_follows_the_ttft_slo(hf_opt):
+    """An SLO no step can meet leaves the smallest budget; prompts still run, one a step."""
+    from dsjax.executor.warmup import budget_from_timings
+    # 1 ms + 10 us per token: a 5 ms target admits 400 tokens, so 256 (a power of two).
+    assert budget_from_timings([(16, 0.00116), (512, 0.00612), (64, 0.00164)], 4096,
+                               0.005) == 256
+    assert budget_from_timings([(16, 0.00116), (512, 0.00612)], 128, 0.005) == 128
+    engine = hf_engine(hf_opt[1], mode="colocated", ttft_slo=1e-6, warmup_max_prompt_len=16,
+                       warmup_max_context_len=32, warmup_max_prefill_batch=2,
+                       warmup_max_decode_batch=8)
+    assert engine.stats()[0]["token_budget"] == 16
+    assert generate(engine, engine_prompts()[:3], GREEDY)[1:] == [
+        hf_greedy(hf_opt[0], p, ENGINE_MAX_NEW) for p in engine_prompts()[1:3]]

@@ -131,7 +131,7 @@ def test_server_defaults_and_create_app_takes_every_setting():
     (["--header-timeout", "0"], "--header-timeout must be > 0"),
     (["--body-timeout", "-1"], "--body-timeout must be > 0"),
     (["--max-connections", "0"], "--max-connections must be >= 1"),
-    (["--ttft-slo", "0"], "--ttft-slo must be > 0"),
+    (["--ttft-slo", "0"], "ttft_slo must be > 0"),
     (["--chat-template", "/no/such.jinja"], "no such file"),
     (["--chat-template", "{% if %}"], "does not compile"),
 ])

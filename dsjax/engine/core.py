@@ -224,6 +224,7 @@ class Engine:
             msg = self._inbox.get()
             if isinstance(msg, InstanceReady):
                 self.instances[msg.instance].num_blocks = msg.num_blocks
+                self.instances[msg.instance].stats = msg.stats or {}
                 waiting.discard(msg.instance)
             elif isinstance(msg, InstanceFailed):
                 errors.append(f"{msg.instance}: {msg.error}")

@@ -65,7 +65,7 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
     from dsjax.executor.kv_cache import bytes_per_block, num_blocks_for_budget
     from dsjax.executor.parallel import InstanceSpec
     from dsjax.executor.runner import ModelRunner
-    from dsjax.executor.warmup import warm_up_runner
+    from dsjax.executor.warmup import measure_prefill_budget, warm_up_runner
     from models.weights import load_params
 
     cfg, mc = config, model_config
@@ -97,6 +97,10 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
                          max_tokens_per_batch=limits.max_tokens_per_batch,
                          max_blocks_per_request=cfg.max_num_blocks_per_req)
     warm_up_runner(runner, spec.role, cfg)
+    if spec.role in ("prefill", "colocated"):
+        budget = measure_prefill_budget(runner, cfg)
+        log.info("%s: prefill token budget %d (TTFT SLO %.3g s)", spec.name, budget, cfg.ttft_slo)
+        limits_p = BatchLimits(cfg.context_max_batch_size, budget)
     blocks = BlockManager(num_blocks, cfg.block_size, host_blocks)
     common = (spec.name, runner, blocks, mc.eos_token_id, kv_link, send)
     share = cfg.decoding_waiting_share
@@ -119,7 +123,7 @@ def _serve(plan, build: Callable, send, inbox, transfer_address=None) -> None:
         send(InstanceFailed(plan.name, f"could not start: {type(e).__name__}: {e}"))
         return
     send(InstanceReady(plan.name, plan.role, worker.blocks.num_total, worker.blocks.block_size,
-                       transfer_address))
+                       transfer_address, worker.stats()))
     worker.run(inbox)
 
 

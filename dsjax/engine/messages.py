@@ -143,6 +143,7 @@ class InstanceReady:
     num_blocks: int          # device KV pages
     block_size: int
     transfer_address: str | None = None
+    stats: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)

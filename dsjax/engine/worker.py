@@ -380,8 +380,8 @@ class PrefillWorker(InstanceWorker):
 
     def counts(self) -> dict:
         return {"running": 0, "waiting": len(self.scheduler.waiting), "swapped": 0,
-                "held": len(self.held),
-                "waiting_tokens": self.scheduler.num_waiting_tokens}
+                "held": len(self.held), "waiting_tokens": self.scheduler.num_waiting_tokens,
+                "token_budget": self.scheduler.limits.max_tokens_per_batch}
 
     def _admit(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -577,6 +577,7 @@ class ColocatedWorker(DecodingWorker):
         c = super().counts()
         c["waiting"] += len(self.prefill.waiting)
         c["waiting_tokens"] = self.prefill.num_waiting_tokens
+        c["token_budget"] = self.prefill.limits.max_tokens_per_batch
         return c
 
     def _admit(self, req: Request) -> None:

@@ -10,11 +10,18 @@ own thread or process, on pages nothing holds yet.
 """
 from __future__ import annotations
 
+import time
+
+import numpy as np
+
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket
 from dsjax.sampling_params import SamplingParams
 
 WARMUP_SAMPLING = SamplingRow(SamplingParams(temperature=1.0, max_tokens=1), 0, 0)
+# A prefill step may take this share of the TTFT SLO: a request that arrives during one waits
+# for it and then for its own, and both fit the SLO with room for queueing.
+PREFILL_STEP_SLO_SHARE = 0.25
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -80,8 +87,7 @@ def warm_up_runner(runner, role: str, config) -> int:
     row, steps = WARMUP_SAMPLING, 0
     if role in ("prefill", "colocated"):
         for lengths in prompts:
-            runner.prefill([PrefillRow((5,) * n, t, (row,))
-                            for n, t in zip(lengths, _tables(runner, lengths))])
+            runner.prefill(_prompt_rows(runner, lengths))
             steps += 1
     if role in ("decode", "colocated"):
         for b, n in decodes:
@@ -95,3 +101,41 @@ def warm_up_runner(runner, role: str, config) -> int:
                             for k, tab in zip(sizes, _tables(runner, [n] * b))])
             steps += 1
     return steps
+
+
+def _prompt_rows(runner, lengths) -> list[PrefillRow]:
+    return [PrefillRow((5,) * n, t, (WARMUP_SAMPLING,))
+            for n, t in zip(lengths, _tables(runner, lengths))]
+
+
+def measure_prefill_budget(runner, config) -> int:
+    """The prompt tokens per prefill step: config.prefill_token_budget when set; else, from
+    the warmed prefill shapes timed once more, the largest power of two (up to
+    context_max_tokens_per_batch) whose predicted step time (a least-squares line through the
+    timings) is at most PREFILL_STEP_SLO_SHARE x ttft_slo; the cap when warm-up was off."""
+    cap = config.context_max_tokens_per_batch
+    if config.prefill_token_budget:
+        return min(config.prefill_token_budget, cap)
+    if config.warmup_max_prompt_len <= 0:
+        return cap
+    timings = []
+    for lengths in prefill_shapes(runner, config.warmup_max_prompt_len,
+                                  config.warmup_max_prefill_batch):
+        start = time.perf_counter()
+        runner.prefill(_prompt_rows(runner, lengths))
+        timings.append((sum(lengths), time.perf_counter() - start))
+    return budget_from_timings(timings, cap, PREFILL_STEP_SLO_SHARE * config.ttft_slo)
+
+
+def budget_from_timings(timings: list[tuple[int, float]], cap: int, target_s: float) -> int:
+    """Largest power of two <= cap whose step time, on the line fitted to (tokens, seconds),
+    is within target_s; the smallest bucket when none is (prompts still run, one a step)."""
+    tokens, seconds = np.array(timings, float).T
+    slope, intercept = np.polyfit(tokens, seconds, 1) if len(set(tokens)) > 1 else (0.0, 0.0)
+    if slope <= 0 or intercept < 0:   # noise over too narrow a range: a proportional bound
+        slope, intercept = float(np.max(seconds / tokens)), 0.0
+    budget = MIN_TOKEN_BUCKET
+    for t in powers_of_two(MIN_TOKEN_BUCKET, cap):
+        if t <= cap and intercept + slope * t <= target_s:
+            budget = t
+    return budget
