@@ -78,12 +78,6 @@ class AttentionBackend(Protocol):
         """q [T, H, D], each token against its sequence's cache up to its position -> [T, H, D]."""
 
 
-def masked_softmax(scores, mask):
-    """Softmax over the last axis where mask holds; rows with nothing visible give zeros."""
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-
-
 def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
     """Scatter new K/V into their pages; out-of-range slots are dropped (padding)."""
     num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
@@ -95,11 +89,13 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
     return k_cache, v_cache
 
 
-def _gather_pages(cache, layer, block_tables):
-    """[L, P, S, H, D] -> [B, W*S, H, D]: each sequence's pages in order."""
-    pages = cache[layer][block_tables]  # [B, W, S, H, D]
-    b, w, s, h, d = pages.shape
-    return pages.reshape(b, w * s, h, d)
+# Tokens per query tile and per key block. XLA on CPU runs a loop iteration's ops on one core,
+# so blocks are sized to stay in cache (128 keys x 12 heads x 64 is 384 KiB) while each
+# iteration still does enough work to hide the loop overhead.
+BLOCK_TOKENS = 128
+# Rows of a chunked step with fewer tokens than this attend token by token: a [1, keys] pass
+# per token reads the pages again, which costs less than the padded rows of a full tile's matmul.
+MIN_TILED_ROW = 16
 
 
 def _repeat_kv(x, num_q_heads):
@@ -108,44 +104,172 @@ def _repeat_kv(x, num_q_heads):
     return x if rep == 1 else jnp.repeat(x, rep, axis=-2)
 
 
+def _scores(q, k):
+    """q [Q, H, D], k [K, Hkv, D] -> scaled float32 scores [H, Q, K]."""
+    k = _repeat_kv(k, q.shape[1])
+    return jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+
+
+def _full_like(x, value, shape):
+    """float32 array of `shape` that varies over the same shard_map axes as x, as loop carries
+    that mix with x must (check_vma)."""
+    return jax.lax.full_like(x, value, jnp.float32, shape)
+
+
+def _flash_init(q):
+    """Online-softmax state for q [Q, H, D]: running max, running sum, float32 accumulator."""
+    n, h, d = q.shape
+    return (_full_like(q, MASK_VALUE, (h, n)), _full_like(q, 0, (h, n)), _full_like(q, 0, (h, n, d)))
+
+
+def _flash_step(state, scores, v, mask):
+    """Fold one key block into the state: scores [H, Q, K], v [K, Hkv, D], mask [Q, K]."""
+    m, l, acc = state
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(-1))
+    p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    # Keys no query sees may be NaN garbage (unused page slots) and 0 * NaN = NaN: zero them.
+    v = jnp.where(mask.any(0)[:, None, None], v.astype(jnp.float32), 0.0)
+    pv = jnp.einsum("hqk,khd->hqd", p, _repeat_kv(v, p.shape[0]))
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+
+def _flash_finish(state):
+    """[Q, H, D] float32; a query that saw no key gives zeros."""
+    _, l, acc = state
+    return (acc / jnp.where(l > 0, l, 1.0)[..., None]).transpose(1, 0, 2)
+
+
+def _paged_pages(k_cache, layer, block_tables, pages_per_block):
+    """Flat page ids of `layer` ([B, W] -> [B, W rounded up to pages_per_block]).
+
+    The cache [L, P, S, Hkv, D] is read as [L * P, S, Hkv, D] (a free reshape) at
+    layer * P + page, so the scan's traced layer never makes XLA slice (copy) a layer slab.
+    Junk entries are clipped into the layer, and masked later."""
+    num_pages = k_cache.shape[1]
+    width = block_tables.shape[1]
+    pad = -width % pages_per_block
+    pages = layer * num_pages + jnp.clip(block_tables, 0, num_pages - 1)
+    return jnp.pad(pages, ((0, 0), (0, pad)))
+
+
+def _attend_paged(q, q_pos, pages, k_flat, v_flat, pages_per_block):
+    """Queries of one sequence against its cached tokens 0..q_pos (each query its own bound).
+
+    q [Q, H, D], q_pos [Q] (-1: no query), pages [N] flat page ids of the sequence.
+    Walks key blocks of pages_per_block pages up to the largest position, reading each page
+    once for the whole tile -> [Q, H, D] float32."""
+    page_size, hkv, d = k_flat.shape[1:]
+    n = pages_per_block * page_size
+    num_blocks = jnp.minimum((q_pos.max() + n) // n, pages.shape[0] // pages_per_block)
+
+    def block(j, state):
+        ids = jax.lax.dynamic_slice_in_dim(pages, j * pages_per_block, pages_per_block)
+        k = k_flat[ids].reshape(n, hkv, d)
+        v = v_flat[ids].reshape(n, hkv, d)
+        mask = (j * n + jnp.arange(n))[None, :] <= q_pos[:, None]
+        return _flash_step(state, _scores(q, k), v, mask)
+
+    return _flash_finish(jax.lax.fori_loop(0, num_blocks, block, _flash_init(q)))
+
+
+def _pages_per_block(page_size, width):
+    return max(1, min(BLOCK_TOKENS // page_size, width))
+
+
+def _flat_cache(cache):
+    num_layers, num_pages = cache.shape[:2]
+    return cache.reshape(num_layers * num_pages, *cache.shape[2:])
+
+
 @struct.dataclass
 class XLAAttention:
-    """Reference attention in plain jnp: dense masks, float32 softmax. Runs anywhere."""
+    """Reference attention in plain jnp, float32 softmax. Runs anywhere.
+
+    Every path is a flash-style loop (online softmax over key blocks) that reads only the keys
+    a query can see: prefill visits, per query tile, the key blocks from the start of its first
+    prompt to its own end; decode and chunked read each sequence's pages through the block
+    table, one block of pages at a time, straight from the cache. Nothing of size
+    tokens x tokens or tokens x context is ever materialised."""
 
     def write_kv(self, k_cache, v_cache, layer, k, v, slot_mapping):
         return write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping)
 
     def prefill(self, q, k, v, meta: PrefillMetadata):
         t, h, d = q.shape
-        k, v = _repeat_kv(k, h), _repeat_kv(v, h)
-        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        same_seq = (meta.seq_ids[:, None] == meta.seq_ids[None, :]) & (meta.seq_ids[:, None] >= 0)
-        causal = meta.positions[:, None] >= meta.positions[None, :]
-        mask = (same_seq & causal)[None]
-        weights = masked_softmax(scores, mask)
-        out = jnp.einsum("hqk,khd->qhd", weights, v.astype(jnp.float32))
-        return out.astype(q.dtype)
+        tile = min(BLOCK_TOKENS, t)
+        pad = -t % tile
+        num_tiles = (t + pad) // tile
+        tiled = lambda x, fill=0: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1),  # noqa: E731
+                                          constant_values=fill).reshape(num_tiles, tile,
+                                                                        *x.shape[1:])
+        q_t, k_t, v_t = tiled(q), tiled(k), tiled(v)
+        seq, pos = tiled(meta.seq_ids, -1), tiled(meta.positions)
+        # Padding only trails the real tokens, so a tile's keys run from the start of the
+        # prompt of its first token to the tile itself; a tile of pure padding visits nothing.
+        live = seq[:, 0] >= 0
+        first_block = jnp.where(live, meta.cu_seqlens[jnp.maximum(seq[:, 0], 0)] // tile, 0)
+        end_block = jnp.where(live, jnp.arange(num_tiles) + 1, 0)
+
+        def query_tile(i, out):
+            def block(j, state):
+                mask = ((seq[i][:, None] == seq[j][None, :]) & (seq[i][:, None] >= 0)
+                        & (pos[i][:, None] >= pos[j][None, :]))
+                return _flash_step(state, _scores(q_t[i], k_t[j]), v_t[j], mask)
+            state = jax.lax.fori_loop(first_block[i], end_block[i], block, _flash_init(q_t[i]))
+            return out.at[i].set(_flash_finish(state))
+
+        out = jax.lax.fori_loop(0, num_tiles, query_tile,
+                                _full_like(q, 0, (num_tiles, tile, h, d)))
+        return out.reshape(-1, h, d)[:t].astype(q.dtype)
 
     def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata):
         b, h, d = q.shape
-        k = _repeat_kv(_gather_pages(k_cache, layer, meta.block_tables), h)  # [B, L, H, D]
-        v = _repeat_kv(_gather_pages(v_cache, layer, meta.block_tables), h)
-        scores = jnp.einsum("bhd,blhd->bhl", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        mask = (jnp.arange(k.shape[1])[None, :] < meta.context_lens[:, None])[:, None, :]
-        weights = masked_softmax(scores, mask)
-        out = jnp.einsum("bhl,blhd->bhd", weights, v.astype(jnp.float32))
-        return out.astype(q.dtype)
+        pb = _pages_per_block(k_cache.shape[2], meta.block_tables.shape[1])
+        pages = _paged_pages(k_cache, layer, meta.block_tables, pb)
+        k_flat, v_flat = _flat_cache(k_cache), _flat_cache(v_cache)
+
+        # One sequence at a time: its blocks up to its own length, padding rows read nothing.
+        def row(i, out):
+            o = _attend_paged(q[i][None], meta.context_lens[i][None] - 1, pages[i], k_flat,
+                              v_flat, pb)
+            return out.at[i].set(o[0])
+
+        return jax.lax.fori_loop(0, b, row, _full_like(q, 0, q.shape)).astype(q.dtype)
 
     def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata):
         t, h, d = q.shape
-        seq = jnp.maximum(meta.token_seq, 0)
-        # Each token reads its own sequence's pages: [T, W*S, H, D]. Fine for the modest
-        # token budgets of chunked steps; a kernel would stream pages instead.
-        k = _repeat_kv(_gather_pages(k_cache, layer, meta.block_tables[seq]), h)
-        v = _repeat_kv(_gather_pages(v_cache, layer, meta.block_tables[seq]), h)
-        scores = jnp.einsum("thd,tlhd->thl", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        visible = jnp.arange(k.shape[1])[None, :] <= meta.positions[:, None]
-        mask = (visible & (meta.token_seq >= 0)[:, None])[:, None, :]
-        weights = masked_softmax(scores, mask)
-        out = jnp.einsum("thl,tlhd->thd", weights, v.astype(jnp.float32))
+        rows = meta.block_tables.shape[0]
+        pb = _pages_per_block(k_cache.shape[2], meta.block_tables.shape[1])
+        pages = _paged_pages(k_cache, layer, meta.block_tables, pb)
+        k_flat, v_flat = _flat_cache(k_cache), _flat_cache(v_cache)
+        # Sort tokens by sequence (stable; padding last) so each sequence's tokens are one run
+        # that tiles can slice; the runner already packs them so, but the metadata allows any
+        # order. Runs are padded by a tile so a slice never gets clamped back over real tokens.
+        seq = jnp.where(meta.token_seq >= 0, meta.token_seq, rows)
+        order = jnp.argsort(seq, stable=True)
+        counts = jnp.zeros(rows + 1, jnp.int32).at[seq].add(1)[:rows]
+        starts = jnp.cumsum(counts) - counts
+        tile = min(BLOCK_TOKENS, t)
+        q_s = jnp.pad(q[order], ((0, tile), (0, 0), (0, 0)))
+        pos_s = jnp.pad(jnp.where(meta.token_seq >= 0, meta.positions, -1)[order], (0, tile),
+                        constant_values=-1)
+
+        def row(r, out):
+            def tiles(size):
+                def one(i, out):
+                    at = starts[r] + i * size
+                    mine = i * size + jnp.arange(size) < counts[r]
+                    q_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, size), -1)
+                    o = _attend_paged(jax.lax.dynamic_slice_in_dim(q_s, at, size, 0), q_pos,
+                                      pages[r], k_flat, v_flat, pb)
+                    prev = jax.lax.dynamic_slice_in_dim(out, at, size, 0)
+                    return jax.lax.dynamic_update_slice_in_dim(
+                        out, jnp.where(mine[:, None, None], o, prev), at, 0)
+                return lambda out: jax.lax.fori_loop(0, (counts[r] + size - 1) // size, one, out)
+            return jax.lax.cond(counts[r] >= MIN_TILED_ROW, tiles(tile), tiles(1), out)
+
+        out_s = jax.lax.fori_loop(0, rows, row, _full_like(q, 0, (t + tile, h, d)))
+        out = _full_like(q, 0, q.shape).at[order].set(out_s[:t])
         return out.astype(q.dtype)
