@@ -89,13 +89,14 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
     return k_cache, v_cache
 
 
-# Tokens per query tile and per key block. XLA on CPU runs a loop iteration's ops on one core,
-# so blocks are sized to stay in cache (128 keys x 12 heads x 64 is 384 KiB) while each
-# iteration still does enough work to hide the loop overhead.
+# XLA on CPU runs the ops of a loop iteration one after another on one core, with some tens of
+# microseconds of overhead each, and every large temporary costs page faults on each call. So
+# the loops below move blocks of a few MiB per iteration: big enough to amortise the per-op
+# cost, small enough to stay in cache.
+# Prefill and multi-token chunked rows: tokens per query tile and per key block.
 BLOCK_TOKENS = 128
-# Rows of a chunked step with fewer tokens than this attend token by token: a [1, keys] pass
-# per token reads the pages again, which costs less than the padded rows of a full tile's matmul.
-MIN_TILED_ROW = 16
+# Decode rows: tokens gathered per step, summed over all rows (64 rows x 16 at batch 64).
+DECODE_STEP_TOKENS = 1024
 
 
 def _repeat_kv(x, num_q_heads):
@@ -104,94 +105,123 @@ def _repeat_kv(x, num_q_heads):
     return x if rep == 1 else jnp.repeat(x, rep, axis=-2)
 
 
-def _scores(q, k):
-    """q [Q, H, D], k [K, Hkv, D] -> scaled float32 scores [H, Q, K]."""
-    k = _repeat_kv(k, q.shape[1])
-    return jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-
-
 def _full_like(x, value, shape):
     """float32 array of `shape` that varies over the same shard_map axes as x, as loop carries
     that mix with x must (check_vma)."""
     return jax.lax.full_like(x, value, jnp.float32, shape)
 
 
-def _flash_init(q):
-    """Online-softmax state for q [Q, H, D]: running max, running sum, float32 accumulator."""
-    n, h, d = q.shape
-    return (_full_like(q, MASK_VALUE, (h, n)), _full_like(q, 0, (h, n)), _full_like(q, 0, (h, n, d)))
-
-
-def _flash_step(state, scores, v, mask):
-    """Fold one key block into the state: scores [H, Q, K], v [K, Hkv, D], mask [Q, K]."""
-    m, l, acc = state
+def _softmax_step(m, l, scores, mask):
+    """Online softmax over one key block (last axis): running max m and sum l -> new m, new l,
+    the block's unnormalised probabilities p and the rescale factor for what came before."""
     scores = jnp.where(mask, scores, MASK_VALUE)
     m_new = jnp.maximum(m, scores.max(-1))
     p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
+    return m_new, alpha * l + p.sum(-1), p, alpha
+
+
+def _finish(l, acc):
+    """Normalise; a query that saw no key gives zeros."""
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def _tile_init(q):
+    """State of a query tile q [Q, H, D]: running max and sum [H, Q], accumulator [H, Q, D]."""
+    n, h, d = q.shape
+    return (_full_like(q, MASK_VALUE, (h, n)), _full_like(q, 0, (h, n)), _full_like(q, 0, (h, n, d)))
+
+
+def _tile_step(state, q, k, v, mask):
+    """Fold one key block shared by the tile's queries: q [Q, H, D], k/v [K, Hkv, D], mask [Q, K]."""
+    m, l, acc = state
+    h, d = q.shape[1:]
+    scores = jnp.einsum("qhd,khd->hqk", q, _repeat_kv(k, h),
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    m, l, p, alpha = _softmax_step(m, l, scores, mask)
     # Keys no query sees may be NaN garbage (unused page slots) and 0 * NaN = NaN: zero them.
     v = jnp.where(mask.any(0)[:, None, None], v.astype(jnp.float32), 0.0)
-    pv = jnp.einsum("hqk,khd->hqd", p, _repeat_kv(v, p.shape[0]))
-    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+    return m, l, alpha[..., None] * acc + jnp.einsum("hqk,khd->hqd", p, _repeat_kv(v, h))
 
 
-def _flash_finish(state):
-    """[Q, H, D] float32; a query that saw no key gives zeros."""
+def _tile_finish(state):
+    """-> [Q, H, D] float32."""
     _, l, acc = state
-    return (acc / jnp.where(l > 0, l, 1.0)[..., None]).transpose(1, 0, 2)
+    return _finish(l, acc).transpose(1, 0, 2)
 
 
-def _paged_pages(k_cache, layer, block_tables, pages_per_block):
-    """Flat page ids of `layer` ([B, W] -> [B, W rounded up to pages_per_block]).
-
-    The cache [L, P, S, Hkv, D] is read as [L * P, S, Hkv, D] (a free reshape) at
-    layer * P + page, so the scan's traced layer never makes XLA slice (copy) a layer slab.
-    Junk entries are clipped into the layer, and masked later."""
-    num_pages = k_cache.shape[1]
-    width = block_tables.shape[1]
-    pad = -width % pages_per_block
-    pages = layer * num_pages + jnp.clip(block_tables, 0, num_pages - 1)
-    return jnp.pad(pages, ((0, 0), (0, pad)))
+def _padded_tables(k_cache, block_tables, pages_per_block):
+    """Block tables padded to whole blocks, junk entries clipped to real pages (masked later)."""
+    pages = jnp.clip(block_tables, 0, k_cache.shape[1] - 1)
+    return jnp.pad(pages, ((0, 0), (0, -block_tables.shape[1] % pages_per_block)))
 
 
-def _attend_paged(q, q_pos, pages, k_flat, v_flat, pages_per_block):
+# Pages are read as cache[layer, page_ids]: one gather of just those pages. Not cache[layer]
+# (which copies the whole layer slab every step: that was most of the old decode time) and not a
+# reshape of the cache to [L * P, ...] (with the layer scan's in-place K/V writes, XLA then
+# copies the whole cache every layer).
+
+
+def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer):
+    """One query per row against that row's cached tokens 0..q_pos (-1: none), vectorised
+    over rows: q [B, H, D], block_tables [B, W] -> [B, H, D] float32.
+
+    Each step gathers the next few pages of every row ([B, pages, S, Hkv, D]) and folds them
+    into a per-row online softmax; steps run up to the longest row."""
+    b, h, d = q.shape
+    page_size, hkv = k_cache.shape[2:4]
+    per_step = max(1, min(DECODE_STEP_TOKENS // (b * page_size), block_tables.shape[1]))
+    pages = _padded_tables(k_cache, block_tables, per_step)
+    n = per_step * page_size
+    num_steps = jnp.minimum((q_pos.max() + n) // n, pages.shape[1] // per_step)
+
+    def step(j, state):
+        m, l, acc = state
+        ids = jax.lax.dynamic_slice_in_dim(pages, j * per_step, per_step, 1)
+        k = _repeat_kv(k_cache[layer, ids].reshape(b, n, hkv, d), h)
+        v = _repeat_kv(v_cache[layer, ids].reshape(b, n, hkv, d), h)
+        visible = (j * n + jnp.arange(n))[None, :] <= q_pos[:, None]  # [B, n]
+        scores = jnp.einsum("bhd,bnhd->bhn", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+        m, l, p, alpha = _softmax_step(m, l, scores, visible[:, None, :])
+        v = jnp.where(visible[..., None, None], v.astype(jnp.float32), 0.0)  # NaN garbage
+        # A broadcast multiply and sum over keys: measured faster on CPU than the batched
+        # [1, n] x [n, D] dots (which transpose V first).
+        pv = (p.transpose(0, 2, 1)[..., None] * v).sum(1)
+        return m, l, alpha[..., None] * acc + pv
+
+    init = (_full_like(q, MASK_VALUE, (b, h)), _full_like(q, 0, (b, h)), _full_like(q, 0, (b, h, d)))
+    _, l, acc = jax.lax.fori_loop(0, num_steps, step, init)
+    return _finish(l, acc)
+
+
+def _attend_run(q, q_pos, pages, k_cache, v_cache, layer, pages_per_block):
     """Queries of one sequence against its cached tokens 0..q_pos (each query its own bound).
 
-    q [Q, H, D], q_pos [Q] (-1: no query), pages [N] flat page ids of the sequence.
-    Walks key blocks of pages_per_block pages up to the largest position, reading each page
+    q [Q, H, D], q_pos [Q] (-1: no query), pages [N] page ids of the sequence (padded to whole
+    blocks). Walks blocks of pages_per_block pages up to the largest position, reading each page
     once for the whole tile -> [Q, H, D] float32."""
-    page_size, hkv, d = k_flat.shape[1:]
+    page_size, hkv, d = k_cache.shape[2:]
     n = pages_per_block * page_size
     num_blocks = jnp.minimum((q_pos.max() + n) // n, pages.shape[0] // pages_per_block)
 
     def block(j, state):
         ids = jax.lax.dynamic_slice_in_dim(pages, j * pages_per_block, pages_per_block)
-        k = k_flat[ids].reshape(n, hkv, d)
-        v = v_flat[ids].reshape(n, hkv, d)
-        mask = (j * n + jnp.arange(n))[None, :] <= q_pos[:, None]
-        return _flash_step(state, _scores(q, k), v, mask)
+        k = k_cache[layer, ids].reshape(n, hkv, d)
+        v = v_cache[layer, ids].reshape(n, hkv, d)
+        return _tile_step(state, q, k, v, (j * n + jnp.arange(n))[None, :] <= q_pos[:, None])
 
-    return _flash_finish(jax.lax.fori_loop(0, num_blocks, block, _flash_init(q)))
-
-
-def _pages_per_block(page_size, width):
-    return max(1, min(BLOCK_TOKENS // page_size, width))
-
-
-def _flat_cache(cache):
-    num_layers, num_pages = cache.shape[:2]
-    return cache.reshape(num_layers * num_pages, *cache.shape[2:])
+    return _tile_finish(jax.lax.fori_loop(0, num_blocks, block, _tile_init(q)))
 
 
 @struct.dataclass
 class XLAAttention:
-    """Reference attention in plain jnp, float32 softmax. Runs anywhere.
+    """Reference attention in plain jnp, float32 softmax. Runs anywhere; tuned for CPU.
 
     Every path is a flash-style loop (online softmax over key blocks) that reads only the keys
     a query can see: prefill visits, per query tile, the key blocks from the start of its first
-    prompt to its own end; decode and chunked read each sequence's pages through the block
-    table, one block of pages at a time, straight from the cache. Nothing of size
-    tokens x tokens or tokens x context is ever materialised."""
+    prompt to the tile itself; decode and chunked read each sequence's pages through the block
+    table straight from the cache, a few pages at a time. Nothing of size tokens x tokens or
+    tokens x context is ever materialised."""
 
     def write_kv(self, k_cache, v_cache, layer, k, v, slot_mapping):
         return write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping)
@@ -216,60 +246,59 @@ class XLAAttention:
             def block(j, state):
                 mask = ((seq[i][:, None] == seq[j][None, :]) & (seq[i][:, None] >= 0)
                         & (pos[i][:, None] >= pos[j][None, :]))
-                return _flash_step(state, _scores(q_t[i], k_t[j]), v_t[j], mask)
-            state = jax.lax.fori_loop(first_block[i], end_block[i], block, _flash_init(q_t[i]))
-            return out.at[i].set(_flash_finish(state))
+                return _tile_step(state, q_t[i], k_t[j], v_t[j], mask)
+            state = jax.lax.fori_loop(first_block[i], end_block[i], block, _tile_init(q_t[i]))
+            return out.at[i].set(_tile_finish(state))
 
         out = jax.lax.fori_loop(0, num_tiles, query_tile,
                                 _full_like(q, 0, (num_tiles, tile, h, d)))
         return out.reshape(-1, h, d)[:t].astype(q.dtype)
 
     def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata):
-        b, h, d = q.shape
-        pb = _pages_per_block(k_cache.shape[2], meta.block_tables.shape[1])
-        pages = _paged_pages(k_cache, layer, meta.block_tables, pb)
-        k_flat, v_flat = _flat_cache(k_cache), _flat_cache(v_cache)
-
-        # One sequence at a time: its blocks up to its own length, padding rows read nothing.
-        def row(i, out):
-            o = _attend_paged(q[i][None], meta.context_lens[i][None] - 1, pages[i], k_flat,
-                              v_flat, pb)
-            return out.at[i].set(o[0])
-
-        return jax.lax.fori_loop(0, b, row, _full_like(q, 0, q.shape)).astype(q.dtype)
+        return _attend_rows(q, meta.context_lens - 1, meta.block_tables, k_cache, v_cache,
+                            layer).astype(q.dtype)
 
     def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata):
         t, h, d = q.shape
-        rows = meta.block_tables.shape[0]
-        pb = _pages_per_block(k_cache.shape[2], meta.block_tables.shape[1])
-        pages = _paged_pages(k_cache, layer, meta.block_tables, pb)
-        k_flat, v_flat = _flat_cache(k_cache), _flat_cache(v_cache)
-        # Sort tokens by sequence (stable; padding last) so each sequence's tokens are one run
-        # that tiles can slice; the runner already packs them so, but the metadata allows any
-        # order. Runs are padded by a tile so a slice never gets clamped back over real tokens.
+        rows, width = meta.block_tables.shape
+        # Sort tokens by sequence (stable; padding last) so each sequence's tokens are one run;
+        # the runner already packs them so, but the metadata allows any order.
         seq = jnp.where(meta.token_seq >= 0, meta.token_seq, rows)
         order = jnp.argsort(seq, stable=True)
         counts = jnp.zeros(rows + 1, jnp.int32).at[seq].add(1)[:rows]
         starts = jnp.cumsum(counts) - counts
+        q_pos = jnp.where(meta.token_seq >= 0, meta.positions, -1)
+
+        # Rows of one token (the decode rows of a mixed batch) go together, one query per row.
+        single = counts == 1
+        token = jnp.where(single, order[jnp.minimum(starts, t - 1)], t)
+        single_out = _attend_rows(q[jnp.minimum(token, t - 1)],
+                                  jnp.where(single, q_pos[jnp.minimum(token, t - 1)], -1),
+                                  meta.block_tables, k_cache, v_cache, layer)
+
+        # Longer rows (prompt chunks) in tiles of up to BLOCK_TOKENS of their tokens, each tile
+        # reading the row's pages once. Runs are padded by a tile so a slice never gets clamped
+        # back over other tokens.
         tile = min(BLOCK_TOKENS, t)
+        pb = max(1, min(BLOCK_TOKENS // k_cache.shape[2], width))
+        pages = _padded_tables(k_cache, meta.block_tables, pb)
         q_s = jnp.pad(q[order], ((0, tile), (0, 0), (0, 0)))
-        pos_s = jnp.pad(jnp.where(meta.token_seq >= 0, meta.positions, -1)[order], (0, tile),
-                        constant_values=-1)
+        pos_s = jnp.pad(q_pos[order], (0, tile), constant_values=-1)
 
         def row(r, out):
-            def tiles(size):
-                def one(i, out):
-                    at = starts[r] + i * size
-                    mine = i * size + jnp.arange(size) < counts[r]
-                    q_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, size), -1)
-                    o = _attend_paged(jax.lax.dynamic_slice_in_dim(q_s, at, size, 0), q_pos,
-                                      pages[r], k_flat, v_flat, pb)
-                    prev = jax.lax.dynamic_slice_in_dim(out, at, size, 0)
-                    return jax.lax.dynamic_update_slice_in_dim(
-                        out, jnp.where(mine[:, None, None], o, prev), at, 0)
-                return lambda out: jax.lax.fori_loop(0, (counts[r] + size - 1) // size, one, out)
-            return jax.lax.cond(counts[r] >= MIN_TILED_ROW, tiles(tile), tiles(1), out)
+            def one_tile(i, out):
+                at = starts[r] + i * tile
+                mine = i * tile + jnp.arange(tile) < counts[r]
+                tile_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, tile), -1)
+                o = _attend_run(jax.lax.dynamic_slice_in_dim(q_s, at, tile, 0), tile_pos,
+                                pages[r], k_cache, v_cache, layer, pb)
+                prev = jax.lax.dynamic_slice_in_dim(out, at, tile, 0)
+                return jax.lax.dynamic_update_slice_in_dim(
+                    out, jnp.where(mine[:, None, None], o, prev), at, 0)
+            num_tiles = jnp.where(single[r], 0, (counts[r] + tile - 1) // tile)
+            return jax.lax.fori_loop(0, num_tiles, one_tile, out)
 
         out_s = jax.lax.fori_loop(0, rows, row, _full_like(q, 0, (t + tile, h, d)))
         out = _full_like(q, 0, q.shape).at[order].set(out_s[:t])
+        out = out.at[token].set(single_out, mode="drop")
         return out.astype(q.dtype)
