@@ -89,10 +89,10 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
     return k_cache, v_cache
 
 
-# XLA on CPU runs the ops of a loop iteration one after another on one core, with some tens of
-# microseconds of overhead each, and every large temporary costs page faults on each call. So
-# the loops below move blocks of a few MiB per iteration: big enough to amortise the per-op
-# cost, small enough to stay in cache.
+# Block sizes, tuned on CPU (docs/kernels.md). XLA runs a loop iteration's ops one at a time,
+# each with some microseconds of fixed cost, and a large temporary costs page faults on every
+# call (about 1 ms per MiB on a VM). So the loops move a few MiB per iteration: enough work to
+# amortise the per-op cost, small enough to stay in cache.
 # Prefill and multi-token chunked rows: tokens per query tile and per key block.
 BLOCK_TOKENS = 128
 # Decode rows: tokens gathered per step, summed over all rows (64 rows x 16 at batch 64).
@@ -111,6 +111,13 @@ def _full_like(x, value, shape):
     return jax.lax.full_like(x, value, jnp.float32, shape)
 
 
+def _softmax_init(x, shape, head_dim):
+    """Online-softmax state for queries laid out as `shape`: running max, running sum, and a
+    float32 accumulator of shape + (head_dim,)."""
+    return (_full_like(x, MASK_VALUE, shape), _full_like(x, 0, shape),
+            _full_like(x, 0, (*shape, head_dim)))
+
+
 def _softmax_step(m, l, scores, mask):
     """Online softmax over one key block (last axis): running max m and sum l -> new m, new l,
     the block's unnormalised probabilities p and the rescale factor for what came before."""
@@ -127,13 +134,13 @@ def _finish(l, acc):
 
 
 def _tile_init(q):
-    """State of a query tile q [Q, H, D]: running max and sum [H, Q], accumulator [H, Q, D]."""
+    """State of a query tile q [Q, H, D]: statistics [H, Q], accumulator [H, Q, D]."""
     n, h, d = q.shape
-    return (_full_like(q, MASK_VALUE, (h, n)), _full_like(q, 0, (h, n)), _full_like(q, 0, (h, n, d)))
+    return _softmax_init(q, (h, n), d)
 
 
 def _tile_step(state, q, k, v, mask):
-    """Fold one key block shared by the tile's queries: q [Q, H, D], k/v [K, Hkv, D], mask [Q, K]."""
+    """Fold a key block shared by the tile's queries: q [Q, H, D], k/v [K, Hkv, D], mask [Q, K]."""
     m, l, acc = state
     h, d = q.shape[1:]
     scores = jnp.einsum("qhd,khd->hqk", q, _repeat_kv(k, h),
@@ -192,8 +199,7 @@ def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer):
         pv = jnp.einsum("bhn,bnhd->bhd", p, v)
         return m, l, alpha[..., None] * acc + pv
 
-    init = (_full_like(q, MASK_VALUE, (b, h)), _full_like(q, 0, (b, h)), _full_like(q, 0, (b, h, d)))
-    _, l, acc = jax.lax.fori_loop(0, num_steps, step, init)
+    _, l, acc = jax.lax.fori_loop(0, num_steps, step, _softmax_init(q, (b, h), d))
     return _finish(l, acc)
 
 
@@ -274,9 +280,8 @@ class XLAAttention:
 
         # Rows of one token (the decode rows of a mixed batch) go together, one query per row.
         single = counts == 1
-        token = jnp.where(single, order[jnp.minimum(starts, t - 1)], t)
-        single_out = _attend_rows(q[jnp.minimum(token, t - 1)],
-                                  jnp.where(single, q_pos[jnp.minimum(token, t - 1)], -1),
+        token = order[jnp.minimum(starts, t - 1)]
+        single_out = _attend_rows(q[token], jnp.where(single, q_pos[token], -1),
                                   meta.block_tables, k_cache, v_cache, layer)
 
         # Longer rows (prompt chunks) in tiles of up to BLOCK_TOKENS of their tokens, each tile
@@ -303,5 +308,5 @@ class XLAAttention:
 
         out_s = jax.lax.fori_loop(0, rows, row, _full_like(q, 0, (t + tile, h, d)))
         out = _full_like(q, 0, q.shape).at[order].set(out_s[:t])
-        out = out.at[token].set(single_out, mode="drop")
+        out = out.at[jnp.where(single, token, t)].set(single_out, mode="drop")
         return out.astype(q.dtype)
