@@ -1,6 +1,6 @@
 """Whole-model opt-125m steps on CPU with XLAAttention, against main's dense formulation.
 
-    python benchmarks/bench_attention_cpu.py            # about 10 minutes on 2 cores
+    python benchmarks/bench_attention_cpu.py            # about 6 minutes on 2 cores
     python benchmarks/bench_attention_cpu.py --impls new
 
 Calls models.opt.OPTModel directly (dummy float32 weights, metadata built here, KV cache
@@ -95,22 +95,21 @@ class Case:
         self.cache_shape = jax.ShapeDtypeStruct(shape, jnp.float32)
         model = OPTModel(cfg, attention, mode)
         self.fn = jax.jit(model.apply, donate_argnums=(2,))
-        self.args = ({"params": params}, jnp.asarray(tokens), None, jax.tree.map(jnp.asarray, meta))
+        self.params, self.tokens = {"params": params}, jnp.asarray(tokens)
+        self.meta = jax.tree.map(jnp.asarray, meta)
         self.kv = None
 
     def temp_bytes(self) -> int:
-        params, tokens, _, meta = self.args
-        stats = self.fn.lower(params, tokens, (self.cache_shape,) * 2, meta).compile() \
-            .memory_analysis()
-        return stats.temp_size_in_bytes
+        compiled = self.fn.lower(self.params, self.tokens, (self.cache_shape,) * 2,
+                                 self.meta).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
 
     def run(self) -> float:
         """Seconds of one call (the first call compiles and allocates the cache)."""
         if self.kv is None:
             self.kv = (jnp.zeros(self.cache_shape.shape), jnp.zeros(self.cache_shape.shape))
-        params, tokens, _, meta = self.args
         start = time.perf_counter()
-        out, self.kv = self.fn(params, tokens, self.kv, meta)
+        out, self.kv = self.fn(self.params, self.tokens, self.kv, self.meta)
         out.block_until_ready()
         return time.perf_counter() - start
 
@@ -141,7 +140,7 @@ def prefill_case(n, length, rng):
 
 
 def chunked_case(chunk, context, rng):
-    width = (context + chunk) // PAGE
+    width = -(-(context + chunk) // PAGE)
     num_pages = width + 16
     tables = np.zeros((8, width), np.int32)  # the runner pads rows to 8
     tables[0] = rng.permutation(num_pages)[:width]
