@@ -78,12 +78,6 @@ class AttentionBackend(Protocol):
         """q [T, H, D], each token against its sequence's cache up to its position -> [T, H, D]."""
 
 
-def masked_softmax(scores, mask):
-    """Softmax over the last axis where mask holds; rows with nothing visible give zeros."""
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-
-
 def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
     """Scatter new K/V into their pages; out-of-range slots are dropped (padding)."""
     num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
@@ -95,11 +89,14 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
     return k_cache, v_cache
 
 
-def _gather_pages(cache, layer, block_tables):
-    """[L, P, S, H, D] -> [B, W*S, H, D]: each sequence's pages in order."""
-    pages = cache[layer][block_tables]  # [B, W, S, H, D]
-    b, w, s, h, d = pages.shape
-    return pages.reshape(b, w * s, h, d)
+# Block sizes, tuned on CPU (docs/kernels.md). XLA runs a loop iteration's ops one at a time,
+# each with some microseconds of fixed cost, and a large temporary costs page faults on every
+# call (about 1 ms per MiB on a VM). So the loops move a few MiB per iteration: enough work to
+# amortise the per-op cost, small enough to stay in cache.
+# Prefill and multi-token chunked rows: tokens per query tile and per key block.
+BLOCK_TOKENS = 128
+# Decode rows: tokens gathered per step, summed over all rows (64 rows x 16 at batch 64).
+DECODE_STEP_TOKENS = 1024
 
 
 def _repeat_kv(x, num_q_heads):
@@ -108,44 +105,208 @@ def _repeat_kv(x, num_q_heads):
     return x if rep == 1 else jnp.repeat(x, rep, axis=-2)
 
 
+def _full_like(x, value, shape):
+    """float32 array of `shape` that varies over the same shard_map axes as x, as loop carries
+    that mix with x must (check_vma)."""
+    return jax.lax.full_like(x, value, jnp.float32, shape)
+
+
+def _softmax_init(x, shape, head_dim):
+    """Online-softmax state for queries laid out as `shape`: running max, running sum, and a
+    float32 accumulator of shape + (head_dim,)."""
+    return (_full_like(x, MASK_VALUE, shape), _full_like(x, 0, shape),
+            _full_like(x, 0, (*shape, head_dim)))
+
+
+def _softmax_step(m, l, scores, mask):
+    """Online softmax over one key block (last axis): running max m and sum l -> new m, new l,
+    the block's unnormalised probabilities p and the rescale factor for what came before."""
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(-1))
+    p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    return m_new, alpha * l + p.sum(-1), p, alpha
+
+
+def _finish(l, acc):
+    """Normalise; a query that saw no key gives zeros."""
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def _tile_init(q):
+    """State of a query tile q [Q, H, D]: statistics [H, Q], accumulator [H, Q, D]."""
+    n, h, d = q.shape
+    return _softmax_init(q, (h, n), d)
+
+
+def _tile_step(state, q, k, v, mask):
+    """Fold a key block shared by the tile's queries: q [Q, H, D], k/v [K, Hkv, D], mask [Q, K]."""
+    m, l, acc = state
+    h, d = q.shape[1:]
+    scores = jnp.einsum("qhd,khd->hqk", q, _repeat_kv(k, h),
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    m, l, p, alpha = _softmax_step(m, l, scores, mask)
+    # Keys no query sees may be NaN garbage (unused page slots) and 0 * NaN = NaN: zero them.
+    v = jnp.where(mask.any(0)[:, None, None], v.astype(jnp.float32), 0.0)
+    return m, l, alpha[..., None] * acc + jnp.einsum("hqk,khd->hqd", p, _repeat_kv(v, h))
+
+
+def _tile_finish(state):
+    """-> [Q, H, D] float32."""
+    _, l, acc = state
+    return _finish(l, acc).transpose(1, 0, 2)
+
+
+def _padded_tables(k_cache, block_tables, pages_per_block):
+    """Block tables padded to whole blocks, junk entries clipped to real pages (masked later).
+
+    One more block than needed: were a block the whole table, the loops' page slices would not
+    depend on the step, XLA would hoist the gather out of the loop and fuse the layer scan's
+    K/V write into it, and then copy the whole cache every layer to keep the write in place
+    (seen at decode batch 1: 40x slower)."""
+    pages = jnp.clip(block_tables, 0, k_cache.shape[1] - 1)
+    return jnp.pad(pages, ((0, 0), (0, -block_tables.shape[1] % pages_per_block + pages_per_block)))
+
+
+# Pages are read as cache[layer, page_ids]: one gather of just those pages. Not cache[layer]
+# (which copies the whole layer slab every step: that was most of the old decode time) and not a
+# reshape of the cache to [L * P, ...] (with the layer scan's in-place K/V writes, XLA then
+# copies the whole cache every layer).
+
+
+def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer):
+    """One query per row against that row's cached tokens 0..q_pos (-1: none), vectorised
+    over rows: q [B, H, D], block_tables [B, W] -> [B, H, D] float32.
+
+    Each step gathers the next few pages of every row ([B, pages, S, Hkv, D]) and folds them
+    into a per-row online softmax; steps run up to the longest row."""
+    b, h, d = q.shape
+    page_size, hkv = k_cache.shape[2:4]
+    per_step = max(1, min(DECODE_STEP_TOKENS // (b * page_size), block_tables.shape[1]))
+    pages = _padded_tables(k_cache, block_tables, per_step)
+    n = per_step * page_size
+    num_steps = jnp.minimum((q_pos.max() + n) // n, pages.shape[1] // per_step)
+
+    def step(j, state):
+        m, l, acc = state
+        ids = jax.lax.dynamic_slice_in_dim(pages, j * per_step, per_step, 1)
+        k = _repeat_kv(k_cache[layer, ids].reshape(b, n, hkv, d), h)
+        v = _repeat_kv(v_cache[layer, ids].reshape(b, n, hkv, d), h)
+        visible = (j * n + jnp.arange(n))[None, :] <= q_pos[:, None]  # [B, n]
+        scores = jnp.einsum("bhd,bnhd->bhn", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+        m, l, p, alpha = _softmax_step(m, l, scores, visible[:, None, :])
+        v = jnp.where(visible[..., None, None], v.astype(jnp.float32), 0.0)  # NaN garbage
+        pv = jnp.einsum("bhn,bnhd->bhd", p, v)
+        return m, l, alpha[..., None] * acc + pv
+
+    _, l, acc = jax.lax.fori_loop(0, num_steps, step, _softmax_init(q, (b, h), d))
+    return _finish(l, acc)
+
+
+def _attend_run(q, q_pos, pages, k_cache, v_cache, layer, pages_per_block):
+    """Queries of one sequence against its cached tokens 0..q_pos (each query its own bound).
+
+    q [Q, H, D], q_pos [Q] (-1: no query), pages [N] page ids of the sequence (padded to whole
+    blocks). Walks blocks of pages_per_block pages up to the largest position, reading each page
+    once for the whole tile -> [Q, H, D] float32."""
+    page_size, hkv, d = k_cache.shape[2:]
+    n = pages_per_block * page_size
+    num_blocks = jnp.minimum((q_pos.max() + n) // n, pages.shape[0] // pages_per_block)
+
+    def block(j, state):
+        ids = jax.lax.dynamic_slice_in_dim(pages, j * pages_per_block, pages_per_block)
+        k = k_cache[layer, ids].reshape(n, hkv, d)
+        v = v_cache[layer, ids].reshape(n, hkv, d)
+        return _tile_step(state, q, k, v, (j * n + jnp.arange(n))[None, :] <= q_pos[:, None])
+
+    return _tile_finish(jax.lax.fori_loop(0, num_blocks, block, _tile_init(q)))
+
+
 @struct.dataclass
 class XLAAttention:
-    """Reference attention in plain jnp: dense masks, float32 softmax. Runs anywhere."""
+    """Reference attention in plain jnp, float32 softmax. Runs anywhere; tuned for CPU.
+
+    Every path is a flash-style loop (online softmax over key blocks) that reads only the keys
+    a query can see: prefill visits, per query tile, the key blocks from the start of its first
+    prompt to the tile itself; decode and chunked read each sequence's pages through the block
+    table straight from the cache, a few pages at a time. Nothing of size tokens x tokens or
+    tokens x context is ever materialised."""
 
     def write_kv(self, k_cache, v_cache, layer, k, v, slot_mapping):
         return write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping)
 
     def prefill(self, q, k, v, meta: PrefillMetadata):
         t, h, d = q.shape
-        k, v = _repeat_kv(k, h), _repeat_kv(v, h)
-        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        same_seq = (meta.seq_ids[:, None] == meta.seq_ids[None, :]) & (meta.seq_ids[:, None] >= 0)
-        causal = meta.positions[:, None] >= meta.positions[None, :]
-        mask = (same_seq & causal)[None]
-        weights = masked_softmax(scores, mask)
-        out = jnp.einsum("hqk,khd->qhd", weights, v.astype(jnp.float32))
-        return out.astype(q.dtype)
+        tile = min(BLOCK_TOKENS, t)
+        pad = -t % tile
+        num_tiles = (t + pad) // tile
+        tiled = lambda x, fill=0: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1),  # noqa: E731
+                                          constant_values=fill).reshape(num_tiles, tile,
+                                                                        *x.shape[1:])
+        q_t, k_t, v_t = tiled(q), tiled(k), tiled(v)
+        seq, pos = tiled(meta.seq_ids, -1), tiled(meta.positions)
+        # Padding only trails the real tokens, so a tile's keys run from the start of the
+        # prompt of its first token to the tile itself; a tile of pure padding visits nothing.
+        live = seq[:, 0] >= 0
+        first_block = jnp.where(live, meta.cu_seqlens[jnp.maximum(seq[:, 0], 0)] // tile, 0)
+        end_block = jnp.where(live, jnp.arange(num_tiles) + 1, 0)
+
+        def query_tile(i, out):
+            def block(j, state):
+                mask = ((seq[i][:, None] == seq[j][None, :]) & (seq[i][:, None] >= 0)
+                        & (pos[i][:, None] >= pos[j][None, :]))
+                return _tile_step(state, q_t[i], k_t[j], v_t[j], mask)
+            state = jax.lax.fori_loop(first_block[i], end_block[i], block, _tile_init(q_t[i]))
+            return out.at[i].set(_tile_finish(state))
+
+        out = jax.lax.fori_loop(0, num_tiles, query_tile,
+                                _full_like(q, 0, (num_tiles, tile, h, d)))
+        return out.reshape(-1, h, d)[:t].astype(q.dtype)
 
     def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata):
-        b, h, d = q.shape
-        k = _repeat_kv(_gather_pages(k_cache, layer, meta.block_tables), h)  # [B, L, H, D]
-        v = _repeat_kv(_gather_pages(v_cache, layer, meta.block_tables), h)
-        scores = jnp.einsum("bhd,blhd->bhl", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        mask = (jnp.arange(k.shape[1])[None, :] < meta.context_lens[:, None])[:, None, :]
-        weights = masked_softmax(scores, mask)
-        out = jnp.einsum("bhl,blhd->bhd", weights, v.astype(jnp.float32))
-        return out.astype(q.dtype)
+        return _attend_rows(q, meta.context_lens - 1, meta.block_tables, k_cache, v_cache,
+                            layer).astype(q.dtype)
 
     def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata):
         t, h, d = q.shape
-        seq = jnp.maximum(meta.token_seq, 0)
-        # Each token reads its own sequence's pages: [T, W*S, H, D]. Fine for the modest
-        # token budgets of chunked steps; a kernel would stream pages instead.
-        k = _repeat_kv(_gather_pages(k_cache, layer, meta.block_tables[seq]), h)
-        v = _repeat_kv(_gather_pages(v_cache, layer, meta.block_tables[seq]), h)
-        scores = jnp.einsum("thd,tlhd->thl", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        visible = jnp.arange(k.shape[1])[None, :] <= meta.positions[:, None]
-        mask = (visible & (meta.token_seq >= 0)[:, None])[:, None, :]
-        weights = masked_softmax(scores, mask)
-        out = jnp.einsum("thl,tlhd->thd", weights, v.astype(jnp.float32))
+        rows, width = meta.block_tables.shape
+        # Sort tokens by sequence (stable; padding last) so each sequence's tokens are one run;
+        # the runner already packs them so, but the metadata allows any order.
+        seq = jnp.where(meta.token_seq >= 0, meta.token_seq, rows)
+        order = jnp.argsort(seq, stable=True)
+        counts = jnp.zeros(rows + 1, jnp.int32).at[seq].add(1)[:rows]
+        starts = jnp.cumsum(counts) - counts
+        q_pos = jnp.where(meta.token_seq >= 0, meta.positions, -1)
+
+        # Rows of one token (the decode rows of a mixed batch) go together, one query per row.
+        single = counts == 1
+        token = order[jnp.minimum(starts, t - 1)]
+        single_out = _attend_rows(q[token], jnp.where(single, q_pos[token], -1),
+                                  meta.block_tables, k_cache, v_cache, layer)
+
+        # Longer rows (prompt chunks) in tiles of up to BLOCK_TOKENS of their tokens, each tile
+        # reading the row's pages once. Runs are padded by a tile so a slice never gets clamped
+        # back over other tokens.
+        tile = min(BLOCK_TOKENS, t)
+        pb = max(1, min(BLOCK_TOKENS // k_cache.shape[2], width))
+        pages = _padded_tables(k_cache, meta.block_tables, pb)
+        q_s = jnp.pad(q[order], ((0, tile), (0, 0), (0, 0)))
+        pos_s = jnp.pad(q_pos[order], (0, tile), constant_values=-1)
+
+        def row(r, out):
+            def one_tile(i, out):
+                at = starts[r] + i * tile
+                mine = i * tile + jnp.arange(tile) < counts[r]
+                tile_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, tile), -1)
+                o = _attend_run(jax.lax.dynamic_slice_in_dim(q_s, at, tile, 0), tile_pos,
+                                pages[r], k_cache, v_cache, layer, pb)
+                prev = jax.lax.dynamic_slice_in_dim(out, at, tile, 0)
+                return jax.lax.dynamic_update_slice_in_dim(
+                    out, jnp.where(mine[:, None, None], o, prev), at, 0)
+            num_tiles = jnp.where(single[r], 0, (counts[r] + tile - 1) // tile)
+            return jax.lax.fori_loop(0, num_tiles, one_tile, out)
+
+        out_s = jax.lax.fori_loop(0, rows, row, _full_like(q, 0, (t + tile, h, d)))
+        out = _full_like(q, 0, q.shape).at[order].set(out_s[:t])
+        out = out.at[jnp.where(single, token, t)].set(single_out, mode="drop")
         return out.astype(q.dtype)
