@@ -7,7 +7,7 @@ from pathlib import Path
 
 ENGINE_MODES = ("disaggregated", "colocated", "chunked")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,15 @@ class EngineConfig:
     attention_backend: str = "auto"      # auto | xla | pallas
     # Where instances run: "uni" = threads of this process (KV by device_put), "mp" = one OS
     # process each with its own devices (KV over JAX transfer servers bound to kv_transfer_host).
+    # "ray" = one Ray actor each, on any node of a cluster (KV over transfer servers bound to
+    # each actor's node address; docs/scale-out.md).
     distributed_executor_backend: str = "uni"
     kv_transfer_host: str = "127.0.0.1"
+    ray_address: str | None = None       # a running cluster ("auto", "host:port"); None = local
+    # Ray: each pipeline stage of an instance its own actor (one placement bundle per stage,
+    # packed onto as few nodes as fit), so an instance can span nodes; activations then cross
+    # by transfer servers. Off: an instance is one actor on one node.
+    ray_stage_actors: bool = False
     # JAX's persistent compilation cache, so a restart does not compile again: "auto" is
     # $XDG_CACHE_HOME/dsjax/jax (~/.cache/dsjax/jax), "" turns it off, else a directory.
     compilation_cache_dir: str = "auto"
