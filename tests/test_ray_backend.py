@@ -72,15 +72,43 @@ def test_tp1_to_tp2_across_actors_matches_transformers(tp_engine, hf_reference):
 
 
 def test_pipeline_stages_in_separate_actors_match_transformers(cluster, hf_opt, hf_reference):
-    """Prefill PP2 and decode PP2, each stage its own actor: activations cross between actors,
-    and the KV of the second stages relays through each instance's first actor."""
+    """Prefill PP2 and decode PP2, each stage its own actor (prefill's by a plan's stage_nodes,
+    decode's by ray_stage_actors), pinned to this node: activations cross between actors, and
+    the KV of the second stages relays through each instance's first actor."""
+    ip = ray.util.get_node_ip_address()
     engine = ray_engine(hf_opt[1], context_pipeline_parallel_size=2,
-                        decoding_pipeline_parallel_size=2, ray_stage_actors=True)
+                        decoding_pipeline_parallel_size=2, ray_stage_actors=True,
+                        instances=(dict(role="prefill", index=0, stage_nodes=[ip, ip]),
+                                   dict(role="decode", index=0, node=ip)))
     try:
+        for name in ("prefill0", "decode0"):
+            assert engine.instances[name].host.bundles == [{"CPU": 1, f"node:{ip}": 0.001}] * 2
         assert len(processes_titled("ray::StageActor")) == 2
         assert generate(engine, engine_prompts(), GREEDY) == hf_reference
     finally:
         engine.shutdown()
+
+
+def test_plan_file_assigns_nodes(tmp_path):
+    """A plan's [[instances]] tables: one node per instance, or one per pipeline stage."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('distributed_executor_backend = "ray"\n'
+                    'context_pipeline_parallel_size = 2\nnum_decode_instances = 2\n'
+                    '[[instances]]\nrole = "prefill"\nindex = 0\n'
+                    'stage_nodes = ["10.0.0.1", "10.0.0.2"]\n'
+                    '[[instances]]\nrole = "decode"\nindex = 1\nnode = "10.0.0.2"\n')
+    config = EngineConfig.from_file(plan)
+    assert config.nodes_for("prefill", 0).stage_nodes == ("10.0.0.1", "10.0.0.2")
+    assert config.nodes_for("decode", 1).node == "10.0.0.2"
+    assert config.nodes_for("decode", 0) is None
+    for bad, why in [(dict(role="decode", index=2, node="n"), "no such instance"),
+                     (dict(role="prefill", index=0, stage_nodes=["n"]), "one node per"),
+                     (dict(role="prefill", index=0), "either node or stage_nodes"),
+                     (dict(role="decode", index=0, host="n"), "takes role, index")]:
+        with pytest.raises(ValueError, match=why):
+            EngineConfig.from_file(plan, instances=[bad])
+    with pytest.raises(ValueError, match="need distributed_executor_backend"):
+        EngineConfig.from_file(plan, distributed_executor_backend="mp")
 
 
 @pytest.mark.parametrize("src,dst", [((1, 1), (2, 1)), ((1, 2), (2, 1))])

@@ -181,9 +181,12 @@ class InstanceActor:
         return os.getpid()
 
 
-def instance_node(config, plan) -> str | tuple[str, ...] | None:
-    """The node(s) `config.instances` assigns to `plan`: one, one per stage, or None."""
-    return None
+def actor_nodes(config, plan, split: bool) -> tuple[str | None, ...]:
+    """The node each of the instance's actors is pinned to (None: wherever Ray places it)."""
+    where = config.nodes_for(plan.role, plan.index)
+    if where is not None and where.stage_nodes:
+        return where.stage_nodes if split else where.stage_nodes[:1]
+    return (where.node if where else None,) * (plan.pp if split else 1)
 
 
 class RayHost:
@@ -192,11 +195,10 @@ class RayHost:
     def __init__(self, plan, config, model_config, model_dir, platform: str, router_put):
         self.name = plan.name
         self._router_put = router_put
-        split = config.ray_stage_actors and plan.pp > 1
+        where = config.nodes_for(plan.role, plan.index)
+        split = plan.pp > 1 and (config.ray_stage_actors or bool(where and where.stage_nodes))
         per_actor = plan.tp if split else plan.num_devices
-        node = instance_node(config, plan)
-        nodes = node if isinstance(node, tuple) else (node,) * (plan.pp if split else 1)
-        self.bundles = [bundle(platform, per_actor, n) for n in nodes]
+        self.bundles = [bundle(platform, per_actor, n) for n in actor_nodes(config, plan, split)]
         self.pg = placement_group(self.bundles, strategy="PACK" if split else "STRICT_PACK")
         env = child_environment(platform, None, per_actor)
         local = dataclasses.replace(plan, device_ids=tuple(range(per_actor)))
