@@ -65,7 +65,7 @@ def tp_engine(cluster, hf_opt):
 
 
 def test_tp1_to_tp2_across_actors_matches_transformers(tp_engine, hf_reference):
-    pids = {inst.host.pid() for inst in tp_engine.instances.values()}
+    pids = {pid for inst in tp_engine.instances.values() for pid in inst.host.pids()}
     assert len(pids) == 3 and os.getpid() not in pids
     assert generate(tp_engine, engine_prompts(), GREEDY) == hf_reference
     assert tp_engine.migrations["count"] >= len(hf_reference)
@@ -74,7 +74,9 @@ def test_tp1_to_tp2_across_actors_matches_transformers(tp_engine, hf_reference):
 def test_pipeline_stages_in_separate_actors_match_transformers(cluster, hf_opt, hf_reference):
     """Prefill PP2 and decode PP2, each stage its own actor (prefill's by a plan's stage_nodes,
     decode's by ray_stage_actors), pinned to this node: activations cross between actors, and
-    the KV of the second stages relays through each instance's first actor."""
+    the KV of the second stages relays through each instance's first actor. Then decode's
+    stage actor is killed: its instance fails its request, naming the lost stage, and the
+    prefill instance's pages are freed."""
     ip = ray.util.get_node_ip_address()
     engine = ray_engine(hf_opt[1], context_pipeline_parallel_size=2,
                         decoding_pipeline_parallel_size=2, ray_stage_actors=True,
@@ -83,8 +85,18 @@ def test_pipeline_stages_in_separate_actors_match_transformers(cluster, hf_opt, 
     try:
         for name in ("prefill0", "decode0"):
             assert engine.instances[name].host.bundles == [{"CPU": 1, f"node:{ip}": 0.001}] * 2
-        assert len(processes_titled("ray::StageActor")) == 2
+        stage_pids = [engine.instances[n].host.pids()[1] for n in ("prefill0", "decode0")]
+        assert sorted(stage_pids) == sorted(processes_titled("ray::StageActor"))
         assert generate(engine, engine_prompts(), GREEDY) == hf_reference
+
+        stream = engine.add_request(engine_prompts()[0], GREEDY)
+        assert next(iter(stream)).new_token_ids     # prefilled: decode0 will pull it
+        os.kill(stage_pids[1], signal.SIGKILL)
+        with pytest.raises(EngineError, match="decode0"):
+            stream.result(timeout=120)
+        assert "its stage 1 died" in engine.health()["instances"]["decode0"]
+        assert engine.health()["instances"]["prefill0"] == "ok"
+        assert engine.blocks_in_use() == {"prefill0": 0}
     finally:
         engine.shutdown()
 
@@ -187,7 +199,7 @@ def test_killing_a_decode_actor_fails_only_its_requests(tp_engine, hf_reference)
     long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     streams = [engine.add_request(p, long) for p in engine_prompts()[:4]]
     assert next(iter(streams[0])).new_token_ids     # prefill has run; decoding has started
-    os.kill(engine.instances["decode0"].host.pid(), signal.SIGKILL)
+    os.kill(engine.instances["decode0"].host.pids()[0], signal.SIGKILL)
     failed = 0
     for s in streams:
         try:

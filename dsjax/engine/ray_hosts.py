@@ -97,15 +97,27 @@ class StageActor:
     def call(self, method: str, *args):
         return getattr(self.server, method)(*args)
 
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class StageLost(RuntimeError):
+    """A stage actor died: its instance has lost that stage's layers and pages."""
+
 
 class ActorRPC:
     """A StageServer behind a Ray actor, called like a local one (blocking, in order)."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    def __init__(self, actor, label: str):
+        self.actor, self.label = actor, label
 
     def __getattr__(self, method):
-        return lambda *args: ray.get(self.actor.call.remote(method, *args))
+        def call(*args):
+            try:
+                return ray.get(self.actor.call.remote(method, *args))
+            except RayActorError as e:
+                raise StageLost(f"{self.label} died: {str(e).splitlines()[0]}") from None
+        return call
 
 
 def start_stage_actors(plan, config, model_config, model_dir, group: StageGroup,
@@ -129,6 +141,7 @@ class InstanceActor:
         self._early: dict[int, object] = {}
         self._next = 0
         self._lock = threading.Lock()
+        self._stage_actors: list = []
         self._thread = threading.Thread(
             target=self._main, daemon=True,
             args=(plan, config, model_config, model_dir, env, stages))
@@ -137,14 +150,15 @@ class InstanceActor:
     def _main(self, plan, config, model_config, model_dir, env, stages) -> None:
         setup_process(plan.name, env, config)
         host = ray.util.get_node_ip_address()
-        place, actors = None, []
+        place = None
         if stages is not None:
             from dsjax.executor.stage_group import TransferChannel, stage_placer
 
             def servers(runner):
-                actors.extend(start_stage_actors(plan, config, model_config, model_dir, stages,
-                                                 runner.num_pages))
-                return [ActorRPC(a) for a in actors]
+                self._stage_actors.extend(start_stage_actors(
+                    plan, config, model_config, model_dir, stages, runner.num_pages))
+                return [ActorRPC(a, f"the actor of its stage {s}")
+                        for s, a in enumerate(self._stage_actors, start=1)]
             place = stage_placer(servers, TransferChannel(host))
         try:
             serve_in_process(plan, config, model_config, model_dir, self._inbox,
@@ -152,8 +166,8 @@ class InstanceActor:
         finally:
             # Let the stage actors exit on their own before this actor is killed (which would
             # kill them mid-call).
-            ray.wait([a.__ray_terminate__.remote() for a in actors], num_returns=len(actors),
-                     timeout=STOP_TIMEOUT_S)
+            ray.wait([a.__ray_terminate__.remote() for a in self._stage_actors],
+                     num_returns=len(self._stage_actors), timeout=STOP_TIMEOUT_S)
 
     def deliver(self, seq: int, message) -> None:
         with self._lock:
@@ -177,8 +191,9 @@ class InstanceActor:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def pid(self) -> int:
-        return os.getpid()
+    def pids(self) -> list[int]:
+        """This actor's process id, then its stage actors'."""
+        return [os.getpid(), *ray.get([a.pid.remote() for a in self._stage_actors])]
 
 
 def actor_nodes(config, plan, split: bool) -> tuple[str | None, ...]:
@@ -239,8 +254,9 @@ class RayHost:
     def send(self, message) -> None:
         self.actor.deliver.remote(next(self._seq), message)
 
-    def pid(self) -> int:
-        return ray.get(self.actor.pid.remote())
+    def pids(self) -> list[int]:
+        """The instance's processes: its actor's, then its stage actors'."""
+        return ray.get(self.actor.pids.remote())
 
     def stop(self) -> None:
         self._stopping = True
