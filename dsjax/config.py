@@ -116,11 +116,11 @@ class EngineConfig:
                 if set(entry) - known or not {"role", "index"} <= set(entry):
                     raise ValueError(f"an instances entry takes role, index and node or "
                                      f"stage_nodes; got {sorted(entry)}")
-                entry = InstanceNodes(**{**entry, "stage_nodes": tuple(
-                    entry.get("stage_nodes", ()))})
+                entry = InstanceNodes(**entry)
             if not isinstance(entry, InstanceNodes):
                 raise ValueError(f"instances entries are tables (role, index, node), got "
                                  f"{entry!r}")
+            entry = dataclasses.replace(entry, stage_nodes=tuple(entry.stage_nodes))
             where = f"instances entry {entry.role}{entry.index}"
             if entry.role not in pp_of or not 0 <= entry.index < pp_of[entry.role][0]:
                 raise ValueError(f"{where}: no such instance in this placement "

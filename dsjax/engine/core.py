@@ -195,8 +195,9 @@ class Engine:
         cfg = self.config
         if cfg.distributed_executor_backend == "ray":
             from dsjax.engine.ray_hosts import RayHost, connect_cluster
-            platform = connect_cluster(cfg, _devices_needed(cfg))
-            for plan in plan_placement(cfg.mode, _devices_needed(cfg), **cfg.placement_kwargs()):
+            needed = _devices_needed(cfg)
+            platform = connect_cluster(cfg, needed)
+            for plan in plan_placement(cfg.mode, needed, **cfg.placement_kwargs()):
                 host = RayHost(plan, cfg, self.model_config, model_dir, platform,
                                self._inbox.put)
                 self.instances[plan.name] = _Instance(plan.name, plan.role, host)

@@ -1,10 +1,11 @@
 """The "ray" executor backend: every instance a Ray actor, on any node of a cluster.
 
 Each instance gets a placement group: one bundle for the whole instance (STRICT_PACK: its
-devices on one node), or with `ray_stage_actors` one bundle per pipeline stage (PACK: each
-stage's TP group on one node, stages on as few nodes as fit). A bundle asks for GPUs where the
-cluster has them, else for `num_cpus` (on CPU an actor's devices are XLA host devices). The
-instance's actor runs the same process body as an "mp" child (`serve_in_process`); its later
+devices on one node), or with `ray_stage_actors` (or a plan's `stage_nodes`) one bundle per
+pipeline stage (PACK: each stage's TP group on one node, stages on as few nodes as fit); a
+plan's node assignments pin bundles to nodes (`node:<ip>` resources). A bundle asks for GPUs
+where the cluster has them, else for `num_cpus` (on CPU an actor's devices are XLA host
+devices). The instance's actor runs the same process body as an "mp" child (`serve_in_process`); its later
 stages, if any, are stage actors it starts in its own bundles (dsjax.executor.stage_group), so
 they die with it.
 
@@ -17,21 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
 import queue
 import threading
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dsjax.engine.instance_hosts import (STOP_TIMEOUT_S, child_environment, params_loader,
                                          resolve_dtype, serve_in_process, setup_process)
 from dsjax.engine.messages import InstanceFailed, Shutdown
-
-log = logging.getLogger("dsjax")
 
 # How long an instance may wait for its bundles before it fails as unplaceable.
 PLACEMENT_TIMEOUT_S = 300.0
@@ -235,6 +233,9 @@ class RayHost:
         except GetTimeoutError:
             self._failed(f"cannot place its actors: needs {self.bundles}, the cluster has "
                          f"{ray.available_resources()} free")
+            return
+        except RayError as e:   # removed while waiting (stop), or the cluster went away
+            self._failed(f"its placement group failed: {str(e).splitlines()[0]}")
             return
         running = True
         while running:

@@ -82,8 +82,12 @@ class TransferChannel:
 
 
 def first_shard(x: jax.Array) -> jax.Array:
-    """One device's copy of a replicated array (activations and samples are replicated)."""
-    return x.addressable_shards[0].data
+    """The whole array on one of its devices: a shard when it is replicated (activations and
+    samples are), else gathered there."""
+    shard = x.addressable_shards[0]
+    if x.sharding.is_fully_replicated:
+        return shard.data
+    return jax.device_put(x, SingleDeviceSharding(shard.device))
 
 
 def join_heads(x: jax.Array, device) -> jax.Array:
