@@ -5,9 +5,9 @@ devices on one node), or with `ray_stage_actors` (or a plan's `stage_nodes`) one
 pipeline stage (PACK: each stage's TP group on one node, stages on as few nodes as fit); a
 plan's node assignments pin bundles to nodes (`node:<ip>` resources). A bundle asks for GPUs
 where the cluster has them, else for `num_cpus` (on CPU an actor's devices are XLA host
-devices). The instance's actor runs the same process body as an "mp" child (`serve_in_process`); its later
-stages, if any, are stage actors it starts in its own bundles (dsjax.executor.stage_group), so
-they die with it.
+devices). The instance's actor runs the same process body as an "mp" child
+(`serve_in_process`); its later stages, if any, are stage actors it starts in its own bundles
+(dsjax.executor.stage_group), so they die with it.
 
 Messages ride Ray calls: `deliver` (router -> actor, numbered because a threaded actor may run
 calls out of order) and `take` (a long poll, actor -> router). KV and activations never enter
