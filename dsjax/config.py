@@ -7,7 +7,18 @@ from pathlib import Path
 
 ENGINE_MODES = ("disaggregated", "colocated", "chunked")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceNodes:
+    """Where the "ray" backend puts one instance (a plan file's `[[instances]]` table): on
+    `node`, one actor; or with `stage_nodes`, one actor per pipeline stage, stage s on
+    stage_nodes[s]. Nodes are named by the IP address their Ray node registered."""
+    role: str                            # prefill | decode | colocated | chunked
+    index: int                           # among the instances of its role
+    node: str | None = None
+    stage_nodes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +56,18 @@ class EngineConfig:
     attention_backend: str = "auto"      # auto | xla | pallas
     # Where instances run: "uni" = threads of this process (KV by device_put), "mp" = one OS
     # process each with its own devices (KV over JAX transfer servers bound to kv_transfer_host).
+    # "ray" = one Ray actor each, on any node of a cluster (KV over transfer servers bound to
+    # each actor's node address; docs/scale-out.md).
     distributed_executor_backend: str = "uni"
     kv_transfer_host: str = "127.0.0.1"
+    ray_address: str | None = None       # a running cluster ("auto", "host:port"); None = local
+    # Ray: each pipeline stage of an instance its own actor (one placement bundle per stage,
+    # packed onto as few nodes as fit), so an instance can span nodes; activations then cross
+    # by transfer servers. Off: an instance is one actor on one node.
+    ray_stage_actors: bool = False
+    # Ray: node assignments per instance (InstanceNodes, or tables with its keys); the rest go
+    # wherever Ray places them.
+    instances: tuple = ()
     # JAX's persistent compilation cache, so a restart does not compile again: "auto" is
     # $XDG_CACHE_HOME/dsjax/jax (~/.cache/dsjax/jax), "" turns it off, else a directory.
     compilation_cache_dir: str = "auto"
@@ -90,6 +111,46 @@ class EngineConfig:
                              f"{self.decoding_waiting_share}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        object.__setattr__(self, "instances", self._check_instances())
+
+    def _check_instances(self) -> tuple[InstanceNodes, ...]:
+        if not self.instances:
+            return ()
+        from dsjax.executor.parallel import placement_groups
+        known = {f.name for f in dataclasses.fields(InstanceNodes)}
+        pp_of = {role: (n, pp) for role, n, _, pp in placement_groups(
+            self.mode, **self.placement_kwargs())}
+        out = []
+        for entry in self.instances:
+            if isinstance(entry, dict):
+                if set(entry) - known or not {"role", "index"} <= set(entry):
+                    raise ValueError(f"an instances entry takes role, index and node or "
+                                     f"stage_nodes; got {sorted(entry)}")
+                entry = InstanceNodes(**entry)
+            if not isinstance(entry, InstanceNodes):
+                raise ValueError(f"instances entries are tables (role, index, node), got "
+                                 f"{entry!r}")
+            entry = dataclasses.replace(entry, stage_nodes=tuple(entry.stage_nodes))
+            where = f"instances entry {entry.role}{entry.index}"
+            if entry.role not in pp_of or not 0 <= entry.index < pp_of[entry.role][0]:
+                raise ValueError(f"{where}: no such instance in this placement "
+                                 f"({', '.join(f'{r} x{n}' for r, (n, _) in pp_of.items())})")
+            if bool(entry.node) == bool(entry.stage_nodes):
+                raise ValueError(f"{where}: give either node or stage_nodes")
+            if entry.stage_nodes and len(entry.stage_nodes) != pp_of[entry.role][1]:
+                raise ValueError(f"{where}: stage_nodes needs one node per pipeline stage "
+                                 f"({pp_of[entry.role][1]}), got {len(entry.stage_nodes)}")
+            out.append(entry)
+        if out and self.distributed_executor_backend != "ray":
+            raise ValueError("node assignments (instances) need distributed_executor_backend "
+                             "= 'ray'")
+        if len({(e.role, e.index) for e in out}) < len(out):
+            raise ValueError("instances: an instance is assigned twice")
+        return tuple(out)
+
+    def nodes_for(self, role: str, index: int) -> InstanceNodes | None:
+        """The node assignment of one instance, if the config has one."""
+        return next((e for e in self.instances if (e.role, e.index) == (role, index)), None)
 
     def placement_kwargs(self) -> dict:
         names = ("context_tensor_parallel_size", "context_pipeline_parallel_size",

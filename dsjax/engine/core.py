@@ -193,7 +193,15 @@ class Engine:
 
     def _start_instances(self, devices, model_dir) -> None:
         cfg = self.config
-        if cfg.distributed_executor_backend == "mp":
+        if cfg.distributed_executor_backend == "ray":
+            from dsjax.engine.ray_hosts import RayHost, connect_cluster
+            needed = _devices_needed(cfg)
+            platform = connect_cluster(cfg, needed)
+            for plan in plan_placement(cfg.mode, needed, **cfg.placement_kwargs()):
+                host = RayHost(plan, cfg, self.model_config, model_dir, platform,
+                               self._inbox.put)
+                self.instances[plan.name] = _Instance(plan.name, plan.role, host)
+        elif cfg.distributed_executor_backend == "mp":
             platform, count = accelerator_count()
             plans = plan_placement(cfg.mode, count or _devices_needed(cfg),
                                    **cfg.placement_kwargs())

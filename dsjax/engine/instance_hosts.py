@@ -6,8 +6,10 @@
 - "mp": every instance is an OS process with its own JAX runtime and its own devices (on CPU:
   its own virtual devices, pinned to its own cores). KV moves over JAX transfer servers bound to
   `kv_transfer_host`. Messages cross by multiprocessing queues; the KV never does.
+- "ray": every instance is a Ray actor, possibly on another host (dsjax.engine.ray_hosts); it
+  runs the same process body as an "mp" child (`serve_in_process`).
 
-Both hosts run the same `InstanceWorker` code built by `build_worker`.
+Every host runs the same `InstanceWorker` code built by `build_worker`.
 """
 from __future__ import annotations
 
@@ -53,9 +55,22 @@ def configure_jax(config) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
+def params_loader(config, model_config, model_dir, dtype) -> Callable:
+    """shardings -> the model's params placed on them, from the configured checkpoint."""
+    from models.weights import load_params
+
+    def params_for(shardings):
+        return load_params(model_dir or config.model, model_config, dtype,
+                           load_format=config.load_format, seed=config.seed,
+                           shardings=shardings)
+    return params_for
+
+
+def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
+                 place_stages=None):
     """The worker of one instance on `devices` (the devices its process sees): runner with its
-    params and page pool, block tables, scheduler; its programs compiled before it serves."""
+    params and page pool, block tables, scheduler; its programs compiled before it serves.
+    `place_stages`: the runner's hook for stages in other processes (Ray stage actors)."""
     import jax.numpy as jnp
 
     from dsjax.engine.block_manager import BlockManager
@@ -66,7 +81,6 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
     from dsjax.executor.parallel import InstanceSpec
     from dsjax.executor.runner import ModelRunner
     from dsjax.executor.warmup import measure_prefill_budget, warm_up_runner
-    from models.weights import load_params
 
     cfg, mc = config, model_config
     spec = InstanceSpec.bind(plan, devices)
@@ -84,18 +98,16 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
     # The runner's token bound is its largest step: prompts, or a chunked step's budget.
     limits = limits_d if spec.role in ("decode", "chunked") else limits_p
 
-    def params_for(shardings):
-        return load_params(model_dir or cfg.model, mc, dtype, load_format=cfg.load_format,
-                           seed=cfg.seed, shardings=shardings)
-
-    runner = ModelRunner(spec, mc, params_for, dtype=dtype, num_pages=num_blocks,
+    runner = ModelRunner(spec, mc, params_loader(cfg, mc, model_dir, dtype), dtype=dtype,
+                         num_pages=num_blocks,
                          page_size=cfg.block_size,
                          attention=get_attention_backend(
                              cfg.attention_backend, num_heads=mc.num_attention_heads // spec.tp,
                              head_dim=mc.head_dim, page_size=cfg.block_size, dtype=dtype),
                          max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
                          max_tokens_per_batch=limits.max_tokens_per_batch,
-                         max_blocks_per_request=cfg.max_num_blocks_per_req)
+                         max_blocks_per_request=cfg.max_num_blocks_per_req,
+                         place_stages=place_stages)
     warm_up_runner(runner, spec.role, cfg)
     if spec.role in ("prefill", "colocated"):
         budget = measure_prefill_budget(runner, cfg)
@@ -152,14 +164,13 @@ class ThreadHost:
         self._thread.join(timeout=STOP_TIMEOUT_S)
 
 
-def _process_main(plan, config, model_config, model_dir, env, cores, inbox, outbox) -> None:
-    """Entry point of an instance process: its own JAX runtime on its own devices."""
+def setup_process(name: str, env: dict, config) -> None:
+    """Process-wide settings of a process that runs an instance or one of its stages (an "mp"
+    child, a Ray actor): the environment child_environment chose, JAX's config, logging."""
     os.environ.update(env)
-    if cores:
-        os.sched_setaffinity(0, cores)
     import jax
-    # The spawned interpreter may have imported JAX (the parent's main module) before this
-    # ran: its platform choice must be set through the config, not the environment.
+    # The interpreter may have imported JAX (the parent's main module) before this ran: its
+    # platform choice must be set through the config, not the environment.
     if "JAX_PLATFORMS" in env:
         jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
     precision = env.get("DSJAX_MATMUL_PRECISION")
@@ -168,14 +179,31 @@ def _process_main(plan, config, model_config, model_dir, env, cores, inbox, outb
     if env.get("DSJAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", env["DSJAX_COMPILATION_CACHE_DIR"])
     configure_jax(config)
-    from dsjax.executor.remote_kv import TransferServerKVLink
     logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s {plan.name}: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {name}: %(message)s")
     logging.getLogger("dsjax").setLevel(logging.INFO)
-    link = TransferServerKVLink(config.kv_transfer_host)
+
+
+def serve_in_process(plan, config, model_config, model_dir, inbox, send, transfer_host: str,
+                     place_stages=None) -> None:
+    """Body of an instance's own process: a transfer server bound to `transfer_host` for its
+    KV, the worker on every device the process sees, its loop until Shutdown."""
+    import jax
+
+    from dsjax.executor.remote_kv import TransferServerKVLink
+    link = TransferServerKVLink(transfer_host)
     _serve(plan, lambda: build_worker(plan, config, model_config, model_dir, jax.devices(),
-                                      outbox.put, link),
-           outbox.put, inbox, link.address)
+                                      send, link, place_stages),
+           send, inbox, link.address)
+
+
+def _process_main(plan, config, model_config, model_dir, env, cores, inbox, outbox) -> None:
+    """Entry point of an "mp" instance process: its own JAX runtime on its own devices."""
+    if cores:
+        os.sched_setaffinity(0, cores)
+    setup_process(plan.name, env, config)
+    serve_in_process(plan, config, model_config, model_dir, inbox, outbox.put,
+                     config.kv_transfer_host)
 
 
 def cpu_core_sets(num_instances: int) -> list[set[int] | None]:
@@ -243,16 +271,17 @@ class ProcessHost:
 
 
 def child_environment(platform: str, device_ids, num_devices: int) -> dict:
-    """Environment of an instance process: which devices it may see, and the parent's JAX
-    settings that must carry over (tests ask for float32-exact matmuls and their own
-    compilation cache)."""
+    """Environment of an instance process: which devices it may see (device_ids None: a
+    scheduler such as Ray sets CUDA_VISIBLE_DEVICES itself), and the parent's JAX settings
+    that must carry over (tests ask for float32-exact matmuls and their own compilation
+    cache)."""
     env = {}
     if platform == "cpu":
         flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                          if not f.startswith("--xla_force_host_platform_device_count"))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
         env["JAX_PLATFORMS"] = "cpu"
-    else:
+    elif device_ids is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in device_ids)
     if "jax" in sys.modules:
         jax_config = sys.modules["jax"].config

@@ -89,12 +89,23 @@ class Stage:
         return fn
 
     def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode):
-        """One stage of a step. `packed` holds the host inputs (token ids, metadata, sampling)
-        as two flat arrays, so a step costs one host->device transfer instead of a dozen."""
+        """One stage of a step on the previous stage's activations (None on the first stage).
+        `packed` holds the host inputs (token ids, metadata, sampling) as two flat arrays, so a
+        step costs one host->device transfer instead of a dozen."""
+        if hidden is not None:
+            hidden = jax.device_put(hidden, self.replicated)  # onto this stage's mesh
         bufs = jax.device_put(packed, self.replicated)
         fn = self._fn(mode, layout, num_logprobs, sample_mode)
         out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v, bufs)
         return out
+
+    def healthy(self) -> bool:
+        """Whether the page pool survived the last step (see ModelRunner.healthy)."""
+        try:
+            jax.block_until_ready((self.pool.k, self.pool.v))
+        except Exception:  # noqa: BLE001 - any failure here means the state is gone
+            return False
+        return not (self.pool.k.is_deleted() or self.pool.v.is_deleted())
 
 
 def _stage_step(model, params, hidden, k_cache, v_cache, bufs, *, layout, num_logprobs,
@@ -152,7 +163,8 @@ class ModelRunner:
 
     def __init__(self, spec: InstanceSpec, config: OPTConfig,
                  load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
-                 max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int):
+                 max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int,
+                 place_stages: Callable | None = None):
         check_tensor_parallel(config, spec.tp)
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
         self.spec, self.config, self.dtype = spec, config, dtype
@@ -161,6 +173,11 @@ class ModelRunner:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_blocks_per_request = max_blocks_per_request
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
+        if place_stages is not None:
+            # Some stages live in other processes (dsjax.executor.stage_group): the hook builds
+            # this process's stages and stand-ins for the others.
+            self.stages = place_stages(self, ranges, load_params, attention)
+            return
         parts = self._load_stage_params(load_params, ranges)
         self.stages: list[Stage] = []
         for s, (rng, part) in enumerate(zip(ranges, parts)):
@@ -207,8 +224,6 @@ class ModelRunner:
         packed, layout = pack_host_inputs((tokens, meta, sampling))
         x = None
         for stage in self.stages:
-            if x is not None:
-                x = jax.device_put(x, stage.replicated)  # activations to the next stage's mesh
             x = stage.run(mode, x, packed, layout, nlp, smode)
         return x
 
@@ -370,11 +385,7 @@ class ModelRunner:
         were donated (a device or runtime fault) leaves them deleted or poisoned: the instance
         has lost every request's KV and must stop; a step that failed before (tracing, a bad
         input) left them intact, and only that step's requests are affected."""
-        try:
-            jax.block_until_ready([(s.pool.k, s.pool.v) for s in self.stages])
-        except Exception:  # noqa: BLE001 - any failure here means the state is gone
-            return False
-        return not any(s.pool.k.is_deleted() or s.pool.v.is_deleted() for s in self.stages)
+        return all(stage.healthy() for stage in self.stages)
 
     # ---- pages -------------------------------------------------------------------------------
 

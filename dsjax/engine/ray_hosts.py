@@ -1,0 +1,271 @@
+"""The "ray" executor backend: every instance a Ray actor, on any node of a cluster.
+
+Each instance gets a placement group: one bundle for the whole instance (STRICT_PACK: its
+devices on one node), or with `ray_stage_actors` (or a plan's `stage_nodes`) one bundle per
+pipeline stage (PACK: each stage's TP group on one node, stages on as few nodes as fit); a
+plan's node assignments pin bundles to nodes (`node:<ip>` resources). A bundle asks for GPUs
+where the cluster has them, else for `num_cpus` (on CPU an actor's devices are XLA host
+devices). The instance's actor runs the same process body as an "mp" child
+(`serve_in_process`); its later stages, if any, are stage actors it starts in its own bundles
+(dsjax.executor.stage_group), so they die with it.
+
+Messages ride Ray calls: `deliver` (router -> actor, numbered because a threaded actor may run
+calls out of order) and `take` (a long poll, actor -> router). KV and activations never enter
+Ray's object store: they wait on each actor's JAX transfer servers, bound to the address of the
+actor's node, and the messages carry only their transfer ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dsjax.engine.instance_hosts import (STOP_TIMEOUT_S, child_environment, params_loader,
+                                         resolve_dtype, serve_in_process, setup_process)
+from dsjax.engine.messages import InstanceFailed, Shutdown
+
+# How long an instance may wait for its bundles before it fails as unplaceable.
+PLACEMENT_TIMEOUT_S = 300.0
+POLL_S = 0.2
+
+
+def connect_cluster(config, devices_needed: int) -> str:
+    """Join `config.ray_address`, or start a local cluster (unless this process already did);
+    returns the platform instances run on: "gpu" where the cluster has GPUs, else "cpu"."""
+    if not ray.is_initialized():
+        if config.ray_address:
+            ray.init(address=config.ray_address)
+        else:
+            # On CPU every device is a logical CPU: count enough of them for the placement.
+            ray.init(num_cpus=max(os.cpu_count() or 1, devices_needed),
+                     include_dashboard=False)
+    return "gpu" if ray.cluster_resources().get("GPU", 0) else "cpu"
+
+
+def bundle(platform: str, num_devices: int, node: str | None) -> dict:
+    """The resources of one actor's devices, pinned to `node` (its IP) when given."""
+    resources = {"GPU" if platform == "gpu" else "CPU": num_devices}
+    if node:
+        resources[f"node:{node}"] = 0.001
+    return resources
+
+
+def actor_options(platform: str, num_devices: int, pg, index: int, env: dict) -> dict:
+    """Ray options of an actor that owns bundle `index` of `pg` and its devices."""
+    devices = dict(num_gpus=num_devices, num_cpus=0) if platform == "gpu" \
+        else dict(num_cpus=num_devices)
+    return dict(devices, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, index))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageGroup:
+    """What an instance's actor needs to start its later stages in its own bundles."""
+    pg: object
+    platform: str
+    env: dict
+
+
+@ray.remote
+class StageActor:
+    """One later pipeline stage of an instance (a StageServer) in its own process."""
+
+    def __init__(self, plan, index, config, model_config, model_dir, num_pages, env):
+        setup_process(f"{plan.name}.stage{index}", env, config)
+        import jax
+        import jax.numpy as jnp
+
+        from dsjax.executor.kernels import get_attention_backend
+        from dsjax.executor.stage_group import StageServer, TransferChannel, build_stage
+        devices = jax.devices()
+        dtype = jnp.dtype(resolve_dtype(config.dtype, devices))
+        stage = build_stage(model_config, devices, index, plan.pp,
+                            params_loader(config, model_config, model_dir, dtype), dtype=dtype,
+                            num_pages=num_pages, page_size=config.block_size,
+                            attention=get_attention_backend(config.attention_backend))
+        self.server = StageServer(stage, TransferChannel(ray.util.get_node_ip_address()))
+
+    def call(self, method: str, *args):
+        return getattr(self.server, method)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class StageLost(RuntimeError):
+    """A stage actor died: its instance has lost that stage's layers and pages."""
+
+
+class ActorRPC:
+    """A StageServer behind a Ray actor, called like a local one (blocking, in order)."""
+
+    def __init__(self, actor, label: str):
+        self.actor, self.label = actor, label
+
+    def __getattr__(self, method):
+        def call(*args):
+            try:
+                return ray.get(self.actor.call.remote(method, *args))
+            except RayActorError as e:
+                raise StageLost(f"{self.label} died: {str(e).splitlines()[0]}") from None
+        return call
+
+
+def start_stage_actors(plan, config, model_config, model_dir, group: StageGroup,
+                       num_pages: int) -> list:
+    """Stage actors 1..pp-1 of `plan` in bundles 1..pp-1, ready (or failed) on return."""
+    actors = [StageActor.options(**actor_options(group.platform, plan.tp, group.pg, s,
+                                                 group.env)).remote(
+        plan, s, config, model_config, model_dir, num_pages, group.env)
+        for s in range(1, plan.pp)]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    return actors
+
+
+@ray.remote
+class InstanceActor:
+    """One instance: its worker loop on a thread, fed by `deliver`, read by `take`."""
+
+    def __init__(self, plan, config, model_config, model_dir, env, stages: StageGroup | None):
+        self._inbox: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
+        self._early: dict[int, object] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stage_actors: list = []
+        self._thread = threading.Thread(
+            target=self._main, daemon=True,
+            args=(plan, config, model_config, model_dir, env, stages))
+        self._thread.start()
+
+    def _main(self, plan, config, model_config, model_dir, env, stages) -> None:
+        setup_process(plan.name, env, config)
+        host = ray.util.get_node_ip_address()
+        place = None
+        if stages is not None:
+            from dsjax.executor.stage_group import TransferChannel, stage_placer
+
+            def servers(runner):
+                self._stage_actors.extend(start_stage_actors(
+                    plan, config, model_config, model_dir, stages, runner.num_pages))
+                return [ActorRPC(a, f"the actor of its stage {s}")
+                        for s, a in enumerate(self._stage_actors, start=1)]
+            place = stage_placer(servers, TransferChannel(host))
+        try:
+            serve_in_process(plan, config, model_config, model_dir, self._inbox,
+                             self._outbox.put, host, place)
+        finally:
+            # Let the stage actors exit on their own before this actor is killed (which would
+            # kill them mid-call).
+            ray.wait([a.__ray_terminate__.remote() for a in self._stage_actors],
+                     num_returns=len(self._stage_actors), timeout=STOP_TIMEOUT_S)
+
+    def deliver(self, seq: int, message) -> None:
+        with self._lock:
+            self._early[seq] = message
+            while self._next in self._early:
+                self._inbox.put(self._early.pop(self._next))
+                self._next += 1
+
+    def take(self, timeout: float) -> tuple[list, bool]:
+        """(messages for the router, whether the worker loop still runs)."""
+        msgs = []
+        try:
+            msgs.append(self._outbox.get(timeout=timeout))
+            while True:
+                msgs.append(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs, self._thread.is_alive() or not self._outbox.empty()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def pids(self) -> list[int]:
+        """This actor's process id, then its stage actors'."""
+        return [os.getpid(), *ray.get([a.pid.remote() for a in self._stage_actors])]
+
+
+def actor_nodes(config, plan, split: bool) -> tuple[str | None, ...]:
+    """The node each of the instance's actors is pinned to (None: wherever Ray places it)."""
+    where = config.nodes_for(plan.role, plan.index)
+    if where is not None and where.stage_nodes:
+        return where.stage_nodes if split else where.stage_nodes[:1]
+    return (where.node if where else None,) * (plan.pp if split else 1)
+
+
+class RayHost:
+    """An instance as a Ray actor (and stage actors), with ThreadHost's interface."""
+
+    def __init__(self, plan, config, model_config, model_dir, platform: str, router_put):
+        self.name = plan.name
+        self._router_put = router_put
+        where = config.nodes_for(plan.role, plan.index)
+        split = plan.pp > 1 and (config.ray_stage_actors or bool(where and where.stage_nodes))
+        per_actor = plan.tp if split else plan.num_devices
+        self.bundles = [bundle(platform, per_actor, n) for n in actor_nodes(config, plan, split)]
+        self.pg = placement_group(self.bundles, strategy="PACK" if split else "STRICT_PACK")
+        env = child_environment(platform, None, per_actor)
+        local = dataclasses.replace(plan, device_ids=tuple(range(per_actor)))
+        stages = StageGroup(self.pg, platform, env) if split else None
+        self.actor = InstanceActor.options(
+            max_concurrency=4, **actor_options(platform, per_actor, self.pg, 0, env)).remote(
+            local, config, model_config, model_dir, env, stages)
+        self._seq = itertools.count()
+        self._stopping = False
+        self._forwarder = threading.Thread(target=self._forward, daemon=True,
+                                           name=f"dsjax-{plan.name}-ray")
+        self._forwarder.start()
+
+    def _forward(self) -> None:
+        """The actor's messages to the router; an unplaceable instance or a dead actor becomes
+        an InstanceFailed at once."""
+        try:
+            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            self._failed(f"cannot place its actors: needs {self.bundles}, the cluster has "
+                         f"{ray.available_resources()} free")
+            return
+        except RayError as e:   # removed while waiting (stop), or the cluster went away
+            self._failed(f"its placement group failed: {str(e).splitlines()[0]}")
+            return
+        running = True
+        while running:
+            try:
+                msgs, running = ray.get(self.actor.take.remote(POLL_S))
+            except RayActorError as e:
+                self._failed(f"its Ray actor died: {str(e).splitlines()[0]}")
+                return
+            for msg in msgs:
+                self._router_put(msg)
+        self._failed("its worker loop ended")
+
+    def _failed(self, why: str) -> None:
+        if not self._stopping:
+            self._router_put(InstanceFailed(self.name, why))
+
+    def send(self, message) -> None:
+        self.actor.deliver.remote(next(self._seq), message)
+
+    def pids(self) -> list[int]:
+        """The instance's processes: its actor's, then its stage actors'."""
+        return ray.get(self.actor.pids.remote())
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.send(Shutdown())
+        try:
+            ray.get(self.actor.join.remote(STOP_TIMEOUT_S), timeout=2 * STOP_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError):
+            pass
+        ray.kill(self.actor)
+        remove_placement_group(self.pg)
+        self._forwarder.join(timeout=STOP_TIMEOUT_S)

@@ -1,0 +1,216 @@
+"""The "ray" executor backend on a local Ray cluster of CPU actors (real processes, each with its
+own XLA host devices): greedy tokens against transformers', KV bit for bit across actors, and
+a killed decode actor failing only its requests. One cluster for the module (Ray starts slowly).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import ray
+
+from benchmarks.bench_kv_transfer import endpoint
+from dsjax import SamplingParams
+from dsjax.config import EngineConfig
+from dsjax.engine.core import Engine, EngineError, resolve_model
+from dsjax.engine.instance_hosts import params_loader
+from dsjax.executor.kernels import get_attention_backend
+from dsjax.executor.kv_migration import migrate
+from dsjax.executor.parallel import InstancePlan, InstanceSpec
+from dsjax.executor.runner import ModelRunner
+from dsjax.executor.stage_group import StageServer, TransferChannel, build_stage, stage_placer
+from tests._engine_helpers import TINY, generate, wait_idle
+from tests.conftest import ENGINE_MAX_NEW, engine_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=ENGINE_MAX_NEW, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Logical CPUs: a bundle asks for one per XLA host device of its actor.
+    ray.init(num_cpus=16, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def processes_titled(prefix: str) -> list[int]:
+    """Pids of the processes whose title (Ray titles its workers by actor class) starts so."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(prefix.encode()):
+                    pids.append(int(pid))
+        except OSError:   # it exited meanwhile
+            pass
+    return pids
+
+
+def ray_engine(model_dir, **placement) -> Engine:
+    return Engine(EngineConfig(**{**TINY, "model": str(model_dir), "load_format": "auto",
+                                  "distributed_executor_backend": "ray", **placement}))
+
+
+@pytest.fixture(scope="module")
+def tp_engine(cluster, hf_opt):
+    """prefill TP1 -> two decode instances of TP2: three actors. The fault test, last in this
+    module, kills one of them."""
+    engine = ray_engine(hf_opt[1], decoding_tensor_parallel_size=2, num_decode_instances=2)
+    yield engine
+    engine.shutdown()
+
+
+def test_tp1_to_tp2_across_actors_matches_transformers(tp_engine, hf_reference):
+    pids = {pid for inst in tp_engine.instances.values() for pid in inst.host.pids()}
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert generate(tp_engine, engine_prompts(), GREEDY) == hf_reference
+    assert tp_engine.migrations["count"] >= len(hf_reference)
+
+
+def test_pipeline_stages_in_separate_actors_match_transformers(cluster, hf_opt, hf_reference):
+    """Prefill PP2 and decode PP2, each stage its own actor (prefill's by a plan's stage_nodes,
+    decode's by ray_stage_actors), pinned to this node: activations cross between actors, and
+    the KV of the second stages relays through each instance's first actor. Then decode's
+    stage actor is killed: its instance fails its request, naming the lost stage, and the
+    prefill instance's pages are freed."""
+    ip = ray.util.get_node_ip_address()
+    engine = ray_engine(hf_opt[1], context_pipeline_parallel_size=2,
+                        decoding_pipeline_parallel_size=2, ray_stage_actors=True,
+                        instances=(dict(role="prefill", index=0, stage_nodes=[ip, ip]),
+                                   dict(role="decode", index=0, node=ip)))
+    try:
+        for name in ("prefill0", "decode0"):
+            assert engine.instances[name].host.bundles == [{"CPU": 1, f"node:{ip}": 0.001}] * 2
+        stage_pids = [engine.instances[n].host.pids()[1] for n in ("prefill0", "decode0")]
+        assert sorted(stage_pids) == sorted(processes_titled("ray::StageActor"))
+        assert generate(engine, engine_prompts(), GREEDY) == hf_reference
+
+        stream = engine.add_request(engine_prompts()[0], GREEDY)
+        assert next(iter(stream)).new_token_ids     # prefilled: decode0 will pull it
+        os.kill(stage_pids[1], signal.SIGKILL)
+        with pytest.raises(EngineError, match="decode0"):
+            stream.result(timeout=120)
+        assert "its stage 1 died" in engine.health()["instances"]["decode0"]
+        assert engine.health()["instances"]["prefill0"] == "ok"
+        assert engine.blocks_in_use() == {"prefill0": 0}
+    finally:
+        engine.shutdown()
+
+
+def test_plan_file_assigns_nodes(tmp_path):
+    """A plan's [[instances]] tables: one node per instance, or one per pipeline stage."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('distributed_executor_backend = "ray"\n'
+                    'context_pipeline_parallel_size = 2\nnum_decode_instances = 2\n'
+                    '[[instances]]\nrole = "prefill"\nindex = 0\n'
+                    'stage_nodes = ["10.0.0.1", "10.0.0.2"]\n'
+                    '[[instances]]\nrole = "decode"\nindex = 1\nnode = "10.0.0.2"\n')
+    config = EngineConfig.from_file(plan)
+    assert config.nodes_for("prefill", 0).stage_nodes == ("10.0.0.1", "10.0.0.2")
+    assert config.nodes_for("decode", 1).node == "10.0.0.2"
+    assert config.nodes_for("decode", 0) is None
+    for bad, why in [(dict(role="decode", index=2, node="n"), "no such instance"),
+                     (dict(role="prefill", index=0, stage_nodes=["n"]), "one node per"),
+                     (dict(role="prefill", index=0), "either node or stage_nodes"),
+                     (dict(role="decode", index=0, host="n"), "takes role, index")]:
+        with pytest.raises(ValueError, match=why):
+            EngineConfig.from_file(plan, instances=[bad])
+    with pytest.raises(ValueError, match="need distributed_executor_backend"):
+        EngineConfig.from_file(plan, distributed_executor_backend="mp")
+
+
+@pytest.mark.parametrize("src,dst", [((1, 1), (2, 1)), ((1, 2), (2, 1))])
+def test_kv_pulled_between_actors_arrives_bit_identical(cluster, src, dst):
+    """The decode side's pull from the prefill side's transfer server (bound to the node's
+    address), resharded for another TP/PP layout: every page equal bit for bit."""
+    config = EngineConfig(**{**TINY, "compilation_cache_dir": ""})
+    a, b = endpoint(config, src), endpoint(config, dst)
+    try:
+        blocks, dest = [3, 4, 9, 17, 30], [40, 2, 11, 12, 5]
+        ray.get(a.fill.remote(blocks, 1))
+        ray.get(b.pull.remote(a.export.remote(blocks), dest))
+        sent, got = ray.get([a.pages.remote(blocks), b.pages.remote(dest)])
+        assert np.abs(sent[0]).sum() > 0
+        for x, y in zip(sent, got):
+            np.testing.assert_array_equal(x, y)
+    finally:
+        ray.kill(a)
+        ray.kill(b)
+
+
+def test_remote_stage_pages_and_steps_in_process():
+    """A RemoteStage driving a StageServer (here in this process, on other devices) through the
+    transfer channels: prefill tokens equal a local PP2 runner's, and pages written, read back
+    and migrated through the relay arrive bit for bit."""
+    from dsjax.executor.batch import PrefillRow, SamplingRow
+    config = EngineConfig(**TINY)
+    mc, model_dir = resolve_model(config.model, config.load_format)
+    devices, dtype = jax.devices(), jnp.float32
+    load, attention = params_loader(config, mc, model_dir, dtype), get_attention_backend("xla")
+    sizes = dict(dtype=dtype, num_pages=config.num_blocks, page_size=config.block_size,
+                 attention=attention)
+
+    def runner(spec, **hook):
+        return ModelRunner(spec, mc, load, max_batch_size=8, max_tokens_per_batch=256,
+                           max_blocks_per_request=64, **sizes, **hook)
+
+    def servers(_):
+        return [StageServer(build_stage(mc, devices[1:2], 1, 2, load, **sizes),
+                            TransferChannel("127.0.0.1"))]
+    head = InstancePlan("decode", 0, 1, 2, (0,))    # the head process sees stage 0 only
+    remote = runner(InstanceSpec.bind(head, devices[:1]),
+                    place_stages=stage_placer(servers, TransferChannel("127.0.0.1")))
+    local = runner(InstanceSpec.bind(InstancePlan("decode", 0, 1, 2, (0, 1)), devices[2:4]))
+
+    row = SamplingRow(GREEDY, 0, 0)
+    rows = [PrefillRow(tuple(p), tuple(range(8 * i, 8 * i + 8)), row)
+            for i, p in enumerate(engine_prompts()[:3])]
+    np.testing.assert_array_equal(remote.prefill(rows).tokens, local.prefill(rows).tokens)
+
+    rng = np.random.default_rng(0)
+    blocks = [3, 7, 9]
+    # Pages as a write takes them: padded to a power of two (4); the padding is dropped.
+    pages = [tuple(rng.standard_normal((s.layer_range[1] - s.layer_range[0], 4,
+                                        config.block_size, mc.num_attention_heads,
+                                        mc.head_dim)).astype(np.float32) for _ in "kv")
+             for s in remote.stages]
+    remote.insert_pages(blocks, pages)
+
+    def check(r, ids):
+        for got, sent in zip(r.gather_pages(ids), pages):
+            for a, b in zip(got, sent):
+                np.testing.assert_array_equal(np.asarray(a)[:, :3], b[:, :3])
+    check(remote, blocks)
+    migrate(remote, blocks, local, [20, 1, 5])
+    check(local, [20, 1, 5])
+    migrate(local, [20, 1, 5], remote, [30, 31, 32])
+    check(remote, [30, 31, 32])
+    assert remote.healthy()
+
+
+def test_killing_a_decode_actor_fails_only_its_requests(tp_engine, hf_reference):
+    """SIGKILL one of two decode actors mid-run: its requests fail naming it, the prefill
+    instance's pages held for them are freed, /health names it, and decode1 serves on."""
+    engine = tp_engine
+    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    streams = [engine.add_request(p, long) for p in engine_prompts()[:4]]
+    assert next(iter(streams[0])).new_token_ids     # prefill has run; decoding has started
+    os.kill(engine.instances["decode0"].host.pids()[0], signal.SIGKILL)
+    failed = 0
+    for s in streams:
+        try:
+            assert len(s.result(timeout=120).token_ids) == 60
+        except EngineError as e:
+            assert "decode0" in str(e)
+            failed += 1
+    assert failed > 0, "no request was on the killed actor"
+    health = engine.health()
+    assert health["ok"] and "actor died" in health["instances"]["decode0"]
+    assert health["instances"]["decode1"] == "ok"
+    assert generate(engine, engine_prompts(), GREEDY) == hf_reference
+    assert engine.blocks_in_use()["prefill0"] == 0
+    wait_idle(engine)
