@@ -54,6 +54,9 @@ class EngineConfig:
     # hold under this share of its KV blocks: the queue then lives in prefill memory (DistServe).
     decoding_waiting_share: float = 0.05
     attention_backend: str = "auto"      # auto | xla | pallas
+    # Dispatch decode step N+1 before reading step N's samples (vLLM's async scheduling), so
+    # the host's bookkeeping overlaps the device's work.
+    async_scheduling: bool = True
     # Where instances run: "uni" = threads of this process (KV by device_put), "mp" = one OS
     # process each with its own devices (KV over JAX transfer servers bound to kv_transfer_host).
     # "ray" = one Ray actor each, on any node of a cluster (KV over transfer servers bound to

@@ -263,3 +263,11 @@ def test_prefill_budget_follows_the_ttft_slo(hf_opt):
     assert engine.stats()[0]["token_budget"] == 16
     assert generate(engine, engine_prompts()[:3], GREEDY)[1:] == [
         hf_greedy(hf_opt[0], p, ENGINE_MAX_NEW) for p in engine_prompts()[1:3]]
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_synchronous_scheduling_matches_transformers(mode, hf_opt, hf_reference):
+    """async_scheduling off: every step read before the next is dispatched (the default
+    overlaps them; every other test here runs that way)."""
+    engine = hf_engine(hf_opt[1], mode=mode, async_scheduling=False)
+    assert generate(engine, engine_prompts(), GREEDY) == hf_reference

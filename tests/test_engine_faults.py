@@ -137,13 +137,13 @@ POISON_SEED = 666
 def test_a_request_that_breaks_its_step_fails_alone(fresh, hf_opt, hf_reference):
     engine = fresh()
     runner = engine.local_worker("decode0").runner
-    original = runner.decode
+    original = runner.dispatch_decode
 
-    def breaks_on_poison(rows):
+    def breaks_on_poison(rows, *args):
         if any(r.sampling.seed == POISON_SEED for r in rows):
             raise FloatingPointError("injected fault in a decode step")
-        return original(rows)
-    runner.decode = breaks_on_poison
+        return original(rows, *args)
+    runner.dispatch_decode = breaks_on_poison
     streams = [engine.add_request(p, GREEDY) for p in engine_prompts()[:3]]
     poison = engine.add_request(engine_prompts()[3], SamplingParams(
         temperature=0, max_tokens=ENGINE_MAX_NEW, ignore_eos=True, seed=POISON_SEED))
@@ -179,10 +179,10 @@ def test_instance_fault_fails_its_requests_and_the_rest_serve_on(fresh, hf_opt, 
     engine = fresh(num_decode_instances=2)
     runner = engine.local_worker("decode0").runner
 
-    def device_lost(rows):
+    def device_lost(rows, *args):
         runner.healthy = lambda: False
         raise RuntimeError("INTERNAL: injected device fault")
-    runner.decode = device_lost
+    runner.dispatch_decode = device_lost
     streams = [engine.add_request(p, GREEDY) for p in engine_prompts()[:4]]
     outcomes = []
     for s in streams:

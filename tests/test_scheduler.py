@@ -6,6 +6,8 @@ from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeSchedule
 
 
 class FakeRequest:
+    can_step = True   # no step of it is in flight
+
     def __init__(self, rid, prompt_len, generated=0):
         self.request_id = rid
         self.prompt_len = prompt_len

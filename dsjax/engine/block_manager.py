@@ -145,6 +145,9 @@ class BlockManager:
         """Make room for num_tokens and give the request its own copy of the block its newest
         token goes to (copy on write). All or nothing: (False, None) if blocks run out, else
         (True, (source block, new block) to copy, or None)."""
+        table = self.tables[request_id]
+        if num_tokens <= len(table) * self.block_size and not self.shared:
+            return True, None   # the common decode step: room already, nothing shared
         if self.extra_blocks_for(request_id, num_tokens) > self.device.num_free:
             return False, None
         self.grow(request_id, num_tokens)

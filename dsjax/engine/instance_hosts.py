@@ -118,11 +118,13 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
     share = cfg.decoding_waiting_share
     if spec.role == "prefill":
         return PrefillWorker(*common, limits=limits_p)
+    overlap = cfg.async_scheduling
     if spec.role == "decode":
-        return DecodeWorker(*common, limits=limits_d, waiting_share=share)
+        return DecodeWorker(*common, limits=limits_d, waiting_share=share,
+                            async_scheduling=overlap)
     if spec.role == "colocated":
         return ColocatedWorker(*common, prefill_limits=limits_p, decode_limits=limits_d,
-                               waiting_share=share)
+                               waiting_share=share, async_scheduling=overlap)
     return ChunkedWorker(*common, limits=limits_d, waiting_share=share)
 
 

@@ -98,6 +98,9 @@ class Request:
         self.status = Status.QUEUED
         self.num_computed = 0  # prompt tokens whose KV is cached (chunked prefill)
         self.decoding_started = False
+        # Tokens sampled by dispatched steps whose outputs the host has not read yet (async
+        # scheduling): counted in num_tokens, not yet in output_token_ids.
+        self.pending = 0
         self.stop_checker = StopChecker(spec.params, eos_token_id)
         self.eos_token_id = eos_token_id
 
@@ -118,8 +121,14 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus generated tokens."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt plus generated tokens (those still on the device included)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending
+
+    @property
+    def can_step(self) -> bool:
+        """Whether another decode step may run for it: not when its last token (max_tokens)
+        is already in flight."""
+        return len(self.output_token_ids) + self.pending < self.params.max_tokens
 
     @property
     def last_token_id(self) -> int:
@@ -129,7 +138,7 @@ class Request:
         history = ((self.prompt_token_ids, tuple(self.output_token_ids))
                    if self.params.has_penalties else None)
         return SamplingRow(self.params, sequence_seed(self.spec.seed, self.index or 0),
-                           len(self.output_token_ids), history)
+                           len(self.output_token_ids) + self.pending, history)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

@@ -126,7 +126,8 @@ class DecodeScheduler:
         swap_in, swap_out, swap_out_blocks, swap_in_blocks, dropped = [], [], {}, {}, []
         # Swapped requests return first, oldest first, only when they and every running
         # request can grow this step (else the newcomer would be the next victim at once).
-        growth = sum(self.blocks.extra_blocks_for(r.request_id, r.num_tokens) for r in self.running)
+        growth = sum(self.blocks.extra_blocks_for(r.request_id, r.num_tokens)
+                     for r in self.running) if self.swapped else 0
         while self.swapped and len(self.running) < self.limits.max_batch_size:
             req = self.swapped[0]
             need = self.blocks.blocks_needed(req.num_tokens)
@@ -150,9 +151,13 @@ class DecodeScheduler:
                 tokens += req.num_tokens
         # Every running request needs room for the KV of its newest token (position num_tokens-1),
         # in a block of its own (sequences forked from one prompt share blocks until they write).
+        # A request whose last token is still being computed sits this step out.
         i, copies = 0, []
         while i < len(self.running):
             req = self.running[i]
+            if not req.can_step:
+                i += 1
+                continue
             ok, copy = self.blocks.prepare_write(req.request_id, req.num_tokens)
             if ok:
                 if copy is not None:
@@ -171,7 +176,8 @@ class DecodeScheduler:
             swap_out.append(victim)
         # A copy whose destination was freed again by a later swap-out in this loop is moot.
         live = {b for r in self.running for b in self.blocks.tables[r.request_id]}
-        return DecodeStep(batch=list(self.running), swap_in=swap_in, swap_out=swap_out,
+        batch = [r for r in self.running if r.can_step]
+        return DecodeStep(batch=batch, swap_in=swap_in, swap_out=swap_out,
                           swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks,
                           dropped=dropped, copies=[c for c in copies if c[1] in live])
 

@@ -18,6 +18,7 @@ engine serves on with the instances that remain.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -62,8 +63,8 @@ class InstanceWorker:
         self.busy_s = 0.0
         self.tokens_out = 0
         self.num_preemptions = 0
-        # Benchmarks set a list here to get (batch size, step seconds, device-wait seconds)
-        # per decode step.
+        # Benchmarks set a list here to get (batch size, step seconds, device-wait seconds,
+        # time read) per decode step.
         self.step_log: list | None = None
         self._reset_report()
         self._last_stats: dict | None = None
@@ -336,13 +337,18 @@ class InstanceWorker:
         self._reset_report()
 
 
-def _per_row(rows, out: StepOutput) -> list[list]:
-    """A step's sampled rows, grouped by the row (prompt or sequence) that asked for them."""
+def _samples_of(out: StepOutput) -> list[tuple]:
+    """A step's sampled rows: (token, logprob, top ids, top logprobs, prompt scores)."""
     top = out.top_ids is not None
     scores = out.prompt_scores or [None] * len(out.tokens)
-    flat = [(int(out.tokens[i]), float(out.logprob[i]),
+    return [(int(out.tokens[i]), float(out.logprob[i]),
              out.top_ids[i] if top else None, out.top_logprobs[i] if top else None, scores[i])
             for i in range(len(out.tokens))]
+
+
+def _per_row(rows, out: StepOutput) -> list[list]:
+    """A step's sampled rows, grouped by the row (prompt or sequence) that asked for them."""
+    flat = _samples_of(out)
     grouped, at = [], 0
     for row in rows:
         n = len(row.sampling) if isinstance(row.sampling, tuple) else 1
@@ -419,13 +425,28 @@ class PrefillWorker(InstanceWorker):
         self._peer(dest, KVReady(request_id, payload))
 
 
-class DecodingWorker(InstanceWorker):
-    """Continuous batching with swap to host: shared by decode, colocated and chunked."""
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched decode step whose samples the host has not read yet."""
+    requests: list
+    step: object          # the runner's PendingStep
+    started: float
 
-    def __init__(self, *args, **kw):
+
+class DecodingWorker(InstanceWorker):
+    """Continuous batching with swap to host: shared by decode, colocated and chunked.
+
+    With async scheduling, step N+1 is dispatched before step N's samples are read: its rows
+    take step N's tokens on the device, so the host's bookkeeping of step N (tokens, stop
+    conditions, the report) overlaps step N+1's computation. A request that stops on step N's
+    token (eos, a stop id) has run one step for nothing; one that reaches max_tokens does not."""
+
+    def __init__(self, *args, async_scheduling: bool = False, **kw):
         super().__init__(*args, **kw)
         self.swapped_pages: dict[str, list] = {}   # host copies of swapped-out pages
         self.scheduler: DecodeScheduler
+        self.async_scheduling = async_scheduling
+        self._inflight: InFlight | None = None
 
     def _forget(self, req: Request) -> None:
         self.scheduler.remove(req)
@@ -461,17 +482,26 @@ class DecodingWorker(InstanceWorker):
             self.requests[s.request_id] = s
             self.scheduler.add_waiting(s)
 
-    def _decode_row(self, req: Request) -> DecodeRow:
-        return DecodeRow(req.last_token_id, req.num_tokens - 1,
-                         tuple(self.blocks.tables[req.request_id]), req.sampling_row())
+    def _decode_row(self, req: Request, prev_row: int = -1) -> DecodeRow:
+        """The request's next decode row; prev_row >= 0: its input token is the one the
+        in-flight step samples in that row (the host does not have it yet)."""
+        return DecodeRow(req.last_token_id if prev_row < 0 else -1, req.num_tokens - 1,
+                         tuple(self.blocks.tables[req.request_id]), req.sampling_row(),
+                         prev_row)
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""
         start = time.perf_counter()
+        if self._inflight is not None and any(r.params.has_penalties
+                                              for r in self._inflight.requests):
+            self._read_inflight()   # penalties need every token on the host first
         step = self.scheduler.schedule()
         self._in_step = step.batch + step.swap_out
         if not step.batch and not step.swap_out and not step.dropped:
-            return False
+            if self._inflight is None:
+                return False
+            self._read_inflight()   # only last tokens are in flight: read them
+            return True
         self._apply_swaps(step)
         if not step.batch:
             return True
@@ -479,13 +509,63 @@ class DecodingWorker(InstanceWorker):
             if not r.decoding_started:
                 r.decoding_started = True
                 self._event(r, "decoding_begin", start)
-        results = self._run_rows(self.runner.decode, step.batch, self._decode_row)
-        for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
-            self._release(r)
-        if self.step_log is not None:
-            self.step_log.append((len(step.batch), time.perf_counter() - start,
-                                  self.runner.last_wait_s))
+        if not self.async_scheduling or not self._dispatch(step.batch, start):
+            self._read_inflight()
+            results = self._run_rows(self.runner.decode, step.batch, self._decode_row)
+            for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
+                self._release(r)
+            self._log_step(len(step.batch), start)
         return True
+
+    def _dispatch(self, batch: list[Request], start: float) -> bool:
+        """Start the step without waiting, then read the one before it. False (nothing
+        started) when the dispatch itself fails: the caller runs the step synchronously, where
+        a request that breaks it fails alone."""
+        previous = self._inflight
+        row_of = {id(r): i for i, r in enumerate(previous.requests)} if previous else {}
+        try:
+            rows = [self._decode_row(r, row_of.get(id(r), -1)) for r in batch]
+            pending = self.runner.dispatch_decode(rows, previous.step if previous else None)
+        except Exception as e:  # noqa: BLE001
+            self._check_state(e)
+            return False
+        for r in batch:
+            r.pending += 1
+        self._inflight = InFlight(batch, pending, start)
+        if previous is not None:
+            self._read(previous)
+        return True
+
+    def _read_inflight(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._read(inflight)
+
+    def _read(self, inflight: InFlight) -> None:
+        """Read a dispatched step's samples and record them; requests dropped meanwhile are
+        skipped (their pages were freed; later work on the device comes after this step)."""
+        for r in inflight.requests:
+            r.pending -= 1
+        try:
+            out = self.runner.collect(inflight.step)
+        except Exception as e:  # noqa: BLE001 - the step failed on the device
+            self._check_state(e)
+            for r in inflight.requests:
+                self._fail(r.request_id, e)
+            return
+        live = [(r, sample) for r, sample in zip(inflight.requests, _samples_of(out))
+                if self.requests.get(r.request_id) is r]
+        for r in self._emit_all(live):
+            self._release(r)
+        self._log_step(len(inflight.requests), inflight.started)
+
+    def _log_step(self, batch_size: int, start: float) -> None:
+        if self.step_log is not None:
+            now = time.perf_counter()
+            self.step_log.append((batch_size, now - start, self.runner.last_wait_s, now))
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0 or self._inflight is not None
 
     def counts(self) -> dict:
         s = self.scheduler
@@ -504,9 +584,6 @@ class DecodeWorker(DecodingWorker):
         self.offers: deque[MigrationOffer] = deque()
         # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
         self.migrating: dict[str, tuple[MigrationOffer, float]] = {}
-
-    def has_work(self) -> bool:
-        return len(self.scheduler) > 0
 
     def counts(self) -> dict:
         return {**super().counts(), "offered": len(self.offers), "migrating": len(self.migrating)}
@@ -571,7 +648,7 @@ class ColocatedWorker(DecodingWorker):
         self.scheduler = DecodeScheduler(decode_limits, self.blocks, waiting_share)
 
     def has_work(self) -> bool:
-        return bool(self.prefill.waiting) or len(self.scheduler) > 0
+        return bool(self.prefill.waiting) or super().has_work()
 
     def counts(self) -> dict:
         c = super().counts()

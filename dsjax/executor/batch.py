@@ -33,11 +33,14 @@ class PrefillRow:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeRow:
-    """One new token at `position` (the cached context is positions 0..position-1)."""
+    """One new token at `position` (the cached context is positions 0..position-1). With
+    prev_row >= 0 the token is the one row prev_row of the previous, uncollected step samples
+    (token_id is then a placeholder)."""
     token_id: int
     position: int
     block_table: tuple[int, ...]
     sampling: SamplingRow
+    prev_row: int = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,34 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 @dataclasses.dataclass
+class PendingStep:
+    """A dispatched step whose samples are still on the device, micro-batch by micro-batch."""
+    outs: list
+    counts: list[int]   # rows per micro-batch
+    pads: list[int]     # padded rows per micro-batch
+
+    def flat_row(self, row: int) -> int:
+        """Index of the step's row `row` among the padded micro-batch outputs laid end to end
+        (-1 stays -1)."""
+        if row < 0:
+            return -1
+        offset = 0
+        for count, pad in zip(self.counts, self.pads):
+            if row < count:
+                return offset + row
+            row -= count
+            offset += pad
+        raise IndexError("row beyond the step's rows")
+
+
+@jax.jit
+def _select_tokens(previous_tokens: tuple, index):
+    """Input tokens from a previous step's samples (index -1: none)."""
+    flat = jnp.concatenate(previous_tokens)
+    return jnp.where(index >= 0, flat[jnp.maximum(index, 0)], -1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
 class StepOutput:
     """Host copies of one step's samples, one row per scheduled sequence."""
     tokens: np.ndarray
@@ -88,15 +116,19 @@ class Stage:
             self.fns[key] = fn
         return fn
 
-    def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode):
+    def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode, override=None):
         """One stage of a step on the previous stage's activations (None on the first stage).
         `packed` holds the host inputs (token ids, metadata, sampling) as two flat arrays, so a
-        step costs one host->device transfer instead of a dozen."""
+        step costs one host->device transfer instead of a dozen. `override`: input token ids
+        already on a device (the previous step's samples), -1 where the packed ones stand."""
         if hidden is not None:
             hidden = jax.device_put(hidden, self.replicated)  # onto this stage's mesh
+        if override is not None:
+            override = jax.device_put(override, self.replicated)
         bufs = jax.device_put(packed, self.replicated)
         fn = self._fn(mode, layout, num_logprobs, sample_mode)
-        out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v, bufs)
+        out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v, bufs,
+                                           override)
         return out
 
     def healthy(self) -> bool:
@@ -108,9 +140,11 @@ class Stage:
         return not (self.pool.k.is_deleted() or self.pool.v.is_deleted())
 
 
-def _stage_step(model, params, hidden, k_cache, v_cache, bufs, *, layout, num_logprobs,
-                sample_mode):
+def _stage_step(model, params, hidden, k_cache, v_cache, bufs, override, *, layout,
+                num_logprobs, sample_mode):
     tokens, meta, sampling = unpack_inputs(bufs, layout)
+    if override is not None:   # tokens sampled by the step before, never seen by the host
+        tokens = jnp.where(override >= 0, override, tokens)
     inputs = tokens if model.first_stage else hidden
     out, (k_cache, v_cache) = model.apply({"params": params}, inputs, (k_cache, v_cache), meta)
     if model.last_stage and model.all_logits:
@@ -217,13 +251,14 @@ class ModelRunner:
     # ---- steps -------------------------------------------------------------------------------
 
     def _pipeline(self, mode, micro_batches) -> list:
-        """micro_batches: list of (tokens, meta, sampling, sample args). Returns SampleOutputs."""
+        """micro_batches: list of (tokens, meta, sampling, sample args[, token override]).
+        Returns SampleOutputs."""
         return [self._run_stages(mode, *mb) for mb in micro_batches]
 
-    def _run_stages(self, mode, tokens, meta, sampling, nlp, smode):
+    def _run_stages(self, mode, tokens, meta, sampling, nlp, smode, override=None):
         packed, layout = pack_host_inputs((tokens, meta, sampling))
-        x = None
-        for stage in self.stages:
+        x = self.stages[0].run(mode, None, packed, layout, nlp, smode, override)
+        for stage in self.stages[1:]:
             x = stage.run(mode, x, packed, layout, nlp, smode)
         return x
 
@@ -296,7 +331,14 @@ class ModelRunner:
 
     def decode(self, rows: list[DecodeRow]) -> StepOutput:
         """One token for each row, attending to the row's cached context and itself."""
-        mbs = []
+        return self.collect(self.dispatch_decode(rows))
+
+    def dispatch_decode(self, rows: list[DecodeRow], previous: "PendingStep | None" = None
+                        ) -> "PendingStep":
+        """Start a decode step and return without waiting for it. A row whose `prev_row` is
+        >= 0 takes as input the token that row of `previous` (a step not collected yet)
+        samples, straight from the device: the host need not know it."""
+        mbs, pads = [], []
         nlp, smode = self._sampling_args(rows)
         groups = self._split(rows)
         for group in groups:
@@ -317,8 +359,24 @@ class ModelRunner:
             context = np.zeros(b_pad, np.int32)
             context[:n] = at + 1
             meta = DecodeMetadata(positions, slots, tables, context)
-            mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode))
-        return self._collect(self._fetch(self._pipeline("decode", mbs)), [len(g) for g in groups])
+            mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode,
+                        self._token_override(group, b_pad, previous)))
+            pads.append(b_pad)
+        return PendingStep(self._pipeline("decode", mbs), [len(g) for g in groups], pads)
+
+    def _token_override(self, group, b_pad: int, previous: "PendingStep | None"):
+        """[b_pad] token ids for the first stage: the previous step's samples where rows ask
+        for them, -1 elsewhere (always an array, so one program serves both cases)."""
+        idx = np.full(b_pad, -1, np.int32)
+        if previous is not None:
+            idx[:len(group)] = [previous.flat_row(r.prev_row) for r in group]
+        if previous is None or not (idx >= 0).any():
+            return idx
+        return _select_tokens(tuple(o.tokens for o in previous.outs), idx)
+
+    def collect(self, pending: "PendingStep") -> StepOutput:
+        """Wait for a dispatched step and copy its samples to the host."""
+        return self._collect(self._fetch(pending.outs), pending.counts)
 
     def chunked(self, rows: list[ChunkRow]) -> StepOutput:
         """Mixed step: each row continues its cached context with its tokens (a prompt chunk,
