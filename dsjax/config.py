@@ -14,7 +14,8 @@ EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 class InstanceNodes:
     """Where the "ray" backend puts one instance (a plan file's `[[instances]]` table): on
     `node`, one actor; or with `stage_nodes`, one actor per pipeline stage, stage s on
-    stage_nodes[s]. Nodes are named by the IP address their Ray node registered."""
+    stage_nodes[s]. Nodes are named by the IP address their Ray node registered, or "#k": the
+    k-th alive node in address order (what `python -m dsjax.placement --output` writes)."""
     role: str                            # prefill | decode | colocated | chunked
     index: int                           # among the instances of its role
     node: str | None = None

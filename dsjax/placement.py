@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{over.base_ms:g} ms + {over.per_token_ms:g} ms/token per step)")
     best = result.best
     if args.output:
-        for path, text in zip(output_paths(args.output, len(best.parts)), best.to_toml()):
+        for path, text in zip(output_paths(args.output, len(best.parts)),
+                              best.to_toml(args.gpus_per_node)):
             path.write_text(text)
             print(f"wrote {path}")
     print(best.best_line())

@@ -11,7 +11,7 @@ from dsjax.config import EngineConfig
 from dsjax.eval.placement_search import (REL_TOLERANCE, SLO, Candidate, _copies, _pick_pairs, max_rate,
                                          search)
 from dsjax.eval.latency_model import load_profile
-from dsjax.eval.simulator import Parallelism
+from dsjax.eval.simulator import Parallelism, SimConfig
 from dsjax.eval.units import Unit
 
 # Every 5th percentile of prompt and output lengths of the prepared ShareGPT set (12,088 requests,
@@ -203,3 +203,32 @@ def test_cli_prints_the_ranking_and_ends_with_the_best_line(tmp_path, capsys):
 def test_a_mixed_fleet_gets_one_config_file_per_part(tmp_path):
     assert output_paths(str(tmp_path / "p.toml"), 3) == \
         [tmp_path / "p.toml", tmp_path / "p.2.toml", tmp_path / "p.3.toml"]
+
+
+def test_a_server_spanning_nodes_gets_node_assignments_the_ray_backend_reads():
+    """OPT-66B on 4x8, low affinity: prefill TP4 PP2 and decode TP2 PP2, two copies; stage s of
+    every instance of a copy sits on that copy's node s (the KV of its layers stays on the
+    node), and the written plan loads as an engine config for the "ray" backend."""
+    from dsjax.engine.ray_hosts import resolve_node
+    from dsjax.eval.units import Unit
+    unit = Unit("disaggregated", Parallelism(4, 2), Parallelism(2, 2), num_prefill=1,
+                num_decode=1, affinity="low", nodes=2)
+    nodes = unit.node_assignments(copies=2, gpus_per_node=8)
+    assert nodes == [
+        {"role": "prefill", "index": 0, "stage_nodes": ["#0", "#1"]},
+        {"role": "prefill", "index": 1, "stage_nodes": ["#2", "#3"]},
+        {"role": "decode", "index": 0, "stage_nodes": ["#0", "#1"]},
+        {"role": "decode", "index": 1, "stage_nodes": ["#2", "#3"]}]
+    config = EngineConfig.from_dict(tomllib.loads(unit.to_toml("opt-66b", 2, SimConfig(), 8)))
+    assert config.distributed_executor_backend == "ray"
+    assert config.nodes_for("decode", 1).stage_nodes == ("#2", "#3")
+    # On one node it all fits: no assignments, any backend.
+    assert unit.node_assignments(copies=1, gpus_per_node=16) == []
+    # High affinity packs whole instances first-fit: 2 x TP2 prefill, then 3 x TP1 decode.
+    packed = Unit("disaggregated", Parallelism(2, 1), Parallelism(1, 1), num_prefill=2,
+                  num_decode=3).node_assignments(copies=1, gpus_per_node=4)
+    assert [e["node"] for e in packed] == ["#0", "#0", "#1", "#1", "#1"]
+    alive = ["10.0.0.7", "10.0.0.12", "10.0.0.3"]
+    assert [resolve_node(f"#{k}", alive) for k in range(3)] == sorted(alive)
+    with pytest.raises(ValueError, match="has 3 alive node"):
+        resolve_node("#3", alive)

@@ -194,12 +194,29 @@ class InstanceActor:
         return [os.getpid(), *ray.get([a.pid.remote() for a in self._stage_actors])]
 
 
+def resolve_node(label: str | None, alive: list[str]) -> str | None:
+    """A plan's node name as an address: "#k" (what the placement search writes) is the k-th
+    of the cluster's alive nodes in address order; anything else is an address already."""
+    if label is None or not label.startswith("#"):
+        return label
+    k = int(label[1:])
+    if k >= len(alive):
+        raise ValueError(f"the plan puts an instance on node {label}, but the Ray cluster has "
+                         f"{len(alive)} alive node(s): add nodes or search for fewer")
+    return sorted(alive)[k]
+
+
 def actor_nodes(config, plan, split: bool) -> tuple[str | None, ...]:
     """The node each of the instance's actors is pinned to (None: wherever Ray places it)."""
     where = config.nodes_for(plan.role, plan.index)
     if where is not None and where.stage_nodes:
-        return where.stage_nodes if split else where.stage_nodes[:1]
-    return (where.node if where else None,) * (plan.pp if split else 1)
+        nodes = where.stage_nodes if split else where.stage_nodes[:1]
+    else:
+        nodes = (where.node if where else None,) * (plan.pp if split else 1)
+    if not any(n and n.startswith("#") for n in nodes):
+        return nodes
+    alive = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
+    return tuple(resolve_node(n, alive) for n in nodes)
 
 
 class RayHost:

@@ -97,9 +97,10 @@ class Placement:
     def best_line(self) -> str:
         return f"best: mode={self.mode} {self.describe()}, goodput {self.per_gpu:.2f} req/s per GPU"
 
-    def to_toml(self) -> list[str]:
+    def to_toml(self, gpus_per_node: int | None = None) -> list[str]:
         """One server config per part (a mixed fleet runs several kinds of server behind a
-        load balancer that splits traffic in proportion to their goodputs)."""
+        load balancer that splits traffic in proportion to their goodputs); a server that
+        spans nodes of gpus_per_node GPUs gets node assignments for the "ray" backend."""
         name = self.model.removeprefix("facebook/")
         total = self.goodput
         out = []
@@ -108,7 +109,7 @@ class Placement:
             if len(self.parts) > 1:
                 head += (f"# part {i + 1} of {len(self.parts)} of a mixed fleet: give it "
                          f"{p.copies * p.goodput / total:.0%} of the traffic\n")
-            out.append(head + p.unit.to_toml(name, p.copies, self.base))
+            out.append(head + p.unit.to_toml(name, p.copies, self.base, gpus_per_node))
         return out
 
 

@@ -86,11 +86,64 @@ class Unit:
                        decoding_max_tokens_per_batch=self.chunk)
         return out
 
-    def to_toml(self, model: str, copies: int, base: SimConfig) -> str:
+    def to_toml(self, model: str, copies: int, base: SimConfig,
+                gpus_per_node: int | None = None) -> str:
+        """The server config; when a disaggregated server spans nodes, also the node of each
+        instance (or pipeline stage) for the "ray" backend."""
         settings = self.engine_settings(model, copies, base)
+        nodes = self.node_assignments(copies, gpus_per_node) if gpus_per_node else []
+        if nodes:
+            settings["distributed_executor_backend"] = "ray"
         head = f"# run {copies} copies of this server\n" if self.mode != "disaggregated" and copies > 1 else ""
-        return head + "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+        text = head + "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+        for entry in nodes:
+            text += "\n[[instances]]\n" + "".join(f"{k} = {_toml_value(v)}\n"
+                                                 for k, v in entry.items())
+        return text
+
+    def node_assignments(self, copies: int, gpus_per_node: int) -> list[dict]:
+        """Which node each instance (or, across nodes, each pipeline stage) of a disaggregated
+        server of `copies` copies sits on, nodes named "#k" (the k-th node of the cluster, by
+        address; the "ray" backend resolves them). Empty when it all fits one node.
+        Low affinity: copy c spans its own `nodes` nodes and stage s of every instance sits
+        on the node of its layers, so the KV of those layers moves over NVLink (Algorithm 2).
+        High affinity: instances are packed first-fit, a stage never split across nodes."""
+        if self.mode != "disaggregated" or self.num_gpus * copies <= gpus_per_node:
+            return []
+        phases = [("prefill", self.num_prefill, self.prefill),
+                  ("decode", self.num_decode, self.decode)]
+        out = []
+        if self.affinity == "low":
+            for role, per_copy, par in phases:
+                for c in range(copies):
+                    for j in range(per_copy):
+                        stages = [f"#{c * self.nodes + s * self.nodes // par.pp}"
+                                  for s in range(par.pp)]
+                        out.append(_node_entry(role, c * per_copy + j, stages))
+            return out
+        free: list[int] = []   # free GPUs per node, in node order
+        for role, per_copy, par in phases:
+            for index in range(per_copy * copies):
+                whole = par.tp * par.pp <= gpus_per_node
+                pieces = [par.tp * par.pp] if whole else [par.tp] * par.pp
+                stages = []
+                for need in pieces:
+                    node = next((k for k, f in enumerate(free) if f >= need), len(free))
+                    if node == len(free):
+                        free.append(gpus_per_node)
+                    free[node] -= need
+                    stages.append(f"#{node}")
+                out.append(_node_entry(role, index, stages * (par.pp if whole else 1)))
+        return out
+
+
+def _node_entry(role: str, index: int, stages: list[str]) -> dict:
+    if len(set(stages)) == 1:
+        return {"role": role, "index": index, "node": stages[0]}
+    return {"role": role, "index": index, "stage_nodes": stages}
 
 
 def _toml_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return f'"{v}"' if isinstance(v, str) else str(v)
