@@ -169,8 +169,12 @@ class EngineCollector:
                 if key in s:
                     f.add_metric([self.model_name, s["instance"]], s[key])
             yield f
-        migrations = dict(self.engine.migrations)
-        for key, metric in (("count", "dsjax_migrations"), ("seconds", "dsjax_migration_seconds"),
-                            ("bytes", "dsjax_migration_bytes")):
-            yield family(CounterMetricFamily, metric,
-                         f"KV cache migrations prefill -> decode: {key}", migrations[key])
+        for key, metric, what in (("migrations", "dsjax_migrations", "count"),
+                                  ("migration_seconds", "dsjax_migration_seconds", "seconds"),
+                                  ("migration_bytes", "dsjax_migration_bytes", "bytes")):
+            f = CounterMetricFamily(metric, f"KV cache migrations into this decode instance: "
+                                            f"{what}", labels=["model_name", "instance"])
+            for s in stats:
+                if key in s:
+                    f.add_metric([self.model_name, s["instance"]], s[key])
+            yield f

@@ -28,6 +28,11 @@ def test_profile_writes_a_loadable_increasing_profile(tmp_path):
 
     model = load_profile(path, "opt-tiny")
     assert model.kv_capacity_tokens(1, 1) == entry["kv_capacity_tokens"]["1x1"]
+    # The host's share of a step (packing, dispatch, bookkeeping) is measured and kept apart:
+    # positive, and what the simulator adds to every step of every mode.
+    over = entry["step_overhead_ms"]
+    assert over["base"] >= 0 and over["per_token"] >= 0 and over["base"] + over["per_token"] > 0
+    assert model.overhead_ms(1000) == pytest.approx(over["base"] + 1000 * over["per_token"])
     prefill = [model.prefill_ms([n] * b, 1) for n, b in [(4, 1), (32, 1), (64, 2), (256, 4)]]
     decode = [model.decode_ms([c] * b, 1) for c, b in [(8, 1), (64, 4), (256, 32)]]
     for seq in (prefill, decode):

@@ -367,7 +367,8 @@ def test_metrics_have_vllms_names_and_dsjaxs_own(server):
                  "dsjax_admission_queue_length", "dsjax_admission_rejections_total"):
         assert name in samples, name
     assert metric(server, "dsjax_http_errors_total", status="400") >= 1
-    assert metric(server, "dsjax_migrations_total") >= 1
+    assert metric(server, "dsjax_migrations_total", instance="decode0") >= 1
+    assert metric(server, "dsjax_migration_bytes_total", instance="decode0") > 0
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

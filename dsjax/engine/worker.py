@@ -584,9 +584,11 @@ class DecodeWorker(DecodingWorker):
         self.offers: deque[MigrationOffer] = deque()
         # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
         self.migrating: dict[str, tuple[MigrationOffer, float]] = {}
+        self.migrated = {"migrations": 0, "migration_bytes": 0, "migration_seconds": 0.0}
 
     def counts(self) -> dict:
-        return {**super().counts(), "offered": len(self.offers), "migrating": len(self.migrating)}
+        return {**super().counts(), "offered": len(self.offers), "migrating": len(self.migrating),
+                **self.migrated}
 
     def _offered(self, offer: MigrationOffer) -> None:
         self.offers.append(offer)
@@ -628,6 +630,9 @@ class DecodeWorker(DecodingWorker):
         now = time.perf_counter()
         self._events.append(LifetimeEvent(request_id, "migration_end", now))
         self._migrations.append((nbytes, now - began))
+        self.migrated["migrations"] += 1
+        self.migrated["migration_bytes"] += nbytes
+        self.migrated["migration_seconds"] += now - began
         group = Request(offer.spec, self.eos_token_id, index=None)
         self._start_sequences(group, Request.from_offer(offer, self.eos_token_id))
 

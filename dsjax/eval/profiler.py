@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dsjax.eval.latency_model import (DEFAULT_BS_THRESHOLD, PROFILE_DIR, StepCoeffs, canonical_model_name,
-                            fit_decode, fit_prefill, save_profile)
+                            fit_decode, fit_overhead, fit_prefill, save_profile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +61,20 @@ def fit_quality(rows: np.ndarray, coeffs: Sequence[float], ms: Sequence[float]) 
     return Fit(tuple(coeffs), r2, float(np.max(np.abs(pred - ms) / ms)))
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def _median_ms(fn: Callable[[], object], repeats: int, runner) -> tuple[float, float]:
+    """(median device ms, median host ms) of a step: the host part is the step's wall time
+    minus the time it waited for the device's results (runner.last_wait_s), i.e. input
+    packing, dispatch and bookkeeping, which the latency model carries as its own term."""
     fn()   # warm-up: compiles this shape bucket
     fn()
-    samples = []
+    device, host = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        total = (time.perf_counter() - start) * 1e3
+        host.append(total - runner.last_wait_s * 1e3)
+        device.append(runner.last_wait_s * 1e3)
+    return statistics.median(device), statistics.median(host)
 
 
 def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size: int = 16,
@@ -115,30 +120,32 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     def decode_row(i: int, ctx: int) -> DecodeRow:   # ctx tokens including the new one
         return DecodeRow(5, ctx - 1, table(i, ctx), SamplingRow(params, i, 1))
 
-    pre_batches, pre_ms = [], []
+    pre_batches, pre_ms, overhead = [], [], []
     for n in grid.prefill_lens:
         for b in grid.prefill_batches:
             if n * b > grid.prefill_max_tokens:
                 continue
             rows = [prompt_row(i, n) for i in range(b)]
-            ms = _median_ms(lambda: runner.prefill(rows), grid.repeats)
+            ms, host = _median_ms(lambda: runner.prefill(rows), grid.repeats, runner)
             pre_batches.append([n] * b)
             pre_ms.append(ms)
-            log(f"  tp{tp} prefill {b:>3} x {n:>5} tokens: {ms:8.2f} ms")
+            overhead.append((n * b, host))
+            log(f"  tp{tp} prefill {b:>3} x {n:>5} tokens: {ms:8.2f} ms (+ {host:.2f} ms host)")
     dec_batches, dec_ms = [], []
     for ctx in grid.decode_ctx:
         for b in grid.decode_batches:
             if ctx * b > grid.decode_max_tokens:
                 continue
             rows = [decode_row(i, ctx) for i in range(b)]
-            ms = _median_ms(lambda: runner.decode(rows), grid.repeats)
+            ms, host = _median_ms(lambda: runner.decode(rows), grid.repeats, runner)
             dec_batches.append([ctx] * b)
             dec_ms.append(ms)
-            log(f"  tp{tp} decode  {b:>3} x ctx {ctx:>5}: {ms:8.2f} ms")
+            overhead.append((ctx * b, host))
+            log(f"  tp{tp} decode  {b:>3} x ctx {ctx:>5}: {ms:8.2f} ms (+ {host:.2f} ms host)")
     blocks = num_blocks_for_budget(cfg, block_size=block_size, dtype=jdtype, tp=tp, pp=1,
                                    devices=spec.devices)
     del runner
-    return pre_batches, pre_ms, dec_batches, dec_ms, blocks * block_size
+    return pre_batches, pre_ms, dec_batches, dec_ms, blocks * block_size, overhead
 
 
 def _weighted_lstsq(rows: np.ndarray, ms: Sequence[float]) -> tuple[float, float, float]:
@@ -229,11 +236,12 @@ def run_profile(model: str, dtype: str = "float32", tps: Sequence[int] | None = 
     tps = list(tps) if tps else default_tps(model, devices)
     if not tps:
         raise ValueError(f"no tensor-parallel degree of {model} fits {len(devices)} devices")
-    coeffs, kv = {}, {}
+    coeffs, kv, overhead = {}, {}, []
     for tp in tps:
         started = time.perf_counter()
-        pb, pm, db, dm, kv_tokens = profile_tp(model, dtype, tp, grid, devices,
-                                            temperature=temperature, log=log)
+        pb, pm, db, dm, kv_tokens, host = profile_tp(model, dtype, tp, grid, devices,
+                                                     temperature=temperature, log=log)
+        overhead += host
         step, pf, df = fit_all(pb, pm, db, dm, relative=relative_fit)
         coeffs[tp], kv[(tp, 1)] = step, kv_tokens
         log(f"tp{tp}: prefill ms = {pf.coeffs[0]:.4g} + {pf.coeffs[1]:.4g}*sum(len) + "
@@ -242,8 +250,12 @@ def run_profile(model: str, dtype: str = "float32", tps: Sequence[int] | None = 
             f"{df.coeffs[2]:.4g}*batch   R^2 {df.r2:.4f}, max rel err {df.max_rel_err:.1%}")
         log(f"tp{tp}: KV capacity {kv_tokens} tokens; profiled in "
             f"{time.perf_counter() - started:.1f} s")
+    step_overhead = fit_overhead(*zip(*overhead))
+    log(f"host overhead per step: {step_overhead.base_ms:.3g} ms + "
+        f"{step_overhead.per_token_ms:.3g} ms per context token")
     path = Path(output) if output else default_output(model, devices)
-    save_profile(path, model, coeffs, kv, {**hardware_description(devices), "dtype": dtype, "temperature": temperature})
+    save_profile(path, model, coeffs, kv, {**hardware_description(devices), "dtype": dtype,
+                                           "temperature": temperature}, overhead=step_overhead)
     log(f"wrote {path}")
     return path
 
