@@ -57,3 +57,27 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
             return
         time.sleep(0.005)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def outcomes_after_a_kill(streams, dead: str, max_tokens: int) -> int:
+    """Wait for every stream after instance `dead` was killed: each either completes all its
+    tokens or fails naming the dead instance. Returns how many failed."""
+    from dsjax.engine.core import EngineError
+    failed = 0
+    for s in streams:
+        try:
+            assert len(s.result(timeout=120).token_ids) == max_tokens
+        except EngineError as e:
+            assert dead in str(e)
+            failed += 1
+    return failed
+
+
+def add_after_tokens(stream, n: int, submit):
+    """Consume `stream`; after its n-th token call submit() once. Returns submit's result."""
+    seen, late = 0, None
+    for out in stream:
+        seen += len(out.new_token_ids)
+        if late is None and seen >= n:
+            late = submit()
+    return late

@@ -40,3 +40,14 @@ def hf_reference(hf_opt):
     """transformers' own greedy continuations of engine_prompts()."""
     from tests._hf_helpers import hf_greedy
     return [hf_greedy(hf_opt[0], p, ENGINE_MAX_NEW) for p in engine_prompts()]
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """A server event loop around a tiny engine, per test module (a module may override it)."""
+    from tests._server_helpers import ServerLoop, tiny_engine
+    engine = tiny_engine()
+    server_loop = ServerLoop(engine)
+    yield server_loop
+    server_loop.close()
+    engine.shutdown()

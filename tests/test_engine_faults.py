@@ -9,7 +9,8 @@ import torch
 
 from dsjax import SamplingParams
 from dsjax.engine.core import EngineError
-from tests._engine_helpers import generate, hf_engine, shutdown_all, wait_for, wait_idle
+from tests._engine_helpers import (add_after_tokens, generate, hf_engine, shutdown_all, wait_for,
+                                   wait_idle)
 from tests._hf_helpers import hf_greedy
 from tests.conftest import ENGINE_MAX_NEW, engine_prompts
 
@@ -67,12 +68,8 @@ def test_chunked_mode_under_memory_pressure_completes(fresh, hf_opt):
     first, second = [5, 17, 300, 45], list(range(40, 68))
     stream = engine.add_request(first, SamplingParams(temperature=0, max_tokens=20,
                                                       ignore_eos=True))
-    seen = []
-    for out in stream:
-        seen.extend(out.new_token_ids)
-        if len(seen) == 2:
-            late = engine.add_request(second, SamplingParams(temperature=0, max_tokens=4,
-                                                             ignore_eos=True))
+    late = add_after_tokens(stream, 2, lambda: engine.add_request(
+        second, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
     assert stream.final.token_ids == hf_greedy(hf_opt[0], first, 20)
     assert late.result(timeout=120).token_ids == hf_greedy(hf_opt[0], second, 4)
     assert sum(s["num_preemptions"] for s in engine.stats()) > 0
@@ -86,12 +83,8 @@ def test_decode_batch_of_one_does_not_wait_forever(fresh, hf_opt):
     a_prompt, b_prompt = [7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23]
     a = engine.add_request(a_prompt, SamplingParams(temperature=0, max_tokens=20,
                                                     ignore_eos=True))
-    seen = []
-    for out in a:
-        seen.extend(out.new_token_ids)
-        if len(seen) == 2:
-            b = engine.add_request(b_prompt, SamplingParams(temperature=0, max_tokens=4,
-                                                            ignore_eos=True))
+    b = add_after_tokens(a, 2, lambda: engine.add_request(
+        b_prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
     assert a.final.token_ids == hf_greedy(hf_opt[0], a_prompt, 20)
     assert b.result(timeout=120).token_ids == hf_greedy(hf_opt[0], b_prompt, 4)
     assert engine.stats()[1]["num_preemptions"] > 0

@@ -17,21 +17,11 @@ import threading
 
 import pytest
 
-from tests._server_helpers import (EngineProxy, ServerLoop, parse_metrics, tiny_engine,
-                                   wait_until_no_blocks)
+from tests._server_helpers import EngineProxy, parse_metrics, wait_until_no_blocks
 
 HEADER_TIMEOUT = BODY_TIMEOUT = 0.5
 HANG_GUARD = 60.0        # seconds before a test gives up waiting: the server hangs
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def loop():
-    engine = tiny_engine()
-    loop = ServerLoop(engine)
-    yield loop
-    loop.close()
-    engine.shutdown()
 
 
 def limits(**changes):

@@ -16,21 +16,11 @@ import pytest
 from dsjax.eval.workloads import TestRequest
 from serving.bench import run_benchmark
 from dsjax.sampling_params import SamplingParams
-from tests._server_helpers import (EngineProxy, ServerLoop, engine_tokens, parse_metrics,
-                                   tiny_engine, wait_until_no_blocks)
+from tests._server_helpers import EngineProxy, engine_tokens, parse_metrics, wait_until_no_blocks
 
 API_KEY = "test-key"
 MAX_BODY = 64 << 10
 LONG = 1500  # max_tokens that cannot finish during a test step; the tests abort these requests
-
-
-@pytest.fixture(scope="module")
-def loop():
-    engine = tiny_engine()
-    loop = ServerLoop(engine)
-    yield loop
-    loop.close()
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

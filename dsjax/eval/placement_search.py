@@ -401,20 +401,29 @@ def search_low_affinity(searcher: Searcher, num_nodes: int, gpus_per_node: int,
                             units.append(Unit("disaggregated", Parallelism(tp_p, pp_p * cross),
                                               Parallelism(tp_d, pp_d * cross), 1, 1,
                                               affinity="low", nodes=cross))
-    best, cands = 0.0, []
-    for unit in tqdm(units, desc="disaggregated (low affinity)", disable=not progress):
-        cand = Candidate("disaggregated", unit, note=searcher.fits(unit.prefill) or searcher.fits(unit.decode))
-        if not cand.note:
-            cand.goodput = searcher.unit_goodput(unit, best)
-            if cand.goodput is not None:
-                best = max(best, cand.per_gpu)
-        cands.append(cand)
+    cands = _evaluate(searcher, "disaggregated", units, "disaggregated (low affinity)", progress)
     top = _best_of(cands)
     if top is None:
         raise ValueError("no placement meets the SLO at any rate; loosen the SLOs or add GPUs")
     copies = _copies(top.unit, top.goodput, num_nodes, gpus_per_node, rate)
     return Placement(searcher.model.model, "disaggregated", [Part(top.unit, copies, top.goodput)],
                      cands, searcher.base)
+
+
+def _evaluate(searcher: Searcher, mode: str, units: list[Unit], desc: str,
+              progress: bool) -> list[Candidate]:
+    """Each unit that fits its GPUs, simulated for its goodput (skipped early once it cannot
+    beat the best per GPU so far)."""
+    best, cands = 0.0, []
+    for unit in tqdm(units, desc=desc, disable=not progress):
+        note = searcher.fits(unit.prefill) or (searcher.fits(unit.decode) if unit.decode else "")
+        cand = Candidate(mode, unit, note=note)
+        if not cand.note:
+            cand.goodput = searcher.unit_goodput(unit, best)
+            if cand.goodput is not None:
+                best = max(best, cand.per_gpu)
+        cands.append(cand)
+    return cands
 
 
 # ---------------------------------------------------------------- colocated and chunked
@@ -426,14 +435,7 @@ def search_one_engine(searcher: Searcher, mode: str, num_nodes: int, gpus_per_no
     specs = instance_shapes(searcher.model, num_nodes, gpus_per_node)
     budgets = CHUNK_BUDGETS if mode == "chunked" else (None,)
     units = [Unit(mode, spec, chunk=b) for spec in specs for b in budgets]
-    best, cands = 0.0, []
-    for unit in tqdm(units, desc=mode, disable=not progress):
-        cand = Candidate(mode, unit, note=searcher.fits(unit.prefill))
-        if not cand.note:
-            cand.goodput = searcher.unit_goodput(unit, best)
-            if cand.goodput is not None:
-                best = max(best, cand.per_gpu)
-        cands.append(cand)
+    cands = _evaluate(searcher, mode, units, mode, progress)
     top = _best_of(cands)
     if top is None:
         raise ValueError(f"no {mode} configuration meets the SLO at any rate")

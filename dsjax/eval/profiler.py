@@ -120,31 +120,29 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     def decode_row(i: int, ctx: int) -> DecodeRow:   # ctx tokens including the new one
         return DecodeRow(5, ctx - 1, table(i, ctx), SamplingRow(params, i, 1))
 
-    pre_batches, pre_ms, overhead = [], [], []
-    for n in grid.prefill_lens:
-        for b in grid.prefill_batches:
-            if n * b > grid.prefill_max_tokens:
-                continue
-            rows = [prompt_row(i, n) for i in range(b)]
-            ms, host = _median_ms(lambda: runner.prefill(rows), grid.repeats, runner)
-            pre_batches.append([n] * b)
-            pre_ms.append(ms)
-            overhead.append((n * b, host))
-            log(f"  tp{tp} prefill {b:>3} x {n:>5} tokens: {ms:8.2f} ms (+ {host:.2f} ms host)")
-    dec_batches, dec_ms = [], []
-    for ctx in grid.decode_ctx:
-        for b in grid.decode_batches:
-            if ctx * b > grid.decode_max_tokens:
-                continue
-            rows = [decode_row(i, ctx) for i in range(b)]
-            ms, host = _median_ms(lambda: runner.decode(rows), grid.repeats, runner)
-            dec_batches.append([ctx] * b)
-            dec_ms.append(ms)
-            overhead.append((ctx * b, host))
-            log(f"  tp{tp} decode  {b:>3} x ctx {ctx:>5}: {ms:8.2f} ms (+ {host:.2f} ms host)")
+    overhead = []
+
+    def timed(kind: str, step, make_row, lengths, batches, max_tokens):
+        """Median device ms per (length, batch) cell within max_tokens; host ms to overhead."""
+        cells, times = [], []
+        for n in lengths:
+            for b in batches:
+                if n * b > max_tokens:
+                    continue
+                rows = [make_row(i, n) for i in range(b)]
+                ms, host = _median_ms(lambda: step(rows), grid.repeats, runner)
+                cells.append([n] * b)
+                times.append(ms)
+                overhead.append((n * b, host))
+                log(f"  tp{tp} {kind} {b:>3} x {n:>5} tokens: {ms:8.2f} ms (+ {host:.2f} ms host)")
+        return cells, times
+
+    pre_batches, pre_ms = timed("prefill", runner.prefill, prompt_row, grid.prefill_lens,
+                                grid.prefill_batches, grid.prefill_max_tokens)
+    dec_batches, dec_ms = timed("decode ", runner.decode, decode_row, grid.decode_ctx,
+                                grid.decode_batches, grid.decode_max_tokens)
     blocks = num_blocks_for_budget(cfg, block_size=block_size, dtype=jdtype, tp=tp, pp=1,
                                    devices=spec.devices)
-    del runner
     return pre_batches, pre_ms, dec_batches, dec_ms, blocks * block_size, overhead
 
 
