@@ -128,14 +128,17 @@ def measure_prefill_budget(runner, config) -> int:
 
 
 def budget_from_timings(timings: list[tuple[int, float]], cap: int, target_s: float) -> int:
-    """Largest power of two <= cap whose step time, on the line fitted to (tokens, seconds),
-    is within target_s; the smallest bucket when none is (prompts still run, one a step)."""
+    """Largest power of two <= cap whose step time, on the line a + b * tokens fitted to
+    (tokens, seconds), is within target_s. When a step's fixed cost a alone nearly fills the
+    target, shrinking the batch cannot meet it and only wastes steps: the limit is then 2a
+    (at least half of each step is prompt work)."""
     tokens, seconds = np.array(timings, float).T
     slope, intercept = np.polyfit(tokens, seconds, 1) if len(set(tokens)) > 1 else (0.0, 0.0)
     if slope <= 0 or intercept < 0:   # noise over too narrow a range: a proportional bound
         slope, intercept = float(np.max(seconds / tokens)), 0.0
+    limit = max(target_s, 2 * intercept)
     budget = MIN_TOKEN_BUCKET
     for t in powers_of_two(MIN_TOKEN_BUCKET, cap):
-        if t <= cap and intercept + slope * t <= target_s:
+        if t <= cap and intercept + slope * t <= limit:
             budget = t
     return budget
