@@ -167,7 +167,7 @@ def test_remote_stage_pages_and_steps_in_process():
     local = runner(InstanceSpec.bind(InstancePlan("decode", 0, 1, 2, (0, 1)), devices[2:4]))
 
     row = SamplingRow(GREEDY, 0, 0)
-    rows = [PrefillRow(tuple(p), tuple(range(8 * i, 8 * i + 8)), row)
+    rows = [PrefillRow(tuple(p), tuple(range(8 * i, 8 * i + 8)), (row,))
             for i, p in enumerate(engine_prompts()[:3])]
     np.testing.assert_array_equal(remote.prefill(rows).tokens, local.prefill(rows).tokens)
 
