@@ -66,7 +66,7 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link):
     from dsjax.executor.parallel import InstanceSpec
     from dsjax.executor.runner import ModelRunner
     from dsjax.executor.warmup import measure_prefill_budget, warm_up_runner
-    from models.weights import load_params
+    from dsjax.models.weights import load_params
 
     cfg, mc = config, model_config
     spec = InstanceSpec.bind(plan, devices)
