@@ -3,7 +3,7 @@
     python benchmarks/bench_attention_cpu.py            # about 6 minutes on 2 cores
     python benchmarks/bench_attention_cpu.py --impls new
 
-Calls models.opt.OPTModel directly (dummy float32 weights, metadata built here, KV cache
+Calls dsjax.models.opt.OPTModel directly (dummy float32 weights, metadata built here, KV cache
 donated so writes stay in place) and prints markdown: decode step time at batch 1-64 x context
 512 beside the weight-read floor (weight bytes / benchmarks._common.measure_bandwidth) and the
 matmul floor (2 x params x batch / measured float32 matmul rate); prefill tokens/s of packed
@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 from flax import struct  # noqa: E402
 
 from benchmarks._common import measure_bandwidth, measure_matmul_flops, timed  # noqa: E402
-from models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata,  # noqa: E402
+from dsjax.models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata,  # noqa: E402
                               XLAAttention, write_kv_scatter)
-from models.config import OPTConfig  # noqa: E402
-from models.opt import OPTModel  # noqa: E402
-from models.weights import dummy_params  # noqa: E402
+from dsjax.models.config import OPTConfig  # noqa: E402
+from dsjax.models.opt import OPTModel  # noqa: E402
+from dsjax.models.weights import dummy_params  # noqa: E402
 
 PAGE = 16
 MAX_TEMP_BYTES = 8 << 30  # cases whose compiled temporaries exceed this are not run

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.executor.kernels import paged_decode_attention, prefill_attention
-from models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
+from dsjax.models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
 
 
 @dataclasses.dataclass

@@ -39,8 +39,8 @@ def main(argv=None) -> None:
     from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
-    from models.config import OPTConfig
-    from models.weights import dummy_params
+    from dsjax.models.config import OPTConfig
+    from dsjax.models.weights import dummy_params
 
     cfg = OPTConfig.from_name(args.model)
     dtype = jnp.dtype(args.dtype)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from models.config import OPTConfig
-from models.opt import abstract_params
+from dsjax.models.config import OPTConfig
+from dsjax.models.opt import abstract_params
 
 PARAMS_SUBDIR = "params"
 
@@ -42,12 +42,12 @@ def save_params(params, path: str | Path, config: OPTConfig | None = None) -> Pa
 def restore_params(path: str | Path, config: OPTConfig, dtype=jnp.float32, shardings=None):
     """Params of `config` from an orbax checkpoint, cast to dtype, on `shardings` (pytree like
     abstract_params) or the default device."""
-    from models.weights import as_numpy_dtype
+    from dsjax.models.weights import as_numpy_dtype
 
     path = Path(path).resolve()
     if not is_orbax_checkpoint(path):
         raise FileNotFoundError(f"{path / PARAMS_SUBDIR} not found: not an orbax checkpoint "
-                                f"written by models.checkpoint.save_params")
+                                f"written by dsjax.models.checkpoint.save_params")
     abstract = abstract_params(config, as_numpy_dtype(dtype))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -6,7 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from dsjax.config_files import CONFIG_DIR
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.attention import AttentionBackend, ChunkedMetadata, DecodeMetadata, PrefillMetadata
-from models.config import OPTConfig
+from dsjax.models.attention import (AttentionBackend, ChunkedMetadata, DecodeMetadata,
+                                    PrefillMetadata)
+from dsjax.models.config import OPTConfig
 
 CALL_MODES = ("prefill", "decode", "chunked")
 
@@ -165,7 +166,7 @@ class OPTModel(nn.Module):
 
 def abstract_params(config: OPTConfig, dtype=jnp.float32, attention=None):
     """Shapes and dtypes of the full model's params (no memory touched), for loaders and init."""
-    from models.attention import XLAAttention
+    from dsjax.models.attention import XLAAttention
     model = OPTModel(config, attention or XLAAttention(), "prefill", dtype=dtype, param_dtype=dtype)
     t = 2
     meta = PrefillMetadata(positions=jnp.zeros(t, jnp.int32), seq_ids=jnp.zeros(t, jnp.int32),

@@ -1,6 +1,6 @@
 """OPT weights into the Flax param tree: from Hugging Face checkpoints, or random ("dummy").
 
-The tree is `models.opt.abstract_params`: decoder layers stacked on a leading axis (nn.scan),
+The tree is `dsjax.models.opt.abstract_params`: decoder layers stacked on a leading axis (nn.scan),
 Dense kernels [in, out] (a torch Linear weight transposed). Every leaf is built with
 `jax.make_array_from_callback`, so each device reads only its own slice of the files and a
 sharded load never holds the whole model on the host.
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from models.config import OPTConfig
-from models.opt import abstract_params
+from dsjax.models.config import OPTConfig
+from dsjax.models.opt import abstract_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "pt", "orbax")
@@ -318,7 +318,7 @@ def dummy_params(config: OPTConfig, dtype=jnp.float32, seed: int = 0, shardings=
 
 def detect_load_format(model: str | Path) -> str:
     """'orbax', 'safetensors' or 'pt' for a model directory."""
-    from models import checkpoint
+    from dsjax.models import checkpoint
 
     if checkpoint.is_orbax_checkpoint(model):
         return "orbax"
@@ -338,7 +338,7 @@ def load_params(model: str | Path, config: OPTConfig, dtype=jnp.float32, load_fo
     if load_format == "auto":
         load_format = detect_load_format(model)
     if load_format == "orbax":
-        from models import checkpoint
+        from dsjax.models import checkpoint
 
         return checkpoint.restore_params(model, config, dtype, shardings=shardings)
     return load_hf_params(model, config, dtype, shardings=shardings, load_format=load_format)

@@ -20,9 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
+from dsjax.config_files import CONFIG_DIR
 from dsjax.eval.results import FailedRequest, RequestResult, attainment, load_exp, load_failures
 
-SLO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "slo.toml"
+SLO_CONFIG = CONFIG_DIR / "slo.toml"
 TARGET = 0.9
 DISAGGREGATED = "distserve"
 COLOCATED = ("vllm", "openai", "colocated")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.attention import (BLOCK_TOKENS, ChunkedMetadata, DecodeMetadata, PrefillMetadata,
+from dsjax.models.attention import (BLOCK_TOKENS, ChunkedMetadata, DecodeMetadata, PrefillMetadata,
                               XLAAttention)
 
 TOLERANCE = 5e-6  # max |out - ref| / max |ref|, float32 against float64

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dsjax.executor.kernels import (PallasAttention, combine_splits, get_attention_backend,
                            paged_decode_attention, prefill_attention)
 from dsjax.executor.kernels._compat import head_dim_chunks
-from models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
+from dsjax.models.attention import DecodeMetadata, PrefillMetadata, XLAAttention
 
 SEED = int(os.environ.get("DSJAX_KERNEL_SEED", time.time_ns() % 2**31))
 # Max |kernel - reference| / max |reference|. Reference runs in float64 on the same (rounded)
@@ -343,10 +343,10 @@ def test_benchmark_smoke_run(capsys):
 
 
 def test_backend_drives_opt_model_like_xla(rng):
-    """End to end through models.opt.OPTModel (opt-tiny, layer scan): a prefill of two packed
+    """End to end through dsjax.models.opt.OPTModel (opt-tiny, layer scan): a prefill of two packed
     prompts then one decode step give the same logits and caches with either backend."""
-    from models.config import OPTConfig
-    from models.opt import OPTModel
+    from dsjax.models.config import OPTConfig
+    from dsjax.models.opt import OPTModel
 
     config = OPTConfig.from_name("opt-tiny")
     page_size, num_pages, bucket = 4, 10, 24

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from _hf_helpers import TINY_HF_CONFIGS, make_hf_opt, save_pytorch_bin, save_safetensors
-from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata, XLAAttention
-from models.config import OPTConfig
-from models.opt import OPTModel
-from models.weights import load_hf_params
+from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata, XLAAttention
+from dsjax.models.config import OPTConfig
+from dsjax.models.opt import OPTModel
+from dsjax.models.weights import load_hf_params
 
 PAGE_SIZE = 4
 NUM_PAGES = 40

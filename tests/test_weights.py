@@ -11,11 +11,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
 from _hf_helpers import make_hf_opt, save_pytorch_bin, save_renamed_safetensors, save_safetensors
-from models import weights
-from models.checkpoint import restore_params, save_params
-from models.config import OPTConfig
-from models.opt import abstract_params
-from models.weights import dummy_params, load_hf_params, load_params
+from dsjax.models import weights
+from dsjax.models.checkpoint import restore_params, save_params
+from dsjax.models.config import OPTConfig
+from dsjax.models.opt import abstract_params
+from dsjax.models.weights import dummy_params, load_hf_params, load_params
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from dsjax.engine.request import RequestOutput
 from dsjax.executor.parallel import plan_placement
 from dsjax.sampling_params import SamplingParams
 from dsjax.tokenizer import IncrementalDetokenizer, load_tokenizer
-from models.config import OPTConfig
+from dsjax.models.config import OPTConfig
 
 log = logging.getLogger("dsjax")
 GPT2_VOCAB_SIZE = 50257
@@ -51,7 +51,7 @@ def resolve_model(model: str, load_format: str) -> tuple[OPTConfig, str | None]:
     """(config, model directory or None) from a directory or a size name (dummy weights only)."""
     path = Path(model)
     if path.is_dir():
-        from models.checkpoint import is_orbax_checkpoint
+        from dsjax.models.checkpoint import is_orbax_checkpoint
         if (path / "config.json").is_file() or is_orbax_checkpoint(path):
             return OPTConfig.from_hf_dir(path), str(path)
     if load_format != "dummy":

@@ -57,7 +57,7 @@ def configure_jax(config) -> None:
 
 def params_loader(config, model_config, model_dir, dtype) -> Callable:
     """shardings -> the model's params placed on them, from the configured checkpoint."""
-    from models.weights import load_params
+    from dsjax.models.weights import load_params
 
     def params_for(shardings):
         return load_params(model_dir or config.model, model_config, dtype,

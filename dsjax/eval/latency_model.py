@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from models.config import OPTConfig
+from dsjax.config_files import PROFILE_DIR
+from dsjax.models.config import OPTConfig
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 DEFAULT_PROFILE = PROFILE_DIR / "profiler-a100-80g.distserve.json"
 A100_MEMORY_BYTES = 80e9
 DEFAULT_BS_THRESHOLD = 95

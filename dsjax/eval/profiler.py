@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dsjax.eval.latency_model import (DEFAULT_BS_THRESHOLD, PROFILE_DIR, StepCoeffs, canonical_model_name,
-                            fit_decode, fit_overhead, fit_prefill, save_profile)
+from dsjax.config_files import profile_output_dir
+from dsjax.eval.latency_model import (DEFAULT_BS_THRESHOLD, StepCoeffs, canonical_model_name,
+                                      fit_decode, fit_overhead, fit_prefill, save_profile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +90,8 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
-    from models.config import OPTConfig
-    from models.weights import dummy_params
+    from dsjax.models.config import OPTConfig
+    from dsjax.models.weights import dummy_params
 
     cfg = OPTConfig.from_name(model)
     jdtype = jnp.dtype(dtype)
@@ -200,7 +201,7 @@ def fit_all(pre_batches, pre_ms, dec_batches, dec_ms, threshold: int = DEFAULT_B
 
 
 def default_tps(model: str, devices) -> list[int]:
-    from models.config import OPTConfig
+    from dsjax.models.config import OPTConfig
     heads = OPTConfig.from_name(model).num_attention_heads
     return [t for t in (1, 2, 4, 8, 16) if t <= len(devices) and heads % t == 0]
 
@@ -221,7 +222,7 @@ def default_output(model: str, devices) -> Path:
     kind = devices[0].device_kind.lower().replace(" ", "-")
     where = platform if kind == platform else f"{platform}-{kind}"
     name = canonical_model_name(model).split("/")[-1]
-    return PROFILE_DIR / f"profiler-{where}-{name}.distserve.json"
+    return profile_output_dir() / f"profiler-{where}-{name}.distserve.json"
 
 
 def run_profile(model: str, dtype: str = "float32", tps: Sequence[int] | None = None,
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--tp", type=int, nargs="+", default=None,
                    help="tensor-parallel degrees (default: all that fit the devices)")
-    p.add_argument("--output", default=None, help="profile JSON (merged into if it exists)")
+    p.add_argument("--output", default=None,
+                   help="profile JSON, merged into if it exists (default: configs/profiles/ in a "
+                        "source checkout, the current directory when dsjax is installed)")
     p.add_argument("--quick", action="store_true", help="a small grid (minutes on a CPU)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature of the timed steps (0: greedy, no sampler sort)")

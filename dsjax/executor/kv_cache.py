@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.executor.parallel import KV_SPEC
-from models.config import OPTConfig
+from dsjax.models.config import OPTConfig
 
 # Leave room on an accelerator for activations and compiled programs beyond the weights.
 ACTIVATION_HEADROOM_BYTES = 1 << 30

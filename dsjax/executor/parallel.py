@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.config import OPTConfig
+from dsjax.models.config import OPTConfig
 
 TP_AXIS = "tp"
 PP_AXIS = "pp"

@@ -29,9 +29,9 @@ from dsjax.executor.parallel import (InstanceSpec, check_tensor_parallel, instan
 from dsjax.sampling_params import MAX_LOGPROBS
 from dsjax.executor.sampling import SampleOutput, build_sampling_tensors, sample, score_prompt
 from dsjax.executor.sharded_attention import for_mesh
-from models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
-from models.config import OPTConfig
-from models.opt import OPTModel, abstract_params
+from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
+from dsjax.models.config import OPTConfig
+from dsjax.models.opt import OPTModel, abstract_params
 
 MIN_TOKEN_BUCKET = 16
 

@@ -44,7 +44,7 @@ class HeadShardedAttention:
 
 def for_mesh(attention, mesh: Mesh):
     """The backend to use on this stage mesh: XLA's partitions itself, kernels need shard_map."""
-    from models.attention import XLAAttention
+    from dsjax.models.attention import XLAAttention
     if isinstance(attention, XLAAttention) or mesh.devices.size == 1:
         return attention
     return HeadShardedAttention(attention, mesh)

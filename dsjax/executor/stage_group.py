@@ -33,7 +33,7 @@ from dsjax.executor.parallel import (layer_ranges, param_shardings, stage_mesh,
                                      stage_param_tree)
 from dsjax.executor.runner import Stage
 from dsjax.executor.sampling import SampleOutput
-from models.opt import abstract_params
+from dsjax.models.opt import abstract_params
 
 HEAD_AXIS = 3   # pages are [layers, pages, page_size, heads, head_dim]
 

@@ -1,4 +1,4 @@
-"""Attention kernels (Pallas, Triton-lowered) behind models.attention.AttentionBackend.
+"""Attention kernels (Pallas, Triton-lowered) behind dsjax.models.attention.AttentionBackend.
 
 See docs/kernels.md for the tiling, the split-KV combine and how to run benchmarks/bench_kernels.py.
 """

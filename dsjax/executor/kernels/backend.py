@@ -1,4 +1,4 @@
-"""`PallasAttention`: the models.attention.AttentionBackend built on the Pallas kernels,
+"""`PallasAttention`: the dsjax.models.attention.AttentionBackend built on the Pallas kernels,
 and `get_attention_backend`, the one place that picks a backend by name.
 
 A Mosaic GPU (Hopper, wgmma/TMA) variant plugs in here: give it the same four methods (or
@@ -17,8 +17,8 @@ from flax import struct
 
 from dsjax.executor.kernels.decode import paged_decode_attention
 from dsjax.executor.kernels.prefill import prefill_attention
-from models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata, XLAAttention,
-                              write_kv_scatter)
+from dsjax.models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata,
+                                    XLAAttention, write_kv_scatter)
 
 BACKEND_NAMES = ("auto", "xla", "pallas")
 

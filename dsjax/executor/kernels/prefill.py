@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsjax.executor.kernels._compat import compiler_params, head_dim_chunks, is_power_of_two, out_struct
-from models.attention import PrefillMetadata
+from dsjax.models.attention import PrefillMetadata
 
 # Running-max start value: finite so that a row that has seen only masked keys keeps
 # exp(m_prev - m_next) == 1 instead of exp(-inf + inf) == NaN.
