@@ -285,15 +285,36 @@ async def read_json_object(request: web.Request, timeout: float) -> dict:
     return parse_json_object(raw)
 
 
+# No field needs more than a few levels; the parser's own limit depends on the caller's stack.
+MAX_JSON_DEPTH = 32
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"request body is JSON nested too deeply: no field needs more than "
+                         f"{MAX_JSON_DEPTH} levels")
+
+
+def _json_depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]    # iterative, so checking depth cannot itself recurse too deep
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def parse_json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise ApiError(400, "request body is JSON nested too deeply: no field needs more than a "
-                            "few levels") from None
+        raise _too_deep() from None
     except (UnicodeDecodeError, ValueError) as e:   # ValueError: also ints over 4300 digits
         raise ApiError(400, f"request body is not valid JSON ({e}): send a JSON object such as "
                             f'{{"prompt": "Hello", "max_tokens": 16}}') from e
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    if _json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise _too_deep()
     return body

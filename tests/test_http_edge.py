@@ -86,6 +86,8 @@ BAD_GZIP = request_bytes(b"this is not gzip", Content_Encoding="gzip")
 EDGE_CASES = {
     # name: (request bytes, status, words the answer must contain)
     "JSON nested 1,000 deep": (request_bytes(DEEP), 400, "nested too deeply"),
+    "JSON nested 40 deep": (request_bytes(b'{"prompt": "hi", "stop": ' + b"[" * 40 + b"]" * 40
+                                          + b"}"), 400, "nested too deeply"),
     "body not matching Content-Encoding: gzip": (BAD_GZIP, 400, "Content-Encoding"),
     "NaN temperature": (request_bytes(b'{"prompt": "hi", "temperature": NaN}'), 400,
                         "'temperature' must be a finite number"),
