@@ -79,15 +79,20 @@ def main(argv=None) -> None:
         floor = peak / (2 * cfg.num_params())
         print(f"| {n * args.prompt_len} | {n} | {rate:,.0f} | {floor:,.0f} | {100 * rate / floor:.0f}% |")
 
-    print("\n| decode batch | context | step ms | floor ms (weights / bandwidth) | % of floor |")
-    print("|---|---|---|---|---|")
+    # A decode step must read the weights once and every row's K and V for every layer.
+    kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * dtype.itemsize
+    print("\n| decode batch | context | step ms | floor ms (weights / bandwidth) | % of floor "
+          "| floor ms (weights + KV) / bandwidth | % of that floor |")
+    print("|---|---|---|---|---|---|---|")
     for b in batches:
         rows = [DecodeRow(5, args.context, tuple(range(i * pages_per_seq, (i + 1) * pages_per_seq)),
                           greedy) for i in range(b)]
         seconds = timed(lambda: runner.decode(rows), warmup=2, iters=5)
         floor = weight_bytes / bw
+        kv_floor = (weight_bytes + b * args.context * kv_bytes_per_token) / bw
         print(f"| {b} | {args.context} | {seconds * 1e3:.2f} | {floor * 1e3:.2f} | "
-              f"{100 * floor / seconds:.0f}% |")
+              f"{100 * floor / seconds:.0f}% | {kv_floor * 1e3:.2f} | "
+              f"{100 * kv_floor / seconds:.0f}% |")
 
 
 if __name__ == "__main__":
