@@ -178,10 +178,9 @@ def gpt2_vocab_and_merges(ranks_file: Path) -> tuple[dict[str, int], list[tuple[
     return vocab, merges
 
 
-def write_checkpoint(directory: Path) -> None:
+def write_tokenizer(directory: Path) -> None:
+    """A Hugging Face tokenizer.json (+ config) equal to dsjax's built-in OPT tokenizer."""
     import tokenizers
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = gpt2_vocab_and_merges(BPE_RANKS)
@@ -200,6 +199,12 @@ def write_checkpoint(directory: Path) -> None:
     (directory / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
 
+
+def write_checkpoint(directory: Path) -> None:
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    write_tokenizer(directory)
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(**OPT_125M)).to(torch.float32).eval()
     model.save_pretrained(str(directory), safe_serialization=True)
@@ -404,6 +409,7 @@ def main() -> None:
     ap.add_argument("--table-from", type=Path, metavar="ROWS_JSONL",
                     help="only print the table of an earlier (or interrupted) run's rows.jsonl")
     ap.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--write-tokenizer", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.table_from:
@@ -413,6 +419,9 @@ def main() -> None:
 
     if args.write_checkpoint:
         write_checkpoint(args.write_checkpoint)
+        return
+    if args.write_tokenizer:
+        write_tokenizer(args.write_tokenizer)
         return
 
     q = args.quick
