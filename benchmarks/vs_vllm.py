@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import signal
@@ -127,17 +128,13 @@ def install_vllm(venv: Path, pip_args: list[str]) -> None:
 # 2. Checkpoint and tokenizer (runs under the venv's Python: it has torch and transformers)
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (the same table as dsjax.tokenizer's)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    """GPT-2's byte -> printable character map, from dsjax/tokenizer.py loaded by path: the
+    benchmark venvs that write tokenizers have no jax, so `import dsjax` cannot run there."""
+    spec = importlib.util.spec_from_file_location("_dsjax_tokenizer_file",
+                                                  REPO / "dsjax" / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._bytes_to_unicode()
 
 
 def gpt2_vocab_and_merges(ranks_file: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
