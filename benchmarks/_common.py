@@ -28,6 +28,14 @@ def measure_bandwidth(device=None, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / seconds
 
 
+def measure_read_bandwidth(device=None, nbytes: int = 512 << 20) -> float:
+    """Bytes/s of summing an array already in memory: reads only. measure_bandwidth's copy
+    also writes a fresh output, and on a VM its first-touch page faults dominate."""
+    x = jax.device_put(jnp.ones(nbytes // 4, jnp.float32), device or jax.devices()[0])
+    total = jax.jit(jnp.sum)
+    return nbytes / timed(lambda: total(x).block_until_ready())
+
+
 def measure_matmul_flops(dtype=jnp.bfloat16, n: int = 4096, device=None) -> float:
     """FLOP/s of an n x n x n matmul in dtype (a practical peak)."""
     device = device or jax.devices()[0]

@@ -26,7 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import struct  # noqa: E402
 
-from benchmarks._common import measure_bandwidth, measure_matmul_flops, timed  # noqa: E402
+from benchmarks._common import (measure_bandwidth, measure_matmul_flops,  # noqa: E402
+                               measure_read_bandwidth, timed)
 from dsjax.models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata,  # noqa: E402
                               XLAAttention, write_kv_scatter)
 from dsjax.models.config import OPTConfig  # noqa: E402
@@ -166,14 +167,6 @@ def measure(cases, rounds):
     for case in runnable:
         case.kv = None
     return [(best.get(id(case)), temp) for case, temp in zip(cases, temps)]
-
-
-def measure_read_bandwidth(nbytes: int = 512 << 20) -> float:
-    """Bytes/s of summing an array already in memory: reads only. measure_bandwidth's copy
-    also writes a fresh output, and on a VM its first-touch page faults dominate."""
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    total = jax.jit(jnp.sum)
-    return nbytes / timed(lambda: total(x).block_until_ready())
 
 
 def main(argv=None) -> None:

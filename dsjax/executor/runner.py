@@ -36,6 +36,13 @@ from dsjax.models.opt import OPTModel, abstract_params
 MIN_TOKEN_BUCKET = 16
 
 
+def min_decode_rows() -> int:
+    """The smallest decode batch bucket. On a CPU, padded rows cost as much as real ones (each
+    gathers pages and multiplies), so a lone request runs as one row; an accelerator reads the
+    weights once for 1 or 8 rows alike, and fewer buckets mean fewer programs to compile."""
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
@@ -206,6 +213,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_blocks_per_request = max_blocks_per_request
+        self.min_decode_rows = min_decode_rows()
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
         if place_stages is not None:
             # Some stages live in other processes (dsjax.executor.stage_group): the hook builds
@@ -343,7 +351,7 @@ class ModelRunner:
         groups = self._split(rows)
         for group in groups:
             n = len(group)
-            b_pad = bucket(n, 8)
+            b_pad = bucket(n, self.min_decode_rows)
             width = bucket(max(len(r.block_table) for r in group))
             tokens = np.zeros(b_pad, np.int32)
             tokens[:n] = [r.token_id for r in group]

@@ -61,7 +61,7 @@ def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, i
     """(batch, context) per (batch bucket, block-table bucket) the workload reaches."""
     max_width = min(-(-max_context // runner.page_size), runner.max_blocks_per_request)
     return [(b, w * runner.page_size)
-            for b in powers_of_two(8, min(max_batch, runner.max_batch_size))
+            for b in powers_of_two(runner.min_decode_rows, min(max_batch, runner.max_batch_size))
             for w in powers_of_two(1, max_width)]
 
 
