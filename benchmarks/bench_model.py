@@ -86,8 +86,8 @@ def main(argv=None) -> None:
 
     # A decode step must read the weights once and every row's K and V for every layer.
     kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * dtype.itemsize
-    print("\n| decode batch | context | step ms | floor ms (weights / bandwidth) | % of floor "
-          "| floor ms (weights + KV) / bandwidth | % of that floor |")
+    print("\n| decode batch | context | step ms | floor ms (weights / read bandwidth) | % of floor "
+          "| floor ms ((weights + KV) / read bandwidth) | % of that floor |")
     print("|---|---|---|---|---|---|---|")
     for b in batches:
         rows = [DecodeRow(5, args.context, tuple(range(i * pages_per_seq, (i + 1) * pages_per_seq)),

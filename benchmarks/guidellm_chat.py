@@ -69,13 +69,17 @@ def stage_rows(result: dict) -> list[dict]:
         label = strategy["type_"]
         if strategy.get("rate") is not None:
             label += f"@{strategy['rate']:.2f}"
+        def stat(name, which):   # a stage with no successes may report None
+            value = m[name]["successful"][which]
+            return float("nan") if value is None else value
+
         rows.append({
             "stage": label, "successful": totals["successful"], "errored": totals["errored"],
             "incomplete": totals["incomplete"],
-            "req_s": m["requests_per_second"]["successful"]["mean"],
-            "out_tok_s": m["output_tokens_per_second"]["successful"]["mean"],
-            "ttft_ms": m["time_to_first_token_ms"]["successful"]["median"],
-            "itl_ms": m["inter_token_latency_ms"]["successful"]["median"]})
+            "req_s": stat("requests_per_second", "mean"),
+            "out_tok_s": stat("output_tokens_per_second", "mean"),
+            "ttft_ms": stat("time_to_first_token_ms", "median"),
+            "itl_ms": stat("inter_token_latency_ms", "median")})
     return rows
 
 
@@ -111,9 +115,13 @@ def main() -> None:
     ensure_tokenizer(venv, tokenizer)
 
     port = free_port()
+    # --max-queue-delay: queue every request, as vLLM does. guidellm's throughput stage opens
+    # 512 streams at once; dsjax's default admission answers those past a 10 s estimated wait
+    # with 503 + Retry-After, and guidellm counts them as errors without retrying.
     cmd = [sys.executable, "-m", "serving", "--model", args.model, "--load-format", "dummy",
            "--tokenizer", str(tokenizer), "--served-model-name", args.model,
-           "--port", str(port), "--no-log-status", *args.dsjax_args.split()]
+           "--port", str(port), "--no-log-status", "--max-queue-delay", "3600",
+           *args.dsjax_args.split()]
     server = Server("dsjax", cmd, dict(os.environ), port, args.out / "server.log",
                     cwd=REPO)
     try:

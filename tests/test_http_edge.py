@@ -357,3 +357,17 @@ def test_server_survives_a_hostile_run(loop, caplog):
     metrics = send(loop, hostile, request_bytes(b"", path="/metrics", method="GET"))
     samples = parse_metrics(metrics.split(b"\r\n\r\n", 1)[1].decode())
     assert not [s for s in samples["dsjax_http_errors_total"] if s[0]["status"].startswith("5")]
+
+
+def test_json_depth_bound_is_exact():
+    """32 levels (the body object and 31 nested lists) parse; one more is refused, whatever
+    the caller's stack depth."""
+    from serving.api_errors import ApiError
+    from serving.request_fields import MAX_JSON_DEPTH, parse_json_object
+
+    def nested(levels):
+        return b'{"stop": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+    assert parse_json_object(nested(MAX_JSON_DEPTH)) == {"stop": json.loads(b"[" * 31 + b"]" * 31)}
+    with pytest.raises(ApiError, match="nested too deeply"):
+        parse_json_object(nested(MAX_JSON_DEPTH + 1))

@@ -36,11 +36,11 @@ from dsjax.models.opt import OPTModel, abstract_params
 MIN_TOKEN_BUCKET = 16
 
 
-def min_decode_rows() -> int:
+def min_decode_rows(platform: str) -> int:
     """The smallest decode batch bucket. On a CPU, padded rows cost as much as real ones (each
     gathers pages and multiplies), so a lone request runs as one row; an accelerator reads the
     weights once for 1 or 8 rows alike, and fewer buckets mean fewer programs to compile."""
-    return 1 if jax.default_backend() == "cpu" else 8
+    return 1 if platform == "cpu" else 8
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -213,7 +213,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_blocks_per_request = max_blocks_per_request
-        self.min_decode_rows = min_decode_rows()
+        self.min_decode_rows = min_decode_rows(spec.stage_devices(0)[0].platform)
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
         if place_stages is not None:
             # Some stages live in other processes (dsjax.executor.stage_group): the hook builds
@@ -381,6 +381,14 @@ class ModelRunner:
         if previous is None or not (idx >= 0).any():
             return idx
         return _select_tokens(tuple(o.tokens for o in previous.outs), idx)
+
+    def warm_token_selection(self, previous_steps: list["PendingStep"], batch_buckets) -> None:
+        """Compile the async input-token selection for every (previous step, batch bucket)
+        pair, so a batch that grows or shrinks after ready compiles nothing."""
+        for previous in previous_steps:
+            for b_pad in batch_buckets:
+                _select_tokens(tuple(o.tokens for o in previous.outs),
+                               np.zeros(b_pad, np.int32)).block_until_ready()
 
     def collect(self, pending: "PendingStep") -> StepOutput:
         """Wait for a dispatched step and copy its samples to the host."""

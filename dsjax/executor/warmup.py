@@ -90,9 +90,14 @@ def warm_up_runner(runner, role: str, config) -> int:
             runner.prefill(_prompt_rows(runner, lengths))
             steps += 1
     if role in ("decode", "colocated"):
+        last_of_bucket = {}
         for b, n in decodes:
-            runner.decode([DecodeRow(5, n - 1, t, row) for t in _tables(runner, [n] * b)])
+            step = runner.dispatch_decode([DecodeRow(5, n - 1, t, row)
+                                           for t in _tables(runner, [n] * b)])
+            runner.collect(step)
+            last_of_bucket[b] = step
             steps += 1
+        runner.warm_token_selection(list(last_of_bucket.values()), list(last_of_bucket))
     if role == "chunked":
         # t tokens over b rows that each end at context n: chunks and decode rows alike.
         for b, t, n in chunked_shapes(runner, max_context, config.warmup_max_decode_batch):
