@@ -80,6 +80,10 @@ class EngineConfig:
     warmup_max_context_len: int = 0      # 0: the prompt length + 1
     warmup_max_prefill_batch: int = 8
     warmup_max_decode_batch: int = 64
+    # The smallest decode batch bucket (a power of two), 0: by platform, 1 on a CPU (a padded
+    # row costs as much as a real one there), 8 on an accelerator (8 rows cost what 1 does).
+    # Larger: fewer programs to compile, more padded rows.
+    min_decode_rows: int = 0
     log_status: bool = False             # print each instance's status line once per second
     status_interval: float = 1.0
 
@@ -110,6 +114,9 @@ class EngineConfig:
         for f in ("warmup_max_prefill_batch", "warmup_max_decode_batch"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.min_decode_rows < 0 or self.min_decode_rows & (self.min_decode_rows - 1):
+            raise ValueError(f"min_decode_rows must be 0 (by platform) or a power of two, got "
+                             f"{self.min_decode_rows}")
         if not 0 < self.decoding_waiting_share <= 1:
             raise ValueError(f"decoding_waiting_share must be in (0, 1], got "
                              f"{self.decoding_waiting_share}")

@@ -29,6 +29,8 @@ PLACEMENTS = {
     "tp2->1": dict(context_tensor_parallel_size=2),
     "tp1->2": dict(decoding_tensor_parallel_size=2),
     "tp2->2": dict(context_tensor_parallel_size=2, decoding_tensor_parallel_size=2),
+    # The CPU default: decode batches of 1, 2 and 4 rows as the prompts arrive and finish.
+    "tp1->2 1-row buckets": dict(decoding_tensor_parallel_size=2, min_decode_rows=1),
     "pp2->1": dict(context_pipeline_parallel_size=2),
     "pp1->2": dict(decoding_pipeline_parallel_size=2),
     "tp2pp2->tp2pp2": dict(context_tensor_parallel_size=2, context_pipeline_parallel_size=2,
@@ -48,6 +50,16 @@ def test_placement_matches_transformers(name, hf_opt, hf_reference):
     assert generate(engine, engine_prompts(), GREEDY) == hf_reference
     if PLACEMENTS[name].get("mode", "disaggregated") == "disaggregated":
         assert engine.migrations["count"] >= len(hf_reference)
+    if PLACEMENTS[name].get("mode") != "chunked":   # chunked steps hold decode rows as chunks
+        assert min(decode_batch_buckets(engine)) == PLACEMENTS[name].get("min_decode_rows", 8)
+
+
+def decode_batch_buckets(engine) -> set[int]:
+    """The padded row counts of the decode programs the engine's runners compiled (the first
+    packed input, the token ids, is [rows])."""
+    runners = [engine.local_worker(name).runner for name in engine.instances]
+    return {layout[1][0][1][0] for r in runners for s in r.stages
+            for mode, layout, *_ in s.fns if mode == "decode"}
 
 
 @pytest.mark.parametrize("mode,extra", [
@@ -237,13 +249,14 @@ def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
     """Requests within the warm-up workload (prompts <= 32 tokens, contexts <= 64, 2 prompts
     per prefill, 8 decode rows) find every step program compiled before the engine is ready."""
     extra = dict(decoding_max_tokens_per_batch=32) if mode == "chunked" else {}
+    if mode == "disaggregated":
+        extra = dict(min_decode_rows=1)  # 1-row buckets: warm-up compiles 1, 2 and 4 rows too
+    # A set budget: a measured one follows this machine's speed (its own test is below).
     engine = hf_engine(hf_opt[1], mode=mode, warmup_max_prompt_len=32,
                        warmup_max_context_len=64, warmup_max_prefill_batch=2,
-                       warmup_max_decode_batch=8, **extra)
+                       warmup_max_decode_batch=8, prefill_token_budget=64, **extra)
     runners = [engine.local_worker(name).runner for name in engine.instances]
     compiled = [len(s.fns) for r in runners for s in r.stages]
-    # At the default 2.5 s TTFT SLO this tiny model's budget is the 256-token cap.
-    assert {s["token_budget"] for s in engine.stats() if "token_budget" in s} <= {256}
     assert min(compiled) > 0
     generate(engine, [p[:16] for p in engine_prompts()[:2]], SamplingParams(
         temperature=0.7, max_tokens=20, ignore_eos=True, seed=1))

@@ -271,21 +271,25 @@ def test_non_streaming_disconnect_aborts_and_frees_blocks(server):
 class FailingEngine(EngineProxy):
     """The real engine, but the engine "fails" every request of more than one token at its
     first output (after delivering it, when streaming): the callback gets an Exception, as
-    when one request fails inside the engine."""
+    when one request fails inside the engine. The real engine streams either way, so a
+    non-streaming request fails at its first token too, not after its last."""
 
-    def add_request(self, prompt, params, *, on_output, **kwargs):
-        failed = [] if params.max_tokens > 1 else [False]
+    def add_request(self, prompt, params, *, on_output, stream=True, **kwargs):
+        injected = []
 
         def fail_after_first(output):
-            if failed:
-                if failed == [False]:
+            if params.max_tokens <= 1:   # passed through, as the server asked for it
+                if stream or isinstance(output, BaseException) or output.finished:
                     on_output(output)
                 return
-            failed.append(True)
-            if not isinstance(output, BaseException) and not output.finished:
+            if injected:
+                return
+            injected.append(True)
+            if stream and not isinstance(output, BaseException) and not output.finished:
                 on_output(output)
             on_output(RuntimeError("injected failure"))
-        return self._engine.add_request(prompt, params, on_output=fail_after_first, **kwargs)
+        return self._engine.add_request(prompt, params, on_output=fail_after_first,
+                                        stream=True, **kwargs)
 
 
 def test_a_request_the_engine_fails_is_answered_500_and_the_server_serves_on(loop, server):

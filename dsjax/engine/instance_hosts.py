@@ -107,7 +107,7 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
                          max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
                          max_tokens_per_batch=limits.max_tokens_per_batch,
                          max_blocks_per_request=cfg.max_num_blocks_per_req,
-                         place_stages=place_stages)
+                         place_stages=place_stages, min_decode_rows=cfg.min_decode_rows)
     warm_up_runner(runner, spec.role, cfg)
     if spec.role in ("prefill", "colocated"):
         budget = measure_prefill_budget(runner, cfg)

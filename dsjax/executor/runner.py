@@ -36,10 +36,10 @@ from dsjax.models.opt import OPTModel, abstract_params
 MIN_TOKEN_BUCKET = 16
 
 
-def min_decode_rows(platform: str) -> int:
-    """The smallest decode batch bucket. On a CPU, padded rows cost as much as real ones (each
-    gathers pages and multiplies), so a lone request runs as one row; an accelerator reads the
-    weights once for 1 or 8 rows alike, and fewer buckets mean fewer programs to compile."""
+def platform_min_decode_rows(platform: str) -> int:
+    """The smallest decode batch bucket by default. On a CPU, padded rows cost as much as real
+    ones (each gathers pages and multiplies), so a lone request runs as one row; an accelerator
+    reads the weights once for 1 or 8 rows alike, and fewer buckets mean fewer programs."""
     return 1 if platform == "cpu" else 8
 
 
@@ -205,7 +205,7 @@ class ModelRunner:
     def __init__(self, spec: InstanceSpec, config: OPTConfig,
                  load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int,
-                 place_stages: Callable | None = None):
+                 place_stages: Callable | None = None, min_decode_rows: int = 0):
         check_tensor_parallel(config, spec.tp)
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
         self.spec, self.config, self.dtype = spec, config, dtype
@@ -213,7 +213,8 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_blocks_per_request = max_blocks_per_request
-        self.min_decode_rows = min_decode_rows(spec.stage_devices(0)[0].platform)
+        self.min_decode_rows = (min_decode_rows or
+                                platform_min_decode_rows(spec.stage_devices(0)[0].platform))
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
         if place_stages is not None:
             # Some stages live in other processes (dsjax.executor.stage_group): the hook builds
