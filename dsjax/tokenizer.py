@@ -52,6 +52,15 @@ class Tokenizer:
             return b""
         return self._token_bytes[token_id] if 0 <= token_id < len(self._token_bytes) else b""
 
+    def token_string(self, token_id: int) -> str:
+        """The token as Hugging Face's convert_ids_to_tokens spells it: bytes as byte-level
+        BPE's printable stand-ins ('Ġthe'), a special token as itself."""
+        data = self.token_bytes(token_id, skip_special_tokens=False)
+        if token_id in self.special_ids:
+            return data.decode("utf-8", errors="replace")
+        unicode_of = _bytes_to_unicode()
+        return "".join(unicode_of[b] for b in data)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         data = b"".join(self.token_bytes(int(i), skip_special_tokens) for i in ids)
         return data.decode("utf-8", errors="replace")

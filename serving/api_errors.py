@@ -1,6 +1,7 @@
 """Error answers: one exception type for every 4xx/5xx, and the two JSON shapes it takes.
 
-DistServe's routes answer {"error": message}; OpenAI-compatible routes (/v1/...) answer vLLM's
+DistServe's routes answer {"error": message}; OpenAI-compatible routes (/v1/..., and vLLM's
+/tokenize and /detokenize) answer vLLM's
 ErrorResponse, {"error": {"message", "type", "param", "code"}}, with vLLM's type names and the
 HTTP status as `code`, which the openai client turns into its exception classes.
 """
@@ -36,8 +37,12 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict:
                       "code": status}}
 
 
+# vLLM's own routes outside /v1/ that answer its ErrorResponse too.
+VLLM_ROUTES = ("/tokenize", "/detokenize")
+
+
 def error_body(path: str, status: int, message: str, param: str | None = None) -> dict:
-    """vLLM's shape under /v1/, DistServe's {"error": message} elsewhere."""
-    if path.startswith("/v1/"):
+    """vLLM's shape under /v1/ and on vLLM's routes, DistServe's {"error": message} elsewhere."""
+    if path.startswith("/v1/") or path in VLLM_ROUTES:
         return openai_error(status, message, param)
     return {"error": message}

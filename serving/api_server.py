@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from aiohttp import web
 
-from serving import chat_api, generate_api, openai_api
+from serving import chat_api, generate_api, openai_api, tokenize_api
 from serving.admission import (DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE,
                                Admission)
 from serving.chat_template import load_chat_template
@@ -96,6 +96,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
     app.router.add_post("/generate", generate_api.generate_handler(ctx))
     app.router.add_post("/v1/completions", openai_api.completions_handler(ctx))
     app.router.add_post("/v1/chat/completions", chat_api.chat_handler(ctx))
+    app.router.add_post("/tokenize", tokenize_api.tokenize_handler(ctx))
+    app.router.add_post("/detokenize", tokenize_api.detokenize_handler(ctx))
     app.router.add_get("/v1/models", openai_api.models_handler(ctx))
     app.router.add_get("/v1/models/{model:.+}", openai_api.model_handler(ctx))
     app.router.add_get("/health", health_handler(client))

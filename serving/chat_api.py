@@ -124,32 +124,37 @@ class ChatChoices:
                 "usage": usage([final])}
 
 
+def render_chat(ctx: ServingContext, values: dict, model: str) -> str:
+    """The prompt text of a chat request's fields: its messages through the chat template."""
+    if ctx.chat_template is None:
+        raise ApiError(400, f"model {model!r} has no chat template (no 'chat_template' in "
+                            f"its tokenizer_config.json): start the server with "
+                            f"--chat-template FILE, or use /v1/completions")
+    if "messages" not in values:
+        raise ApiError(400, "field 'messages' is required: a list of {role, content}",
+                       param="messages")
+    messages = read_messages(values["messages"])
+    continue_final = values.get("continue_final_message", False)
+    if continue_final and values.get("add_generation_prompt"):
+        raise ApiError(400, "continue_final_message and add_generation_prompt exclude each "
+                            "other: set one", param="continue_final_message")
+    try:
+        return ctx.chat_template.render(
+            messages, add_generation_prompt=values.get("add_generation_prompt",
+                                                       not continue_final),
+            continue_final_message=continue_final, documents=values.get("documents"),
+            variables=values.get("chat_template_kwargs"))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), param="messages") from e
+
+
 def chat_handler(ctx: ServingContext) -> Handler:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await ctx.read_body(request)
         values = read_fields(body, CHAT_FIELDS)
         model = ctx.model_name(values.get("model"))
-        if ctx.chat_template is None:
-            raise ApiError(400, f"model {model!r} has no chat template (no 'chat_template' in "
-                                f"its tokenizer_config.json): start the server with "
-                                f"--chat-template FILE, or use /v1/completions")
-        if "messages" not in values:
-            raise ApiError(400, "field 'messages' is required: a list of {role, content}",
-                           param="messages")
-        messages = read_messages(values["messages"])
+        text = render_chat(ctx, values, model)
         final_usage, continuous_usage = stream_usage(values)
-        continue_final = values.get("continue_final_message", False)
-        if continue_final and values.get("add_generation_prompt"):
-            raise ApiError(400, "continue_final_message and add_generation_prompt exclude each "
-                                "other: set one", param="continue_final_message")
-        try:
-            text = ctx.chat_template.render(
-                messages, add_generation_prompt=values.get("add_generation_prompt",
-                                                           not continue_final),
-                continue_final_message=continue_final, documents=values.get("documents"),
-                variables=values.get("chat_template_kwargs"))
-        except ChatTemplateError as e:
-            raise ApiError(400, str(e), param="messages") from e
         ids = await ctx.prompt_ids(text, values.get("add_special_tokens", False))
         max_tokens = ctx.max_tokens(ids, values.get("max_completion_tokens",
                                                     values.get("max_tokens")))

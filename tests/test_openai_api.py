@@ -242,6 +242,45 @@ def test_model_cards_and_served_model_names(loop, server):
     assert {s[0]["model_name"] for s in samples["vllm:request_success_total"]} == {"tiny-chat"}
 
 
+def test_tokenize_and_detokenize_as_vllm_answers_them(server):
+    """vLLM's /tokenize (a prompt, or a chat through the template) and /detokenize."""
+    text = "The capital of France"
+    status, _, answer = server.post("/tokenize", {"model": "opt-tiny", "prompt": text})
+    plain = server.engine.tokenizer.encode(text, add_bos=False)
+    assert status == 200 and answer == {"count": len(plain) + 1, "max_model_len": 2048,
+                                        "tokens": [2, *plain], "token_strs": None}
+    answer = server.post("/tokenize", {"prompt": text, "add_special_tokens": False,
+                                       "return_token_strs": True})[2]
+    assert answer["tokens"] == plain and "".join(answer["token_strs"]) == \
+        "TheĠcapitalĠofĠFrance"    # GPT-2's byte-level spelling of the spaces
+    assert server.post("/detokenize", {"tokens": plain})[2] == {"prompt": text}
+
+    # A chat counts what /v1/chat/completions will send: transformers' rendering, no BOS.
+    chat = server.post("/tokenize", {"messages": MESSAGES, "add_generation_prompt": True})[2]
+    ids = server.engine.tokenizer.encode(reference_prompt(MESSAGES), add_bos=False)
+    assert chat["tokens"] == ids
+    done = client_of(server).chat.completions.create(model="opt-tiny", messages=MESSAGES,
+                                                     max_tokens=1)
+    assert done.usage.prompt_tokens == chat["count"]
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/tokenize", {}, 400, "send field 'prompt' (text) or 'messages' (a chat)"),
+    ("/tokenize", {"prompt": [1, 2]}, 400, "field 'prompt' must be a string"),
+    ("/tokenize", {"prompt": "hi", "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+    ("/tokenize", {"messages": []}, 400, "field 'messages' is empty"),
+    ("/detokenize", {}, 400, "field 'tokens' is required"),
+    ("/detokenize", {"tokens": [5, -1]}, 400, "field 'tokens' is -1: it must be >= 0"),
+    ("/detokenize", {"tokens": [5, 10**6]}, 400,
+     "token id 1000000 is outside the model's vocabulary of"),
+    ("/detokenize", {"tokens": "hi"}, 400, "field 'tokens' must be a list of integers"),
+])
+def test_bad_tokenize_requests_name_the_problem(server, path, body, status, message):
+    got, _, answer = server.post(path, body)
+    assert got == status and message in answer["error"]["message"], answer
+    assert server.post("/tokenize", {"prompt": "hi"})[0] == 200
+
+
 def engine_output(engine, prompt, **params):
     from dsjax import SamplingParams
     return engine.add_request(prompt, SamplingParams(**params), stream=False).result(timeout=120)

@@ -71,6 +71,14 @@ def test_special_tokens(opt_tok, trained):
     assert opt_tok.decode(opt_tok.encode("hi") + [opt_tok.vocab_size + 5]) == "hi"
 
 
+def test_token_strings_spell_tokens_as_tokenizers_does(opt_tok, trained):
+    """convert_ids_to_tokens' spelling: byte-level stand-ins ('Ġ' for a space), specials as
+    themselves; `tokenizers` is the reference."""
+    assert [opt_tok.token_string(i) for i in range(trained.get_vocab_size())] == \
+        [trained.id_to_token(i) for i in range(trained.get_vocab_size())]
+    assert opt_tok.token_string(opt_tok.encode(" Hello", add_bos=False)[0]).startswith("Ġ")
+
+
 def _stream(tok, ids):
     det = IncrementalDetokenizer(tok)
     pieces = [det.feed(i) for i in ids]
@@ -114,6 +122,8 @@ def test_gpt2_fallback_ids_and_lengths(tmp_path):
     # Only a leading 2 is BOS: elsewhere it is GPT-2's '#'.
     assert tok.decode(tok.encode("#a#")) == "#a#"
     assert tok.decode([50256, 15496], skip_special_tokens=False) == "<|endoftext|>Hello"
+    assert [tok.token_string(i) for i in (15496, 995, 50256)] == ["Hello", "Ġworld",
+                                                                 "<|endoftext|>"]
 
 
 def test_no_tokenizer_files_without_fallback(tmp_path):
