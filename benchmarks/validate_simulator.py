@@ -228,8 +228,11 @@ def render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out, seco
         "## Measured run", "",
         f"Command: `{cmd}` ({seconds / 60:.1f} min).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; both instances of the "
-        "disaggregated engine run on the one CPU device.",
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; executor backend "
+        f"{args.backend}: " + (
+            "each instance in its own process on its own cores (the profile ran on all of them)."
+            if args.backend == "mp" else
+            "both instances of the disaggregated engine share the one CPU device's cores."),
         f"Model: {args.model} {args.dtype}, dummy weights, sampling temperature "
         f"{args.temperature:g}. Profile: `{Path(profile).relative_to(ROOT) if Path(profile).is_relative_to(ROOT) else profile}` "
         f"(prefill ms = {co.prefill[0]:.3g} + {co.prefill[1]:.3g}*sum(len) + "
