@@ -117,6 +117,9 @@ class EngineConfig:
         if self.min_decode_rows < 0 or self.min_decode_rows & (self.min_decode_rows - 1):
             raise ValueError(f"min_decode_rows must be 0 (by platform) or a power of two, got "
                              f"{self.min_decode_rows}")
+        if self.min_decode_rows > self.decoding_max_batch_size:
+            raise ValueError(f"min_decode_rows ({self.min_decode_rows}) exceeds "
+                             f"decoding_max_batch_size ({self.decoding_max_batch_size}): lower it")
         if not 0 < self.decoding_waiting_share <= 1:
             raise ValueError(f"decoding_waiting_share must be in (0, 1], got "
                              f"{self.decoding_waiting_share}")

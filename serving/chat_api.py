@@ -129,7 +129,7 @@ def render_chat(ctx: ServingContext, values: dict, model: str) -> str:
     if ctx.chat_template is None:
         raise ApiError(400, f"model {model!r} has no chat template (no 'chat_template' in "
                             f"its tokenizer_config.json): start the server with "
-                            f"--chat-template FILE, or use /v1/completions")
+                            f"--chat-template FILE, or send a plain prompt (/v1/completions)")
     if "messages" not in values:
         raise ApiError(400, "field 'messages' is required: a list of {role, content}",
                        param="messages")

@@ -19,7 +19,8 @@ log = logging.getLogger("serving")
 
 UNGUARDED_PATHS = {"/health"}   # probes reach it by any name, without a key
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-ROUTES_TEXT = "/generate, /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics"
+ROUTES_TEXT = ("/generate, /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+               "/detokenize, /health, /metrics")
 
 
 def error_middleware(metrics: ServerMetrics):

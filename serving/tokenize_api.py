@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from dsjax.tokenizer import OPT_BOS
 from serving.api_errors import ApiError
 from serving.chat_api import render_chat
 from serving.context import ServingContext
@@ -37,7 +38,7 @@ def _tokenizer(ctx: ServingContext):
 def tokenize_handler(ctx: ServingContext) -> Handler:
     async def tokenize(request: web.Request) -> web.Response:
         body = await ctx.read_body(request)
-        chat = "messages" in body
+        chat = body.get("messages") is not None   # null: a prompt request, as vLLM reads it
         values = read_fields(body, TOKENIZE_CHAT_FIELDS if chat else TOKENIZE_PROMPT_FIELDS)
         model = ctx.model_name(values.get("model"))
         tokenizer = _tokenizer(ctx)
@@ -49,8 +50,11 @@ def tokenize_handler(ctx: ServingContext) -> Handler:
             raise ApiError(400, "send field 'prompt' (text) or 'messages' (a chat)",
                            param="prompt")
         ids = await ctx.client.tokenize(text, bos)
-        strs = [tokenizer.token_string(i) for i in ids] if values.get("return_token_strs") \
-            else None
+        strs = None
+        if values.get("return_token_strs"):
+            strs = [tokenizer.token_string(i) for i in ids]
+            if bos:   # the GPT-2 fallback's BOS id is also GPT-2's '#': spell it as OPT does
+                strs[0] = OPT_BOS
         return web.json_response({"count": len(ids), "max_model_len": ctx.max_model_len,
                                   "tokens": ids, "token_strs": strs})
     return tokenize

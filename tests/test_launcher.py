@@ -80,6 +80,7 @@ def test_config_file_then_flags_override(tmp_path):
     ("blok_size = 8\n", "unknown engine settings ['blok_size']"),
     ('mode = "fast"\n', "mode must be one of"),
     ("min_decode_rows = 6\n", "min_decode_rows must be 0 (by platform) or a power of two"),
+    ("min_decode_rows = 512\n", "min_decode_rows (512) exceeds decoding_max_batch_size (256)"),
 ])
 def test_bad_config_files_name_the_problem(tmp_path, capsys, content, message):
     path = tmp_path / "bad.toml"

@@ -254,6 +254,10 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(server):
     assert answer["tokens"] == plain and "".join(answer["token_strs"]) == \
         "TheĠcapitalĠofĠFrance"    # GPT-2's byte-level spelling of the spaces
     assert server.post("/detokenize", {"tokens": plain})[2] == {"prompt": text}
+    # BOS spelled as OPT's tokenizer spells it; "messages": null is a prompt request (vLLM).
+    answer = server.post("/tokenize", {"prompt": text, "messages": None,
+                                       "return_token_strs": True})[2]
+    assert answer["tokens"] == [2, *plain] and answer["token_strs"][0] == "</s>"
 
     # A chat counts what /v1/chat/completions will send: transformers' rendering, no BOS.
     chat = server.post("/tokenize", {"messages": MESSAGES, "add_generation_prompt": True})[2]

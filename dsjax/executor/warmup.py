@@ -60,8 +60,9 @@ def prefill_shapes(runner, max_prompt: int, max_batch: int) -> list[list[int]]:
 def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, int]]:
     """(batch, context) per (batch bucket, block-table bucket) the workload reaches."""
     max_width = min(-(-max_context // runner.page_size), runner.max_blocks_per_request)
-    return [(b, w * runner.page_size)
-            for b in powers_of_two(runner.min_decode_rows, min(max_batch, runner.max_batch_size))
+    smallest = runner.min_decode_rows
+    largest = min(max(max_batch, smallest), runner.max_batch_size)
+    return [(b, w * runner.page_size) for b in powers_of_two(smallest, largest)
             for w in powers_of_two(1, max_width)]
 
 
