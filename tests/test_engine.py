@@ -258,6 +258,8 @@ def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
     runners = [engine.local_worker(name).runner for name in engine.instances]
     compiled = [len(s.fns) for r in runners for s in r.stages]
     assert min(compiled) > 0
+    if mode != "chunked":
+        assert decode_batch_buckets(engine) == ({1, 2, 4, 8} if mode == "disaggregated" else {8})
     generate(engine, [p[:16] for p in engine_prompts()[:2]], SamplingParams(
         temperature=0.7, max_tokens=20, ignore_eos=True, seed=1))
     assert [len(s.fns) for r in runners for s in r.stages] == compiled

@@ -258,6 +258,12 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(server):
     answer = server.post("/tokenize", {"prompt": text, "messages": None,
                                        "return_token_strs": True})[2]
     assert answer["tokens"] == [2, *plain] and answer["token_strs"][0] == "</s>"
+    # Well-known GPT-2 ids and spellings (opt-tiny has no tokenizer files: the GPT-2 BPE).
+    answer = server.post("/tokenize", {"prompt": "Hello world", "return_token_strs": True})[2]
+    assert (answer["tokens"], answer["token_strs"]) == ([2, 15496, 995],
+                                                        ["</s>", "Hello", "Ġworld"])
+    assert server.post("/detokenize", {"tokens": [50256, 15496, 995]})[2] == {
+        "prompt": "<|endoftext|>Hello world"}    # special tokens spelled out, as vLLM
 
     # A chat counts what /v1/chat/completions will send: transformers' rendering, no BOS.
     chat = server.post("/tokenize", {"messages": MESSAGES, "add_generation_prompt": True})[2]
