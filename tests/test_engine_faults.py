@@ -79,7 +79,7 @@ def test_chunked_mode_under_memory_pressure_completes(fresh, hf_opt):
 def test_decode_batch_of_one_does_not_wait_forever(fresh, hf_opt):
     """A (running) is swapped out for a block that B (pulled, waiting) holds; with a batch of
     one, B used to wait behind A forever while A waited for B's block."""
-    engine = fresh(num_blocks=7, decoding_max_batch_size=1)
+    engine = fresh(num_blocks=7, decoding_max_batch_size=1, min_decode_rows=1)
     a_prompt, b_prompt = [7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23]
     a = engine.add_request(a_prompt, SamplingParams(temperature=0, max_tokens=20,
                                                     ignore_eos=True))
