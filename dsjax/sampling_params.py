@@ -116,6 +116,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+        if len(self.stop_token_ids) > MAX_LOGIT_BIAS:
+            raise ValueError(f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most "
+                             f"{MAX_LOGIT_BIAS}")
         if any(not 0 <= t < INT32_LIMIT for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must hold non-negative ints, got {self.stop_token_ids!r}")
 

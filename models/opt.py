@@ -100,9 +100,8 @@ class OPTModel(nn.Module):
     __call__(inputs, kv_cache, meta) -> (outputs, kv_cache)
       inputs: token ids [T] on the first stage, else hidden states [T, hidden_size]
       kv_cache: (k, v), each [layers_of_this_stage, pages, page_size, heads, head_dim]
-      outputs: float32 logits [B, vocab] of the rows selected by the metadata (each prompt's
-               last token, or every decode row) on the last stage, else hidden states [T, hidden].
-               With all_logits, a prefill's last stage returns every token's logits [T, vocab].
+      outputs: hidden states [T, hidden] of every token (after the final layer norm on the
+               last stage, whose `logits` method then gives the LM head's logits).
     """
     config: OPTConfig
     attention: AttentionBackend
@@ -112,7 +111,6 @@ class OPTModel(nn.Module):
     last_stage: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    all_logits: bool = False  # prefill: logits of every token (prompt log-probabilities)
 
     def setup(self):
         cfg = self.config
@@ -152,16 +150,15 @@ class OPTModel(nn.Module):
         k_cache, v_cache = kv_cache
         (x, k_cache, v_cache), _ = self.layers((x, k_cache, v_cache),
                                                jnp.arange(self._num_layers), meta)
-        if not self.last_stage:
-            return x, (k_cache, v_cache)
-        if self.mode != "decode" and not self.all_logits:
-            x = x[meta.last_token_idx]
-        if self.config.has_final_layer_norm:
+        if self.last_stage and self.config.has_final_layer_norm:
             x = self.final_layer_norm(x)
+        return x, (k_cache, v_cache)
+
+    def logits(self, x):
+        """float32 logits [N, vocab] of final hidden states [N, hidden] (last stage only)."""
         if self.config.has_projections:
             x = self.project_out(x)
-        logits = self.embed_tokens.attend(x.astype(self.dtype))  # tied LM head
-        return logits.astype(jnp.float32), (k_cache, v_cache)
+        return self.embed_tokens.attend(x.astype(self.dtype)).astype(jnp.float32)  # tied head
 
 
 def abstract_params(config: OPTConfig, dtype=jnp.float32, attention=None):
@@ -175,5 +172,11 @@ def abstract_params(config: OPTConfig, dtype=jnp.float32, attention=None):
                            last_token_idx=jnp.array([t - 1], jnp.int32))
     cache_shape = (config.num_hidden_layers, 1, 16, config.num_attention_heads, config.head_dim)
     cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(t, jnp.int32), cache, meta))
+
+    def forward_and_head(module, tokens):
+        hidden, _ = module(tokens, cache, meta)
+        return module.logits(hidden)
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(t, jnp.int32),
+                                               method=forward_and_head))
     return shapes["params"]

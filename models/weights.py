@@ -254,7 +254,7 @@ def load_hf_params(model_dir: str | Path, config: OPTConfig, dtype=jnp.float32, 
 # Random weights
 
 
-def _mix(h):
+def mix32(h):
     """A 32-bit integer hash (lowbias32): full avalanche, so neighbouring indices decorrelate."""
     h = h ^ (h >> 16)
     h = h * jnp.uint32(0x7FEB352D)
@@ -268,12 +268,12 @@ def _hash_normal(seed, leaf: int, shape, dtype):
 
     Used instead of jax.random because XLA:CPU takes ~0.3 s to compile each threefry call
     (seconds per model in tests); being elementwise on iotas it is also trivially sharded."""
-    h = jnp.full(shape, _mix(seed.astype(jnp.uint32) * jnp.uint32(1000003) + jnp.uint32(leaf)))
+    h = jnp.full(shape, mix32(seed.astype(jnp.uint32) * jnp.uint32(1000003) + jnp.uint32(leaf)))
     for axis in range(len(shape)):
         salt = jnp.uint32((0x9E3779B9 * (axis + 1)) & 0xFFFFFFFF)
-        h = _mix(h ^ (jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + salt))
+        h = mix32(h ^ (jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + salt))
     u1 = ((h >> 8).astype(jnp.float32) + 0.5) / 2 ** 24  # (0, 1): log stays finite
-    u2 = (_mix(h ^ jnp.uint32(0x68E31DA4)) >> 8).astype(jnp.float32) / 2 ** 24
+    u2 = (mix32(h ^ jnp.uint32(0x68E31DA4)) >> 8).astype(jnp.float32) / 2 ** 24
     return (jnp.sqrt(-2 * jnp.log(u1)) * jnp.cos(2 * jnp.pi * u2)).astype(dtype)
 
 

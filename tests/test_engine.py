@@ -60,7 +60,8 @@ def decode_batch_buckets(engine) -> set[int]:
     packed input, the token ids, is [rows])."""
     runners = [engine.local_worker(name).runner for name in engine.instances]
     return {layout[1][0][1][0] for r in runners for s in r.stages
-            for mode, layout, *_ in s.fns if mode == "decode"}
+            for kind, *key in s.fns if kind == "forward" and key[0] == "decode"
+            for layout in [key[1]]}
 
 
 @pytest.mark.parametrize("mode,extra", [

@@ -50,8 +50,12 @@ class Case:
 
     def _jit(self, mode):
         model = OPTModel(self.config, XLAAttention(), mode)
-        return jax.jit(lambda params, tokens, cache, meta:
-                       model.apply({"params": params}, tokens, cache, meta))
+
+        def step(params, tokens, cache, meta):
+            hidden, cache = model.apply({"params": params}, tokens, cache, meta)
+            last = hidden if mode == "decode" else hidden[meta.last_token_idx]
+            return model.apply({"params": params}, last, method="logits"), cache
+        return jax.jit(step)
 
     def empty_cache(self):
         c = self.config

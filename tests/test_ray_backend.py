@@ -158,8 +158,9 @@ def test_remote_stage_pages_and_steps_in_process():
         return ModelRunner(spec, mc, load, max_batch_size=8, max_tokens_per_batch=256,
                            max_blocks_per_request=64, **sizes, **hook)
 
-    def servers(_):
-        return [StageServer(build_stage(mc, devices[1:2], 1, 2, load, **sizes),
+    def servers(head_runner):
+        return [StageServer(build_stage(mc, devices[1:2], 1, 2, load, **sizes,
+                                        num_slots=head_runner.max_sampled_rows),
                             TransferChannel("127.0.0.1"))]
     head = InstancePlan("decode", 0, 1, 2, (0,))    # the head process sees stage 0 only
     remote = runner(InstanceSpec.bind(head, devices[:1]),

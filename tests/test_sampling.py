@@ -163,7 +163,8 @@ def test_different_steps_and_seeds_give_different_draws():
 def test_logprobs_are_model_log_softmax_and_top_n_most_likely(mode):
     logits = ranked_logits(4, rng_seed=11)
     temperature = 0.0 if mode == "greedy" else 3.0
-    st = tensors([SamplingParams(temperature=temperature, top_k=2)] * 4, seeds=[1, 2, 3, 4])
+    st = tensors([SamplingParams(temperature=temperature, top_k=2, logprobs=NUM_LOGPROBS)] * 4,
+                 seeds=[1, 2, 3, 4])
     out = jit_sample(logits, st, num_logprobs=NUM_LOGPROBS, mode=mode)
     raw = np.asarray(logits, np.float64)
     want = raw - raw.max(-1, keepdims=True)
@@ -173,8 +174,13 @@ def test_logprobs_are_model_log_softmax_and_top_n_most_likely(mode):
     np.testing.assert_array_equal(out.top_ids, np.argsort(-want, axis=-1)[:, :NUM_LOGPROBS])
     np.testing.assert_allclose(out.top_logprobs, -np.sort(-want, axis=-1)[:, :NUM_LOGPROBS],
                                rtol=1e-5, atol=1e-6)
-    no_logprobs = jit_sample(logits, st, num_logprobs=0, mode=mode)
-    assert no_logprobs.top_ids.shape == (4, 0)
+    # Rows that ask for no top-N: the same program skips it at run time (zeros), and the
+    # tokens and chosen log-probabilities do not change.
+    plain = tensors([SamplingParams(temperature=temperature, top_k=2)] * 4, seeds=[1, 2, 3, 4])
+    none = jit_sample(logits, plain, num_logprobs=NUM_LOGPROBS, mode=mode)
+    assert not np.asarray(none.top_ids).any() and not np.asarray(none.top_logprobs).any()
+    np.testing.assert_array_equal(none.tokens, out.tokens)
+    np.testing.assert_allclose(none.logprob, out.logprob)
 
 
 def test_unknown_mode_is_rejected():
@@ -287,3 +293,58 @@ def test_auto_mode_takes_the_batchs_cheapest_exact_path(params, mode):
     explicit = jit_sample(logits, st, num_logprobs=NUM_LOGPROBS, mode=mode)
     np.testing.assert_array_equal(auto.tokens, explicit.tokens)
     np.testing.assert_allclose(auto.logprob, explicit.logprob)
+
+
+# ---------------------------------------------------------------- slot table
+
+def numpy_slot_logits(logits, params, prompt, output, step):
+    """vLLM's definitions in float64: bias, repetition (prompt and output tokens), frequency
+    and presence (output tokens), then stop ids banned while step < min_tokens."""
+    out = np.asarray(logits, np.float64).copy()
+    for t, b in params.logit_bias:
+        out[t] += b
+    counts = np.bincount(output, minlength=out.size)
+    seen = (counts > 0) | np.isin(np.arange(out.size), prompt)
+    rep = params.repetition_penalty
+    out = np.where(seen, np.where(out > 0, out / rep, out * rep), out)
+    out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if step < params.min_tokens:
+        out[list(params.stop_token_ids)] = -np.inf
+    return out
+
+
+def test_slot_table_rows_get_their_own_penalties_bias_and_bans():
+    """Rows with slots get exactly NumPy's penalised logits (greedy picks their argmax and
+    none of the banned ids); rows without a slot in the same batch are untouched; the table
+    counts each sampled token in its row's slot."""
+    from dsjax.executor.sampling import SlotTable, fill_slot, record_tokens, slot_inputs
+    vocab = 40
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, vocab)).astype(np.float32) * 3
+    penalised = [
+        (SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=0.7,
+                        logit_bias={3: 5.0, 9: -80.0}), [1, 2, 3], [5, 5, 7], 3),
+        (SamplingParams(temperature=0, repetition_penalty=1.9, min_tokens=4,
+                        stop_token_ids=[11, 12, 13]), [11, 20, 21], [12], 1),
+    ]
+    table = SlotTable.zeros(6, vocab)
+    for slot, (params, prompt, output, _) in zip((4, 1), penalised):
+        table = fill_slot(table, slot, **slot_inputs(params, prompt, output, 32))
+    plain = SamplingParams(temperature=0)
+    rows = [penalised[0][0], plain, penalised[1][0], plain]
+    st = build_sampling_tensors(rows, [0] * 4, [penalised[0][3], 0, penalised[1][3], 0], 4,
+                                slots=[4, -1, 1, -1])
+    st = jax.tree.map(jnp.asarray, st)
+    # Row 2's unpenalised favourites are its banned stop ids: the ban must move it.
+    logits[2, [11, 12, 13]] += 20.0
+    out = jax.jit(sample)(jnp.asarray(logits), st, table)
+    want = [np.argmax(numpy_slot_logits(logits[0], *penalised[0][:3], penalised[0][3])),
+            np.argmax(logits[1]),
+            np.argmax(numpy_slot_logits(logits[2], *penalised[1][:3], penalised[1][3])),
+            np.argmax(logits[3])]
+    np.testing.assert_array_equal(out.tokens, want)
+    assert int(out.tokens[2]) not in (11, 12, 13)
+    counted = record_tokens(table, st.slots, out.tokens)
+    added = np.asarray(counted.counts - table.counts)
+    assert added.sum() == 2
+    assert added[4, want[0]] == 1 and added[1, want[2]] == 1

@@ -231,3 +231,21 @@ def test_chunked_swap_decision_is_carried_out_exactly_once():
             break
     assert not len(s) and bm.num_used == 0
     assert len(seen_out) == len(seen_in) > 0
+
+
+def test_sampling_slots_are_reused_and_taken_from_idle_holders_only():
+    from dsjax.engine.sampling_slots import SlotAssignments
+    slots = SlotAssignments(2)
+    a = slots.assign("a", busy=set())
+    b = slots.assign("b", busy=set())
+    assert {a, b} == {0, 1} and slots.lookup("a") == a
+    # Full: the least recently used holder not running now gives its row up ("b": "a" was
+    # just looked up); a running holder never does.
+    c = slots.assign("c", busy={"a"})
+    assert c == b and slots.lookup("b") is None and slots.lookup("a") == a
+    with pytest.raises(RuntimeError, match="held by running"):
+        slots.assign("d", busy={"a", "c"})
+    slots.release("a")
+    assert slots.assign("d", busy=set()) == a and len(slots) == 2
+    with pytest.raises(ValueError, match="already holds"):
+        slots.assign("d", busy=set())

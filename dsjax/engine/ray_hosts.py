@@ -77,7 +77,7 @@ class StageGroup:
 class StageActor:
     """One later pipeline stage of an instance (a StageServer) in its own process."""
 
-    def __init__(self, plan, index, config, model_config, model_dir, num_pages, env):
+    def __init__(self, plan, index, config, model_config, model_dir, num_pages, num_slots, env):
         setup_process(f"{plan.name}.stage{index}", env, config)
         import jax
         import jax.numpy as jnp
@@ -89,7 +89,8 @@ class StageActor:
         stage = build_stage(model_config, devices, index, plan.pp,
                             params_loader(config, model_config, model_dir, dtype), dtype=dtype,
                             num_pages=num_pages, page_size=config.block_size,
-                            attention=get_attention_backend(config.attention_backend))
+                            attention=get_attention_backend(config.attention_backend),
+                            num_slots=num_slots)
         self.server = StageServer(stage, TransferChannel(ray.util.get_node_ip_address()))
 
     def call(self, method: str, *args):
@@ -119,11 +120,11 @@ class ActorRPC:
 
 
 def start_stage_actors(plan, config, model_config, model_dir, group: StageGroup,
-                       num_pages: int) -> list:
+                       num_pages: int, num_slots: int) -> list:
     """Stage actors 1..pp-1 of `plan` in bundles 1..pp-1, ready (or failed) on return."""
     actors = [StageActor.options(**actor_options(group.platform, plan.tp, group.pg, s,
                                                  group.env)).remote(
-        plan, s, config, model_config, model_dir, num_pages, group.env)
+        plan, s, config, model_config, model_dir, num_pages, num_slots, group.env)
         for s in range(1, plan.pp)]
     ray.get([a.__ray_ready__.remote() for a in actors])
     return actors
@@ -154,7 +155,8 @@ class InstanceActor:
 
             def servers(runner):
                 self._stage_actors.extend(start_stage_actors(
-                    plan, config, model_config, model_dir, stages, runner.num_pages))
+                    plan, config, model_config, model_dir, stages, runner.num_pages,
+                    runner.max_sampled_rows))
                 return [ActorRPC(a, f"the actor of its stage {s}")
                         for s, a in enumerate(self._stage_actors, start=1)]
             place = stage_placer(servers, TransferChannel(host))

@@ -134,11 +134,9 @@ class Request:
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
-    def sampling_row(self) -> SamplingRow:
-        history = ((self.prompt_token_ids, tuple(self.output_token_ids))
-                   if self.params.has_penalties else None)
+    def sampling_row(self, slot: int = -1) -> SamplingRow:
         return SamplingRow(self.params, sequence_seed(self.spec.seed, self.index or 0),
-                           len(self.output_token_ids) + self.pending, history)
+                           len(self.output_token_ids) + self.pending, slot)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

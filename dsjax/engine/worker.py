@@ -32,9 +32,11 @@ from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceF
                                    KVRefused, LifetimeEvent, MigrationOffer, OfferMigration,
                                    PeerMessage, Report, RequestFailed, Shutdown, TokenUpdate)
 from dsjax.engine.request import Request, Status
+from dsjax.engine.sampling_slots import SlotAssignments
 from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
 from dsjax.executor.runner import StepOutput
+from dsjax.executor.sampling import needs_slot
 
 log = logging.getLogger("dsjax")
 
@@ -59,6 +61,7 @@ class InstanceWorker:
         self.kv = kv_link
         self._send = send
         self.requests: dict[str, Request] = {}
+        self.slots = SlotAssignments(runner.max_sampled_rows)
         self.steps = 0
         self.busy_s = 0.0
         self.tokens_out = 0
@@ -142,6 +145,18 @@ class InstanceWorker:
         if not self.runner.healthy():
             raise InstanceFault(f"{self.name} lost its device state: "
                                 f"{type(error).__name__}: {error}") from error
+
+    def _sampling_row(self, req: Request, busy=()):
+        """The sequence's sampling row; one that needs the sampler's slot table gets its row,
+        filled from its tokens when it has none. `busy`: sequence ids whose rows must stay."""
+        if not needs_slot(req.params):
+            return req.sampling_row()
+        slot = self.slots.lookup(req.request_id)
+        if slot is None:
+            slot = self.slots.assign(req.request_id, busy)
+            self.runner.fill_sampling_slot(slot, req.params, req.prompt_token_ids,
+                                           req.output_token_ids)
+        return req.sampling_row(slot)
 
     # ---- subclasses ---------------------------------------------------------------------------
 
@@ -244,9 +259,10 @@ class InstanceWorker:
             self._event(r, "context_begin")
         tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}
         sequences = {r.request_id: r.sequences() for r in batch}
+        busy = {s.request_id for seqs in sequences.values() for s in seqs}
         results = self._run_rows(self.runner.prefill, batch, lambda r: PrefillRow(
             r.prompt_token_ids, tables[r.request_id],
-            tuple(s.sampling_row() for s in sequences[r.request_id])))
+            tuple(self._sampling_row(s, busy) for s in sequences[r.request_id])))
         now = time.perf_counter()
         for r, result in zip(batch, results):
             if result is None or r.request_id not in self.requests:
@@ -258,6 +274,9 @@ class InstanceWorker:
             seqs = sequences[r.request_id]
             ended = {id(s) for s in self._emit_all(zip(seqs, result))}
             running = [s for s in seqs if id(s) not in ended]
+            for s in seqs:
+                if id(s) in ended:
+                    self.slots.release(s.request_id)
             if running and r.request_id in self.requests:
                 hand_off(r, running)
             elif r.request_id in self.requests:
@@ -269,6 +288,7 @@ class InstanceWorker:
         """Forget a request and free every block it holds here."""
         self._forget(req)
         self.requests.pop(req.request_id, None)
+        self.slots.release(req.request_id)
         if self.blocks.holds(req.request_id):
             self.blocks.free(req.request_id)
 
@@ -404,6 +424,8 @@ class PrefillWorker(InstanceWorker):
         return bool(batch)
 
     def _hold(self, req: Request, sequences: list[Request]) -> None:
+        for s in sequences:   # the decode instance fills its own slots from these tokens
+            self.slots.release(s.request_id)
         req.status = Status.WAITING_MIGRATION
         self.held[req.request_id] = req
         self._prefilled.append(MigrationOffer(
@@ -482,19 +504,23 @@ class DecodingWorker(InstanceWorker):
             self.requests[s.request_id] = s
             self.scheduler.add_waiting(s)
 
-    def _decode_row(self, req: Request, prev_row: int = -1) -> DecodeRow:
+    def _decode_row(self, req: Request, prev_row: int = -1, busy=()) -> DecodeRow:
         """The request's next decode row; prev_row >= 0: its input token is the one the
         in-flight step samples in that row (the host does not have it yet)."""
         return DecodeRow(req.last_token_id if prev_row < 0 else -1, req.num_tokens - 1,
-                         tuple(self.blocks.tables[req.request_id]), req.sampling_row(),
-                         prev_row)
+                         tuple(self.blocks.tables[req.request_id]),
+                         self._sampling_row(req, busy), prev_row)
+
+    def _busy(self, batch: list[Request]) -> set[str]:
+        """Sequences whose sampling slots must stay: this step's and the one on the device."""
+        busy = {r.request_id for r in batch}
+        if self._inflight is not None:
+            busy.update(r.request_id for r in self._inflight.requests)
+        return busy
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""
         start = time.perf_counter()
-        if self._inflight is not None and any(r.params.has_penalties
-                                              for r in self._inflight.requests):
-            self._read_inflight()   # penalties need every token on the host first
         step = self.scheduler.schedule()
         self._in_step = step.batch + step.swap_out
         if not step.batch and not step.swap_out and not step.dropped:
@@ -511,7 +537,9 @@ class DecodingWorker(InstanceWorker):
                 self._event(r, "decoding_begin", start)
         if not self.async_scheduling or not self._dispatch(step.batch, start):
             self._read_inflight()
-            results = self._run_rows(self.runner.decode, step.batch, self._decode_row)
+            busy = self._busy(step.batch)
+            results = self._run_rows(self.runner.decode, step.batch,
+                                     lambda r: self._decode_row(r, busy=busy))
             for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
                 self._release(r)
             self._log_step(len(step.batch), start)
@@ -524,7 +552,8 @@ class DecodingWorker(InstanceWorker):
         previous = self._inflight
         row_of = {id(r): i for i, r in enumerate(previous.requests)} if previous else {}
         try:
-            rows = [self._decode_row(r, row_of.get(id(r), -1)) for r in batch]
+            busy = self._busy(batch)
+            rows = [self._decode_row(r, row_of.get(id(r), -1), busy) for r in batch]
             pending = self.runner.dispatch_decode(rows, previous.step if previous else None)
         except Exception as e:  # noqa: BLE001
             self._check_state(e)
@@ -737,9 +766,17 @@ class ChunkedWorker(DecodingWorker):
         sequences = {id(r): r.sequences() for r, first, n in plan.chunks
                      if first + n == r.prompt_len}
         rows = {}
+        busy = {r.request_id for r in reqs} | {q.request_id for seqs in sequences.values()
+                                               for q in seqs}
+        decoding = {id(r) for r in step.batch}
         for r, ids, first in items:
             seqs = sequences.get(id(r))
-            sampling = tuple(q.sampling_row() for q in seqs) if seqs else (r.sampling_row(),)
+            if seqs:
+                sampling = tuple(self._sampling_row(q, busy) for q in seqs)
+            elif id(r) in decoding:
+                sampling = (self._sampling_row(r, busy),)
+            else:   # a chunk that does not end its prompt: its sample is dropped
+                sampling = (r.sampling_row(),)
             rows[id(r)] = ChunkRow(tuple(ids), first, tuple(self.blocks.tables[r.request_id]),
                                    sampling)
         results = self._run_rows(self.runner.chunked, reqs, lambda r: rows[id(r)])
@@ -760,6 +797,9 @@ class ChunkedWorker(DecodingWorker):
             self.scheduler.running.remove(r)   # the prompt becomes its sequences
             ended = {id(q) for q in self._emit_all(zip(seqs, rs))}
             running = [q for q in seqs if id(q) not in ended]
+            for q in seqs:
+                if id(q) in ended:
+                    self.slots.release(q.request_id)
             for q in running:
                 q.decoding_started = True
             if running:

@@ -15,11 +15,12 @@ from dsjax.sampling_params import SamplingParams
 class SamplingRow:
     """How to sample one row: the request's parameters, its seed and how many tokens it has
     generated so far (which picks the row's random stream and the min_tokens eos ban). Rows
-    with penalties or a logit bias also carry the sequence's (prompt ids, output ids)."""
+    with penalties, a logit bias or a min_tokens ban of stop ids name the row of the sampler's
+    slot table that holds their state (ModelRunner.fill_sampling_slot); -1 for none."""
     params: SamplingParams
     seed: int
     step: int
-    history: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    slot: int = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,15 @@ host-side batch descriptions into padded arrays (shape buckets bound the number 
 runs the stages one after another per micro-batch (JAX dispatches asynchronously, so stage s of
 micro-batch i+1 overlaps stage s+1 of micro-batch i), and samples on the last stage.
 
-Bucket bound (docs/design.md): prefill programs <= |token buckets| x |sequence buckets|, decode
-programs <= |batch buckets| x |block-table buckets|, each x 2 logprob settings (the sampler
-chooses greedy, temperature or filtered sampling at run time inside one program).
+Two kinds of programs, so their counts add instead of multiplying:
+- a forward program per step shape: prefill per token bucket (a fixed number of prompt slots),
+  decode per (batch bucket, block-table bucket), chunked per (token, row, block-table bucket);
+  it returns the hidden states of the rows to sample (and, in prefill, the prompt's scores
+  when a row asks, behind a run-time branch);
+- a sampler program per sampled-row bucket, shared by every mode: LM head, penalties and
+  bias from the device-resident slot table, greedy/temperature/top-k/top-p chosen at run time,
+  top-N log-probabilities behind a run-time branch.
+No sampling option changes a shape, so no request compiles a program its shape did not.
 """
 from __future__ import annotations
 
@@ -26,12 +32,13 @@ from dsjax.executor.kv_cache import PagePool
 from dsjax.executor.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
                             param_shardings, param_spec, pipeline_param_shardings, stage_mesh,
                             stage_param_tree, stage_view)
-from dsjax.sampling_params import MAX_LOGPROBS
-from dsjax.executor.sampling import SampleOutput, build_sampling_tensors, sample, score_prompt
+from dsjax.executor.sampling import (SampleOutput, SlotTable, build_sampling_tensors, fill_slot,
+                                     no_scores, record_tokens, sample, score_prompt, slot_inputs)
 from dsjax.executor.sharded_attention import for_mesh
 from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
 from dsjax.models.config import OPTConfig
 from dsjax.models.opt import OPTModel, abstract_params
+from dsjax.sampling_params import MAX_SAMPLES, SamplingParams
 
 MIN_TOKEN_BUCKET = 16
 
@@ -55,6 +62,7 @@ class PendingStep:
     outs: list
     counts: list[int]   # rows per micro-batch
     pads: list[int]     # padded rows per micro-batch
+    want_top: bool = False   # whether any row asked for top-N log-probabilities
 
     def flat_row(self, row: int) -> int:
         """Index of the step's row `row` among the padded micro-batch outputs laid end to end
@@ -88,11 +96,28 @@ class StepOutput:
     prompt_scores: list | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One micro-batch's host inputs, each packed into (int32, float32) buffers with the static
+    layout that unpacks them: the forward program's and the sampler's."""
+    packed: tuple
+    layout: tuple
+    sample_packed: tuple
+    sample_layout: tuple
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _fill_slot(table, slot, arrays):
+    return fill_slot(table, slot, **arrays)
+
+
 class Stage:
-    """One pipeline stage: a tp-device mesh with its layers, params and page pool."""
+    """One pipeline stage: a tp-device mesh with its layers, params and page pool; the last
+    stage also holds the sampler's slot table."""
 
     def __init__(self, config: OPTConfig, devices, layer_range, first: bool, last: bool,
-                 params, num_pages: int, page_size: int, dtype, attention):
+                 params, num_pages: int, page_size: int, dtype, attention,
+                 num_slots: int = 1):
         self.mesh = stage_mesh(devices)
         self.layer_range = layer_range
         self.first, self.last = first, last
@@ -106,37 +131,58 @@ class Stage:
                                       first_stage=first, last_stage=last, dtype=dtype,
                                       param_dtype=dtype)
                        for mode in ("prefill", "decode", "chunked")}
-        self.models["prefill_scored"] = OPTModel(
-            config, attention, "prefill", num_layers=num_layers, first_stage=first,
-            last_stage=last, dtype=dtype, param_dtype=dtype, all_logits=True)
         self.fns = {}
+        self.slots = None
+        if last:
+            self.slots = jax.jit(SlotTable.zeros, static_argnums=(0, 1),
+                                 out_shardings=self.replicated)(num_slots, config.vocab_size)
 
-    def _fn(self, mode, layout, num_logprobs, sample_mode):
-        """The jitted step for one input layout; positional-only calls keep JAX's fast C++
-        dispatch path (static keyword arguments would take the slower Python one)."""
-        key = (mode, layout, num_logprobs, sample_mode)
+    def _forward(self, mode, layout):
+        """The jitted forward step for one input layout; positional-only calls keep JAX's fast
+        C++ dispatch path (static keyword arguments would take the slower Python one)."""
+        key = ("forward", mode, layout)
         fn = self.fns.get(key)
         if fn is None:
-            fn = jax.jit(functools.partial(_stage_step, self.models[mode], layout=layout,
-                                           num_logprobs=num_logprobs, sample_mode=sample_mode),
-                         donate_argnums=(2, 3))
+            fn = jax.jit(functools.partial(_forward_step, self.models[mode], mode=mode,
+                                           layout=layout), donate_argnums=(2, 3))
             self.fns[key] = fn
         return fn
 
-    def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode, override=None):
-        """One stage of a step on the previous stage's activations (None on the first stage).
-        `packed` holds the host inputs (token ids, metadata, sampling) as two flat arrays, so a
-        step costs one host->device transfer instead of a dozen. `override`: input token ids
-        already on a device (the previous step's samples), -1 where the packed ones stand."""
+    def _sampler(self, layout):
+        key = ("sample", layout)
+        fn = self.fns.get(key)
+        if fn is None:
+            fn = jax.jit(functools.partial(_sample_step, self.models["decode"], layout=layout),
+                         donate_argnums=(2,))
+            self.fns[key] = fn
+        return fn
+
+    def run(self, mode, hidden, inputs: StepInputs, override=None):
+        """One stage of a step on the previous stage's activations (None on the first stage);
+        the last stage samples and returns a SampleOutput. `override`: input token ids already
+        on a device (the previous step's samples), -1 where the packed ones stand."""
         if hidden is not None:
             hidden = jax.device_put(hidden, self.replicated)  # onto this stage's mesh
         if override is not None:
             override = jax.device_put(override, self.replicated)
-        bufs = jax.device_put(packed, self.replicated)
-        fn = self._fn(mode, layout, num_logprobs, sample_mode)
+        bufs = jax.device_put(inputs.packed, self.replicated)
+        fn = self._forward(mode, inputs.layout)
         out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v, bufs,
                                            override)
-        return out
+        if not self.last:
+            return out
+        last, scores = out
+        sample_bufs = jax.device_put(inputs.sample_packed, self.replicated)
+        samples, self.slots = self._sampler(inputs.sample_layout)(self.params, last, self.slots,
+                                                                  sample_bufs)
+        if scores is not None:
+            samples = samples.replace(next_logprob=scores[0], next_top_ids=scores[1],
+                                      next_top_logprobs=scores[2])
+        return samples
+
+    def fill_slot(self, slot: int, arrays: dict) -> None:
+        """Overwrite one row of the sampler's slot table (last stage only)."""
+        self.slots = _fill_slot(self.slots, np.int32(slot), arrays)
 
     def healthy(self) -> bool:
         """Whether the page pool survived the last step (see ModelRunner.healthy)."""
@@ -147,22 +193,28 @@ class Stage:
         return not (self.pool.k.is_deleted() or self.pool.v.is_deleted())
 
 
-def _stage_step(model, params, hidden, k_cache, v_cache, bufs, override, *, layout,
-                num_logprobs, sample_mode):
-    tokens, meta, sampling = unpack_inputs(bufs, layout)
+def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mode, layout):
+    tokens, meta, scored = unpack_inputs(bufs, layout)
     if override is not None:   # tokens sampled by the step before, never seen by the host
         tokens = jnp.where(override >= 0, override, tokens)
     inputs = tokens if model.first_stage else hidden
     out, (k_cache, v_cache) = model.apply({"params": params}, inputs, (k_cache, v_cache), meta)
-    if model.last_stage and model.all_logits:
-        scores = score_prompt(out, tokens, num_logprobs)
-        out = sample(out[meta.last_token_idx], sampling, num_logprobs=num_logprobs,
-                     mode=sample_mode)
-        out = out.replace(next_logprob=scores[0], next_top_ids=scores[1],
-                          next_top_logprobs=scores[2])
-    elif model.last_stage:
-        out = sample(out, sampling, num_logprobs=num_logprobs, mode=sample_mode)
-    return out, k_cache, v_cache
+    if not model.last_stage:
+        return out, k_cache, v_cache
+    last = out if mode == "decode" else out[meta.last_token_idx]
+    scores = None
+    if mode == "prefill":
+        logits_fn = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
+        scores = jax.lax.cond(scored > 0, lambda: score_prompt(logits_fn, out, tokens),
+                              lambda: no_scores(out.shape[0]))
+    return (last, scores), k_cache, v_cache
+
+
+def _sample_step(model, params, last, slots, bufs, *, layout):
+    source_rows, st = unpack_inputs(bufs, layout)
+    logits = model.apply({"params": params}, last[source_rows], method="logits")
+    out = sample(logits, st, slots)
+    return out, record_tokens(slots, st.slots, out.tokens)
 
 
 def pack_host_inputs(tree) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
@@ -215,6 +267,12 @@ class ModelRunner:
         self.max_blocks_per_request = max_blocks_per_request
         self.min_decode_rows = (min_decode_rows or
                                 platform_min_decode_rows(spec.stage_devices(0)[0].platform))
+        # Prompts one prefill step holds (a fixed count: not a program shape), the rows one
+        # step may sample (a prompt of n = MAX_SAMPLES samples that many) and the tokens a
+        # sequence may hold (the sampler's slot table is filled from up to that many).
+        self.max_prompts = max_batch_size
+        self.max_sampled_rows = bucket(max(max_batch_size, MAX_SAMPLES))
+        self.max_tokens_per_sequence = max_blocks_per_request * page_size
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
         if place_stages is not None:
             # Some stages live in other processes (dsjax.executor.stage_group): the hook builds
@@ -226,7 +284,7 @@ class ModelRunner:
         for s, (rng, part) in enumerate(zip(ranges, parts)):
             self.stages.append(Stage(config, spec.stage_devices(s), rng, s == 0,
                                      s == spec.pp - 1, part, num_pages, page_size, dtype,
-                                     attention))
+                                     attention, self.max_sampled_rows))
 
     def _load_stage_params(self, load_params, ranges) -> list:
         """Each stage's params on its own mesh. With even stages the loader places every stage's
@@ -260,15 +318,13 @@ class ModelRunner:
     # ---- steps -------------------------------------------------------------------------------
 
     def _pipeline(self, mode, micro_batches) -> list:
-        """micro_batches: list of (tokens, meta, sampling, sample args[, token override]).
-        Returns SampleOutputs."""
+        """micro_batches: list of (StepInputs, token override or None). Returns SampleOutputs."""
         return [self._run_stages(mode, *mb) for mb in micro_batches]
 
-    def _run_stages(self, mode, tokens, meta, sampling, nlp, smode, override=None):
-        packed, layout = pack_host_inputs((tokens, meta, sampling))
-        x = self.stages[0].run(mode, None, packed, layout, nlp, smode, override)
+    def _run_stages(self, mode, inputs: StepInputs, override=None):
+        x = self.stages[0].run(mode, None, inputs, override)
         for stage in self.stages[1:]:
-            x = stage.run(mode, x, packed, layout, nlp, smode)
+            x = stage.run(mode, x, inputs)
         return x
 
     def _split(self, rows: list) -> list[list]:
@@ -283,18 +339,21 @@ class ModelRunner:
         return [s for r in rows for s in (r.sampling if isinstance(r.sampling, tuple)
                                           else (r.sampling,))]
 
-    def _sampling_args(self, rows) -> tuple[int, str]:
-        # Top-N ids are computed only when some row asks for N >= 1 (logprobs=0 needs only the
-        # chosen token's log-probability, which every step returns). The sampler picks greedy,
-        # temperature or filtered sampling at run time: one program per shape.
-        nlp = MAX_LOGPROBS if any(s.params.logprobs for s in self._samples(rows)) else 0
-        return nlp, "auto"
-
-    def _sampling(self, rows, pad_to):
-        samples = self._samples(rows)
-        return build_sampling_tensors([s.params for s in samples], [s.seed for s in samples],
-                                      [s.step for s in samples], pad_to,
-                                      self.config.eos_token_id, [s.history for s in samples])
+    def _inputs(self, forward, samples: list[SamplingRow], source_rows) -> StepInputs:
+        """Pack a micro-batch's forward inputs and its sampling rows (padded to a row bucket;
+        `source_rows`: which row of the forward's output each sampled row reads)."""
+        pad = bucket(len(samples), self.min_decode_rows)
+        if pad > self.max_sampled_rows:
+            raise ValueError(f"a step samples {len(samples)} rows, over this instance's "
+                             f"{self.max_sampled_rows}: lower the batch limits or n")
+        src = np.zeros(pad, np.int32)
+        src[:len(source_rows)] = source_rows
+        sampling = build_sampling_tensors(
+            [s.params for s in samples], [s.seed for s in samples], [s.step for s in samples],
+            pad, self.config.eos_token_id, [s.slot for s in samples])
+        packed, layout = pack_host_inputs(forward)
+        sample_packed, sample_layout = pack_host_inputs((src, sampling))
+        return StepInputs(packed, layout, sample_packed, sample_layout)
 
     def _slots(self, table, positions):
         table = np.asarray(table, np.int32)
@@ -304,16 +363,15 @@ class ModelRunner:
         """Whole prompts; samples each prompt's first output token (and scores the prompt's
         tokens when a row asks for prompt logprobs)."""
         mbs = []
-        nlp, smode = self._sampling_args(rows)
         scored = any(r.sampling[0].params.prompt_logprobs is not None for r in rows)
-        if scored and any(r.sampling[0].params.prompt_logprobs for r in rows):
-            nlp = MAX_LOGPROBS
         groups = self._split(rows)
         for group in groups:
+            if len(group) > self.max_prompts:
+                raise ValueError(f"a prefill step of {len(group)} prompts exceeds this "
+                                 f"instance's {self.max_prompts}")
             lens = np.array([len(r.token_ids) for r in group], np.int32)
             total = int(lens.sum())
             per_row = np.array([len(r.sampling) for r in group])
-            b_pad = bucket(max(len(group), int(per_row.sum())))
             t_pad = bucket(total, MIN_TOKEN_BUCKET)
             tokens = np.zeros(t_pad, np.int32)
             tokens[:total] = np.concatenate([r.token_ids for r in group])
@@ -321,18 +379,21 @@ class ModelRunner:
             positions[:total] = np.concatenate([np.arange(n) for n in lens])
             seq_ids = np.full(t_pad, -1, np.int32)
             seq_ids[:total] = np.repeat(np.arange(len(group)), lens)
-            cu = np.full(b_pad + 1, total, np.int32)
+            # A fixed number of prompt slots: the program depends on the token bucket only.
+            cu = np.full(self.max_prompts + 1, total, np.int32)
             cu[0] = 0
             cu[1:len(group) + 1] = np.cumsum(lens)
             slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
             slots[:total] = np.concatenate(
                 [self._slots(r.block_table, np.arange(n)) for r, n in zip(group, lens)])
-            # A prompt's last token is sampled once per sequence it starts.
-            last = np.zeros(b_pad, np.int32)
-            last[:int(per_row.sum())] = np.repeat(cu[1:len(group) + 1] - 1, per_row)
+            last = np.zeros(self.max_prompts, np.int32)
+            last[:len(group)] = cu[1:len(group) + 1] - 1
             meta = PrefillMetadata(positions, seq_ids, cu, slots, last)
-            mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode))
-        host = self._fetch(self._pipeline("prefill_scored" if scored else "prefill", mbs))
+            # A prompt's last token is sampled once per sequence it starts.
+            mbs.append((self._inputs((tokens, meta, np.int32(scored)), self._samples(group),
+                                     np.repeat(np.arange(len(group)), per_row)), None))
+        want_top = any(s.params.logprobs for s in self._samples(rows))
+        host = self._fetch(self._pipeline("prefill", mbs), want_top, scored)
         out = self._collect(host, [len(self._samples(g)) for g in groups])
         if scored:
             out.prompt_scores = self._prompt_scores(groups, host)
@@ -348,7 +409,6 @@ class ModelRunner:
         >= 0 takes as input the token that row of `previous` (a step not collected yet)
         samples, straight from the device: the host need not know it."""
         mbs, pads = [], []
-        nlp, smode = self._sampling_args(rows)
         groups = self._split(rows)
         for group in groups:
             n = len(group)
@@ -368,10 +428,13 @@ class ModelRunner:
             context = np.zeros(b_pad, np.int32)
             context[:n] = at + 1
             meta = DecodeMetadata(positions, slots, tables, context)
-            mbs.append((tokens, meta, self._sampling(group, b_pad), nlp, smode,
-                        self._token_override(group, b_pad, previous)))
+            inputs = self._inputs((tokens, meta, np.int32(0)), [r.sampling for r in group],
+                                  np.arange(b_pad))
+            mbs.append((inputs, self._token_override(group, b_pad, previous)))
             pads.append(b_pad)
-        return PendingStep(self._pipeline("decode", mbs), [len(g) for g in groups], pads)
+        want_top = any(r.sampling.params.logprobs for r in rows)
+        return PendingStep(self._pipeline("decode", mbs), [len(g) for g in groups], pads,
+                           want_top)
 
     def _token_override(self, group, b_pad: int, previous: "PendingStep | None"):
         """[b_pad] token ids for the first stage: the previous step's samples where rows ask
@@ -393,16 +456,16 @@ class ModelRunner:
 
     def collect(self, pending: "PendingStep") -> StepOutput:
         """Wait for a dispatched step and copy its samples to the host."""
-        return self._collect(self._fetch(pending.outs), pending.counts)
+        return self._collect(self._fetch(pending.outs, pending.want_top), pending.counts)
 
     def chunked(self, rows: list[ChunkRow]) -> StepOutput:
         """Mixed step: each row continues its cached context with its tokens (a prompt chunk,
         or a decode row's newest token). Samples one token per row (callers drop the samples
         of chunks that do not finish their prompt)."""
-        nlp, smode = self._sampling_args(rows)
         lens = np.array([len(r.token_ids) for r in rows], np.int32)
         total = int(lens.sum())
         per_row = np.array([len(r.sampling) for r in rows])
+        # Rows and sampled rows share one bucket (a prompt's last chunk may sample several).
         t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(int(per_row.sum()), 8)
         width = bucket(max(len(r.block_table) for r in rows))
         tokens = np.zeros(t_pad, np.int32)
@@ -422,9 +485,21 @@ class ModelRunner:
         last = np.zeros(b_pad, np.int32)
         last[:int(per_row.sum())] = np.repeat(np.cumsum(lens) - 1, per_row)
         meta = ChunkedMetadata(positions, token_seq, slots, tables, last)
-        mb = [(tokens, meta, self._sampling(rows, b_pad), nlp, smode)]
-        return self._collect(self._fetch(self._pipeline("chunked", mb)),
+        samples = self._samples(rows)
+        inputs = self._inputs((tokens, meta, np.int32(0)), samples, np.arange(b_pad))
+        want_top = any(s.params.logprobs for s in samples)
+        return self._collect(self._fetch(self._pipeline("chunked", [(inputs, None)]), want_top),
                              [int(per_row.sum())])
+
+    # ---- sampling slots ------------------------------------------------------------------------
+
+    def fill_sampling_slot(self, slot: int, params: SamplingParams, prompt, output) -> None:
+        """Load a sequence's penalties, bias, stop-id ban and token counts into row `slot` of
+        the sampler's slot table (before the first step whose rows carry that slot)."""
+        if not 0 <= slot < self.max_sampled_rows:
+            raise ValueError(f"sampling slot {slot} is outside [0, {self.max_sampled_rows})")
+        self.stages[-1].fill_slot(slot, slot_inputs(params, prompt, output,
+                                                    self.max_tokens_per_sequence))
 
     @staticmethod
     def _prompt_scores(groups, host_outs) -> list:
@@ -441,16 +516,22 @@ class ModelRunner:
                 at += n
         return scores
 
-    def _fetch(self, outs: list[SampleOutput]) -> list[SampleOutput]:
+    def _fetch(self, outs: list[SampleOutput], want_top: bool,
+               scored: bool = False) -> list[SampleOutput]:
+        """The step's only device -> host copy (it waits for the device): the sampled tokens
+        and their log-probabilities, plus the top-N tables and prompt scores when asked for."""
         start = time.perf_counter()
-        host = jax.device_get(outs)  # the step's only device -> host copy; waits for the device
+        fields = ["tokens", "logprob"] + (["top_ids", "top_logprobs"] if want_top else []) + \
+            (["next_logprob", "next_top_ids", "next_top_logprobs"] if scored else [])
+        got = jax.device_get([[getattr(o, f) for f in fields] for o in outs])
         self.last_wait_s = time.perf_counter() - start
-        return host
+        return [SampleOutput(**{"top_ids": None, "top_logprobs": None, **dict(zip(fields, g))})
+                for g in got]
 
     @staticmethod
     def _collect(host: list[SampleOutput], counts: list[int]) -> StepOutput:
         cat = lambda f: np.concatenate([getattr(o, f)[:n] for o, n in zip(host, counts)])
-        has_top = host[0].top_ids.shape[-1] > 0
+        has_top = host[0].top_ids is not None
         return StepOutput(cat("tokens"), cat("logprob"),
                           cat("top_ids") if has_top else None,
                           cat("top_logprobs") if has_top else None)

@@ -106,14 +106,14 @@ def load_stage_params(load_params, config, dtype, layer_range, first, last, mesh
 
 
 def build_stage(config, devices, index, pp, load_params, *, dtype, num_pages, page_size,
-                attention) -> Stage:
+                attention, num_slots) -> Stage:
     """Stage `index` of `pp` on `devices`, with its own layers and page pool."""
     layer_range = layer_ranges(config.num_hidden_layers, pp)[index]
     first, last = index == 0, index == pp - 1
     params = load_stage_params(load_params, config, dtype, layer_range, first, last,
                                stage_mesh(devices))
     return Stage(config, devices, layer_range, first, last, params, num_pages, page_size,
-                 dtype, attention)
+                 dtype, attention, num_slots)
 
 
 class StageServer:
@@ -124,11 +124,14 @@ class StageServer:
         self.stage, self.channel = stage, channel
         self.device = stage.mesh.devices.flat[0]
 
-    def run(self, mode, hidden: ArrayRef, packed, layout, num_logprobs, sample_mode) -> ArrayRef:
+    def run(self, mode, hidden: ArrayRef, inputs) -> ArrayRef:
         """Dispatch this stage's part of a step; its output waits on this server."""
         x = self.channel.pull(hidden, self.device)[0]
-        out = self.stage.run(mode, x, packed, layout, num_logprobs, sample_mode)
+        out = self.stage.run(mode, x, inputs)
         return self.channel.offer([first_shard(a) for a in jax.tree_util.tree_leaves(out)])
+
+    def fill_slot(self, slot: int, arrays: dict) -> None:
+        self.stage.fill_slot(slot, arrays)
 
     def gather(self, block_ids) -> ArrayRef:
         k, v = self.stage.pool.gather(block_ids)
@@ -155,14 +158,17 @@ class RemoteStage:
         self.mesh = stage_mesh([relay])
         self.pool = self   # gather/insert below move the remote pool's pages via the relay
 
-    def run(self, mode, hidden, packed, layout, num_logprobs, sample_mode):
+    def run(self, mode, hidden, inputs):
         """Returns an ArrayRef the next remote stage pulls, or the last stage's samples."""
         if not isinstance(hidden, ArrayRef):   # the output of the head's own stage
             hidden = self.channel.offer([first_shard(hidden)])
-        out = self.server.run(mode, hidden, packed, layout, num_logprobs, sample_mode)
+        out = self.server.run(mode, hidden, inputs)
         if not self.last:
             return out
         return SampleOutput(*self.channel.pull(out, self.relay))
+
+    def fill_slot(self, slot: int, arrays: dict) -> None:
+        self.server.fill_slot(slot, arrays)
 
     def gather(self, block_ids) -> tuple[jax.Array, jax.Array]:
         k, v = self.channel.pull(self.server.gather(block_ids), self.relay)
@@ -186,7 +192,8 @@ def stage_placer(servers, channel: TransferChannel):
         devices = runner.spec.stage_devices(0)
         head = build_stage(runner.config, devices, 0, len(ranges), load_params,
                            dtype=runner.dtype, num_pages=runner.num_pages,
-                           page_size=runner.page_size, attention=attention)
+                           page_size=runner.page_size, attention=attention,
+                           num_slots=runner.max_sampled_rows)
         remote = [RemoteStage(server, ranges[s], False, s == len(ranges) - 1, channel,
                               devices[0])
                   for s, server in enumerate(servers(runner), start=1)]

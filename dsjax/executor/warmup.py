@@ -5,20 +5,25 @@ this it would land in some request's TTFT or TPOT. The workload is described by 
 warmup_* settings: prompts up to `warmup_max_prompt_len` tokens, decode contexts up to
 `warmup_max_context_len`, up to `warmup_max_prefill_batch` prompts per prefill step and
 `warmup_max_decode_batch` rows per decode step. One program per shape serves every sampling
-setting; the variant that returns top-N logprobs compiles on first use. Runs on the instance's
-own thread or process, on pages nothing holds yet.
+setting (logprobs, prompt logprobs, penalties, bias and n are run-time inputs), so warm-up also
+compiles what any request may reach whatever its shape: the sampler for every sampled-row
+bucket, the fill of the sampler's slot table, and the page copies of swap, copy-on-write and
+migration for every block-count bucket. Runs on the instance's own thread or process, on pages
+nothing holds yet.
 """
 from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket
 from dsjax.sampling_params import SamplingParams
 
-WARMUP_SAMPLING = SamplingRow(SamplingParams(temperature=1.0, max_tokens=1), 0, 0)
+WARMUP_PARAMS = SamplingParams(temperature=1.0, max_tokens=1)
+WARMUP_SAMPLING = SamplingRow(WARMUP_PARAMS, 0, 0)
 # A prefill step may take this share of the TTFT SLO: a request that arrives during one waits
 # for it and then for its own, and both fit the SLO with room for queueing.
 PREFILL_STEP_SLO_SHARE = 0.25
@@ -85,7 +90,7 @@ def warm_up_runner(runner, role: str, config) -> int:
     max_context = max(config.warmup_max_context_len, max_prompt + 1)
     prompts = prefill_shapes(runner, max_prompt, config.warmup_max_prefill_batch)
     decodes = decode_shapes(runner, max_context, config.warmup_max_decode_batch)
-    row, steps = WARMUP_SAMPLING, 0
+    row, steps = WARMUP_SAMPLING, warm_up_fixed_programs(runner, role)
     if role in ("prefill", "colocated"):
         for lengths in prompts:
             runner.prefill(_prompt_rows(runner, lengths))
@@ -107,6 +112,27 @@ def warm_up_runner(runner, role: str, config) -> int:
                             for k, tab in zip(sizes, _tables(runner, [n] * b))])
             steps += 1
     return steps
+
+
+def warm_up_fixed_programs(runner, role: str) -> int:
+    """Compile the programs whose shapes no workload setting bounds: the prefill sampler for
+    every sampled-row bucket (n and best_of multiply a prompt's rows), the slot-table fill,
+    and page gathers and inserts for every block-count bucket (swap, copy on write,
+    migration). Returns the number of calls made."""
+    calls = 0
+    runner.fill_sampling_slot(0, WARMUP_PARAMS, (5,), ())
+    if role in ("prefill", "colocated"):
+        table = _tables(runner, [1])[0]
+        for rows in powers_of_two(runner.min_decode_rows, runner.max_sampled_rows):
+            runner.prefill([PrefillRow((5,), table, (WARMUP_SAMPLING,) * rows)])
+            calls += 1
+    for n in powers_of_two(1, runner.max_blocks_per_request):
+        ids = [j % runner.num_pages for j in range(n)]
+        pages = runner.gather_pages(ids)
+        runner.insert_pages(ids, pages)                  # copy on write, migration
+        runner.insert_pages(ids, jax.device_get(pages))  # swap-in, from host memory
+        calls += 1
+    return calls
 
 
 def _prompt_rows(runner, lengths) -> list[PrefillRow]:

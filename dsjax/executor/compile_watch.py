@@ -1,0 +1,45 @@
+"""Count and name the programs this process lowers after a point (e.g. after warm-up).
+
+Every new specialisation of a jitted function, and every eager operation on a new shape, is
+lowered to MLIR once, whether XLA then compiles it or the persistent cache supplies it; both
+add executable memory that is never returned. A serving process should lower nothing after it
+reports ready: `CompileWatch` is how tests and benchmarks check that.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+
+import jax
+
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+class CompileWatch:
+    """Context manager: `names` counts each lowered program's name while it is open."""
+
+    def __init__(self):
+        self.names: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == _LOWERING_EVENT:
+            with self._lock:
+                self.names[str(kwargs.get("fun_name", "?"))] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.names.values())
+
+    def __enter__(self) -> "CompileWatch":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def memory_mappings() -> int:
+    """Lines of /proc/self/maps: each loaded executable adds mappings that are never freed."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
