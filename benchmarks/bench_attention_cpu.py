@@ -3,7 +3,7 @@
     python benchmarks/bench_attention_cpu.py            # about 6 minutes on 2 cores
     python benchmarks/bench_attention_cpu.py --impls new
 
-Calls dsjax.models.opt.OPTModel directly (dummy float32 weights, metadata built here, KV cache
+Calls the OPT family's stage module directly (dummy float32 weights, metadata built here, KV cache
 donated so writes stay in place) and prints markdown: decode step time at batch 1-64 x context
 512 beside the weight-read floor (weight bytes / benchmarks._common.measure_bandwidth) and the
 matmul floor (2 x params x batch / measured float32 matmul rate); prefill tokens/s of packed
@@ -30,8 +30,7 @@ from benchmarks._common import (measure_bandwidth, measure_matmul_flops,  # noqa
                                measure_read_bandwidth, timed)
 from dsjax.models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMetadata,  # noqa: E402
                               XLAAttention, write_kv_scatter)
-from dsjax.models.config import OPTConfig  # noqa: E402
-from dsjax.models.opt import OPTModel  # noqa: E402
+from dsjax.models.registry import config_from_name  # noqa: E402
 from dsjax.models.weights import dummy_params  # noqa: E402
 
 PAGE = 16
@@ -92,9 +91,9 @@ class Case:
     """One jitted model call with a donated cache, timed in steady state."""
 
     def __init__(self, cfg, params, attention, mode, tokens, meta, num_pages):
-        shape = (cfg.num_hidden_layers, num_pages, PAGE, cfg.num_attention_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, num_pages, PAGE, cfg.cache_kv_heads(), cfg.head_dim)
         self.cache_shape = jax.ShapeDtypeStruct(shape, jnp.float32)
-        model = OPTModel(cfg, attention, mode)
+        model = cfg.module(attention, mode)
         self.fn = jax.jit(model.apply, donate_argnums=(2,))
         self.params, self.tokens = {"params": params}, jnp.asarray(tokens)
         self.meta = jax.tree.map(jnp.asarray, meta)
@@ -180,7 +179,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     impls = args.impls.split(",")
 
-    cfg = OPTConfig.from_name("opt-125m")
+    cfg = config_from_name("opt-125m")
     params = dummy_params(cfg, jnp.float32)
     bw, read_bw = measure_bandwidth(), measure_read_bandwidth()
     flops = measure_matmul_flops(jnp.float32)

@@ -41,10 +41,10 @@ def main(argv=None) -> None:
     from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
-    from dsjax.models.config import OPTConfig
+    from dsjax.models.registry import config_from_name
     from dsjax.models.weights import dummy_params
 
-    cfg = OPTConfig.from_name(args.model)
+    cfg = config_from_name(args.model)
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     # Decode reads weights and KV and writes little, so its floors use the read bandwidth; the
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
         print(f"| {n * args.prompt_len} | {n} | {rate:,.0f} | {floor:,.0f} | {100 * rate / floor:.0f}% |")
 
     # A decode step must read the weights once and every row's K and V for every layer.
-    kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * dtype.itemsize
+    kv_bytes_per_token = cfg.kv_bytes_per_token(dtype.itemsize)
     print("\n| decode batch | context | step ms | floor ms (weights / read bandwidth) | % of floor "
           "| floor ms ((weights + KV) / read bandwidth) | % of that floor |")
     print("|---|---|---|---|---|---|---|")

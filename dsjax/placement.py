@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsjax.eval.latency_model import StepOverhead, load_profile
+from dsjax.eval.latency_model import StepOverhead, load_profile_or_scaled
 from dsjax.eval.placement_search import MODES, SLO, search
 from dsjax.eval.workloads import get_dataset
 
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.attainment <= 1:
         sys.exit(f"--attainment must be in (0, 1], got {args.attainment}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    model = load_profile(args.profile, args.model)
+    model, note = load_profile_or_scaled(args.profile, args.model)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if args.overhead_ms is not None:
         model = model.with_overhead(args.overhead_ms)
     dataset = get_dataset(args.dataset)

@@ -1,7 +1,9 @@
-"""OPT's tokenizer (byte-level BPE), a GPT-2 fallback for length counting, and streaming decode.
+"""Tokenizers: a model directory's tokenizer.json (any family), OPT's conventions on top of it,
+a GPT-2 fallback for length counting, and streaming decode.
 
-Both backends expose each token as raw bytes, so decoding is bytes -> UTF-8 in one place and
-the streaming detokenizer can hold back a character split across tokens instead of emitting
+Every backend exposes each token as raw bytes (byte-level BPE's printable stand-ins and
+SentencePiece's "▁" and <0xNN> byte tokens undone), so decoding is bytes -> UTF-8 in one place
+and the streaming detokenizer can hold back a character split across tokens instead of emitting
 U+FFFD halves.
 """
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import base64
 import codecs
 import functools
+import json
 import logging
+import re
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -66,32 +70,74 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_table(tok) -> list[bytes]:
+    """Each id's bytes. Byte-level BPE vocabularies (GPT-2, OPT, LLaMA 3, Qwen) spell bytes with
+    printable stand-ins; SentencePiece ones (LLaMA 2, Mistral) write spaces as "▁" and bytes
+    the pieces lack as <0xNN> tokens; added tokens are literal text."""
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    parts = [decoder, *(decoder.get("decoders") or [])]
+    byte_level = any(d.get("type") == "ByteLevel" for d in parts)
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    added = set(tok.get_added_tokens_decoder())
+    vocab = tok.get_vocab(with_added_tokens=True)
+    table = [b""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if i in added:
+            table[i] = token.encode("utf-8")
+        elif byte_level and all(c in byte_of for c in token):
+            table[i] = bytes(byte_of[c] for c in token)
+        elif not byte_level and _BYTE_TOKEN.fullmatch(token):
+            table[i] = bytes([int(_BYTE_TOKEN.fullmatch(token).group(1), 16)])
+        else:
+            table[i] = (token if byte_level else token.replace("\u2581", " ")).encode("utf-8")
+    return table
+
+
 class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizers` byte-level BPE (OPT's own vocab)."""
+    """A model directory's tokenizer.json (Hugging Face `tokenizers`). encode() adds what its
+    post-processor adds (LLaMA's BOS; nothing for Qwen or GPT-2), as transformers does."""
+
+    def __init__(self, tok, bos_token_id: int | None = None, eos_token_id: int | None = None):
+        self._tok = tok
+        special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        super().__init__(_token_table(tok), bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, special_ids=special)
+        # SentencePiece decoders drop the space that starts a whole text ("▁Hello" alone is
+        # "Hello"); a streamed continuation keeps its spaces, as vLLM's detokenizer does.
+        decoder = json.loads(tok.to_str()).get("decoder") or {}
+        self._strip_first_space = any(
+            d.get("type") == "Strip" and d.get("start") == 1
+            for d in [decoder, *(decoder.get("decoders") or [])])
+
+    def encode_plain(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        text = super().decode(ids, skip_special_tokens)
+        return text[1:] if self._strip_first_space and text.startswith(" ") else text
+
+
+class OPTTokenizer(HFTokenizer):
+    """OPT's byte-level BPE: its special tokens made special (vocab.json lists them as plain
+    entries; ones the vocab lacks get appended ids) and </s> prepended as BOS, as Hugging
+    Face's OPT tokenizer does."""
 
     def __init__(self, tok):
         import tokenizers
 
-        self._tok = tok
-        # Give OPT's special tokens special status (vocab.json lists them as plain entries);
-        # ones the vocab lacks get appended ids.
         tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in OPT_SPECIAL_TOKENS])
-        special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        vocab = tok.get_vocab(with_added_tokens=True)
-        table = [b""] * (max(vocab.values()) + 1)
-        for token, i in vocab.items():
-            # Byte-level tokens spell bytes with printable stand-ins; anything else is literal.
-            if all(c in byte_of for c in token):
-                table[i] = bytes(byte_of[c] for c in token)
-            else:
-                table[i] = token.encode("utf-8")
         bos = tok.token_to_id(OPT_BOS)
-        super().__init__(table, bos_token_id=bos, eos_token_id=bos, special_ids=special)
+        super().__init__(tok, bos_token_id=bos, eos_token_id=bos)
 
-    def encode_plain(self, text):
-        # add_special_tokens=False: a tokenizer.json post-processor must not add a second BOS.
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        # Not the post-processor's: a tokenizer.json of OPT's must not add a second BOS.
+        return Tokenizer.encode(self, text, add_bos)
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -150,24 +196,42 @@ def gpt2_tokenizer() -> GPT2Tokenizer:
     return GPT2Tokenizer()
 
 
-def load_tokenizer(path: str | Path | None, fallback: str | None = "gpt2") -> Tokenizer | None:
-    """OPT's tokenizer from a model directory (tokenizer.json, or vocab.json + merges.txt);
-    without those files the GPT-2 fallback (fallback='gpt2') or None (fallback=None)."""
+def _special_token_ids(directory: Path, tok) -> tuple[int | None, int | None]:
+    """BOS and EOS ids from tokenizer_config.json's names (a string or {"content": ...})."""
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+    def token_id(name):
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        return tok.token_to_id(value) if isinstance(value, str) else None
+    return token_id("bos_token"), token_id("eos_token")
+
+
+def load_tokenizer(path: str | Path | None, fallback: str | None = "gpt2",
+                   model_type: str = "opt") -> Tokenizer | None:
+    """A model directory's tokenizer (tokenizer.json, or vocab.json + merges.txt): OPT's
+    conventions for model_type "opt", the file's own for every other family; without those
+    files the GPT-2 fallback (fallback='gpt2') or None (fallback=None)."""
     import tokenizers
 
     if fallback not in ("gpt2", None):
         raise ValueError(f"unknown tokenizer fallback {fallback!r}: use 'gpt2' or None")
     directory = Path(path) if path is not None else None
+    tok = None
     if directory is not None and (directory / "tokenizer.json").is_file():
-        return HFTokenizer(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
-    if directory is not None and (directory / "vocab.json").is_file() \
+        tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif directory is not None and (directory / "vocab.json").is_file() \
             and (directory / "merges.txt").is_file():
         model = tokenizers.models.BPE.from_file(str(directory / "vocab.json"),
                                                 str(directory / "merges.txt"))
         tok = tokenizers.Tokenizer(model)
         tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = tokenizers.decoders.ByteLevel()
-        return HFTokenizer(tok)
+    if tok is not None:
+        if model_type == "opt":
+            return OPTTokenizer(tok)
+        return HFTokenizer(tok, *_special_token_ids(directory, tok))
     if fallback is None:
         return None
     logger.info("no tokenizer files in %s: using the GPT-2 BPE fallback", path)

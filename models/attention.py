@@ -9,7 +9,10 @@ page (s // page_size). A slot >= num_pages * page_size means "write nowhere" (pa
 
 Backends (this XLA one, the Pallas kernels in dsjax.executor.kernels) implement `AttentionBackend`.
 They receive the whole cache plus the layer index so a kernel can read the layer in place
-instead of the model slicing (copying) it every step.
+instead of the model slicing (copying) it every step. Attention is grouped-query throughout:
+query head h reads KV head h // (num_heads / num_kv_heads). A model with a sliding window
+(Mistral) passes `window`: a query at position p then sees keys at positions p - window + 1
+... p (transformers' definition).
 """
 from __future__ import annotations
 
@@ -68,13 +71,15 @@ class AttentionBackend(Protocol):
     def write_kv(self, k_cache, v_cache, layer, k, v, slot_mapping):
         """Store k, v ([N, Hkv, D]) at slot_mapping ([N]) of `layer`; returns the new caches."""
 
-    def prefill(self, q, k, v, meta: PrefillMetadata) -> jax.Array:
+    def prefill(self, q, k, v, meta: PrefillMetadata, window: int | None = None) -> jax.Array:
         """Causal attention inside each packed prompt. q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
 
-    def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata) -> jax.Array:
+    def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata,
+               window: int | None = None) -> jax.Array:
         """q [B, H, D] against each sequence's cached tokens -> [B, H, D]."""
 
-    def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata) -> jax.Array:
+    def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata,
+                window: int | None = None) -> jax.Array:
         """q [T, H, D], each token against its sequence's cache up to its position -> [T, H, D]."""
 
 
@@ -99,10 +104,27 @@ BLOCK_TOKENS = 128
 DECODE_STEP_TOKENS = 1024
 
 
-def _repeat_kv(x, num_q_heads):
-    """Grouped-query support: repeat KV heads to match query heads (identity for OPT)."""
-    rep = num_q_heads // x.shape[-2]
-    return x if rep == 1 else jnp.repeat(x, rep, axis=-2)
+def _in_window(q_pos, k_pos, window):
+    """Keys a query may see besides causality: within the sliding window, if any."""
+    return True if window is None else q_pos - k_pos < window
+
+
+def _scores(q, k):
+    """Grouped-query scores: q [Q, H, D], k [K, Hkv, D] -> [H, Q, K] float32 (query head h
+    reads KV head h // groups, without copying K per group)."""
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    s = jnp.einsum("qkgd,nkd->kgqn", q.reshape(n, hkv, h // hkv, d), k,
+                   preferred_element_type=jnp.float32)
+    return s.reshape(h, n, k.shape[0])
+
+
+def _weighted_values(p, v):
+    """p [H, Q, K] float32, v [K, Hkv, D] -> [H, Q, D]."""
+    h, n, m = p.shape
+    hkv = v.shape[1]
+    out = jnp.einsum("kgqn,nkd->kgqd", p.reshape(hkv, h // hkv, n, m), v)
+    return out.reshape(h, n, v.shape[-1])
 
 
 def _full_like(x, value, shape):
@@ -142,13 +164,12 @@ def _tile_init(q):
 def _tile_step(state, q, k, v, mask):
     """Fold a key block shared by the tile's queries: q [Q, H, D], k/v [K, Hkv, D], mask [Q, K]."""
     m, l, acc = state
-    h, d = q.shape[1:]
-    scores = jnp.einsum("qhd,khd->hqk", q, _repeat_kv(k, h),
-                        preferred_element_type=jnp.float32) * d ** -0.5
+    d = q.shape[-1]
+    scores = _scores(q, k) * d ** -0.5
     m, l, p, alpha = _softmax_step(m, l, scores, mask)
     # Keys no query sees may be NaN garbage (unused page slots) and 0 * NaN = NaN: zero them.
     v = jnp.where(mask.any(0)[:, None, None], v.astype(jnp.float32), 0.0)
-    return m, l, alpha[..., None] * acc + jnp.einsum("hqk,khd->hqd", p, _repeat_kv(v, h))
+    return m, l, alpha[..., None] * acc + _weighted_values(p, v)
 
 
 def _tile_finish(state):
@@ -174,7 +195,7 @@ def _padded_tables(k_cache, block_tables, pages_per_block):
 # copies the whole cache every layer).
 
 
-def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer):
+def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer, window=None):
     """One query per row against that row's cached tokens 0..q_pos (-1: none), vectorised
     over rows: q [B, H, D], block_tables [B, W] -> [B, H, D] float32.
 
@@ -187,23 +208,28 @@ def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer):
     n = per_step * page_size
     num_steps = jnp.minimum((q_pos.max() + n) // n, pages.shape[1] // per_step)
 
+    groups = h // hkv
+    grouped_q = q.reshape(b, hkv, groups, d)
+
     def step(j, state):
         m, l, acc = state
         ids = jax.lax.dynamic_slice_in_dim(pages, j * per_step, per_step, 1)
-        k = _repeat_kv(k_cache[layer, ids].reshape(b, n, hkv, d), h)
-        v = _repeat_kv(v_cache[layer, ids].reshape(b, n, hkv, d), h)
-        visible = (j * n + jnp.arange(n))[None, :] <= q_pos[:, None]  # [B, n]
-        scores = jnp.einsum("bhd,bnhd->bhn", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+        k = k_cache[layer, ids].reshape(b, n, hkv, d)
+        v = v_cache[layer, ids].reshape(b, n, hkv, d)
+        k_pos = (j * n + jnp.arange(n))[None, :]
+        visible = (k_pos <= q_pos[:, None]) & _in_window(q_pos[:, None], k_pos, window)
+        scores = jnp.einsum("bkgd,bnkd->bkgn", grouped_q, k,
+                            preferred_element_type=jnp.float32).reshape(b, h, n) * d ** -0.5
         m, l, p, alpha = _softmax_step(m, l, scores, visible[:, None, :])
         v = jnp.where(visible[..., None, None], v.astype(jnp.float32), 0.0)  # NaN garbage
-        pv = jnp.einsum("bhn,bnhd->bhd", p, v)
+        pv = jnp.einsum("bkgn,bnkd->bkgd", p.reshape(b, hkv, groups, n), v).reshape(b, h, d)
         return m, l, alpha[..., None] * acc + pv
 
     _, l, acc = jax.lax.fori_loop(0, num_steps, step, _softmax_init(q, (b, h), d))
     return _finish(l, acc)
 
 
-def _attend_run(q, q_pos, pages, k_cache, v_cache, layer, pages_per_block):
+def _attend_run(q, q_pos, pages, k_cache, v_cache, layer, pages_per_block, window=None):
     """Queries of one sequence against its cached tokens 0..q_pos (each query its own bound).
 
     q [Q, H, D], q_pos [Q] (-1: no query), pages [N] page ids of the sequence (padded to whole
@@ -217,7 +243,9 @@ def _attend_run(q, q_pos, pages, k_cache, v_cache, layer, pages_per_block):
         ids = jax.lax.dynamic_slice_in_dim(pages, j * pages_per_block, pages_per_block)
         k = k_cache[layer, ids].reshape(n, hkv, d)
         v = v_cache[layer, ids].reshape(n, hkv, d)
-        return _tile_step(state, q, k, v, (j * n + jnp.arange(n))[None, :] <= q_pos[:, None])
+        k_pos = (j * n + jnp.arange(n))[None, :]
+        visible = (k_pos <= q_pos[:, None]) & _in_window(q_pos[:, None], k_pos, window)
+        return _tile_step(state, q, k, v, visible)
 
     return _tile_finish(jax.lax.fori_loop(0, num_blocks, block, _tile_init(q)))
 
@@ -235,7 +263,7 @@ class XLAAttention:
     def write_kv(self, k_cache, v_cache, layer, k, v, slot_mapping):
         return write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping)
 
-    def prefill(self, q, k, v, meta: PrefillMetadata):
+    def prefill(self, q, k, v, meta: PrefillMetadata, window: int | None = None):
         t, h, d = q.shape
         tile = min(BLOCK_TOKENS, t)
         pad = -t % tile
@@ -254,7 +282,8 @@ class XLAAttention:
         def query_tile(i, out):
             def block(j, state):
                 mask = ((seq[i][:, None] == seq[j][None, :]) & (seq[i][:, None] >= 0)
-                        & (pos[i][:, None] >= pos[j][None, :]))
+                        & (pos[i][:, None] >= pos[j][None, :])
+                        & _in_window(pos[i][:, None], pos[j][None, :], window))
                 return _tile_step(state, q_t[i], k_t[j], v_t[j], mask)
             state = jax.lax.fori_loop(first_block[i], end_block[i], block, _tile_init(q_t[i]))
             return out.at[i].set(_tile_finish(state))
@@ -263,11 +292,11 @@ class XLAAttention:
                                 _full_like(q, 0, (num_tiles, tile, h, d)))
         return out.reshape(-1, h, d)[:t].astype(q.dtype)
 
-    def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata):
+    def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata, window=None):
         return _attend_rows(q, meta.context_lens - 1, meta.block_tables, k_cache, v_cache,
-                            layer).astype(q.dtype)
+                            layer, window).astype(q.dtype)
 
-    def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata):
+    def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata, window=None):
         t, h, d = q.shape
         rows, width = meta.block_tables.shape
         # Sort tokens by sequence (stable; padding last) so each sequence's tokens are one run;
@@ -282,7 +311,7 @@ class XLAAttention:
         single = counts == 1
         token = order[jnp.minimum(starts, t - 1)]
         single_out = _attend_rows(q[token], jnp.where(single, q_pos[token], -1),
-                                  meta.block_tables, k_cache, v_cache, layer)
+                                  meta.block_tables, k_cache, v_cache, layer, window)
 
         # Longer rows (prompt chunks) in tiles of up to BLOCK_TOKENS of their tokens, each tile
         # reading the row's pages once. Runs are padded by a tile so a slice never gets clamped
@@ -299,7 +328,7 @@ class XLAAttention:
                 mine = i * tile + jnp.arange(tile) < counts[r]
                 tile_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, tile), -1)
                 o = _attend_run(jax.lax.dynamic_slice_in_dim(q_s, at, tile, 0), tile_pos,
-                                pages[r], k_cache, v_cache, layer, pb)
+                                pages[r], k_cache, v_cache, layer, pb, window)
                 prev = jax.lax.dynamic_slice_in_dim(out, at, tile, 0)
                 return jax.lax.dynamic_update_slice_in_dim(
                     out, jnp.where(mine[:, None, None], o, prev), at, 0)

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory:
     params/       orbax PyTree checkpoint of the param tree
-    config.json   the OPTConfig in Hugging Face form (so OPTConfig.from_hf_dir reads it)
+    config.json   the model's config in Hugging Face form (with its model_type), so
+                  dsjax.models.registry.config_from_dir reads it back for any family
 Restoring targets the caller's shardings, so each device reads its own shards and a sharded
 restore never gathers the model on one host.
 """
@@ -15,9 +16,6 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dsjax.models.config import OPTConfig
-from dsjax.models.opt import abstract_params
-
 PARAMS_SUBDIR = "params"
 
 
@@ -25,7 +23,7 @@ def is_orbax_checkpoint(path: str | Path) -> bool:
     return (Path(path) / PARAMS_SUBDIR).is_dir()
 
 
-def save_params(params, path: str | Path, config: OPTConfig | None = None) -> Path:
+def save_params(params, path: str | Path, config=None) -> Path:
     """Write params (and config.json when config is given) under `path`; returns the directory."""
     path = Path(path).resolve()  # orbax wants absolute paths
     if is_orbax_checkpoint(path):
@@ -39,16 +37,16 @@ def save_params(params, path: str | Path, config: OPTConfig | None = None) -> Pa
     return path
 
 
-def restore_params(path: str | Path, config: OPTConfig, dtype=jnp.float32, shardings=None):
+def restore_params(path: str | Path, config, dtype=jnp.float32, shardings=None):
     """Params of `config` from an orbax checkpoint, cast to dtype, on `shardings` (pytree like
-    abstract_params) or the default device."""
+    config.abstract_params()) or the default device."""
     from dsjax.models.weights import as_numpy_dtype
 
     path = Path(path).resolve()
     if not is_orbax_checkpoint(path):
         raise FileNotFoundError(f"{path / PARAMS_SUBDIR} not found: not an orbax checkpoint "
                                 f"written by dsjax.models.checkpoint.save_params")
-    abstract = abstract_params(config, as_numpy_dtype(dtype))
+    abstract = config.abstract_params(as_numpy_dtype(dtype))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

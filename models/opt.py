@@ -13,88 +13,137 @@ LM head tied to the token embedding; opt-350m projects 512-wide embeddings to 10
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from dsjax.models.attention import (AttentionBackend, ChunkedMetadata, DecodeMetadata,
-                                    PrefillMetadata)
-from dsjax.models.config import OPTConfig
+from dsjax.models.base import ModelConfig, config_kwargs, hf_module_path, linear
+from dsjax.models.layers import AttentionBlock, LayerModule, LayerNorm, PlainMLP, StageModule
 
-CALL_MODES = ("prefill", "decode", "chunked")
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 whatever the activation dtype (as HF does under autocast)."""
-    dtype: Any
-    param_dtype: Any
-    use_affine: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
-        if self.use_affine:
-            features = x.shape[-1]
-            y = y * self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-            y = y + self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-        return y.astype(self.dtype)
+# Flax module names that the checkpoint spells otherwise ("" drops the level).
+_HF_RENAMES = {"o_proj": "out_proj", "mlp": ""}
 
 
-class DecoderLayer(nn.Module):
-    config: OPTConfig
-    attention: AttentionBackend
-    mode: str
-    dtype: Any
-    param_dtype: Any
+@dataclasses.dataclass(frozen=True)
+class OPTConfig(ModelConfig):
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    ffn_dim: int
+    vocab_size: int = 50272
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int = 0  # 0 means equal to hidden_size (no project_in/out)
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    name: str = "opt"
 
-    def _dense(self, features, name):
-        return nn.Dense(features, use_bias=self.config.enable_bias, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
+    model_type: ClassVar[str] = "opt"
+    HF_PREFIXES: ClassVar[tuple[str, ...]] = ("model.decoder.", "decoder.", "")
+    COLUMN_PARALLEL: ClassVar[frozenset[str]] = frozenset({"q_proj", "k_proj", "v_proj", "fc1"})
+    ROW_PARALLEL: ClassVar[frozenset[str]] = frozenset({"o_proj", "fc2"})
+    FIRST_STAGE_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"embed_tokens", "embed_positions", "project_in"})
+    LAST_STAGE_KEYS: ClassVar[frozenset[str]] = frozenset({"final_layer_norm", "project_out"})
+    tie_word_embeddings: ClassVar[bool] = True
+    # OPT's learned position table has two extra rows: position p is row p + 2.
+    POSITION_OFFSET: ClassVar[int] = 2
 
+    def __post_init__(self):
+        if self.word_embed_proj_dim == 0:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}")
+
+    num_key_value_heads = property(lambda self: self.num_attention_heads)
+    intermediate_size = property(lambda self: self.ffn_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_projections(self) -> bool:
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    def num_params(self) -> int:
+        h, f, e, v = self.hidden_size, self.ffn_dim, self.word_embed_proj_dim, self.vocab_size
+        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+        total = self.num_hidden_layers * per_layer + v * e + (self.max_position_embeddings + 2) * h
+        if self.has_projections:
+            total += 2 * h * e
+        if self.has_final_layer_norm:
+            total += 2 * h
+        return total
+
+    def module(self, attention, mode, *, num_layers=None, first_stage=True, last_stage=True,
+               kv_heads=None, dtype=jnp.float32):
+        return OPTModel(self, attention, mode, num_layers=num_layers, first_stage=first_stage,
+                        last_stage=last_stage, kv_heads=kv_heads or self.cache_kv_heads(),
+                        dtype=dtype)
+
+    def hf_tensor(self, keys, layer):
+        return linear(keys, hf_module_path(keys, layer, _HF_RENAMES))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, name: str = "opt") -> "OPTConfig":
+        if d.get("activation_function", "relu") != "relu":
+            raise ValueError(f"unsupported activation_function {d['activation_function']!r}: "
+                             f"OPT uses relu")
+        kw = config_kwargs(cls, d)
+        # HF spells the no-final-LN switch with a leading underscore.
+        if d.get("_remove_final_layer_norm"):
+            kw["remove_final_layer_norm"] = True
+        return cls(name=name, **kw)
+
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("name")
+        d["_remove_final_layer_norm"] = d.pop("remove_final_layer_norm")
+        d.update(model_type="opt", activation_function="relu", architectures=["OPTForCausalLM"])
+        return d
+
+
+class DecoderLayer(LayerModule):
     def _norm(self, name):
-        return LayerNorm(self.dtype, self.param_dtype, self.config.layer_norm_elementwise_affine,
+        return LayerNorm(self.dtype, self.dtype, self.config.layer_norm_elementwise_affine,
                          name=name)
 
     @nn.compact
     def __call__(self, carry, layer, meta):
         x, k_cache, v_cache = carry
         cfg = self.config
-        n, hd = cfg.num_attention_heads, cfg.head_dim
-
-        residual = x
-        if cfg.do_layer_norm_before:
-            x = self._norm("self_attn_layer_norm")(x)
-        q = self._dense(cfg.hidden_size, "q_proj")(x).reshape(-1, n, hd)
-        k = self._dense(cfg.hidden_size, "k_proj")(x).reshape(-1, n, hd)
-        v = self._dense(cfg.hidden_size, "v_proj")(x).reshape(-1, n, hd)
-        k_cache, v_cache = self.attention.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping)
-        if self.mode == "prefill":
-            attn = self.attention.prefill(q, k, v, meta)
-        elif self.mode == "decode":
-            attn = self.attention.decode(q, k_cache, v_cache, layer, meta)
-        else:
-            attn = self.attention.chunked(q, k_cache, v_cache, layer, meta)
-        x = self._dense(cfg.hidden_size, "out_proj")(attn.reshape(-1, n * hd))
-        x = residual + x
-        if not cfg.do_layer_norm_before:
-            x = self._norm("self_attn_layer_norm")(x)
-
-        residual = x
-        if cfg.do_layer_norm_before:
-            x = self._norm("final_layer_norm")(x)
-        x = nn.relu(self._dense(cfg.ffn_dim, "fc1")(x))
-        x = residual + self._dense(cfg.hidden_size, "fc2")(x)
-        if not cfg.do_layer_norm_before:
-            x = self._norm("final_layer_norm")(x)
+        pre = cfg.do_layer_norm_before
+        attn_norm, ffn_norm = self._norm("self_attn_layer_norm"), self._norm("final_layer_norm")
+        h, k_cache, v_cache = AttentionBlock(
+            cfg.num_attention_heads, cfg.num_attention_heads, self.kv_heads, cfg.head_dim,
+            cfg.hidden_size, self.attention, self.mode, self.dtype, self.dtype,
+            qkv_bias=cfg.enable_bias, out_bias=cfg.enable_bias, name="self_attn",
+        )(attn_norm(x) if pre else x, layer, meta, k_cache, v_cache)
+        x = x + h
+        if not pre:
+            x = attn_norm(x)
+        h = PlainMLP(cfg.ffn_dim, cfg.hidden_size, "relu", self.dtype, self.dtype,
+                     name="mlp")(ffn_norm(x) if pre else x)
+        x = x + h
+        if not pre:
+            x = ffn_norm(x)
         return (x, k_cache, v_cache), None
 
 
-class OPTModel(nn.Module):
+class OPTModel(StageModule):
     """One pipeline stage of OPT (the whole model when first_stage and last_stage).
 
     __call__(inputs, kv_cache, meta) -> (outputs, kv_cache)
@@ -103,53 +152,36 @@ class OPTModel(nn.Module):
       outputs: hidden states [T, hidden] of every token (after the final layer norm on the
                last stage, whose `logits` method then gives the LM head's logits).
     """
-    config: OPTConfig
-    attention: AttentionBackend
-    mode: str = "prefill"
-    num_layers: int | None = None  # layers held by this stage; None = all
-    first_stage: bool = True
-    last_stage: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
     def setup(self):
         cfg = self.config
-        if self.mode not in CALL_MODES:
-            raise ValueError(f"mode must be one of {CALL_MODES}, got {self.mode!r}")
+        dense = lambda f: nn.Dense(f, use_bias=False, dtype=self.dtype,  # noqa: E731
+                                   param_dtype=self.dtype)
         if self.first_stage or self.last_stage:
             self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.word_embed_proj_dim,
-                                         dtype=self.dtype, param_dtype=self.param_dtype)
+                                         dtype=self.dtype, param_dtype=self.dtype)
         if self.first_stage:
-            self.embed_positions = nn.Embed(cfg.max_position_embeddings + OPTConfig.POSITION_OFFSET,
+            self.embed_positions = nn.Embed(cfg.max_position_embeddings + cfg.POSITION_OFFSET,
                                             cfg.hidden_size, dtype=self.dtype,
-                                            param_dtype=self.param_dtype)
+                                            param_dtype=self.dtype)
             if cfg.has_projections:
-                self.project_in = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype,
-                                           param_dtype=self.param_dtype)
+                self.project_in = dense(cfg.hidden_size)
         if self.last_stage:
             if cfg.has_final_layer_norm:
-                self.final_layer_norm = LayerNorm(self.dtype, self.param_dtype,
+                self.final_layer_norm = LayerNorm(self.dtype, self.dtype,
                                                   cfg.layer_norm_elementwise_affine)
             if cfg.has_projections:
-                self.project_out = nn.Dense(cfg.word_embed_proj_dim, use_bias=False,
-                                            dtype=self.dtype, param_dtype=self.param_dtype)
-        num_layers = cfg.num_hidden_layers if self.num_layers is None else self.num_layers
-        scanned = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(0, nn.broadcast), length=num_layers)
-        self.layers = scanned(cfg, self.attention, self.mode, self.dtype, self.param_dtype)
-        self._num_layers = num_layers
+                self.project_out = dense(cfg.word_embed_proj_dim)
+        self._num_layers, self.layers = self.scanned_layers(DecoderLayer)
 
-    def __call__(self, inputs, kv_cache, meta: PrefillMetadata | DecodeMetadata | ChunkedMetadata):
+    def __call__(self, inputs, kv_cache, meta):
         if self.first_stage:
             x = self.embed_tokens(inputs)
             if self.config.has_projections:
                 x = self.project_in(x)
-            x = x + self.embed_positions(meta.positions + OPTConfig.POSITION_OFFSET)
+            x = x + self.embed_positions(meta.positions + self.config.POSITION_OFFSET)
         else:
             x = inputs.astype(self.dtype)
-        k_cache, v_cache = kv_cache
-        (x, k_cache, v_cache), _ = self.layers((x, k_cache, v_cache),
-                                               jnp.arange(self._num_layers), meta)
+        x, (k_cache, v_cache) = self.run_layers(x, kv_cache, meta)
         if self.last_stage and self.config.has_final_layer_norm:
             x = self.final_layer_norm(x)
         return x, (k_cache, v_cache)
@@ -159,24 +191,3 @@ class OPTModel(nn.Module):
         if self.config.has_projections:
             x = self.project_out(x)
         return self.embed_tokens.attend(x.astype(self.dtype)).astype(jnp.float32)  # tied head
-
-
-def abstract_params(config: OPTConfig, dtype=jnp.float32, attention=None):
-    """Shapes and dtypes of the full model's params (no memory touched), for loaders and init."""
-    from dsjax.models.attention import XLAAttention
-    model = OPTModel(config, attention or XLAAttention(), "prefill", dtype=dtype, param_dtype=dtype)
-    t = 2
-    meta = PrefillMetadata(positions=jnp.zeros(t, jnp.int32), seq_ids=jnp.zeros(t, jnp.int32),
-                           cu_seqlens=jnp.array([0, t], jnp.int32),
-                           slot_mapping=jnp.zeros(t, jnp.int32),
-                           last_token_idx=jnp.array([t - 1], jnp.int32))
-    cache_shape = (config.num_hidden_layers, 1, 16, config.num_attention_heads, config.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
-
-    def forward_and_head(module, tokens):
-        hidden, _ = module(tokens, cache, meta)
-        return module.logits(hidden)
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(t, jnp.int32),
-                                               method=forward_and_head))
-    return shapes["params"]

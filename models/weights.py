@@ -1,44 +1,32 @@
-"""OPT weights into the Flax param tree: from Hugging Face checkpoints, or random ("dummy").
+"""Model weights into the Flax param tree: from Hugging Face checkpoints, or random ("dummy").
 
-The tree is `dsjax.models.opt.abstract_params`: decoder layers stacked on a leading axis (nn.scan),
-Dense kernels [in, out] (a torch Linear weight transposed). Every leaf is built with
-`jax.make_array_from_callback`, so each device reads only its own slice of the files and a
-sharded load never holds the whole model on the host.
+The tree is the family's `abstract_params()`: decoder layers stacked on a leading axis
+(nn.scan), Dense kernels [in, out]. Where each leaf comes from is the family's declaration
+(`ModelConfig.hf_tensor`: a tensor name, transposed or not, maybe a column range of a fused
+tensor). Every leaf is built with `jax.make_array_from_callback`, so each device reads only its
+own slice of the files (safetensors' lazy slices) and a sharded load never holds the whole
+model on the host.
 """
 from __future__ import annotations
 
 import functools
 import json
-import struct
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from dsjax.models.config import OPTConfig
-from dsjax.models.opt import abstract_params
+from dsjax.models.base import leaf_keys
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "pt", "orbax")
-
-# Hugging Face prefixes of the decoder's tensors: OPTForCausalLM, OPTModel, very old exports.
-HF_PREFIXES = ("model.decoder.", "decoder.", "")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PT_INDEX = "pytorch_model.bin.index.json"
 PT_SINGLE = "pytorch_model.bin"
-
-# Flax module name inside a decoder layer -> HF module path inside `layers.{i}.`
-_LAYER_MODULES = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "out_proj": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2",
-    "self_attn_layer_norm": "self_attn_layer_norm", "final_layer_norm": "final_layer_norm",
-}
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 def as_numpy_dtype(dtype) -> np.dtype:
@@ -47,10 +35,6 @@ def as_numpy_dtype(dtype) -> np.dtype:
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return np.dtype(DTYPES[name])
-
-
-def _path_keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in path)
 
 
 def _default_shardings(abstract):
@@ -68,43 +52,27 @@ class TensorStore(Protocol):
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray: ...
 
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
 class SafetensorsStore:
-    """safetensors files read through np.memmap: slicing touches only the bytes it needs.
-
-    Parsed by hand because safetensors' numpy reader cannot return bfloat16 (most OPT exports)."""
+    """safetensors files through the library's lazy slices: reading a slice touches only the
+    bytes it needs (bfloat16 arrives as ml_dtypes' numpy bfloat16)."""
 
     def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[Path, dict]] = {}
-        self._maps: dict[Path, np.memmap] = {}
-        for f in files:
-            with open(f, "rb") as fh:
-                (header_len,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(header_len))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                info["base"] = 8 + header_len
-                self._where[name] = (f, info)
+        from safetensors import safe_open
+
+        self._handles = {f: safe_open(str(f), framework="numpy") for f in files}
+        self._where = {name: f for f, h in self._handles.items() for name in h.keys()}
 
     def names(self):
         return set(self._where)
 
+    def _slice(self, name):
+        return self._handles[self._where[name]].get_slice(name)
+
     def shape(self, name):
-        return tuple(self._where[name][1]["shape"])
+        return tuple(self._slice(name).get_shape())
 
     def read(self, name, index):
-        f, info = self._where[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"tensor {name} in {f} has unsupported dtype {info['dtype']}")
-        if f not in self._maps:
-            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
-        start, end = info["data_offsets"]
-        raw = self._maps[f][info["base"] + start: info["base"] + end]
-        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])[index]
+        return self._slice(name)[index]
 
 
 class TorchStore:
@@ -172,45 +140,53 @@ def open_store(model_dir: str | Path, load_format: str = "auto") -> TensorStore:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flax leaf <-> HF tensor
+# Flax leaf <-> checkpoint tensor
 
 
-def hf_tensor_name(keys: tuple[str, ...], layer: int | None = None) -> str:
-    """HF name (without prefix) of a Flax leaf, e.g. ('layers','fc1','kernel'), 3 -> layers.3.fc1.weight."""
-    *modules, leaf = keys
-    if modules[0] == "layers":
-        return f"layers.{layer}.{_LAYER_MODULES[modules[1]]}.{_LEAF_NAMES[leaf]}"
-    return f"{'.'.join(modules)}.{_LEAF_NAMES[leaf]}"
-
-
-def _detect_prefix(names: set[str]) -> str:
-    for prefix in HF_PREFIXES:
-        if prefix + "embed_tokens.weight" in names:
+def detect_prefix(config, names: set[str]) -> str:
+    """Which of the family's checkpoint prefixes this checkpoint uses (found by the first
+    stage's token embedding)."""
+    embedding = config.hf_tensor(("embed_tokens", "embedding"), None).name
+    for prefix in config.HF_PREFIXES:
+        if prefix + embedding in names:
             return prefix
-    looked = ", ".join(p + "embed_tokens.weight" for p in HF_PREFIXES)
-    raise KeyError(f"tensor embed_tokens.weight missing from the checkpoint (looked for {looked})")
+    looked = ", ".join(p + embedding for p in config.HF_PREFIXES)
+    raise KeyError(f"tensor {embedding} missing from the checkpoint (looked for {looked}): is "
+                   f"this a {config.model_type} checkpoint?")
 
 
-def _leaf_loader(store: TensorStore, prefix: str, keys: tuple[str, ...], aval, num_layers: int):
-    """Check the leaf's HF tensors and return a callback reading any slice of the leaf."""
+def _leaf_loader(store: TensorStore, prefix: str, keys: tuple[str, ...], aval, config):
+    """Check the leaf's checkpoint tensors and return a callback reading any slice of it."""
     stacked = keys[0] == "layers"
-    transpose = keys[-1] == "kernel"
-    per_tensor_shape = aval.shape[1:] if stacked else aval.shape
-    hf_shape = per_tensor_shape[::-1] if transpose else per_tensor_shape
-    names = [prefix + hf_tensor_name(keys, i) for i in range(num_layers)] if stacked \
-        else [prefix + hf_tensor_name(keys)]
+    per_tensor_shape = tuple(aval.shape[1:] if stacked else aval.shape)
+    specs = ([config.hf_tensor(keys, i) for i in range(config.num_hidden_layers)] if stacked
+             else [config.hf_tensor(keys, None)])
+    names = [s.name if s.root else prefix + s.name for s in specs]
+    spec = specs[0]
     available = store.names()
     for name in names:
         if name not in available:
             raise KeyError(f"tensor {name} missing from the checkpoint: it does not match the "
                            f"config (wrong model directory or config.json?)")
-        if store.shape(name) != tuple(hf_shape):
-            raise ValueError(f"tensor {name} has shape {list(store.shape(name))}, expected "
-                             f"{list(hf_shape)} for this config")
+        shape = store.shape(name)
+        flax_shape = tuple(shape[::-1]) if spec.transpose else tuple(shape)
+        if spec.columns is not None:   # a column range of a fused tensor
+            c0, c1 = spec.columns
+            ok = flax_shape[:-1] == per_tensor_shape[:-1] and c1 - c0 == per_tensor_shape[-1] \
+                and c1 <= flax_shape[-1]
+        else:
+            ok = flax_shape == per_tensor_shape
+        if not ok:
+            want = per_tensor_shape[::-1] if spec.transpose else per_tensor_shape
+            raise ValueError(f"tensor {name} has shape {list(shape)}, expected "
+                             f"{list(want)} for this config")
 
     def read_one(name, index):
-        part = store.read(name, index[::-1] if transpose else index)
-        return np.asarray(part.T if transpose else part).astype(aval.dtype)
+        if spec.columns is not None:
+            start, stop, _ = index[-1].indices(per_tensor_shape[-1])
+            index = (*index[:-1], slice(spec.columns[0] + start, spec.columns[0] + stop))
+        part = store.read(name, index[::-1] if spec.transpose else index)
+        return np.asarray(part.T if spec.transpose else part).astype(aval.dtype)
 
     cache: dict[Any, np.ndarray] = {}  # replicated leaves ask for the same slice per device
 
@@ -219,7 +195,7 @@ def _leaf_loader(store: TensorStore, prefix: str, keys: tuple[str, ...], aval, n
         key = tuple(s.indices(d) for s, d in zip(index, aval.shape))
         if key not in cache:
             if stacked:
-                layers = range(*index[0].indices(num_layers))
+                layers = range(*index[0].indices(config.num_hidden_layers))
                 cache[key] = np.stack([read_one(names[i], index[1:]) for i in layers])
             else:
                 cache[key] = read_one(names[0], index)
@@ -228,22 +204,21 @@ def _leaf_loader(store: TensorStore, prefix: str, keys: tuple[str, ...], aval, n
     return callback
 
 
-def load_hf_params(model_dir: str | Path, config: OPTConfig, dtype=jnp.float32, shardings=None,
+def load_hf_params(model_dir: str | Path, config, dtype=jnp.float32, shardings=None,
                    load_format: str = "auto"):
-    """Params of `config` from a Hugging Face OPT checkpoint (safetensors or pytorch .bin, single
-    or sharded), cast to `dtype`, placed on `shardings` (pytree like abstract_params) or the
-    default device. The tied lm_head.weight is ignored."""
+    """Params of `config` from a Hugging Face checkpoint (safetensors or pytorch .bin, single or
+    sharded), cast to `dtype`, placed on `shardings` (pytree like abstract_params) or the
+    default device. A tied LM head's tensor, if present, is ignored."""
     dtype = as_numpy_dtype(dtype)
     store = open_store(model_dir, load_format)
-    prefix = _detect_prefix(store.names())
-    abstract = abstract_params(config, dtype)
+    prefix = detect_prefix(config, store.names())
+    abstract = config.abstract_params(dtype)
     shardings = _default_shardings(abstract) if shardings is None else shardings
 
     # Check every tensor before reading any, so a bad checkpoint fails in seconds, not after
     # half of a large model has loaded.
     readers = jax.tree_util.tree_map_with_path(
-        lambda path, aval: _leaf_loader(store, prefix, _path_keys(path), aval,
-                                        config.num_hidden_layers), abstract)
+        lambda path, aval: _leaf_loader(store, prefix, leaf_keys(path), aval, config), abstract)
     return jax.tree.map(
         lambda aval, sharding, read: jax.make_array_from_callback(aval.shape, sharding, read,
                                                                   dtype=aval.dtype),
@@ -277,33 +252,38 @@ def _hash_normal(seed, leaf: int, shape, dtype):
     return (jnp.sqrt(-2 * jnp.log(u1)) * jnp.cos(2 * jnp.pi * u2)).astype(dtype)
 
 
+def _is_norm(module: str) -> bool:
+    return "norm" in module or module.startswith("ln_")
+
+
 def _dummy_leaf(seed, leaf: int, keys: tuple[str, ...], aval):
     module, name = keys[-2], keys[-1]
-    if module.endswith("layer_norm"):
+    if _is_norm(module):
         return (jnp.ones if name == "scale" else jnp.zeros)(aval.shape, aval.dtype)
     scale = 0.01 if name == "bias" else 0.02
     return (scale * _hash_normal(seed, leaf, aval.shape, jnp.float32)).astype(aval.dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def _dummy_init(config: OPTConfig, dtype: np.dtype, shardings_flat, shardings_treedef):
+def _dummy_init(config, dtype: np.dtype, shardings_flat, shardings_treedef):
     """Jitted seed -> params, cached so repeated calls (tests, restarts) compile once."""
-    abstract = abstract_params(config, dtype)
+    abstract = config.abstract_params(dtype)
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     out_shardings = None if shardings_treedef is None \
         else jax.tree_util.tree_unflatten(shardings_treedef, shardings_flat)
 
     def init(seed):
-        leaves = [_dummy_leaf(seed, i, _path_keys(path), aval) for i, (path, aval) in enumerate(flat)]
+        leaves = [_dummy_leaf(seed, i, leaf_keys(path), aval)
+                  for i, (path, aval) in enumerate(flat)]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     return jax.jit(init, out_shardings=out_shardings)
 
 
-def dummy_params(config: OPTConfig, dtype=jnp.float32, seed: int = 0, shardings=None):
+def dummy_params(config, dtype=jnp.float32, seed: int = 0, shardings=None):
     """Random params of the real shapes (normal*0.02 matrices, normal*0.01 biases, unit
-    LayerNorms), generated on device straight into `shardings`: nothing passes through the
-    host, so any size fits where its shards fit."""
+    norms), generated on device straight into `shardings`: nothing passes through the host,
+    so any size fits where its shards fit."""
     if shardings is None:
         init = _dummy_init(config, as_numpy_dtype(dtype), None, None)
     else:
@@ -325,9 +305,9 @@ def detect_load_format(model: str | Path) -> str:
     return find_weight_files(model)[0]
 
 
-def load_params(model: str | Path, config: OPTConfig, dtype=jnp.float32, load_format: str = "auto",
+def load_params(model: str | Path, config, dtype=jnp.float32, load_format: str = "auto",
                 seed: int = 0, shardings=None):
-    """Params for the LLM API. `model` is a model directory (ignored by load_format='dummy')."""
+    """Params for the engine. `model` is a model directory (ignored by load_format='dummy')."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
     if load_format == "dummy":

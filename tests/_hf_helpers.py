@@ -96,7 +96,62 @@ def make_varied_hf_opt(seed: int = 0, init_std: float = 0.3):
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation of `prompt` by exactly n tokens."""
+    # An explicit mask: generate() takes tokens equal to pad_token_id for padding otherwise.
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=1)
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=1)
     return out[0, len(prompt):].tolist()
+
+
+# Random-weight checkpoints of the other families, each with its own features switched on.
+# Tiny: 2 layers, hidden 64, vocab 1000, contexts up to 128 tokens.
+FAMILY_COMMON = dict(num_hidden_layers=2, vocab_size=1000, max_position_embeddings=128,
+                     hidden_size=64, intermediate_size=128, num_attention_heads=4)
+FAMILY_KINDS = {
+    # GQA (2 KV heads for 4 query heads), llama3 RoPE scaling whose original context (16) the
+    # prompts run past, an untied LM head
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=False, rope_scaling=dict(
+            rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16))),
+    # linear RoPE scaling, one KV head (tensor parallelism of 2 or 4 replicates it)
+    "llama_linear": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0))),
+    # a sliding window shorter than the prompts
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        num_key_value_heads=2, sliding_window=8, head_dim=16)),
+    # QKV biases, tied embeddings
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)),
+    # QK-norm, an explicit head_dim (32, not hidden / heads = 16)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def make_hf_family(kind: str, seed: int = 0, init_range: float = 0.15):
+    """A random-weight transformers model of `kind` (FAMILY_KINDS or "gpt2"), float32, eval,
+    initialised with a large range so greedy tokens depend on the whole context; norms and
+    biases random too, so a mix-up of any two tensors changes the logits."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000,
+                                         n_positions=128, initializer_range=init_range,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config_cls, model_cls, extra = FAMILY_KINDS[kind]
+        config = getattr(transformers, config_cls)(**FAMILY_COMMON, **extra,
+                                                   initializer_range=init_range,
+                                                   bos_token_id=0, eos_token_id=1)
+        model = getattr(transformers, model_cls)(config)
+    model = model.float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None   # generate exactly max_new_tokens
+    return model

@@ -239,7 +239,7 @@ def test_pipeline_stages_hold_only_their_layers_on_their_devices():
         devices = set(stage.mesh.devices.flat)
         for leaf in jax.tree_util.tree_leaves(stage.params):
             assert set(leaf.sharding.device_set) == devices
-        kernel = stage.params["layers"]["fc1"]["kernel"]
+        kernel = stage.params["layers"]["mlp"]["fc1"]["kernel"]
         start, end = stage.layer_range
         assert kernel.shape[0] == end - start
     assert "embed_positions" in runner.stages[0].params

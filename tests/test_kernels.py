@@ -343,12 +343,11 @@ def test_benchmark_smoke_run(capsys):
 
 
 def test_backend_drives_opt_model_like_xla(rng):
-    """End to end through dsjax.models.opt.OPTModel (opt-tiny, layer scan): a prefill of two packed
+    """End to end through the OPT family's module (opt-tiny, layer scan): a prefill of two packed
     prompts then one decode step give the same logits and caches with either backend."""
-    from dsjax.models.config import OPTConfig
-    from dsjax.models.opt import OPTModel
+    from dsjax.models.registry import config_from_name
 
-    config = OPTConfig.from_name("opt-tiny")
+    config = config_from_name("opt-tiny")
     page_size, num_pages, bucket = 4, 10, 24
     lens = [5, 11]
     tables = np.array([[3, 7, 0, 0], [9, 1, 5, 2]], np.int32)  # shuffled pages
@@ -361,7 +360,7 @@ def test_backend_drives_opt_model_like_xla(rng):
     prefill_meta = packed_metadata(lens, bucket)
     prefill_meta = prefill_meta.replace(slot_mapping=jnp.asarray(slots))
     ids = jnp.asarray(rng.integers(4, config.vocab_size, bucket), jnp.int32)
-    shape = (config.num_hidden_layers, num_pages, page_size, config.num_attention_heads,
+    shape = (config.num_hidden_layers, num_pages, page_size, config.cache_kv_heads(),
              config.head_dim)
     cache = (jnp.zeros(shape), jnp.zeros(shape))
     new = np.array(lens)
@@ -370,14 +369,17 @@ def test_backend_drives_opt_model_like_xla(rng):
         slot_mapping=jnp.asarray(tables[[0, 1], new // page_size] * page_size + new % page_size),
         block_tables=jnp.asarray(tables), context_lens=jnp.asarray(new + 1, jnp.int32))
     next_ids = jnp.asarray(rng.integers(4, config.vocab_size, 2), jnp.int32)
-    params = OPTModel(config, XLAAttention(), "prefill").init(
-        jax.random.key(int(rng.integers(1 << 30))), ids, cache, prefill_meta)
+    params = {"params": config.abstract_params()}
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1, a.dtype), params)
 
     def run(backend):
-        prefill = OPTModel(config, backend, "prefill")
-        decode = OPTModel(config, backend, "decode")
-        first, kv = jax.jit(prefill.apply)(params, ids, cache, prefill_meta)
-        second, kv = jax.jit(decode.apply)(params, next_ids, kv, decode_meta)
+        def step(mode, tokens, kv, meta):
+            model = config.module(backend, mode)
+            hidden, kv = model.apply(params, tokens, kv, meta)
+            last = hidden if mode == "decode" else hidden[meta.last_token_idx]
+            return model.apply(params, last, method="logits"), kv
+        first, kv = jax.jit(step, static_argnums=0)("prefill", ids, cache, prefill_meta)
+        second, kv = jax.jit(step, static_argnums=0)("decode", next_ids, kv, decode_meta)
         return first, second, kv
 
     ours = run(PallasAttention(interpret=True, prefill_block_q=16, prefill_block_k=16,
@@ -397,11 +399,11 @@ def test_self_check_passes_the_kernels_and_catches_a_wrong_backend():
     assert self_check(PallasAttention(interpret=True), num_heads=2, head_dim=80) is None
 
     class DropsNewestToken(XLAAttention):
-        def decode(self, q, k_cache, v_cache, layer, meta):
+        def decode(self, q, k_cache, v_cache, layer, meta, window=None):
             return super().decode(q, k_cache, v_cache, layer,
                                   meta.replace(context_lens=meta.context_lens - 1))
     problem = self_check(DropsNewestToken())
     assert problem is not None and "decode differs" in problem
     with pytest.warns(RuntimeWarning, match="failed their start-up check"):
-        assert isinstance(checked_or_reference(DropsNewestToken(), 4, 64, 16, jnp.float32),
+        assert isinstance(checked_or_reference(DropsNewestToken(), 4, 4, 64, 16, jnp.float32),
                           XLAAttention)

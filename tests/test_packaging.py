@@ -10,11 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
-def test_source_tree_imports_the_names_a_wheel_installs():
-    assert (ROOT / "dsjax" / "models").readlink() == Path("../models")
-    assert (ROOT / "dsjax" / "configs").readlink() == Path("../configs")
+def test_the_package_list_is_the_source_tree_and_maps_models_without_links():
+    """Every directory with an __init__.py is listed (an unlisted one would be missing from the
+    wheel), models/ and configs/ install under dsjax/ by the package mapping, and no symlink
+    stands in for them."""
+    packages = set(SETUPTOOLS["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("dsjax", "serving")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert on_disk | {"dsjax.models", "dsjax.configs", "dsjax.configs.profiles"} == packages
+    assert SETUPTOOLS["package-dir"] == {"dsjax.models": "models", "dsjax.configs": "configs"}
+    assert not any(p.is_symlink() for top in ("dsjax", "models", "configs", "serving")
+                   for p in [ROOT / top, *(ROOT / top).rglob("*")])
     assert config_files.CONFIG_DIR == ROOT / "configs"
-    assert not any(p.startswith("models") for p in SETUPTOOLS["packages"]["find"]["include"])
+    import dsjax.models
+    assert Path(dsjax.models.__file__).parent == ROOT / "models"
 
 
 def test_nothing_imports_the_top_level_models():
@@ -32,11 +41,14 @@ def test_nothing_imports_the_top_level_models():
 
 
 def test_package_data_covers_every_config_file():
-    package = ROOT / "dsjax"
-    shipped = {p.relative_to(package) for pattern in SETUPTOOLS["package-data"]["dsjax"]
-               for p in package.glob(pattern) if p.is_file()}
-    config_files_on_disk = {p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*") if p.is_file()}
-    assert config_files_on_disk <= shipped
+    data = SETUPTOOLS["package-data"]
+    shipped = {p.relative_to(ROOT) for package, patterns in data.items()
+               if package.startswith("dsjax.configs")
+               for pattern in patterns
+               for p in (ROOT / "configs" / Path(*package.split(".")[2:])).glob(pattern)
+               if p.is_file()}
+    on_disk = {p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*") if p.is_file()}
+    assert on_disk == shipped
 
 
 def test_profiles_measured_in_a_checkout_go_to_configs():

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from _hf_helpers import make_hf_opt, save_pytorch_bin, save_renamed_safetensors, save_safetensors
 from dsjax.models import weights
 from dsjax.models.checkpoint import restore_params, save_params
-from dsjax.models.config import OPTConfig
-from dsjax.models.opt import abstract_params
+from dsjax.models.opt import OPTConfig
+from dsjax.models.registry import config_from_dir, config_from_name
 from dsjax.models.weights import dummy_params, load_hf_params, load_params
 
 
@@ -38,7 +38,7 @@ def hf_dirs(hf_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(hf_dirs):
-    return OPTConfig.from_hf_dir(hf_dirs["safetensors"])
+    return config_from_dir(hf_dirs["safetensors"])
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,17 @@ def test_leaves_are_the_hf_tensors(params, hf_model, config):
     np.testing.assert_array_equal(params["project_in"]["kernel"], sd[d + "project_in.weight"].T)
     for i in range(config.num_hidden_layers):
         layer = f"{d}layers.{i}."
-        np.testing.assert_array_equal(params["layers"]["v_proj"]["kernel"][i],
+        np.testing.assert_array_equal(params["layers"]["self_attn"]["v_proj"]["kernel"][i],
                                       sd[layer + "self_attn.v_proj.weight"].T)
-        np.testing.assert_array_equal(params["layers"]["fc2"]["bias"][i], sd[layer + "fc2.bias"])
+        np.testing.assert_array_equal(params["layers"]["self_attn"]["o_proj"]["bias"][i],
+                                      sd[layer + "self_attn.out_proj.bias"])
+        np.testing.assert_array_equal(params["layers"]["mlp"]["fc2"]["bias"][i],
+                                      sd[layer + "fc2.bias"])
         np.testing.assert_array_equal(params["layers"]["self_attn_layer_norm"]["scale"][i],
                                       sd[layer + "self_attn_layer_norm.weight"])
     assert "final_layer_norm" not in params  # post-LN OPT has none
     assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == \
-        jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(config))
+        jax.tree.map(lambda x: (x.shape, x.dtype), config.abstract_params())
 
 
 @pytest.mark.parametrize("layout", ["sharded_safetensors", "bin", "sharded_bin",
@@ -88,18 +91,18 @@ def test_unsupported_dtype(hf_dirs, config):
 
 
 def tp_shardings(config, mesh):
-    """Megatron-style: columns of q/k/v/fc1, rows of out_proj/fc2, vocab rows; layers over 'pp'."""
+    """Megatron-style: columns of q/k/v/fc1, rows of o_proj/fc2, vocab rows; layers over 'pp'."""
     specs = {"q_proj": P("pp", None, "tp"), "k_proj": P("pp", None, "tp"),
              "v_proj": P("pp", None, "tp"), "fc1": P("pp", None, "tp"),
-             "out_proj": P("pp", "tp", None), "fc2": P("pp", "tp", None)}
+             "o_proj": P("pp", "tp", None), "fc2": P("pp", "tp", None)}
 
     def spec(path, aval):
         keys = [k.key for k in path]
         if keys[0] == "layers":
-            return NamedSharding(mesh, specs.get(keys[1], P("pp")) if keys[-1] == "kernel" else P("pp"))
+            return NamedSharding(mesh, specs.get(keys[-2], P("pp")) if keys[-1] == "kernel" else P("pp"))
         return NamedSharding(mesh, P("tp") if keys[0] == "embed_tokens" else P())
 
-    return jax.tree_util.tree_map_with_path(spec, abstract_params(config))
+    return jax.tree_util.tree_map_with_path(spec, config.abstract_params())
 
 
 def test_sharded_load_reads_only_each_devices_slice(hf_dirs, config, params, monkeypatch):
@@ -129,10 +132,13 @@ def test_missing_directory_and_files(tmp_path, config):
     with pytest.raises(FileNotFoundError, match="model.safetensors.*pytorch_model.bin"):
         load_hf_params(tmp_path, config)
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        OPTConfig.from_hf_dir(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="'gpt2', not 'opt'"):
-        OPTConfig.from_hf_dir(tmp_path)
+        config_from_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
+    with pytest.raises(ValueError, match="'bloom' is not supported.*gpt2, llama, mistral, opt"):
+        config_from_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(ValueError, match="lacks n_layer, n_head"):
+        config_from_dir(tmp_path)
 
 
 def test_index_naming_a_missing_shard(hf_dirs, config, tmp_path):
@@ -177,7 +183,7 @@ def test_missing_tensor_is_named(hf_dirs, config, tmp_path):
 
 def test_config_of_another_size_is_rejected(hf_dirs, config):
     with pytest.raises(ValueError, match="expected"):
-        load_hf_params(hf_dirs["safetensors"], OPTConfig.from_name("opt-tiny"))
+        load_hf_params(hf_dirs["safetensors"], config_from_name("opt-tiny"))
 
 
 def test_bin_without_torch_says_how_to_fix(hf_dirs, config, monkeypatch):
@@ -189,10 +195,10 @@ def test_bin_without_torch_says_how_to_fix(hf_dirs, config, monkeypatch):
 def test_dummy_params_shapes_values_and_seed(config):
     a = dummy_params(config, "bfloat16", seed=0)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), a) == \
-        jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(config, jnp.bfloat16))
+        jax.tree.map(lambda x: (x.shape, x.dtype), config.abstract_params(jnp.bfloat16))
     ln = a["layers"]["final_layer_norm"]
     assert np.all(np.asarray(ln["scale"]) == 1) and np.all(np.asarray(ln["bias"]) == 0)
-    q = np.asarray(a["layers"]["q_proj"]["kernel"], np.float32)
+    q = np.asarray(a["layers"]["self_attn"]["q_proj"]["kernel"], np.float32)
     assert 0.015 < q.std() < 0.025 and abs(q.mean()) < 0.005
     assert not np.array_equal(q[0], q[1])  # layers differ
     assert_trees_equal(dummy_params(config, "bfloat16", seed=0), a)
@@ -211,9 +217,9 @@ def test_dummy_params_on_shardings(config):
 
 
 def test_dummy_params_traces_at_opt_175b_without_memory():
-    cfg = OPTConfig.from_name("opt-175b")
+    cfg = config_from_name("opt-175b")
     shapes = jax.eval_shape(lambda: dummy_params(cfg, "bfloat16"))
-    assert shapes["layers"]["fc1"]["kernel"].shape == (96, 12288, 49152)
+    assert shapes["layers"]["mlp"]["fc1"]["kernel"].shape == (96, 12288, 49152)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert total == cfg.num_params()
 
@@ -230,7 +236,7 @@ def test_orbax_round_trip_onto_a_mesh(params, config, tmp_path):
         assert leaf.sharding == sharding
     assert_trees_equal(jax.device_get(restored), jax.device_get(params))
     # config.json beside it makes the directory self-describing for load_params.
-    assert OPTConfig.from_hf_dir(tmp_path / "ckpt") == OPTConfig(**{**config.__dict__, "name": "ckpt"})
+    assert config_from_dir(tmp_path / "ckpt") == OPTConfig(**{**config.__dict__, "name": "ckpt"})
     assert_trees_equal(load_params(tmp_path / "ckpt", config, "bfloat16"),
                        jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
     with pytest.raises(FileExistsError, match="already exists"):
@@ -250,3 +256,19 @@ def test_load_params_dispatch(hf_dirs, config, params, tmp_path):
         load_params(hf_dirs["safetensors"], config, load_format="orbax")
     with pytest.raises(ValueError, match="unknown load_format"):
         load_params(hf_dirs["safetensors"], config, load_format="gguf")
+
+
+# Parameter counts the model cards publish (billions; GPT-2 in millions / 1000).
+PUBLISHED_PARAMS = {"opt-13b": 12.85, "llama-2-7b": 6.74, "llama-2-70b": 68.98,
+                    "llama-3.1-8b": 8.03, "llama-3.1-70b": 70.55, "mistral-7b": 7.24,
+                    "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.71, "qwen3-8b": 8.19,
+                    "gpt2": 0.124, "gpt2-xl": 1.558}
+
+
+def test_every_named_size_builds_with_its_published_parameter_count():
+    from dsjax.models.registry import known_sizes
+    for name in known_sizes():
+        config = config_from_name(name)
+        assert config.name == name and config.num_hidden_layers > 0
+    for name, billions in PUBLISHED_PARAMS.items():
+        assert config_from_name(name).num_params() / 1e9 == pytest.approx(billions, rel=0.005), name

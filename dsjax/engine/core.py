@@ -32,7 +32,8 @@ from dsjax.engine.request import RequestOutput
 from dsjax.executor.parallel import plan_placement
 from dsjax.sampling_params import SamplingParams
 from dsjax.tokenizer import IncrementalDetokenizer, load_tokenizer
-from dsjax.models.config import OPTConfig
+from dsjax.models.base import ModelConfig
+from dsjax.models.registry import config_from_dir, config_from_name
 
 log = logging.getLogger("dsjax")
 GPT2_VOCAB_SIZE = 50257
@@ -47,20 +48,23 @@ class EngineError(RuntimeError):
     inside it."""
 
 
-def resolve_model(model: str, load_format: str) -> tuple[OPTConfig, str | None]:
-    """(config, model directory or None) from a directory or a size name (dummy weights only)."""
+def resolve_model(model: str, load_format: str) -> tuple[ModelConfig, str | None]:
+    """(config, model directory or None) from a directory (any supported family, picked by
+    its config.json's model_type) or a size name (dummy weights only)."""
     path = Path(model)
     if path.is_dir():
         from dsjax.models.checkpoint import is_orbax_checkpoint
         if (path / "config.json").is_file() or is_orbax_checkpoint(path):
-            return OPTConfig.from_hf_dir(path), str(path)
+            return config_from_dir(path), str(path)
     if load_format != "dummy":
         if path.exists() or "/" in model and not model.startswith("facebook/"):
             raise FileNotFoundError(f"model directory {model} has no config.json: pass a Hugging "
-                                    f"Face OPT directory, or a size name with load_format='dummy'")
-        raise ValueError(f"{model!r} is not a model directory; a size name like 'opt-125m' "
-                         f"needs load_format='dummy' (random weights; no downloads here)")
-    return OPTConfig.from_name(model), None
+                                    f"Face model directory, or a size name with "
+                                    f"load_format='dummy'")
+        raise ValueError(f"{model!r} is not a model directory; a size name like 'opt-125m' or "
+                         f"'llama-3.1-8b' needs load_format='dummy' (random weights; no "
+                         f"downloads here)")
+    return config_from_name(model), None
 
 
 class RequestStream:
@@ -165,9 +169,10 @@ class Engine:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.model_config, model_dir = resolve_model(config.model, config.load_format)
-        # GPT-2's BPE is OPT's up to id numbering; it only fits a vocabulary of OPT's size.
+        # GPT-2's BPE is OPT's up to id numbering; it only fits a vocabulary at least its size.
         fallback = "gpt2" if self.model_config.vocab_size >= GPT2_VOCAB_SIZE else None
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback=fallback)
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback=fallback,
+                                        model_type=self.model_config.model_type)
         self.migrations = {"count": 0, "bytes": 0, "seconds": 0.0}
         self.error: EngineError | None = None
         self._inbox: queue.Queue = queue.Queue()
@@ -275,7 +280,7 @@ class Engine:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
         tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream,
                                  self._detokenizer_factory(params),
-                                 self.model_config.eos_token_id, arrival_time)
+                                 self.model_config.eos_token_ids, arrival_time)
         self._inbox.put(_Add(tracked, RequestSpec(rid, tuple(ids), params, seed)))
         return handle
 

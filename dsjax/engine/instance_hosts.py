@@ -103,7 +103,9 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
                          page_size=cfg.block_size,
                          attention=get_attention_backend(
                              cfg.attention_backend, num_heads=mc.num_attention_heads // spec.tp,
-                             head_dim=mc.head_dim, page_size=cfg.block_size, dtype=dtype),
+                             num_kv_heads=mc.cache_kv_heads(spec.tp) // spec.tp,
+                             head_dim=mc.head_dim, page_size=cfg.block_size, dtype=dtype,
+                             sliding_window=mc.sliding_window),
                          max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
                          max_tokens_per_batch=limits.max_tokens_per_batch,
                          max_blocks_per_request=cfg.max_num_blocks_per_req,
@@ -114,7 +116,7 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
         log.info("%s: prefill token budget %d (TTFT SLO %.3g s)", spec.name, budget, cfg.ttft_slo)
         limits_p = BatchLimits(cfg.context_max_batch_size, budget)
     blocks = BlockManager(num_blocks, cfg.block_size, host_blocks)
-    common = (spec.name, runner, blocks, mc.eos_token_id, kv_link, send)
+    common = (spec.name, runner, blocks, mc.eos_token_ids, kv_link, send)
     share = cfg.decoding_waiting_share
     if spec.role == "prefill":
         return PrefillWorker(*common, limits=limits_p)

@@ -24,9 +24,12 @@ class StopChecker:
     reaching max_tokens finishes with "length".
     """
 
-    def __init__(self, params: SamplingParams, eos_token_id: int | None):
+    def __init__(self, params: SamplingParams, eos_token_id: int | tuple[int, ...] | None):
         self._params = params
-        self._eos_token_id = None if params.ignore_eos else eos_token_id
+        if eos_token_id is None or params.ignore_eos:
+            eos_token_id = ()
+        # A model may end sequences with several tokens (LLaMA 3 lists three).
+        self._eos = frozenset((eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id)
         self._stop_token_ids = frozenset(params.stop_token_ids)
         self._stop_strings = params.stop
         self._longest_stop = max((len(s) for s in params.stop), default=0)
@@ -43,7 +46,7 @@ class StopChecker:
     def check_token(self, token_id: int, num_generated: int) -> FinishReason | None:
         """The conditions that need no text (the engine's hot path): eos, stop ids, length."""
         if num_generated >= self._params.min_tokens and (
-                token_id == self._eos_token_id or token_id in self._stop_token_ids):
+                token_id in self._eos or token_id in self._stop_token_ids):
             return "stop"
         if num_generated >= self._params.max_tokens:
             return "length"

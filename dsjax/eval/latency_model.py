@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dsjax.config_files import PROFILE_DIR
-from dsjax.models.config import OPTConfig
+from dsjax.models.registry import config_from_name
 
 DEFAULT_PROFILE = PROFILE_DIR / "profiler-a100-80g.distserve.json"
 A100_MEMORY_BYTES = 80e9
@@ -111,7 +111,7 @@ class LatencyModel:
         self.kv_capacity = dict(kv_capacity or {})
         self.gpu_memory_bytes = gpu_memory_bytes
         self.overhead = overhead
-        self.config = OPTConfig.from_name(self.model)
+        self.config = config_from_name(self.model)
         self._cache: dict[int, StepCoeffs] = {}
 
     def with_overhead(self, overhead: StepOverhead) -> "LatencyModel":
@@ -320,7 +320,7 @@ def scale_model(source: LatencyModel, reference: LatencyModel, target: str,
     if not shared:
         raise ValueError(f"{source.model} and {reference.model} share no measured TP degree")
     size_ratio = source.config.num_params() / reference.config.num_params()
-    dst = OPTConfig.from_name(canonical_model_name(target))
+    dst = config_from_name(canonical_model_name(target))
     grow = dst.num_params() / source.config.num_params()
 
     def factor(step) -> float:
@@ -338,3 +338,42 @@ def scale_model(source: LatencyModel, reference: LatencyModel, target: str,
     key = canonical_model_name(target)
     kv = _read_kv_csv(Path(kv_csv) if kv_csv else DEFAULT_PROFILE.parent / "max_num_tokens.csv", key)
     return LatencyModel(key, coeffs, kv, source.gpu_memory_bytes, source.overhead)
+
+
+def scale_by_flops(source: LatencyModel, target: str) -> LatencyModel:
+    """A profile for a model nobody profiled, of any family, from a profiled one: each term
+    scaled by what it pays for. Prefill: the per-token term by matmul FLOPs per token, the
+    quadratic term by attention FLOPs (heads x head_dim x layers), the fixed term unchanged.
+    Decode: the fixed term (weights read once per step) by parameters, the per-context-token
+    term (the KV read) by KV bytes per token (a GQA model's is 4-8x smaller), the per-row
+    term by matmul FLOPs per token. An estimate: say so wherever it is used."""
+    dst = config_from_name(canonical_model_name(target))
+    src = source.config
+    flops = dst.matmul_flops_per_token() / src.matmul_flops_per_token()
+    attention = dst.attention_flops_per_token(1) / src.attention_flops_per_token(1)
+    params = dst.num_params() / src.num_params()
+    kv = dst.kv_bytes_per_token(2) / src.kv_bytes_per_token(2)
+    prefill = (1.0, flops, attention)
+    decode = (params, kv, flops)
+    times = lambda c, f: tuple(x * y for x, y in zip(c, f))  # noqa: E731
+    coeffs = {tp: StepCoeffs(times(c.prefill, prefill), times(c.decode_small, decode),
+                             times(c.decode_large, decode), c.bs_threshold)
+              for tp, c in source.measured.items()}
+    return LatencyModel(canonical_model_name(target), coeffs, {}, source.gpu_memory_bytes,
+                        source.overhead)
+
+
+def load_profile_or_scaled(path: str | os.PathLike | None, model: str,
+                           reference: str = "opt-13b") -> tuple[LatencyModel, str | None]:
+    """(the model's profile, None), or where the profile has no entry for it, (a profile
+    scaled by FLOPs from `reference`'s entry, a note saying so)."""
+    try:
+        return load_profile(path, model), None
+    except ValueError as missing:
+        try:
+            config_from_name(canonical_model_name(model))
+        except ValueError:
+            raise missing from None
+    scaled = scale_by_flops(load_profile(path, reference), model)
+    return scaled, (f"no profile of {model}: its step times are {reference}'s scaled by FLOPs, "
+                    f"parameters and KV bytes (latency_model.scale_by_flops), an estimate")

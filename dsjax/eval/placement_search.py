@@ -252,10 +252,10 @@ class Searcher:
 
 
 def parallel_degrees(model: LatencyModel, max_tp: int, max_pp: int) -> tuple[list[int], list[int]]:
-    """TP degrees dividing the attention heads (<= max_tp: TP stays inside a node), PP degrees
-    dividing the layers (<= max_pp)."""
+    """TP degrees the model's heads and KV heads allow (<= max_tp: TP stays inside a node), PP
+    degrees dividing the layers (<= max_pp)."""
     cfg = model.config
-    tps = [t for t in range(1, max_tp + 1) if cfg.num_attention_heads % t == 0]
+    tps = [t for t in range(1, max_tp + 1) if cfg.tensor_parallel_ok(t)]
     pps = [p for p in range(1, max_pp + 1) if cfg.num_hidden_layers % p == 0]
     return tps, pps
 

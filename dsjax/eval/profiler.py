@@ -90,10 +90,10 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
     from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
-    from dsjax.models.config import OPTConfig
+    from dsjax.models.registry import config_from_name
     from dsjax.models.weights import dummy_params
 
-    cfg = OPTConfig.from_name(model)
+    cfg = config_from_name(model)
     jdtype = jnp.dtype(dtype)
     spec = single_instance_spec("colocated", devices, tp=tp)
     max_ctx = max(max(grid.decode_ctx), max(grid.prefill_lens)) + 1
@@ -201,9 +201,9 @@ def fit_all(pre_batches, pre_ms, dec_batches, dec_ms, threshold: int = DEFAULT_B
 
 
 def default_tps(model: str, devices) -> list[int]:
-    from dsjax.models.config import OPTConfig
-    heads = OPTConfig.from_name(model).num_attention_heads
-    return [t for t in (1, 2, 4, 8, 16) if t <= len(devices) and heads % t == 0]
+    from dsjax.models.registry import config_from_name
+    config = config_from_name(model)
+    return [t for t in (1, 2, 4, 8, 16) if t <= len(devices) and config.tensor_parallel_ok(t)]
 
 
 def hardware_description(devices) -> dict:

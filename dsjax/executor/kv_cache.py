@@ -13,7 +13,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.executor.parallel import KV_SPEC
-from dsjax.models.config import OPTConfig
 
 # Leave room on an accelerator for activations and compiled programs beyond the weights.
 ACTIVATION_HEADROOM_BYTES = 1 << 30
@@ -23,14 +22,15 @@ def dtype_bytes(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def bytes_per_block(config: OPTConfig, block_size: int, dtype, tp: int, pp: int) -> int:
-    """KV bytes one page costs on one device of a (tp, pp) instance (K and V, its layers/heads)."""
+def bytes_per_block(config, block_size: int, dtype, tp: int, pp: int) -> int:
+    """KV bytes one page costs on one device of a (tp, pp) instance (K and V, its layers and
+    its share of the cache's KV heads)."""
     layers = -(-config.num_hidden_layers // pp)
-    heads = config.num_attention_heads // tp
+    heads = config.cache_kv_heads(tp) // tp
     return 2 * layers * block_size * heads * config.head_dim * dtype_bytes(dtype)
 
 
-def num_blocks_for_budget(config: OPTConfig, *, block_size: int, dtype, tp: int, pp: int,
+def num_blocks_for_budget(config, *, block_size: int, dtype, tp: int, pp: int,
                           devices, gpu_memory_utilization: float = 0.9,
                           cpu_kv_cache_bytes: int = 256 << 20) -> int:
     """Pages that fit: a fraction of accelerator memory minus this device's weights, or a fixed

@@ -15,6 +15,10 @@ Two transports share that reshard:
 
 The source side exports (gathers the pages into fresh arrays, so it may reuse its pages at once);
 the destination side imports into pages it has allocated.
+
+Boxes count heads in the model's KV heads: where tensor parallelism exceeds them, a cache holds
+each KV head repeated (one per device), so a source may offer one head several times (any copy
+will do) and a destination may need one head on several devices.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ HEAD_AXIS, LAYER_AXIS = 3, 0
 
 @dataclasses.dataclass(frozen=True)
 class ShardBox:
-    """Where one shard sits in global model coordinates: layers [l0, l1), heads [h0, h1)."""
+    """Where one shard sits in global model coordinates: layers [l0, l1), KV heads [h0, h1)
+    (the model's heads, whatever the cache's repetition)."""
     l0: int
     l1: int
     h0: int
@@ -46,11 +51,13 @@ class PageShard:
     v: jax.Array
 
 
-def _box(shard_index, shape, layer_offset) -> ShardBox:
+def _box(shard_index, shape, layer_offset, repeat: int) -> ShardBox:
+    """A shard's box; `repeat`: cache heads per model KV head (1 unless tp exceeds them, and
+    then a shard holds one cache head)."""
     layers, heads = shard_index[LAYER_AXIS], shard_index[HEAD_AXIS]
     l0, l1, _ = layers.indices(shape[LAYER_AXIS])
     h0, h1, _ = heads.indices(shape[HEAD_AXIS])
-    return ShardBox(l0 + layer_offset, l1 + layer_offset, h0, h1)
+    return ShardBox(l0 + layer_offset, l1 + layer_offset, h0 // repeat, (h1 - 1) // repeat + 1)
 
 
 def export_shards(runner, block_ids) -> list[PageShard]:
@@ -59,14 +66,15 @@ def export_shards(runner, block_ids) -> list[PageShard]:
     for stage, (k, v) in zip(runner.stages, runner.gather_pages(block_ids)):
         start = stage.layer_range[0]
         for ks, vs in zip(k.addressable_shards, v.addressable_shards):
-            shards.append(PageShard(_box(ks.index, k.shape, start), ks.data, vs.data))
+            shards.append(PageShard(_box(ks.index, k.shape, start, runner.kv_head_repeat),
+                                    ks.data, vs.data))
     return shards
 
 
 def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, jax.Array]]:
     """Exported shards -> the same pages laid out for each of the destination's stages."""
     _, n, page, _, head_dim = shards[0].k.shape
-    heads = max(s.box.h1 for s in shards)
+    heads = dst_runner.config.cache_kv_heads(dst_runner.spec.tp)
     out = []
     for stage in dst_runner.stages:
         d0, d1 = stage.layer_range
@@ -74,21 +82,27 @@ def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, 
         shape = (d1 - d0, n, page, heads, head_dim)
         k_parts, v_parts = [], []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            want = _box(index, shape, d0)
+            want = _box(index, shape, d0, dst_runner.kv_head_repeat)
             k_rows, v_rows = [], []
-            # Walk layers in order; for each source span of layers, join its heads.
+            # Walk layers in order; for each source span of layers, join its heads, each
+            # taken once (a repeated head is offered by several shards).
             spans = sorted({(max(s.box.l0, d0), min(s.box.l1, d1)) for s in shards
                             if s.box.l0 < d1 and s.box.l1 > d0})
             for a, b in spans:
                 k_heads, v_heads = [], []
+                covered = want.h0
                 for s in sorted(shards, key=lambda s: s.box.h0):
                     box = s.box
-                    if not (box.l0 <= a and b <= box.l1 and box.h0 < want.h1 and box.h1 > want.h0):
+                    if not (box.l0 <= a and b <= box.l1 and box.h0 <= covered < box.h1):
                         continue
+                    upto = min(want.h1, box.h1)
                     sel = (slice(a - box.l0, b - box.l0), slice(None), slice(None),
-                           slice(max(want.h0, box.h0) - box.h0, min(want.h1, box.h1) - box.h0))
+                           slice(covered - box.h0, upto - box.h0))
                     k_heads.append(jax.device_put(s.k[sel], device))
                     v_heads.append(jax.device_put(s.v[sel], device))
+                    covered = upto
+                    if covered == want.h1:
+                        break
                 k_rows.append(_join(k_heads, HEAD_AXIS))
                 v_rows.append(_join(v_heads, HEAD_AXIS))
             k_parts.append(_join(k_rows, LAYER_AXIS))
@@ -103,9 +117,11 @@ def _join(parts, axis):
 
 
 def shards_nbytes(shards: list[PageShard], num_blocks: int) -> int:
-    """Bytes of the request's real pages (the export pads the page count to a power of two)."""
+    """Bytes of the request's real pages, each box once (the export pads the page count to a
+    power of two, and may offer a repeated KV head several times)."""
     padded = shards[0].k.shape[1]
-    return sum(s.k.nbytes + s.v.nbytes for s in shards) * num_blocks // max(1, padded)
+    unique = {s.box: s.k.nbytes + s.v.nbytes for s in shards}
+    return sum(unique.values()) * num_blocks // max(1, padded)
 
 
 class LocalKVLink:

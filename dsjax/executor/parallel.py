@@ -1,4 +1,5 @@
-"""Placement of instances on devices, their meshes, and Megatron-style OPT sharding.
+"""Placement of instances on devices, their meshes, and Megatron-style sharding of any family
+(each family declares which of its projections are column- or row-parallel: models/base.py).
 
 An instance with tensor degree tp and pipeline degree pp owns tp*pp devices: stage s is a
 one-axis mesh ("tp") over devices[s*tp:(s+1)*tp] holding layers layer_ranges(L, pp)[s].
@@ -11,9 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsjax.models.config import OPTConfig
+from dsjax.models.base import TP_AXIS, leaf_keys
 
-TP_AXIS = "tp"
 PP_AXIS = "pp"
 # The KV cache [layers, pages, page_size, heads, head_dim] is split by heads.
 KV_SPEC = P(None, None, None, TP_AXIS, None)
@@ -138,56 +138,24 @@ def layer_ranges(num_layers: int, pp: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def check_tensor_parallel(config: OPTConfig, tp: int) -> None:
-    for what, n in [("num_attention_heads", config.num_attention_heads), ("ffn_dim", config.ffn_dim)]:
-        if n % tp:
-            raise ValueError(f"tensor parallel size {tp} does not divide {config.name}'s {what} "
-                             f"({n}): choose a divisor")
-
-
-_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "fc1")
-_ROW_PARALLEL = ("out_proj", "fc2")
-
-
-def param_spec(path: tuple[str, ...]) -> P:
-    """Megatron sharding: Q/K/V and fc1 split by output columns (with their biases), out_proj and
-    fc2 by input rows (their biases replicated, added once after the reduction). The rest
-    (embeddings, layer norms) is replicated."""
-    if len(path) >= 3 and path[0] == "layers":
-        layer, leaf = path[1], path[-1]
-        if layer in _COLUMN_PARALLEL:
-            return P(None, None, TP_AXIS) if leaf == "kernel" else P(None, TP_AXIS)
-        if layer in _ROW_PARALLEL and leaf == "kernel":
-            return P(None, TP_AXIS, None)
-    return P()
-
-
-def param_shardings(params_shape, mesh: Mesh):
-    """A pytree of NamedShardings matching params_shape (a tree of arrays or ShapeDtypeStructs)."""
-    def one(path, _):
-        keys = tuple(getattr(k, "key", str(k)) for k in path)
-        return NamedSharding(mesh, param_spec(keys))
-    return jax.tree_util.tree_map_with_path(one, params_shape)
+def param_shardings(config, params_shape, mesh: Mesh):
+    """A pytree of NamedShardings matching params_shape (a tree of arrays or ShapeDtypeStructs),
+    by the family's tensor-parallel rules for this mesh's degree."""
+    tp = mesh.shape[TP_AXIS]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, config.param_spec(leaf_keys(path), tp)),
+        params_shape)
 
 
 def stage_param_tree(params: dict, layer_range: tuple[int, int], first: bool, last: bool,
-                     config: OPTConfig, take_layers=None) -> dict:
-    """The part of the full param tree one pipeline stage needs (tied embedding on both ends).
-    take_layers(leaf) extracts the stage's layers from a stacked leaf (default: slicing)."""
+                     config, take_layers=None) -> dict:
+    """The part of the full param tree one pipeline stage needs (a tied embedding on both
+    ends). take_layers(leaf) extracts the stage's layers from a stacked leaf (default:
+    slicing)."""
     start, end = layer_range
     take_layers = take_layers or (lambda x: x[start:end])
     out = {"layers": jax.tree_util.tree_map(take_layers, params["layers"])}
-    if first or last:
-        out["embed_tokens"] = params["embed_tokens"]
-    if first:
-        out["embed_positions"] = params["embed_positions"]
-        if config.has_projections:
-            out["project_in"] = params["project_in"]
-    if last:
-        if config.has_final_layer_norm:
-            out["final_layer_norm"] = params["final_layer_norm"]
-        if config.has_projections:
-            out["project_out"] = params["project_out"]
+    out.update({k: params[k] for k in config.stage_keys(first, last) if k in params})
     return out
 
 
@@ -196,12 +164,16 @@ def instance_mesh(spec: InstanceSpec) -> Mesh:
     return Mesh(np.array(spec.devices).reshape(spec.pp, spec.tp), (PP_AXIS, TP_AXIS))
 
 
-def pipeline_param_shardings(params_shape, mesh: Mesh):
+def pipeline_param_shardings(config, params_shape, mesh: Mesh):
     """Shardings over an instance mesh that put each stage's layers on that stage's devices
-    (stacked layer axis split over "pp") and the rest as param_spec says, on every stage."""
+    (stacked layer axis split over "pp") and the rest as the family's rules say, on every
+    stage."""
+    tp = mesh.shape[TP_AXIS]
+
     def one(path, leaf):
-        keys = tuple(getattr(k, "key", str(k)) for k in path)
-        spec = tuple(param_spec(keys)) + (None,) * (len(leaf.shape) - len(param_spec(keys)))
+        keys = leaf_keys(path)
+        base = tuple(config.param_spec(keys, tp))
+        spec = base + (None,) * (len(leaf.shape) - len(base))
         if keys[0] == "layers":
             spec = (PP_AXIS,) + spec[1:]
         return NamedSharding(mesh, P(*spec))

@@ -29,15 +29,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.kv_cache import PagePool
-from dsjax.executor.parallel import (InstanceSpec, check_tensor_parallel, instance_mesh, layer_ranges,
-                            param_shardings, param_spec, pipeline_param_shardings, stage_mesh,
-                            stage_param_tree, stage_view)
+from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
+                                     pipeline_param_shardings, stage_mesh, stage_param_tree,
+                                     stage_view)
 from dsjax.executor.sampling import (SampleOutput, SlotTable, build_sampling_tensors, fill_slot,
                                      no_scores, record_tokens, sample, score_prompt, slot_inputs)
 from dsjax.executor.sharded_attention import for_mesh
 from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
-from dsjax.models.config import OPTConfig
-from dsjax.models.opt import OPTModel, abstract_params
+from dsjax.models.base import ModelConfig
 from dsjax.sampling_params import MAX_SAMPLES, SamplingParams
 
 MIN_TOKEN_BUCKET = 16
@@ -115,7 +114,7 @@ class Stage:
     """One pipeline stage: a tp-device mesh with its layers, params and page pool; the last
     stage also holds the sampler's slot table."""
 
-    def __init__(self, config: OPTConfig, devices, layer_range, first: bool, last: bool,
+    def __init__(self, config: ModelConfig, devices, layer_range, first: bool, last: bool,
                  params, num_pages: int, page_size: int, dtype, attention,
                  num_slots: int = 1):
         self.mesh = stage_mesh(devices)
@@ -124,12 +123,13 @@ class Stage:
         self.params = params
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         num_layers = layer_range[1] - layer_range[0]
-        self.pool = PagePool(self.mesh, num_layers, num_pages, page_size,
-                             config.num_attention_heads, config.head_dim, dtype)
+        kv_heads = config.cache_kv_heads(len(devices))
+        self.pool = PagePool(self.mesh, num_layers, num_pages, page_size, kv_heads,
+                             config.head_dim, dtype)
         attention = for_mesh(attention, self.mesh)
-        self.models = {mode: OPTModel(config, attention, mode, num_layers=num_layers,
-                                      first_stage=first, last_stage=last, dtype=dtype,
-                                      param_dtype=dtype)
+        self.models = {mode: config.module(attention, mode, num_layers=num_layers,
+                                           first_stage=first, last_stage=last,
+                                           kv_heads=kv_heads, dtype=dtype)
                        for mode in ("prefill", "decode", "chunked")}
         self.fns = {}
         self.slots = None
@@ -254,11 +254,13 @@ def unpack_inputs(bufs, layout):
 class ModelRunner:
     """Runs prefill, decode and chunked steps of one instance; moves pages in and out."""
 
-    def __init__(self, spec: InstanceSpec, config: OPTConfig,
+    def __init__(self, spec: InstanceSpec, config: ModelConfig,
                  load_params: Callable, *, dtype, num_pages: int, page_size: int, attention,
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int,
                  place_stages: Callable | None = None, min_decode_rows: int = 0):
-        check_tensor_parallel(config, spec.tp)
+        config.check_tensor_parallel(spec.tp)
+        # Cache KV heads per model KV head: > 1 where tp exceeds the model's KV heads.
+        self.kv_head_repeat = config.cache_kv_heads(spec.tp) // config.num_key_value_heads
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
         self.spec, self.config, self.dtype = spec, config, dtype
         self.num_pages, self.page_size = num_pages, page_size
@@ -291,28 +293,28 @@ class ModelRunner:
         layers straight on that stage's devices (no device holds more than its share);
         otherwise the full model loads on stage 0 and is sliced and copied out."""
         spec, config = self.spec, self.config
-        abstract = abstract_params(config, self.dtype)
+        abstract = config.abstract_params(self.dtype)
         if spec.pp == 1:
-            return [load_params(param_shardings(abstract, stage_mesh(spec.devices)))]
+            return [load_params(param_shardings(config, abstract, stage_mesh(spec.devices)))]
         meshes = [stage_mesh(spec.stage_devices(s)) for s in range(spec.pp)]
         flags = [(s == 0, s == spec.pp - 1) for s in range(spec.pp)]
         if config.num_hidden_layers % spec.pp == 0:
-            full = load_params(pipeline_param_shardings(abstract, instance_mesh(spec)))
+            full = load_params(pipeline_param_shardings(config, abstract, instance_mesh(spec)))
             per_stage = config.num_hidden_layers // spec.pp
 
             def view(mesh):
                 def one(path, x):
                     keys = tuple(getattr(k, "key", str(k)) for k in path)
                     shape = ((per_stage,) + x.shape[1:]) if keys[0] == "layers" else x.shape
-                    return stage_view(x, mesh, param_spec(keys), shape)
+                    return stage_view(x, mesh, config.param_spec(keys, spec.tp), shape)
                 return one
             return [jax.tree_util.tree_map_with_path(view(mesh), stage_param_tree(
                 full, rng, first, last, config, take_layers=lambda x: x))
                 for mesh, rng, (first, last) in zip(meshes, ranges, flags)]
-        full = load_params(param_shardings(abstract, meshes[0]))
+        full = load_params(param_shardings(config, abstract, meshes[0]))
         parts = [stage_param_tree(full, rng, first, last, config)
                  for rng, (first, last) in zip(ranges, flags)]
-        return [jax.device_put(part, param_shardings(part, mesh))
+        return [jax.device_put(part, param_shardings(config, part, mesh))
                 for part, mesh in zip(parts, meshes)]
 
     # ---- steps -------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ class ModelRunner:
         src[:len(source_rows)] = source_rows
         sampling = build_sampling_tensors(
             [s.params for s in samples], [s.seed for s in samples], [s.step for s in samples],
-            pad, self.config.eos_token_id, [s.slot for s in samples])
+            pad, self.config.eos_token_ids, [s.slot for s in samples])
         packed, layout = pack_host_inputs(forward)
         sample_packed, sample_layout = pack_host_inputs((src, sampling))
         return StepInputs(packed, layout, sample_packed, sample_layout)

@@ -30,15 +30,18 @@ class HeadShardedAttention:
         return self._map(self.inner.write_kv, (KV_SPEC, KV_SPEC, P(), HEADS, HEADS, P()),
                          (KV_SPEC, KV_SPEC))(k_cache, v_cache, layer, k, v, slot_mapping)
 
-    def prefill(self, q, k, v, meta):
-        return self._map(self.inner.prefill, (HEADS, HEADS, HEADS, P()), HEADS)(q, k, v, meta)
+    def prefill(self, q, k, v, meta, **window):
+        fn = lambda *a: self.inner.prefill(*a, **window)  # noqa: E731
+        return self._map(fn, (HEADS, HEADS, HEADS, P()), HEADS)(q, k, v, meta)
 
-    def decode(self, q, k_cache, v_cache, layer, meta):
-        return self._map(self.inner.decode, (HEADS, KV_SPEC, KV_SPEC, P(), P()),
+    def decode(self, q, k_cache, v_cache, layer, meta, **window):
+        fn = lambda *a: self.inner.decode(*a, **window)  # noqa: E731
+        return self._map(fn, (HEADS, KV_SPEC, KV_SPEC, P(), P()),
                          HEADS)(q, k_cache, v_cache, layer, meta)
 
-    def chunked(self, q, k_cache, v_cache, layer, meta):
-        return self._map(self.inner.chunked, (HEADS, KV_SPEC, KV_SPEC, P(), P()),
+    def chunked(self, q, k_cache, v_cache, layer, meta, **window):
+        fn = lambda *a: self.inner.chunked(*a, **window)  # noqa: E731
+        return self._map(fn, (HEADS, KV_SPEC, KV_SPEC, P(), P()),
                          HEADS)(q, k_cache, v_cache, layer, meta)
 
 

@@ -33,7 +33,6 @@ from dsjax.executor.parallel import (layer_ranges, param_shardings, stage_mesh,
                                      stage_param_tree)
 from dsjax.executor.runner import Stage
 from dsjax.executor.sampling import SampleOutput
-from dsjax.models.opt import abstract_params
 
 HEAD_AXIS = 3   # pages are [layers, pages, page_size, heads, head_dim]
 
@@ -100,9 +99,9 @@ def join_heads(x: jax.Array, device) -> jax.Array:
 def load_stage_params(load_params, config, dtype, layer_range, first, last, mesh):
     """One stage's params on `mesh`. The loader places whole tensors, so the full model loads
     on this stage's devices first and the other stages' layers are dropped."""
-    full = load_params(param_shardings(abstract_params(config, dtype), mesh))
+    full = load_params(param_shardings(config, config.abstract_params(dtype), mesh))
     part = stage_param_tree(full, layer_range, first, last, config)
-    return jax.device_put(part, param_shardings(part, mesh))
+    return jax.device_put(part, param_shardings(config, part, mesh))
 
 
 def build_stage(config, devices, index, pp, load_params, *, dtype, num_pages, page_size,

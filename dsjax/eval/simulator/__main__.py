@@ -10,7 +10,7 @@ import sys
 import time
 
 from dsjax.eval.workloads import get_dataset
-from dsjax.eval.latency_model import StepOverhead, load_profile
+from dsjax.eval.latency_model import StepOverhead, load_profile_or_scaled
 from dsjax.eval.results import format_summary, save_exp, summarize
 from dsjax.eval.simulator import SIM_MODES, Parallelism, SimConfig, simulate
 
@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model = load_profile(args.profile, args.model)
+    model, note = load_profile_or_scaled(args.profile, args.model)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if args.overhead_ms is not None:
         model = model.with_overhead(args.overhead_ms)
     dataset = get_dataset(args.dataset)

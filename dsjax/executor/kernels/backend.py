@@ -21,6 +21,8 @@ from dsjax.models.attention import (ChunkedMetadata, DecodeMetadata, PrefillMeta
                                     XLAAttention, write_kv_scatter)
 
 BACKEND_NAMES = ("auto", "xla", "pallas")
+WINDOW_UNSUPPORTED = ("the Pallas attention kernels do not implement sliding windows (this "
+                      "model sets one): use attention_backend='xla' or 'auto'")
 
 
 @struct.dataclass
@@ -45,13 +47,20 @@ class PallasAttention:
         # copy kernel has nothing to win on a write of N * Hkv * D elements.
         return write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping)
 
-    def prefill(self, q, k, v, meta: PrefillMetadata):
+    @staticmethod
+    def _no_window(window) -> None:
+        if window is not None:
+            raise NotImplementedError(WINDOW_UNSUPPORTED)
+
+    def prefill(self, q, k, v, meta: PrefillMetadata, window=None):
+        self._no_window(window)
         return prefill_attention(q, k, v, meta, block_q=self.prefill_block_q,
                                  block_k=self.prefill_block_k,
                                  num_warps=self.prefill_num_warps,
                                  num_stages=self.prefill_num_stages, interpret=self.interpret)
 
-    def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata):
+    def decode(self, q, k_cache, v_cache, layer, meta: DecodeMetadata, window=None):
+        self._no_window(window)
         return paged_decode_attention(q, k_cache, v_cache, layer, meta.block_tables,
                                       meta.context_lens,
                                       pages_per_block=self.decode_pages_per_block,
@@ -60,13 +69,14 @@ class PallasAttention:
                                       num_stages=self.decode_num_stages,
                                       interpret=self.interpret)
 
-    def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata):
+    def chunked(self, q, k_cache, v_cache, layer, meta: ChunkedMetadata, window=None):
         # Chunked-prefill steps are small and rare in disaggregated serving; the reference will do.
+        self._no_window(window)
         return XLAAttention().chunked(q, k_cache, v_cache, layer, meta)
 
 
 def self_check(backend, num_heads: int = 4, head_dim: int = 64, page_size: int = 16,
-               dtype=jnp.float32) -> str | None:
+               dtype=jnp.float32, num_kv_heads: int | None = None) -> str | None:
     """Run `backend`'s prefill and paged decode on a few random shapes of this model (mixed
     prompt lengths, junk in unused pages) beside the XLA reference on this device. Returns
     what went wrong, or None when both agree within the dtype's tolerance."""
@@ -75,16 +85,17 @@ def self_check(backend, num_heads: int = 4, head_dim: int = 64, page_size: int =
     rng = np.random.default_rng(0)
     lens = [37, 5, 130]
     total, pages = sum(lens), sum(-(-n // page_size) for n in lens)
+    num_kv_heads = num_kv_heads or num_heads
     q = jnp.asarray(rng.normal(size=(total, num_heads, head_dim)), dtype)
-    k = jnp.asarray(rng.normal(size=(total, num_heads, head_dim)), dtype)
-    v = jnp.asarray(rng.normal(size=(total, num_heads, head_dim)), dtype)
+    k = jnp.asarray(rng.normal(size=(total, num_kv_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.normal(size=(total, num_kv_heads, head_dim)), dtype)
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     seq_ids = np.repeat(np.arange(len(lens)), lens).astype(np.int32)
     positions = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
     slots = np.arange(total, dtype=np.int32)   # unused here: prefill reads q, k, v directly
     prefill = PrefillMetadata(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(cu),
                               jnp.asarray(slots), jnp.asarray(cu[1:] - 1))
-    cache_shape = (1, pages + 2, page_size, num_heads, head_dim)
+    cache_shape = (1, pages + 2, page_size, num_kv_heads, head_dim)
     k_cache = jnp.asarray(rng.normal(size=cache_shape) * 50, dtype)   # junk beyond contexts
     v_cache = jnp.asarray(rng.normal(size=cache_shape) * 50, dtype)
     width = max(-(-n // page_size) for n in lens)
@@ -112,27 +123,32 @@ def self_check(backend, num_heads: int = 4, head_dim: int = 64, page_size: int =
 
 
 def get_attention_backend(name: str = "auto", interpret: bool | None = None, *,
-                          num_heads: int = 4, head_dim: int = 64, page_size: int = 16,
-                          dtype=jnp.float32):
+                          num_heads: int = 4, num_kv_heads: int | None = None, head_dim: int = 64,
+                          page_size: int = 16, dtype=jnp.float32,
+                          sliding_window: int | None = None):
     """"auto": Pallas on GPU once a self-check on this device agrees with the XLA reference
-    (else XLA, with one warning saying why); XLA elsewhere. "pallas": Pallas everywhere
-    (interpreted off GPU unless `interpret` says otherwise). "xla": the plain-jnp reference.
-    The self-check uses the model's heads per device, head_dim, page size and dtype."""
+    (else XLA, with one warning saying why); XLA elsewhere, and for models with a sliding
+    window. "pallas": Pallas everywhere (interpreted off GPU unless `interpret` says
+    otherwise). "xla": the plain-jnp reference. The self-check uses the model's query and KV
+    heads per device, head_dim, page size and dtype."""
     on_gpu = jax.default_backend() == "gpu"
-    if name == "xla" or (name == "auto" and not on_gpu):
-        return XLAAttention()
-    if name not in ("pallas", "auto"):
+    if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}: pass one of {BACKEND_NAMES}")
+    if name == "pallas" and sliding_window is not None:
+        raise ValueError(WINDOW_UNSUPPORTED)
+    if name == "xla" or (name == "auto" and (not on_gpu or sliding_window is not None)):
+        return XLAAttention()
     kernels = PallasAttention(interpret=(not on_gpu) if interpret is None else interpret)
     if name == "pallas":
         return kernels
-    return checked_or_reference(kernels, num_heads, head_dim, page_size, jnp.dtype(dtype))
+    return checked_or_reference(kernels, num_heads, num_kv_heads or num_heads, head_dim,
+                                page_size, jnp.dtype(dtype))
 
 
 @functools.cache
-def checked_or_reference(kernels, num_heads, head_dim, page_size, dtype):
+def checked_or_reference(kernels, num_heads, num_kv_heads, head_dim, page_size, dtype):
     """The kernels if they pass the self-check on this device, else the XLA reference."""
-    problem = self_check(kernels, num_heads, head_dim, page_size, dtype)
+    problem = self_check(kernels, num_heads, head_dim, page_size, dtype, num_kv_heads)
     if problem is None:
         return kernels
     warnings.warn(f"the Pallas attention kernels failed their start-up check on "

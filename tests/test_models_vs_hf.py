@@ -1,8 +1,12 @@
-"""models/opt.py + models/weights.py must be exactly OPT: logits equal Hugging Face's.
+"""Every family in models/ (+ models/weights.py) must be exactly its transformers model:
+logits equal Hugging Face's.
 
-Random-weight checkpoints of three OPT variants are written with transformers, loaded with
-load_hf_params, and run through OPTModel on a paged KV cache: a packed prefill of three
-prompts, then greedy decode steps through block tables.
+Random-weight checkpoints are written with transformers, each family's own features switched
+on (three OPT variants; LLaMA with GQA and llama3 RoPE scaling past its original context, and
+with linear scaling and one KV head; Mistral's sliding window; Qwen2's QKV biases and tied
+head; Qwen3's QK-norm and explicit head_dim; GPT-2's fused Conv1D attention), loaded with
+load_hf_params, and run through the family's module on a paged KV cache: a packed prefill of
+three prompts, then greedy decode steps through block tables, and a chunked step.
 """
 import jax
 import jax.numpy as jnp
@@ -10,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from _hf_helpers import TINY_HF_CONFIGS, make_hf_opt, save_pytorch_bin, save_safetensors
+from _hf_helpers import (FAMILY_KINDS, TINY_HF_CONFIGS, make_hf_family, make_hf_opt,
+                         save_pytorch_bin, save_safetensors)
 from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata, XLAAttention
-from dsjax.models.config import OPTConfig
-from dsjax.models.opt import OPTModel
+from dsjax.models.registry import config_from_dir
 from dsjax.models.weights import load_hf_params
 
 PAGE_SIZE = 4
 NUM_PAGES = 40
 NOWHERE = NUM_PAGES * PAGE_SIZE  # a slot past the cache: padding writes are dropped
-PROMPT_LENS = (7, 13, 1)  # cross page boundaries; a one-token prompt too
+PROMPT_LENS = (7, 21, 1)  # cross page boundaries and llama3's original context (16); and 1
 PREFILL_BUCKET = 32  # token axis padded past sum(PROMPT_LENS)
 DECODE_BUCKET = 4  # three sequences plus one padding row
-DECODE_STEPS = 12
-PAGES_PER_SEQ = 8  # covers 13 + 1 + 12 tokens
+DECODE_STEPS = 10
+PAGES_PER_SEQ = 8  # covers 21 + 10 tokens
 
 # One checkpoint format per variant, so every reader feeds the numerical comparison.
 SAVERS = {
@@ -31,16 +35,22 @@ SAVERS = {
     "proj_post_ln": lambda m, d: save_pytorch_bin(m, d),
     "head_dim_80": lambda m, d: save_safetensors(m, d),
 }
+KINDS = [*TINY_HF_CONFIGS, *FAMILY_KINDS, "gpt2"]
 
 
 class Case:
-    """A HF model, our params loaded from its checkpoint, and jitted prefill/decode."""
+    """A HF model, our params loaded from its checkpoint, and jitted prefill/decode/chunked
+    steps that return the logits of each row's last token."""
 
     def __init__(self, kind, tmp_dir):
         torch.set_num_threads(2)
-        self.hf = make_hf_opt(kind, seed=1)
-        path = SAVERS[kind](self.hf, tmp_dir / kind)
-        self.config = OPTConfig.from_hf_dir(path)
+        if kind in TINY_HF_CONFIGS:
+            self.hf = make_hf_opt(kind, seed=1)
+            path = SAVERS[kind](self.hf, tmp_dir / kind)
+        else:
+            self.hf = make_hf_family(kind, seed=1)
+            path = save_safetensors(self.hf, tmp_dir / kind)
+        self.config = config_from_dir(path)
         self.params = load_hf_params(path, self.config, jnp.float32)
         rng = np.random.default_rng(0)
         self.prompts = [rng.integers(4, self.config.vocab_size, n).tolist() for n in PROMPT_LENS]
@@ -49,7 +59,7 @@ class Case:
         self.chunked = self._jit("chunked")
 
     def _jit(self, mode):
-        model = OPTModel(self.config, XLAAttention(), mode)
+        model = self.config.module(XLAAttention(), mode)
 
         def step(params, tokens, cache, meta):
             hidden, cache = model.apply({"params": params}, tokens, cache, meta)
@@ -59,7 +69,7 @@ class Case:
 
     def empty_cache(self):
         c = self.config
-        shape = (c.num_hidden_layers, NUM_PAGES, PAGE_SIZE, c.num_attention_heads, c.head_dim)
+        shape = (c.num_hidden_layers, NUM_PAGES, PAGE_SIZE, c.cache_kv_heads(), c.head_dim)
         return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
 
@@ -135,7 +145,7 @@ def assert_logits_close(ours, ref):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
-@pytest.fixture(scope="module", params=list(TINY_HF_CONFIGS))
+@pytest.fixture(scope="module", params=KINDS)
 def case(request, tmp_path_factory):
     return Case(request.param, tmp_path_factory.mktemp("hf"))
 
@@ -168,7 +178,7 @@ def test_greedy_tokens_equal_hf_generate(case, contiguous_run):
         with torch.no_grad():
             out = case.hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
                                    do_sample=False, max_new_tokens=len(gen), min_new_tokens=len(gen),
-                                   eos_token_id=None, pad_token_id=1)
+                                   eos_token_id=None, pad_token_id=0)
         assert out[0, len(prompt):].tolist() == gen
 
 

@@ -1,0 +1,75 @@
+"""Every family serves transformers' own greedy tokens, in every way the engine places a model.
+
+For each family a random-weight checkpoint is written with transformers, its features on
+(tests/_hf_helpers.FAMILY_KINDS: GQA, llama3 RoPE scaling past the original context, a sliding
+window, QKV biases and a tied head, QK-norm with an explicit head_dim, GPT-2's fused Conv1D),
+and three engines serve it:
+- disaggregated, prefill TP 4 (above LLaMA's 2 KV heads: each is repeated) -> two decode
+  instances of TP 1, so KV migrates between different TP degrees;
+- colocated with PP 2 x TP 2 under memory pressure (swap to host and back);
+- chunked prefill (Sarathi) with a 16-token budget.
+The multi-process backend runs the GQA family (the worker and model code are the same).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from dsjax import SamplingParams
+from tests._engine_helpers import generate, hf_engine, shutdown_all
+from tests._hf_helpers import hf_greedy, make_hf_family, save_safetensors
+from tests.conftest import ENGINE_MAX_NEW, engine_prompts
+
+KINDS = ["llama", "llama_linear", "mistral", "qwen2", "qwen3", "gpt2"]
+GREEDY = SamplingParams(temperature=0, max_tokens=ENGINE_MAX_NEW, ignore_eos=True)
+PLACEMENTS = {
+    "tp4->2x tp1": dict(context_tensor_parallel_size=4, num_decode_instances=2),
+    "colocated pp2 tp2 swap": dict(mode="colocated", context_tensor_parallel_size=2,
+                                   context_pipeline_parallel_size=2, num_blocks=24),
+    "chunked": dict(mode="chunked", decoding_max_tokens_per_batch=16),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engines():
+    yield
+    shutdown_all()
+
+
+@functools.cache
+def family_checkpoint(kind: str, root: str):
+    """(transformers model, its directory, transformers' greedy tokens of every prompt)."""
+    from pathlib import Path
+    model = make_hf_family(kind, seed=3)
+    path = save_safetensors(model, Path(root) / kind)
+    return model, path, [hf_greedy(model, p, ENGINE_MAX_NEW) for p in engine_prompts()]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("families"))
+    return lambda kind: family_checkpoint(kind, root)
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_family_placement_matches_transformers(kind, placement, checkpoints):
+    _, path, reference = checkpoints(kind)
+    engine = hf_engine(path, **PLACEMENTS[placement])
+    assert generate(engine, engine_prompts(), GREEDY) == reference
+    stats = {s["instance"]: s for s in engine.stats()}
+    if placement.startswith("tp4"):
+        assert all(stats[f"decode{i}"]["migrations"] > 0 for i in range(2)), stats
+    if "swap" in placement:
+        assert stats["colocated0"]["num_preemptions"] > 0, "no swap: raise the pressure"
+    shutdown_all()   # one engine at a time: they hold their devices' memory
+
+
+@pytest.mark.slow
+def test_gqa_family_on_the_multiprocess_backend(checkpoints):
+    _, path, reference = checkpoints("llama")
+    engine = hf_engine(path, distributed_executor_backend="mp",
+                       context_tensor_parallel_size=2)
+    assert generate(engine, engine_prompts(), GREEDY) == reference
+    shutdown_all()
