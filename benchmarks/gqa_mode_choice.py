@@ -54,6 +54,20 @@ def row(model: str, reference: str, reqs, jobs: int) -> str:
             f"{d[1] / max(c[1], k[1], 1e-9):.2f}x | {winner} |")
 
 
+def write_section(doc: Path, begin: str, end: str, body: str) -> None:
+    """Replace the text between a script's markers in `doc` (or insert them before the part
+    reproduce_paper.py rewrites, which would erase anything after its marker)."""
+    text = doc.read_text()
+    section = f"{begin}\n\n{body}\n\n{end}"
+    if begin in text:
+        before, rest = text.split(begin)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        before, after = text.split(PAPER_MARKER)
+        text = f"{before}{section}\n\n{PAPER_MARKER}{after}"
+    doc.write_text(text)
+
+
 def main() -> int:
     import argparse
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
@@ -62,16 +76,7 @@ def main() -> int:
              "colocated | /GPU | chunked | /GPU | disaggregated / best other | search picks |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(model, reference, reqs, jobs=2) for model, reference in CASES]
-    doc = ROOT / "docs" / "reproduction.md"
-    text = doc.read_text()
-    section = f"{BEGIN}\n\n" + "\n".join(lines) + f"\n\n{END}"
-    if BEGIN in text:
-        before, rest = text.split(BEGIN)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        before, after = text.split(PAPER_MARKER)
-        text = f"{before}{section}\n\n{PAPER_MARKER}{after}"
-    doc.write_text(text)
+    write_section(ROOT / "docs" / "reproduction.md", BEGIN, END, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -38,6 +38,10 @@ class EngineConfig:
     num_decode_instances: int = 1
     block_size: int = 16
     max_num_blocks_per_req: int = 256
+    # Automatic prefix caching (vLLM's default): a prompt starts from the longest prefix of
+    # full blocks an instance already computed (same tokens, same cache_salt), in every mode;
+    # a decode instance pulls only the blocks it does not hold.
+    enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 256 << 20  # per instance stage, where there is no accelerator
     num_blocks: int | None = None        # override the memory-derived page count (tests)

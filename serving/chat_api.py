@@ -163,7 +163,8 @@ def chat_handler(ctx: ServingContext) -> Handler:
         num_top = values.get("top_logprobs", 0) if values.get("logprobs") else None
         params = sampling_params(values, CHAT_FIELDS, max_tokens=max_tokens, logprobs=num_top)
         with ctx.client.submit([ids], [params], id_prefix="chatcmpl",
-                              stream=bool(values.get("stream"))) as group:
+                               stream=bool(values.get("stream")),
+                               cache_salt=values.get("cache_salt")) as group:
             fmt = ChatChoices(group.id, model, TokenLogprobs(ctx.tokenizer), num_top,
                               continuous_usage)
             if values.get("stream"):

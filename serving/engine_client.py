@@ -56,16 +56,19 @@ class EngineClient:
         return await asyncio.get_running_loop().run_in_executor(None, encode)
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams],
-               id_prefix: str, stream: bool = True) -> "RequestGroup":
+               id_prefix: str, stream: bool = True,
+               cache_salt: str | None = None) -> "RequestGroup":
         """Admit every prompt (token ids) or none: ApiError 400 (the engine refused one) or 503.
-        stream False: the engine delivers only each request's final output."""
+        stream False: the engine delivers only each request's final output. cache_salt: the
+        prefix-cache salt of every prompt (vLLM's field)."""
         self.admission.check(len(self._active), len(prompts), sum(map(len, prompts)))
         group = RequestGroup(self, f"{id_prefix}-{self._prefix}-{next(self._ids)}", len(prompts))
         try:
             for index, (ids, sampling) in enumerate(zip(prompts, params)):
                 request_id = group.request_ids[index]
                 self.engine.add_request(ids, sampling, request_id=request_id, stream=stream,
-                                        on_output=functools.partial(group.deliver, index))
+                                        on_output=functools.partial(group.deliver, index),
+                                        cache_salt=cache_salt)
                 self._active[request_id] = group
         except ValueError as e:          # the engine names what is wrong with the input
             group.abort()

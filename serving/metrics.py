@@ -48,6 +48,8 @@ INSTANCE_GAUGES = {
              "prefilled requests holding KV until a decode instance pulls them"),
     "blocks_used": ("dsjax_kv_blocks_used", "KV cache blocks in use"),
     "blocks_total": ("dsjax_kv_blocks_total", "KV cache blocks in the instance's pool"),
+    "blocks_cached": ("dsjax_kv_blocks_cached",
+                      "KV cache blocks whose prefix is known (in use or reusable)"),
 }
 # Requests admitted into the engine but in no running batch: what vLLM calls waiting.
 WAITING_KEYS = ("waiting", "held", "swapped")
@@ -160,6 +162,11 @@ class EngineCollector:
         yield family(CounterMetricFamily, "vllm:num_preemptions",
                      "requests swapped out to host memory to make room",
                      sum(s.get("num_preemptions", 0) for s in stats))
+        # vLLM's prefix-cache counters: prompt tokens looked up, and found cached.
+        for key in ("prefix_cache_queries", "prefix_cache_hits"):
+            yield family(CounterMetricFamily, f"vllm:{key}",
+                         f"prefix cache {key.split('_')[-1]}, in tokens (all instances)",
+                         sum(s.get(key, 0) for s in stats))
         yield family(GaugeMetricFamily, "dsjax_admission_queue_length",
                      "requests admitted by the server and not finished (bounded by --max-queue)",
                      self.num_active())
@@ -171,7 +178,9 @@ class EngineCollector:
             yield f
         for key, metric, what in (("migrations", "dsjax_migrations", "count"),
                                   ("migration_seconds", "dsjax_migration_seconds", "seconds"),
-                                  ("migration_bytes", "dsjax_migration_bytes", "bytes")):
+                                  ("migration_bytes", "dsjax_migration_bytes", "bytes"),
+                                  ("migration_bytes_saved", "dsjax_migration_bytes_saved",
+                                   "bytes the decode instance's prefix cache held (not moved)")):
             f = CounterMetricFamily(metric, f"KV cache migrations into this decode instance: "
                                             f"{what}", labels=["model_name", "instance"])
             for s in stats:

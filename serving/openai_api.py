@@ -33,11 +33,14 @@ ABORTED = "request aborted: the server is shutting down"
 
 
 def usage(outputs: list[RequestOutput]) -> dict:
-    """Usage of a request's final outputs: every returned sequence's tokens (n > 1)."""
+    """Usage of a request's final outputs: every returned sequence's tokens (n > 1), and the
+    prompt tokens the prefix cache supplied (as vLLM reports them)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(s.token_ids) for o in outputs for s in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens
+                                                           for o in outputs)}}
 
 
 def usage_so_far(output: RequestOutput, completion_tokens: int) -> dict:
@@ -243,8 +246,8 @@ def completions_handler(ctx: ServingContext) -> Handler:
             raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known "
                                 "only at the end; set stream false or best_of equal to n",
                            param="best_of")
-        with ctx.client.submit(ids, params, id_prefix="cmpl",
-                              stream=bool(values.get("stream"))) as group:
+        with ctx.client.submit(ids, params, id_prefix="cmpl", stream=bool(values.get("stream")),
+                               cache_salt=values.get("cache_salt")) as group:
             fmt = CompletionChoices(group.id, model, TokenLogprobs(ctx.tokenizer),
                                     params[0].logprobs, params[0].n, continuous_usage, echo)
             if values.get("stream"):

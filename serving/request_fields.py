@@ -141,6 +141,7 @@ OPENAI_FIELDS = {
     "user": Field("str"),
     "stream_options": Field("object"),
     "add_special_tokens": Field("bool"),
+    "cache_salt": Field("str"),
     "echo": Field("bool"),
     "response_format": Field("object", allowed=({"type": "text"},),
                              fix=f'leave it unset or {{"type": "text"}}; {NO_STRUCTURED_OUTPUT}'),

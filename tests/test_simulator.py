@@ -316,3 +316,18 @@ def test_scaled_profile_grows_with_size_between_no_gain_and_flops():
     logs = [np.log(back.prefill_ms([n], tp) / m66.prefill_ms([n], tp))
             for tp in (2, 4) for n in (128, 512, 1024, 2048)]
     assert np.mean(logs) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_cached_prefix_is_neither_computed_nor_moved():
+    """A request declaring 96 cached prompt tokens (of 100): prefill charges the 4 fresh ones,
+    migration moves only the KV beyond the prefix; chunked prefill starts after it."""
+    from dsjax.eval.reuse import ReusedRequest
+    bw = 1e12
+    cached = ReusedRequest("", 100, 3, 96)
+    [r] = run(toy_model(), [cached], [0.0], kv_link_bytes_per_s=bw)
+    first = (10 + 0.1 * 4) / 1e3
+    migrated = first + (100 - 96) * KV_BYTES / bw
+    assert r.token_timestamps()[:2] == pytest.approx([first, migrated + decode_ms([101]) / 1e3])
+    [c] = run(toy_model(), [ReusedRequest("", 1000, 2, 512)], [0.0], mode="chunked",
+              chunk_size=512)
+    assert c.first_token_time == pytest.approx((10 + 0.1 * 488) / 1e3)

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from dsjax.config import EngineConfig
+from dsjax.engine.block_manager import block_hashes
 from dsjax.engine.delivery import TrackedRequest
 from dsjax.engine.instance_hosts import (ProcessHost, ThreadHost, accelerator_count,
                                          configure_jax, cpu_core_sets)
+from dsjax.engine.prefix_router import PrefixIndex, pick_by_prefix
 from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed,
                                    InstanceReady, KVReady, KVRefused, OfferMigration, PeerMessage,
                                    Report, RequestSpec)
@@ -107,6 +109,7 @@ class _Instance:
         self.num_blocks = 0
         self.stats: dict = {"instance": name, "role": role}
         self.outstanding = 0   # routed work not yet done: prompt tokens (prefill), KV (decode)
+        self.prefix: PrefixIndex | None = None   # what its prefix cache is believed to hold
 
 
 class _Add:
@@ -237,6 +240,7 @@ class Engine:
             msg = self._inbox.get()
             if isinstance(msg, InstanceReady):
                 self.instances[msg.instance].num_blocks = msg.num_blocks
+                self.instances[msg.instance].prefix = PrefixIndex(msg.num_blocks)
                 self.instances[msg.instance].stats = msg.stats or {}
                 waiting.discard(msg.instance)
             elif isinstance(msg, InstanceFailed):
@@ -253,10 +257,12 @@ class Engine:
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None,
                     on_output: Callable[[RequestOutput], None] | None = None,
-                    arrival_time: float | None = None, stream: bool = True) -> RequestStream:
+                    arrival_time: float | None = None, stream: bool = True,
+                    cache_salt: str | None = None) -> RequestStream:
         """Queue a request; outputs go to on_output (from the engine's router thread) or the
         returned stream: one per token, or only the final one with stream=False. A request that
-        fails inside the engine delivers an exception instead (the stream raises EngineError)."""
+        fails inside the engine delivers an exception instead (the stream raises EngineError).
+        cache_salt: only requests with the same salt share prefix-cache blocks."""
         self._check_serving()
         params = sampling_params or SamplingParams()
         text = None
@@ -281,7 +287,9 @@ class Engine:
         tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream,
                                  self._detokenizer_factory(params),
                                  self.model_config.eos_token_ids, arrival_time)
-        self._inbox.put(_Add(tracked, RequestSpec(rid, tuple(ids), params, seed)))
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        self._inbox.put(_Add(tracked, RequestSpec(rid, tuple(ids), params, seed, cache_salt)))
         return handle
 
     def _detokenizer_factory(self, params: SamplingParams):
@@ -382,9 +390,23 @@ class Engine:
         best.outstanding += weight
         return best
 
+    def _pick_prompt_instance(self, spec: RequestSpec) -> _Instance | None:
+        """Least loaded, with prefix caching: the least prompt work once each instance's
+        (believed) cached prefix of this prompt is discounted."""
+        n = len(spec.prompt_token_ids)
+        alive = [i for i in self.instances.values() if i.alive and i.role in PROMPT_ROLES]
+        if len(alive) < 2 or not self.config.enable_prefix_caching:
+            return self._pick(PROMPT_ROLES, n)
+        hashes = block_hashes(spec.prompt_token_ids, self.config.block_size, spec.cache_salt)
+        matched = {i.name: i.prefix.match(hashes) for i in alive}
+        best = pick_by_prefix(alive, n, matched, self.config.block_size)
+        best.outstanding += n
+        best.prefix.add(hashes)
+        return best
+
     def _on_add(self, tracked: TrackedRequest, spec: RequestSpec) -> None:
         self._tracked[spec.request_id] = tracked
-        target = self._pick(PROMPT_ROLES, len(spec.prompt_token_ids))
+        target = self._pick_prompt_instance(spec)
         if target is None:
             self._fail(tracked, EngineError("no instance left that runs prompts"))
             return
@@ -409,6 +431,10 @@ class Engine:
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.prompt_logprobs = [None, *entries]
+        for rid, cached in report.cached_tokens:
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                tracked.num_cached_tokens = cached
         by_request: dict[str, list] = {}
         for update in report.tokens:
             by_request.setdefault(update.request_id, []).append(update)
@@ -502,6 +528,7 @@ class Engine:
         if not inst.alive:
             return
         inst.alive, inst.error = False, error
+        inst.prefix = None   # its cache died with it
         log.error("instance %s failed: %s", name, error)
         for tracked in [t for t in self._tracked.values() if name in t.location]:
             tracked.location.discard(name)

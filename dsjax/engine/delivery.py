@@ -94,6 +94,7 @@ class TrackedRequest:
         self.sequences = [SequenceState(i, params, make_detokenizer(), eos_token_id)
                           for i in range(params.num_samples)]
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.num_cached_tokens = 0
         self.events: list[dict] = [{"timestamp": time.perf_counter() if arrival_time is None
                                     else arrival_time, "event_type": "issued"}]
         self.finished = False
@@ -161,7 +162,8 @@ class TrackedRequest:
             logprobs=first.logprobs, new_token_ids=first.new_token_ids,
             new_text=first.new_text, token_timestamps=first.token_timestamps,
             lifetime_events=list(self.events) if self.finished else [],
-            prompt_logprobs=self.prompt_logprobs, outputs=outputs))
+            prompt_logprobs=self.prompt_logprobs, outputs=outputs,
+            num_cached_tokens=self.num_cached_tokens))
 
     def _call(self, output) -> None:
         try:

@@ -115,7 +115,8 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
         budget = measure_prefill_budget(runner, cfg)
         log.info("%s: prefill token budget %d (TTFT SLO %.3g s)", spec.name, budget, cfg.ttft_slo)
         limits_p = BatchLimits(cfg.context_max_batch_size, budget)
-    blocks = BlockManager(num_blocks, cfg.block_size, host_blocks)
+    blocks = BlockManager(num_blocks, cfg.block_size, host_blocks,
+                          enable_prefix_caching=cfg.enable_prefix_caching)
     common = (spec.name, runner, blocks, mc.eos_token_ids, kv_link, send)
     share = cfg.decoding_waiting_share
     if spec.role == "prefill":

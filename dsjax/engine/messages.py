@@ -26,6 +26,9 @@ class RequestSpec:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     seed: int
+    # Salts the request's prefix-cache keys: only requests with the same salt share cached
+    # blocks (vLLM's cache_salt: tenants that must not observe each other's prompts).
+    cache_salt: str | None = None
 
 
 # ---- engine -> instance -------------------------------------------------------------------
@@ -71,9 +74,11 @@ class Shutdown:
 
 @dataclasses.dataclass(frozen=True)
 class ExportKV:
-    """decode -> prefill: send me this request's pages (I have allocated room for them)."""
+    """decode -> prefill: send me this request's pages (I have allocated room for them),
+    all but the first `skip_blocks`, which my prefix cache holds already."""
     request_id: str
     dest: str
+    skip_blocks: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,8 @@ class Report:
     stats: dict | None = None                        # a fresh snapshot when anything changed
     # (request id, one {token: logprob} per prompt token after the first), when asked for
     prompt_logprobs: tuple[tuple[str, tuple[dict[int, float], ...]], ...] = ()
+    # (request id, prompt tokens whose KV came from the prefix cache), once per prefill
+    cached_tokens: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,8 @@ class RequestOutput:
     # the request asked for prompt_logprobs.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
+    # Prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details).
+    num_cached_tokens: int = 0
 
 
 def sequence_id(request_id: str, index: int, num_samples: int) -> str:
@@ -96,7 +98,11 @@ class Request:
         self.params = spec.params
         self.output_token_ids: list[int] = list(output_token_ids)
         self.status = Status.QUEUED
-        self.num_computed = 0  # prompt tokens whose KV is cached (chunked prefill)
+        # Prompt tokens whose KV is in this instance's pages: a prefix-cache hit, and the
+        # chunks computed so far (chunked prefill).
+        self.num_computed = 0
+        self.num_cached_tokens = 0   # of those, how many the prefix cache supplied
+        self.cache_salt = spec.cache_salt
         self.decoding_started = False
         # Tokens sampled by dispatched steps whose outputs the host has not read yet (async
         # scheduling): counted in num_tokens, not yet in output_token_ids.
@@ -118,6 +124,16 @@ class Request:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def caches_prefix(self) -> bool:
+        """Whether its prompt may start from cached blocks: not when it asks for the prompt's
+        log-probabilities (every prompt token must then be computed)."""
+        return self.params.prompt_logprobs is None
+
+    def kv_token_ids(self) -> tuple[int, ...]:
+        """The tokens whose KV a finished sequence's pages hold: all but the last sampled."""
+        return (self.prompt_token_ids + tuple(self.output_token_ids))[:-1]
 
     @property
     def num_tokens(self) -> int:

@@ -17,10 +17,28 @@ class BatchLimits:
     max_tokens_per_batch: int
 
 
+def cached_prefix(blocks: BlockManager, request) -> list[int]:
+    """The cached blocks a prompt may start from: its full blocks' longest cached prefix,
+    leaving at least its last token to compute (its logits pick the first output token)."""
+    if not (blocks.caching and request.caches_prefix):
+        return []
+    return blocks.cached_prefix(request.prompt_token_ids, request.cache_salt,
+                                limit=request.prompt_len - 1)
+
+
+def claim_cached(blocks: BlockManager, request, hits: list[int], num_tokens: int) -> None:
+    """Allocate the request's table from its cache hits, count the query, and start its
+    computation after them."""
+    blocks.allocate(request.request_id, num_tokens, cached=hits)
+    request.num_computed = request.num_cached_tokens = len(hits) * blocks.block_size
+    blocks.count_query(request.prompt_len, request.num_computed)
+
+
 class PrefillScheduler:
     """FCFS prompt batching. A batch grows while it has <= max_batch_size prompts, <=
-    max_tokens_per_batch prompt tokens, and its blocks fit beside the blocks already held (which
-    include prefilled requests not yet pulled by a decode instance: that is the back-pressure)."""
+    max_tokens_per_batch prompt tokens to compute (a cached prefix is not computed), and its
+    blocks fit beside the blocks already held (which include prefilled requests not yet pulled
+    by a decode instance: that is the back-pressure)."""
 
     def __init__(self, limits: BatchLimits, blocks: BlockManager):
         self.limits = limits
@@ -44,20 +62,19 @@ class PrefillScheduler:
     def schedule(self, max_batch_size: int | None = None) -> list:
         """Pop the next batch and allocate its blocks; [] if the head of the queue cannot start."""
         limit = self.limits.max_batch_size if max_batch_size is None else max_batch_size
-        batch, tokens, blocks = [], 0, 0
+        batch, tokens = [], 0
         while self.waiting and len(batch) < limit:
             req = self.waiting[0]
-            need = self.blocks.blocks_needed(req.prompt_len)
-            if tokens + req.prompt_len > self.limits.max_tokens_per_batch and batch:
+            hits = cached_prefix(self.blocks, req)
+            fresh = req.prompt_len - len(hits) * self.blocks.block_size
+            if tokens + fresh > self.limits.max_tokens_per_batch and batch:
                 break
-            if not self.blocks.can_allocate(blocks + need):
+            if not self.blocks.can_allocate(self.blocks.cost(hits, req.prompt_len)):
                 break
             self.waiting.popleft()
+            claim_cached(self.blocks, req, hits, req.prompt_len)
             batch.append(req)
-            tokens += req.prompt_len
-            blocks += need
-        for req in batch:
-            self.blocks.allocate(req.request_id, req.prompt_len)
+            tokens += fresh
         return batch
 
 
@@ -90,10 +107,11 @@ class DecodeScheduler:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
-    def can_pull(self, num_tokens: int, in_flight_blocks: int = 0) -> bool:
+    def can_pull(self, num_tokens: int, in_flight_blocks: int = 0, hits=()) -> bool:
         """Whether to accept (and allocate for) one more migrating request of num_tokens cached
         tokens, with `in_flight_blocks` already allocated for pulls not yet arrived (they count
-        as waiting: each pull is judged with the ones before it)."""
+        as waiting: each pull is judged with the ones before it); `hits`: the blocks of its
+        prefix this instance's cache holds already."""
         if self.swapped:
             return False
         waiting_blocks = in_flight_blocks + sum(len(self.blocks.tables[r.request_id])
@@ -102,7 +120,7 @@ class DecodeScheduler:
             return False
         # Keep one block per running request free so the running batch can still grow.
         reserve = len(self.running)
-        return self.blocks.can_allocate(self.blocks.blocks_needed(num_tokens) + reserve)
+        return self.blocks.can_allocate(self.blocks.cost(hits, num_tokens) + reserve)
 
     def swap_in_blocked(self) -> bool:
         """Nothing runs or waits, and the oldest swapped request cannot come back: only pages
@@ -233,14 +251,18 @@ class ChunkedScheduler:
         for req in self.prefilling:
             if budget <= 0 or rows >= self.limits.max_batch_size or self.decode.swapped:
                 break
-            start = req.num_computed
-            length = min(req.prompt_len - start, budget)
             if req.request_id not in self.blocks.tables:
-                if not self.blocks.can_allocate(self.blocks.blocks_needed(start + length)):
+                hits = cached_prefix(self.blocks, req)
+                start = len(hits) * self.blocks.block_size
+                length = min(req.prompt_len - start, budget)
+                if not self.blocks.can_allocate(self.blocks.cost(hits, start + length)):
                     break
-                self.blocks.allocate(req.request_id, start + length)
-            elif not self.blocks.grow(req.request_id, start + length):
-                break
+                claim_cached(self.blocks, req, hits, start + length)
+            else:
+                start = req.num_computed
+                length = min(req.prompt_len - start, budget)
+                if not self.blocks.grow(req.request_id, start + length):
+                    break
             chunks.append((req, start, length))
             budget -= length
             rows += 1

@@ -104,7 +104,7 @@ class InstanceWorker:
                                                              index=None)),
                    AbortRequest: lambda m: self._drop(m.request_id, m.index),
                    OfferMigration: lambda m: self._offered(m.offer),
-                   ExportKV: lambda m: self._export(m.request_id, m.dest),
+                   ExportKV: lambda m: self._export(m.request_id, m.dest, m.skip_blocks),
                    KVReady: lambda m: self._import(m.request_id, m.payload),
                    KVRefused: lambda m: self._drop(m.request_id)}.get(type(msg))
         if handler is None:
@@ -172,7 +172,7 @@ class InstanceWorker:
     def _offered(self, offer: MigrationOffer) -> None:
         raise ValueError(f"{self.name} ({self.role}) takes no migrations")
 
-    def _export(self, request_id: str, dest: str) -> None:
+    def _export(self, request_id: str, dest: str, skip_blocks: int = 0) -> None:
         raise ValueError(f"{self.name} ({self.role}) exports no KV")
 
     def _import(self, request_id: str, payload) -> None:
@@ -260,14 +260,26 @@ class InstanceWorker:
         tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}
         sequences = {r.request_id: r.sequences() for r in batch}
         busy = {s.request_id for seqs in sequences.values() for s in seqs}
-        results = self._run_rows(self.runner.prefill, batch, lambda r: PrefillRow(
-            r.prompt_token_ids, tables[r.request_id],
-            tuple(self._sampling_row(s, busy) for s in sequences[r.request_id])))
+
+        def row(r):
+            return PrefillRow(r.prompt_token_ids, tables[r.request_id],
+                              tuple(self._sampling_row(s, busy) for s in sequences[r.request_id]),
+                              r.num_computed)
+        # Prompts that start from cached blocks run as continuations of them (one program per
+        # token bucket, like whole prompts).
+        by_id = {}
+        for fn, group in ((self.runner.prefill, [r for r in batch if not r.num_computed]),
+                          (self.runner.prefill_cached, [r for r in batch if r.num_computed])):
+            if group:
+                by_id.update(zip(map(id, group), self._run_rows(fn, group, row)))
+        results = [by_id[id(r)] for r in batch]
         now = time.perf_counter()
         for r, result in zip(batch, results):
             if result is None or r.request_id not in self.requests:
                 continue
             self._event(r, "context_end", now)
+            self.blocks.register(r.request_id, r.prompt_token_ids, r.cache_salt)
+            self._cached_tokens.append((r.spec.request_id, r.num_cached_tokens))
             if r.params.prompt_logprobs is not None:
                 self._prompt_logprobs.append((r.spec.request_id,
                                               prompt_logprob_entries(r, result[0][4])))
@@ -280,17 +292,19 @@ class InstanceWorker:
             if running and r.request_id in self.requests:
                 hand_off(r, running)
             elif r.request_id in self.requests:
-                self._release(r)
+                self._release(r, finished=True)
 
     # ---- ending requests ----------------------------------------------------------------------
 
-    def _release(self, req: Request) -> None:
-        """Forget a request and free every block it holds here."""
+    def _release(self, req: Request, finished: bool = False) -> None:
+        """Forget a request and free every block it holds here. A sequence that finished
+        leaves its full blocks in the prefix cache (its prompt's were cached at prefill)."""
         self._forget(req)
         self.requests.pop(req.request_id, None)
         self.slots.release(req.request_id)
         if self.blocks.holds(req.request_id):
-            self.blocks.free(req.request_id)
+            tokens = req.kv_token_ids() if finished and req.index is not None else None
+            self.blocks.free(req.request_id, tokens, req.cache_salt)
 
     def _drop(self, request_id: str, index: int | None = None) -> None:
         """The engine no longer wants this request here (abort, stop string, peer refusal):
@@ -334,11 +348,15 @@ class InstanceWorker:
     def _reset_report(self) -> None:
         self._tokens, self._events, self._failed = [], [], []
         self._prefilled, self._migrations, self._prompt_logprobs = [], [], []
+        self._cached_tokens = []
 
     def stats(self) -> dict:
         host = self.blocks.host
         return {"instance": self.name, "role": self.role, **self.counts(),
                 "blocks_used": self.blocks.num_used, "blocks_total": self.blocks.num_total,
+                "blocks_cached": self.blocks.num_cached,
+                "prefix_cache_queries": self.blocks.queries,
+                "prefix_cache_hits": self.blocks.hits,
                 "host_blocks_used": host.num_used if host else 0,
                 "num_preemptions": self.num_preemptions, "steps": self.steps,
                 "busy_s": self.busy_s, "tokens": self.tokens_out}
@@ -348,12 +366,12 @@ class InstanceWorker:
         changed = {k: v for k, v in stats.items() if k != "busy_s"} != \
             {k: v for k, v in (self._last_stats or {}).items() if k != "busy_s"}
         if not (changed or self._tokens or self._events or self._failed or self._prefilled
-                or self._migrations or self._prompt_logprobs):
+                or self._migrations or self._prompt_logprobs or self._cached_tokens):
             return
         self._last_stats = stats
         self._send(Report(self.name, tuple(self._tokens), tuple(self._events),
                           tuple(self._prefilled), tuple(self._failed), tuple(self._migrations),
-                          stats, tuple(self._prompt_logprobs)))
+                          stats, tuple(self._prompt_logprobs), tuple(self._cached_tokens)))
         self._reset_report()
 
 
@@ -431,14 +449,16 @@ class PrefillWorker(InstanceWorker):
         self._prefilled.append(MigrationOffer(
             req.spec, tuple((s.index, tuple(s.output_token_ids)) for s in sequences), self.name))
 
-    def _export(self, request_id: str, dest: str) -> None:
+    def _export(self, request_id: str, dest: str, skip_blocks: int = 0) -> None:
         req = self.held.get(request_id)
         if req is None:
             self._peer(dest, KVRefused(request_id, f"{request_id} is no longer held by "
                                                    f"{self.name}"))
             return
+        # The puller's prefix cache holds the first skip_blocks: only the rest moves.
+        table = self.blocks.tables[request_id][skip_blocks:]
         try:
-            payload = self.kv.export(self.runner, self.blocks.tables[request_id])
+            payload = self.kv.export(self.runner, table) if table else None
         except Exception as e:
             self._peer(dest, KVRefused(request_id, f"exporting its KV failed: {e}"))
             raise
@@ -541,7 +561,7 @@ class DecodingWorker(InstanceWorker):
             results = self._run_rows(self.runner.decode, step.batch,
                                      lambda r: self._decode_row(r, busy=busy))
             for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
-                self._release(r)
+                self._release(r, finished=True)
             self._log_step(len(step.batch), start)
         return True
 
@@ -585,7 +605,7 @@ class DecodingWorker(InstanceWorker):
         live = [(r, sample) for r, sample in zip(inflight.requests, _samples_of(out))
                 if self.requests.get(r.request_id) is r]
         for r in self._emit_all(live):
-            self._release(r)
+            self._release(r, finished=True)
         self._log_step(len(inflight.requests), inflight.started)
 
     def _log_step(self, batch_size: int, start: float) -> None:
@@ -612,8 +632,10 @@ class DecodeWorker(DecodingWorker):
         self.scheduler = DecodeScheduler(limits, self.blocks, waiting_share)
         self.offers: deque[MigrationOffer] = deque()
         # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
-        self.migrating: dict[str, tuple[MigrationOffer, float]] = {}
-        self.migrated = {"migrations": 0, "migration_bytes": 0, "migration_seconds": 0.0}
+        # (offer, when asked, blocks its own prefix cache supplied)
+        self.migrating: dict[str, tuple[MigrationOffer, float, int]] = {}
+        self.migrated = {"migrations": 0, "migration_bytes": 0, "migration_seconds": 0.0,
+                         "migration_blocks_skipped": 0, "migration_bytes_saved": 0}
 
     def counts(self) -> dict:
         return {**super().counts(), "offered": len(self.offers), "migrating": len(self.migrating),
@@ -635,27 +657,35 @@ class DecodeWorker(DecodingWorker):
         while self.offers:
             offer = self.offers[0]
             in_flight = sum(len(self.blocks.tables[rid]) for rid in self.migrating)
-            if not self.scheduler.can_pull(offer.num_cached_tokens, in_flight):
+            # Full prompt blocks this instance's prefix cache holds need not move.
+            hits = self.blocks.cached_prefix(offer.spec.prompt_token_ids, offer.spec.cache_salt)
+            if not self.scheduler.can_pull(offer.num_cached_tokens, in_flight, hits):
                 return
             self.offers.popleft()
             rid = offer.spec.request_id
-            self.blocks.allocate(rid, offer.num_cached_tokens)
+            self.blocks.allocate(rid, offer.num_cached_tokens, cached=hits)
+            self.blocks.count_query(offer.num_cached_tokens, len(hits) * self.blocks.block_size)
             began = time.perf_counter()
-            self.migrating[rid] = (offer, began)
+            self.migrating[rid] = (offer, began, len(hits))
             self._events.append(LifetimeEvent(rid, "migration_begin", began))
-            self._peer(offer.source, ExportKV(rid, self.name))
+            self._peer(offer.source, ExportKV(rid, self.name, len(hits)))
 
     def _import(self, request_id: str, payload) -> None:
         entry = self.migrating.pop(request_id, None)
         if entry is None:   # dropped meanwhile: its pages here are already free
             self.kv.discard(payload)
             return
-        offer, began = entry
+        offer, began, skipped = entry
+        table = self.blocks.tables[request_id]
         try:
-            nbytes = self.kv.import_pages(self.runner, payload, self.blocks.tables[request_id])
+            nbytes = self.kv.import_pages(self.runner, payload, table[skipped:]) \
+                if payload is not None else 0
         except Exception:
             self.blocks.free(request_id)
             raise
+        self.blocks.register(request_id, offer.spec.prompt_token_ids, offer.spec.cache_salt)
+        self.migrated["migration_blocks_skipped"] += skipped
+        self.migrated["migration_bytes_saved"] += skipped * self.runner.bytes_per_page
         now = time.perf_counter()
         self._events.append(LifetimeEvent(request_id, "migration_end", now))
         self._migrations.append((nbytes, now - began))
@@ -787,6 +817,8 @@ class ChunkedWorker(DecodingWorker):
                     not self.chunked.chunk_done(r, n):
                 continue
             self._event(r, "context_end", now)
+            self.blocks.register(r.request_id, r.prompt_token_ids, r.cache_salt)
+            self._cached_tokens.append((r.spec.request_id, r.num_cached_tokens))
             self._event(r, "decoding_begin", now)
             seqs = sequences[id(r)]
             if seqs == [r]:
@@ -805,7 +837,7 @@ class ChunkedWorker(DecodingWorker):
             if running:
                 self._start_sequences(r, running)
             else:
-                self._release(r)
+                self._release(r, finished=True)
         for r in self._emit_all(emit):
-            self._release(r)
+            self._release(r, finished=True)
         return True

@@ -25,11 +25,13 @@ class SamplingRow:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillRow:
-    """A whole prompt, written to `block_table`'s pages from position 0. Its first token is
-    sampled once per sampling row (several for n / best_of: the sequences' first tokens)."""
+    """A whole prompt, written to `block_table`'s pages from position `start` (the tokens
+    before it are cached there already: a prefix-cache hit). Its first token is sampled once
+    per sampling row (several for n / best_of: the sequences' first tokens)."""
     token_ids: tuple[int, ...]
     block_table: tuple[int, ...]
     sampling: tuple[SamplingRow, ...]
+    start: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

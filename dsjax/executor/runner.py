@@ -275,6 +275,8 @@ class ModelRunner:
         self.max_prompts = max_batch_size
         self.max_sampled_rows = bucket(max(max_batch_size, MAX_SAMPLES))
         self.max_tokens_per_sequence = max_blocks_per_request * page_size
+        # KV bytes of one page in the whole model (every layer, K and V, the model's heads).
+        self.bytes_per_page = config.kv_bytes_per_token(jnp.dtype(dtype).itemsize) * page_size
         ranges = layer_ranges(config.num_hidden_layers, spec.pp)
         if place_stages is not None:
             # Some stages live in other processes (dsjax.executor.stage_group): the hook builds
@@ -460,38 +462,66 @@ class ModelRunner:
         """Wait for a dispatched step and copy its samples to the host."""
         return self._collect(self._fetch(pending.outs, pending.want_top), pending.counts)
 
-    def chunked(self, rows: list[ChunkRow]) -> StepOutput:
-        """Mixed step: each row continues its cached context with its tokens (a prompt chunk,
-        or a decode row's newest token). Samples one token per row (callers drop the samples
-        of chunks that do not finish their prompt)."""
-        lens = np.array([len(r.token_ids) for r in rows], np.int32)
-        total = int(lens.sum())
-        per_row = np.array([len(r.sampling) for r in rows])
-        # Rows and sampled rows share one bucket (a prompt's last chunk may sample several).
-        t_pad, b_pad = bucket(total, MIN_TOKEN_BUCKET), bucket(int(per_row.sum()), 8)
-        width = bucket(max(len(r.block_table) for r in rows))
+    def _continuation(self, pieces, rows_pad: int, width: int):
+        """Tokens continuing cached sequences, packed: pieces are (token ids, start, block
+        table) per row -> (tokens [T], ChunkedMetadata without its last-token index, lens)."""
+        lens = np.array([len(ids) for ids, _, _ in pieces], np.int32)
+        t_pad = bucket(int(lens.sum()), MIN_TOKEN_BUCKET)
         tokens = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
         token_seq = np.full(t_pad, -1, np.int32)
         slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
-        tables = np.zeros((b_pad, width), np.int32)
+        tables = np.zeros((rows_pad, width), np.int32)
         at = 0
-        for i, r in enumerate(rows):
-            n = len(r.token_ids)
-            tokens[at:at + n] = r.token_ids
-            positions[at:at + n] = np.arange(r.start, r.start + n)
+        for i, (ids, start, table) in enumerate(pieces):
+            n = len(ids)
+            tokens[at:at + n] = ids
+            positions[at:at + n] = np.arange(start, start + n)
             token_seq[at:at + n] = i
-            slots[at:at + n] = self._slots(r.block_table, np.arange(r.start, r.start + n))
-            tables[i, :len(r.block_table)] = r.block_table
+            slots[at:at + n] = self._slots(table, np.arange(start, start + n))
+            tables[i, :len(table)] = table
             at += n
+        return tokens, ChunkedMetadata(positions, token_seq, slots, tables, None), lens
+
+    def chunked(self, rows: list[ChunkRow]) -> StepOutput:
+        """Mixed step: each row continues its cached context with its tokens (a prompt chunk,
+        or a decode row's newest token). Samples one token per row (callers drop the samples
+        of chunks that do not finish their prompt)."""
+        per_row = np.array([len(r.sampling) for r in rows])
+        # Rows and sampled rows share one bucket (a prompt's last chunk may sample several).
+        b_pad = bucket(int(per_row.sum()), 8)
+        width = bucket(max(len(r.block_table) for r in rows))
+        tokens, meta, lens = self._continuation(
+            [(r.token_ids, r.start, r.block_table) for r in rows], b_pad, width)
         last = np.zeros(b_pad, np.int32)
         last[:int(per_row.sum())] = np.repeat(np.cumsum(lens) - 1, per_row)
-        meta = ChunkedMetadata(positions, token_seq, slots, tables, last)
         samples = self._samples(rows)
-        inputs = self._inputs((tokens, meta, np.int32(0)), samples, np.arange(b_pad))
+        inputs = self._inputs((tokens, meta.replace(last_token_idx=last), np.int32(0)),
+                              samples, np.arange(b_pad))
         want_top = any(s.params.logprobs for s in samples)
         return self._collect(self._fetch(self._pipeline("chunked", [(inputs, None)]), want_top),
                              [int(per_row.sum())])
+
+    def prefill_cached(self, rows: list[PrefillRow]) -> StepOutput:
+        """Prompts whose first `start` tokens are cached already (prefix-cache hits): each row
+        computes the rest, attending to its cached blocks, and samples its first token(s).
+        Rows and block tables are padded to the instance's maxima, so there is one program per
+        token bucket, as for whole prompts."""
+        if len(rows) > self.max_prompts:
+            raise ValueError(f"a prefill step of {len(rows)} prompts exceeds this instance's "
+                             f"{self.max_prompts}")
+        tokens, meta, lens = self._continuation(
+            [(r.token_ids[r.start:], r.start, r.block_table) for r in rows], self.max_prompts,
+            bucket(self.max_blocks_per_request))
+        last = np.zeros(self.max_prompts, np.int32)
+        last[:len(rows)] = np.cumsum(lens) - 1
+        samples = self._samples(rows)
+        per_row = [len(r.sampling) for r in rows]
+        inputs = self._inputs((tokens, meta.replace(last_token_idx=last), np.int32(0)), samples,
+                              np.repeat(np.arange(len(rows)), per_row))
+        want_top = any(s.params.logprobs for s in samples)
+        return self._collect(self._fetch(self._pipeline("chunked", [(inputs, None)]), want_top),
+                             [len(samples)])
 
     # ---- sampling slots ------------------------------------------------------------------------
 

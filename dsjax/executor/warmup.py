@@ -95,6 +95,9 @@ def warm_up_runner(runner, role: str, config) -> int:
         for lengths in prompts:
             runner.prefill(_prompt_rows(runner, lengths))
             steps += 1
+            if config.enable_prefix_caching:   # the same token buckets after a cached block
+                runner.prefill_cached(_prompt_rows(runner, lengths, cached=runner.page_size))
+                steps += 1
     if role in ("decode", "colocated"):
         last_of_bucket = {}
         for b, n in decodes:
@@ -135,9 +138,11 @@ def warm_up_fixed_programs(runner, role: str) -> int:
     return calls
 
 
-def _prompt_rows(runner, lengths) -> list[PrefillRow]:
-    return [PrefillRow((5,) * n, t, (WARMUP_SAMPLING,))
-            for n, t in zip(lengths, _tables(runner, lengths))]
+def _prompt_rows(runner, lengths, cached: int = 0) -> list[PrefillRow]:
+    """Prompts that compute `lengths` tokens each, after `cached` tokens already in pages."""
+    total = [n + cached for n in lengths]
+    return [PrefillRow((5,) * n, t, (WARMUP_SAMPLING,), cached)
+            for n, t in zip(total, _tables(runner, total))]
 
 
 def measure_prefill_budget(runner, config) -> int:

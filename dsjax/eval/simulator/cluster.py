@@ -203,8 +203,10 @@ class Cluster:
             if source is None:
                 self.loop.at(now, self._migrated, req, source, best)
                 continue
-            # KV exists for every token but the newest one (it is fed at the next step).
-            seconds = (req.context_len - 1) * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s
+            # KV exists for every token but the newest one (it is fed at the next step); a
+            # cached prefix is held by the decode instance already (prefix-aware routing).
+            moved = req.context_len - 1 - req.cached_len
+            seconds = moved * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s
             req.log(now, "migration_begin")
             self.loop.at(now + seconds, self._migrated, req, source, best)
 
@@ -217,7 +219,8 @@ class Cluster:
     # ------------------------------------------------------------ running
 
     def run(self, reqs: Sequence[HasLengths], arrivals: Iterable[float]) -> list[SimRequest]:
-        sims = [SimRequest(i, float(t), int(r.prompt_len), int(r.output_len))
+        sims = [SimRequest(i, float(t), int(r.prompt_len), int(r.output_len),
+                           int(getattr(r, "cached_len", 0)))
                 for i, (r, t) in enumerate(zip(reqs, arrivals))]
         self.num_requests = len(sims)
         for req in sims:

@@ -68,12 +68,13 @@ class ColocatedInstance:
             left = req.prompt_len - req.prefilled
             if whole and chunks and left > budget:
                 break
-            if req.prefilled == 0:
+            if not req.picked:
                 if self.used + req.prompt_len + len(lane) > self.capacity:
                     if not chunks and self.used == 0:
                         raise ValueError(f"a {req.prompt_len}-token prompt exceeds the KV capacity "
                                          f"({self.capacity} tokens) of {self.name}; use more GPUs")
                     break
+                req.picked = True
                 self.used += req.prompt_len
                 req.log(self.loop.now, "context_begin")
             take = left if whole else min(left, budget)

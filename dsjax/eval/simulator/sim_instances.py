@@ -121,8 +121,9 @@ class PrefillInstance:
             return
         batch, tokens, sum_sq = [], 0, 0
         while self.queue and len(batch) < self.max_batch:
-            n = self.queue[0].prompt_len
-            if batch and tokens + n > self.max_tokens:
+            head = self.queue[0]
+            n, fresh = head.prompt_len, head.prompt_len - head.cached_len
+            if batch and tokens + fresh > self.max_tokens:
                 break
             if self.used + n > self.capacity:
                 if not batch and self.used == 0:
@@ -132,8 +133,10 @@ class PrefillInstance:
                 break
             req = self.queue.popleft()
             batch.append(req)
-            tokens += n
-            sum_sq += n * n
+            # A cached prefix is not computed; the fresh tokens still attend to it, which the
+            # quadratic term sum(len^2) generalises to len^2 - cached^2.
+            tokens += fresh
+            sum_sq += n * n - req.cached_len ** 2
             self.used += n
             req.log(now, "context_begin")
         if not batch:

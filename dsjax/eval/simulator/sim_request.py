@@ -5,17 +5,22 @@ from dsjax.eval.results import RequestResult
 
 
 class SimRequest:
-    __slots__ = ("rid", "arrival", "prompt_len", "output_len", "generated", "prefilled",
-                 "first_token_time", "segments", "events", "join_step", "seg_start", "epoch",
-                 "done_time")
+    __slots__ = ("rid", "arrival", "prompt_len", "output_len", "cached_len", "generated",
+                 "prefilled", "picked", "first_token_time", "segments", "events", "join_step",
+                 "seg_start", "epoch", "done_time")
 
-    def __init__(self, rid: int, arrival: float, prompt_len: int, output_len: int):
+    def __init__(self, rid: int, arrival: float, prompt_len: int, output_len: int,
+                 cached_len: int = 0):
         self.rid = rid
         self.arrival = arrival
         self.prompt_len = prompt_len
         self.output_len = output_len
+        # Prompt tokens the prefix cache supplies (the workload declares its reuse): their KV
+        # is neither computed nor moved, and is assumed cached where the request is served.
+        self.cached_len = min(cached_len, prompt_len - 1)
         self.generated = 0          # tokens produced so far (the first comes from prefill)
-        self.prefilled = 0          # prompt tokens processed so far (chunked prefill)
+        self.prefilled = self.cached_len   # prompt tokens processed so far (chunked prefill)
+        self.picked = False         # its prompt took its KV (chunked prefill)
         self.first_token_time: float | None = None
         # Decode tokens as slices of a lane's step-end times: (times, start, end). Keeps the
         # simulator free of per-token work; timestamps are materialised only for results.
