@@ -91,13 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $DSJAX_API_KEY, else no key)")
-    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                        dest="served_model_names",
-                        help="names clients use for the model; the first is the default and "
-                             "the metrics' model_name (default: --model, then its size name)")
-    server.add_argument("--chat-template", default=None, metavar="FILE",
-                        help="Jinja chat template for /v1/chat/completions, a file or the "
-                             "template itself (default: the tokenizer directory's)")
     server.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                         help="Host header names served; '*' serves any (default: localhost, "
                              "127.0.0.1, ::1 and --host): guards a local server against DNS "
@@ -123,9 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections open at once; more get 503 (default: %(default)s)")
     server.add_argument("--skip-warmup", action="store_true",
                         help="do not send one tiny request through the engine before serving")
-    server.add_argument("--config", default=None, metavar="FILE",
-                        help="TOML file of engine settings (keys = EngineConfig field names, "
-                             "e.g. the placement search's output); flags given here override it")
+    add_model_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and engine flags, which `python -m serving` and `python -m serving.run_batch`
+    share."""
+    model = p.add_argument_group("model")
+    model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       dest="served_model_names",
+                       help="names clients use for the model; the first is the default and "
+                            "the metrics' model_name (default: --model, then its size name)")
+    model.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Jinja chat template for /v1/chat/completions, a file or the "
+                            "template itself (default: the tokenizer directory's)")
+    model.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML file of engine settings (keys = EngineConfig field names, "
+                            "e.g. the placement search's output); flags given here override it")
     engine = p.add_argument_group("engine (DistServe's flag names)")
     _add_engine_flags(engine)
     engine.add_argument("--use-dummy-weights", action="store_true",
@@ -134,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, choices in DISTSERVE_NO_OPS.items():
         engine.add_argument(flag, choices=choices, default=choices[0],
                             help="accepted for DistServe's scripts; FCFS is the only policy")
-    return p
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict:
@@ -156,8 +163,9 @@ def _read_config_file(path: str) -> dict:
         return tomllib.load(f)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    settings = dict(LAUNCHER_DEFAULTS)
+def engine_config_from_args(args: argparse.Namespace,
+                            defaults: dict = LAUNCHER_DEFAULTS) -> EngineConfig:
+    settings = dict(defaults)
     if args.config:
         settings.update(_read_config_file(args.config))
     settings.update(_flag_overrides(args))
