@@ -125,3 +125,20 @@ def test_the_command_refuses_an_unfinished_run_without_resume_before_the_engine(
     files.output.close()
     assert run_batch_main(["-i", str(source), "-o", str(out), "--model", "opt-tiny"]) == 1
     assert "pass --resume to continue it" in caplog.text
+
+
+def test_progress_shows_lines_failed_tokens_per_second_and_eta(capsys, monkeypatch):
+    import serving.batch_progress as batch_progress
+    from serving.batch_checkpoint import Progress
+    monkeypatch.setattr(batch_progress, "POSTFIX_EVERY_S", 0.0)
+    progress = Progress(lines=2, completion_tokens=10)      # resumed after 2 lines
+    report = batch_progress.BatchProgress(6, progress, "opt-tiny", bar=True)
+    for status, tokens in ((200, 30), (400, 0)):
+        progress.count(status, 5, tokens)
+        report.advanced(1)
+    summary = report.summary()
+    report.close()
+    bar = capsys.readouterr().err
+    assert "4/6" in bar and "failed=1" in bar and "tok_s=" in bar and "<" in bar   # ETA
+    assert (summary["written"], summary["failed"], summary["resumed_from"]) == (4, 1, 2)
+    assert summary["completion_tokens"] == 40 and summary["run_output_tokens_per_s"] > 0
