@@ -63,12 +63,12 @@ def _scalar_type(annotation) -> type:
     return args[0] if args else annotation
 
 
-def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
+def _add_engine_flags(group: argparse._ArgumentGroup, defaults: dict) -> None:
     hints = typing.get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
         kind = _scalar_type(hints[field.name])
         help_text = ENGINE_HELP.get(field.name, "")
-        default = LAUNCHER_DEFAULTS.get(field.name, field.default)
+        default = defaults.get(field.name, field.default)
         help_text = f"{help_text} (default: {default})".strip()
         if kind is bool:
             group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, defaults: dict = LAUNCHER_DEFAULTS) -> None:
     """The model and engine flags, which `python -m serving` and `python -m serving.run_batch`
-    share."""
+    share; `defaults` (what the program changes from EngineConfig's) shows in the help."""
     model = p.add_argument_group("model")
     model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        dest="served_model_names",
@@ -135,7 +135,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                        help="TOML file of engine settings (keys = EngineConfig field names, "
                             "e.g. the placement search's output); flags given here override it")
     engine = p.add_argument_group("engine (DistServe's flag names)")
-    _add_engine_flags(engine)
+    _add_engine_flags(engine, defaults)
     engine.add_argument("--use-dummy-weights", action="store_true",
                         help="random weights; the same as --load-format dummy")
     engine.add_argument("--trust-remote-code", action="store_true", help="accepted; no effect")

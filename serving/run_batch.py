@@ -27,8 +27,10 @@ from serving.launcher_config import (DEFAULT_CPU_DEVICES, LAUNCHER_DEFAULTS, add
 
 log = logging.getLogger("serving.batch")
 
-# The server's defaults, less its once-a-second status lines (the progress bar says it).
-BATCH_DEFAULTS = {**LAUNCHER_DEFAULTS, "log_status": False}
+# The server's defaults, less its once-a-second status lines (the progress bar says it), and
+# colocated: a batch has no latency SLO for disaggregation to protect, and on the measured
+# machine colocated made 1.2-1.4x the output tokens/s (docs/benchmarks.md#offline-batch-inference).
+BATCH_DEFAULTS = {**LAUNCHER_DEFAULTS, "log_status": False, "mode": "colocated"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--skip-warmup", action="store_true",
                        help="compile nothing before the first line (programs compile as "
                             "shapes come)")
-    add_model_arguments(p)
+    add_model_arguments(p, BATCH_DEFAULTS)
     return p
 
 

@@ -17,7 +17,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm():
-    llm = LLM(**TINY_SERVER_ENGINE, min_decode_rows=8)   # test_run_batch's engine: its programs
+    # test_run_batch's engine settings: in one session, its compiled programs serve here too.
+    llm = LLM(**TINY_SERVER_ENGINE, mode="colocated", min_decode_rows=8)
     yield llm
     llm.shutdown()
 

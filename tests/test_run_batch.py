@@ -26,8 +26,9 @@ from tests._server_helpers import ServerLoop, tiny_engine
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|a|>"
 GREEDY = {"temperature": 0, "ignore_eos": True}
-# Decode batches padded to 8 rows: fewer programs to compile (the subprocesses use the same).
-FEW_PROGRAMS = {"min_decode_rows": 8}
+# The batch job's default mode, and decode batches padded to 8 rows: fewer programs to compile
+# (the subprocesses use the same, and find them in the session's compilation cache).
+FEW_PROGRAMS = {"mode": "colocated", "min_decode_rows": 8}
 
 # (url, body): answered 200 by the server.
 GOOD = [
@@ -263,8 +264,9 @@ def test_sigkill_and_sigterm_at_several_points_then_resume_lose_and_repeat_nothi
 def test_two_processes_on_one_file_cover_it_exactly_once(batch, tokenizer_dir, tmp_path):
     source, expected, reference, _ = batch
     outputs = [tmp_path / f"shard{i}.jsonl" for i in range(2)]
+    # Disaggregated here, so that mode meets the batch job too (the reference is colocated).
     procs = [subprocess.Popen(batch_command(source, out, tokenizer_dir, "--num-shards", "2",
-                                            "--shard-index", str(i)),
+                                            "--shard-index", str(i), "--mode", "disaggregated"),
                               cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
              for i, out in enumerate(outputs)]
