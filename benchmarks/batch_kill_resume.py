@@ -5,8 +5,8 @@
 
 Writes a batch file of greedy /v1/completions requests (with one malformed line in every 16),
 runs `python -m serving.run_batch` on it once uninterrupted, then again with SIGKILLs at
---kills points spread over the run (the first during start-up, the others once the output has
-grown past the next mark and a commit is behind it) and a SIGTERM in the middle, each time
+--kills points spread over the run (the first during start-up, the others once the checkpoint has
+passed the next mark and lines written after it wait for the next commit) and a SIGTERM in the middle, each time
 continuing with --resume, and a last --resume to the end. Prints per interruption the lines
 the output had when it was stopped and the lines its checkpoint had committed (what the next
 --resume keeps), then whether the final output equals the uninterrupted one line for line
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--kills", type=int, default=4, help="SIGKILLs, the first at start-up")
+    ap.add_argument("--window", type=int, default=16,
+                    help="the batch job's --window: smaller spreads its progress over the run")
     ap.add_argument("--out", type=Path, default=Path("/tmp/dsjax-kill-resume"))
     ap.add_argument("engine_flags", nargs="*", default=[],
                     help="after --: engine flags (default: --model opt-125m "
@@ -96,8 +99,8 @@ def main() -> None:
 
     def command(output: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "serving.run_batch", "-i", str(source), "-o",
-                str(output), "--no-progress-bar", "--checkpoint-interval", "0.5", *engine,
-                *extra]
+                str(output), "--no-progress-bar", "--checkpoint-interval", "0.5",
+                "--window", str(args.window), *engine, *extra]
 
     reference, output = args.out / "reference.jsonl", args.out / "resumed.jsonl"
     started = time.monotonic()
@@ -105,8 +108,10 @@ def main() -> None:
     assert status == 0, err[-3000:]
     print(f"uninterrupted: {written_lines(reference)} lines in "
           f"{time.monotonic() - started:.0f} s")
+    output.unlink(missing_ok=True)     # a fresh start: the first kill may come before any write
+    shutil.rmtree(output.with_name(output.name + ".ckpt"), ignore_errors=True)
     rows = []
-    run = command(output, "--overwrite")
+    run = command(output, "--resume")
     for k in range(args.kills + 1):
         if k == 0:
             stop, sig, what = (lambda: True), signal.SIGKILL, "SIGKILL at start-up"
@@ -115,12 +120,13 @@ def main() -> None:
             stop, sig, what = (lambda m=mark: (committed_lines(output) or 0) >= m), \
                 signal.SIGTERM, "SIGTERM mid-run"
         else:
+            # Progress is read from the checkpoints, which only this run's commits move (the
+            # file still holds the last run's uncommitted lines until this one cuts them).
             mark = (committed_lines(output) or 0) + args.lines // (args.kills + 2)
 
             def stop(m=mark):
                 committed = committed_lines(output) or 0
-                return written_lines(output) >= m and committed and \
-                    written_lines(output) > committed
+                return committed >= m and written_lines(output) > committed
             sig, what = signal.SIGKILL, "SIGKILL mid-run"
         status, err = run_until(run, stop, sig)
         rows.append((what, status, written_lines(output), committed_lines(output)))
