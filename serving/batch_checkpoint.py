@@ -98,8 +98,8 @@ class OrderedOutput:
         self._file = self._open()
         self._pending: dict[int, tuple[bytes, dict, int, int, int]] = {}
         self._state = self.iterator_state
-        self._started = time.monotonic()
         self._base_seconds = self.progress.seconds
+        self.start_clock()
         # One save at a time: a commit cancelled on its event loop goes on in its thread.
         self._saving = threading.Lock()
 
@@ -126,6 +126,10 @@ class OrderedOutput:
             log.info("resuming at line %d: cut %d bytes written after the last commit",
                      self.progress.lines, have - size)
         return f
+
+    def start_clock(self) -> None:
+        """Count running time from now (the run starts once the engine is ready)."""
+        self._started = time.monotonic()
 
     @property
     def written(self) -> int:

@@ -188,6 +188,7 @@ class BatchRun:
             await self._commit()
 
     async def run(self) -> dict:
+        self.output.start_clock()
         self._commit_lock = asyncio.Lock()
         loop = asyncio.get_running_loop()
         reader = ThreadPoolExecutor(1, thread_name_prefix="batch-reader")
