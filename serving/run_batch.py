@@ -144,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         engine = Engine(config)
     except KeyboardInterrupt as e:   # Ctrl-C (no name) or SIGTERM while compiling
-        return _signal_status(str(e))
+        log.info("interrupted during start-up: nothing was answered or committed")
+        logging.shutdown()
+        # The engine's threads are still compiling and cannot be joined; Python's exit would
+        # abort inside them. Nothing is left to commit, so leave at once.
+        os._exit(_signal_status(str(e)))
     log.info("engine ready in %.1f s (%s mode)", time.perf_counter() - started, config.mode)
     try:
         summary = run_batch(engine, options, handle_signals=True, files=files)
