@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Iterable, Sequence
 
 from aiohttp import web
 
 from serving import chat_api, generate_api, openai_api, tokenize_api
-from serving.admission import (DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE,
-                               Admission)
-from serving.chat_template import load_chat_template
+from serving.admission import DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE
 from serving.connections import (DEFAULT_MAX_BODY_BYTES, BoundedTCPSite, HttpLimits,
                                  runner_settings)
-from serving.context import ServingContext, longest_token_bytes, max_model_len
+from serving.context import build_context
 from serving.engine_client import EngineClient
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.metrics import ServerMetrics
@@ -33,15 +30,6 @@ CLIENT = web.AppKey("client", EngineClient)
 LIMITS = web.AppKey("limits", HttpLimits)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", set)
 DEFAULT_HOSTS = web.AppKey("default_hosts", bool)
-
-
-def default_model_names(engine) -> list[str]:
-    """The --model given, then the model's own size name."""
-    names = [str(engine.config.model)]
-    own = getattr(engine.model_config, "name", None)
-    if own and own not in names and own != "opt":
-        names.append(own)
-    return names
 
 
 def health_handler(client: EngineClient):
@@ -73,20 +61,12 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
                chat_template: str | None = None) -> web.Application:
     """The server of `engine`. allowed_hosts None: localhost names and, once start_server binds
     it, the bound address. chat_template: --chat-template (else the tokenizer directory's)."""
-    names = list(served_model_names or default_model_names(engine))
-    metrics = ServerMetrics(names[0])
     if max_queue_delay is None:   # the engine's own TTFT SLO, times the stated multiple
         max_queue_delay = QUEUE_DELAY_SLO_MULTIPLE * engine.config.ttft_slo
-    admission = Admission(engine, max_queue, max_queue_delay, metrics.observe_rejection)
-    client = EngineClient(engine, admission, metrics)
-    metrics.watch(engine, lambda: client.num_active)
-    tokenizer_dir = engine.config.tokenizer or engine.config.model
-    ctx = ServingContext(client=client, model_names=tuple(names), root=str(engine.config.model),
-                         max_model_len=max_model_len(engine),
-                         longest_token=longest_token_bytes(engine.tokenizer),
-                         body_timeout=limits.body_timeout,
-                         chat_template=load_chat_template(chat_template, tokenizer_dir),
-                         created=int(time.time()))
+    ctx = build_context(engine, max_queue=max_queue, max_queue_delay=max_queue_delay,
+                        served_model_names=served_model_names, chat_template=chat_template,
+                        body_timeout=limits.body_timeout)
+    client, metrics = ctx.client, ctx.client.metrics
     hosts = {configured_host(h) for h in allowed_hosts or LOCAL_HOSTS}
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
         error_middleware(metrics), host_middleware(hosts), auth_middleware(api_key),

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import time
 
-from aiohttp import web
-
 from dsjax.engine.request import RequestOutput
 from serving.api_errors import ApiError
 from serving.chat_template import ChatTemplateError
 from serving.context import ServingContext
-from serving.openai_api import (Handler, TokenLogprobs, final_outputs, new_tokens, stream_sse,
-                                usage, usage_so_far)
+from serving.openai_api import (CheckedBody, EngineJob, Handler, TokenLogprobs, new_tokens,
+                                openai_handler, usage, usage_so_far)
 from serving.request_fields import CHAT_FIELDS, read_fields, sampling_params, stream_usage
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -114,7 +112,8 @@ class ChatChoices:
         return {**self.base, "object": "chat.completion.chunk", "choices": [],
                 "usage": usage(finals)}
 
-    def answer(self, final: RequestOutput) -> dict:
+    def answer(self, finals: list[RequestOutput]) -> dict:
+        final = finals[0]   # a chat is one engine request
         choices = [{"index": seq.index,
                     "message": {"role": "assistant", "content": seq.text or ""},
                     "logprobs": self._logprobs(seq, [(p, t, "") for p, t in
@@ -148,27 +147,26 @@ def render_chat(ctx: ServingContext, values: dict, model: str) -> str:
         raise ApiError(400, str(e), param="messages") from e
 
 
-def chat_handler(ctx: ServingContext) -> Handler:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await ctx.read_body(request)
-        values = read_fields(body, CHAT_FIELDS)
-        model = ctx.model_name(values.get("model"))
-        text = render_chat(ctx, values, model)
-        final_usage, continuous_usage = stream_usage(values)
-        ids = await ctx.prompt_ids(text, values.get("add_special_tokens", False))
-        max_tokens = ctx.max_tokens(ids, values.get("max_completion_tokens",
-                                                    values.get("max_tokens")))
+def check_chat(ctx: ServingContext, body: dict) -> CheckedBody:
+    """A /v1/chat/completions body, checked: its messages rendered into one prompt."""
+    values = read_fields(body, CHAT_FIELDS)
+    model = ctx.model_name(values.get("model"))
+    text = render_chat(ctx, values, model)
+    final_usage, continuous_usage = stream_usage(values)
+
+    def to_job(ids: list[list[int]]) -> EngineJob:
+        max_tokens = ctx.max_tokens(ids[0], values.get("max_completion_tokens",
+                                                       values.get("max_tokens")))
         if "top_logprobs" in values and not values.get("logprobs"):
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         num_top = values.get("top_logprobs", 0) if values.get("logprobs") else None
         params = sampling_params(values, CHAT_FIELDS, max_tokens=max_tokens, logprobs=num_top)
-        with ctx.client.submit([ids], [params], id_prefix="chatcmpl",
-                               stream=bool(values.get("stream")),
-                               cache_salt=values.get("cache_salt")) as group:
-            fmt = ChatChoices(group.id, model, TokenLogprobs(ctx.tokenizer), num_top,
-                              continuous_usage)
-            if values.get("stream"):
-                return await stream_sse(request, group, fmt.chunks,
-                                        fmt.usage_chunk if final_usage else None)
-            return web.json_response(fmt.answer((await final_outputs(group))[0]))
-    return chat
+        return EngineJob(ids, [params], "chatcmpl", bool(values.get("stream")), final_usage,
+                         lambda group_id: ChatChoices(group_id, model, TokenLogprobs(ctx.tokenizer),
+                                                      num_top, continuous_usage),
+                         values.get("cache_salt"))
+    return CheckedBody([text], values.get("add_special_tokens", False), to_job)
+
+
+def chat_handler(ctx: ServingContext) -> Handler:
+    return openai_handler(ctx, check_chat)

@@ -1,13 +1,21 @@
-"""What every route shares: the engine bridge, the names served, the context length, limits."""
+"""What every route shares: the engine bridge, the names served, the context length, limits.
+
+The HTTP server (api_server.py) and the batch job (batch_runner.py) build it the same way
+(`build_context`), so both check and answer a body alike.
+"""
 from __future__ import annotations
 
 import dataclasses
+import time
+from typing import Sequence
 
 from aiohttp import web
 
+from serving.admission import Admission
 from serving.api_errors import ApiError
-from serving.chat_template import ChatTemplate
+from serving.chat_template import ChatTemplate, load_chat_template
 from serving.engine_client import EngineClient
+from serving.metrics import ServerMetrics
 from serving.request_fields import read_json_object
 
 
@@ -28,6 +36,15 @@ def longest_token_bytes(tokenizer) -> int:
         return 0
     return max(len(tokenizer.token_bytes(i, skip_special_tokens=False))
                for i in range(tokenizer.vocab_size))
+
+
+def default_model_names(engine) -> list[str]:
+    """The --model given, then the model's own size name."""
+    names = [str(engine.config.model)]
+    own = getattr(engine.model_config, "name", None)
+    if own and own not in names and own != "opt":
+        names.append(own)
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +74,29 @@ class ServingContext:
                                 f"{list(self.model_names)} (GET /v1/models)", param="model")
         return requested
 
-    async def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True
-                         ) -> list[int]:
-        if isinstance(prompt, list):
-            return prompt
+    def _check_prompt_chars(self, prompt: str) -> None:
         if self.longest_token and len(prompt) > self.max_model_len * self.longest_token:
             # (a character is at least a byte)
             raise ApiError(400, f"prompt of {len(prompt)} characters cannot fit the context of "
                                 f"{self.max_model_len} tokens (max_model_len; no token spells "
                                 f"more than {self.longest_token} bytes): shorten it",
                            param="prompt")
+
+    async def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True
+                         ) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        self._check_prompt_chars(prompt)
         return await self.client.tokenize(prompt, add_special_tokens)
+
+    def prompt_ids_blocking(self, prompt: str | list[int], add_special_tokens: bool = True
+                            ) -> list[int]:
+        """prompt_ids on the caller's thread: for workers off the event loop (the batch job's
+        pipeline)."""
+        if isinstance(prompt, list):
+            return prompt
+        self._check_prompt_chars(prompt)
+        return self.client.encode(prompt, add_special_tokens)
 
     def max_tokens(self, ids: list[int], requested: int | None, default: int | None = None
                    ) -> int:
@@ -86,3 +115,23 @@ class ServingContext:
                                 f"(max_model_len): lower max_tokens to at most {room}, or "
                                 f"shorten the prompt", param="max_tokens")
         return requested
+
+
+def build_context(engine, *, max_queue: int, max_queue_delay: float,
+                  served_model_names: Sequence[str] | None = None,
+                  chat_template: str | None = None, body_timeout: float = 30.0
+                  ) -> ServingContext:
+    """The context of `engine`: its admission, metrics (watching the engine), names and chat
+    template (`chat_template`: --chat-template, else the tokenizer directory's)."""
+    names = list(served_model_names or default_model_names(engine))
+    metrics = ServerMetrics(names[0])
+    admission = Admission(engine, max_queue, max_queue_delay, metrics.observe_rejection)
+    client = EngineClient(engine, admission, metrics)
+    metrics.watch(engine, lambda: client.num_active)
+    tokenizer_dir = engine.config.tokenizer or engine.config.model
+    return ServingContext(client=client, model_names=tuple(names),
+                          root=str(engine.config.model), max_model_len=max_model_len(engine),
+                          longest_token=longest_token_bytes(engine.tokenizer),
+                          body_timeout=body_timeout,
+                          chat_template=load_chat_template(chat_template, tokenizer_dir),
+                          created=int(time.time()))

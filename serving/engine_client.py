@@ -45,12 +45,16 @@ class EngineClient:
         """Engine requests admitted and not finished (what --max-queue bounds)."""
         return len(self._active)
 
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, on the caller's thread."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: send the prompt as token ids",
                            param="prompt")
-        encode = functools.partial(tokenizer.encode, text, add_bos=add_special_tokens)
+        return tokenizer.encode(text, add_bos=add_special_tokens)
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        encode = functools.partial(self.encode, text, add_special_tokens)
         if len(text) <= OFF_LOOP_CHARS:
             return encode()
         return await asyncio.get_running_loop().run_in_executor(None, encode)

@@ -63,12 +63,12 @@ def _scalar_type(annotation) -> type:
     return args[0] if args else annotation
 
 
-def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
+def _add_engine_flags(group: argparse._ArgumentGroup, defaults: dict) -> None:
     hints = typing.get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
         kind = _scalar_type(hints[field.name])
         help_text = ENGINE_HELP.get(field.name, "")
-        default = LAUNCHER_DEFAULTS.get(field.name, field.default)
+        default = defaults.get(field.name, field.default)
         help_text = f"{help_text} (default: {default})".strip()
         if kind is bool:
             group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
@@ -91,13 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $DSJAX_API_KEY, else no key)")
-    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                        dest="served_model_names",
-                        help="names clients use for the model; the first is the default and "
-                             "the metrics' model_name (default: --model, then its size name)")
-    server.add_argument("--chat-template", default=None, metavar="FILE",
-                        help="Jinja chat template for /v1/chat/completions, a file or the "
-                             "template itself (default: the tokenizer directory's)")
     server.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                         help="Host header names served; '*' serves any (default: localhost, "
                              "127.0.0.1, ::1 and --host): guards a local server against DNS "
@@ -123,18 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections open at once; more get 503 (default: %(default)s)")
     server.add_argument("--skip-warmup", action="store_true",
                         help="do not send one tiny request through the engine before serving")
-    server.add_argument("--config", default=None, metavar="FILE",
-                        help="TOML file of engine settings (keys = EngineConfig field names, "
-                             "e.g. the placement search's output); flags given here override it")
+    add_model_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser, defaults: dict = LAUNCHER_DEFAULTS) -> None:
+    """The model and engine flags, which `python -m serving` and `python -m serving.run_batch`
+    share; `defaults` (what the program changes from EngineConfig's) shows in the help."""
+    model = p.add_argument_group("model")
+    model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       dest="served_model_names",
+                       help="names clients use for the model; the first is the default and "
+                            "the metrics' model_name (default: --model, then its size name)")
+    model.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Jinja chat template for /v1/chat/completions, a file or the "
+                            "template itself (default: the tokenizer directory's)")
+    model.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML file of engine settings (keys = EngineConfig field names, "
+                            "e.g. the placement search's output); flags given here override it")
     engine = p.add_argument_group("engine (DistServe's flag names)")
-    _add_engine_flags(engine)
+    _add_engine_flags(engine, defaults)
     engine.add_argument("--use-dummy-weights", action="store_true",
                         help="random weights; the same as --load-format dummy")
     engine.add_argument("--trust-remote-code", action="store_true", help="accepted; no effect")
     for flag, choices in DISTSERVE_NO_OPS.items():
         engine.add_argument(flag, choices=choices, default=choices[0],
                             help="accepted for DistServe's scripts; FCFS is the only policy")
-    return p
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict:
@@ -156,8 +163,9 @@ def _read_config_file(path: str) -> dict:
         return tomllib.load(f)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    settings = dict(LAUNCHER_DEFAULTS)
+def engine_config_from_args(args: argparse.Namespace,
+                            defaults: dict = LAUNCHER_DEFAULTS) -> EngineConfig:
+    settings = dict(defaults)
     if args.config:
         settings.update(_read_config_file(args.config))
     settings.update(_flag_overrides(args))

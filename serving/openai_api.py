@@ -9,16 +9,22 @@ i * n + j is sequence j of prompt i), usage summed. `echo` puts the prompt (and,
 its log-probabilities) before each choice's text. Unknown fields
 are ignored, as OpenAI-compatible servers do; fields dsjax cannot honour answer 400
 (request_fields.py). The SSE writer and token logprobs here serve /v1/chat/completions too.
+
+Each endpoint is a check (body -> CheckedBody: fields, then token ids -> EngineJob) that the
+HTTP handler and the batch job (serving/batch_lines.py) both run, so they accept the same
+fields and answer the same JSON.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from dsjax.engine.request import RequestOutput
+from dsjax.sampling_params import SamplingParams
 from serving.api_errors import ApiError, openai_error
 from serving.context import ServingContext
 from serving.engine_client import EngineFailure, RequestGroup
@@ -225,36 +231,90 @@ class CompletionChoices:
         return {**self.base, "choices": choices, "usage": usage(finals)}
 
 
-def completions_handler(ctx: ServingContext) -> Handler:
-    async def completions(request: web.Request) -> web.StreamResponse:
-        body = await ctx.read_body(request)
-        values = read_fields(body, COMPLETION_FIELDS)
-        model = ctx.model_name(values.get("model"))
-        if "prompt" not in values:
-            raise ApiError(400, "field 'prompt' is required: a string, a list of token ids, or "
-                                "a list of either (a batch)", param="prompt")
-        prompts = read_prompts(values["prompt"])
-        final_usage, continuous_usage = stream_usage(values)
-        ids = [await ctx.prompt_ids(p, values.get("add_special_tokens", True)) for p in prompts]
-        # echo with logprobs returns the prompt's log-probabilities too (vLLM's prompt_logprobs).
-        echo = values.get("echo", False)
-        scored = {"prompt_logprobs": values["logprobs"]} if echo and "logprobs" in values else {}
+# ---- a body checked, then tokenized: what the handlers and the batch job share ---------------
+
+@dataclasses.dataclass(frozen=True)
+class EngineJob:
+    """A checked, tokenized body: its engine requests, and the writer of its answer."""
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    id_prefix: str
+    stream: bool
+    final_usage: bool                  # streams: a usage chunk before [DONE]
+    formatter: Callable[[str], Any]    # the group's id -> CompletionChoices | ChatChoices
+    cache_salt: str | None = None      # its prompts' prefix-cache salt
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedBody:
+    """A body whose fields passed their checks; its text prompts are still to be tokenized
+    (on the event loop by the server, on pipeline threads by the batch job)."""
+    prompts: list[str | list[int]]
+    add_special_tokens: bool
+    to_job: Callable[[list[list[int]]], EngineJob]   # each prompt's token ids -> the job
+
+    async def job(self, ctx: ServingContext) -> EngineJob:
+        return self.to_job([await ctx.prompt_ids(p, self.add_special_tokens)
+                            for p in self.prompts])
+
+    def job_blocking(self, ctx: ServingContext) -> EngineJob:
+        return self.to_job([ctx.prompt_ids_blocking(p, self.add_special_tokens)
+                            for p in self.prompts])
+
+
+BodyCheck = Callable[[ServingContext, dict], CheckedBody]
+
+
+async def json_answer(ctx: ServingContext, job: EngineJob) -> dict:
+    """The whole answer of a job that does not stream, once every output is final."""
+    with ctx.client.submit(job.prompts, job.params, id_prefix=job.id_prefix,
+                           stream=False, cache_salt=job.cache_salt) as group:
+        return job.formatter(group.id).answer(await final_outputs(group))
+
+
+def openai_handler(ctx: ServingContext, check: BodyCheck) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        job = await check(ctx, await ctx.read_body(request)).job(ctx)
+        if not job.stream:
+            return web.json_response(await json_answer(ctx, job))
+        with ctx.client.submit(job.prompts, job.params, id_prefix=job.id_prefix,
+                               stream=True, cache_salt=job.cache_salt) as group:
+            fmt = job.formatter(group.id)
+            return await stream_sse(request, group, fmt.chunks,
+                                    fmt.usage_chunk if job.final_usage else None)
+    return handle
+
+
+def check_completion(ctx: ServingContext, body: dict) -> CheckedBody:
+    """A /v1/completions body, checked."""
+    values = read_fields(body, COMPLETION_FIELDS)
+    model = ctx.model_name(values.get("model"))
+    if "prompt" not in values:
+        raise ApiError(400, "field 'prompt' is required: a string, a list of token ids, or "
+                            "a list of either (a batch)", param="prompt")
+    prompts = read_prompts(values["prompt"])
+    final_usage, continuous_usage = stream_usage(values)
+    # echo with logprobs returns the prompt's log-probabilities too (vLLM's prompt_logprobs).
+    echo = values.get("echo", False)
+    scored = {"prompt_logprobs": values["logprobs"]} if echo and "logprobs" in values else {}
+    stream = bool(values.get("stream"))
+
+    def to_job(ids: list[list[int]]) -> EngineJob:
         params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
                       prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS), **scored)
                   for prompt_ids in ids]
-        if values.get("stream") and params[0].num_samples > params[0].n:
+        if stream and params[0].num_samples > params[0].n:
             raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known "
                                 "only at the end; set stream false or best_of equal to n",
                            param="best_of")
-        with ctx.client.submit(ids, params, id_prefix="cmpl", stream=bool(values.get("stream")),
-                               cache_salt=values.get("cache_salt")) as group:
-            fmt = CompletionChoices(group.id, model, TokenLogprobs(ctx.tokenizer),
-                                    params[0].logprobs, params[0].n, continuous_usage, echo)
-            if values.get("stream"):
-                return await stream_sse(request, group, fmt.chunks,
-                                        fmt.usage_chunk if final_usage else None)
-            return web.json_response(fmt.answer(await final_outputs(group)))
-    return completions
+        return EngineJob(ids, params, "cmpl", stream, final_usage, lambda group_id: (
+            CompletionChoices(group_id, model, TokenLogprobs(ctx.tokenizer), params[0].logprobs,
+                              params[0].n, continuous_usage, echo)), values.get("cache_salt"))
+    return CheckedBody(prompts, values.get("add_special_tokens", True), to_job)
+
+
+def completions_handler(ctx: ServingContext) -> Handler:
+    return openai_handler(ctx, check_completion)
 
 
 # ---- GET /v1/models -------------------------------------------------------------------------

@@ -290,8 +290,8 @@ async def read_json_object(request: web.Request, timeout: float) -> dict:
 MAX_JSON_DEPTH = 32
 
 
-def _too_deep() -> ApiError:
-    return ApiError(400, f"request body is JSON nested too deeply: no field needs more than "
+def _too_deep(what: str) -> ApiError:
+    return ApiError(400, f"{what} is JSON nested too deeply: no field needs more than "
                          f"{MAX_JSON_DEPTH} levels")
 
 
@@ -310,16 +310,18 @@ def _json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def parse_json_object(raw: bytes) -> dict:
+def parse_json_object(raw: bytes, what: str = "request body",
+                      example: str = '{"prompt": "Hello", "max_tokens": 16}') -> dict:
+    """`raw` as a JSON object; 400 naming `what` it is (and showing `example`) otherwise."""
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise _too_deep() from None
+        raise _too_deep(what) from None
     except (UnicodeDecodeError, ValueError) as e:   # ValueError: also ints over 4300 digits
-        raise ApiError(400, f"request body is not valid JSON ({e}): send a JSON object such as "
-                            f'{{"prompt": "Hello", "max_tokens": 16}}') from e
+        raise ApiError(400, f"{what} is not valid JSON ({e}): send a JSON object such as "
+                            f"{example}") from e
     if not isinstance(body, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+        raise ApiError(400, f"{what} must be a JSON object, got {type(body).__name__}")
     if _json_depth_exceeds(body, MAX_JSON_DEPTH):
-        raise _too_deep()
+        raise _too_deep(what)
     return body
