@@ -106,8 +106,12 @@ def read_output(path: Path) -> list[dict]:
 
 
 def normalized(body: dict) -> dict:
-    """A body without what differs between two answers of the same request: ids, times."""
-    return {k: v for k, v in body.items() if k not in ("id", "created")}
+    """A body without what differs between two answers of the same request: ids, times, and
+    how much of the prompt the prefix cache held (which depends on what ran before)."""
+    out = {k: v for k, v in body.items() if k not in ("id", "created")}
+    if isinstance(out.get("usage"), dict):
+        out["usage"] = {k: v for k, v in out["usage"].items() if k != "prompt_tokens_details"}
+    return out
 
 
 def same(a, b) -> bool:
