@@ -190,6 +190,17 @@ class IncrementalDetokenizer:
         return self._utf8.decode(b"", final=True)
 
 
+GPT2_VOCAB_SIZE = 50257
+
+
+def model_tokenizer(tokenizer_dir, model_config) -> Tokenizer | None:
+    """The tokenizer an engine serving `model_config` uses: the directory's, else GPT-2's BPE
+    where the vocabulary is at least its size (OPT's is GPT-2's up to id numbering), else
+    none (token ids only)."""
+    fallback = "gpt2" if model_config.vocab_size >= GPT2_VOCAB_SIZE else None
+    return load_tokenizer(tokenizer_dir, fallback=fallback, model_type=model_config.model_type)
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2_tokenizer() -> GPT2Tokenizer:
     """The shipped GPT-2 BPE with OPT's BOS (shared: tokenizers here are stateless)."""

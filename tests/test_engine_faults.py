@@ -154,7 +154,7 @@ def test_host_side_failure_of_one_request_fails_it_alone(fresh, hf_opt, hf_refer
     original = worker._emit
 
     def emit(req, result, now):
-        if req.request_id == "poison" and len(req.output_token_ids) >= 2:
+        if req.request_id == engine.engine_id("poison") and len(req.output_token_ids) >= 2:
             raise KeyError("injected bookkeeping fault")
         return original(req, result, now)
     worker._emit = emit
@@ -225,7 +225,7 @@ def test_abort_while_waiting_for_migration(fresh):
     decode, prefill = engine.local_worker("decode0"), engine.local_worker("prefill0")
     decode._request_pulls = lambda: None     # the decode instance takes no offer for now
     stream = engine.add_request(engine_prompts()[3], LONG, request_id="waiting")
-    wait_for(lambda: "waiting" in prefill.held, what="prefill to finish")
+    wait_for(lambda: engine.engine_id("waiting") in prefill.held, what="prefill to finish")
     assert prefill.blocks.num_used > 0
     _abort_and_check(engine, stream, "waiting")
     wait_idle(engine)
@@ -244,7 +244,7 @@ def test_abort_while_migrating(fresh):
     prefill.kv.export = slow_export
     stream = engine.add_request(engine_prompts()[3], LONG, request_id="migrating")
     assert entered.wait(60)
-    assert "migrating" in decode.migrating
+    assert engine.engine_id("migrating") in decode.migrating
     _abort_and_check(engine, stream, "migrating")
     release.set()
     wait_idle(engine)
@@ -274,7 +274,7 @@ def test_abort_while_swapped(fresh, hf_opt):
                       if r.request_id in decode.swapped_pages]
         return bool(swapped)
     wait_for(some_swapped, what="a swap")
-    victim = swapped[0]
+    victim = engine.caller_id(swapped[0])
     assert engine.abort(victim)
     for i, s in enumerate(streams):
         out = s.result(timeout=300)

@@ -33,12 +33,11 @@ from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceF
 from dsjax.engine.request import RequestOutput
 from dsjax.executor.parallel import plan_placement
 from dsjax.sampling_params import SamplingParams
-from dsjax.tokenizer import IncrementalDetokenizer, load_tokenizer
+from dsjax.tokenizer import IncrementalDetokenizer, model_tokenizer
 from dsjax.models.base import ModelConfig
 from dsjax.models.registry import config_from_dir, config_from_name
 
 log = logging.getLogger("dsjax")
-GPT2_VOCAB_SIZE = 50257
 PROMPT_ROLES = ("prefill", "colocated", "chunked")
 DECODE_ROLES = ("decode", "colocated", "chunked")
 # Queue-drain samples kept for the admission estimate (first tokens observed).
@@ -172,16 +171,17 @@ class Engine:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.model_config, model_dir = resolve_model(config.model, config.load_format)
-        # GPT-2's BPE is OPT's up to id numbering; it only fits a vocabulary at least its size.
-        fallback = "gpt2" if self.model_config.vocab_size >= GPT2_VOCAB_SIZE else None
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, fallback=fallback,
-                                        model_type=self.model_config.model_type)
+        self.tokenizer = model_tokenizer(config.tokenizer or model_dir, self.model_config)
         self.migrations = {"count": 0, "bytes": 0, "seconds": 0.0}
         self.error: EngineError | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._tracked: dict[str, TrackedRequest] = {}   # router thread only
-        self._live: set[str] = set()                    # ids in use, for callers' checks
+        # Callers' request ids in use -> the engine's own id for each. Instances see only the
+        # engine's ids (unique, never parsed), so no caller id can collide with another
+        # request's, or with a sequence's of an n > 1 request.
+        self._live: dict[str, str] = {}
         self._live_lock = threading.Lock()
+        self._internal_ids = itertools.count()
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
         self._stopped = threading.Event()
@@ -277,19 +277,25 @@ class Engine:
             raise ValueError(f"best_of={params.best_of} > n={params.n} cannot be streamed: the "
                              f"best sequences are known only at the end; set stream off or "
                              f"best_of equal to n")
-        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
-        handle = RequestStream(rid)
-        with self._live_lock:
-            if rid in self._live:
-                raise ValueError(f"request id {rid!r} is already in use")
-            self._live.add(rid)
-            seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream,
-                                 self._detokenizer_factory(params),
-                                 self.model_config.eos_token_ids, arrival_time)
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
-        self._inbox.put(_Add(tracked, RequestSpec(rid, tuple(ids), params, seed, cache_salt)))
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        handle = RequestStream(rid)
+        # The check, the id and the queueing happen under the lock shutdown() takes, so a
+        # request is either refused or queued before the router's stop (never lost behind it).
+        with self._live_lock:
+            self._check_serving()
+            if rid in self._live:
+                raise ValueError(f"request id {rid!r} is already in use")
+            internal = f"r{next(self._internal_ids)}"
+            self._live[rid] = internal
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+            tracked = TrackedRequest(rid, text, ids, params, on_output or handle.put, stream,
+                                     self._detokenizer_factory(params),
+                                     self.model_config.eos_token_ids, arrival_time)
+            tracked.internal_id = internal
+            self._inbox.put(_Add(tracked, RequestSpec(internal, tuple(ids), params, seed,
+                                                      cache_salt)))
         return handle
 
     def _detokenizer_factory(self, params: SamplingParams):
@@ -342,9 +348,10 @@ class Engine:
         """Stop a request at whatever stage it is; its owner frees every block it holds.
         Returns False if no such request is running."""
         with self._live_lock:
-            if request_id not in self._live:
-                return False
-        self._inbox.put(_UserAbort(request_id))
+            internal = self._live.get(request_id)
+        if internal is None:
+            return False
+        self._inbox.put(_UserAbort(internal))
         return True
 
     def admission_estimate(self, num_prompt_tokens: int) -> float | None:
@@ -444,6 +451,7 @@ class Engine:
                 continue
             self._first_token(tracked, inst)
             stopped = tracked.add_tokens(updates)
+            tracked.stopped.update(stopped)
             if tracked.finished:   # instances drop what a stop string ended; they freed the rest
                 self._end(tracked, drop_from=tracked.location if stopped else ())
             else:
@@ -454,10 +462,9 @@ class Engine:
             self._on_prefilled(offer, inst)
         for failure in report.failed:
             tracked = self._tracked.get(failure.request_id)
-            if tracked is not None:
-                tracked.location.discard(report.instance)
+            if tracked is not None:   # _end gives back the weight it added to the instance
                 self._fail(tracked, EngineError(
-                    f"request {failure.request_id} failed in {report.instance}: "
+                    f"request {tracked.request_id} failed in {report.instance}: "
                     f"{failure.error}"))
 
     def _first_token(self, tracked: TrackedRequest, inst: _Instance) -> None:
@@ -491,7 +498,7 @@ class Engine:
             tracked.location = {peer.dest}    # the prefill side let go of its pages
         elif isinstance(msg, KVRefused) and tracked is not None:
             # A live request whose KV cannot be had is lost: fail it rather than let it hang.
-            self._fail(tracked, EngineError(f"request {msg.request_id} lost its KV cache: "
+            self._fail(tracked, EngineError(f"request {tracked.request_id} lost its KV cache: "
                                             f"{msg.reason}"))
         if dest is not None and dest.alive:
             dest.host.send(msg)
@@ -501,7 +508,7 @@ class Engine:
 
     def _end(self, tracked: TrackedRequest, drop_from=()) -> None:
         """Forget a finished request; instances in drop_from are told to free it."""
-        rid = tracked.request_id
+        rid = tracked.internal_id
         self._tracked.pop(rid, None)
         for name in drop_from:
             inst = self.instances.get(name)
@@ -517,7 +524,8 @@ class Engine:
                 done = tracked.decode_weight if inst.role == "decode" else queued_tokens
                 inst.outstanding = max(0, inst.outstanding - done)
         with self._live_lock:
-            self._live.discard(rid)
+            if self._live.get(tracked.request_id) == rid:
+                del self._live[tracked.request_id]
 
     def _fail(self, tracked: TrackedRequest, error: EngineError) -> None:
         tracked.fail(error)
@@ -541,6 +549,18 @@ class Engine:
                                      f"{error}")
 
     # ---- state (any thread) -------------------------------------------------------------------
+
+    def engine_id(self, request_id: str) -> str | None:
+        """The id the instances know a caller's running request by (fault injection, logs)."""
+        with self._live_lock:
+            return self._live.get(request_id)
+
+    def caller_id(self, engine_id: str) -> str | None:
+        """The caller's id of the request the instances know as engine_id (a sequence's id
+        names its request's)."""
+        base = engine_id.split("#")[0]
+        with self._live_lock:
+            return next((c for c, e in self._live.items() if e == base), None)
 
     def has_unfinished(self) -> bool:
         with self._live_lock:

@@ -19,13 +19,17 @@ log = logging.getLogger("dsjax")
 
 
 class SequenceState:
-    """One sequence's tokens, text and stop strings, as delivered."""
+    """One sequence's tokens, text and stop strings, as delivered. While a stop string could
+    still be completing, its first characters are held back (vLLM's rule): a streamed delta
+    never carries text the final output does not."""
 
-    def __init__(self, index: int, params, detokenizer, eos_token_id: int | None):
+    def __init__(self, index: int, params, detokenizer, eos_token_id):
         self.index = index
         self.detokenizer = detokenizer
         self.stop_checker = StopChecker(params, eos_token_id)
-        self.text: str | None = "" if detokenizer is not None else None
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._text: str | None = "" if detokenizer is not None else None
+        self._emitted = 0           # characters of _text delivered so far
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.timestamps: list[float] = []
@@ -33,7 +37,13 @@ class SequenceState:
         self.finished = False
         self.finish_reason: str | None = None
         self.new_ids: list[int] = []
-        self.new_text: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        """The text the caller may see so far (all of it once finished)."""
+        if self._text is None or self.finished:
+            return self._text
+        return self._text[:max(self._emitted, len(self._text) - self._holdback)]
 
     def add(self, update: TokenUpdate) -> bool:
         """Record one token; returns True when a stop string ended the sequence here (before
@@ -45,15 +55,11 @@ class SequenceState:
             self.logprobs.append(update.logprobs or {})
         self.new_ids.append(update.token_id)
         if self.detokenizer is not None:
-            piece = self.detokenizer.feed(update.token_id)
-            self.text += piece
-            self.new_text = (self.new_text or "") + piece
-            cut = (self.stop_checker.check_text(self.text, len(self.token_ids))
+            self._text += self.detokenizer.feed(update.token_id)
+            cut = (self.stop_checker.check_text(self._text, len(self.token_ids))
                    if self.stop_checker.has_stop_strings else None)
             if cut is not None:
-                emitted = len(self.text) - len(self.new_text)
-                self.text = self.text[:cut]
-                self.new_text = self.text[emitted:] if cut > emitted else ""
+                self._text = self._text[:cut]
                 self.end("stop")
                 return update.finish_reason is None
         if update.finish_reason is not None:
@@ -64,20 +70,22 @@ class SequenceState:
         self.finished = True
         self.finish_reason = reason
         if self.detokenizer is not None and reason != "stop":
-            tail = self.detokenizer.flush()
-            self.text += tail
-            self.new_text = (self.new_text or "") + tail
+            self._text += self.detokenizer.flush()
 
     def output(self, index: int) -> CompletionOutput:
         """This sequence as returned (at position `index` among the returned ones), with what
         it added since the last output."""
+        text = self.text
+        new_text = None if text is None else text[self._emitted:]
+        if text is not None:
+            self._emitted = len(text)
         out = CompletionOutput(
-            index=index, token_ids=list(self.token_ids), text=self.text,
+            index=index, token_ids=list(self.token_ids), text=text,
             finish_reason=self.finish_reason, logprobs=None if self.logprobs is None
             else list(self.logprobs), cumulative_logprob=self.cumulative_logprob,
-            new_token_ids=self.new_ids, new_text=self.new_text,
+            new_token_ids=self.new_ids, new_text=new_text,
             token_timestamps=list(self.timestamps))
-        self.new_ids, self.new_text = [], None
+        self.new_ids = []
         return out
 
 
@@ -93,6 +101,8 @@ class TrackedRequest:
         self._deliver = deliver
         self.sequences = [SequenceState(i, params, make_detokenizer(), eos_token_id)
                           for i in range(params.num_samples)]
+        self.internal_id = request_id   # the engine's own id (Engine.add_request sets it)
+        self.stopped: set[int] = set()  # sequences a stop string ended here
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.num_cached_tokens = 0
         self.events: list[dict] = [{"timestamp": time.perf_counter() if arrival_time is None

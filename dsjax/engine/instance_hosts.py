@@ -117,7 +117,9 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
         limits_p = BatchLimits(cfg.context_max_batch_size, budget)
     blocks = BlockManager(num_blocks, cfg.block_size, host_blocks,
                           enable_prefix_caching=cfg.enable_prefix_caching)
-    common = (spec.name, runner, blocks, mc.eos_token_ids, kv_link, send)
+    from dsjax.tokenizer import model_tokenizer
+    tokenizer = model_tokenizer(cfg.tokenizer or model_dir, mc)
+    common = (spec.name, runner, blocks, mc.eos_token_ids, kv_link, send, tokenizer)
     share = cfg.decoding_waiting_share
     if spec.role == "prefill":
         return PrefillWorker(*common, limits=limits_p)

@@ -109,6 +109,8 @@ class Request:
         self.pending = 0
         self.stop_checker = StopChecker(spec.params, eos_token_id)
         self.eos_token_id = eos_token_id
+        self._detokenizer = None   # stop strings: the text decoded so far, built on first use
+        self._text = ""
 
     @classmethod
     def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> list["Request"]:
@@ -130,6 +132,21 @@ class Request:
         """Whether its prompt may start from cached blocks: not when it asks for the prompt's
         log-probabilities (every prompt token must then be computed)."""
         return self.params.prompt_logprobs is None
+
+    def ends_on_stop_string(self, tokenizer) -> bool:
+        """Whether its newest output token completes a stop string (checked here, where the
+        token is produced, so every sibling of an n > 1 request ends at once)."""
+        if not self.stop_checker.has_stop_strings or tokenizer is None:
+            return False
+        if self._detokenizer is None:   # tokens from before (a migrated or resumed sequence)
+            from dsjax.tokenizer import IncrementalDetokenizer
+            self._detokenizer = IncrementalDetokenizer(tokenizer,
+                                                       self.params.skip_special_tokens)
+            for i, token in enumerate(self.output_token_ids[:-1]):
+                self._text += self._detokenizer.feed(token)
+                self.stop_checker.check_text(self._text, i + 1)
+        self._text += self._detokenizer.feed(self.output_token_ids[-1])
+        return self.stop_checker.check_text(self._text, len(self.output_token_ids)) is not None
 
     def kv_token_ids(self) -> tuple[int, ...]:
         """The tokens whose KV a finished sequence's pages hold: all but the last sampled."""

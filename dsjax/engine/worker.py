@@ -52,9 +52,10 @@ class InstanceWorker:
 
     role = ""
 
-    def __init__(self, name: str, runner, blocks: BlockManager, eos_token_id: int | None,
-                 kv_link, send: Callable[[object], None]):
+    def __init__(self, name: str, runner, blocks: BlockManager, eos_token_id,
+                 kv_link, send: Callable[[object], None], tokenizer=None):
         self.name = name
+        self.tokenizer = tokenizer   # for stop strings
         self.runner = runner
         self.blocks = blocks
         self.eos_token_id = eos_token_id
@@ -63,6 +64,7 @@ class InstanceWorker:
         self.requests: dict[str, Request] = {}
         self.slots = SlotAssignments(runner.max_sampled_rows)
         self.steps = 0
+        self.loop_iterations = 0
         self.busy_s = 0.0
         self.tokens_out = 0
         self.num_preemptions = 0
@@ -77,12 +79,16 @@ class InstanceWorker:
     def run(self, inbox) -> None:
         """Serve until a Shutdown message; an instance fault ends the loop after reporting."""
         try:
+            idle = False
             while True:
-                for msg in self._drain(inbox, block=not self.has_work()):
+                # A step that could do nothing (blocks held, pulls outstanding) waits for a
+                # message (a pull, a free, an abort) instead of spinning on the same state.
+                for msg in self._drain(inbox, block=idle or not self.has_work()):
                     if isinstance(msg, Shutdown):
                         return
                     self._apply(msg)
-                self._step_contained()
+                self.loop_iterations += 1
+                idle = not self._step_contained()
                 self._flush()
         except InstanceFault as fault:
             self._fail_everything(fault)
@@ -123,7 +129,8 @@ class InstanceWorker:
             else:
                 log.exception("%s: handling %s failed", self.name, type(msg).__name__)
 
-    def _step_contained(self) -> None:
+    def _step_contained(self) -> bool:
+        """One step; whether it did anything."""
         start = time.perf_counter()
         self._in_step: list[Request] = []
         try:
@@ -132,14 +139,20 @@ class InstanceWorker:
             raise
         except Exception as e:  # noqa: BLE001 - a scheduling bug: fail this step's requests
             self._check_state(e)
+            if not self._in_step:
+                # No request owns it: retrying would fail the same way forever. The instance
+                # stops, visibly, and the engine serves on with the others.
+                raise InstanceFault(f"{self.name}: a step failed outside any request: "
+                                    f"{type(e).__name__}: {e}") from e
             log.exception("%s: step failed; failing its %d requests", self.name,
                           len(self._in_step))
             for r in self._in_step:
                 self._fail(r.request_id, e)
-            return
+            return True
         if did_work:
             self.steps += 1
             self.busy_s += time.perf_counter() - start
+        return bool(did_work)
 
     def _check_state(self, error: BaseException) -> None:
         if not self.runner.healthy():
@@ -231,6 +244,8 @@ class InstanceWorker:
                 logprobs = {int(t): float(lp) for t, lp in zip(top_ids[:n], top_logprobs[:n])}
             logprobs[token] = float(logprob)
         reason = req.stop_checker.check_token(token, len(req.output_token_ids))
+        if reason is None and req.ends_on_stop_string(self.tokenizer):
+            reason = "stop"
         self._tokens.append(TokenUpdate(req.spec.request_id, req.index or 0, token, logprob,
                                         logprobs, now, reason))
         self.tokens_out += 1
@@ -663,12 +678,24 @@ class DecodeWorker(DecodingWorker):
                 return
             self.offers.popleft()
             rid = offer.spec.request_id
-            self.blocks.allocate(rid, offer.num_cached_tokens, cached=hits)
-            self.blocks.count_query(offer.num_cached_tokens, len(hits) * self.blocks.block_size)
-            began = time.perf_counter()
-            self.migrating[rid] = (offer, began, len(hits))
-            self._events.append(LifetimeEvent(rid, "migration_begin", began))
-            self._peer(offer.source, ExportKV(rid, self.name, len(hits)))
+            try:
+                self._pull(offer, hits)
+            except Exception as e:  # noqa: BLE001 - this pull's request fails, alone
+                self._check_state(e)
+                if self.blocks.holds(rid):
+                    self.blocks.free(rid)
+                self.migrating.pop(rid, None)
+                self._fail(rid, e)   # the router frees what the prefill instance holds
+
+    def _pull(self, offer: MigrationOffer, hits: list[int]) -> None:
+        """Room for the offer's KV (its cached prefix held), and the ask for the rest."""
+        rid = offer.spec.request_id
+        self.blocks.allocate(rid, offer.num_cached_tokens, cached=hits)
+        self.blocks.count_query(offer.num_cached_tokens, len(hits) * self.blocks.block_size)
+        began = time.perf_counter()
+        self.migrating[rid] = (offer, began, len(hits))
+        self._events.append(LifetimeEvent(rid, "migration_begin", began))
+        self._peer(offer.source, ExportKV(rid, self.name, len(hits)))
 
     def _import(self, request_id: str, payload) -> None:
         entry = self.migrating.pop(request_id, None)

@@ -1,0 +1,169 @@
+"""Request lifecycle regressions: each case is a repro from a review of main (149fe74), which
+failed there (../shared/repros/, named below), and the expected behaviour.
+
+One place decides a request is finished (the instance producing its tokens, stop strings
+included); the engine's ids are its own (no caller id can collide with a sequence's); a
+streamed delta never carries text the final output drops; a back-pressured loop waits instead
+of spinning; a failed request gives back its routing weight; add_request racing shutdown is
+refused or served, never lost; min_tokens bans every stop id, as vLLM does.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dsjax import SamplingParams
+from dsjax.engine.core import EngineError
+from tests._engine_helpers import get_engine, shutdown_all, wait_idle, wait_for
+from tests._server_helpers import tiny_engine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engines():
+    yield
+    shutdown_all()
+
+
+def first_token_text(engine, prompt) -> str:
+    out = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1)).result(60)
+    return engine.tokenizer.decode(out.token_ids)
+
+
+def test_a_sibling_ended_on_its_first_token_never_decodes(  # t1, t1b, t12
+        ):
+    """n=2, greedy: both siblings' first token completes the stop string at the prefill
+    instance. Neither is pulled by the decode instance, the request ends at once, and its id
+    can be reused at once without touching anything of the first."""
+    engine = get_engine()
+    prompt = [2, 100, 200, 300]
+    stop = first_token_text(engine, prompt)
+    params = SamplingParams(n=2, temperature=0, max_tokens=50, stop=[stop], ignore_eos=True)
+    out = engine.add_request(prompt, params, request_id="x").result(timeout=60)
+    assert [o.finish_reason for o in out.outputs] == ["stop", "stop"]
+    assert [o.text for o in out.outputs] == ["", ""]
+    again = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=5,
+                                                      ignore_eos=True), request_id="x")
+    assert len(again.result(timeout=60).token_ids) == 5
+    wait_idle(engine)
+    decode = next(s for s in engine.stats() if s["instance"] == "decode0")
+    assert decode["tokens"] == 4, "decode0 decoded tokens of a finished sibling"
+
+
+def test_caller_ids_never_collide_with_sequence_ids():   # t13
+    engine = get_engine()
+    a = engine.add_request([2, 7, 8, 9], SamplingParams(n=2, temperature=1.0, seed=1,
+                                                        max_tokens=6, ignore_eos=True),
+                           request_id="a")
+    b = engine.add_request([2, 7, 8, 9], SamplingParams(temperature=0, max_tokens=6,
+                                                        ignore_eos=True), request_id="a#1")
+    assert len(a.result(timeout=60).outputs) == 2
+    assert len(b.result(timeout=60).token_ids) == 6
+    wait_idle(engine)
+
+
+def test_streamed_text_never_carries_the_start_of_a_stop_string():   # t2
+    """A stop string spanning tokens: the deltas held back its first part, so their
+    concatenation equals the final text."""
+    engine = get_engine()
+    prompt = [2, 300, 301, 302]
+    full = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12,
+                                                     ignore_eos=True)).result(60).text
+    stop = full[3:9]                                   # spans several tokens
+    deltas, final = [], None
+    for out in engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12,
+                                                         ignore_eos=True, stop=[stop])):
+        deltas.append(out.new_text or "")
+        final = out
+        assert stop[:1] not in out.text[3:] or out.finished
+    assert final.finish_reason == "stop" and final.text == full[:3]
+    assert "".join(deltas) == final.text
+    wait_idle(engine)
+
+
+def test_min_tokens_bans_stop_token_ids_as_vllm_does():   # t15
+    engine = get_engine()
+    prompt = [2, 400, 401]
+    first = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1)).result(60)
+    stop_id = first.token_ids[0]                      # greedy would stop at once
+    out = engine.add_request(prompt, SamplingParams(
+        temperature=0, max_tokens=8, min_tokens=4, stop_token_ids=[stop_id])).result(60)
+    assert stop_id not in out.token_ids[:4] and len(out.token_ids) >= 4
+    wait_idle(engine)
+
+
+def test_a_back_pressured_prefill_loop_waits_instead_of_spinning():   # t4
+    """The decode instance takes one request at a time and the prefill pool is full of
+    prompts it holds for it: the prefill loop has work it cannot do, and must block."""
+    engine = get_engine(decoding_max_batch_size=1, min_decode_rows=1,
+                        max_num_blocks_per_req=128)
+    long = engine.add_request([2, 5, 6, 7], SamplingParams(temperature=0, max_tokens=150,
+                                                           ignore_eos=True))
+    held = [engine.add_request([2] + list(range(1000 + 200 * i, 1119 + 200 * i)),
+                               SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+            for i in range(6)]
+    worker = engine.local_worker("prefill0")
+    wait_for(lambda: next(s for s in engine.stats() if s["instance"] == "prefill0")["held"] > 0,
+             what="a prompt held for decode")
+    before, start = worker.loop_iterations, time.monotonic()
+    time.sleep(1.0)
+    rate = (worker.loop_iterations - before) / (time.monotonic() - start)
+    assert rate < 200, f"the prefill loop spun {rate:.0f} times a second"
+    for s in [long, *held]:
+        s.result(timeout=300)
+    wait_idle(engine)
+
+
+def test_a_failed_request_gives_back_its_routing_weight():   # t5
+    engine = get_engine(num_prefill_instances=2)
+    worker = engine.local_worker("prefill0")
+    original = worker._sampling_row
+
+    def broken(req, busy=()):
+        if req.prompt_token_ids[1] == 666:
+            raise RuntimeError("injected fault")
+        return original(req, busy)
+    worker._sampling_row = broken
+    try:
+        bad = [engine.add_request([2, 666] + [5] * 40, SamplingParams(max_tokens=2))
+               for _ in range(4)]
+        failed = 0
+        for s in bad:   # those routed to prefill1 are served
+            try:
+                s.result(timeout=60)
+            except EngineError as e:
+                assert "injected fault" in str(e)
+                failed += 1
+        assert failed
+    finally:
+        worker._sampling_row = original
+    wait_idle(engine)
+    assert all(i.outstanding == 0 for i in engine.instances.values())
+
+
+def test_add_request_racing_shutdown_is_refused_or_served():   # t14
+    engine = tiny_engine()
+    outcomes, stop = [], threading.Event()
+
+    def submit():
+        while not stop.is_set():
+            try:
+                stream = engine.add_request([2, 5, 6], SamplingParams(max_tokens=2))
+            except EngineError:
+                outcomes.append("refused")
+                return
+            outcomes.append(stream)
+    threads = [threading.Thread(target=submit) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    engine.shutdown()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    streams = [s for s in outcomes if s != "refused"]
+    for s in streams:   # every accepted stream ends: served, or aborted by the shutdown
+        out = s.result(timeout=30)
+        assert out.finished
+    assert "refused" in outcomes
