@@ -58,6 +58,9 @@ class EngineConfig:
     # A decode instance pulls a prefilled request only while the prompts already waiting in it
     # hold under this share of its KV blocks: the queue then lives in prefill memory (DistServe).
     decoding_waiting_share: float = 0.05
+    # A decode instance gives up on a request's KV after this long (a stalled or dead prefill
+    # source): that request fails, alone; decode steps never wait for a pull.
+    kv_pull_timeout_s: float = 30.0
     attention_backend: str = "auto"      # auto | xla | pallas
     # Dispatch decode step N+1 before reading step N's samples (vLLM's async scheduling), so
     # the host's bookkeeping overlaps the device's work.

@@ -167,3 +167,63 @@ def test_add_request_racing_shutdown_is_refused_or_served():   # t14
         out = s.result(timeout=30)
         assert out.finished
     assert "refused" in outcomes
+
+
+@pytest.mark.slow
+def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6, t6b
+    """mp, 2 prefill + 1 decode: the prefill process that exported 'victim' freezes before the
+    pull completes, then dies. Decoding of another request never stalls; the victim fails when
+    its pull times out; the decode instance and prefill1 serve on."""
+    import os
+    import signal
+
+    from dsjax.engine.messages import KVReady
+    engine = get_engine(distributed_executor_backend="mp", num_prefill_instances=2,
+                        max_num_blocks_per_req=128, num_blocks=200, kv_pull_timeout_s=3.0)
+    pids = {n: i.host.process.pid for n, i in engine.instances.items()}
+    original, frozen = engine._on_peer, {}
+
+    def freeze_the_source(peer):
+        msg = peer.message
+        if isinstance(msg, KVReady) and msg.request_id == engine.engine_id("victim"):
+            source = next(n for n in engine._tracked[msg.request_id].location
+                          if n.startswith("prefill"))
+            os.kill(pids[source], signal.SIGSTOP)
+            frozen["source"] = source
+        return original(peer)
+    engine._on_peer = freeze_the_source
+    try:
+        busy = engine.add_request([2, 5, 6, 7], SamplingParams(temperature=0, max_tokens=400,
+                                                               ignore_eos=True))
+        counts = []
+        threading.Thread(target=lambda: [counts.append(len(o.token_ids)) for o in busy],
+                         daemon=True).start()
+        wait_for(lambda: len(counts) > 5, what="decoding to start")
+        start = counts[-1]
+        time.sleep(1.5)
+        unhindered = counts[-1] - start   # tokens in 1.5 s on this (shared, noisy) machine
+        victim = engine.add_request([2, 8, 9, 10], SamplingParams(temperature=0, max_tokens=5,
+                                                                  ignore_eos=True),
+                                    request_id="victim")
+        wait_for(lambda: frozen, what="the victim's export")
+        start = counts[-1]
+        time.sleep(1.5)
+        during = counts[-1] - start
+        assert during >= max(2, unhindered // 3), \
+            f"decoding stalled behind a frozen prefill: {during} tokens vs {unhindered}"
+        with pytest.raises(EngineError, match="KV pull timed out"):
+            victim.result(timeout=60)
+        os.kill(pids[frozen["source"]], signal.SIGKILL)
+        assert len(busy.result(timeout=120).token_ids) == 400
+        health = engine.health()["instances"]
+        assert health["decode0"] == "ok" and "failed" in health[frozen["source"]]
+        served = engine.add_request([2, 11, 12], SamplingParams(temperature=0, max_tokens=3))
+        assert len(served.result(timeout=60).token_ids) == 3
+    finally:
+        engine._on_peer = original
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        shutdown_all()

@@ -126,7 +126,7 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
     overlap = cfg.async_scheduling
     if spec.role == "decode":
         return DecodeWorker(*common, limits=limits_d, waiting_share=share,
-                            async_scheduling=overlap)
+                            async_scheduling=overlap, pull_timeout_s=cfg.kv_pull_timeout_s)
     if spec.role == "colocated":
         return ColocatedWorker(*common, prefill_limits=limits_p, decode_limits=limits_d,
                                waiting_share=share, async_scheduling=overlap)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
 import time
 from collections import deque
 from typing import Callable
@@ -35,6 +36,7 @@ from dsjax.engine.request import Request, Status
 from dsjax.engine.sampling_slots import SlotAssignments
 from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
+from dsjax.executor.kv_migration import arrays_of, land_shards
 from dsjax.executor.runner import StepOutput
 from dsjax.executor.sampling import needs_slot
 
@@ -45,6 +47,18 @@ IDLE_WAIT_S = 1.0   # how long an idle worker blocks on its inbox before looking
 
 class InstanceFault(RuntimeError):
     """The instance's device state is gone: it cannot serve any request any more."""
+
+
+class KVLost(RuntimeError):
+    """A request's KV could not be had from its source (timed out, or the source failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportArrived:
+    """From a pull's waiter thread to its worker's loop: every array arrived (error None),
+    or not (why)."""
+    request_id: str
+    error: str | None
 
 
 class InstanceWorker:
@@ -78,6 +92,7 @@ class InstanceWorker:
 
     def run(self, inbox) -> None:
         """Serve until a Shutdown message; an instance fault ends the loop after reporting."""
+        self._inbox = inbox
         try:
             idle = False
             while True:
@@ -112,6 +127,7 @@ class InstanceWorker:
                    OfferMigration: lambda m: self._offered(m.offer),
                    ExportKV: lambda m: self._export(m.request_id, m.dest, m.skip_blocks),
                    KVReady: lambda m: self._import(m.request_id, m.payload),
+                   ImportArrived: lambda m: self._arrived(m.request_id, m.error),
                    KVRefused: lambda m: self._drop(m.request_id)}.get(type(msg))
         if handler is None:
             log.error("%s: unexpected message %r", self.name, msg)
@@ -642,13 +658,16 @@ class DecodeWorker(DecodingWorker):
 
     role = "decode"
 
-    def __init__(self, *args, limits: BatchLimits, waiting_share: float, **kw):
+    def __init__(self, *args, limits: BatchLimits, waiting_share: float,
+                 pull_timeout_s: float = 30.0, **kw):
         super().__init__(*args, **kw)
         self.scheduler = DecodeScheduler(limits, self.blocks, waiting_share)
         self.offers: deque[MigrationOffer] = deque()
         # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
         # (offer, when asked, blocks its own prefix cache supplied)
         self.migrating: dict[str, tuple[MigrationOffer, float, int]] = {}
+        self.arriving: dict[str, list] = {}   # shards of pulls on the way
+        self.pull_timeout_s = pull_timeout_s
         self.migrated = {"migrations": 0, "migration_bytes": 0, "migration_seconds": 0.0,
                          "migration_blocks_skipped": 0, "migration_bytes_saved": 0}
 
@@ -698,15 +717,65 @@ class DecodeWorker(DecodingWorker):
         self._peer(offer.source, ExportKV(rid, self.name, len(hits)))
 
     def _import(self, request_id: str, payload) -> None:
-        entry = self.migrating.pop(request_id, None)
-        if entry is None:   # dropped meanwhile: its pages here are already free
-            self.kv.discard(payload)
+        """The source's answer: start receiving the pages. A waiter thread reports when every
+        array has arrived (ImportArrived), and only then are they written into this
+        instance's pages: a slow or dead source never stalls a decode step."""
+        if request_id not in self.migrating:   # dropped meanwhile: its pages here are free
+            if payload is not None:
+                self.kv.discard(payload)
             return
-        offer, began, skipped = entry
+        if payload is None:   # this instance's prefix cache held every block
+            self._land(request_id, [])
+            return
+        threading.Thread(target=self._await_arrival, name=f"{self.name}-pull-{request_id}",
+                         args=(request_id, payload, self._inbox), daemon=True).start()
+        # The time-out does not rely on the waiter: connecting to a stalled source may block
+        # it. Whichever message comes first decides; the other finds nothing to do.
+        timer = threading.Timer(self.pull_timeout_s, self._inbox.put, args=(ImportArrived(
+            request_id, f"KV pull timed out after {self.pull_timeout_s:g} s"),))
+        timer.daemon = True
+        timer.start()
+
+    def _await_arrival(self, request_id: str, payload, inbox) -> None:
+        """Waiter thread: start the transfer, poll the arriving arrays until ready (a blocking
+        wait could not be abandoned), then tell the loop."""
+        deadline = time.monotonic() + self.pull_timeout_s
+        try:
+            shards = self.kv.receive(self.runner, payload)
+        except Exception as e:  # noqa: BLE001 - the source is unreachable
+            inbox.put(ImportArrived(request_id, f"KV pull failed: {type(e).__name__}: {e}"))
+            return
+        self.arriving[request_id] = shards
+        arrays = arrays_of(shards)
+        while not all(a.is_ready() for a in arrays):
+            if time.monotonic() > deadline:
+                inbox.put(ImportArrived(request_id, f"KV pull timed out after "
+                                                    f"{self.pull_timeout_s:g} s"))
+                return
+            time.sleep(0.001)
+        try:
+            jax.block_until_ready(arrays)   # raises if the transfer failed (source died)
+        except Exception as e:  # noqa: BLE001 - the arrays carry the source's failure
+            inbox.put(ImportArrived(request_id, f"KV pull failed: {type(e).__name__}: {e}"))
+            return
+        inbox.put(ImportArrived(request_id, None))
+
+    def _arrived(self, request_id: str, error: str | None) -> None:
+        shards = self.arriving.pop(request_id, None)
+        if request_id not in self.migrating:   # dropped while arriving: nothing to write
+            return
+        if error is not None:
+            offer = self.migrating.pop(request_id)[0]
+            self.blocks.free(request_id)
+            raise KVLost(f"{error} from {offer.source}")
+        self._land(request_id, shards)
+
+    def _land(self, request_id: str, shards) -> None:
+        """Write the arrived pages and start decoding the request's sequences."""
+        offer, began, skipped = self.migrating.pop(request_id)
         table = self.blocks.tables[request_id]
         try:
-            nbytes = self.kv.import_pages(self.runner, payload, table[skipped:]) \
-                if payload is not None else 0
+            nbytes = land_shards(self.runner, shards, table[skipped:]) if shards else 0
         except Exception:
             self.blocks.free(request_id)
             raise
@@ -725,6 +794,9 @@ class DecodeWorker(DecodingWorker):
     def step(self) -> bool:
         self._request_pulls()
         return self._decode_step()
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.offers)
 
 
 class ColocatedWorker(DecodingWorker):

@@ -124,15 +124,35 @@ def shards_nbytes(shards: list[PageShard], num_blocks: int) -> int:
     return sum(unique.values()) * num_blocks // max(1, padded)
 
 
+def arrays_of(shards: list[PageShard]) -> list[jax.Array]:
+    """What an import waits for before it touches the destination's pages."""
+    return [a for s in shards for a in (s.k, s.v)]
+
+
+def land_shards(runner, shards: list[PageShard], dst_blocks) -> int:
+    """Write arrived shards into the destination's pages; returns the bytes moved."""
+    runner.insert_pages(dst_blocks, reshard_pages(shards, runner))
+    return shards_nbytes(shards, len(dst_blocks))
+
+
 class LocalKVLink:
-    """KV between instances of one process: exported shards travel by reference."""
+    """KV between instances of one process: exported shards travel by reference.
+
+    Imports come in two halves, so a slow or dead source never stalls the destination's steps:
+    receive() starts the transfer and returns the shards (device arrays that may still be
+    arriving); once every array is ready the worker lands them (land_shards)."""
 
     def export(self, runner, block_ids) -> list[PageShard]:
         return export_shards(runner, block_ids)
 
-    def import_pages(self, runner, payload: list[PageShard], dst_blocks) -> int:
-        runner.insert_pages(dst_blocks, reshard_pages(payload, runner))
-        return shards_nbytes(payload, len(dst_blocks))
+    def receive(self, runner, payload: list[PageShard]) -> list[PageShard]:
+        return payload
+
+    def import_pages(self, runner, payload, dst_blocks) -> int:
+        """Both halves at once (benchmarks, tests): waits for the data."""
+        shards = self.receive(runner, payload)
+        jax.block_until_ready(arrays_of(shards))
+        return land_shards(runner, shards, dst_blocks)
 
     def discard(self, payload) -> None:
         """An export nobody will import (the request ended meanwhile): nothing to release."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import threading
 
 import jax
 from jax.sharding import SingleDeviceSharding
 
-from dsjax.executor.kv_migration import PageShard, ShardBox, export_shards, reshard_pages, \
-    shards_nbytes
+from dsjax.executor.kv_migration import LocalKVLink, PageShard, ShardBox, export_shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +36,9 @@ class RemotePages:
     shards: tuple[RemoteShard, ...]
 
 
-class TransferServerKVLink:
-    """One per instance process: a transfer server for exports, connections for imports."""
+class TransferServerKVLink(LocalKVLink):
+    """One per instance process: a transfer server for exports, connections for imports
+    (receive pulls the shards; they land asynchronously)."""
 
     def __init__(self, host: str = "127.0.0.1"):
         from jax.experimental import transfer
@@ -45,6 +46,7 @@ class TransferServerKVLink:
         self.server = transfer.start_transfer_server(client, f"{host}:0", [f"{host}:0"])
         self.address = self.server.address()
         self._connections = {}
+        self._lock = threading.Lock()
         # Ids must be unique per server across the process's life; mix in the pid so a
         # restarted instance never reuses a live id on a long-lived peer.
         self._ids = itertools.count((os.getpid() & 0xFFFF) << 40)
@@ -58,9 +60,14 @@ class TransferServerKVLink:
             RemoteShard(s.box, tuple(s.k.shape), str(s.k.dtype)) for s in shards))
 
     def _pull(self, payload: RemotePages, device) -> list[PageShard]:
-        conn = self._connections.get(payload.address)
+        # Pulls start from waiter threads; a connect to a stalled source may block, so it runs
+        # outside the lock (two racing connects to one address are harmless).
+        with self._lock:
+            conn = self._connections.get(payload.address)
         if conn is None:
-            conn = self._connections[payload.address] = self.server.connect(payload.address)
+            conn = self.server.connect(payload.address)
+            with self._lock:
+                conn = self._connections.setdefault(payload.address, conn)
         sharding = SingleDeviceSharding(device)
         specs = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
                  for s in payload.shards for _ in (0, 1)]
@@ -68,17 +75,15 @@ class TransferServerKVLink:
         return [PageShard(s.box, arrays[2 * i], arrays[2 * i + 1])
                 for i, s in enumerate(payload.shards)]
 
-    def import_pages(self, runner, payload: RemotePages, dst_blocks) -> int:
+    def receive(self, runner, payload: RemotePages) -> list[PageShard]:
         # Land every shard on the destination's first device; the local reshard then moves
         # each piece to the device that holds its heads.
-        shards = self._pull(payload, runner.stages[0].mesh.devices.flat[0])
-        runner.insert_pages(dst_blocks, reshard_pages(shards, runner))
-        return shards_nbytes(shards, len(dst_blocks))
+        return self._pull(payload, runner.stages[0].mesh.devices.flat[0])
 
     def discard(self, payload: RemotePages) -> None:
-        """Pull and drop an export nobody needs, so the source's server lets go of it now."""
-        device = jax.local_devices()[0]
-        jax.block_until_ready([s.k for s in self._pull(payload, device)])
+        """Pull and drop an export nobody needs, so the source's server lets go of it (without
+        waiting: a stalled source must not stall this instance)."""
+        self._pull(payload, jax.local_devices()[0])
 
     def close(self) -> None:
         self._connections.clear()
