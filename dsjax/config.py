@@ -61,6 +61,9 @@ class EngineConfig:
     # A decode instance gives up on a request's KV after this long (a stalled or dead prefill
     # source): that request fails, alone; decode steps never wait for a pull.
     kv_pull_timeout_s: float = 30.0
+    # When an instance dies (or a request's KV is lost), its requests are recomputed on live
+    # instances and their streams go on; off: they fail, as in vLLM and DistServe.
+    recompute_on_failure: bool = True
     attention_backend: str = "auto"      # auto | xla | pallas
     # Dispatch decode step N+1 before reading step N's samples (vLLM's async scheduling), so
     # the host's bookkeeping overlaps the device's work.

@@ -166,10 +166,13 @@ def test_host_side_failure_of_one_request_fails_it_alone(fresh, hf_opt, hf_refer
     wait_idle(engine)
 
 
-def test_instance_fault_fails_its_requests_and_the_rest_serve_on(fresh, hf_opt, hf_reference):
-    """decode0 loses its device state mid-step: its requests fail with that error, /health
-    names it, and decode1 serves what comes next."""
-    engine = fresh(num_decode_instances=2)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_instance_fault_recomputes_its_requests_or_fails_them(recompute, fresh, hf_opt,
+                                                              hf_reference):
+    """decode0 loses its device state mid-step. Recompute on (the default): its requests go on
+    on decode1 and give transformers' tokens, streamed without a gap or a duplicate. Off: they
+    fail with that error. Either way /health names it and decode1 serves what comes next."""
+    engine = fresh(num_decode_instances=2, recompute_on_failure=recompute)
     runner = engine.local_worker("decode0").runner
 
     def device_lost(rows, *args):
@@ -180,12 +183,17 @@ def test_instance_fault_fails_its_requests_and_the_rest_serve_on(fresh, hf_opt, 
     outcomes = []
     for s in streams:
         try:
-            outcomes.append(s.result(timeout=120).token_ids)
+            deltas = [o.new_token_ids for o in s]
+            assert sum(deltas, []) == s.final.token_ids   # every token streamed once
+            outcomes.append(s.final.token_ids)
         except EngineError as e:
             assert "decode0" in str(e) and "injected device fault" in str(e)
             outcomes.append(None)
-    assert None in outcomes, "no request reached the faulty instance"
-    assert all(o == ref for o, ref in zip(outcomes, hf_reference) if o is not None)
+    if recompute:
+        assert outcomes == hf_reference[:4] and engine.recomputations > 0
+    else:
+        assert None in outcomes, "no request reached the faulty instance"
+        assert all(o == ref for o, ref in zip(outcomes, hf_reference) if o is not None)
     health = engine.health()
     assert health["ok"] and health["instances"]["decode0"].startswith("failed")
     assert generate(engine, engine_prompts(), GREEDY) == hf_reference

@@ -172,8 +172,9 @@ def test_add_request_racing_shutdown_is_refused_or_served():   # t14
 @pytest.mark.slow
 def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6, t6b
     """mp, 2 prefill + 1 decode: the prefill process that exported 'victim' freezes before the
-    pull completes, then dies. Decoding of another request never stalls; the victim fails when
-    its pull times out; the decode instance and prefill1 serve on."""
+    pull completes, then dies. Decoding of another request never stalls; when the victim's pull
+    times out it is recomputed on prefill1 (its tokens: an undisturbed run's); the decode
+    instance and prefill1 serve on."""
     import os
     import signal
 
@@ -211,14 +212,15 @@ def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6, t
         during = counts[-1] - start
         assert during >= max(2, unhindered // 3), \
             f"decoding stalled behind a frozen prefill: {during} tokens vs {unhindered}"
-        with pytest.raises(EngineError, match="KV pull timed out"):
-            victim.result(timeout=60)
+        recovered = victim.result(timeout=60).token_ids
         os.kill(pids[frozen["source"]], signal.SIGKILL)
         assert len(busy.result(timeout=120).token_ids) == 400
-        health = engine.health()["instances"]
-        assert health["decode0"] == "ok" and "failed" in health[frozen["source"]]
-        served = engine.add_request([2, 11, 12], SamplingParams(temperature=0, max_tokens=3))
-        assert len(served.result(timeout=60).token_ids) == 3
+        wait_for(lambda: "failed" in engine.health()["instances"][frozen["source"]],
+                 what="the killed prefill process to be noticed")
+        assert engine.health()["instances"]["decode0"] == "ok"
+        undisturbed = engine.add_request([2, 8, 9, 10], SamplingParams(
+            temperature=0, max_tokens=5, ignore_eos=True)).result(timeout=60).token_ids
+        assert recovered == undisturbed
     finally:
         engine._on_peer = original
         for pid in pids.values():

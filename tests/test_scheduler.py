@@ -7,6 +7,7 @@ from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeSchedule
 
 class FakeRequest:
     can_step = True   # no step of it is in flight
+    num_samples = 1
 
     def __init__(self, rid, prompt_len, generated=0):
         self.request_id = rid

@@ -12,6 +12,7 @@ instances and the router talk only through queues of dsjax.engine.messages.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import queue
@@ -30,7 +31,7 @@ from dsjax.engine.prefix_router import PrefixIndex, pick_by_prefix
 from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed,
                                    InstanceReady, KVReady, KVRefused, OfferMigration, PeerMessage,
                                    Report, RequestSpec)
-from dsjax.engine.request import RequestOutput
+from dsjax.engine.request import RequestOutput, sequence_seed
 from dsjax.executor.parallel import plan_placement
 from dsjax.sampling_params import SamplingParams
 from dsjax.tokenizer import IncrementalDetokenizer, model_tokenizer
@@ -167,12 +168,12 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, devices=None, **overrides):
         config = config or EngineConfig()
         if overrides:
-            import dataclasses
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.model_config, model_dir = resolve_model(config.model, config.load_format)
         self.tokenizer = model_tokenizer(config.tokenizer or model_dir, self.model_config)
         self.migrations = {"count": 0, "bytes": 0, "seconds": 0.0}
+        self.recomputations = 0   # request parts recomputed after an instance died
         self.error: EngineError | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._tracked: dict[str, TrackedRequest] = {}   # router thread only
@@ -294,8 +295,8 @@ class Engine:
                                      self._detokenizer_factory(params),
                                      self.model_config.eos_token_ids, arrival_time)
             tracked.internal_id = internal
-            self._inbox.put(_Add(tracked, RequestSpec(internal, tuple(ids), params, seed,
-                                                      cache_salt)))
+            tracked.spec = RequestSpec(internal, tuple(ids), params, seed, cache_salt)
+            self._inbox.put(_Add(tracked, tracked.spec))
         return handle
 
     def _detokenizer_factory(self, params: SamplingParams):
@@ -333,6 +334,10 @@ class Engine:
             raise ValueError("prompt_logprobs (echo with logprobs) is not supported in chunked "
                              "mode: the prompt is scored in pieces; use disaggregated or "
                              "colocated mode")
+        if params.num_samples > cfg.decoding_max_batch_size:
+            raise ValueError(f"n / best_of of {params.num_samples} exceeds "
+                             f"decoding_max_batch_size={cfg.decoding_max_batch_size}: its "
+                             f"sequences decode together; lower n or raise the batch limit")
         if cfg.mode != "chunked" and len(ids) > cfg.context_max_tokens_per_batch:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds context_max_tokens_per_batch="
                              f"{cfg.context_max_tokens_per_batch}")
@@ -389,21 +394,24 @@ class Engine:
         elif isinstance(msg, InstanceFailed):
             self._on_instance_failed(msg.instance, msg.error)
 
-    def _pick(self, roles, weight: int) -> _Instance | None:
+    def _pick(self, roles, weight: int, avoid=()) -> _Instance | None:
         alive = [i for i in self.instances.values() if i.alive and i.role in roles]
+        alive = [i for i in alive if i.name not in avoid] or alive
         if not alive:
             return None
         best = min(alive, key=lambda i: i.outstanding)
         best.outstanding += weight
         return best
 
-    def _pick_prompt_instance(self, spec: RequestSpec) -> _Instance | None:
+    def _pick_prompt_instance(self, spec: RequestSpec, avoid=()) -> _Instance | None:
         """Least loaded, with prefix caching: the least prompt work once each instance's
-        (believed) cached prefix of this prompt is discounted."""
+        (believed) cached prefix of this prompt is discounted. `avoid`: instances to skip
+        while others live (one that just lost this request's KV)."""
         n = len(spec.prompt_token_ids)
         alive = [i for i in self.instances.values() if i.alive and i.role in PROMPT_ROLES]
+        alive = [i for i in alive if i.name not in avoid] or alive
         if len(alive) < 2 or not self.config.enable_prefix_caching:
-            return self._pick(PROMPT_ROLES, n)
+            return self._pick(PROMPT_ROLES, n, avoid)
         hashes = block_hashes(spec.prompt_token_ids, self.config.block_size, spec.cache_salt)
         matched = {i.name: i.prefix.match(hashes) for i in alive}
         best = pick_by_prefix(alive, n, matched, self.config.block_size)
@@ -411,15 +419,19 @@ class Engine:
         best.prefix.add(hashes)
         return best
 
-    def _on_add(self, tracked: TrackedRequest, spec: RequestSpec) -> None:
+    def _on_add(self, tracked: TrackedRequest, spec: RequestSpec, index: int | None = None,
+                avoid=()) -> None:
+        """Route one part of a request (the whole of it, or after a recompute one sequence)."""
         self._tracked[spec.request_id] = tracked
-        target = self._pick_prompt_instance(spec)
+        tracked.parts[spec.request_id] = index
+        target = self._pick_prompt_instance(spec, avoid)
         if target is None:
             self._fail(tracked, EngineError("no instance left that runs prompts"))
             return
-        tracked.location.add(target.name)
-        tracked.queued = True
-        self._admission.queued(len(spec.prompt_token_ids))
+        tracked.where[spec.request_id] = {target.name}
+        if not tracked.queued:
+            tracked.queued = True
+            self._admission.queued(len(tracked.prompt_token_ids))
         target.host.send(AddRequest(spec))
 
     def _on_report(self, report: Report) -> None:
@@ -450,22 +462,28 @@ class Engine:
             if tracked is None:
                 continue
             self._first_token(tracked, inst)
+            index = tracked.parts.get(rid)
+            if index is not None:   # a resumed sequence runs as a request of its own
+                updates = [dataclasses.replace(u, index=index) for u in updates]
             stopped = tracked.add_tokens(updates)
             tracked.stopped.update(stopped)
             if tracked.finished:   # instances drop what a stop string ended; they freed the rest
                 self._end(tracked, drop_from=tracked.location if stopped else ())
             else:
-                for index in stopped:
-                    for name in tracked.location:
-                        self.instances[name].host.send(AbortRequest(rid, index))
+                for i in stopped:
+                    part = next((p for p, j in tracked.parts.items() if j == i), None)
+                    message = AbortRequest(part) if part else AbortRequest(rid, i)
+                    for name in tracked.where.get(part or rid, ()):
+                        self.instances[name].host.send(message)
         for offer in report.prefilled:
             self._on_prefilled(offer, inst)
         for failure in report.failed:
             tracked = self._tracked.get(failure.request_id)
-            if tracked is not None:   # _end gives back the weight it added to the instance
-                self._fail(tracked, EngineError(
-                    f"request {tracked.request_id} failed in {report.instance}: "
-                    f"{failure.error}"))
+            if tracked is None:
+                continue
+            why = f"request {tracked.request_id} failed in {report.instance}: {failure.error}"
+            if not (failure.retryable and self._recompute(tracked, why)):
+                self._fail(tracked, EngineError(why))   # _end gives back its routing weight
 
     def _first_token(self, tracked: TrackedRequest, inst: _Instance) -> None:
         """The prompt left the admission queue (its first token came)."""
@@ -486,7 +504,8 @@ class Engine:
         if dest is None:
             self._fail(tracked, EngineError("no decode instance left"))
             return
-        tracked.location.add(dest.name)
+        tracked.where.setdefault(offer.spec.request_id, set()).add(dest.name)
+        tracked.prefilled_on = source.name
         tracked.decode_weight = weight
         dest.host.send(OfferMigration(offer))
 
@@ -495,7 +514,7 @@ class Engine:
         dest = self.instances.get(peer.dest)
         tracked = self._tracked.get(msg.request_id)
         if isinstance(msg, KVReady) and tracked is not None:
-            tracked.location = {peer.dest}    # the prefill side let go of its pages
+            tracked.where[msg.request_id] = {peer.dest}   # the prefill side let go of it
         elif isinstance(msg, KVRefused) and tracked is not None:
             # A live request whose KV cannot be had is lost: fail it rather than let it hang.
             self._fail(tracked, EngineError(f"request {tracked.request_id} lost its KV cache: "
@@ -510,10 +529,12 @@ class Engine:
         """Forget a finished request; instances in drop_from are told to free it."""
         rid = tracked.internal_id
         self._tracked.pop(rid, None)
-        for name in drop_from:
-            inst = self.instances.get(name)
-            if inst is not None and inst.alive:
-                inst.host.send(AbortRequest(rid))
+        for part in tracked.parts:
+            self._tracked.pop(part, None)
+            for name in drop_from:
+                inst = self.instances.get(name)
+                if inst is not None and inst.alive:
+                    inst.host.send(AbortRequest(part))
         queued_tokens = len(tracked.prompt_token_ids) if tracked.queued else 0
         if tracked.queued:
             tracked.queued = False
@@ -538,15 +559,57 @@ class Engine:
         inst.alive, inst.error = False, error
         inst.prefix = None   # its cache died with it
         log.error("instance %s failed: %s", name, error)
-        for tracked in [t for t in self._tracked.values() if name in t.location]:
-            tracked.location.discard(name)
-            self._fail(tracked, EngineError(f"request {tracked.request_id} failed: instance "
-                                            f"{name} stopped ({error})"))
+        hit = {id(t): t for t in self._tracked.values() if name in t.location}
+        for tracked in hit.values():
+            for places in tracked.where.values():
+                places.discard(name)
+            why = f"request {tracked.request_id} failed: instance {name} stopped ({error})"
+            if not self._recompute(tracked, why):
+                self._fail(tracked, EngineError(why))
         prompts = any(i.alive for i in self.instances.values() if i.role in PROMPT_ROLES)
         decodes = any(i.alive for i in self.instances.values() if i.role in DECODE_ROLES)
         if not (prompts and decodes):
             self.error = EngineError(f"no instance left for a phase after {name} failed: "
                                      f"{error}")
+
+    def _recompute(self, tracked: TrackedRequest, why: str) -> bool:
+        """Continue a request whose instance died (or whose KV was lost) on live instances, as
+        vLLM's preemption by recompute does: each unfinished sequence is prefilled again with
+        the tokens it has streamed (whose KV is recomputed with the prompt) and decodes on;
+        the caller's stream goes on with no gap and no duplicate. False when it cannot be
+        (turned off, or no live instance for a phase): the caller then fails it."""
+        alive = [i for i in self.instances.values() if i.alive]
+        if not (self.config.recompute_on_failure
+                and any(i.role in PROMPT_ROLES for i in alive)
+                and any(i.role in DECODE_ROLES for i in alive)):
+            return False
+        log.warning("%s: recomputing it on live instances", why)
+        for part, places in tracked.where.items():   # what live instances still hold
+            for name in places:
+                self.instances[name].host.send(AbortRequest(part))
+        for part in tracked.parts:
+            self._tracked.pop(part, None)
+        tracked.parts, tracked.where = {}, {}
+        tracked.recomputed += 1
+        self.recomputations += 1
+        spec = tracked.spec
+        avoid = {tracked.prefilled_on} if tracked.prefilled_on else set()
+        if not tracked.has_tokens:   # nothing streamed yet: the request again, whole
+            self._on_add(tracked, dataclasses.replace(spec, request_id=self._new_part_id()),
+                         avoid=avoid)
+            return True
+        single = dataclasses.replace(spec.params, n=1, best_of=None)
+        for i, seq in enumerate(tracked.sequences):
+            if seq.finished:
+                continue
+            tokens = tuple(seq.token_ids)
+            part = RequestSpec(self._new_part_id(), spec.prompt_token_ids + tokens, single,
+                               sequence_seed(spec.seed, i), spec.cache_salt, tokens)
+            self._on_add(tracked, part, index=i, avoid=avoid)
+        return True
+
+    def _new_part_id(self) -> str:
+        return f"r{next(self._internal_ids)}"
 
     # ---- state (any thread) -------------------------------------------------------------------
 

@@ -103,17 +103,28 @@ class TrackedRequest:
                           for i in range(params.num_samples)]
         self.internal_id = request_id   # the engine's own id (Engine.add_request sets it)
         self.stopped: set[int] = set()  # sequences a stop string ended here
+        self.spec = None                # what was sent to the instances (Engine sets it)
+        # The engine's ids under which instances run it -> the sequence each runs (None: the
+        # whole request; after a recompute, one id per resumed sequence), and where each is.
+        self.parts: dict[str, int | None] = {}
+        self.where: dict[str, set[str]] = {}
+        self.recomputed = 0
+        self.prefilled_on: str | None = None   # the prefill instance whose KV it was offered
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.num_cached_tokens = 0
         self.events: list[dict] = [{"timestamp": time.perf_counter() if arrival_time is None
                                     else arrival_time, "event_type": "issued"}]
         self.finished = False
         self.finish_reason: str | None = None   # "abort" / "error" for the whole request
-        # Router bookkeeping: instances holding any of its state, whether its prompt is still
-        # in the admission queue, and the KV weight it adds to its decode instance's load.
-        self.location: set[str] = set()
+        # Router bookkeeping: whether its prompt is still in the admission queue, and the KV
+        # weight it adds to its decode instance's load.
         self.queued = False
         self.decode_weight = 0
+
+    @property
+    def location(self) -> set[str]:
+        """Instances holding any of its state."""
+        return set().union(*self.where.values()) if self.where else set()
 
     @property
     def has_tokens(self) -> bool:

@@ -29,6 +29,9 @@ class RequestSpec:
     # Salts the request's prefix-cache keys: only requests with the same salt share cached
     # blocks (vLLM's cache_salt: tenants that must not observe each other's prompts).
     cache_salt: str | None = None
+    # A sequence recomputed after its instance died: the tokens it had generated, which end
+    # prompt_token_ids (their KV is computed with the prompt's) and count as its output.
+    prior_output: tuple[int, ...] = ()
 
 
 # ---- engine -> instance -------------------------------------------------------------------
@@ -125,6 +128,7 @@ class LifetimeEvent:
 class RequestFailed:
     request_id: str
     error: str
+    retryable: bool = False   # its KV was lost, not its input: recomputing it may succeed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,6 +109,7 @@ class Request:
         self.pending = 0
         self.stop_checker = StopChecker(spec.params, eos_token_id)
         self.eos_token_id = eos_token_id
+        self.prior = len(spec.prior_output)   # generated before a recompute (see RequestSpec)
         self._detokenizer = None   # stop strings: the text decoded so far, built on first use
         self._text = ""
 
@@ -146,11 +147,22 @@ class Request:
                 self._text += self._detokenizer.feed(token)
                 self.stop_checker.check_text(self._text, i + 1)
         self._text += self._detokenizer.feed(self.output_token_ids[-1])
-        return self.stop_checker.check_text(self._text, len(self.output_token_ids)) is not None
+        return self.stop_checker.check_text(self._text, self.num_generated) is not None
 
     def kv_token_ids(self) -> tuple[int, ...]:
         """The tokens whose KV a finished sequence's pages hold: all but the last sampled."""
         return (self.prompt_token_ids + tuple(self.output_token_ids))[:-1]
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens it has generated, those before a recompute included."""
+        return self.prior + len(self.output_token_ids)
+
+    def penalty_history(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prompt, output) as its penalties see them: a recomputed sequence's earlier tokens
+        are output, not prompt."""
+        prompt = self.prompt_token_ids[:len(self.prompt_token_ids) - self.prior]
+        return prompt, tuple(self.spec.prior_output) + tuple(self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -161,7 +173,7 @@ class Request:
     def can_step(self) -> bool:
         """Whether another decode step may run for it: not when its last token (max_tokens)
         is already in flight."""
-        return len(self.output_token_ids) + self.pending < self.params.max_tokens
+        return self.num_generated + self.pending < self.params.max_tokens
 
     @property
     def last_token_id(self) -> int:
@@ -169,7 +181,7 @@ class Request:
 
     def sampling_row(self, slot: int = -1) -> SamplingRow:
         return SamplingRow(self.params, sequence_seed(self.spec.seed, self.index or 0),
-                           len(self.output_token_ids) + self.pending, slot)
+                           self.num_generated + self.pending, slot)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

@@ -251,21 +251,24 @@ class ChunkedScheduler:
         for req in self.prefilling:
             if budget <= 0 or rows >= self.limits.max_batch_size or self.decode.swapped:
                 break
-            if req.request_id not in self.blocks.tables:
-                hits = cached_prefix(self.blocks, req)
-                start = len(hits) * self.blocks.block_size
-                length = min(req.prompt_len - start, budget)
+            new = req.request_id not in self.blocks.tables
+            hits = cached_prefix(self.blocks, req) if new else []
+            start = len(hits) * self.blocks.block_size if new else req.num_computed
+            length = min(req.prompt_len - start, budget)
+            # The chunk that ends a prompt samples each of its sequences (n, best_of): they
+            # count against the batch limit, which bounds every step's shapes.
+            samples = req.num_samples if start + length == req.prompt_len else 1
+            if rows and rows + samples > self.limits.max_batch_size:
+                break
+            if new:
                 if not self.blocks.can_allocate(self.blocks.cost(hits, start + length)):
                     break
                 claim_cached(self.blocks, req, hits, start + length)
-            else:
-                start = req.num_computed
-                length = min(req.prompt_len - start, budget)
-                if not self.blocks.grow(req.request_id, start + length):
-                    break
+            elif not self.blocks.grow(req.request_id, start + length):
+                break
             chunks.append((req, start, length))
             budget -= length
-            rows += 1
+            rows += samples
         return ChunkedStep(decode=step, chunks=chunks)
 
     def chunk_done(self, request, length: int) -> bool:

@@ -18,10 +18,10 @@ engine serves on with the instances that remain.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from typing import Callable
@@ -43,6 +43,7 @@ from dsjax.executor.sampling import needs_slot
 log = logging.getLogger("dsjax")
 
 IDLE_WAIT_S = 1.0   # how long an idle worker blocks on its inbox before looking again
+PULL_WAITERS = 4    # threads per decode instance waiting for arriving KV
 
 
 class InstanceFault(RuntimeError):
@@ -108,6 +109,7 @@ class InstanceWorker:
         except InstanceFault as fault:
             self._fail_everything(fault)
         finally:
+            self.close()
             self.kv.close()
 
     def _drain(self, inbox, block: bool) -> list:
@@ -144,6 +146,9 @@ class InstanceWorker:
                 self._fail(rid, e)
             else:
                 log.exception("%s: handling %s failed", self.name, type(msg).__name__)
+
+    def close(self) -> None:
+        """Release what the loop started (subclasses: their helper threads)."""
 
     def _step_contained(self) -> bool:
         """One step; whether it did anything."""
@@ -183,8 +188,7 @@ class InstanceWorker:
         slot = self.slots.lookup(req.request_id)
         if slot is None:
             slot = self.slots.assign(req.request_id, busy)
-            self.runner.fill_sampling_slot(slot, req.params, req.prompt_token_ids,
-                                           req.output_token_ids)
+            self.runner.fill_sampling_slot(slot, req.params, *req.penalty_history())
         return req.sampling_row(slot)
 
     # ---- subclasses ---------------------------------------------------------------------------
@@ -259,7 +263,7 @@ class InstanceWorker:
             if n and top_ids is not None:
                 logprobs = {int(t): float(lp) for t, lp in zip(top_ids[:n], top_logprobs[:n])}
             logprobs[token] = float(logprob)
-        reason = req.stop_checker.check_token(token, len(req.output_token_ids))
+        reason = req.stop_checker.check_token(token, req.num_generated)
         if reason is None and req.ends_on_stop_string(self.tokenizer):
             reason = "stop"
         self._tokens.append(TokenUpdate(req.spec.request_id, req.index or 0, token, logprob,
@@ -357,12 +361,13 @@ class InstanceWorker:
             except Exception:  # noqa: BLE001 - its bookkeeping is what broke; drop the entry
                 log.exception("%s: freeing %s failed", self.name, r.request_id)
                 self.requests.pop(r.request_id, None)
-        self._failed.append(RequestFailed(group, f"{type(error).__name__}: {error}"))
+        self._failed.append(RequestFailed(group, f"{type(error).__name__}: {error}",
+                                          retryable=isinstance(error, KVLost)))
 
     def _fail_everything(self, fault: InstanceFault) -> None:
+        """The instance stops: the engine learns it once (InstanceFailed) and decides for
+        every request it held, as it does when a host dies without a word."""
         log.error("instance %s stopped: %s", self.name, fault)
-        for rid in {r.spec.request_id for r in self.requests.values()}:
-            self._failed.append(RequestFailed(rid, str(fault)))
         self.requests.clear()
         self._flush()
         self._send(InstanceFailed(self.name, str(fault)))
@@ -668,6 +673,8 @@ class DecodeWorker(DecodingWorker):
         self.migrating: dict[str, tuple[MigrationOffer, float, int]] = {}
         self.arriving: dict[str, list] = {}   # shards of pulls on the way
         self.pull_timeout_s = pull_timeout_s
+        self._deadlines: dict[str, float] = {}
+        self._waiters = None   # threads that wait for arriving KV (started on first use)
         self.migrated = {"migrations": 0, "migration_bytes": 0, "migration_seconds": 0.0,
                          "migration_blocks_skipped": 0, "migration_bytes_saved": 0}
 
@@ -727,14 +734,23 @@ class DecodeWorker(DecodingWorker):
         if payload is None:   # this instance's prefix cache held every block
             self._land(request_id, [])
             return
-        threading.Thread(target=self._await_arrival, name=f"{self.name}-pull-{request_id}",
-                         args=(request_id, payload, self._inbox), daemon=True).start()
-        # The time-out does not rely on the waiter: connecting to a stalled source may block
-        # it. Whichever message comes first decides; the other finds nothing to do.
-        timer = threading.Timer(self.pull_timeout_s, self._inbox.put, args=(ImportArrived(
-            request_id, f"KV pull timed out after {self.pull_timeout_s:g} s"),))
-        timer.daemon = True
-        timer.start()
+        if self._waiters is None:
+            self._waiters = concurrent.futures.ThreadPoolExecutor(
+                max_workers=PULL_WAITERS, thread_name_prefix=f"{self.name}-pull")
+        # The time-out does not rely on a waiter (connecting to a stalled source may block
+        # one): the loop checks deadlines each iteration. Whichever comes first decides; the
+        # other finds nothing left to do.
+        self._deadlines[request_id] = time.monotonic() + self.pull_timeout_s
+        self._waiters.submit(self._await_arrival, request_id, payload, self._inbox)
+
+    def _expire_pulls(self) -> None:
+        now = time.monotonic()
+        for request_id, deadline in list(self._deadlines.items()):
+            if request_id not in self.migrating:
+                del self._deadlines[request_id]
+            elif now > deadline:
+                self._apply(ImportArrived(request_id, f"KV pull timed out after "
+                                                      f"{self.pull_timeout_s:g} s"))
 
     def _await_arrival(self, request_id: str, payload, inbox) -> None:
         """Waiter thread: start the transfer, poll the arriving arrays until ready (a blocking
@@ -762,6 +778,7 @@ class DecodeWorker(DecodingWorker):
 
     def _arrived(self, request_id: str, error: str | None) -> None:
         shards = self.arriving.pop(request_id, None)
+        self._deadlines.pop(request_id, None)
         if request_id not in self.migrating:   # dropped while arriving: nothing to write
             return
         if error is not None:
@@ -792,11 +809,16 @@ class DecodeWorker(DecodingWorker):
         self._start_sequences(group, Request.from_offer(offer, self.eos_token_id))
 
     def step(self) -> bool:
+        self._expire_pulls()
         self._request_pulls()
         return self._decode_step()
 
     def has_work(self) -> bool:
         return super().has_work() or bool(self.offers)
+
+    def close(self) -> None:
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=False, cancel_futures=True)
 
 
 class ColocatedWorker(DecodingWorker):
