@@ -53,13 +53,15 @@ def overhead(args) -> None:
                              async_scheduling=overlap)
             rng = np.random.default_rng(0)
             params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
-            prompts = [rng.integers(4, 1000, 16).tolist() for _ in range(b)]
-            # warm-up run compiles every bucket this batch will use
-            for s in [engine.add_request(p, params) for p in prompts]:
+            # warm-up run compiles every bucket this batch will use; the measured run's prompts
+            # are new (the same ones would hit the prefix cache and take other shapes)
+            for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
+                      for _ in range(b)]:
                 s.result()
             decode = engine.local_worker("decode0")
             decode.step_log = []
-            for s in [engine.add_request(p, params) for p in prompts]:
+            for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
+                      for _ in range(b)]:
                 s.result()
             full = [(t, w, end) for n, t, w, end in decode.step_log if n == b]  # whole batch
             engine.shutdown()

@@ -43,7 +43,7 @@ from dsjax.executor.sampling import needs_slot
 log = logging.getLogger("dsjax")
 
 IDLE_WAIT_S = 1.0   # how long an idle worker blocks on its inbox before looking again
-PULL_WAITERS = 4    # threads per decode instance waiting for arriving KV
+PULL_WAITERS = 8    # threads per decode instance waiting for arriving KV
 
 
 class InstanceFault(RuntimeError):
@@ -753,8 +753,9 @@ class DecodeWorker(DecodingWorker):
                                                       f"{self.pull_timeout_s:g} s"))
 
     def _await_arrival(self, request_id: str, payload, inbox) -> None:
-        """Waiter thread: start the transfer, poll the arriving arrays until ready (a blocking
-        wait could not be abandoned), then tell the loop."""
+        """Waiter thread: start the transfer, wait for the arrays, then tell the loop. The wait
+        polls (backing off to 5 ms) rather than blocks: a blocking wait on a stalled source
+        could never be abandoned and would keep this waiter for good."""
         deadline = time.monotonic() + self.pull_timeout_s
         try:
             shards = self.kv.receive(self.runner, payload)
@@ -763,12 +764,14 @@ class DecodeWorker(DecodingWorker):
             return
         self.arriving[request_id] = shards
         arrays = arrays_of(shards)
+        pause = 0.0002
         while not all(a.is_ready() for a in arrays):
             if time.monotonic() > deadline:
                 inbox.put(ImportArrived(request_id, f"KV pull timed out after "
                                                     f"{self.pull_timeout_s:g} s"))
                 return
-            time.sleep(0.001)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
         try:
             jax.block_until_ready(arrays)   # raises if the transfer failed (source died)
         except Exception as e:  # noqa: BLE001 - the arrays carry the source's failure

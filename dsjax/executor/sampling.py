@@ -233,7 +233,10 @@ def apply_slot_state(logits: jax.Array, st: SamplingTensors, table: SlotTable) -
         row = jnp.where(st.steps[r] < table.min_tokens[s], banned, row)
         return jax.lax.dynamic_update_index_in_dim(logits, row, r, 0)
 
-    return jax.lax.fori_loop(0, has.sum(), one, logits)
+    # The cond keeps a batch without slot rows from even entering the loop (whose carry, the
+    # whole [B, V] logits, XLA may copy).
+    return jax.lax.cond(jnp.any(has), lambda: jax.lax.fori_loop(0, has.sum(), one, logits),
+                        lambda: logits)
 
 
 def _row_gumbel(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
@@ -330,7 +333,9 @@ def sample(logits: jax.Array, st: SamplingTensors, table: SlotTable | None = Non
         logits = apply_slot_state(logits, st, table)
     rows = jnp.arange(logits.shape[0])[:, None]
     banned = jnp.where(st.banned < 0, logits.shape[-1], st.banned)
-    logits = logits.at[rows, banned].set(-jnp.inf, mode="drop")
+    logits = jax.lax.cond(jnp.any(st.banned >= 0),
+                          lambda: logits.at[rows, banned].set(-jnp.inf, mode="drop"),
+                          lambda: logits)
     greedy_tokens = _first_argmax(logits)
 
     def drawn(filtered: bool):
