@@ -222,13 +222,21 @@ class CompletionChoices:
     def answer(self, finals: list[RequestOutput]) -> dict:
         choices = []
         for i, final in enumerate(finals):
-            prefix = self._prompt_part(i * self.n, final) if self.echo else None
             for seq in final.outputs:
                 index = i * self.n + seq.index
+                # Per choice: each choice's text_offset counts from its own echoed prompt.
+                prefix = self._prompt_part(index, final) if self.echo else None
                 choices.append(self._choice(index, seq, [(p, t, "") for p, t in
                                                          enumerate(seq.token_ids)],
                                             seq.text or "", True, prefix))
         return {**self.base, "choices": choices, "usage": usage(finals)}
+
+
+def check_streamable(params: SamplingParams, stream: bool) -> None:
+    if stream and params.num_samples > params.n:
+        raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known only "
+                            "at the end; set stream false or best_of equal to n",
+                       param="best_of")
 
 
 # ---- a body checked, then tokenized: what the handlers and the batch job share ---------------
@@ -303,10 +311,7 @@ def check_completion(ctx: ServingContext, body: dict) -> CheckedBody:
         params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
                       prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS), **scored)
                   for prompt_ids in ids]
-        if stream and params[0].num_samples > params[0].n:
-            raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known "
-                                "only at the end; set stream false or best_of equal to n",
-                           param="best_of")
+        check_streamable(params[0], stream)
         return EngineJob(ids, params, "cmpl", stream, final_usage, lambda group_id: (
             CompletionChoices(group_id, model, TokenLogprobs(ctx.tokenizer), params[0].logprobs,
                               params[0].n, continuous_usage, echo)), values.get("cache_salt"))

@@ -162,6 +162,7 @@ COMPLETION_FIELDS = {**SAMPLING_FIELDS, **VLLM_02_FIELDS, **OPENAI_FIELDS,
 NO_TOOLS = "dsjax parses no tool calls: describe the tools in a message"
 CHAT_FIELDS = {
     **SAMPLING_FIELDS, **OPENAI_FIELDS,
+    "best_of": VLLM_02_FIELDS["best_of"],   # vLLM's chat takes it too
     "messages": Field("list"),
     "logprobs": Field("bool"),
     "top_logprobs": Field("int", low=0, high=20),
