@@ -15,7 +15,8 @@ from aiohttp import web
 
 from serving import chat_api, generate_api, openai_api, tokenize_api
 from serving.admission import DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE
-from serving.connections import (DEFAULT_MAX_BODY_BYTES, BoundedTCPSite, HttpLimits,
+from serving.connection_gate import ConnectionRegistry, GatedTCPSite, busy_middleware
+from serving.connections import (DEFAULT_MAX_BODY_BYTES, HttpLimits, handler_factory,
                                  runner_settings)
 from serving.context import build_context
 from serving.engine_client import EngineClient
@@ -28,6 +29,7 @@ log = logging.getLogger("serving")
 
 CLIENT = web.AppKey("client", EngineClient)
 LIMITS = web.AppKey("limits", HttpLimits)
+CONNECTIONS = web.AppKey("connections", ConnectionRegistry)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", set)
 DEFAULT_HOSTS = web.AppKey("default_hosts", bool)
 
@@ -68,10 +70,14 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
                         body_timeout=limits.body_timeout)
     client, metrics = ctx.client, ctx.client.metrics
     hosts = {configured_host(h) for h in allowed_hosts or LOCAL_HOSTS}
+    connections = ConnectionRegistry(limits.max_connections, limits.max_client_connections,
+                                     metrics.observe_connection_refusal,
+                                     metrics.observe_idle_connection_closed)
+    metrics.watch_connections(lambda: len(connections))
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
-        error_middleware(metrics), host_middleware(hosts), auth_middleware(api_key),
-        json_post_middleware])
-    app[CLIENT], app[LIMITS] = client, limits
+        busy_middleware(connections), error_middleware(metrics), host_middleware(hosts),
+        auth_middleware(api_key), json_post_middleware])
+    app[CLIENT], app[LIMITS], app[CONNECTIONS] = client, limits, connections
     app[ALLOWED_HOSTS], app[DEFAULT_HOSTS] = hosts, allowed_hosts is None
     app.router.add_post("/generate", generate_api.generate_handler(ctx))
     app.router.add_post("/v1/completions", openai_api.completions_handler(ctx))
@@ -98,7 +104,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0,
                            **runner_settings(app[LIMITS]))
     await runner.setup()
-    site = BoundedTCPSite(runner, host, port, app[LIMITS].max_connections)
+    site = GatedTCPSite(runner, host, port, app[CONNECTIONS],
+                        handler_factory(runner.server, app[CLIENT].metrics.observe_http_error))
     await site.start()
     return runner, runner.addresses[0][1]
 

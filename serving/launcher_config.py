@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a request has to send its body (408 after; default: "
                              "%(default)s)")
     limits.add_argument("--max-connections", type=int, default=HttpLimits.max_connections,
-                        help="connections open at once; more get 503 (default: %(default)s)")
+                        help="connections open at once; past it a new one closes the oldest "
+                             "idle connection, or gets 503 when all are busy (default: "
+                             "%(default)s)")
+    limits.add_argument("--max-client-connections", type=int,
+                        default=HttpLimits.max_client_connections,
+                        help="connections open at once from one client address, with the same "
+                             "rule (default: %(default)s)")
     server.add_argument("--skip-warmup", action="store_true",
                         help="do not send one tiny request through the engine before serving")
     add_model_arguments(p)
@@ -229,15 +235,18 @@ def _positive(flag: str, value: float) -> float:
 def server_options_from_args(args: argparse.Namespace, config: EngineConfig) -> ServerOptions:
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.max_connections < 1:
-        raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
+    for flag in ("max_connections", "max_client_connections"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(args, flag)}")
     if args.max_body_bytes < 1024:
         raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
     delay = args.max_queue_delay
     if delay is None:
         delay = QUEUE_DELAY_SLO_MULTIPLE * config.ttft_slo
     limits = HttpLimits(_positive("--header-timeout", args.header_timeout),
-                        _positive("--body-timeout", args.body_timeout), args.max_connections)
+                        _positive("--body-timeout", args.body_timeout), args.max_connections,
+                        args.max_client_connections)
     if args.chat_template:
         load_chat_template(args.chat_template, None)   # a missing or broken template stops here
     return ServerOptions(args.host, args.port, args.api_key or None, args.max_queue,

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from dsjax.sampling_params import MAX_LOGPROBS, MAX_SAMPLES, SamplingParams
 from serving.api_errors import ApiError
+from serving.content_encoding import decode_body
 
 
 def _dump(value: Any, limit: int = 60) -> str:
@@ -264,8 +265,9 @@ def read_prompts(value: Any) -> list:
 # ---- the body --------------------------------------------------------------------------------
 
 async def read_json_object(request: web.Request, timeout: float) -> dict:
-    """The body as a JSON object: 413 over the size limit, 408 when it does not arrive within
-    `timeout` seconds, 400 when it is not a JSON object or does not match its Content-Encoding."""
+    """The body as a JSON object: 413 over the size limit (sent or decoded), 408 when it does
+    not arrive within `timeout` seconds, 400 when it is not a JSON object or does not decode
+    whole per its Content-Encoding (content_encoding.py)."""
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body of {request.content_length} bytes is over the limit of "
@@ -283,8 +285,8 @@ async def read_json_object(request: web.Request, timeout: float) -> dict:
                             f"the server with a larger --max-body-bytes") from e
     except web.RequestPayloadError as e:
         raise ApiError(400, f"request body could not be read ({str(e).strip()}): check that it "
-                            f"matches its Content-Encoding and Content-Length headers") from e
-    return parse_json_object(raw)
+                            f"matches its Content-Length or chunked framing") from e
+    return parse_json_object(decode_body(raw, request.headers.get("Content-Encoding", ""), limit))
 
 
 # No field needs more than a few levels; the parser's own limit depends on the caller's stack.

@@ -17,10 +17,10 @@ import threading
 
 import pytest
 
+from tests._raw_http import HANG_GUARD, body_of, exchange, request_bytes, status_of
 from tests._server_helpers import EngineProxy, parse_metrics, wait_until_no_blocks
 
 HEADER_TIMEOUT = BODY_TIMEOUT = 0.5
-HANG_GUARD = 60.0        # seconds before a test gives up waiting: the server hangs
 PROMPT = "The capital of France is"
 
 
@@ -33,41 +33,6 @@ def limits(**changes):
 @pytest.fixture(scope="module")
 def server(loop):
     return loop.serve(limits=limits(), api_key=None, max_body_bytes=1 << 20)
-
-
-def request_bytes(body: bytes | dict = b"{}", path: str = "/generate", method: str = "POST",
-                  **headers) -> bytes:
-    """One HTTP/1.1 request (Connection: close, so the server ends the exchange)."""
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-    head = {"Host": "localhost", "Content-Type": "application/json",
-            "Content-Length": str(len(body)), "Connection": "close"}
-    head.update({k.replace("_", "-"): v for k, v in headers.items()})
-    lines = "".join(f"{k}: {v}\r\n" for k, v in head.items() if v is not None)
-    return f"{method} {path} HTTP/1.1\r\n".encode() + lines.encode("latin-1", "surrogateescape") \
-        + b"\r\n" + body
-
-
-def status_of(raw: bytes) -> int | None:
-    """The answer's status; None when the server closed without one."""
-    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.") else None
-
-
-def body_of(raw: bytes) -> dict:
-    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
-
-
-async def exchange(port: int, data: bytes) -> bytes:
-    """Send `data`, read until the server closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), HANG_GUARD)
-    except ConnectionResetError:
-        return b""
-    finally:
-        writer.close()
 
 
 def run(loop, coro):
@@ -107,6 +72,20 @@ EDGE_CASES = {
         request_bytes({"prompt": "x" * 600_000}), 400, "cannot fit the context of 2048 tokens"),
     "foreign Host (DNS rebinding)": (request_bytes({"prompt": "hi"}, Host="evil.example:8400"),
                                      400, "--allowed-hosts"),
+    "Host with userinfo after the port": (request_bytes({"prompt": "hi"},
+                                                        Host="localhost:80@evil.example"),
+                                          400, "Host 'localhost:80@evil.example' is malformed"),
+    "gzip body cut before its trailer": (request_bytes(gzip.compress(b'{"prompt": "hi"}')[:-8],
+                                                       Content_Encoding="gzip"),
+                                         400, "before its end marker and trailer"),
+    "gzip body decoding past --max-body-bytes": (
+        request_bytes(gzip.compress(b'{"prompt": "' + b"a" * (2 << 20) + b'"}'),
+                      Content_Encoding="gzip"), 413, "decodes to over 1048576 bytes"),
+    "Content-Encoding br": (request_bytes({"prompt": "hi"}, Content_Encoding="br"), 415,
+                            "send the body uncompressed, or as gzip or deflate"),
+    "garbage instead of a request line": (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
+    "a header line over 8 KiB": (request_bytes({"prompt": "hi"}, X_Long="a" * 9000), 400,
+                                 "malformed HTTP request"),
     "cross-origin text/plain POST": (request_bytes({"prompt": "hi"}, Content_Type="text/plain"),
                                      415, "application/json"),
     "form POST (curl -d without -H)": (
@@ -173,31 +152,6 @@ def test_stalled_request_heads_are_closed(loop, server):
     assert run(loop, stall(200)) == [b""] * 200
 
 
-def test_connections_past_the_bound_are_refused(loop):
-    bounded = loop.serve(limits=limits(max_connections=4, header_timeout=HANG_GUARD))
-
-    async def scenario():
-        opened = []
-        for _ in range(4):   # four keep-alive connections, each registered by a full exchange
-            reader, writer = await asyncio.open_connection("127.0.0.1", bounded.port)
-            writer.write(request_bytes(b"", path="/health", method="GET", Connection=None))
-            await writer.drain()
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_GUARD)
-            assert status_of(head) == 200
-            opened.append(writer)
-        refused = await exchange(bounded.port, request_bytes(b"", path="/health", method="GET"))
-        opened.pop().close()
-        await asyncio.sleep(0.2)   # the server sees the close
-        served = await exchange(bounded.port, request_bytes(b"", path="/health", method="GET"))
-        for writer in opened:
-            writer.close()
-        return refused, served
-
-    refused, served = run(loop, scenario())
-    assert status_of(refused) == 503 and "--max-connections" in body_of(refused)["error"]
-    assert status_of(served) == 200
-
-
 class GatedTokenizer:
     """The engine's tokenizer, but encode() waits until the test opens the gate."""
 
@@ -245,7 +199,8 @@ def test_overload_is_refused_early_with_retry_after(loop, server):
     text = send(loop, overloaded, request_bytes(b"", path="/metrics", method="GET"))
     samples = parse_metrics(text.split(b"\r\n\r\n", 1)[1].decode())
     rejected = {s[0]["reason"]: s[1] for s in samples["dsjax_admission_rejections_total"]}
-    assert rejected == {"queue_delay": 1, "queue_full": 0, "shutting_down": 0}
+    assert rejected == {"queue_delay": 1, "queue_full": 0, "shutting_down": 0,
+                        "max_connections": 0, "client_connections": 0}
     relaxed = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 1.0),
                          max_queue_delay=8.0)
     assert status_of(send(loop, relaxed, request_bytes({"prompt": "hi", "max_tokens": 1}))) == 200
