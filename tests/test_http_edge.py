@@ -153,39 +153,65 @@ def test_stalled_request_heads_are_closed(loop, server):
 
 
 class GatedTokenizer:
-    """The engine's tokenizer, but encode() waits until the test opens the gate."""
+    """The engine's tokenizer, but `method` waits until the test opens the gate."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, method: str = "encode"):
         self.tokenizer = tokenizer
         self.entered, self.gate = threading.Event(), threading.Event()
+        setattr(self, method, self._gated(getattr(tokenizer, method)))
 
-    def encode(self, text, add_bos=True):
-        self.entered.set()
-        assert self.gate.wait(HANG_GUARD)
-        return self.tokenizer.encode(text, add_bos=add_bos)
+    def _gated(self, method):
+        def gated(*args, **kwargs):
+            self.entered.set()
+            assert self.gate.wait(HANG_GUARD)
+            return method(*args, **kwargs)
+        return gated
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
 
 
-def test_a_long_prompt_is_tokenized_off_the_event_loop(loop, server):
-    """While a 100 kB prompt is being tokenized, the server answers other requests: were it
-    tokenized on the event loop, /health could not answer until the gate opened."""
-    tokenizer = GatedTokenizer(server.engine.tokenizer)
-    gated = loop.serve(EngineProxy(server.engine, tokenizer=tokenizer))
+def answered_while_gated(loop, server, method: str, data: bytes) -> tuple[bytes, bytes]:
+    """(a /health answer got while `method` of the tokenizer was held, the gated answer):
+    were the gated work done on the event loop, /health could not answer until it ended."""
+    tokenizer = GatedTokenizer(server.engine.tokenizer, method)
+    gated = loop.serve(EngineProxy(server.engine, tokenizer=tokenizer), max_body_bytes=4 << 20)
 
     async def scenario():
-        long = asyncio.ensure_future(exchange(gated.port, request_bytes(
-            {"prompt": "word " * 20_000, "max_tokens": 1})))
+        long = asyncio.ensure_future(exchange(gated.port, data))
         while not tokenizer.entered.is_set():
             await asyncio.sleep(0.01)
         health = await exchange(gated.port, request_bytes(b"", path="/health", method="GET"))
         tokenizer.gate.set()
         return health, await long
 
-    health, long = run(loop, scenario())
+    return run(loop, scenario())
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(loop, server):
+    health, long = answered_while_gated(loop, server, "encode", request_bytes(
+        {"prompt": "word " * 20_000, "max_tokens": 1}))
     assert status_of(health) == 200
     assert status_of(long) == 400 and "max_model_len" in body_of(long)["error"]
+
+
+@pytest.mark.parametrize("path,method,body", [
+    ("/tokenize", "token_string", {"prompt": "word " * 20_000, "return_token_strs": True}),
+    ("/detokenize", "decode", {"tokens": [100] * 20_000}),
+], ids=["tokenize with token_strs", "detokenize"])
+def test_large_tokenizer_work_runs_off_the_event_loop(loop, server, path, method, body):
+    health, answer = answered_while_gated(loop, server, method, request_bytes(body, path=path))
+    assert status_of(health) == 200 and status_of(answer) == 200
+
+
+def test_tokenizer_routes_bound_their_input(loop):
+    served = loop.serve(max_body_bytes=4 << 20)
+    raw = send(loop, served, request_bytes({"prompt": "a" * (3 << 20)}, path="/tokenize"))
+    assert status_of(raw) == 400 and "over /tokenize's limit of" in \
+        body_of(raw)["error"]["message"]
+    raw = send(loop, served, request_bytes({"tokens": [100] * 70_000}, path="/detokenize"))
+    assert status_of(raw) == 400 and "70000 token ids are over /detokenize's limit of 65536" in \
+        body_of(raw)["error"]["message"]
 
 
 def test_overload_is_refused_early_with_retry_after(loop, server):
