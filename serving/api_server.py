@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 from aiohttp import web
 
 from serving import chat_api, generate_api, openai_api, tokenize_api
-from serving.admission import DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE
+from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TPOT_SLO, SLO_MULTIPLE
 from serving.connection_gate import ConnectionRegistry, GatedTCPSite, busy_middleware
 from serving.connections import (DEFAULT_MAX_BODY_BYTES, HttpLimits, handler_factory,
                                  runner_settings)
@@ -57,15 +57,20 @@ def metrics_handler(metrics: ServerMetrics):
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_queue_delay: float | None = None,
+               max_queue_delay: float | None = None, max_tpot: float | None = None,
                limits: HttpLimits = HttpLimits(), allowed_hosts: Iterable[str] | None = None,
                served_model_names: Sequence[str] | None = None,
                chat_template: str | None = None) -> web.Application:
     """The server of `engine`. allowed_hosts None: localhost names and, once start_server binds
-    it, the bound address. chat_template: --chat-template (else the tokenizer directory's)."""
-    if max_queue_delay is None:   # the engine's own TTFT SLO, times the stated multiple
-        max_queue_delay = QUEUE_DELAY_SLO_MULTIPLE * engine.config.ttft_slo
+    it, the bound address. chat_template: --chat-template (else the tokenizer directory's).
+    max_queue_delay, max_tpot: the TTFT and TPOT an admitted request may take (default: the
+    stated multiple of the engine's TTFT SLO and of the default TPOT SLO)."""
+    if max_queue_delay is None:
+        max_queue_delay = SLO_MULTIPLE * engine.config.ttft_slo
+    if max_tpot is None:
+        max_tpot = SLO_MULTIPLE * DEFAULT_TPOT_SLO
     ctx = build_context(engine, max_queue=max_queue, max_queue_delay=max_queue_delay,
+                        max_tpot=max_tpot,
                         served_model_names=served_model_names, chat_template=chat_template,
                         body_timeout=limits.body_timeout)
     client, metrics = ctx.client, ctx.client.metrics

@@ -156,7 +156,9 @@ class EngineCollector:
         return []   # not known before the first scrape; prometheus_client then skips the check
 
     def collect(self):
-        stats = self.engine.stats()
+        # A failed instance's last report would stay frozen: it holds nothing any more.
+        stats = [s if s.get("alive", True) else {**s, **{k: 0 for k in INSTANCE_GAUGES}}
+                 for s in self.engine.stats()]
         name = [self.model_name]
 
         def family(kind, metric, help_text, value, **labels):
@@ -186,6 +188,11 @@ class EngineCollector:
         yield family(GaugeMetricFamily, "dsjax_admission_queue_length",
                      "requests admitted by the server and not finished (bounded by --max-queue)",
                      self.num_active())
+        up = GaugeMetricFamily("dsjax_instance_up", "1 while the instance serves, 0 once it "
+                               "failed", labels=["model_name", "instance"])
+        for s in stats:
+            up.add_metric([self.model_name, s["instance"]], 1 if s.get("alive", True) else 0)
+        yield up
         for key, (metric, help_text) in INSTANCE_GAUGES.items():
             f = GaugeMetricFamily(metric, help_text, labels=["model_name", "instance"])
             for s in stats:

@@ -119,7 +119,7 @@ async def stream_sse(request: web.Request, group: RequestGroup,
             if usage_chunk is not None:
                 await response.write(sse(usage_chunk(group.final)))
     except EngineFailure as e:
-        await response.write(sse(openai_error(500, str(e))))
+        await response.write(sse(openai_error(e.status, str(e))))
     except ConnectionError:  # the client left; leaving the group aborts its requests
         return response
     await response.write(sse("[DONE]"))
@@ -128,11 +128,12 @@ async def stream_sse(request: web.Request, group: RequestGroup,
 
 
 async def final_outputs(group: RequestGroup) -> list[RequestOutput]:
-    """Every request's final output; 500 when the engine failed one, 503 when aborted."""
+    """Every request's final output; 500 or 503 when the engine failed one (EngineFailure),
+    503 when aborted."""
     try:
         finals = await group.results()
     except EngineFailure as e:
-        raise ApiError(500, str(e)) from e
+        raise ApiError(e.status, str(e), e.headers) from e
     if any(f.finish_reason == "abort" for f in finals):
         raise ApiError(503, ABORTED, {"Retry-After": "1"})
     return finals

@@ -17,6 +17,7 @@ import threading
 
 import pytest
 
+from dsjax.sampling_params import SamplingParams
 from tests._raw_http import HANG_GUARD, body_of, exchange, request_bytes, status_of
 from tests._server_helpers import EngineProxy, parse_metrics, wait_until_no_blocks
 
@@ -214,22 +215,39 @@ def test_tokenizer_routes_bound_their_input(loop):
         body_of(raw)["error"]["message"]
 
 
-def test_overload_is_refused_early_with_retry_after(loop, server):
-    """An engine that estimates a 30 s wait for the first token: past --max-queue-delay (8 s)
-    every request gets 503 + Retry-After (the 22 s over); the rejection shows in /metrics."""
-    overloaded = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 30.0),
-                            max_queue_delay=8.0)
-    raw = send(loop, overloaded, request_bytes({"prompt": "hi"}))
-    assert status_of(raw) == 503 and b"Retry-After: 22" in raw
-    assert "--max-queue-delay of 8 s" in body_of(raw)["error"]
-    text = send(loop, overloaded, request_bytes(b"", path="/metrics", method="GET"))
+def test_overload_is_refused_with_retry_after_and_counted(loop, server):
+    """A request estimated to miss the TPOT bound gets 503 with the estimate's drain time as
+    Retry-After, counted in /metrics by cause; within the bounds it is served."""
+    from serving.api_server import CLIENT
+    from tests.test_admission import StubEstimator
+    served = loop.serve()
+    admission = served.app[CLIENT].admission
+    admission.estimator = StubEstimator(tpot=2.0, tpot_wait=7.2)
+    raw = send(loop, served, request_bytes({"prompt": "hi"}))
+    assert status_of(raw) == 503 and b"Retry-After: 8" in raw
+    assert "about 2.000 s per output token" in body_of(raw)["error"]
+    text = send(loop, served, request_bytes(b"", path="/metrics", method="GET"))
     samples = parse_metrics(text.split(b"\r\n\r\n", 1)[1].decode())
     rejected = {s[0]["reason"]: s[1] for s in samples["dsjax_admission_rejections_total"]}
-    assert rejected == {"queue_delay": 1, "queue_full": 0, "shutting_down": 0,
-                        "max_connections": 0, "client_connections": 0}
-    relaxed = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 1.0),
-                         max_queue_delay=8.0)
-    assert status_of(send(loop, relaxed, request_bytes({"prompt": "hi", "max_tokens": 1}))) == 200
+    assert rejected["tpot_slo"] == 1 and sum(rejected.values()) == 1
+    admission.estimator = StubEstimator(tpot=0.01)
+    assert status_of(send(loop, served, request_bytes({"prompt": "hi", "max_tokens": 1}))) == 200
+
+
+def test_the_estimate_reads_the_engines_stats(loop, server):
+    """Sampled while a request runs, the engine's stats give a prefill step time and a decode
+    step time: the keys the estimate reads are the ones the engine reports."""
+    from serving.load_estimate import LoadEstimator
+    estimator = LoadEstimator(server.engine)
+    done = threading.Event()
+    server.engine.add_request(PROMPT, SamplingParams(max_tokens=48, ignore_eos=True),
+                              on_output=lambda out: getattr(out, "finished", True) and done.set())
+    estimator.sample()
+    while not done.wait(0.03):
+        estimator.sample()
+    assert estimator.prefill_step.value() > 0 and estimator.step_time(1) > 0
+    estimate = estimator.estimate(0, [8], 1, 16)
+    assert 0 < estimate.ttft < 10 and 0 < estimate.tpot < 10
 
 
 # ---- the hostile run ---------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""What a new request would cost: its time to first token and time per output token, from both
+phases' backlogs and rates measured from the engine's per-instance stats.
+
+Prefill: the prompts queued at the least loaded prefill instance plus this one take
+max(tokens / token budget, prompts / batch cap) steps of the measured prefill step time; when
+decode back-pressure stalls prefill, the measured rate of prompts leaving a non-empty queue
+bounds it instead. Decode: every sequence admitted and unfinished (the server's own count, so a
+burst admitted between two engine reports is counted) will share the decode batches with this
+one. A decode step's wall time grows with the batch (on a CPU, 6 ms at 16 rows, 100 ms at 128),
+so it is measured per batch-size bucket (powers of two) and extrapolated in proportion beyond
+the largest bucket seen. Sequences past the decode instances' batch capacity wait for others to
+finish (capacity / (step time x mean output length) per second); that wait, less the time
+this request spends in prefill anyway, is spread over its output tokens.
+
+Rates are exponentially weighted by time (a half-life of HALF_LIFE_S), sampled from
+engine.stats() at most every SAMPLE_S at admission time; until a rate is measured, the part of
+the estimate that needs it is 0 (nothing is refused on a guess).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+HALF_LIFE_S = 5.0
+SAMPLE_S = 0.02
+MAX_SAMPLE_GAP_S = 1.0    # a longer gap between samples mixes idle time into a step's time
+PREFILL_ROLES = ("prefill", "colocated", "chunked")
+DECODE_ROLES = ("decode", "colocated", "chunked")
+
+
+class Ratio:
+    """sum(num) / sum(den), both decayed by the time since they were added."""
+
+    def __init__(self, half_life: float = HALF_LIFE_S):
+        self.half_life = half_life
+        self.num = self.den = 0.0
+        self.at: float | None = None
+
+    def add(self, num: float, den: float, now: float) -> None:
+        if self.at is not None:
+            keep = 0.5 ** ((now - self.at) / self.half_life)
+            self.num, self.den = self.num * keep, self.den * keep
+        self.num, self.den, self.at = self.num + num, self.den + den, now
+
+    def value(self) -> float | None:
+        return self.num / self.den if self.den > 0 else None
+
+
+def bucket(rows: float) -> int:
+    """The power of two at or above `rows` (at least 1)."""
+    return 1 << max(0, math.ceil(math.log2(max(rows, 1.0))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    ttft: float              # seconds to this request's first token
+    tpot: float              # seconds per output token after the first
+    ttft_alone: float        # the same on an idle engine: what no waiting can improve
+    tpot_alone: float
+    ttft_wait: float         # seconds until the first would meet the bound it was checked with
+    tpot_wait: float
+
+
+class LoadEstimator:
+    def __init__(self, engine, clock=time.monotonic):
+        self.engine, self.clock = engine, clock
+        cfg = engine.config
+        self.prefill_batch_cap = cfg.context_max_batch_size
+        self.decode_batch_cap = cfg.decoding_max_batch_size
+        self.block_size = cfg.block_size
+        self.prefill_step = Ratio()          # busy seconds per prefill step
+        self.prefill_drain = Ratio()         # prompts per second leaving a non-empty queue
+        self.decode_step: dict[int, Ratio] = {}   # rows bucket -> wall seconds per step
+        self.output_len = Ratio()            # tokens per finished sequence
+        self._last: dict[str, dict] = {}
+        self._last_at: float | None = None
+        self._stats: list[dict] = []
+
+    # ---- measuring ---------------------------------------------------------------------------
+
+    def finished(self, num_sequences: int, num_tokens: int) -> None:
+        """A request finished with `num_tokens` output tokens over its sequences."""
+        if num_sequences:
+            self.output_len.add(num_tokens, num_sequences, self.clock())
+
+    def sample(self) -> list[dict]:
+        """The engine's live instances' stats, and the rates they imply since the last sample."""
+        now = self.clock()
+        if self._last_at is not None and now - self._last_at < SAMPLE_S:
+            return self._stats
+        stats = [s for s in self.engine.stats() if s.get("alive", True)]
+        if self._last_at is not None and now - self._last_at <= MAX_SAMPLE_GAP_S:
+            for s in stats:
+                before = self._last.get(s["instance"])
+                if before is not None:
+                    self._measure(before, s, now - self._last_at, now)
+        self._last = {s["instance"]: s for s in stats}
+        self._last_at, self._stats = now, stats
+        return stats
+
+    def _measure(self, before: dict, after: dict, elapsed: float, now: float) -> None:
+        steps = after.get("steps", 0) - before.get("steps", 0)
+        role = after.get("role")
+        if role == "prefill":
+            if steps > 0:
+                self.prefill_step.add(after["busy_s"] - before["busy_s"], steps, now)
+            if before.get("waiting", 0) > 0 and after.get("waiting", 0) > 0:
+                self.prefill_drain.add(after["tokens"] - before["tokens"], elapsed, now)
+        elif role in PREFILL_ROLES and steps > 0:
+            self.prefill_step.add(after["busy_s"] - before["busy_s"], steps, now)
+        if role in DECODE_ROLES and steps > 0 and before.get("running", 0) > 0 and \
+                after.get("running", 0) > 0:
+            rows = (after["tokens"] - before["tokens"]) / steps
+            self.decode_step.setdefault(bucket(rows), Ratio()).add(elapsed, steps, now)
+
+    def step_time(self, rows: float) -> float | None:
+        """Wall seconds per decode step at `rows` rows: the bucket's measurement, else the
+        largest smaller bucket measured, scaled in proportion (None: nothing measured)."""
+        want = bucket(rows)
+        measured = {b: r.value() for b, r in self.decode_step.items() if r.value() is not None}
+        if want in measured:
+            return measured[want]
+        below = [b for b in measured if b < want]
+        if below:
+            b = max(below)
+            return measured[b] * want / b
+        above = [b for b in measured if b > want]
+        return measured[min(above)] if above else None
+
+    # ---- estimating --------------------------------------------------------------------------
+
+    def estimate(self, in_flight_rows: int, prompt_lens: list[int], rows: int, max_tokens: int,
+                 max_ttft: float = math.inf, max_tpot: float = math.inf) -> Estimate:
+        """The cost of admitting prompts of `prompt_lens` tokens, `rows` sequences in all, each
+        generating up to `max_tokens`, with `in_flight_rows` sequences already admitted; and
+        how long until it would meet `max_ttft` and `max_tpot`."""
+        stats = self.sample()
+        prefills = [s for s in stats if s.get("role") in PREFILL_ROLES]
+        decoders = [s for s in stats if s.get("role") in DECODE_ROLES]
+        cap = self._decode_cap(decoders, max(prompt_lens, default=0), max_tokens)
+        ttft, ttft_alone = self._ttft(prefills, prompt_lens)
+        load = (in_flight_rows + rows) / max(1, len(decoders))   # sequences per instance
+        tpot = self._tpot(load, cap, ttft, max_tokens)
+        tpot_wait = 0.0
+        if tpot > max_tpot:   # the decode backlog must shrink to the load that meets the bound
+            low, high = 0.0, load
+            for _ in range(20):
+                mid = (low + high) / 2
+                low, high = (mid, high) if self._tpot(mid, cap, ttft, max_tokens) <= max_tpot \
+                    else (low, mid)
+            tpot_wait = (load - low) / self._throughput(load, cap, max_tokens)
+        alone = rows / max(1, len(decoders))
+        return Estimate(ttft=ttft, tpot=tpot, ttft_alone=ttft_alone,
+                        tpot_alone=self._tpot(alone, cap, ttft_alone, max_tokens),
+                        ttft_wait=max(0.0, ttft - max_ttft), tpot_wait=tpot_wait)
+
+    def _throughput(self, load: float, cap: float, max_tokens: int) -> float:
+        """Sequences a decode instance finishes per second with `load` sequences admitted
+        (batches of at most `cap`), at the mean output length measured (else max_tokens)."""
+        rows = min(max(load, 1.0), cap)
+        step = self.step_time(rows)
+        return rows / (step * (self.output_len.value() or max_tokens)) if step else math.inf
+
+    def _tpot(self, load: float, cap: float, ttft: float, max_tokens: int) -> float:
+        """Seconds per output token with `load` sequences per decode instance: the step time
+        at the batch they make (at most `cap` rows), and the wait of those past the cap for a
+        slot (less the time spent in prefill anyway), spread over the output."""
+        step = self.step_time(min(load, cap)) or 0.0
+        past_cap = max(0.0, load - cap)
+        slot_wait = past_cap / self._throughput(load, cap, max_tokens) if past_cap else 0.0
+        return step + max(0.0, slot_wait - ttft) / max(1, max_tokens - 1)
+
+    def _decode_cap(self, decoders: list[dict], prompt_len: float, max_tokens: int) -> float:
+        """Rows a decode instance batches: its batch cap, or what its KV pages hold of
+        sequences this long."""
+        blocks = min((s.get("blocks_total") or 0 for s in decoders), default=0)
+        per_sequence = math.ceil((prompt_len + max_tokens) / self.block_size)
+        return max(1, min(self.decode_batch_cap, blocks // per_sequence or self.decode_batch_cap))
+
+    def _ttft(self, prefills: list[dict], prompt_lens: list[int]) -> tuple[float, float]:
+        """(seconds to the last of these prompts' first token, the same on an idle engine)."""
+        step = self.prefill_step.value()
+        if not prefills or step is None:
+            return 0.0, 0.0
+        n = len(prefills)
+        budget = max(1, min(s.get("token_budget") or 1 for s in prefills))
+        queued = sum(s.get("waiting", 0) for s in prefills) / n
+        queued_tokens = sum(s.get("waiting_tokens", 0) for s in prefills) / n
+        mine, my_tokens = len(prompt_lens), sum(prompt_lens)
+
+        def steps(prompts: float, tokens: float) -> int:
+            return max(math.ceil(tokens / budget), math.ceil(prompts / self.prefill_batch_cap))
+
+        alone = steps(mine, my_tokens) * step
+        compute = steps(queued + mine, queued_tokens + my_tokens) * step
+        drain = self.prefill_drain.value()
+        stalled = (queued + mine) / drain if drain and queued > 0 else 0.0
+        return max(compute, stalled), alone
