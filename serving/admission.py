@@ -19,7 +19,7 @@ import dataclasses
 import math
 
 from serving.api_errors import ApiError
-from serving.load_estimate import LoadEstimator
+from serving.load_estimate import Estimate, LoadEstimator
 
 DEFAULT_MAX_QUEUE = 8192            # requests admitted and not finished
 SLO_MULTIPLE = 4                    # an admitted request's TTFT and TPOT stay within 4 SLOs
@@ -48,10 +48,11 @@ class Admission:
         self.accepting = True
 
     def check(self, in_flight: int, in_flight_rows: int, prompt_lens: list[int], rows: int,
-              max_tokens: int) -> None:
+              max_tokens: int) -> Estimate | None:
         """Raise ApiError (503, or 400 for a batch that can never fit) unless prompts of
         `prompt_lens` tokens, `rows` sequences in all of up to `max_tokens` tokens, may be
-        admitted beside `in_flight` requests (`in_flight_rows` sequences)."""
+        admitted beside `in_flight` requests (`in_flight_rows` sequences). Returns the cost
+        estimate it admitted them on (None: no bound needs one)."""
         bounds = self.bounds
         if not self.accepting:
             self._reject(SHUTTING_DOWN, "server is shutting down: retry on another server")
@@ -70,7 +71,7 @@ class Admission:
                                      f"requests in flight: retry later, or start it with a "
                                      f"larger --max-queue")
         if math.isinf(bounds.max_ttft) and math.isinf(bounds.max_tpot):
-            return
+            return None
         cost = self.estimator.estimate(in_flight_rows, prompt_lens, rows, max_tokens,
                                        bounds.max_ttft, bounds.max_tpot)
         if cost.ttft > max(bounds.max_ttft, cost.ttft_alone):
@@ -83,6 +84,7 @@ class Admission:
                                f"{cost.tpot:.3f} s per output token, over the bound of "
                                f"{bounds.max_tpot:g} s (--max-tpot): retry later",
                          retry_after=cost.tpot_wait)
+        return cost
 
     def engine_failed(self) -> ApiError | None:
         """503 without Retry-After when the engine can serve no more (no instance left for a

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from serving import chat_api, generate_api, openai_api, tokenize_api
 from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TPOT_SLO, SLO_MULTIPLE
-from serving.connection_gate import ConnectionRegistry, GatedTCPSite, busy_middleware
+from serving.connection_gate import ConnectionRegistry, GatedTCPSite, used_middleware
 from serving.connections import (DEFAULT_MAX_BODY_BYTES, HttpLimits, handler_factory,
                                  runner_settings)
 from serving.context import build_context
@@ -80,7 +80,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
                                      metrics.observe_idle_connection_closed)
     metrics.watch_connections(lambda: len(connections))
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
-        busy_middleware(connections), error_middleware(metrics), host_middleware(hosts),
+        used_middleware(connections), error_middleware(metrics), host_middleware(hosts),
         auth_middleware(api_key), json_post_middleware])
     app[CLIENT], app[LIMITS], app[CONNECTIONS] = client, limits, connections
     app[ALLOWED_HOSTS], app[DEFAULT_HOSTS] = hosts, allowed_hosts is None

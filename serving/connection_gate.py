@@ -1,11 +1,13 @@
 """Who may hold a connection: a bound on all open connections and one per client address.
 
-A connection past a bound first makes room by closing the oldest idle connection in that scope
-(the client's own, or any): one waiting for a request head, half-open, or idle keep-alive. Only
-when every connection in scope is busy with a request is the newcomer refused: 503 with
-Retry-After, counted in /metrics by reason. So a client holding hundreds of half-open sockets
-cannot lock anyone out (each newcomer displaces one of its idle sockets), and one client's busy
-requests can take at most --max-client-connections of the --max-connections.
+A connection past a bound first makes room by closing the oldest connection in that scope (the
+client's own, or any) that has sent no whole request head in its first EVICTABLE_AFTER_S:
+half-open, or stalled in its head. Otherwise the newcomer is refused: 503 with Retry-After,
+counted in /metrics by reason. So a client holding hundreds of half-open sockets cannot lock
+anyone out (each newcomer displaces one of them), and one client can hold at most
+--max-client-connections of the --max-connections. Connections that served a request are not
+displaced even while idle: a client may be writing its next request on one, and would see it
+reset (idle ones close after --header-timeout).
 
 Each accepted connection's protocol is a _Gate in front of aiohttp's handler: it decides in
 connection_made (where the peer address is known), then passes every event on. The decision
@@ -23,14 +25,15 @@ from aiohttp import web
 MAX_CONNECTIONS, CLIENT_CONNECTIONS = "max_connections", "client_connections"
 CONNECTION_REASONS = (MAX_CONNECTIONS, CLIENT_CONNECTIONS)
 REFUSAL_LINGER_S = 1.0   # a refused client's request is read (and dropped) this long
+EVICTABLE_AFTER_S = 1.0  # a connection with no request yet may be displaced after this long
 
 
 class Connection:
-    __slots__ = ("client", "transport", "requests", "open")
+    __slots__ = ("client", "transport", "opened", "used", "open")
 
-    def __init__(self, client: str, transport: asyncio.Transport):
-        self.client, self.transport = client, transport
-        self.requests = 0     # requests being handled on it (the app's middleware counts)
+    def __init__(self, client: str, transport: asyncio.Transport, opened: float):
+        self.client, self.transport, self.opened = client, transport, opened
+        self.used = False     # a request on it reached the app (its middleware says)
         self.open = True
 
 
@@ -54,7 +57,7 @@ class ConnectionRegistry:
 
     def admit(self, client: str, transport: asyncio.Transport) -> Connection | str:
         """A Connection for `client`, or the reason it is refused (after trying to make room
-        by closing an idle connection in the scope that is full)."""
+        by closing a connection that sent no request in the scope that is full)."""
         mine = self.by_client.get(client, {})
         if len(mine) >= self.max_client_connections and not self._evict_idle(mine):
             self.on_refuse(CLIENT_CONNECTIONS)
@@ -62,19 +65,24 @@ class ConnectionRegistry:
         if len(self.all) >= self.max_connections and not self._evict_idle(self.all):
             self.on_refuse(MAX_CONNECTIONS)
             return MAX_CONNECTIONS
-        conn = Connection(client, transport)
+        conn = Connection(client, transport, asyncio.get_running_loop().time())
         self.all[transport] = conn
         self.by_client.setdefault(client, OrderedDict())[transport] = conn
         return conn
 
     def _evict_idle(self, scope: dict) -> bool:
-        oldest_idle = next((c for c in scope.values() if c.requests == 0), None)
-        if oldest_idle is None:
-            return False
-        self.closed(oldest_idle)
-        oldest_idle.transport.close()
-        self.on_evict()
-        return True
+        """Close the oldest connection of `scope` still without a request after
+        EVICTABLE_AFTER_S; False when there is none."""
+        deadline = asyncio.get_running_loop().time() - EVICTABLE_AFTER_S
+        for conn in scope.values():
+            if conn.opened > deadline:
+                return False      # in opening order: the rest are younger still
+            if not conn.used:
+                self.closed(conn)
+                conn.transport.close()
+                self.on_evict()
+                return True
+        return False
 
     def closed(self, conn: Connection) -> None:
         if not conn.open:
@@ -91,11 +99,10 @@ class ConnectionRegistry:
 def refusal_answer(reason: str, registry: ConnectionRegistry) -> bytes:
     if reason == CLIENT_CONNECTIONS:
         what = (f"your address has {registry.max_client_connections} connections open, the "
-                f"server's --max-client-connections, each busy with a request: finish or close "
-                f"some, then retry")
+                f"server's --max-client-connections: finish or close some, then retry")
     else:
         what = (f"server has {registry.max_connections} connections open, its "
-                f"--max-connections, each busy with a request: retry later")
+                f"--max-connections: retry later")
     body = json.dumps({"error": what}).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
@@ -149,19 +156,15 @@ class _Gate(asyncio.Protocol):
             self.handler.resume_writing()
 
 
-def busy_middleware(registry: ConnectionRegistry):
-    """Marks a connection busy while a request on it is handled (idle ones may be evicted)."""
+def used_middleware(registry: ConnectionRegistry):
+    """Marks a connection used once a request on it reaches the app: it is not displaced."""
     @web.middleware
-    async def busy(request: web.Request, handler):
+    async def used(request: web.Request, handler):
         conn = registry.connection_of(request.transport)
-        if conn is None:
-            return await handler(request)
-        conn.requests += 1
-        try:
-            return await handler(request)
-        finally:
-            conn.requests -= 1
-    return busy
+        if conn is not None:
+            conn.used = True
+        return await handler(request)
+    return used
 
 
 class GatedTCPSite(web.BaseSite):

@@ -47,6 +47,18 @@ def failed_instances(engine) -> frozenset[str]:
                      if state != "ok")
 
 
+def served_times(output: RequestOutput) -> tuple[float | None, float | None]:
+    """(TTFT, TPOT) a finished request was served in, by the engine's clock: arrival to first
+    token, and its slowest sequence's mean gap (None where it has no such time)."""
+    issued = next((e["timestamp"] for e in output.lifetime_events
+                   if e["event_type"] == "issued"), None)
+    firsts = [s.token_timestamps[0] for s in output.outputs if s.token_timestamps]
+    ttft = min(firsts) - issued if issued is not None and firsts else None
+    gaps = [(s.token_timestamps[-1] - s.token_timestamps[0]) / (len(s.token_timestamps) - 1)
+            for s in output.outputs if len(s.token_timestamps) > 1]
+    return ttft, max(gaps, default=None)
+
+
 class EngineClient:
     def __init__(self, engine, admission: Admission, metrics: ServerMetrics):
         self.engine = engine
@@ -83,10 +95,12 @@ class EngineClient:
         """Admit every prompt (token ids) or none: ApiError 400 (the engine refused one) or 503.
         stream False: the engine delivers only each request's final output. cache_salt: the
         prefix-cache salt of every prompt (vLLM's field)."""
-        self.admission.check(len(self._active), self.num_rows, [len(p) for p in prompts],
-                             sum(p.num_samples for p in params),
-                             max(p.max_tokens for p in params))
+        estimate = self.admission.check(len(self._active), self.num_rows,
+                                        [len(p) for p in prompts],
+                                        sum(p.num_samples for p in params),
+                                        max(p.max_tokens for p in params))
         group = RequestGroup(self, f"{id_prefix}-{self._prefix}-{next(self._ids)}", len(prompts))
+        group.estimate = estimate
         try:
             for index, (ids, sampling) in enumerate(zip(prompts, params)):
                 request_id = group.request_ids[index]
@@ -124,12 +138,16 @@ class EngineClient:
         return EngineFailure(f"engine failed: {error}")
 
     def finished(self, request_id: str, reason: str, output: RequestOutput | None) -> None:
-        if self._active.pop(request_id, None) is not None:
-            self.num_rows -= self._rows.pop(request_id)
-            self.metrics.observe_finished(reason, output)
-            if output is not None and reason in ("stop", "length"):
-                self.admission.estimator.finished(
-                    len(output.outputs), sum(len(s.token_ids) for s in output.outputs))
+        group = self._active.pop(request_id, None)
+        if group is None:
+            return
+        self.num_rows -= self._rows.pop(request_id)
+        self.metrics.observe_finished(reason, output)
+        if output is not None and reason in ("stop", "length"):
+            estimator = self.admission.estimator
+            estimator.finished([s.token_timestamps for s in output.outputs])
+            if group.estimate is not None:
+                estimator.calibrate(group.estimate, *served_times(output))
 
     def abort_all(self) -> None:
         for group in set(self._active.values()):
@@ -145,6 +163,7 @@ class RequestGroup:
         self.id = group_id
         self.request_ids = [group_id] if size == 1 else [f"{group_id}-{i}" for i in range(size)]
         self.final: list[RequestOutput | None] = [None] * size
+        self.estimate = None       # what admission estimated it would take (load_estimate.py)
         self.failed_before = failed_instances(client.engine)
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()

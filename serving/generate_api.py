@@ -93,7 +93,7 @@ def generate_handler(ctx: ServingContext) -> Handler:
         if "prompt" not in values:
             raise ApiError(400, "field 'prompt' is required: text or a list of token ids",
                            param="prompt")
-        ids = await ctx.prompt_ids(read_prompt(values["prompt"]))
+        ids = await ctx.prompt_ids(read_prompt(values["prompt"], ctx.max_model_len))
         max_tokens = ctx.max_tokens(ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS)
         params = sampling_params(values, GENERATE_FIELDS, max_tokens=max_tokens)
         with ctx.client.submit([ids], [params], id_prefix="gen",

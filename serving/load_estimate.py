@@ -12,21 +12,30 @@ the largest bucket seen. Sequences past the decode instances' batch capacity wai
 finish (capacity / (step time x mean output length) per second); that wait, less the time
 this request spends in prefill anyway, is spread over its output tokens.
 
+A second token comes later than the steady pace (the KV pull, its wait for the decode loop):
+that delay, measured in steady gaps from finished requests, is spread over the output too.
+
 Rates are exponentially weighted by time (a half-life of HALF_LIFE_S), sampled from
 engine.stats() at most every SAMPLE_S at admission time; until a rate is measured, the part of
-the estimate that needs it is 0 (nothing is refused on a guess).
+the estimate that needs it is 0 (nothing is refused on a guess). What the model misses is
+calibrated from the requests served (see LoadEstimator.calibrate): under overload the server
+sits where admission stops, so every admitted request sees about the bound; it must stop where
+the 99th percentile, not the mean, meets it.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
 
 HALF_LIFE_S = 5.0
+CALIBRATION_QUANTILE = 0.99   # of actual over estimated TPOT, and actual less estimated TTFT
 SAMPLE_S = 0.02
 MAX_SAMPLE_GAP_S = 1.0    # a longer gap between samples mixes idle time into a step's time
 PREFILL_ROLES = ("prefill", "colocated", "chunked")
 DECODE_ROLES = ("decode", "colocated", "chunked")
+MIN_TPOT_RATIO = 0.5
 
 
 class Ratio:
@@ -52,14 +61,35 @@ def bucket(rows: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(rows, 1.0))))
 
 
+class RecentQuantile:
+    """The q-quantile of the last `size` observations, recomputed every `every` of them."""
+
+    def __init__(self, q: float, default: float, size: int = 512, every: int = 16):
+        self.q, self.default, self.every = q, default, every
+        self.values: collections.deque = collections.deque(maxlen=size)
+        self._added, self._value = 0, default
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        self._added += 1
+        if self._added % self.every == 0 or len(self.values) < self.every:
+            ordered = sorted(self.values)
+            self._value = ordered[min(len(ordered) - 1, int(self.q * len(ordered)))]
+
+    def value(self) -> float:
+        return self._value
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    ttft: float              # seconds to this request's first token
-    tpot: float              # seconds per output token after the first
+    ttft: float              # seconds to this request's first token (calibrated)
+    tpot: float              # seconds per output token after the first (calibrated)
     ttft_alone: float        # the same on an idle engine: what no waiting can improve
     tpot_alone: float
     ttft_wait: float         # seconds until the first would meet the bound it was checked with
     tpot_wait: float
+    model_ttft: float = 0.0  # the model's own figures, before calibration
+    model_tpot: float = 0.0
 
 
 class LoadEstimator:
@@ -73,16 +103,35 @@ class LoadEstimator:
         self.prefill_drain = Ratio()         # prompts per second leaving a non-empty queue
         self.decode_step: dict[int, Ratio] = {}   # rows bucket -> wall seconds per step
         self.output_len = Ratio()            # tokens per finished sequence
+        # A sequence's second token comes later than the steady pace (the KV pull, its wait
+        # for the decode loop): measured in steady gaps.
+        self.entry_gap = Ratio()
+        # What the model misses (interpreter and CPU contention, the load admitted after a
+        # request, bursts of pulls): recent requests' actual TPOT over the model's estimate at
+        # their admission, and actual TTFT less the estimate (its misses are added waits).
+        self.tpot_ratio = RecentQuantile(CALIBRATION_QUANTILE, default=1.0)
+        self.ttft_excess = RecentQuantile(CALIBRATION_QUANTILE, default=0.0)
         self._last: dict[str, dict] = {}
         self._last_at: float | None = None
         self._stats: list[dict] = []
 
     # ---- measuring ---------------------------------------------------------------------------
 
-    def finished(self, num_sequences: int, num_tokens: int) -> None:
-        """A request finished with `num_tokens` output tokens over its sequences."""
-        if num_sequences:
-            self.output_len.add(num_tokens, num_sequences, self.clock())
+    def finished(self, timestamps: list[list[float]]) -> None:
+        """A request finished; `timestamps`: its sequences' token times."""
+        now = self.clock()
+        for times in timestamps:
+            self.output_len.add(len(times), 1, now)
+            if len(times) >= 3:   # its first decode gap, against the steady ones after it
+                self.entry_gap.add(times[1] - times[0], (times[-1] - times[1]) / (len(times) - 2),
+                                   now)
+
+    def calibrate(self, estimate: Estimate, ttft: float | None, tpot: float | None) -> None:
+        """A request admitted with `estimate` was served in `ttft` and `tpot` seconds."""
+        if ttft is not None:
+            self.ttft_excess.add(max(0.0, ttft - estimate.model_ttft))
+        if tpot is not None and estimate.model_tpot > 0:
+            self.tpot_ratio.add(max(MIN_TPOT_RATIO, tpot / estimate.model_tpot))
 
     def sample(self) -> list[dict]:
         """The engine's live instances' stats, and the rates they imply since the last sample."""
@@ -109,10 +158,11 @@ class LoadEstimator:
                 self.prefill_drain.add(after["tokens"] - before["tokens"], elapsed, now)
         elif role in PREFILL_ROLES and steps > 0:
             self.prefill_step.add(after["busy_s"] - before["busy_s"], steps, now)
-        if role in DECODE_ROLES and steps > 0 and before.get("running", 0) > 0 and \
-                after.get("running", 0) > 0:
-            rows = (after["tokens"] - before["tokens"]) / steps
-            self.decode_step.setdefault(bucket(rows), Ratio()).add(elapsed, steps, now)
+        if role in DECODE_ROLES and before.get("running", 0) > 0 and after.get("running", 0) > 0:
+            # Intervals without a step count too: a step longer than the sampling interval
+            # would otherwise look as short as the interval that saw it end.
+            self.decode_step.setdefault(bucket(after["running"]), Ratio()).add(elapsed, steps,
+                                                                               now)
 
     def step_time(self, rows: float) -> float | None:
         """Wall seconds per decode step at `rows` rows: the bucket's measurement, else the
@@ -139,21 +189,26 @@ class LoadEstimator:
         prefills = [s for s in stats if s.get("role") in PREFILL_ROLES]
         decoders = [s for s in stats if s.get("role") in DECODE_ROLES]
         cap = self._decode_cap(decoders, max(prompt_lens, default=0), max_tokens)
-        ttft, ttft_alone = self._ttft(prefills, prompt_lens)
+        model_ttft, model_ttft_alone = self._ttft(prefills, prompt_lens)
+        excess, ratio = self.ttft_excess.value(), self.tpot_ratio.value()
+        ttft = model_ttft + excess
         load = (in_flight_rows + rows) / max(1, len(decoders))   # sequences per instance
-        tpot = self._tpot(load, cap, ttft, max_tokens)
-        tpot_wait = 0.0
+
+        def tpot_at(load: float) -> float:
+            return self._tpot(load, cap, model_ttft, max_tokens) * ratio
+
+        tpot, tpot_wait = tpot_at(load), 0.0
         if tpot > max_tpot:   # the decode backlog must shrink to the load that meets the bound
             low, high = 0.0, load
             for _ in range(20):
                 mid = (low + high) / 2
-                low, high = (mid, high) if self._tpot(mid, cap, ttft, max_tokens) <= max_tpot \
-                    else (low, mid)
+                low, high = (mid, high) if tpot_at(mid) <= max_tpot else (low, mid)
             tpot_wait = (load - low) / self._throughput(load, cap, max_tokens)
         alone = rows / max(1, len(decoders))
-        return Estimate(ttft=ttft, tpot=tpot, ttft_alone=ttft_alone,
-                        tpot_alone=self._tpot(alone, cap, ttft_alone, max_tokens),
-                        ttft_wait=max(0.0, ttft - max_ttft), tpot_wait=tpot_wait)
+        return Estimate(ttft=ttft, tpot=tpot, ttft_alone=model_ttft_alone + excess,
+                        tpot_alone=self._tpot(alone, cap, model_ttft_alone, max_tokens) * ratio,
+                        ttft_wait=max(0.0, ttft - max_ttft), tpot_wait=tpot_wait,
+                        model_ttft=model_ttft, model_tpot=tpot / ratio)
 
     def _throughput(self, load: float, cap: float, max_tokens: int) -> float:
         """Sequences a decode instance finishes per second with `load` sequences admitted
@@ -169,7 +224,8 @@ class LoadEstimator:
         step = self.step_time(min(load, cap)) or 0.0
         past_cap = max(0.0, load - cap)
         slot_wait = past_cap / self._throughput(load, cap, max_tokens) if past_cap else 0.0
-        return step + max(0.0, slot_wait - ttft) / max(1, max_tokens - 1)
+        entry = max(0.0, (self.entry_gap.value() or 1.0) - 1.0) * step
+        return step + (entry + max(0.0, slot_wait - ttft)) / max(1, max_tokens - 1)
 
     def _decode_cap(self, decoders: list[dict], prompt_len: float, max_tokens: int) -> float:
         """Rows a decode instance batches: its batch cap, or what its KV pages hold of

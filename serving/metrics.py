@@ -104,8 +104,8 @@ class ServerMetrics:
                                   "refused with 503, by reason", ["reason"])
         for reason in (*REJECTION_REASONS, *CONNECTION_REASONS):   # each shows, 0 at first
             self.rejections.labels(model_name, reason)
-        self.idle_closed = counter("dsjax_idle_connections_closed", "idle connections closed "
-                                   "to make room for a new one past a connection bound"
+        self.idle_closed = counter("dsjax_idle_connections_closed", "connections that sent no "
+                                   "request, closed to make room for a new one past a bound"
                                    ).labels(model_name)
 
     def observe_finished(self, reason: str | None, output=None) -> None:

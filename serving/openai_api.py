@@ -301,7 +301,7 @@ def check_completion(ctx: ServingContext, body: dict) -> CheckedBody:
     if "prompt" not in values:
         raise ApiError(400, "field 'prompt' is required: a string, a list of token ids, or "
                             "a list of either (a batch)", param="prompt")
-    prompts = read_prompts(values["prompt"])
+    prompts = read_prompts(values["prompt"], ctx.max_model_len)
     final_usage, continuous_usage = stream_usage(values)
     # echo with logprobs returns the prompt's log-probabilities too (vLLM's prompt_logprobs).
     echo = values.get("echo", False)

@@ -124,10 +124,32 @@ def test_nothing_measured_estimates_nothing():
 
 def test_the_estimator_learns_the_mean_output_length(measured):
     _, _, estimator = measured
-    for _ in range(10):
-        estimator.finished(1, 4)      # requests end after 4 tokens: slots free 4x sooner
+    for _ in range(10):   # requests end after 4 tokens: slots free 4x sooner
+        estimator.finished([[0.0, 0.04, 0.08, 0.12]])
     short = estimator.estimate(100, [64], 1, 16)
     assert short.tpot == pytest.approx(0.04 + (37 * 0.04 * 4 / 64 - short.ttft) / 15, rel=0.01)
+
+
+def test_the_second_tokens_delay_is_learned_and_weighs_on_short_outputs(measured):
+    _, _, estimator = measured
+    estimator.finished([[0.0, 0.03, 0.04, 0.05]])   # the first gap took 3 steady gaps
+    assert estimator.estimate(10, [64], 1, 2).tpot == pytest.approx(0.01 + 2 * 0.01)
+    assert estimator.estimate(10, [64], 1, 16).tpot == pytest.approx(0.01 + 2 * 0.01 / 15)
+
+
+def test_estimates_are_calibrated_by_what_admitted_requests_got(measured):
+    """The model misses what it does not see (interpreter and CPU contention, load admitted
+    later): recent requests' actual TPOT over its estimate (99th percentile) scales it, their
+    actual TTFT less its estimate is added."""
+    _, _, estimator = measured
+    before = estimator.estimate(10, [64], 1, 16)
+    for i in range(128):
+        estimator.calibrate(before, ttft=before.model_ttft + 0.3,
+                            tpot=before.model_tpot * (3.0 if i == 5 else 2.0))
+    after = estimator.estimate(10, [64], 1, 16)
+    assert after.tpot == pytest.approx(2.0 * before.tpot)     # one outlier in 128: not the 99th
+    assert after.ttft == pytest.approx(before.ttft + 0.3)
+    assert (after.model_tpot, after.model_ttft) == pytest.approx((before.tpot, before.ttft))
 
 
 # ---- the policy ------------------------------------------------------------------------------
@@ -142,7 +164,10 @@ class StubEstimator:
         self.asked.append(args)
         return Estimate(**self.fields)
 
-    def finished(self, num_sequences, num_tokens):
+    def finished(self, timestamps):
+        pass
+
+    def calibrate(self, estimate, ttft, tpot):
         pass
 
 

@@ -1,7 +1,7 @@
 """Connection bounds and how long a connection is kept, over raw sockets (issue 18).
 
-Idle connections (half-open heads, idle keep-alive) give way to newcomers; busy ones (a request
-being handled: here a body the server is still waiting for) are never displaced, and a newcomer
+Connections that never sent a request head (half-open) give way to newcomers once a second old;
+used ones (here: a body the server is still waiting for) are never displaced, and a newcomer
 past a bound they fill gets 503, counted in /metrics. Waits are hang guards, except where a test
 shows the server closes a connection well before the old behaviour would have.
 """
@@ -53,12 +53,15 @@ def counts(loop, served) -> dict:
 
 def test_half_open_sockets_give_way_to_probes(loop):
     """One client holds every connection half-open (and would reopen them as they time out):
-    each probe, from it or anyone, closes the oldest idle socket instead of being refused."""
+    once they are older than a second, each probe, from it or anyone, closes the oldest instead
+    of being refused. Younger ones are not displaced (a client may be sending its request)."""
+    from serving.connection_gate import EVICTABLE_AFTER_S
     served = loop.serve(limits=limits(max_connections=8, max_client_connections=8))
 
     async def scenario():
         held = [await hold(served.port, HALF_OPEN) for _ in range(8)]
-        answers = []
+        answers = [await exchange(served.port, HEALTH)]        # all young: refused
+        await asyncio.sleep(EVICTABLE_AFTER_S)
         for _ in range(3):   # a probe, then the client fills the bound again
             answers.append(await exchange(served.port, HEALTH))
             held.append(await hold(served.port, HALF_OPEN))
@@ -68,12 +71,14 @@ def test_half_open_sockets_give_way_to_probes(loop):
         return answers, closed
 
     answers, closed = loop.run(scenario(), timeout=3 * HANG_GUARD)
-    assert [status_of(a) for a in answers] == [200] * 3
+    assert [status_of(a) for a in answers] == [503, 200, 200, 200]
     assert closed == [True, True, True, False]     # the three oldest, in order
-    assert counts(loop, served)["idle_closed"] == 3
+    seen = counts(loop, served)
+    assert seen["idle_closed"] == 3 and seen["refused"]["max_connections"] == 0
+    assert seen["refused"]["client_connections"] == 1
 
 
-def test_busy_connections_are_kept_and_a_newcomer_past_the_bound_gets_503(loop):
+def test_used_connections_are_kept_and_a_newcomer_past_the_bound_gets_503(loop):
     served = loop.serve(limits=limits(max_connections=3, max_client_connections=10))
 
     async def scenario():

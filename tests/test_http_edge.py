@@ -71,6 +71,9 @@ EDGE_CASES = {
         "--body-timeout"),
     "a prompt too long for the context, refused untokenized": (
         request_bytes({"prompt": "x" * 600_000}), 400, "cannot fit the context of 2048 tokens"),
+    "a prompt of 150,000 token ids, refused before any per-id check": (
+        request_bytes({"prompt": [100] * 150_000}), 400,
+        "prompt of 150000 token ids cannot fit the context of 2048 tokens"),
     "foreign Host (DNS rebinding)": (request_bytes({"prompt": "hi"}, Host="evil.example:8400"),
                                      400, "--allowed-hosts"),
     "Host with userinfo after the port": (request_bytes({"prompt": "hi"},
