@@ -7,8 +7,8 @@ decode back-pressure stalls prefill, the measured rate of prompts leaving a non-
 bounds it instead. Decode: every sequence admitted and unfinished (the server's own count, so a
 burst admitted between two engine reports is counted) will share the decode batches with this
 one. A decode step's wall time grows with the batch (on a CPU, 6 ms at 16 rows, 100 ms at 128),
-so it is measured per batch-size bucket (powers of two) and extrapolated in proportion beyond
-the largest bucket seen. Sequences past the decode instances' batch capacity wait for others to
+so it is measured per batch-size bucket (powers of two), interpolated between them and extended
+along the two largest beyond them. Sequences past the decode instances' batch capacity wait for others to
 finish (capacity / (step time x mean output length) per second); that wait, less the time
 this request spends in prefill anyway, is spread over its output tokens.
 
@@ -165,18 +165,24 @@ class LoadEstimator:
                                                                                now)
 
     def step_time(self, rows: float) -> float | None:
-        """Wall seconds per decode step at `rows` rows: the bucket's measurement, else the
-        largest smaller bucket measured, scaled in proportion (None: nothing measured)."""
+        """Wall seconds per decode step at `rows` rows: the bucket's measurement; between
+        measured buckets, interpolated; below them, the smallest; above them, extended along
+        the two largest (flat from one: a step measured while migrations crowd it would
+        otherwise forbid the larger batches that would measure them). None: nothing measured."""
         want = bucket(rows)
-        measured = {b: r.value() for b, r in self.decode_step.items() if r.value() is not None}
-        if want in measured:
-            return measured[want]
-        below = [b for b in measured if b < want]
-        if below:
-            b = max(below)
-            return measured[b] * want / b
-        above = [b for b in measured if b > want]
-        return measured[min(above)] if above else None
+        points = sorted((b, r.value()) for b, r in self.decode_step.items()
+                        if r.value() is not None)
+        if not points:
+            return None
+        if want <= points[0][0]:
+            return points[0][1]
+        for (b1, t1), (b2, t2) in zip(points, points[1:]):
+            if want <= b2:
+                return t1 + (want - b1) * (t2 - t1) / (b2 - b1)
+        if len(points) == 1:
+            return points[0][1]
+        (b1, t1), (b2, t2) = points[-2:]
+        return t2 + (want - b2) * max(0.0, (t2 - t1) / (b2 - b1))
 
     # ---- estimating --------------------------------------------------------------------------
 

@@ -76,12 +76,16 @@ def measured():
     return engine, clock, estimator
 
 
-def test_decode_step_time_is_measured_per_batch_bucket_and_extrapolated(measured):
+def test_decode_step_time_is_measured_per_batch_bucket_and_extended(measured):
     _, _, estimator = measured
     assert estimator.step_time(16) == pytest.approx(0.01)
     assert estimator.step_time(40) == pytest.approx(0.04)       # the 64-row bucket
     assert estimator.step_time(3) == pytest.approx(0.01)        # below: the smallest seen
-    assert estimator.step_time(128) == pytest.approx(0.08)      # above: in proportion
+    assert estimator.step_time(32) == pytest.approx(0.02)       # between: interpolated
+    assert estimator.step_time(128) == pytest.approx(0.08)      # above: along the last two
+    one = LoadEstimator(FakeEngine(), Clock())
+    played(one.engine, one.clock, one, 1.0, decode_rows=1, decode_step=0.09)
+    assert one.step_time(8) == pytest.approx(0.09)              # from one bucket: flat
 
 
 def test_tpot_grows_with_the_sequences_admitted(measured):
