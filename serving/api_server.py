@@ -77,7 +77,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_M
     hosts = {configured_host(h) for h in allowed_hosts or LOCAL_HOSTS}
     connections = ConnectionRegistry(limits.max_connections, limits.max_client_connections,
                                      metrics.observe_connection_refusal,
-                                     metrics.observe_idle_connection_closed)
+                                     metrics.observe_unused_connection_closed)
     metrics.watch_connections(lambda: len(connections))
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
         used_middleware(connections), error_middleware(metrics), host_middleware(hosts),

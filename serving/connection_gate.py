@@ -59,10 +59,10 @@ class ConnectionRegistry:
         """A Connection for `client`, or the reason it is refused (after trying to make room
         by closing a connection that sent no request in the scope that is full)."""
         mine = self.by_client.get(client, {})
-        if len(mine) >= self.max_client_connections and not self._evict_idle(mine):
+        if len(mine) >= self.max_client_connections and not self._evict_unused(mine):
             self.on_refuse(CLIENT_CONNECTIONS)
             return CLIENT_CONNECTIONS
-        if len(self.all) >= self.max_connections and not self._evict_idle(self.all):
+        if len(self.all) >= self.max_connections and not self._evict_unused(self.all):
             self.on_refuse(MAX_CONNECTIONS)
             return MAX_CONNECTIONS
         conn = Connection(client, transport, asyncio.get_running_loop().time())
@@ -70,7 +70,7 @@ class ConnectionRegistry:
         self.by_client.setdefault(client, OrderedDict())[transport] = conn
         return conn
 
-    def _evict_idle(self, scope: dict) -> bool:
+    def _evict_unused(self, scope: dict) -> bool:
         """Close the oldest connection of `scope` still without a request after
         EVICTABLE_AFTER_S; False when there is none."""
         deadline = asyncio.get_running_loop().time() - EVICTABLE_AFTER_S

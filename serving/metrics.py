@@ -104,9 +104,9 @@ class ServerMetrics:
                                   "refused with 503, by reason", ["reason"])
         for reason in (*REJECTION_REASONS, *CONNECTION_REASONS):   # each shows, 0 at first
             self.rejections.labels(model_name, reason)
-        self.idle_closed = counter("dsjax_idle_connections_closed", "connections that sent no "
-                                   "request, closed to make room for a new one past a bound"
-                                   ).labels(model_name)
+        self.unused_closed = counter("dsjax_unused_connections_closed", "connections that sent "
+                                     "no request, closed to make room for a new one past a "
+                                     "bound").labels(model_name)
 
     def observe_finished(self, reason: str | None, output=None) -> None:
         self.success.labels(self.model_name, reason or "unknown").inc()
@@ -129,8 +129,8 @@ class ServerMetrics:
         self.observe_rejection(reason)
         self.observe_http_error(503)
 
-    def observe_idle_connection_closed(self) -> None:
-        self.idle_closed.inc()
+    def observe_unused_connection_closed(self) -> None:
+        self.unused_closed.inc()
 
     def watch_connections(self, num_open) -> None:
         Gauge("dsjax_connections_open", "HTTP connections open", ["model_name"],

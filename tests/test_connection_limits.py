@@ -48,7 +48,7 @@ def counts(loop, served) -> dict:
     refused = {s[0]["reason"]: s[1] for s in samples["dsjax_admission_rejections_total"]}
     http = {s[0]["status"]: s[1] for s in samples.get("dsjax_http_errors_total", [])}
     return {"refused": refused, "503": http.get("503", 0),
-            "idle_closed": samples["dsjax_idle_connections_closed_total"][0][1]}
+            "unused_closed": samples["dsjax_unused_connections_closed_total"][0][1]}
 
 
 def test_half_open_sockets_give_way_to_probes(loop):
@@ -74,7 +74,7 @@ def test_half_open_sockets_give_way_to_probes(loop):
     assert [status_of(a) for a in answers] == [503, 200, 200, 200]
     assert closed == [True, True, True, False]     # the three oldest, in order
     seen = counts(loop, served)
-    assert seen["idle_closed"] == 3 and seen["refused"]["max_connections"] == 0
+    assert seen["unused_closed"] == 3 and seen["refused"]["max_connections"] == 0
     assert seen["refused"]["client_connections"] == 1
 
 
@@ -96,7 +96,7 @@ def test_used_connections_are_kept_and_a_newcomer_past_the_bound_gets_503(loop):
     assert still_open == [True] * 3
     seen = counts(loop, served)
     assert seen["refused"]["max_connections"] == 1 and seen["503"] == 1
-    assert seen["idle_closed"] == 0
+    assert seen["unused_closed"] == 0
 
 
 def test_one_client_cannot_take_every_connection(loop):
