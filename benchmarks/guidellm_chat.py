@@ -115,12 +115,13 @@ def main() -> None:
     ensure_tokenizer(venv, tokenizer)
 
     port = free_port()
-    # --max-queue-delay: queue every request, as vLLM does. guidellm's throughput stage opens
-    # 512 streams at once; dsjax's default admission answers those past a 10 s estimated wait
-    # with 503 + Retry-After, and guidellm counts them as errors without retrying.
+    # --max-queue-delay, --max-tpot: queue every request, as vLLM does. guidellm's throughput
+    # stage opens 512 streams at once; dsjax's default admission answers those estimated past
+    # 4 x an SLO with 503 + Retry-After, and guidellm counts them as errors without retrying.
     cmd = [sys.executable, "-m", "serving", "--model", args.model, "--load-format", "dummy",
            "--tokenizer", str(tokenizer), "--served-model-name", args.model,
            "--port", str(port), "--no-log-status", "--max-queue-delay", "3600",
+           "--max-tpot", "3600",
            *args.dsjax_args.split()]
     server = Server("dsjax", cmd, dict(os.environ), port, args.out / "server.log",
                     cwd=REPO)

@@ -279,9 +279,9 @@ DSJAX_SETTINGS = [
     "--warmup-max-prompt-len", "128", "--warmup-max-context-len", "128",
     "--warmup-max-prefill-batch", "8",
     # Queue every request, as vLLM does: by default dsjax answers 503 + Retry-After when its
-    # estimated wait for a first token exceeds 4 x the TTFT SLO, and `vllm bench serve` counts
-    # those as failed without retrying (2 of a burst of 16 in a trial run).
-    "--max-queue-delay", "3600",
+    # estimated time to first token or per output token exceeds 4 x the SLO, and `vllm bench
+    # serve` counts those as failed without retrying (2 of a burst of 16 in a trial run).
+    "--max-queue-delay", "3600", "--max-tpot", "3600",
 ]
 
 

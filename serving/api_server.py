@@ -14,8 +14,9 @@ from typing import Iterable, Sequence
 from aiohttp import web
 
 from serving import chat_api, generate_api, openai_api, tokenize_api
-from serving.admission import DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE
-from serving.connections import (DEFAULT_MAX_BODY_BYTES, BoundedTCPSite, HttpLimits,
+from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TPOT_SLO, SLO_MULTIPLE
+from serving.connection_gate import ConnectionRegistry, GatedTCPSite, used_middleware
+from serving.connections import (DEFAULT_MAX_BODY_BYTES, HttpLimits, handler_factory,
                                  runner_settings)
 from serving.context import build_context
 from serving.engine_client import EngineClient
@@ -28,6 +29,7 @@ log = logging.getLogger("serving")
 
 CLIENT = web.AppKey("client", EngineClient)
 LIMITS = web.AppKey("limits", HttpLimits)
+CONNECTIONS = web.AppKey("connections", ConnectionRegistry)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", set)
 DEFAULT_HOSTS = web.AppKey("default_hosts", bool)
 
@@ -55,23 +57,32 @@ def metrics_handler(metrics: ServerMetrics):
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_queue_delay: float | None = None,
+               max_queue_delay: float | None = None, max_tpot: float | None = None,
                limits: HttpLimits = HttpLimits(), allowed_hosts: Iterable[str] | None = None,
                served_model_names: Sequence[str] | None = None,
                chat_template: str | None = None) -> web.Application:
     """The server of `engine`. allowed_hosts None: localhost names and, once start_server binds
-    it, the bound address. chat_template: --chat-template (else the tokenizer directory's)."""
-    if max_queue_delay is None:   # the engine's own TTFT SLO, times the stated multiple
-        max_queue_delay = QUEUE_DELAY_SLO_MULTIPLE * engine.config.ttft_slo
+    it, the bound address. chat_template: --chat-template (else the tokenizer directory's).
+    max_queue_delay, max_tpot: the TTFT and TPOT an admitted request may take (default: the
+    stated multiple of the engine's TTFT SLO and of the default TPOT SLO)."""
+    if max_queue_delay is None:
+        max_queue_delay = SLO_MULTIPLE * engine.config.ttft_slo
+    if max_tpot is None:
+        max_tpot = SLO_MULTIPLE * DEFAULT_TPOT_SLO
     ctx = build_context(engine, max_queue=max_queue, max_queue_delay=max_queue_delay,
+                        max_tpot=max_tpot,
                         served_model_names=served_model_names, chat_template=chat_template,
                         body_timeout=limits.body_timeout)
     client, metrics = ctx.client, ctx.client.metrics
     hosts = {configured_host(h) for h in allowed_hosts or LOCAL_HOSTS}
+    connections = ConnectionRegistry(limits.max_connections, limits.max_client_connections,
+                                     metrics.observe_connection_refusal,
+                                     metrics.observe_unused_connection_closed)
+    metrics.watch_connections(lambda: len(connections))
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
-        error_middleware(metrics), host_middleware(hosts), auth_middleware(api_key),
-        json_post_middleware])
-    app[CLIENT], app[LIMITS] = client, limits
+        used_middleware(connections), error_middleware(metrics), host_middleware(hosts),
+        auth_middleware(api_key), json_post_middleware])
+    app[CLIENT], app[LIMITS], app[CONNECTIONS] = client, limits, connections
     app[ALLOWED_HOSTS], app[DEFAULT_HOSTS] = hosts, allowed_hosts is None
     app.router.add_post("/generate", generate_api.generate_handler(ctx))
     app.router.add_post("/v1/completions", openai_api.completions_handler(ctx))
@@ -98,7 +109,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0,
                            **runner_settings(app[LIMITS]))
     await runner.setup()
-    site = BoundedTCPSite(runner, host, port, app[LIMITS].max_connections)
+    site = GatedTCPSite(runner, host, port, app[CONNECTIONS],
+                        handler_factory(runner.server, app[CLIENT].metrics.observe_http_error))
     await site.start()
     return runner, runner.addresses[0][1]
 

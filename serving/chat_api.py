@@ -13,8 +13,9 @@ from dsjax.engine.request import RequestOutput
 from serving.api_errors import ApiError
 from serving.chat_template import ChatTemplateError
 from serving.context import ServingContext
-from serving.openai_api import (CheckedBody, EngineJob, Handler, TokenLogprobs, new_tokens,
-                                openai_handler, usage, usage_so_far)
+from serving.openai_api import (CheckedBody, EngineJob, Handler, TokenLogprobs,
+                                check_streamable, new_tokens, openai_handler, usage,
+                                usage_so_far)
 from serving.request_fields import CHAT_FIELDS, read_fields, sampling_params, stream_usage
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -161,6 +162,7 @@ def check_chat(ctx: ServingContext, body: dict) -> CheckedBody:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         num_top = values.get("top_logprobs", 0) if values.get("logprobs") else None
         params = sampling_params(values, CHAT_FIELDS, max_tokens=max_tokens, logprobs=num_top)
+        check_streamable(params, bool(values.get("stream")))
         return EngineJob(ids, [params], "chatcmpl", bool(values.get("stream")), final_usage,
                          lambda group_id: ChatChoices(group_id, model, TokenLogprobs(ctx.tokenizer),
                                                       num_top, continuous_usage),

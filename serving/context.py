@@ -6,12 +6,13 @@ The HTTP server (api_server.py) and the batch job (batch_runner.py) build it the
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Sequence
 
 from aiohttp import web
 
-from serving.admission import Admission
+from serving.admission import Admission, AdmissionBounds
 from serving.api_errors import ApiError
 from serving.chat_template import ChatTemplate, load_chat_template
 from serving.engine_client import EngineClient
@@ -117,15 +118,17 @@ class ServingContext:
         return requested
 
 
-def build_context(engine, *, max_queue: int, max_queue_delay: float,
-                  served_model_names: Sequence[str] | None = None,
+def build_context(engine, *, max_queue: int, max_queue_delay: float = math.inf,
+                  max_tpot: float = math.inf, served_model_names: Sequence[str] | None = None,
                   chat_template: str | None = None, body_timeout: float = 30.0
                   ) -> ServingContext:
-    """The context of `engine`: its admission, metrics (watching the engine), names and chat
-    template (`chat_template`: --chat-template, else the tokenizer directory's)."""
+    """The context of `engine`: its admission (bounds: admission.py; infinite ones refuse
+    nothing), metrics (watching the engine), names and chat template (`chat_template`:
+    --chat-template, else the tokenizer directory's)."""
     names = list(served_model_names or default_model_names(engine))
     metrics = ServerMetrics(names[0])
-    admission = Admission(engine, max_queue, max_queue_delay, metrics.observe_rejection)
+    admission = Admission(engine, AdmissionBounds(max_queue, max_queue_delay, max_tpot),
+                          metrics.observe_rejection)
     client = EngineClient(engine, admission, metrics)
     metrics.watch(engine, lambda: client.num_active)
     tokenizer_dir = engine.config.tokenizer or engine.config.model

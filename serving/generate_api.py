@@ -41,7 +41,9 @@ def generate_answer(output: RequestOutput) -> dict:
 
 def generate_stream_records(output: RequestOutput) -> list[dict]:
     """One record per new token of each sequence (with its `index` when n > 1); the text a
-    sequence adds rides on its last new token."""
+    sequence adds rides on its last new token, and so does its finish_reason once it ended.
+    The stream's last record says `finished` and carries the lifetime events, whichever
+    sequence it belongs to (with n > 1 the sequence that ends last need not be the last)."""
     records = []
     for seq in output.outputs:
         new = seq.new_token_ids
@@ -49,16 +51,19 @@ def generate_stream_records(output: RequestOutput) -> list[dict]:
         for i, token_id in enumerate(new):
             last = i == len(new) - 1
             record = {"text": (seq.new_text or "") if last else "", "token_id": token_id,
-                      "timestamp": seq.token_timestamps[first + i],
-                      "finished": output.finished and last and seq is output.outputs[-1]}
+                      "timestamp": seq.token_timestamps[first + i], "finished": False}
             if len(output.outputs) > 1:
                 record["index"] = seq.index
             if seq.logprobs is not None:
                 record["logprobs"] = _table(seq.logprobs[first + i])
-            if record["finished"]:
+            if last and seq.finished:
                 record["finish_reason"] = seq.finish_reason
-                record["lifetime_events"] = output.lifetime_events
             records.append(record)
+    if output.finished and (records or output.finish_reason != "abort"):
+        if not records:   # every sequence had ended before: a record without a token ends it
+            records.append({"text": "", "token_id": None, "timestamp": None})
+        records[-1].update(finished=True, finish_reason=records[-1].get(
+            "finish_reason", output.finish_reason), lifetime_events=output.lifetime_events)
     return records
 
 
@@ -88,7 +93,7 @@ def generate_handler(ctx: ServingContext) -> Handler:
         if "prompt" not in values:
             raise ApiError(400, "field 'prompt' is required: text or a list of token ids",
                            param="prompt")
-        ids = await ctx.prompt_ids(read_prompt(values["prompt"]))
+        ids = await ctx.prompt_ids(read_prompt(values["prompt"], ctx.max_model_len))
         max_tokens = ctx.max_tokens(ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS)
         params = sampling_params(values, GENERATE_FIELDS, max_tokens=max_tokens)
         with ctx.client.submit([ids], [params], id_prefix="gen",

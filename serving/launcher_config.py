@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dsjax.config import DTYPES, ENGINE_MODES, EngineConfig
-from serving.admission import DEFAULT_MAX_QUEUE, QUEUE_DELAY_SLO_MULTIPLE
+from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TPOT_SLO, SLO_MULTIPLE
 from serving.chat_template import load_chat_template
 from serving.connections import DEFAULT_MAX_BODY_BYTES, HttpLimits
 
@@ -98,10 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     admission = p.add_argument_group("admission (503 + Retry-After past these)")
     admission.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                            help="requests admitted and not finished (default: %(default)s)")
+    admission.add_argument("--tpot-slo", type=float, default=DEFAULT_TPOT_SLO,
+                           help="seconds per output token after the first that requests should "
+                                "meet (default: %(default)s, the paper's OPT-66B chatbot SLO); "
+                                "the TTFT SLO is the engine's --ttft-slo")
+    admission.add_argument("--slo-multiple", type=float, default=SLO_MULTIPLE,
+                           help="refuse a request estimated to take more than this multiple of "
+                                "either SLO (default: %(default)s)")
     admission.add_argument("--max-queue-delay", type=float, default=None,
-                           help="refuse a request the engine estimates would wait longer than "
-                                f"this for its first token (default: {QUEUE_DELAY_SLO_MULTIPLE}"
-                                " x the engine's --ttft-slo)")
+                           help="the bound on the estimated time to first token, overriding "
+                                "--slo-multiple x --ttft-slo ('inf': none)")
+    admission.add_argument("--max-tpot", type=float, default=None,
+                           help="the bound on the estimated time per output token, overriding "
+                                "--slo-multiple x --tpot-slo ('inf': none)")
     limits = p.add_argument_group("HTTP limits")
     limits.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted (413 above)")
@@ -113,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a request has to send its body (408 after; default: "
                              "%(default)s)")
     limits.add_argument("--max-connections", type=int, default=HttpLimits.max_connections,
-                        help="connections open at once; more get 503 (default: %(default)s)")
+                        help="connections open at once; past it a new one closes the oldest "
+                             "idle connection, or gets 503 when all are busy (default: "
+                             "%(default)s)")
+    limits.add_argument("--max-client-connections", type=int,
+                        default=HttpLimits.max_client_connections,
+                        help="connections open at once from one client address, with the same "
+                             "rule (default: %(default)s)")
     server.add_argument("--skip-warmup", action="store_true",
                         help="do not send one tiny request through the engine before serving")
     add_model_arguments(p)
@@ -206,6 +221,7 @@ class ServerOptions:
     max_body_bytes: int
     warmup: bool
     max_queue_delay: float
+    max_tpot: float
     limits: HttpLimits
     allowed_hosts: tuple[str, ...] | None
     served_model_names: tuple[str, ...] | None
@@ -215,6 +231,7 @@ class ServerOptions:
         """Keyword arguments of serving.api_server.create_app."""
         return {"api_key": self.api_key, "max_queue": self.max_queue,
                 "max_body_bytes": self.max_body_bytes, "max_queue_delay": self.max_queue_delay,
+                "max_tpot": self.max_tpot,
                 "limits": self.limits, "allowed_hosts": self.allowed_hosts,
                 "served_model_names": self.served_model_names,
                 "chat_template": self.chat_template}
@@ -229,20 +246,28 @@ def _positive(flag: str, value: float) -> float:
 def server_options_from_args(args: argparse.Namespace, config: EngineConfig) -> ServerOptions:
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.max_connections < 1:
-        raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
+    for flag in ("max_connections", "max_client_connections"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(args, flag)}")
     if args.max_body_bytes < 1024:
         raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    multiple = _positive("--slo-multiple", args.slo_multiple)
     delay = args.max_queue_delay
     if delay is None:
-        delay = QUEUE_DELAY_SLO_MULTIPLE * config.ttft_slo
+        delay = multiple * config.ttft_slo
+    max_tpot = args.max_tpot
+    if max_tpot is None:
+        max_tpot = multiple * _positive("--tpot-slo", args.tpot_slo)
     limits = HttpLimits(_positive("--header-timeout", args.header_timeout),
-                        _positive("--body-timeout", args.body_timeout), args.max_connections)
+                        _positive("--body-timeout", args.body_timeout), args.max_connections,
+                        args.max_client_connections)
     if args.chat_template:
         load_chat_template(args.chat_template, None)   # a missing or broken template stops here
     return ServerOptions(args.host, args.port, args.api_key or None, args.max_queue,
                          args.max_body_bytes, not args.skip_warmup,
-                         _positive("--max-queue-delay", delay), limits,
+                         _positive("--max-queue-delay", delay),
+                         _positive("--max-tpot", max_tpot), limits,
                          tuple(args.allowed_hosts) if args.allowed_hosts else None,
                          tuple(args.served_model_names) if args.served_model_names else None,
                          args.chat_template)

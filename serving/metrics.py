@@ -9,11 +9,12 @@ loop thread observes, so nothing here needs a lock.
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serving.admission import REJECTION_REASONS
+from serving.connection_gate import CONNECTION_REASONS
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -99,10 +100,13 @@ class ServerMetrics:
                                "(stop, length, abort, error)", ["finished_reason"])
         self.http_errors = counter("dsjax_http_errors", "error answers, by HTTP status",
                                    ["status"])
-        self.rejections = counter("dsjax_admission_rejections", "requests refused with 503 at "
-                                  "admission, by reason", ["reason"])
-        for reason in REJECTION_REASONS:   # every reason shows, at 0 until it happens
+        self.rejections = counter("dsjax_admission_rejections", "requests and connections "
+                                  "refused with 503, by reason", ["reason"])
+        for reason in (*REJECTION_REASONS, *CONNECTION_REASONS):   # each shows, 0 at first
             self.rejections.labels(model_name, reason)
+        self.unused_closed = counter("dsjax_unused_connections_closed", "connections that sent "
+                                     "no request, closed to make room for a new one past a "
+                                     "bound").labels(model_name)
 
     def observe_finished(self, reason: str | None, output=None) -> None:
         self.success.labels(self.model_name, reason or "unknown").inc()
@@ -119,6 +123,18 @@ class ServerMetrics:
 
     def observe_rejection(self, reason: str) -> None:
         self.rejections.labels(self.model_name, reason).inc()
+
+    def observe_connection_refusal(self, reason: str) -> None:
+        """A connection refused past a bound: a 503 answer the app never saw."""
+        self.observe_rejection(reason)
+        self.observe_http_error(503)
+
+    def observe_unused_connection_closed(self) -> None:
+        self.unused_closed.inc()
+
+    def watch_connections(self, num_open) -> None:
+        Gauge("dsjax_connections_open", "HTTP connections open", ["model_name"],
+              registry=self.registry).labels(self.model_name).set_function(num_open)
 
     def watch(self, engine, num_active) -> None:
         """Read the engine's state (and the admission queue's length, num_active()) per scrape."""
@@ -140,7 +156,9 @@ class EngineCollector:
         return []   # not known before the first scrape; prometheus_client then skips the check
 
     def collect(self):
-        stats = self.engine.stats()
+        # A failed instance's last report would stay frozen: it holds nothing any more.
+        stats = [s if s.get("alive", True) else {**s, **{k: 0 for k in INSTANCE_GAUGES}}
+                 for s in self.engine.stats()]
         name = [self.model_name]
 
         def family(kind, metric, help_text, value, **labels):
@@ -170,6 +188,11 @@ class EngineCollector:
         yield family(GaugeMetricFamily, "dsjax_admission_queue_length",
                      "requests admitted by the server and not finished (bounded by --max-queue)",
                      self.num_active())
+        up = GaugeMetricFamily("dsjax_instance_up", "1 while the instance serves, 0 once it "
+                               "failed", labels=["model_name", "instance"])
+        for s in stats:
+            up.add_metric([self.model_name, s["instance"]], 1 if s.get("alive", True) else 0)
+        yield up
         for key, (metric, help_text) in INSTANCE_GAUGES.items():
             f = GaugeMetricFamily(metric, help_text, labels=["model_name", "instance"])
             for s in stats:

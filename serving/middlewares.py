@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 
 from aiohttp import web
 
@@ -52,16 +53,25 @@ def error_middleware(metrics: ServerMetrics):
                 metrics.observe_http_error(response.status)
             return response
         metrics.observe_http_error(status)
-        return web.json_response(error_body(request.path, status, message, param),
-                                 status=status, headers=headers)
+        response = web.json_response(error_body(request.path, status, message, param),
+                                     status=status, headers=headers)
+        if status == 408:   # the client stalled sending its body: answer and close, no linger
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+        return response
     return errors
 
 
-def host_name(header: str) -> str:
-    """'Example.COM.:8400' -> 'example.com', '[::1]:8400' -> '::1'."""
-    if header.startswith("["):
-        return header[1:header.find("]")].lower()
-    return header.rsplit(":", 1)[0].rstrip(".").lower()
+# RFC 9110's Host: a bracketed IPv6 literal or a name of letters, digits, '.', '-', '_', '~',
+# then an optional port. Anything else ('localhost:80@evil.example') is not a Host at all.
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{0,5})?")
+
+
+def host_name(header: str) -> str | None:
+    """'Example.COM.:8400' -> 'example.com', '[::1]:8400' -> '::1'; None when malformed."""
+    match = HOST_HEADER.fullmatch(header)
+    return configured_host(match.group(1)) if match else None
 
 
 def configured_host(name: str) -> str:
@@ -76,8 +86,13 @@ def host_middleware(allowed_hosts: set[str]):
     @web.middleware
     async def hosts(request: web.Request, handler):
         header = request.headers.get("Host")
-        if "*" not in allowed_hosts and header is not None and \
-                request.path not in UNGUARDED_PATHS and host_name(header) not in allowed_hosts:
+        if header is None or request.path in UNGUARDED_PATHS:
+            return await handler(request)
+        name = host_name(header)
+        if name is None:
+            raise ApiError(400, f"Host {header!r} is malformed: send a host name or address, "
+                                f"optionally with ':port'", param="Host")
+        if "*" not in allowed_hosts and name not in allowed_hosts:
             raise ApiError(400, f"Host {header!r} is not served here (allowed: "
                                 f"{', '.join(sorted(allowed_hosts))}): start the server with "
                                 f"--allowed-hosts naming it, or '*'", param="Host")

@@ -119,7 +119,7 @@ async def stream_sse(request: web.Request, group: RequestGroup,
             if usage_chunk is not None:
                 await response.write(sse(usage_chunk(group.final)))
     except EngineFailure as e:
-        await response.write(sse(openai_error(500, str(e))))
+        await response.write(sse(openai_error(e.status, str(e))))
     except ConnectionError:  # the client left; leaving the group aborts its requests
         return response
     await response.write(sse("[DONE]"))
@@ -128,11 +128,12 @@ async def stream_sse(request: web.Request, group: RequestGroup,
 
 
 async def final_outputs(group: RequestGroup) -> list[RequestOutput]:
-    """Every request's final output; 500 when the engine failed one, 503 when aborted."""
+    """Every request's final output; 500 or 503 when the engine failed one (EngineFailure),
+    503 when aborted."""
     try:
         finals = await group.results()
     except EngineFailure as e:
-        raise ApiError(500, str(e)) from e
+        raise ApiError(e.status, str(e), e.headers) from e
     if any(f.finish_reason == "abort" for f in finals):
         raise ApiError(503, ABORTED, {"Retry-After": "1"})
     return finals
@@ -222,13 +223,21 @@ class CompletionChoices:
     def answer(self, finals: list[RequestOutput]) -> dict:
         choices = []
         for i, final in enumerate(finals):
-            prefix = self._prompt_part(i * self.n, final) if self.echo else None
             for seq in final.outputs:
                 index = i * self.n + seq.index
+                # Per choice: each choice's text_offset counts from its own echoed prompt.
+                prefix = self._prompt_part(index, final) if self.echo else None
                 choices.append(self._choice(index, seq, [(p, t, "") for p, t in
                                                          enumerate(seq.token_ids)],
                                             seq.text or "", True, prefix))
         return {**self.base, "choices": choices, "usage": usage(finals)}
+
+
+def check_streamable(params: SamplingParams, stream: bool) -> None:
+    if stream and params.num_samples > params.n:
+        raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known only "
+                            "at the end; set stream false or best_of equal to n",
+                       param="best_of")
 
 
 # ---- a body checked, then tokenized: what the handlers and the batch job share ---------------
@@ -292,7 +301,7 @@ def check_completion(ctx: ServingContext, body: dict) -> CheckedBody:
     if "prompt" not in values:
         raise ApiError(400, "field 'prompt' is required: a string, a list of token ids, or "
                             "a list of either (a batch)", param="prompt")
-    prompts = read_prompts(values["prompt"])
+    prompts = read_prompts(values["prompt"], ctx.max_model_len)
     final_usage, continuous_usage = stream_usage(values)
     # echo with logprobs returns the prompt's log-probabilities too (vLLM's prompt_logprobs).
     echo = values.get("echo", False)
@@ -303,10 +312,7 @@ def check_completion(ctx: ServingContext, body: dict) -> CheckedBody:
         params = [sampling_params(values, COMPLETION_FIELDS, max_tokens=ctx.max_tokens(
                       prompt_ids, values.get("max_tokens"), DEFAULT_MAX_TOKENS), **scored)
                   for prompt_ids in ids]
-        if stream and params[0].num_samples > params[0].n:
-            raise ApiError(400, "best_of > n cannot be streamed: the best sequences are known "
-                                "only at the end; set stream false or best_of equal to n",
-                           param="best_of")
+        check_streamable(params[0], stream)
         return EngineJob(ids, params, "cmpl", stream, final_usage, lambda group_id: (
             CompletionChoices(group_id, model, TokenLogprobs(ctx.tokenizer), params[0].logprobs,
                               params[0].n, continuous_usage, echo)), values.get("cache_salt"))

@@ -17,10 +17,11 @@ import threading
 
 import pytest
 
+from dsjax.sampling_params import SamplingParams
+from tests._raw_http import HANG_GUARD, body_of, exchange, request_bytes, status_of
 from tests._server_helpers import EngineProxy, parse_metrics, wait_until_no_blocks
 
 HEADER_TIMEOUT = BODY_TIMEOUT = 0.5
-HANG_GUARD = 60.0        # seconds before a test gives up waiting: the server hangs
 PROMPT = "The capital of France is"
 
 
@@ -33,41 +34,6 @@ def limits(**changes):
 @pytest.fixture(scope="module")
 def server(loop):
     return loop.serve(limits=limits(), api_key=None, max_body_bytes=1 << 20)
-
-
-def request_bytes(body: bytes | dict = b"{}", path: str = "/generate", method: str = "POST",
-                  **headers) -> bytes:
-    """One HTTP/1.1 request (Connection: close, so the server ends the exchange)."""
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-    head = {"Host": "localhost", "Content-Type": "application/json",
-            "Content-Length": str(len(body)), "Connection": "close"}
-    head.update({k.replace("_", "-"): v for k, v in headers.items()})
-    lines = "".join(f"{k}: {v}\r\n" for k, v in head.items() if v is not None)
-    return f"{method} {path} HTTP/1.1\r\n".encode() + lines.encode("latin-1", "surrogateescape") \
-        + b"\r\n" + body
-
-
-def status_of(raw: bytes) -> int | None:
-    """The answer's status; None when the server closed without one."""
-    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.") else None
-
-
-def body_of(raw: bytes) -> dict:
-    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
-
-
-async def exchange(port: int, data: bytes) -> bytes:
-    """Send `data`, read until the server closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), HANG_GUARD)
-    except ConnectionResetError:
-        return b""
-    finally:
-        writer.close()
 
 
 def run(loop, coro):
@@ -105,8 +71,25 @@ EDGE_CASES = {
         "--body-timeout"),
     "a prompt too long for the context, refused untokenized": (
         request_bytes({"prompt": "x" * 600_000}), 400, "cannot fit the context of 2048 tokens"),
+    "a prompt of 150,000 token ids, refused before any per-id check": (
+        request_bytes({"prompt": [100] * 150_000}), 400,
+        "prompt of 150000 token ids cannot fit the context of 2048 tokens"),
     "foreign Host (DNS rebinding)": (request_bytes({"prompt": "hi"}, Host="evil.example:8400"),
                                      400, "--allowed-hosts"),
+    "Host with userinfo after the port": (request_bytes({"prompt": "hi"},
+                                                        Host="localhost:80@evil.example"),
+                                          400, "Host 'localhost:80@evil.example' is malformed"),
+    "gzip body cut before its trailer": (request_bytes(gzip.compress(b'{"prompt": "hi"}')[:-8],
+                                                       Content_Encoding="gzip"),
+                                         400, "before its end marker and trailer"),
+    "gzip body decoding past --max-body-bytes": (
+        request_bytes(gzip.compress(b'{"prompt": "' + b"a" * (2 << 20) + b'"}'),
+                      Content_Encoding="gzip"), 413, "decodes to over 1048576 bytes"),
+    "Content-Encoding br": (request_bytes({"prompt": "hi"}, Content_Encoding="br"), 415,
+                            "send the body uncompressed, or as gzip or deflate"),
+    "garbage instead of a request line": (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
+    "a header line over 8 KiB": (request_bytes({"prompt": "hi"}, X_Long="a" * 9000), 400,
+                                 "malformed HTTP request"),
     "cross-origin text/plain POST": (request_bytes({"prompt": "hi"}, Content_Type="text/plain"),
                                      415, "application/json"),
     "form POST (curl -d without -H)": (
@@ -173,82 +156,101 @@ def test_stalled_request_heads_are_closed(loop, server):
     assert run(loop, stall(200)) == [b""] * 200
 
 
-def test_connections_past_the_bound_are_refused(loop):
-    bounded = loop.serve(limits=limits(max_connections=4, header_timeout=HANG_GUARD))
-
-    async def scenario():
-        opened = []
-        for _ in range(4):   # four keep-alive connections, each registered by a full exchange
-            reader, writer = await asyncio.open_connection("127.0.0.1", bounded.port)
-            writer.write(request_bytes(b"", path="/health", method="GET", Connection=None))
-            await writer.drain()
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_GUARD)
-            assert status_of(head) == 200
-            opened.append(writer)
-        refused = await exchange(bounded.port, request_bytes(b"", path="/health", method="GET"))
-        opened.pop().close()
-        await asyncio.sleep(0.2)   # the server sees the close
-        served = await exchange(bounded.port, request_bytes(b"", path="/health", method="GET"))
-        for writer in opened:
-            writer.close()
-        return refused, served
-
-    refused, served = run(loop, scenario())
-    assert status_of(refused) == 503 and "--max-connections" in body_of(refused)["error"]
-    assert status_of(served) == 200
-
-
 class GatedTokenizer:
-    """The engine's tokenizer, but encode() waits until the test opens the gate."""
+    """The engine's tokenizer, but `method` waits until the test opens the gate."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, method: str = "encode"):
         self.tokenizer = tokenizer
         self.entered, self.gate = threading.Event(), threading.Event()
+        setattr(self, method, self._gated(getattr(tokenizer, method)))
 
-    def encode(self, text, add_bos=True):
-        self.entered.set()
-        assert self.gate.wait(HANG_GUARD)
-        return self.tokenizer.encode(text, add_bos=add_bos)
+    def _gated(self, method):
+        def gated(*args, **kwargs):
+            self.entered.set()
+            assert self.gate.wait(HANG_GUARD)
+            return method(*args, **kwargs)
+        return gated
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
 
 
-def test_a_long_prompt_is_tokenized_off_the_event_loop(loop, server):
-    """While a 100 kB prompt is being tokenized, the server answers other requests: were it
-    tokenized on the event loop, /health could not answer until the gate opened."""
-    tokenizer = GatedTokenizer(server.engine.tokenizer)
-    gated = loop.serve(EngineProxy(server.engine, tokenizer=tokenizer))
+def answered_while_gated(loop, server, method: str, data: bytes) -> tuple[bytes, bytes]:
+    """(a /health answer got while `method` of the tokenizer was held, the gated answer):
+    were the gated work done on the event loop, /health could not answer until it ended."""
+    tokenizer = GatedTokenizer(server.engine.tokenizer, method)
+    gated = loop.serve(EngineProxy(server.engine, tokenizer=tokenizer), max_body_bytes=4 << 20)
 
     async def scenario():
-        long = asyncio.ensure_future(exchange(gated.port, request_bytes(
-            {"prompt": "word " * 20_000, "max_tokens": 1})))
+        long = asyncio.ensure_future(exchange(gated.port, data))
         while not tokenizer.entered.is_set():
             await asyncio.sleep(0.01)
         health = await exchange(gated.port, request_bytes(b"", path="/health", method="GET"))
         tokenizer.gate.set()
         return health, await long
 
-    health, long = run(loop, scenario())
+    return run(loop, scenario())
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(loop, server):
+    health, long = answered_while_gated(loop, server, "encode", request_bytes(
+        {"prompt": "word " * 20_000, "max_tokens": 1}))
     assert status_of(health) == 200
     assert status_of(long) == 400 and "max_model_len" in body_of(long)["error"]
 
 
-def test_overload_is_refused_early_with_retry_after(loop, server):
-    """An engine that estimates a 30 s wait for the first token: past --max-queue-delay (8 s)
-    every request gets 503 + Retry-After (the 22 s over); the rejection shows in /metrics."""
-    overloaded = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 30.0),
-                            max_queue_delay=8.0)
-    raw = send(loop, overloaded, request_bytes({"prompt": "hi"}))
-    assert status_of(raw) == 503 and b"Retry-After: 22" in raw
-    assert "--max-queue-delay of 8 s" in body_of(raw)["error"]
-    text = send(loop, overloaded, request_bytes(b"", path="/metrics", method="GET"))
+@pytest.mark.parametrize("path,method,body", [
+    ("/tokenize", "token_string", {"prompt": "word " * 20_000, "return_token_strs": True}),
+    ("/detokenize", "decode", {"tokens": [100] * 20_000}),
+], ids=["tokenize with token_strs", "detokenize"])
+def test_large_tokenizer_work_runs_off_the_event_loop(loop, server, path, method, body):
+    health, answer = answered_while_gated(loop, server, method, request_bytes(body, path=path))
+    assert status_of(health) == 200 and status_of(answer) == 200
+
+
+def test_tokenizer_routes_bound_their_input(loop):
+    served = loop.serve(max_body_bytes=4 << 20)
+    raw = send(loop, served, request_bytes({"prompt": "a" * (3 << 20)}, path="/tokenize"))
+    assert status_of(raw) == 400 and "over /tokenize's limit of" in \
+        body_of(raw)["error"]["message"]
+    raw = send(loop, served, request_bytes({"tokens": [100] * 70_000}, path="/detokenize"))
+    assert status_of(raw) == 400 and "70000 token ids are over /detokenize's limit of 65536" in \
+        body_of(raw)["error"]["message"]
+
+
+def test_overload_is_refused_with_retry_after_and_counted(loop, server):
+    """A request estimated to miss the TPOT bound gets 503 with the estimate's drain time as
+    Retry-After, counted in /metrics by cause; within the bounds it is served."""
+    from serving.api_server import CLIENT
+    from tests.test_admission import StubEstimator
+    served = loop.serve()
+    admission = served.app[CLIENT].admission
+    admission.estimator = StubEstimator(tpot=2.0, tpot_wait=7.2)
+    raw = send(loop, served, request_bytes({"prompt": "hi"}))
+    assert status_of(raw) == 503 and b"Retry-After: 8" in raw
+    assert "about 2.000 s per output token" in body_of(raw)["error"]
+    text = send(loop, served, request_bytes(b"", path="/metrics", method="GET"))
     samples = parse_metrics(text.split(b"\r\n\r\n", 1)[1].decode())
     rejected = {s[0]["reason"]: s[1] for s in samples["dsjax_admission_rejections_total"]}
-    assert rejected == {"queue_delay": 1, "queue_full": 0, "shutting_down": 0}
-    relaxed = loop.serve(EngineProxy(server.engine, admission_estimate=lambda tokens: 1.0),
-                         max_queue_delay=8.0)
-    assert status_of(send(loop, relaxed, request_bytes({"prompt": "hi", "max_tokens": 1}))) == 200
+    assert rejected["tpot_slo"] == 1 and sum(rejected.values()) == 1
+    admission.estimator = StubEstimator(tpot=0.01)
+    assert status_of(send(loop, served, request_bytes({"prompt": "hi", "max_tokens": 1}))) == 200
+
+
+def test_the_estimate_reads_the_engines_stats(loop, server):
+    """Sampled while a request runs, the engine's stats give a prefill step time and a decode
+    step time: the keys the estimate reads are the ones the engine reports."""
+    from serving.load_estimate import LoadEstimator
+    estimator = LoadEstimator(server.engine)
+    done = threading.Event()
+    server.engine.add_request(PROMPT, SamplingParams(max_tokens=48, ignore_eos=True),
+                              on_output=lambda out: getattr(out, "finished", True) and done.set())
+    estimator.sample()
+    while not done.wait(0.03):
+        estimator.sample()
+    assert estimator.prefill_step.value() > 0 and estimator.step_time(1) > 0
+    estimate = estimator.estimate(0, [8], 1, 16)
+    assert 0 < estimate.ttft < 10 and 0 < estimate.tpot < 10
 
 
 # ---- the hostile run ---------------------------------------------------------------------------
