@@ -11,7 +11,6 @@ instances and the router talk only through queues of dsjax.engine.messages.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -42,7 +41,6 @@ log = logging.getLogger("dsjax")
 PROMPT_ROLES = ("prefill", "colocated", "chunked")
 DECODE_ROLES = ("decode", "colocated", "chunked")
 # Queue-drain samples kept for the admission estimate (first tokens observed).
-DRAIN_WINDOW = 64
 
 
 class EngineError(RuntimeError):
@@ -125,45 +123,6 @@ class _UserAbort:
 _STOP = object()
 
 
-class AdmissionMeter:
-    """Prompt tokens waiting for their first token, and how fast such tokens drain.
-
-    The drain rate is measured over the time the queue was not empty, so a lightly loaded
-    engine reports its prefill speed and an overloaded one its real throughput (decode
-    back-pressure included)."""
-
-    def __init__(self):
-        self.queued_tokens = 0
-        self._busy_s = 0.0
-        self._drained = 0
-        self._since = time.perf_counter()
-        self._samples: collections.deque = collections.deque(maxlen=DRAIN_WINDOW)
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self.queued_tokens > 0:
-            self._busy_s += now - self._since
-        self._since = now
-
-    def queued(self, tokens: int) -> None:
-        self._tick()
-        self.queued_tokens += tokens
-
-    def left_queue(self, tokens: int, served: bool) -> None:
-        self._tick()
-        self.queued_tokens -= tokens
-        if served:
-            self._drained += tokens
-            self._samples.append((self._busy_s, self._drained))
-
-    def rate(self) -> float | None:
-        """Prompt tokens per second of queue time, once a few requests were measured."""
-        if len(self._samples) < 4:
-            return None
-        (b0, d0), (b1, d1) = self._samples[0], self._samples[-1]
-        return (d1 - d0) / (b1 - b0) if b1 > b0 else None
-
-
 class Engine:
     def __init__(self, config: EngineConfig | None = None, devices=None, **overrides):
         config = config or EngineConfig()
@@ -186,7 +145,6 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
         self._stopped = threading.Event()
-        self._admission = AdmissionMeter()
         self.instances: dict[str, _Instance] = {}
         self._start_instances(devices, model_dir)
         self._router = threading.Thread(target=self._route_loop, daemon=True,
@@ -359,14 +317,6 @@ class Engine:
         self._inbox.put(_UserAbort(internal))
         return True
 
-    def admission_estimate(self, num_prompt_tokens: int) -> float | None:
-        """Seconds until a new request of this many prompt tokens would get its first token,
-        at the measured drain rate of the prompt queue; None until enough was measured."""
-        rate = self._admission.rate()
-        if not rate:
-            return None
-        return (self._admission.queued_tokens + num_prompt_tokens) / rate
-
     # ---- the router thread --------------------------------------------------------------------
 
     def _route_loop(self) -> None:
@@ -431,7 +381,6 @@ class Engine:
         tracked.where[spec.request_id] = {target.name}
         if not tracked.queued:
             tracked.queued = True
-            self._admission.queued(len(tracked.prompt_token_ids))
         target.host.send(AddRequest(spec))
 
     def _on_report(self, report: Report) -> None:
@@ -491,7 +440,6 @@ class Engine:
             return
         tracked.queued = False
         n = len(tracked.prompt_token_ids)
-        self._admission.left_queue(n, served=True)
         inst.outstanding = max(0, inst.outstanding - n)
 
     def _on_prefilled(self, offer, source: _Instance) -> None:
@@ -538,7 +486,6 @@ class Engine:
         queued_tokens = len(tracked.prompt_token_ids) if tracked.queued else 0
         if tracked.queued:
             tracked.queued = False
-            self._admission.left_queue(queued_tokens, served=False)
         for name in tracked.location:
             inst = self.instances.get(name)
             if inst is not None:
