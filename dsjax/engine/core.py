@@ -40,7 +40,6 @@ from dsjax.models.registry import config_from_dir, config_from_name
 log = logging.getLogger("dsjax")
 PROMPT_ROLES = ("prefill", "colocated", "chunked")
 DECODE_ROLES = ("decode", "colocated", "chunked")
-# Queue-drain samples kept for the admission estimate (first tokens observed).
 
 
 class EngineError(RuntimeError):
