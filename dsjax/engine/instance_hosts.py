@@ -230,6 +230,7 @@ def serve_in_process(plan, config, model_config, model_dir, inbox, send, transfe
 
     from dsjax.executor.remote_kv import TransferServerKVLink
     link = TransferServerKVLink(transfer_host)
+    log.info("%s: KV transfer server at %s", plan.name, link.address)
     _serve(plan, lambda: build_worker(plan, config, model_config, model_dir, jax.devices(),
                                       send, link, place_stages),
            send, inbox, link.address)
