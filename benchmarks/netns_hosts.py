@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -39,6 +40,15 @@ START_TIMEOUT_S = 300.0
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def rate_bytes_per_s(rate: str) -> float:
+    """A tc rate ("10gbit", "500mbit") in bytes per second."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
+    unit = next((u for u in units if rate.endswith(u)), None)
+    if unit is None:
+        raise ValueError(f"rate {rate!r}: give it as NUMBER gbit, mbit or kbit")
+    return float(rate[:-len(unit)]) * units[unit] / 8
 
 
 def alive(pid: int) -> bool:
@@ -67,6 +77,8 @@ class TwoHosts:
         self.workdir = Path(workdir)
         self.cpus = cpus_per_host
         self.token = self.workdir / "ray_auth_token"
+        # Ray's sockets live under its temp dir and a socket path has at most 107 bytes.
+        self.raydir = Path(tempfile.mkdtemp(prefix=f"{tag}-ray-"))
         self.ray_address = f"{IPS['a']}:{RAY_PORT}"
         # Every process in either host: the same code, the same cluster token.
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token",
@@ -111,7 +123,7 @@ class TwoHosts:
             if host == "a" else ["--address", self.ray_address]
         self.run(host, ["ray", "start", *role, "--node-ip-address", IPS[host],
                         "--num-cpus", str(self.cpus), "--object-store-memory", str(200 << 20),
-                        "--temp-dir", str(self.workdir / f"ray-{host}"),
+                        "--temp-dir", str(self.raydir / host),
                         "--disable-usage-stats"], timeout=START_TIMEOUT_S)
 
     def wait_for_nodes(self, count: int, timeout: float = 120.0) -> None:
@@ -174,16 +186,27 @@ class TwoHosts:
             ip("-n", self.ns[h], "link", "set", self.dev[h], "up" if up else "down")
 
     def shape(self, rate: str | None = None, delay: str | None = None) -> None:
-        """Limit each direction of the link with netem (e.g. rate "10gbit", delay "1ms"
-        each way); no arguments: no limit."""
+        """Limit each direction of the link: a token bucket at `rate` (e.g. "10gbit"), or with
+        a `delay` (e.g. "1ms") netem, which not every kernel has. No arguments: no limit."""
         for h in "ab":
             subprocess.run(["ip", "netns", "exec", self.ns[h], "tc", "qdisc", "del", "dev",
                             self.dev[h], "root"], capture_output=True)
-            if rate or delay:
-                netem = (["rate", rate] if rate else []) + (["delay", delay] if delay else [])
-                subprocess.run(["ip", "netns", "exec", self.ns[h], "tc", "qdisc", "add", "dev",
-                                self.dev[h], "root", "netem", "limit", "100000", *netem],
-                               check=True, capture_output=True)
+            if not (rate or delay):
+                continue
+            if delay:
+                qdisc = ["netem", "limit", "100000", "delay", delay] + \
+                    (["rate", rate] if rate else [])
+            else:   # a burst of 1 ms of traffic (at least 64 KiB: a GSO segment)
+                burst = max(64 << 10, int(rate_bytes_per_s(rate) / 1000))
+                qdisc = ["tbf", "rate", rate, "burst", str(burst), "latency", "100ms"]
+            done = subprocess.run(["ip", "netns", "exec", self.ns[h], "tc", "qdisc", "add",
+                                   "dev", self.dev[h], "root", *qdisc],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"tc qdisc {qdisc[0]} on {self.dev[h]}: "
+                                   f"{done.stderr.strip()}" + (
+                                       " (this kernel has no netem: shape without a delay)"
+                                       if "unknown" in done.stderr and delay else ""))
 
     def down(self) -> None:
         """Kill everything in both namespaces, delete them (and with them the veth pair)."""
@@ -191,8 +214,7 @@ class TwoHosts:
             if Path(f"/run/netns/{self.ns[h]}").exists():
                 self.power_off(h)
                 subprocess.run(["ip", "netns", "del", self.ns[h]], capture_output=True)
-        for h in "ab":
-            shutil.rmtree(self.workdir / f"ray-{h}", ignore_errors=True)
+        shutil.rmtree(self.raydir, ignore_errors=True)
 
     # ---- the engine on host A -----------------------------------------------------------------
 
@@ -260,11 +282,25 @@ class TwoHosts:
         return used
 
 
+def searched_plan(out: Path) -> str:
+    """The placement search's plan for 2 hosts x 2 devices at low node affinity (a prefill and
+    a decode instance per host; "#0" is host A, the first address), without its model and
+    batch limits (the caller's)."""
+    subprocess.run([sys.executable, "-m", "dsjax.placement", "--model", "opt-125m",
+                    "--ttft-slo", "1", "--tpot-slo", "0.1", "--num-nodes", "2",
+                    "--gpus-per-node", "2", "--affinity", "low", "--modes", "disaggregated",
+                    "--num-prompts", "100", "--jobs", "1", "--output", str(out)],
+                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    keep = [line for line in out.read_text().splitlines()
+            if not line.startswith(("model", "context_max", "decoding_max"))]
+    return "\n".join(keep) + "\n"
+
+
 def client_main(url: str, prompts: list, max_tokens: int, timeout: float = 180.0) -> None:
     """Stream every prompt at once through /generate (greedy). Prints "FIRST" once each has
     its first token (or has failed), then one JSON list: per prompt, its token ids, when each
-    arrived, and the error it ended with (None), "hung" if it neither finished nor failed
-    within `timeout`."""
+    arrived, when it ended, and the error it ended with (None), "hung" if it neither finished
+    nor failed within `timeout`."""
     results = [{"tokens": [], "times": [], "error": None} for _ in prompts]
     first = [threading.Event() for _ in prompts]
 
@@ -289,6 +325,7 @@ def client_main(url: str, prompts: list, max_tokens: int, timeout: float = 180.0
                     results[i]["error"] = results[i]["error"] or "stream ended unfinished"
         except Exception as e:  # noqa: BLE001 - reported, not raised: the caller judges it
             results[i]["error"] = "hung" if "timed out" in str(e) else f"{type(e).__name__}: {e}"
+        results[i]["end"] = time.time()
         first[i].set()
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]

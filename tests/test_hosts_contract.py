@@ -241,3 +241,49 @@ def test_silence_past_heartbeat_reports_failed_once(backend, request, hf_opt):
     assert "silent for" in failure.error and "heartbeat time-out 2 s" in failure.error
     assert 2.0 <= time.monotonic() - stopped_at
     wait_gone(host, pids)
+
+
+ORPHAN = """
+import sys, time, queue
+from dsjax.config import EngineConfig
+from dsjax.engine.core import resolve_model
+from dsjax.engine.messages import InstanceReady
+from dsjax.executor.hosts import host_backend
+from tests._engine_helpers import TINY
+if __name__ == "__main__":
+    config = EngineConfig(**{**TINY, "mode": "colocated", "distributed_executor_backend": "mp",
+                             "compilation_cache_dir": sys.argv[1]})
+    inbox = queue.Queue()
+    [host] = host_backend("mp").launch(config, *resolve_model(config.model, "dummy"), None,
+                                       inbox.put)
+    host.start()
+    while not isinstance(inbox.get(timeout=300), InstanceReady):
+        pass
+    print(host.pids()[0], flush=True)
+    time.sleep(300)
+"""
+
+
+def test_mp_instance_exits_with_the_engine_process(tmp_path):
+    """SIGKILL the engine's process: its mp instance process exits within a heartbeat or two
+    (its pipe back breaks), not minutes later. (A Ray actor dies with its owner by Ray.)"""
+    import subprocess
+    import sys
+
+    import jax
+    script = tmp_path / "engine.py"
+    script.write_text(ORPHAN)
+    engine = subprocess.Popen([sys.executable, str(script), jax.config.jax_compilation_cache_dir],
+                              stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        child = int(engine.stdout.readline())
+        assert alive(child)
+        engine.kill()
+        engine.wait()
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "the instance process outlived its engine"
+    finally:
+        engine.kill()

@@ -57,6 +57,8 @@ def test_pull_from_a_frozen_source_fails_by_its_deadline(source, monkeypatch):
     process, payload = source
     monkeypatch.setattr(remote_kv, "PULL_TIMEOUT_S", 2.0)
     os.kill(process.pid, signal.SIGSTOP)
+    while open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.01)    # the stop takes each of its threads in turn
     start = time.monotonic()
     with pytest.raises(KVPullFailed, match=f"from {payload.address} took over 2 s"):
         TransferServerKVLink("127.0.0.1").pull(payload, jax.devices()[0])

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import jax
 import pytest
 
-from benchmarks.netns_hosts import IPS, TwoHosts
+from benchmarks.netns_hosts import IPS, TwoHosts, searched_plan
 from tests._hf_helpers import hf_greedy
 from tests.conftest import ENGINE_MAX_NEW, engine_prompts
 
@@ -120,28 +119,12 @@ def transfer_address(server, name: str, timeout: float = 60.0) -> str:
     return log.split(marker)[1].split()[0]
 
 
-def searched_plan(tmp_path_factory) -> str:
-    """The placement search's plan for 2 hosts x 2 devices at low node affinity: a prefill
-    and a decode instance on each host ("#0" is host A, the first address)."""
-    out = tmp_path_factory.mktemp("search") / "plan.toml"
-    subprocess.run([sys.executable, "-m", "dsjax.placement", "--model", "opt-125m",
-                    "--ttft-slo", "1", "--tpot-slo", "0.1", "--num-nodes", "2",
-                    "--gpus-per-node", "2", "--affinity", "low", "--modes", "disaggregated",
-                    "--num-prompts", "100", "--jobs", "1", "--output", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    text = out.read_text()
-    # The model, batch limits and sizes are this test's; the placement is the search's.
-    keep = [line for line in text.splitlines() if not line.startswith(
-        ("model", "context_max", "decoding_max"))]
-    return "\n".join(keep) + "\n"
-
-
 class TestSearchedPlanAcrossHosts:
     """2 prefill + 2 decode instances, one of each per host, as the placement search wrote."""
 
     @pytest.fixture(scope="class")
     def server(self, hosts, hf_opt, tmp_path_factory):
-        plan = searched_plan(tmp_path_factory)
+        plan = searched_plan(tmp_path_factory.mktemp("search") / "plan.toml")
         assert plan.count("[[instances]]") == 4 and 'node = "#1"' in plan, plan
         yield from serving(hosts, hf_opt, tmp_path_factory, plan)
 
