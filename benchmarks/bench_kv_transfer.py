@@ -76,12 +76,14 @@ class KVEndpoint:
         return nbytes, time.perf_counter() - start
 
 
-def endpoint(config, layout: tuple[int, int]):
-    """A KVEndpoint actor of this (tp, pp) layout with tp*pp CPU devices of its own."""
+def endpoint(config, layout: tuple[int, int], node: str | None = None):
+    """A KVEndpoint actor of this (tp, pp) layout with tp*pp CPU devices of its own, on the
+    Ray node of address `node` if given."""
     from dsjax.engine.instance_hosts import child_environment
     tp, pp = layout
     env = child_environment("cpu", None, tp * pp)
-    return KVEndpoint.options(num_cpus=tp * pp, runtime_env={"env_vars": env}).remote(
+    pin = {"resources": {f"node:{node}": 0.001}} if node else {}
+    return KVEndpoint.options(num_cpus=tp * pp, runtime_env={"env_vars": env}, **pin).remote(
         config, tp, pp, env)
 
 

@@ -5,9 +5,10 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+from dsjax.executor.hosts import backend_names
+
 ENGINE_MODES = ("disaggregated", "colocated", "chunked")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,9 @@ class EngineConfig:
     # Ray: node assignments per instance (InstanceNodes, or tables with its keys); the rest go
     # wherever Ray places them.
     instances: tuple = ()
+    # mp and ray: an instance process silent this long (frozen, or its node cut off) is failed
+    # and its requests with it; it says it lives every half second.
+    instance_heartbeat_timeout: float = 15.0
     # JAX's persistent compilation cache, so a restart does not compile again: "auto" is
     # $XDG_CACHE_HOME/dsjax/jax (~/.cache/dsjax/jax), "" turns it off, else a directory.
     compilation_cache_dir: str = "auto"
@@ -115,9 +119,12 @@ class EngineConfig:
                              f"{self.prefill_token_budget}")
         if not self.ttft_slo > 0:
             raise ValueError(f"ttft_slo must be > 0 seconds, got {self.ttft_slo}")
-        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
-            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+        if self.distributed_executor_backend not in backend_names():
+            raise ValueError(f"distributed_executor_backend must be one of {backend_names()}, "
                              f"got {self.distributed_executor_backend!r}")
+        if not self.instance_heartbeat_timeout > 0:
+            raise ValueError(f"instance_heartbeat_timeout must be > 0 seconds, got "
+                             f"{self.instance_heartbeat_timeout}")
         for f in ("warmup_max_prompt_len", "warmup_max_context_len"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0 (0 = off), got {getattr(self, f)}")

@@ -24,14 +24,12 @@ from typing import Callable
 from dsjax.config import EngineConfig
 from dsjax.engine.block_manager import block_hashes
 from dsjax.engine.delivery import TrackedRequest
-from dsjax.engine.instance_hosts import (ProcessHost, ThreadHost, accelerator_count,
-                                         configure_jax, cpu_core_sets)
 from dsjax.engine.prefix_router import PrefixIndex, pick_by_prefix
 from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed,
                                    InstanceReady, KVReady, KVRefused, OfferMigration, PeerMessage,
                                    Report, RequestSpec)
 from dsjax.engine.request import RequestOutput, sequence_seed
-from dsjax.executor.parallel import plan_placement
+from dsjax.executor.hosts import host_backend
 from dsjax.sampling_params import SamplingParams
 from dsjax.tokenizer import IncrementalDetokenizer, model_tokenizer
 from dsjax.models.base import ModelConfig
@@ -158,35 +156,11 @@ class Engine:
     # ---- construction -------------------------------------------------------------------------
 
     def _start_instances(self, devices, model_dir) -> None:
-        cfg = self.config
-        if cfg.distributed_executor_backend == "ray":
-            from dsjax.engine.ray_hosts import RayHost, connect_cluster
-            needed = _devices_needed(cfg)
-            platform = connect_cluster(cfg, needed)
-            for plan in plan_placement(cfg.mode, needed, **cfg.placement_kwargs()):
-                host = RayHost(plan, cfg, self.model_config, model_dir, platform,
-                               self._inbox.put)
-                self.instances[plan.name] = _Instance(plan.name, plan.role, host)
-        elif cfg.distributed_executor_backend == "mp":
-            platform, count = accelerator_count()
-            plans = plan_placement(cfg.mode, count or _devices_needed(cfg),
-                                   **cfg.placement_kwargs())
-            cores = cpu_core_sets(len(plans)) if platform == "cpu" else [None] * len(plans)
-            for plan, core_set in zip(plans, cores):
-                host = ProcessHost(plan, cfg, self.model_config, model_dir, platform,
-                                   plan.device_ids, core_set, self._inbox.put)
-                self.instances[plan.name] = _Instance(plan.name, plan.role, host)
-        else:
-            import jax
-            configure_jax(cfg)
-            default = devices is None
-            devices = list(jax.devices() if default else devices)
-            plans = plan_placement(cfg.mode, len(devices), allow_shared_device=default,
-                                   **cfg.placement_kwargs())
-            for plan in plans:
-                host = ThreadHost(plan, cfg, self.model_config, model_dir, devices,
-                                  self._inbox.put)
-                self.instances[plan.name] = _Instance(plan.name, plan.role, host)
+        backend = host_backend(self.config.distributed_executor_backend)
+        for host in backend.launch(self.config, self.model_config, model_dir, devices,
+                                   self._inbox.put):
+            self.instances[host.name] = _Instance(host.name, host.role, host)
+            host.start()
         self._await_ready()
 
     def _await_ready(self) -> None:
@@ -644,8 +618,3 @@ class Engine:
     def __exit__(self, *exc):
         self.shutdown()
 
-
-def _devices_needed(config: EngineConfig) -> int:
-    from dsjax.executor.parallel import placement_groups
-    return sum(n * tp * pp for _, n, tp, pp in placement_groups(config.mode,
-                                                                **config.placement_kwargs()))

@@ -5,11 +5,13 @@
   device to device with `device_put`, shard by shard (the default).
 - "mp": every instance is an OS process with its own JAX runtime and its own devices (on CPU:
   its own virtual devices, pinned to its own cores). KV moves over JAX transfer servers bound to
-  `kv_transfer_host`. Messages cross by multiprocessing queues; the KV never does.
+  `kv_transfer_host`. Messages cross by a multiprocessing queue (in) and a pipe (out); the KV
+  never does.
 - "ray": every instance is a Ray actor, possibly on another host (dsjax.engine.ray_hosts); it
   runs the same process body as an "mp" child (`serve_in_process`).
 
-Every host runs the same `InstanceWorker` code built by `build_worker`.
+Every host runs the same `InstanceWorker` code built by `build_worker`, behind the interface
+of dsjax.executor.hosts (which picks the backend by name).
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import threading
 from typing import Callable
 
 from dsjax.engine.messages import InstanceFailed, InstanceReady, Shutdown
+from dsjax.executor.hosts import (STOP_TIMEOUT_S, HostEnded, InstanceHost, RemoteHost,
+                                  devices_needed, start_heartbeat)
+from dsjax.executor.parallel import plan_placement
 
 log = logging.getLogger("dsjax")
-
-STOP_TIMEOUT_S = 10.0
 
 
 def resolve_dtype(dtype: str, devices) -> str:
@@ -146,29 +149,60 @@ def _serve(plan, build: Callable, send, inbox, transfer_address=None) -> None:
     worker.run(inbox)
 
 
-class ThreadHost:
-    """An instance as a thread of this process, on its own slice of this process's devices."""
+class ThreadHost(InstanceHost):
+    """An instance as a thread of this process, on its own slice of this process's devices.
+    It speaks by calling the host (a delivery callback); it cannot go silent alone, so it has
+    no heartbeat. `kill` abandons it: its later messages are dropped and it exits at its next
+    loop turn."""
 
-    def __init__(self, plan, config, model_config, model_dir, devices, router_put):
-        from dsjax.executor.kv_migration import LocalKVLink
-        self.name = plan.name
+    backend = "uni"
+
+    def __init__(self, plan, config, model_config, model_dir, devices, deliver):
+        super().__init__(plan, deliver)
         self.inbox: queue.Queue = queue.Queue()
         self.worker = None
+        self._build = (config, model_config, model_dir, devices)
+        self._thread = threading.Thread(target=self._main, name=f"dsjax-{plan.name}",
+                                        daemon=True)
+
+    @classmethod
+    def launch(cls, config, model_config, model_dir, devices, deliver):
+        import jax
+        configure_jax(config)
+        default = devices is None
+        devices = list(jax.devices() if default else devices)
+        plans = plan_placement(config.mode, len(devices), allow_shared_device=default,
+                               **config.placement_kwargs())
+        return [cls(plan, config, model_config, model_dir, devices, deliver) for plan in plans]
+
+    def _main(self) -> None:
+        from dsjax.executor.kv_migration import LocalKVLink
+        config, model_config, model_dir, devices = self._build
 
         def build():
-            self.worker = build_worker(plan, config, model_config, model_dir, devices,
-                                       router_put, LocalKVLink())
+            self.worker = build_worker(self.plan, config, model_config, model_dir, devices,
+                                       self._on_message, LocalKVLink())
             return self.worker
-        self._thread = threading.Thread(target=_serve, name=f"dsjax-{plan.name}", daemon=True,
-                                        args=(plan, build, router_put, self.inbox))
+        try:
+            _serve(self.plan, build, self._on_message, self.inbox)
+        except BaseException as e:  # noqa: BLE001 - the thread ends: so does the instance
+            log.exception("instance %s: its thread raised", self.name)
+            self._end(f"its thread raised {type(e).__name__}: {e}")
+        else:
+            self._end("its worker loop ended")   # after Shutdown or its own report: nothing
+
+    def _launch(self) -> None:
         self._thread.start()
 
-    def send(self, message) -> None:
+    def _post(self, message) -> None:
         self.inbox.put(message)
 
-    def stop(self) -> None:
-        self.inbox.put(Shutdown())
-        self._thread.join(timeout=STOP_TIMEOUT_S)
+    def _wait_stopped(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _terminate(self) -> None:
+        if self._thread.is_alive():    # a thread cannot be killed: tell it to leave
+            self.inbox.put(Shutdown())
 
 
 def setup_process(name: str, env: dict, config) -> None:
@@ -199,17 +233,33 @@ def serve_in_process(plan, config, model_config, model_dir, inbox, send, transfe
 
     from dsjax.executor.remote_kv import TransferServerKVLink
     link = TransferServerKVLink(transfer_host)
+    log.info("%s: KV transfer server at %s", plan.name, link.address)
     _serve(plan, lambda: build_worker(plan, config, model_config, model_dir, jax.devices(),
                                       send, link, place_stages),
            send, inbox, link.address)
 
 
-def _process_main(plan, config, model_config, model_dir, env, cores, inbox, outbox) -> None:
+class _PipeSender:
+    """The child's end of its channel to the host: one writer at a time (the worker loop and
+    the heartbeat both send)."""
+
+    def __init__(self, conn):
+        self._conn, self._lock = conn, threading.Lock()
+
+    def __call__(self, message) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+
+def _process_main(plan, config, model_config, model_dir, env, cores, inbox, conn) -> None:
     """Entry point of an "mp" instance process: its own JAX runtime on its own devices."""
+    send = _PipeSender(conn)
+    # The engine's process is gone once its end of the pipe is: nobody can use this one.
+    start_heartbeat(send, on_broken=lambda: os._exit(1))
     if cores:
         os.sched_setaffinity(0, cores)
     setup_process(plan.name, env, config)
-    serve_in_process(plan, config, model_config, model_dir, inbox, outbox.put,
+    serve_in_process(plan, config, model_config, model_dir, inbox, send,
                      config.kv_transfer_host)
 
 
@@ -223,58 +273,62 @@ def cpu_core_sets(num_instances: int) -> list[set[int] | None]:
     return [set(cores[i * per:(i + 1) * per]) for i in range(num_instances)]
 
 
-class ProcessHost:
-    """An instance as an OS process (spawned, so it starts its own JAX runtime)."""
+class ProcessHost(RemoteHost):
+    """An instance as an OS process (spawned, so it starts its own JAX runtime). Its messages
+    come over a pipe whose only writer is the child: the child's death is EOF at once."""
+
+    backend = "mp"
 
     def __init__(self, plan, config, model_config, model_dir, platform: str, device_ids,
-                 cores, router_put):
+                 cores, deliver):
         import dataclasses
-        self.name = plan.name
-        self._router_put = router_put
+        super().__init__(plan, deliver, config.instance_heartbeat_timeout)
         ctx = multiprocessing.get_context("spawn")
         self.inbox = ctx.Queue()
-        self._outbox = ctx.Queue()
+        self._conn, child_conn = ctx.Pipe(duplex=False)
         env = child_environment(platform, device_ids, plan.num_devices)
         local = dataclasses.replace(plan, device_ids=tuple(range(plan.num_devices)))
         self.process = ctx.Process(target=_process_main, name=f"dsjax-{plan.name}", daemon=True,
                                    args=(local, config, model_config, model_dir, env, cores,
-                                         self.inbox, self._outbox))
+                                         self.inbox, child_conn))
+        self._child_conn = child_conn
+
+    @classmethod
+    def launch(cls, config, model_config, model_dir, devices, deliver):
+        platform, count = accelerator_count()
+        plans = plan_placement(config.mode, count or devices_needed(config),
+                               **config.placement_kwargs())
+        cores = cpu_core_sets(len(plans)) if platform == "cpu" else [None] * len(plans)
+        return [cls(plan, config, model_config, model_dir, platform, plan.device_ids, core_set,
+                    deliver) for plan, core_set in zip(plans, cores)]
+
+    def _launch(self) -> None:
         self.process.start()
-        self._stopping = False
-        self._forwarder = threading.Thread(target=self._forward, daemon=True,
-                                           name=f"dsjax-{plan.name}-out")
-        self._forwarder.start()
+        self._child_conn.close()     # else this process would hold the pipe open: no EOF
 
-    def _forward(self) -> None:
-        """The process's messages to the router; its death becomes an InstanceFailed."""
-        while True:
-            try:
-                msg = self._outbox.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.is_alive():
-                    continue
-                if not self._stopping:
-                    self._router_put(InstanceFailed(
-                        self.name, f"instance process exited (code {self.process.exitcode})"))
-                return
-            except (EOFError, OSError):
-                return
-            self._router_put(msg)
+    def _receive(self, timeout: float) -> list | None:
+        try:
+            if not self._conn.poll(timeout):
+                return None
+            return [self._conn.recv()]
+        except EOFError:
+            self.process.join(STOP_TIMEOUT_S)
+            raise HostEnded(f"instance process exited (code {self.process.exitcode})") from None
 
-    def send(self, message) -> None:
+    def _post(self, message) -> None:
         try:
             self.inbox.put(message)
         except (ValueError, OSError):   # the queue closed with a dead process
             pass
 
-    def stop(self) -> None:
-        self._stopping = True
-        self.send(Shutdown())
-        self.process.join(timeout=STOP_TIMEOUT_S)
+    def _terminate(self) -> None:
         if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=STOP_TIMEOUT_S)
-        self._forwarder.join(timeout=STOP_TIMEOUT_S)
+            self.process.kill()
+        if self.process.pid is not None:
+            self.process.join(STOP_TIMEOUT_S)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process.is_alive() else []
 
 
 def child_environment(platform: str, device_ids, num_devices: int) -> dict:

@@ -27,13 +27,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dsjax.engine.instance_hosts import (STOP_TIMEOUT_S, child_environment, params_loader,
-                                         resolve_dtype, serve_in_process, setup_process)
-from dsjax.engine.messages import InstanceFailed, Shutdown
+from dsjax.engine.instance_hosts import (child_environment, params_loader, resolve_dtype,
+                                         serve_in_process, setup_process)
+from dsjax.executor.hosts import (POLL_S, STOP_TIMEOUT_S, HostEnded, RemoteHost,
+                                  devices_needed)
+from dsjax.executor.parallel import plan_placement
 
 # How long an instance may wait for its bundles before it fails as unplaceable.
 PLACEMENT_TIMEOUT_S = 300.0
-POLL_S = 0.2
 
 
 def connect_cluster(config, devices_needed: int) -> str:
@@ -115,7 +116,7 @@ class ActorRPC:
             try:
                 return ray.get(self.actor.call.remote(method, *args))
             except RayActorError as e:
-                raise StageLost(f"{self.label} died: {str(e).splitlines()[0]}") from None
+                raise StageLost(f"{self.label} died: {_first_line(e)}") from None
         return call
 
 
@@ -221,70 +222,93 @@ def actor_nodes(config, plan, split: bool) -> tuple[str | None, ...]:
     return tuple(resolve_node(n, alive) for n in nodes)
 
 
-class RayHost:
-    """An instance as a Ray actor (and stage actors), with ThreadHost's interface."""
+class RayHost(RemoteHost):
+    """An instance as a Ray actor (and stage actors). Each `take` that returns, even empty, is
+    a sign of life; one that hangs past the heartbeat time-out (a frozen actor, a node cut
+    off) ends the instance."""
 
-    def __init__(self, plan, config, model_config, model_dir, platform: str, router_put):
-        self.name = plan.name
-        self._router_put = router_put
+    backend = "ray"
+
+    def __init__(self, plan, config, model_config, model_dir, platform: str, deliver):
+        super().__init__(plan, deliver, config.instance_heartbeat_timeout)
         where = config.nodes_for(plan.role, plan.index)
         split = plan.pp > 1 and (config.ray_stage_actors or bool(where and where.stage_nodes))
-        per_actor = plan.tp if split else plan.num_devices
-        self.bundles = [bundle(platform, per_actor, n) for n in actor_nodes(config, plan, split)]
-        self.pg = placement_group(self.bundles, strategy="PACK" if split else "STRICT_PACK")
-        env = child_environment(platform, None, per_actor)
-        local = dataclasses.replace(plan, device_ids=tuple(range(per_actor)))
-        stages = StageGroup(self.pg, platform, env) if split else None
-        self.actor = InstanceActor.options(
-            max_concurrency=4, **actor_options(platform, per_actor, self.pg, 0, env)).remote(
-            local, config, model_config, model_dir, env, stages)
+        self._per_actor = plan.tp if split else plan.num_devices
+        self._split, self._platform = split, platform
+        self._args = (config, model_config, model_dir)
+        self.bundles = [bundle(platform, self._per_actor, n)
+                        for n in actor_nodes(config, plan, split)]
+        self.pg = self.actor = None
         self._seq = itertools.count()
-        self._stopping = False
-        self._forwarder = threading.Thread(target=self._forward, daemon=True,
-                                           name=f"dsjax-{plan.name}-ray")
-        self._forwarder.start()
+        self._pending = None           # the outstanding `take`
+        self._loop_ended = False
+        self._terminated = threading.Lock()
 
-    def _forward(self) -> None:
-        """The actor's messages to the router; an unplaceable instance or a dead actor becomes
-        an InstanceFailed at once."""
+    @classmethod
+    def launch(cls, config, model_config, model_dir, devices, deliver):
+        needed = devices_needed(config)
+        platform = connect_cluster(config, needed)
+        return [cls(plan, config, model_config, model_dir, platform, deliver)
+                for plan in plan_placement(config.mode, needed, **config.placement_kwargs())]
+
+    def _launch(self) -> None:
+        self.pg = placement_group(self.bundles,
+                                  strategy="PACK" if self._split else "STRICT_PACK")
+        env = child_environment(self._platform, None, self._per_actor)
+        local = dataclasses.replace(self.plan, device_ids=tuple(range(self._per_actor)))
+        stages = StageGroup(self.pg, self._platform, env) if self._split else None
+        self.actor = InstanceActor.options(
+            max_concurrency=4,
+            **actor_options(self._platform, self._per_actor, self.pg, 0, env)).remote(
+            local, *self._args, env, stages)
+
+    def _connect(self) -> None:
+        """Wait for the bundles: an unplaceable instance fails with what it asked for."""
         try:
             ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
-            self._failed(f"cannot place its actors: needs {self.bundles}, the cluster has "
-                         f"{ray.available_resources()} free")
-            return
+            raise HostEnded(f"cannot place its actors: needs {self.bundles}, the cluster has "
+                            f"{ray.available_resources()} free") from None
         except RayError as e:   # removed while waiting (stop), or the cluster went away
-            self._failed(f"its placement group failed: {str(e).splitlines()[0]}")
-            return
-        running = True
-        while running:
-            try:
-                msgs, running = ray.get(self.actor.take.remote(POLL_S))
-            except RayActorError as e:
-                self._failed(f"its Ray actor died: {str(e).splitlines()[0]}")
-                return
-            for msg in msgs:
-                self._router_put(msg)
-        self._failed("its worker loop ended")
+            raise HostEnded(f"its placement group failed: {_first_line(e)}") from None
 
-    def _failed(self, why: str) -> None:
-        if not self._stopping:
-            self._router_put(InstanceFailed(self.name, why))
+    def _receive(self, timeout: float) -> list | None:
+        if self._loop_ended:
+            raise HostEnded("its worker loop ended")
+        if self._pending is None:
+            self._pending = self.actor.take.remote(POLL_S)
+        ready, _ = ray.wait([self._pending], timeout=timeout)
+        if not ready:
+            return None
+        ref, self._pending = self._pending, None
+        try:
+            messages, running = ray.get(ref)
+        except RayActorError as e:
+            raise HostEnded(f"its Ray actor died: {_first_line(e)}") from None
+        self._loop_ended = not running
+        return messages
 
-    def send(self, message) -> None:
+    def _post(self, message) -> None:
         self.actor.deliver.remote(next(self._seq), message)
 
     def pids(self) -> list[int]:
         """The instance's processes: its actor's, then its stage actors'."""
         return ray.get(self.actor.pids.remote())
 
-    def stop(self) -> None:
-        self._stopping = True
-        self.send(Shutdown())
-        try:
-            ray.get(self.actor.join.remote(STOP_TIMEOUT_S), timeout=2 * STOP_TIMEOUT_S)
-        except (RayActorError, GetTimeoutError):
-            pass
+    def _wait_stopped(self, timeout: float) -> None:
+        if self.actor is not None:
+            try:   # the worker loop ends and lets its stage actors go; then the forwarder ends
+                ray.get(self.actor.join.remote(timeout), timeout=2 * timeout)
+            except RayError:
+                pass
+        super()._wait_stopped(timeout)
+
+    def _terminate(self) -> None:
+        if self.actor is None or not self._terminated.acquire(blocking=False):
+            return
         ray.kill(self.actor)
         remove_placement_group(self.pg)
-        self._forwarder.join(timeout=STOP_TIMEOUT_S)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -36,7 +36,7 @@ from dsjax.engine.request import Request, Status
 from dsjax.engine.sampling_slots import SlotAssignments
 from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
-from dsjax.executor.kv_migration import arrays_of, land_shards
+from dsjax.executor.kv_migration import KVPullFailed, arrays_of, await_arrival, land_shards
 from dsjax.executor.runner import StepOutput
 from dsjax.executor.sampling import needs_slot
 
@@ -741,7 +741,8 @@ class DecodeWorker(DecodingWorker):
         # one): the loop checks deadlines each iteration. Whichever comes first decides; the
         # other finds nothing left to do.
         self._deadlines[request_id] = time.monotonic() + self.pull_timeout_s
-        self._waiters.submit(self._await_arrival, request_id, payload, self._inbox)
+        self._waiters.submit(self._await_arrival, request_id, payload, self._inbox,
+                             self.migrating[request_id][0].source)
 
     def _expire_pulls(self) -> None:
         now = time.monotonic()
@@ -749,33 +750,23 @@ class DecodeWorker(DecodingWorker):
             if request_id not in self.migrating:
                 del self._deadlines[request_id]
             elif now > deadline:
-                self._apply(ImportArrived(request_id, f"KV pull timed out after "
+                source = self.migrating[request_id][0].source
+                self._apply(ImportArrived(request_id, f"KV pull from {source} took over "
                                                       f"{self.pull_timeout_s:g} s"))
 
-    def _await_arrival(self, request_id: str, payload, inbox) -> None:
-        """Waiter thread: start the transfer, wait for the arrays, then tell the loop. The wait
-        polls (backing off to 5 ms) rather than blocks: a blocking wait on a stalled source
-        could never be abandoned and would keep this waiter for good."""
-        deadline = time.monotonic() + self.pull_timeout_s
+    def _await_arrival(self, request_id: str, payload, inbox, source: str) -> None:
+        """Waiter thread: start the transfer, wait for the arrays, then tell the loop."""
+        started = time.monotonic()
         try:
-            shards = self.kv.receive(self.runner, payload)
-        except Exception as e:  # noqa: BLE001 - the source is unreachable
-            inbox.put(ImportArrived(request_id, f"KV pull failed: {type(e).__name__}: {e}"))
+            shards = self.arriving[request_id] = self.kv.receive(self.runner, payload)
+            left = self.pull_timeout_s - (time.monotonic() - started)
+            await_arrival(arrays_of(shards), max(left, 0.0), source)
+        except KVPullFailed as e:
+            inbox.put(ImportArrived(request_id, str(e)))
             return
-        self.arriving[request_id] = shards
-        arrays = arrays_of(shards)
-        pause = 0.0002
-        while not all(a.is_ready() for a in arrays):
-            if time.monotonic() > deadline:
-                inbox.put(ImportArrived(request_id, f"KV pull timed out after "
-                                                    f"{self.pull_timeout_s:g} s"))
-                return
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
-        try:
-            jax.block_until_ready(arrays)   # raises if the transfer failed (source died)
-        except Exception as e:  # noqa: BLE001 - the arrays carry the source's failure
-            inbox.put(ImportArrived(request_id, f"KV pull failed: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - the source is unreachable
+            inbox.put(ImportArrived(request_id, f"KV pull from {source} failed: "
+                                                f"{type(e).__name__}: {e}"))
             return
         inbox.put(ImportArrived(request_id, None))
 
@@ -785,9 +776,9 @@ class DecodeWorker(DecodingWorker):
         if request_id not in self.migrating:   # dropped while arriving: nothing to write
             return
         if error is not None:
-            offer = self.migrating.pop(request_id)[0]
+            self.migrating.pop(request_id)
             self.blocks.free(request_id)
-            raise KVLost(f"{error} from {offer.source}")
+            raise KVLost(error)
         self._land(request_id, shards)
 
     def _land(self, request_id: str, shards) -> None:

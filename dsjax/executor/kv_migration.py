@@ -23,6 +23,7 @@ will do) and a destination may need one head on several devices.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,31 @@ def shards_nbytes(shards: list[PageShard], num_blocks: int) -> int:
 def arrays_of(shards: list[PageShard]) -> list[jax.Array]:
     """What an import waits for before it touches the destination's pages."""
     return [a for s in shards for a in (s.k, s.v)]
+
+
+class KVPullFailed(RuntimeError):
+    """A request's KV could not be pulled from its source (dead, cut off, or too slow)."""
+
+
+def await_arrival(arrays: list[jax.Array], timeout_s: float, source: str) -> None:
+    """Wait until every array has arrived, or raise KVPullFailed naming `source`.
+
+    Polls (backing off to 5 ms) rather than blocks: a blocking wait on a stalled source could
+    never be abandoned and would keep its thread for good."""
+    deadline, pause = time.monotonic() + timeout_s, 0.0002
+    while not all(a.is_ready() for a in arrays):
+        if time.monotonic() > deadline:
+            raise KVPullFailed(f"KV pull from {source} took over {timeout_s:g} s: the source "
+                               f"is dead, frozen or cut off")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+    try:
+        jax.block_until_ready(arrays)   # raises if the transfer failed (the source died)
+    except Exception as e:  # noqa: BLE001 - the transport's error, as the request's
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise KVPullFailed(f"KV pull from {source} failed: {type(e).__name__}: "
+                           f"{first_line}") from e
+
 
 
 def land_shards(runner, shards: list[PageShard], dst_blocks) -> int:

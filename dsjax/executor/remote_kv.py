@@ -59,7 +59,8 @@ class TransferServerKVLink(LocalKVLink):
         return RemotePages(self.address, transfer_id, tuple(
             RemoteShard(s.box, tuple(s.k.shape), str(s.k.dtype)) for s in shards))
 
-    def _pull(self, payload: RemotePages, device) -> list[PageShard]:
+    def pull(self, payload: RemotePages, device) -> list[PageShard]:
+        """Start pulling `payload`'s shards onto `device`: arrays that may still be arriving."""
         # Pulls start from waiter threads; a connect to a stalled source may block, so it runs
         # outside the lock (two racing connects to one address are harmless).
         with self._lock:
@@ -78,12 +79,12 @@ class TransferServerKVLink(LocalKVLink):
     def receive(self, runner, payload: RemotePages) -> list[PageShard]:
         # Land every shard on the destination's first device; the local reshard then moves
         # each piece to the device that holds its heads.
-        return self._pull(payload, runner.stages[0].mesh.devices.flat[0])
+        return self.pull(payload, runner.stages[0].mesh.devices.flat[0])
 
     def discard(self, payload: RemotePages) -> None:
         """Pull and drop an export nobody needs, so the source's server lets go of it (without
         waiting: a stalled source must not stall this instance)."""
-        self._pull(payload, jax.local_devices()[0])
+        self.pull(payload, jax.local_devices()[0])
 
     def close(self) -> None:
         self._connections.clear()
