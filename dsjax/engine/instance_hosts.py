@@ -77,8 +77,10 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
     import jax.numpy as jnp
 
     from dsjax.engine.block_manager import BlockManager
+    from dsjax.engine.colocated_worker import ChunkedWorker, ColocatedWorker
+    from dsjax.engine.decode_worker import DecodeWorker
+    from dsjax.engine.prefill_worker import PrefillWorker
     from dsjax.engine.scheduler import BatchLimits
-    from dsjax.engine.worker import ChunkedWorker, ColocatedWorker, DecodeWorker, PrefillWorker
     from dsjax.executor.kernels import get_attention_backend
     from dsjax.executor.kv_cache import bytes_per_block, num_blocks_for_budget
     from dsjax.executor.parallel import InstanceSpec

@@ -1,5 +1,9 @@
 """Instance workers: each owns one instance's requests, scheduler, block tables and runner.
 
+This module holds what every role shares (the loop, messages, faults); the roles live beside
+it: prefill_worker, decode_worker (on decoding_worker's continuous batching, as are the
+baselines in colocated_worker).
+
 A worker runs one loop, in a thread of the engine's process or in a process of its own (see
 dsjax.engine.instance_hosts), and talks to the engine only by messages (dsjax.engine.messages):
 
@@ -7,8 +11,8 @@ dsjax.engine.instance_hosts), and talks to the engine only by messages (dsjax.en
            run one step (schedule, build plain rows, runner, emit tokens)
            send one Report (tokens, lifetime events, offers, failures, fresh stats)
 
-Nothing else reads or writes its requests, so there are no locks. Aborts and stop strings
-arrive as messages and are applied between steps.
+Nothing else reads or writes its requests, so there are no locks. Aborts arrive as messages
+and are applied between steps; stop strings are checked here, where tokens are produced.
 
 Faults stay contained. Host-side work on one request (building its row, recording its token)
 fails that request alone. A step that raises while the runner's state is intact is retried one
@@ -18,32 +22,24 @@ engine serves on with the instances that remain.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import queue
 import time
-from collections import deque
 from typing import Callable
-
-import jax
 
 from dsjax.engine.block_manager import BlockManager
 from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed, KVReady,
                                    KVRefused, LifetimeEvent, MigrationOffer, OfferMigration,
                                    PeerMessage, Report, RequestFailed, Shutdown, TokenUpdate)
-from dsjax.engine.request import Request, Status
+from dsjax.engine.request import Request
 from dsjax.engine.sampling_slots import SlotAssignments
-from dsjax.engine.scheduler import BatchLimits, ChunkedScheduler, DecodeScheduler, PrefillScheduler
-from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow
-from dsjax.executor.kv_migration import KVPullFailed, arrays_of, await_arrival, land_shards
+from dsjax.executor.batch import PrefillRow
 from dsjax.executor.runner import StepOutput
 from dsjax.executor.sampling import needs_slot
-
 log = logging.getLogger("dsjax")
 
 IDLE_WAIT_S = 1.0   # how long an idle worker blocks on its inbox before looking again
-PULL_WAITERS = 8    # threads per decode instance waiting for arriving KV
 
 
 class InstanceFault(RuntimeError):
@@ -236,7 +232,7 @@ class InstanceWorker:
         results = {}
         if rows:
             try:
-                results = dict(zip([r.request_id for r in live], _per_row(rows, fn(rows))))
+                results = dict(zip([r.request_id for r in live], per_row(rows, fn(rows))))
             except Exception as e:  # noqa: BLE001
                 self._check_state(e)
                 if len(rows) == 1:
@@ -246,7 +242,7 @@ class InstanceWorker:
                                 self.name, len(rows), type(e).__name__, e)
                     for r, row in zip(live, rows):
                         try:
-                            results[r.request_id] = _per_row([row], fn([row]))[0]
+                            results[r.request_id] = per_row([row], fn([row]))[0]
                         except Exception as solo:  # noqa: BLE001
                             self._check_state(solo)
                             self._fail(r.request_id, solo)
@@ -411,7 +407,7 @@ class InstanceWorker:
         self._reset_report()
 
 
-def _samples_of(out: StepOutput) -> list[tuple]:
+def samples_of(out: StepOutput) -> list[tuple]:
     """A step's sampled rows: (token, logprob, top ids, top logprobs, prompt scores)."""
     top = out.top_ids is not None
     scores = out.prompt_scores or [None] * len(out.tokens)
@@ -420,9 +416,9 @@ def _samples_of(out: StepOutput) -> list[tuple]:
             for i in range(len(out.tokens))]
 
 
-def _per_row(rows, out: StepOutput) -> list[list]:
+def per_row(rows, out: StepOutput) -> list[list]:
     """A step's sampled rows, grouped by the row (prompt or sequence) that asked for them."""
-    flat = _samples_of(out)
+    flat = samples_of(out)
     grouped, at = [], 0
     for row in rows:
         n = len(row.sampling) if isinstance(row.sampling, tuple) else 1
@@ -442,517 +438,3 @@ def prompt_logprob_entries(req: Request, scores) -> tuple[dict[int, float], ...]
         entry[int(token)] = float(next_lp[i])
         entries.append(entry)
     return tuple(entries)
-
-
-class PrefillWorker(InstanceWorker):
-    """Runs prompt batches; prefilled requests keep their blocks until a decode instance asks
-    for their KV (ExportKV), which is the back-pressure on new prompts."""
-
-    role = "prefill"
-
-    def __init__(self, *args, limits: BatchLimits, **kw):
-        super().__init__(*args, **kw)
-        self.scheduler = PrefillScheduler(limits, self.blocks)
-        self.held: dict[str, Request] = {}   # prefilled, waiting for a decode instance
-
-    def has_work(self) -> bool:
-        return bool(self.scheduler.waiting)
-
-    def counts(self) -> dict:
-        return {"running": 0, "waiting": len(self.scheduler.waiting), "swapped": 0,
-                "held": len(self.held), "waiting_tokens": self.scheduler.num_waiting_tokens,
-                "token_budget": self.scheduler.limits.max_tokens_per_batch}
-
-    def _admit(self, req: Request) -> None:
-        self.requests[req.request_id] = req
-        self.scheduler.add(req)
-
-    def _forget(self, req: Request) -> None:
-        self.scheduler.remove(req)
-        self.held.pop(req.request_id, None)
-
-    def step(self) -> bool:
-        batch = self.scheduler.schedule()
-        if batch:
-            self._prefill(batch, self._hold)
-        return bool(batch)
-
-    def _hold(self, req: Request, sequences: list[Request]) -> None:
-        for s in sequences:   # the decode instance fills its own slots from these tokens
-            self.slots.release(s.request_id)
-        req.status = Status.WAITING_MIGRATION
-        self.held[req.request_id] = req
-        self._prefilled.append(MigrationOffer(
-            req.spec, tuple((s.index, tuple(s.output_token_ids)) for s in sequences), self.name))
-
-    def _export(self, request_id: str, dest: str, skip_blocks: int = 0) -> None:
-        req = self.held.get(request_id)
-        if req is None:
-            self._peer(dest, KVRefused(request_id, f"{request_id} is no longer held by "
-                                                   f"{self.name}"))
-            return
-        # The puller's prefix cache holds the first skip_blocks: only the rest moves.
-        table = self.blocks.tables[request_id][skip_blocks:]
-        try:
-            payload = self.kv.export(self.runner, table) if table else None
-        except Exception as e:
-            self._peer(dest, KVRefused(request_id, f"exporting its KV failed: {e}"))
-            raise
-        # The export copied the pages: they are free for new prompts at once.
-        self._release(req)
-        self._peer(dest, KVReady(request_id, payload))
-
-
-@dataclasses.dataclass
-class InFlight:
-    """A dispatched decode step whose samples the host has not read yet."""
-    requests: list
-    step: object          # the runner's PendingStep
-    started: float
-
-
-class DecodingWorker(InstanceWorker):
-    """Continuous batching with swap to host: shared by decode, colocated and chunked.
-
-    With async scheduling, step N+1 is dispatched before step N's samples are read: its rows
-    take step N's tokens on the device, so the host's bookkeeping of step N (tokens, stop
-    conditions, the report) overlaps step N+1's computation. A request that stops on step N's
-    token (eos, a stop id) has run one step for nothing; one that reaches max_tokens does not."""
-
-    def __init__(self, *args, async_scheduling: bool = False, **kw):
-        super().__init__(*args, **kw)
-        self.swapped_pages: dict[str, list] = {}   # host copies of swapped-out pages
-        self.scheduler: DecodeScheduler
-        self.async_scheduling = async_scheduling
-        self._inflight: InFlight | None = None
-
-    def _forget(self, req: Request) -> None:
-        self.scheduler.remove(req)
-        self.swapped_pages.pop(req.request_id, None)
-
-    def _apply_swaps(self, step) -> None:
-        """Victims' pages to host (one sync for all), returning requests' pages back."""
-        for r, why in step.dropped:
-            self._fail(r.request_id, MemoryError(why))
-        if step.swap_out:
-            self.num_preemptions += len(step.swap_out)
-            gathered = [self.runner.gather_pages(step.swap_out_blocks[r.request_id])
-                        for r in step.swap_out]
-            for r, pages in zip(step.swap_out, jax.device_get(gathered)):
-                r.status = Status.SWAPPED
-                self.swapped_pages[r.request_id] = pages
-        if step.copies:   # copy on write: sequences about to write into a shared block
-            sources, targets = zip(*step.copies)
-            self.runner.insert_pages(list(targets), self.runner.gather_pages(list(sources)))
-        for r in step.swap_in:
-            r.status = Status.DECODING
-            self.runner.insert_pages(step.swap_in_blocks[r.request_id],
-                                     self.swapped_pages.pop(r.request_id))
-
-    def _start_sequences(self, req: Request, sequences: list[Request]) -> None:
-        """A prompt's KV is in this instance's blocks (held under req's id): its running
-        sequences join the decode queue, sharing those blocks when there are several."""
-        if sequences != [req]:
-            self.blocks.fork(req.request_id, [s.request_id for s in sequences])
-            self.requests.pop(req.request_id, None)
-        for s in sequences:
-            s.status = Status.DECODING
-            self.requests[s.request_id] = s
-            self.scheduler.add_waiting(s)
-
-    def _decode_row(self, req: Request, prev_row: int = -1, busy=()) -> DecodeRow:
-        """The request's next decode row; prev_row >= 0: its input token is the one the
-        in-flight step samples in that row (the host does not have it yet)."""
-        return DecodeRow(req.last_token_id if prev_row < 0 else -1, req.num_tokens - 1,
-                         tuple(self.blocks.tables[req.request_id]),
-                         self._sampling_row(req, busy), prev_row)
-
-    def _busy(self, batch: list[Request]) -> set[str]:
-        """Sequences whose sampling slots must stay: this step's and the one on the device."""
-        busy = {r.request_id for r in batch}
-        if self._inflight is not None:
-            busy.update(r.request_id for r in self._inflight.requests)
-        return busy
-
-    def _decode_step(self) -> bool:
-        """One continuous-batching step of self.scheduler; False if there was nothing to do."""
-        start = time.perf_counter()
-        step = self.scheduler.schedule()
-        self._in_step = step.batch + step.swap_out
-        if not step.batch and not step.swap_out and not step.dropped:
-            if self._inflight is None:
-                return False
-            self._read_inflight()   # only last tokens are in flight: read them
-            return True
-        self._apply_swaps(step)
-        if not step.batch:
-            return True
-        for r in step.batch:
-            if not r.decoding_started:
-                r.decoding_started = True
-                self._event(r, "decoding_begin", start)
-        if not self.async_scheduling or not self._dispatch(step.batch, start):
-            self._read_inflight()
-            busy = self._busy(step.batch)
-            results = self._run_rows(self.runner.decode, step.batch,
-                                     lambda r: self._decode_row(r, busy=busy))
-            for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
-                self._release(r, finished=True)
-            self._log_step(len(step.batch), start)
-        return True
-
-    def _dispatch(self, batch: list[Request], start: float) -> bool:
-        """Start the step without waiting, then read the one before it. False (nothing
-        started) when the dispatch itself fails: the caller runs the step synchronously, where
-        a request that breaks it fails alone."""
-        previous = self._inflight
-        row_of = {id(r): i for i, r in enumerate(previous.requests)} if previous else {}
-        try:
-            busy = self._busy(batch)
-            rows = [self._decode_row(r, row_of.get(id(r), -1), busy) for r in batch]
-            pending = self.runner.dispatch_decode(rows, previous.step if previous else None)
-        except Exception as e:  # noqa: BLE001
-            self._check_state(e)
-            return False
-        for r in batch:
-            r.pending += 1
-        self._inflight = InFlight(batch, pending, start)
-        if previous is not None:
-            self._read(previous)
-        return True
-
-    def _read_inflight(self) -> None:
-        if self._inflight is not None:
-            inflight, self._inflight = self._inflight, None
-            self._read(inflight)
-
-    def _read(self, inflight: InFlight) -> None:
-        """Read a dispatched step's samples and record them; requests dropped meanwhile are
-        skipped (their pages were freed; later work on the device comes after this step)."""
-        for r in inflight.requests:
-            r.pending -= 1
-        try:
-            out = self.runner.collect(inflight.step)
-        except Exception as e:  # noqa: BLE001 - the step failed on the device
-            self._check_state(e)
-            for r in inflight.requests:
-                self._fail(r.request_id, e)
-            return
-        live = [(r, sample) for r, sample in zip(inflight.requests, _samples_of(out))
-                if self.requests.get(r.request_id) is r]
-        for r in self._emit_all(live):
-            self._release(r, finished=True)
-        self._log_step(len(inflight.requests), inflight.started)
-
-    def _log_step(self, batch_size: int, start: float) -> None:
-        if self.step_log is not None:
-            now = time.perf_counter()
-            self.step_log.append((batch_size, now - start, self.runner.last_wait_s, now))
-
-    def has_work(self) -> bool:
-        return len(self.scheduler) > 0 or self._inflight is not None
-
-    def counts(self) -> dict:
-        s = self.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped)}
-
-
-class DecodeWorker(DecodingWorker):
-    """Pulls prefilled requests when it has room (FCFS, one at a time against the waiting
-    share), then decodes them with continuous batching."""
-
-    role = "decode"
-
-    def __init__(self, *args, limits: BatchLimits, waiting_share: float,
-                 pull_timeout_s: float = 30.0, **kw):
-        super().__init__(*args, **kw)
-        self.scheduler = DecodeScheduler(limits, self.blocks, waiting_share)
-        self.offers: deque[MigrationOffer] = deque()
-        # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
-        # (offer, when asked, blocks its own prefix cache supplied)
-        self.migrating: dict[str, tuple[MigrationOffer, float, int]] = {}
-        self.arriving: dict[str, list] = {}   # shards of pulls on the way
-        self.pull_timeout_s = pull_timeout_s
-        self._deadlines: dict[str, float] = {}
-        self._waiters = None   # threads that wait for arriving KV (started on first use)
-        self.migrated = {"migrations": 0, "migration_bytes": 0, "migration_seconds": 0.0,
-                         "migration_blocks_skipped": 0, "migration_bytes_saved": 0}
-
-    def counts(self) -> dict:
-        return {**super().counts(), "offered": len(self.offers), "migrating": len(self.migrating),
-                **self.migrated}
-
-    def _offered(self, offer: MigrationOffer) -> None:
-        self.offers.append(offer)
-
-    def _drop(self, request_id: str, index: int | None = None) -> None:
-        if index is None:
-            self.offers = deque(o for o in self.offers if o.spec.request_id != request_id)
-            if self.migrating.pop(request_id, None) is not None:
-                self.blocks.free(request_id)
-        super()._drop(request_id, index)
-
-    def _request_pulls(self) -> None:
-        """Ask for the KV of offered requests while there is room, each judged with the pulls
-        already in flight (so one round cannot take every waiting request at once)."""
-        while self.offers:
-            offer = self.offers[0]
-            in_flight = sum(len(self.blocks.tables[rid]) for rid in self.migrating)
-            # Full prompt blocks this instance's prefix cache holds need not move.
-            hits = self.blocks.cached_prefix(offer.spec.prompt_token_ids, offer.spec.cache_salt)
-            if not self.scheduler.can_pull(offer.num_cached_tokens, in_flight, hits):
-                return
-            self.offers.popleft()
-            rid = offer.spec.request_id
-            try:
-                self._pull(offer, hits)
-            except Exception as e:  # noqa: BLE001 - this pull's request fails, alone
-                self._check_state(e)
-                if self.blocks.holds(rid):
-                    self.blocks.free(rid)
-                self.migrating.pop(rid, None)
-                self._fail(rid, e)   # the router frees what the prefill instance holds
-
-    def _pull(self, offer: MigrationOffer, hits: list[int]) -> None:
-        """Room for the offer's KV (its cached prefix held), and the ask for the rest."""
-        rid = offer.spec.request_id
-        self.blocks.allocate(rid, offer.num_cached_tokens, cached=hits)
-        self.blocks.count_query(offer.num_cached_tokens, len(hits) * self.blocks.block_size)
-        began = time.perf_counter()
-        self.migrating[rid] = (offer, began, len(hits))
-        self._events.append(LifetimeEvent(rid, "migration_begin", began))
-        self._peer(offer.source, ExportKV(rid, self.name, len(hits)))
-
-    def _import(self, request_id: str, payload) -> None:
-        """The source's answer: start receiving the pages. A waiter thread reports when every
-        array has arrived (ImportArrived), and only then are they written into this
-        instance's pages: a slow or dead source never stalls a decode step."""
-        if request_id not in self.migrating:   # dropped meanwhile: its pages here are free
-            if payload is not None:
-                self.kv.discard(payload)
-            return
-        if payload is None:   # this instance's prefix cache held every block
-            self._land(request_id, [])
-            return
-        if self._waiters is None:
-            self._waiters = concurrent.futures.ThreadPoolExecutor(
-                max_workers=PULL_WAITERS, thread_name_prefix=f"{self.name}-pull")
-        # The time-out does not rely on a waiter (connecting to a stalled source may block
-        # one): the loop checks deadlines each iteration. Whichever comes first decides; the
-        # other finds nothing left to do.
-        self._deadlines[request_id] = time.monotonic() + self.pull_timeout_s
-        self._waiters.submit(self._await_arrival, request_id, payload, self._inbox,
-                             self.migrating[request_id][0].source)
-
-    def _expire_pulls(self) -> None:
-        now = time.monotonic()
-        for request_id, deadline in list(self._deadlines.items()):
-            if request_id not in self.migrating:
-                del self._deadlines[request_id]
-            elif now > deadline:
-                source = self.migrating[request_id][0].source
-                self._apply(ImportArrived(request_id, f"KV pull from {source} took over "
-                                                      f"{self.pull_timeout_s:g} s"))
-
-    def _await_arrival(self, request_id: str, payload, inbox, source: str) -> None:
-        """Waiter thread: start the transfer, wait for the arrays, then tell the loop."""
-        started = time.monotonic()
-        try:
-            shards = self.arriving[request_id] = self.kv.receive(self.runner, payload)
-            left = self.pull_timeout_s - (time.monotonic() - started)
-            await_arrival(arrays_of(shards), max(left, 0.0), source)
-        except KVPullFailed as e:
-            inbox.put(ImportArrived(request_id, str(e)))
-            return
-        except Exception as e:  # noqa: BLE001 - the source is unreachable
-            inbox.put(ImportArrived(request_id, f"KV pull from {source} failed: "
-                                                f"{type(e).__name__}: {e}"))
-            return
-        inbox.put(ImportArrived(request_id, None))
-
-    def _arrived(self, request_id: str, error: str | None) -> None:
-        shards = self.arriving.pop(request_id, None)
-        self._deadlines.pop(request_id, None)
-        if request_id not in self.migrating:   # dropped while arriving: nothing to write
-            return
-        if error is not None:
-            self.migrating.pop(request_id)
-            self.blocks.free(request_id)
-            raise KVLost(error)
-        self._land(request_id, shards)
-
-    def _land(self, request_id: str, shards) -> None:
-        """Write the arrived pages and start decoding the request's sequences."""
-        offer, began, skipped = self.migrating.pop(request_id)
-        table = self.blocks.tables[request_id]
-        try:
-            nbytes = land_shards(self.runner, shards, table[skipped:]) if shards else 0
-        except Exception:
-            self.blocks.free(request_id)
-            raise
-        self.blocks.register(request_id, offer.spec.prompt_token_ids, offer.spec.cache_salt)
-        self.migrated["migration_blocks_skipped"] += skipped
-        self.migrated["migration_bytes_saved"] += skipped * self.runner.bytes_per_page
-        now = time.perf_counter()
-        self._events.append(LifetimeEvent(request_id, "migration_end", now))
-        self._migrations.append((nbytes, now - began))
-        self.migrated["migrations"] += 1
-        self.migrated["migration_bytes"] += nbytes
-        self.migrated["migration_seconds"] += now - began
-        group = Request(offer.spec, self.eos_token_id, index=None)
-        self._start_sequences(group, Request.from_offer(offer, self.eos_token_id))
-
-    def step(self) -> bool:
-        self._expire_pulls()
-        self._request_pulls()
-        return self._decode_step()
-
-    def has_work(self) -> bool:
-        return super().has_work() or bool(self.offers)
-
-    def close(self) -> None:
-        if self._waiters is not None:
-            self._waiters.shutdown(wait=False, cancel_futures=True)
-
-
-class ColocatedWorker(DecodingWorker):
-    """vLLM-style baseline: one instance, continuous batching, a waiting prompt batch runs first."""
-
-    role = "colocated"
-
-    def __init__(self, *args, prefill_limits: BatchLimits, decode_limits: BatchLimits,
-                 waiting_share: float, **kw):
-        super().__init__(*args, **kw)
-        self.prefill = PrefillScheduler(prefill_limits, self.blocks)
-        self.scheduler = DecodeScheduler(decode_limits, self.blocks, waiting_share)
-
-    def has_work(self) -> bool:
-        return bool(self.prefill.waiting) or super().has_work()
-
-    def counts(self) -> dict:
-        c = super().counts()
-        c["waiting"] += len(self.prefill.waiting)
-        c["waiting_tokens"] = self.prefill.num_waiting_tokens
-        c["token_budget"] = self.prefill.limits.max_tokens_per_batch
-        return c
-
-    def _admit(self, req: Request) -> None:
-        self.requests[req.request_id] = req
-        self.prefill.add(req)
-
-    def _forget(self, req: Request) -> None:
-        super()._forget(req)
-        self.prefill.remove(req)
-
-    def step(self) -> bool:
-        room = self.scheduler.limits.max_batch_size - len(self.scheduler)
-        batch = []
-        # Prompts first (vLLM's policy), unless requests are swapped out; keep a block per
-        # running request in reserve so admitting prompts does not force a swap at once.
-        if not self.scheduler.swapped and room > 0 and \
-                self.blocks.num_free > len(self.scheduler.running):
-            batch = self.prefill.schedule(max_batch_size=min(
-                room, self.prefill.limits.max_batch_size))
-        if not batch:
-            return self._decode_step()
-        self._prefill(batch, self._start_sequences)
-        return True
-
-
-class ChunkedWorker(DecodingWorker):
-    """Sarathi-style: each step decodes every running request and fills the rest of a token
-    budget with prompt chunks."""
-
-    role = "chunked"
-
-    def __init__(self, *args, limits: BatchLimits, waiting_share: float, **kw):
-        super().__init__(*args, **kw)
-        self.chunked = ChunkedScheduler(limits, self.blocks, waiting_share)
-        self.scheduler = self.chunked.decode
-
-    def has_work(self) -> bool:
-        return len(self.chunked) > 0
-
-    def counts(self) -> dict:
-        c = super().counts()
-        c["waiting"] += len(self.chunked.prefilling)
-        c["waiting_tokens"] = sum(r.prompt_len - r.num_computed for r in self.chunked.prefilling)
-        return c
-
-    def _admit(self, req: Request) -> None:
-        self.requests[req.request_id] = req
-        self.chunked.add(req)
-
-    def _forget(self, req: Request) -> None:
-        super()._forget(req)
-        self.chunked.remove(req)
-
-    def step(self) -> bool:
-        start = time.perf_counter()
-        plan = self.chunked.schedule()
-        step = plan.decode
-        self._in_step = step.batch + step.swap_out + [r for r, _, _ in plan.chunks]
-        if not step.batch and not plan.chunks and not step.swap_out and not step.dropped:
-            return False
-        self._apply_swaps(step)
-        for r, first, _ in plan.chunks:
-            if first == 0:
-                self._event(r, "context_begin", start)
-        for r in step.batch:
-            if not r.decoding_started:
-                r.decoding_started = True
-                self._event(r, "decoding_begin", start)
-        items = [(r, (r.last_token_id,), r.num_tokens - 1) for r in step.batch]
-        items += [(r, r.prompt_token_ids[first:first + n], first) for r, first, n in plan.chunks]
-        if not items:
-            return True
-        reqs = [r for r, _, _ in items]
-        # The chunk that completes a prompt samples each of its sequences' first token.
-        sequences = {id(r): r.sequences() for r, first, n in plan.chunks
-                     if first + n == r.prompt_len}
-        rows = {}
-        busy = {r.request_id for r in reqs} | {q.request_id for seqs in sequences.values()
-                                               for q in seqs}
-        decoding = {id(r) for r in step.batch}
-        for r, ids, first in items:
-            seqs = sequences.get(id(r))
-            if seqs:
-                sampling = tuple(self._sampling_row(q, busy) for q in seqs)
-            elif id(r) in decoding:
-                sampling = (self._sampling_row(r, busy),)
-            else:   # a chunk that does not end its prompt: its sample is dropped
-                sampling = (r.sampling_row(),)
-            rows[id(r)] = ChunkRow(tuple(ids), first, tuple(self.blocks.tables[r.request_id]),
-                                   sampling)
-        results = self._run_rows(self.runner.chunked, reqs, lambda r: rows[id(r)])
-        emit = [(r, rs and rs[0]) for r, rs in zip(step.batch, results[:len(step.batch)])]
-        now = time.perf_counter()
-        for (r, first, n), rs in zip(plan.chunks, results[len(step.batch):]):
-            if rs is None or r.request_id not in self.requests or \
-                    not self.chunked.chunk_done(r, n):
-                continue
-            self._event(r, "context_end", now)
-            self.blocks.register(r.request_id, r.prompt_token_ids, r.cache_salt)
-            self._cached_tokens.append((r.spec.request_id, r.num_cached_tokens))
-            self._event(r, "decoding_begin", now)
-            seqs = sequences[id(r)]
-            if seqs == [r]:
-                r.decoding_started = True
-                r.status = Status.DECODING
-                emit.append((r, rs[0]))
-                continue
-            self.scheduler.running.remove(r)   # the prompt becomes its sequences
-            ended = {id(q) for q in self._emit_all(zip(seqs, rs))}
-            running = [q for q in seqs if id(q) not in ended]
-            for q in seqs:
-                if id(q) in ended:
-                    self.slots.release(q.request_id)
-            for q in running:
-                q.decoding_started = True
-            if running:
-                self._start_sequences(r, running)
-            else:
-                self._release(r, finished=True)
-        for r in self._emit_all(emit):
-            self._release(r, finished=True)
-        return True
