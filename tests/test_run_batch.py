@@ -248,7 +248,9 @@ def test_sigkill_and_sigterm_at_several_points_then_resume_lose_and_repeat_nothi
         return committed and written_lines(output) > committed
     assert run_until(command, past_a_commit) == -signal.SIGKILL
     cut_from, committed = written_lines(output), committed_lines(output)
-    assert 0 < committed < cut_from < len(expected)
+    # Lines past the last commit were written (the job may have written them all between the
+    # poll and the kill: what matters is that some were uncommitted).
+    assert 0 < committed < cut_from <= len(expected)
 
     # 2. SIGKILL during start-up, before the engine is ready: nothing changes.
     assert run_until(resume, lambda: True) == -signal.SIGKILL
