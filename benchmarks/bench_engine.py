@@ -1,12 +1,14 @@
 """Engine figures: host overhead per decode step, migration time vs KV bytes, interference.
 
     python benchmarks/bench_engine.py overhead --model opt-tiny --batch-sizes 1,16,64,256
+    python benchmarks/bench_engine.py phases --batch-sizes 256 --steps 96
     python benchmarks/bench_engine.py migration --model opt-125m
     python benchmarks/bench_engine.py interference --model opt-125m --backends uni,mp
 
 overhead: decode steps of a running batch; host overhead = step wall time minus the time
   blocked on the device's results (the rest is Python: scheduling, metadata, sampling bookkeeping,
   streaming). Target: < 1 ms per step at batch 256, so the engine never starves a GPU.
+phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch).
 migration: KV copy time between instances for each TP pair (device to device).
 interference: a decode instance's time per output token alone, and while the prefill instance
   runs long prompts, for each executor backend (timed at the caller from token timestamps, so
@@ -79,6 +81,61 @@ def overhead(args) -> None:
                 period = float(np.median(np.diff([end for _, _, end in full])))
                 row += [f"{1e3 * period:.2f}", f"{1e3 * max(0.0, period - device):.3f}"]
         print("| " + " | ".join(row) + " |")
+
+
+def phases(args) -> None:
+    """Where a synchronous decode step's host time goes, at the largest of --batch-sizes: each
+    phase of the decode thread timed by a wrapper around the worker's and runner's methods
+    (per step: mean; per call of the two jitted functions: median and the slowest)."""
+    import collections
+
+    import numpy as np
+    from dsjax import SamplingParams
+
+    b = max(int(x) for x in args.batch_sizes.split(","))
+    engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
+                     context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
+                     num_blocks=b * (args.steps // 16 + 4) + 16, async_scheduling=False,
+                     warmup_max_prompt_len=16, warmup_max_context_len=16 + args.steps + 1,
+                     warmup_max_decode_batch=b, warmup_max_prefill_batch=8)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+    for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params) for _ in range(b)]:
+        s.result()
+    worker = engine.local_worker("decode0")
+    total, calls, each = collections.Counter(), collections.Counter(), collections.defaultdict(list)
+
+    def timed(fn, label):
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                took = time.perf_counter() - start
+                total[label] += took
+                calls[label] += 1
+                each[label].append(took)
+        return run
+
+    for obj, names in ((worker.scheduler, ["schedule"]),
+                       (worker, ["_decode_step", "_decode_row", "_emit_all", "_flush"]),
+                       (worker.runner, ["dispatch_decode", "_inputs", "_pipeline", "_fetch"])):
+        for name in names:
+            setattr(obj, name, timed(getattr(obj, name), name))
+    stage = worker.runner.stages[-1]
+    for name in ("_forward", "_sampler"):   # the jitted functions they return, per call
+        get = getattr(stage, name)
+        setattr(stage, name, lambda *a, _get=get, _n=name: timed(_get(*a), f"jit {_n}"))
+    for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params) for _ in range(b)]:
+        s.result()
+    engine.shutdown()
+    steps = calls["_decode_step"]
+    print(f"batch {b}, {steps} steps (the first run's steps compiled every shape)\n")
+    print("| phase | ms per step (mean) | calls per step | median ms per call | slowest ms |")
+    print("|---|---|---|---|---|")
+    for label, seconds in total.most_common():
+        print(f"| {label} | {1e3 * seconds / steps:.3f} | {calls[label] / steps:.1f} | "
+              f"{1e3 * float(np.median(each[label])):.3f} | {1e3 * max(each[label]):.1f} |")
 
 
 def migration(args) -> None:
@@ -155,7 +212,7 @@ def interference(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["overhead", "migration", "interference"])
+    p.add_argument("what", choices=["overhead", "phases", "migration", "interference"])
     p.add_argument("--model", default="opt-tiny")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-sizes", default="1,16,64,256")
@@ -167,7 +224,8 @@ def main(argv=None) -> None:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_force_host_platform_device_count=8").strip()
-    {"overhead": overhead, "migration": migration, "interference": interference}[args.what](args)
+    {"overhead": overhead, "phases": phases, "migration": migration,
+     "interference": interference}[args.what](args)
 
 
 if __name__ == "__main__":
