@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import json
 import logging
+import math
 import random
 import socket
 import struct
@@ -337,7 +338,11 @@ def test_server_survives_a_hostile_run(loop, caplog):
     """1,000 malformed or hostile requests, 200 clients leaving mid-stream and 100 before the
     answer began: every answer a 4xx (stalled or broken framing: closed), no traceback logged,
     no KV block leaked, and a normal request is still served."""
-    hostile = loop.serve(limits=limits(max_connections=256), max_body_bytes=1 << 20)
+    # Admission by cost is off here (it has its own tests): it may rightly refuse the abandoned
+    # 1,500-token streams this run needs answered, when the module's earlier tests left the
+    # engine's measured step times high.
+    hostile = loop.serve(limits=limits(max_connections=256), max_body_bytes=1 << 20,
+                         max_queue_delay=math.inf, max_tpot=math.inf)
     requests = hostile_requests(random.Random(0))
     caplog.set_level(logging.INFO)
     answers = run(loop, in_waves([exchange(hostile.port, data) for _, data in requests], 100))
