@@ -31,10 +31,11 @@ def default_window(config: EngineConfig) -> int:
 
 
 class LLM:
-    """An OPT model served in-process.
+    """A model (OPT, LLaMA, Mistral, Qwen, GPT-2) served in-process.
 
-    model: a Hugging Face OPT directory, an orbax checkpoint written by dsjax, or a size name
-    like "opt-125m" (which needs load_format="dummy"). Other keywords are EngineConfig fields:
+    model: a Hugging Face checkpoint directory of one of those families, an orbax checkpoint
+    written by dsjax, or a size name like "opt-125m" or "llama-3.1-8b" (which needs
+    load_format="dummy"). Other keywords are EngineConfig fields:
     mode ("disaggregated" default, "colocated", "chunked") and DistServe's placement names
     (context_tensor_parallel_size, decoding_pipeline_parallel_size, num_prefill_instances, ...).
     """

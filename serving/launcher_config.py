@@ -82,8 +82,9 @@ def _add_engine_flags(group: argparse._ArgumentGroup, defaults: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
-        description="Serve an OPT model over HTTP: DistServe's POST /generate and the "
-                    "OpenAI-compatible POST /v1/completions (see docs/serving.md). With no "
+        description="Serve a model (OPT, LLaMA, Mistral, Qwen, GPT-2) over HTTP: DistServe's "
+                    "POST /generate and the OpenAI-compatible POST /v1/completions (see "
+                    "docs/serving.md). With no "
                     "argument: dummy-weight opt-125m, one prefill and one decode instance.")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=DEFAULT_HOST)
