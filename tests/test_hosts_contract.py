@@ -265,7 +265,8 @@ if __name__ == "__main__":
 
 
 def test_mp_instance_exits_with_the_engine_process(tmp_path):
-    """SIGKILL the engine's process: its mp instance process exits within a heartbeat or two
+    """Repro t7_mp_orphans (../shared/repros).
+    SIGKILL the engine's process: its mp instance process exits within a heartbeat or two
     (its pipe back breaks), not minutes later. (A Ray actor dies with its owner by Ray.)"""
     import subprocess
     import sys

@@ -1,5 +1,8 @@
 """Request lifecycle regressions: each case is a repro from a review of main (149fe74), which
-failed there (../shared/repros/, named below), and the expected behaviour.
+failed there (../shared/repros/, named beside each test), and the expected behaviour.
+t7_mp_orphans is tests/test_hosts_contract.py::test_mp_instance_exits_with_the_engine_process;
+t9_penalty_mix is tests/test_sampling_options.py::test_a_penalised_row_among_plain_rows_runs_in_
+the_batched_step.
 
 One place decides a request is finished (the instance producing its tokens, stop strings
 included); the engine's ids are its own (no caller id can collide with a sequence's); a
@@ -31,7 +34,7 @@ def first_token_text(engine, prompt) -> str:
     return engine.tokenizer.decode(out.token_ids)
 
 
-def test_a_sibling_ended_on_its_first_token_never_decodes(  # t1, t1b, t12
+def test_a_sibling_ended_on_its_first_token_never_decodes(  # t1_ghost_sibling, t1b_ghost_timeline, t12_ghost_id_reuse
         ):
     """n=2, greedy: both siblings' first token completes the stop string at the prefill
     instance. Neither is pulled by the decode instance, the request ends at once, and its id
@@ -51,7 +54,7 @@ def test_a_sibling_ended_on_its_first_token_never_decodes(  # t1, t1b, t12
     assert decode["tokens"] == 4, "decode0 decoded tokens of a finished sibling"
 
 
-def test_caller_ids_never_collide_with_sequence_ids():   # t13
+def test_caller_ids_never_collide_with_sequence_ids():   # t13_hash_ids
     engine = get_engine()
     a = engine.add_request([2, 7, 8, 9], SamplingParams(n=2, temperature=1.0, seed=1,
                                                         max_tokens=6, ignore_eos=True),
@@ -63,7 +66,7 @@ def test_caller_ids_never_collide_with_sequence_ids():   # t13
     wait_idle(engine)
 
 
-def test_streamed_text_never_carries_the_start_of_a_stop_string():   # t2
+def test_streamed_text_never_carries_the_start_of_a_stop_string():   # t2_stop_stream
     """A stop string spanning tokens: the deltas held back its first part, so their
     concatenation equals the final text."""
     engine = get_engine()
@@ -82,7 +85,7 @@ def test_streamed_text_never_carries_the_start_of_a_stop_string():   # t2
     wait_idle(engine)
 
 
-def test_min_tokens_bans_stop_token_ids_as_vllm_does():   # t15
+def test_min_tokens_bans_stop_token_ids_as_vllm_does():   # t15_min_tokens_stop_ids
     engine = get_engine()
     prompt = [2, 400, 401]
     first = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1)).result(60)
@@ -93,7 +96,7 @@ def test_min_tokens_bans_stop_token_ids_as_vllm_does():   # t15
     wait_idle(engine)
 
 
-def test_a_back_pressured_prefill_loop_waits_instead_of_spinning():   # t4
+def test_a_back_pressured_prefill_loop_waits_instead_of_spinning():   # t4_prefill_spin
     """The decode instance takes one request at a time and the prefill pool is full of
     prompts it holds for it: the prefill loop has work it cannot do, and must block."""
     engine = get_engine(decoding_max_batch_size=1, min_decode_rows=1,
@@ -115,7 +118,7 @@ def test_a_back_pressured_prefill_loop_waits_instead_of_spinning():   # t4
     wait_idle(engine)
 
 
-def test_a_failed_request_gives_back_its_routing_weight():   # t5
+def test_a_failed_request_gives_back_its_routing_weight():   # t5_outstanding
     engine = get_engine(num_prefill_instances=2)
     worker = engine.local_worker("prefill0")
     original = worker._sampling_row
@@ -142,7 +145,7 @@ def test_a_failed_request_gives_back_its_routing_weight():   # t5
     assert all(i.outstanding == 0 for i in engine.instances.values())
 
 
-def test_add_request_racing_shutdown_is_refused_or_served():   # t14
+def test_add_request_racing_shutdown_is_refused_or_served():   # t14_shutdown_race
     engine = tiny_engine()
     outcomes, stop = [], threading.Event()
 
@@ -170,7 +173,7 @@ def test_add_request_racing_shutdown_is_refused_or_served():   # t14
 
 
 @pytest.mark.slow
-def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6, t6b
+def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6_mp_frozen_prefill, t6b_mp_cascade
     """mp, 2 prefill + 1 decode: the prefill process that exported 'victim' freezes before the
     pull completes, then dies. Decoding of another request never stalls; when the victim's pull
     times out it is recomputed on prefill1 (its tokens: an undisturbed run's); the decode

@@ -126,6 +126,42 @@ def test_repetition_penalty_matches_transformers(hf_opt):
     wait_idle(engine)
 
 
+def test_a_penalised_row_among_plain_rows_runs_in_the_batched_step(hf_opt):
+    """Repro t9_penalty_mix (../shared/repros): one repetition-penalised request among plain
+    ones made every batched decode step raise and re-run each row alone. Now no step fails,
+    and every request gives transformers' tokens (greedy, or with its penalty)."""
+    engine = hf_engine(hf_opt[1])
+    decode = engine.local_worker("decode0")
+    failures = []
+    dispatch = decode.runner.dispatch_decode
+
+    def counting(rows, previous=None):
+        try:
+            return dispatch(rows, previous)
+        except Exception as e:
+            failures.append(e)
+            raise
+    decode.runner.dispatch_decode = counting
+    try:
+        prompts = engine_prompts()[:4]
+        plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        penalised = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                   repetition_penalty=1.8)
+        streams = [engine.add_request(p, plain) for p in prompts[1:]]
+        odd = engine.add_request(prompts[0], penalised)
+        outs = [s.result(timeout=300) for s in streams]
+        with torch.no_grad():
+            ref = hf_opt[0].generate(torch.tensor([prompts[0]]), max_new_tokens=10,
+                                     min_new_tokens=10, do_sample=False,
+                                     repetition_penalty=1.8, pad_token_id=1)
+        assert odd.result(timeout=300).token_ids == ref[0, len(prompts[0]):].tolist()
+        assert [o.token_ids for o in outs] == [hf_greedy(hf_opt[0], p, 10) for p in prompts[1:]]
+    finally:
+        decode.runner.dispatch_decode = dispatch
+    assert failures == []
+    wait_idle(engine)
+
+
 def numpy_penalised_greedy(model, prompt, n, presence, frequency, bias):
     """Greedy decoding on transformers' logits with vLLM's definitions, in float64: logit_bias
     added, then frequency x count and presence x [count > 0] subtracted for output tokens."""
