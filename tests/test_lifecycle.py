@@ -172,6 +172,39 @@ def test_add_request_racing_shutdown_is_refused_or_served():   # t14_shutdown_ra
     assert "refused" in outcomes
 
 
+def test_result_beside_an_iterating_thread_sees_the_final_output():
+    """CI once hung here: an iterating thread took the final output while `result()` waited on
+    the same stream, which then waited forever. Every waiter must wake on the final output,
+    and on a failure."""
+    from types import SimpleNamespace
+
+    from dsjax.engine.core import RequestStream
+    for ending in ("finished", "failed"):
+        stream = RequestStream("r")
+        seen = []
+        reader = threading.Thread(target=lambda: seen.extend(_drain(stream)), daemon=True)
+        reader.start()
+        time.sleep(0.05)   # the reader is now the one blocked on the stream
+        for n in range(1, 4):
+            stream.put(SimpleNamespace(token_ids=[1] * n, finished=False))
+        if ending == "finished":
+            stream.put(SimpleNamespace(token_ids=[1] * 4, finished=True))
+            assert stream.result(timeout=5).token_ids == [1] * 4
+        else:
+            stream.put(RuntimeError("instance died"))
+            with pytest.raises(EngineError, match="instance died"):
+                stream.result(timeout=5)
+        reader.join(5)
+        assert not reader.is_alive()
+
+
+def _drain(stream):
+    try:
+        yield from stream
+    except EngineError as e:
+        yield e
+
+
 @pytest.mark.slow
 def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6_mp_frozen_prefill, t6b_mp_cascade
     """mp, 2 prefill + 1 decode: the prefill process that exported 'victim' freezes before the

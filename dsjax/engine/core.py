@@ -11,6 +11,7 @@ instances and the router talk only through queues of dsjax.engine.messages.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -65,27 +66,48 @@ def resolve_model(model: str, load_format: str) -> tuple[ModelConfig, str | None
 
 
 class RequestStream:
-    """Iterate over a request's outputs as they come, or wait for the final one."""
+    """Iterate over a request's outputs as they come, or wait for the final one.
+
+    Any number of threads may wait: each output goes to one iterator, and the final output
+    wakes every waiter, so `result()` beside an iterating thread cannot miss it."""
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()
+        self._ready = threading.Condition()
         self.final: RequestOutput | None = None
+        self._failure: BaseException | None = None   # the engine's error, seen by every waiter
 
     def put(self, output) -> None:
-        self._queue.put(output)
+        with self._ready:
+            self._pending.append(output)
+            self._ready.notify_all()
 
-    def _next(self, timeout: float | None = None) -> RequestOutput:
-        out = self._queue.get(timeout=timeout)
-        if isinstance(out, BaseException):
-            raise EngineError(str(out)) from out
-        if out.finished:
-            self.final = out
-        return out
+    def _next(self, timeout: float | None = None) -> RequestOutput | None:
+        """The next output, or None once another waiter has taken the final one."""
+        with self._ready:
+            if not self._ready.wait_for(
+                    lambda: self._pending or self.final is not None or self._failure, timeout):
+                raise TimeoutError(f"request {self.request_id}: no output within {timeout:.1f} s")
+            if not self._pending:
+                if self._failure is not None:
+                    raise EngineError(str(self._failure)) from self._failure
+                return None
+            out = self._pending.popleft()
+            if isinstance(out, BaseException):
+                self._failure = out
+                self._ready.notify_all()
+                raise EngineError(str(out)) from out
+            if out.finished:
+                self.final = out
+                self._ready.notify_all()
+            return out
 
     def __iter__(self):
         while self.final is None:
-            yield self._next()
+            out = self._next()
+            if out is not None:
+                yield out
 
     def result(self, timeout: float | None = None) -> RequestOutput:
         deadline = None if timeout is None else time.monotonic() + timeout
