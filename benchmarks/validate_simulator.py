@@ -5,9 +5,13 @@
 
 1. Profile the model on this machine (python -m dsjax.eval.profiler), or load the profile written before.
 2. Sample ShareGPT, scale the lengths down (divide, cap) so a CPU run takes minutes.
-3. For each mode (disaggregated 1 prefill + 1 decode instance; colocated) and each rate: replay the
-   requests against an in-process Engine (dsjax.eval.replay) and simulate the same requests with the
-   same arrival times (dsjax.eval.simulator), then compare SLO attainment.
+3. For each mode (disaggregated 1 prefill + 1 decode instance; colocated): fit the step model
+   from the engine's own steps (dsjax.eval.engine_fit) on a calibration replay of *other*
+   ShareGPT requests (another seed) at the calibration rates.
+4. For each rate: replay the requests against an in-process Engine (dsjax.eval.replay) and
+   simulate the same requests with the same arrival times (dsjax.eval.simulator) under both
+   step models (engine-fitted, and the runner profile), then compare SLO attainment and the
+   knee (the rate where attainment crosses 90%, interpolated between measured rates).
 """
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ import os
 import platform
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,37 +33,6 @@ def scaled_requests(num: int, scale: float, max_prompt: int, max_output: int, se
     reqs = get_dataset("sharegpt").sample(num, seed=seed)
     return [TestRequest(r.prompt, max(4, min(max_prompt, round(r.prompt_len / scale))),
                         max(2, min(max_output, round(r.output_len / scale)))) for r in reqs]
-
-
-def prefill_batches(results):
-    """Real prefill steps recovered from lifecycle events: requests sharing one
-    (context_begin, context_end) pair ran in one batch. Returns [(prompt lens, seconds)]."""
-    groups = defaultdict(list)
-    for r in results:
-        ev = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events or []}
-        if "context_begin" in ev and "context_end" in ev:
-            groups[(ev["context_begin"], ev["context_end"])].append(r.prompt_len)
-    return [(lens, end - begin) for (begin, end), lens in groups.items()]
-
-
-def decode_steps(results):
-    """Real decode steps recovered from token timestamps: an instance stamps every token of one
-    step with the same time. A step's duration is its time minus the previous stamp of any
-    step, counted only when one of its requests also had a token at that previous stamp (so the
-    instance was busy with this batch, not idle). Returns [(context lens, seconds)]."""
-    at = defaultdict(list)   # stamp -> [(request index, token index)]
-    for i, r in enumerate(results):
-        for k, t in enumerate(r.token_timestamps):
-            at[t].append((i, k))
-    stamps = sorted(at)
-    steps = []
-    for prev, t in zip(stamps, stamps[1:]):
-        rows = [(i, k) for i, k in at[t] if k > 0]
-        if not rows:
-            continue
-        if any(results[i].token_timestamps[k - 1] == prev for i, k in rows):
-            steps.append(([results[i].prompt_len + k for i, k in rows], t - prev))
-    return steps
 
 
 def main(argv=None) -> int:
@@ -84,6 +56,10 @@ def main(argv=None) -> int:
                    help="executor backend: mp gives each instance its own cores, so prefill and "
                         "decode do not share them as the simulator assumes they do not")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-rates", type=float, nargs="+", default=None,
+                   help="rates of the calibration replays the engine-fitted model is fitted on "
+                        "(default: the lowest, middle and highest of --rates); their requests "
+                        "are another ShareGPT sample (seed + 1000) than the measured ones")
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
 
@@ -92,6 +68,7 @@ def main(argv=None) -> int:
 
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
+    from dsjax.eval.engine_fit import decode_steps, engine_latency_model, prefill_batches
     from dsjax.eval.profiler import Grid, run_profile
     from dsjax.eval.latency_model import load_profile
     from dsjax.eval.replay import arrival_offsets, replay
@@ -132,7 +109,12 @@ def main(argv=None) -> int:
 
     limits = dict(context_max_batch_size=128, context_max_tokens_per_batch=1024,
                   decoding_max_batch_size=256)
-    rows, step_ratios = [], {}
+    calibration_reqs = scaled_requests(args.num_prompts, args.scale, args.max_prompt,
+                                       args.max_output, args.seed + 1000)
+    rates = sorted(args.rates)
+    calibration_rates = args.calibration_rates or sorted({rates[0], rates[len(rates) // 2],
+                                                          rates[-1]})
+    rows, step_ratios, fitted_models = [], {}, {}
     for mode in args.modes:
         # The engine compiles the shape buckets this workload reaches before it is ready.
         t = time.perf_counter()
@@ -146,6 +128,14 @@ def main(argv=None) -> int:
         try:
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: ready and warm in {time.perf_counter() - t:.1f} s")
+            calibration = []
+            for i, rate in enumerate(calibration_rates):
+                calibration += replay(engine, calibration_reqs, rate, seed=args.seed + 1000 + i,
+                                      temperature=args.temperature)
+            fitted = engine_latency_model(calibration, model)
+            fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
+                                   len(decode_steps(calibration)))
+            print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
             def sim_config(link_bps):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],
@@ -165,25 +155,31 @@ def main(argv=None) -> int:
                 moved = engine.migrations["bytes"] - before["bytes"]
                 secs = engine.migrations["seconds"] - before["seconds"]
                 link_bps = moved / secs if secs > 0 else 1e12
-                sim = [s.to_result() for s in Cluster(model, sim_config(link_bps)).run(reqs, offsets)]
+                simulate = lambda m: [s.to_result() for s in  # noqa: E731
+                                      Cluster(m, sim_config(link_bps)).run(reqs, offsets)]
+                sim, sim_profile = simulate(fitted), simulate(model)
                 ra, sa = attainment(real, args.ttft_slo, args.tpot_slo), \
                     attainment(sim, args.ttft_slo, args.tpot_slo)
                 mean = lambda rs, f: 1e3 * float(np.mean([getattr(r, f) for r in rs]))
                 row = dict(mode=mode, rate=rate, real=ra, sim=sa,
+                           sim_profile=attainment(sim_profile, args.ttft_slo, args.tpot_slo),
                            ttft=(mean(real, "ftl"), mean(sim, "ftl")),
                            tpot=(mean(real, "tpot"), mean(sim, "tpot")))
                 row["compiles"] = compiles[0]
                 row["link_gbs"] = link_bps / 1e9
                 steps = decode_steps(real)
-                row["decode_ratio"] = float(np.median([secs * 1e3 / model.decode_ms(ctx, 1)
+                row["decode_ratio"] = float(np.median([secs * 1e3 / fitted.decode_ms(ctx, 1)
                                                        for ctx, secs in steps])) if steps else 0.0
+                row["decode_ratio_profile"] = float(np.median(
+                    [secs * 1e3 / model.decode_ms(ctx, 1) for ctx, secs in steps])) if steps else 0.0
                 row["decode_batch"] = float(np.mean([len(c) for c, _ in steps])) if steps else 0.0
                 rows.append(row)
                 for lens, secs in prefill_batches(real):
                     measured.append(secs * 1e3)
-                    predicted.append(model.prefill_ms(lens, 1))
+                    predicted.append(fitted.prefill_ms(lens, 1))
                 print(f"{mode:>13} {rate:6.1f} req/s  real {ra[0]:6.1%} (ttft {ra[1]:6.1%} tpot "
-                      f"{ra[2]:6.1%})  sim {sa[0]:6.1%} (ttft {sa[1]:6.1%} tpot {sa[2]:6.1%})  "
+                      f"{ra[2]:6.1%})  sim {sa[0]:6.1%} (ttft {sa[1]:6.1%} tpot {sa[2]:6.1%}; "
+                      f"runner profile {row['sim_profile'][0]:6.1%})  "
                       f"mean TTFT {row['ttft'][0]:.1f}/{row['ttft'][1]:.1f} ms  mean TPOT "
                       f"{row['tpot'][0]:.2f}/{row['tpot'][1]:.2f} ms  decode step real/profile "
                       f"{row['decode_ratio']:.2f} (mean batch {row['decode_batch']:.1f})  "
@@ -194,8 +190,8 @@ def main(argv=None) -> int:
             engine.shutdown()
 
     errors = [abs(r["real"][0] - r["sim"][0]) * 100 for r in rows]
-    report = render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out,
-                    time.perf_counter() - started)
+    report = render(args, profile, co, rows, errors, step_ratios, fitted_models,
+                    calibration_rates, mean_in, mean_out, time.perf_counter() - started)
     print(report)
     if args.out:
         out = Path(args.out)
@@ -207,21 +203,57 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out, seconds) -> str:
+def knee(points, target: float = 0.9):
+    """The rate where attainment first falls below `target`, interpolated linearly between the
+    last measured rate at or above it and the first below; None when no rate falls below, 0.0
+    when the lowest already does. points: [(rate, attainment)]."""
+    points = sorted(points)
+    for (r0, a0), (r1, a1) in zip([(0.0, 1.0)] + points, points):
+        if a1 < target:
+            return 0.0 if r0 == 0.0 else r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
+    return None
+
+
+def render(args, profile, co, rows, errors, step_ratios, fitted_models, calibration_rates,
+           mean_in, mean_out, seconds) -> str:
     import jax
     cmd = "python benchmarks/validate_simulator.py " + " ".join(sys.argv[1:])
     lines = [
-        "| mode | rate (req/s) | real attainment | simulated | error (pp) | real / sim TTFT-only |"
-        " real / sim TPOT-only | mean TTFT ms real / sim | mean TPOT ms real / sim | real decode step / profile (mean batch) | compiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| mode | rate (req/s) | real attainment | simulated (engine fit) | error (pp) |"
+        " simulated (runner profile) | error (pp) | real / sim TTFT-only | real / sim TPOT-only |"
+        " mean TTFT ms real / sim | mean TPOT ms real / sim |"
+        " real decode step / fit (/ profile) (mean batch) | compiles |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, e in zip(rows, errors):
+        ep = abs(r["real"][0] - r["sim_profile"][0]) * 100
         lines.append(f"| {r['mode']} | {r['rate']:g} | {r['real'][0]:.1%} | {r['sim'][0]:.1%} | "
-                     f"{e:.1f} | {r['real'][1]:.1%} / {r['sim'][1]:.1%} | "
+                     f"{e:.1f} | {r['sim_profile'][0]:.1%} | {ep:.1f} | "
+                     f"{r['real'][1]:.1%} / {r['sim'][1]:.1%} | "
                      f"{r['real'][2]:.1%} / {r['sim'][2]:.1%} | {r['ttft'][0]:.1f} / "
                      f"{r['ttft'][1]:.1f} | {r['tpot'][0]:.2f} / {r['tpot'][1]:.2f} | "
-                     f"{r['decode_ratio']:.2f} ({r['decode_batch']:.1f}) | {r['compiles']} |")
-    per_mode = {m: max(e for r, e in zip(rows, errors) if r["mode"] == m)
-                for m in dict.fromkeys(r["mode"] for r in rows)}
+                     f"{r['decode_ratio']:.2f} ({r['decode_ratio_profile']:.2f}) "
+                     f"({r['decode_batch']:.1f}) | {r['compiles']} |")
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fmt = lambda x: "none below 90%" if x is None else f"{x:.1f} req/s"  # noqa: E731
+    summary = []
+    for m in modes:
+        mine = [(r, e) for r, e in zip(rows, errors) if r["mode"] == m]
+        real_knee = knee([(r["rate"], r["real"][0]) for r, _ in mine])
+        sim_knee = knee([(r["rate"], r["sim"][0]) for r, _ in mine])
+        prof_knee = knee([(r["rate"], r["sim_profile"][0]) for r, _ in mine])
+        below = [e for r, e in mine if real_knee is None or r["rate"] < real_knee]
+        knee_err = (f" ({abs(sim_knee - real_knee) / real_knee:.0%} off)"
+                    if real_knee and sim_knee is not None else "")
+        coeffs, n_pre, n_dec = fitted_models[m]
+        summary += [
+            f"- **{m}**: max error {max(e for _, e in mine):.1f} pp; below the real knee "
+            f"{max(below):.1f} pp" if below else f"- **{m}**: no rate below the real knee",
+            f"  - knee (attainment crosses 90%): real {fmt(real_knee)}, engine-fit sim "
+            f"{fmt(sim_knee)}{knee_err}, runner-profile sim {fmt(prof_knee)}",
+            f"  - engine-fitted step model from {n_pre} prefill and {n_dec} decode steps: "
+            f"prefill ms = {coeffs.prefill[0]:.3g} + {coeffs.prefill[1]:.3g}*sum(len) + "
+            f"{coeffs.prefill[2]:.3g}*sum(len^2); decode ms = {coeffs.decode_small[0]:.3g} + "
+            f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
     ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"
                        for m, v in step_ratios.items())
     return "\n".join([
@@ -234,7 +266,7 @@ def render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out, seco
             if args.backend == "mp" else
             "both instances of the disaggregated engine share the one CPU device's cores."),
         f"Model: {args.model} {args.dtype}, dummy weights, sampling temperature "
-        f"{args.temperature:g}. Profile: `{Path(profile).relative_to(ROOT) if Path(profile).is_relative_to(ROOT) else profile}` "
+        f"{args.temperature:g}. Runner profile: `{Path(profile).relative_to(ROOT) if Path(profile).is_relative_to(ROOT) else profile}` "
         f"(prefill ms = {co.prefill[0]:.3g} + {co.prefill[1]:.3g}*sum(len) + "
         f"{co.prefill[2]:.3g}*sum(len^2); decode ms = {co.decode_small[0]:.3g} + "
         f"{co.decode_small[1]:.3g}*sum(ctx) + {co.decode_small[2]:.3g}*batch).",
@@ -242,11 +274,12 @@ def render(args, profile, co, rows, errors, step_ratios, mean_in, mean_out, seco
         f"{args.scale:g} and capped at {args.max_prompt} / {args.max_output} (means "
         f"{mean_in:.1f} / {mean_out:.1f}); Poisson arrivals (cv 1), the same arrival times for "
         f"the engine and the simulator. SLOs: TTFT {args.ttft_slo * 1e3:g} ms, TPOT "
-        f"{args.tpot_slo * 1e3:g} ms.", "",
+        f"{args.tpot_slo * 1e3:g} ms. The engine fit's calibration: {args.num_prompts} other "
+        f"ShareGPT requests (seed {args.seed + 1000}) replayed at "
+        f"{', '.join(f'{r:g}' for r in calibration_rates)} req/s on the same engine.", "",
         *lines, "",
-        f"Max abs error: {max(errors):.1f} pp (" +
-        ", ".join(f"{m} {e:.1f} pp" for m, e in per_mode.items()) + ").",
-        f"Real prefill step time / profile prediction, from the engine's context_begin/end "
+        *summary, "",
+        f"Real prefill step time / engine-fit prediction, from the engine's context_begin/end "
         f"events: {ratios}.", ""])
 
 

@@ -1,0 +1,105 @@
+"""A latency model fitted from the engine's own steps, not from timed `ModelRunner` calls.
+
+The runner-level profile (dsjax.eval.profiler) times kernels and the runner's input packing.
+A served step costs more: the router's and workers' messages, scheduling, token delivery and
+the async token-selection program all run between two steps, and with 1-2 ms steps on a CPU
+that host work is most of the step (docs/validation.md, run 6: real decode steps 1.5-3.2x the
+profile). So here the engine itself runs a calibration workload, every step is recovered from
+what the engine reports per request, and DistServe's step model is fitted to those steps:
+
+    prefill ms = a + b*sum(len) + c*sum(len^2)     (a step: requests sharing one
+                                                    context_begin/context_end pair)
+    decode ms  = a + b*sum(ctx) + c*batch          (a step: tokens sharing one timestamp,
+                                                    timed from the step before it)
+
+The host work lands in the intercepts and per-row terms, so the fitted model charges no
+separate overhead. Coefficients are fitted with all three kept >= 0 (the best non-negative
+subset by squared error), so no shape ever gets a negative time.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from dsjax.eval.latency_model import DEFAULT_BS_THRESHOLD, LatencyModel, StepCoeffs, StepOverhead
+
+# Fewer steps than this in a phase: keep the runner profile's coefficients for it.
+MIN_STEPS = 8
+
+
+def prefill_batches(results) -> list[tuple[list[int], float]]:
+    """Prefill steps recovered from lifecycle events: requests sharing one
+    (context_begin, context_end) pair ran in one batch. Returns [(prompt lens, seconds)]."""
+    groups = defaultdict(list)
+    for r in results:
+        ev = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events or []}
+        if "context_begin" in ev and "context_end" in ev:
+            groups[(ev["context_begin"], ev["context_end"])].append(r.prompt_len)
+    return [(lens, end - begin) for (begin, end), lens in groups.items()]
+
+
+def decode_steps(results) -> list[tuple[list[int], float]]:
+    """Decode steps recovered from token timestamps: an instance stamps every token of one
+    step with the same time. A step's duration is its time minus the previous stamp of any
+    step, counted only when one of its requests also had a token at that previous stamp (so the
+    instance was busy with this batch, not idle). Returns [(context lens, seconds)]."""
+    at = defaultdict(list)   # stamp -> [(request index, token index)]
+    for i, r in enumerate(results):
+        for k, t in enumerate(r.token_timestamps):
+            at[t].append((i, k))
+    stamps = sorted(at)
+    steps = []
+    for prev, t in zip(stamps, stamps[1:]):
+        rows = [(i, k) for i, k in at[t] if k > 0]
+        if not rows:
+            continue
+        if any(results[i].token_timestamps[k - 1] == prev for i, k in rows):
+            steps.append(([results[i].prompt_len + k for i, k in rows], t - prev))
+    return steps
+
+
+def nonnegative_lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> tuple[float, ...]:
+    """Least squares with every coefficient >= 0: the best, by squared error, of the plain
+    solutions over each subset of columns that come out non-negative (exact for 3 columns,
+    where the optimum lies on such a subset)."""
+    x, y = np.asarray(rows, float), np.asarray(ys, float)
+    best, best_sse = np.zeros(x.shape[1]), float(y @ y)
+    for k in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), k):
+            sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(sol < 0):
+                continue
+            full = np.zeros(x.shape[1])
+            full[list(cols)] = sol
+            sse = float(((x @ full - y) ** 2).sum())
+            if sse < best_sse:
+                best, best_sse = full, sse
+    return tuple(float(v) for v in best)
+
+
+def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
+                      decodes: Sequence[tuple[Sequence[int], float]],
+                      fallback: StepCoeffs) -> StepCoeffs:
+    """StepCoeffs (ms) from engine steps [(lengths, seconds)]; a phase with under MIN_STEPS
+    steps keeps `fallback`'s coefficients. Decode gets one fit for small and large batches
+    alike: a calibration run rarely has enough steps on both sides of the threshold."""
+    prefill = fallback.prefill
+    if len(prefills) >= MIN_STEPS:
+        prefill = nonnegative_lstsq([(1.0, sum(lens), sum(n * n for n in lens))
+                                     for lens, _ in prefills], [s * 1e3 for _, s in prefills])
+    decode = fallback.decode_small
+    if len(decodes) >= MIN_STEPS:
+        decode = nonnegative_lstsq([(1.0, sum(ctx), len(ctx)) for ctx, _ in decodes],
+                                   [s * 1e3 for _, s in decodes])
+    return StepCoeffs(prefill, decode, decode, DEFAULT_BS_THRESHOLD)
+
+
+def engine_latency_model(results, profile: LatencyModel, tp: int = 1) -> LatencyModel:
+    """`profile` with its TP-`tp` coefficients refitted from the engine steps in `results`
+    (RequestResults of replays), and no separate overhead: the steps already include it."""
+    coeffs = fit_engine_coeffs(prefill_batches(results), decode_steps(results), profile.coeffs(tp))
+    return LatencyModel(profile.model, {**profile.measured, tp: coeffs}, profile.kv_capacity,
+                        profile.gpu_memory_bytes, StepOverhead())

@@ -1,0 +1,74 @@
+"""The latency model fitted from the engine's own steps (dsjax.eval.engine_fit): step recovery
+from what the engine reports per request, the non-negative fit against SciPy's NNLS, and the
+knee interpolation validate_simulator.py reports."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy.optimize import nnls
+
+from benchmarks.validate_simulator import knee
+from dsjax.eval.engine_fit import (decode_steps, fit_engine_coeffs, nonnegative_lstsq,
+                                   prefill_batches)
+from dsjax.eval.latency_model import StepCoeffs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nonnegative_fit_matches_scipy_nnls(seed):
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([np.ones(40), rng.uniform(0, 500, 40), rng.uniform(1, 64, 40)])
+    truth = rng.uniform(-1, 1, 3)   # some terms negative: the constraint binds
+    y = x @ truth + rng.normal(0, 0.05, 40)
+    ours = np.array(nonnegative_lstsq(x, y))
+    reference, _ = nnls(x, y)
+    assert np.all(ours >= 0)
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-9)
+
+
+def test_engine_coeffs_recover_the_generating_step_model():
+    rng = np.random.default_rng(0)
+    prefill_true, decode_true = (3.0, 0.02, 1e-5), (2.0, 0.0004, 0.35)
+    prefills = []
+    for _ in range(30):
+        lens = rng.integers(4, 256, rng.integers(1, 5)).tolist()
+        ms = prefill_true[0] + prefill_true[1] * sum(lens) + prefill_true[2] * sum(n * n for n in lens)
+        prefills.append((lens, ms / 1e3))
+    decodes = []
+    for _ in range(60):
+        ctx = rng.integers(8, 300, rng.integers(1, 40)).tolist()
+        decodes.append((ctx, (decode_true[0] + decode_true[1] * sum(ctx) + decode_true[2] * len(ctx)) / 1e3))
+    fallback = StepCoeffs((9, 9, 9), (9, 9, 9), (9, 9, 9))
+    fitted = fit_engine_coeffs(prefills, decodes, fallback)
+    np.testing.assert_allclose(fitted.prefill, prefill_true, rtol=1e-6)
+    np.testing.assert_allclose(fitted.decode_small, decode_true, rtol=1e-6)
+    # Too few steps of a phase: that phase keeps the runner profile's coefficients.
+    sparse = fit_engine_coeffs(prefills[:3], decodes, fallback)
+    assert sparse.prefill == fallback.prefill
+
+
+def _result(prompt_len, stamps, begin=None, end=None):
+    events = [] if begin is None else [{"event_type": "context_begin", "timestamp": begin},
+                                       {"event_type": "context_end", "timestamp": end}]
+    return SimpleNamespace(prompt_len=prompt_len, token_timestamps=stamps, lifecycle_events=events)
+
+
+def test_steps_are_recovered_from_token_stamps_and_context_events():
+    # Two requests prefilled together (10.0-10.2), then decoded together every 0.05 s; a third
+    # arrives later after an idle gap and decodes alone every 0.03 s.
+    a = _result(5, [10.2, 10.25, 10.30], 10.0, 10.2)
+    b = _result(7, [10.2, 10.25, 10.30], 10.0, 10.2)
+    c = _result(3, [12.0, 12.03], 11.9, 12.0)
+    assert sorted(prefill_batches([a, b, c])) == sorted([([5, 7], pytest.approx(0.2)),
+                                                          ([3], pytest.approx(0.1))])
+    steps = decode_steps([a, b, c])
+    # The gap from 10.30 to 12.0 is idle time, not a step; 12.0 -> 12.03 is c's own step.
+    assert [(sorted(ctx), round(s, 6)) for ctx, s in steps] == [
+        ([6, 8], 0.05), ([7, 9], 0.05), ([4], 0.03)]
+
+
+def test_knee_interpolates_where_attainment_crosses_ninety_percent():
+    assert knee([(10, 1.0), (20, 0.95), (30, 0.85), (40, 0.2)]) == pytest.approx(25.0)
+    assert knee([(10, 0.99), (20, 0.95)]) is None
+    assert knee([(10, 0.5), (20, 0.2)]) == 0.0
