@@ -1,23 +1,29 @@
 """Start-up and the first requests: ready time with a cold and a warm compilation cache, and
-the first request's TTFT against the tenth's.
+each prompt length's first TTFT against the same request's later.
 
     python benchmarks/bench_startup.py --model opt-125m
 
 Each run starts `python -m serving` (its default warm-up compiles the workload's programs
-before /health turns ready), waits for /health, then sends ten requests one after another
-(prompts of 17..161 tokens, so they land in different shape buckets) and times each one's
-first token at the client. The first run uses an empty cache directory; the second reuses it.
+before /health turns ready) and waits for /health. It then sends one request per prompt
+length, one after another, lengths spread (log-spaced) over the model's whole context and sent
+in a shuffled order, so no length is favoured by coming first; then the same requests again.
+A length whose first TTFT is far above its second compiled something after ready. The first
+run uses an empty cache directory; the second reuses it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+import numpy as np
 
 
 def free_port() -> int:
@@ -39,9 +45,21 @@ def wait_ready(port: int, server: subprocess.Popen, started: float) -> float:
         time.sleep(0.2)
 
 
+MAX_TOKENS = 8
+
+
+def prompt_lengths(max_model_len: int, count: int, seed: int) -> list[int]:
+    """`count` lengths log-spaced from 8 to the longest prompt that leaves room for MAX_TOKENS,
+    shuffled."""
+    longest = max_model_len - MAX_TOKENS
+    lengths = sorted({int(round(x)) for x in np.geomspace(8, longest, count)})
+    random.Random(seed).shuffle(lengths)
+    return lengths
+
+
 def ttft(port: int, prompt_len: int) -> float:
-    body = json.dumps({"prompt": [2] + [100 + i for i in range(prompt_len - 1)],
-                       "max_tokens": 8, "ignore_eos": True, "stream": True}).encode()
+    body = json.dumps({"prompt": [2] + [100 + i % 40000 for i in range(prompt_len - 1)],
+                       "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body,
                                      headers={"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -52,33 +70,47 @@ def ttft(port: int, prompt_len: int) -> float:
     return first
 
 
-def run(args, cache: str) -> tuple[float, list[float]]:
+def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[float]]:
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
         [sys.executable, "-m", "serving", "--model", args.model, "--use-dummy-weights",
-         "--port", str(port), "--no-log-status", "--compilation-cache-dir", cache],
+         "--port", str(port), "--no-log-status", "--compilation-cache-dir", cache,
+         *shlex.split(args.extra)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         ready = wait_ready(port, server, started)
-        times = [ttft(port, 17 + 16 * i) for i in range(10)]
+        first = [ttft(port, n) for n in lengths]
+        later = [ttft(port, n) for n in lengths]
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return ready, times
+    return ready, first, later
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="opt-125m")
+    p.add_argument("--lengths", type=int, default=10, help="prompt lengths to try")
+    p.add_argument("--seed", type=int, default=0, help="the lengths' shuffle")
+    p.add_argument("--extra", default="", help="more `python -m serving` flags, one string")
     args = p.parse_args(argv)
+    from dsjax.models.registry import config_from_name
+    lengths = prompt_lengths(config_from_name(args.model).max_position_embeddings,
+                             args.lengths, args.seed)
     cache = tempfile.mkdtemp(prefix="dsjax-startup-cache-")
-    print("| cache | ready s | TTFT 1st ms | TTFT 10th ms | 1st / 10th |")
+    print(f"prompt lengths, in the order sent: {lengths}")
+    print("| cache | ready s | worst first / later TTFT (length) | median first / later | "
+          "first TTFT ms per length (later) |")
     print("|---|---|---|---|---|")
     for label in ("cold", "warm"):
-        ready, times = run(args, cache)
-        print(f"| {label} | {ready:.1f} | {1e3 * times[0]:.0f} | {1e3 * times[-1]:.0f} | "
-              f"{times[0] / times[-1]:.2f} |")
+        ready, first, later = run(args, cache, lengths)
+        ratios = [f / max(t, 1e-9) for f, t in zip(first, later)]
+        worst = int(np.argmax(ratios))
+        cells = ", ".join(f"{n}: {1e3 * f:.0f} ({1e3 * t:.0f})"
+                          for n, f, t in sorted(zip(lengths, first, later)))
+        print(f"| {label} | {ready:.1f} | {ratios[worst]:.2f} ({lengths[worst]}) | "
+              f"{float(np.median(ratios)):.2f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":
