@@ -57,8 +57,11 @@ def prompt_lengths(max_model_len: int, count: int, seed: int) -> list[int]:
     return lengths
 
 
-def ttft(port: int, prompt_len: int) -> float:
-    body = json.dumps({"prompt": [2] + [100 + i % 40000 for i in range(prompt_len - 1)],
+def ttft(port: int, prompt_len: int, first_token: int) -> float:
+    """Time to the first streamed token of a prompt of `prompt_len` ids counting up from
+    `first_token`: distinct starts share no cached prefix block."""
+    body = json.dumps({"prompt": [2] + [100 + (first_token + i) % 40000
+                                        for i in range(prompt_len - 1)],
                        "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -80,8 +83,9 @@ def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         ready = wait_ready(port, server, started)
-        first = [ttft(port, n) for n in lengths]
-        later = [ttft(port, n) for n in lengths]
+        # Every request its own tokens, so the prefix cache cannot serve a later one.
+        first = [ttft(port, n, 997 * i) for i, n in enumerate(lengths)]
+        later = [ttft(port, n, 997 * (i + len(lengths))) for i, n in enumerate(lengths)]
     finally:
         server.terminate()
         server.wait(timeout=60)
