@@ -9,6 +9,7 @@ from dsjax.executor.hosts import backend_names
 
 ENGINE_MODES = ("disaggregated", "colocated", "chunked")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WARMUP_ALL = -1   # a warmup_* limit: as far as the model and the instance's limits go
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,8 @@ class EngineConfig:
     # $XDG_CACHE_HOME/dsjax/jax (~/.cache/dsjax/jax), "" turns it off, else a directory.
     compilation_cache_dir: str = "auto"
     # Compile the step programs of this workload before serving (0 = compile on first use).
+    # WARMUP_ALL (-1): every prompt length and context the model takes, every batch the
+    # instance's limits allow (what `python -m serving` does).
     warmup_max_prompt_len: int = 0
     warmup_max_context_len: int = 0      # 0: the prompt length + 1
     warmup_max_prefill_batch: int = 8
@@ -126,11 +129,13 @@ class EngineConfig:
             raise ValueError(f"instance_heartbeat_timeout must be > 0 seconds, got "
                              f"{self.instance_heartbeat_timeout}")
         for f in ("warmup_max_prompt_len", "warmup_max_context_len"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"{f} must be >= 0 (0 = off), got {getattr(self, f)}")
+            if getattr(self, f) < WARMUP_ALL:
+                raise ValueError(f"{f} must be >= 0 (0 = off), or {WARMUP_ALL} for the "
+                                 f"model's whole context; got {getattr(self, f)}")
         for f in ("warmup_max_prefill_batch", "warmup_max_decode_batch"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+            if getattr(self, f) < 1 and getattr(self, f) != WARMUP_ALL:
+                raise ValueError(f"{f} must be >= 1, or {WARMUP_ALL} for the instance's "
+                                 f"batch limit; got {getattr(self, f)}")
         if self.min_decode_rows < 0 or self.min_decode_rows & (self.min_decode_rows - 1):
             raise ValueError(f"min_decode_rows must be 0 (by platform) or a power of two, got "
                              f"{self.min_decode_rows}")

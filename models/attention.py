@@ -259,6 +259,9 @@ class XLAAttention:
     prompt to the tile itself; decode and chunked read each sequence's pages through the block
     table straight from the cache, a few pages at a time. Nothing of size tokens x tokens or
     tokens x context is ever materialised."""
+    # Decode and chunked loops stop at the longest live row: unused block-table columns cost
+    # no compute (the runner then pads every table to one width).
+    work_tracks_context = True
 
     def write_kv(self, k_cache, v_cache, layer, k, v, slot_mapping):
         return write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping)

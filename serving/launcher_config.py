@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Sequence
 
-from dsjax.config import DTYPES, ENGINE_MODES, EngineConfig
+from dsjax.config import DTYPES, ENGINE_MODES, WARMUP_ALL, EngineConfig
 from serving.admission import DEFAULT_MAX_QUEUE, DEFAULT_TPOT_SLO, SLO_MULTIPLE
 from serving.chat_template import load_chat_template
 from serving.connections import DEFAULT_MAX_BODY_BYTES, HttpLimits
@@ -29,12 +29,13 @@ DEFAULT_PORT = 8400            # DistServe's port
 DEFAULT_CPU_DEVICES = 2        # virtual CPU devices: one prefill and one decode instance
 
 # What the launcher changes relative to EngineConfig's own defaults.
-# The server compiles the programs of a modest workload before /health turns ready (prompts up
-# to 256 tokens, contexts up to 512, 4 prompts per prefill step, 32 decode rows); JAX's
-# compilation cache makes a restart cheap. --warmup-max-prompt-len etc. change it.
-LAUNCHER_DEFAULTS = {"log_status": True, "warmup_max_prompt_len": 256,
-                     "warmup_max_context_len": 512, "warmup_max_prefill_batch": 4,
-                     "warmup_max_decode_batch": 32}
+# The server compiles, before /health turns ready, every program a request can reach: prompts
+# and contexts of any length the model takes, any batch up to the instance's limits
+# (WARMUP_ALL = -1), so no request compiles after ready. JAX's compilation cache makes a
+# restart cheap. --warmup-max-prompt-len etc. narrow it.
+LAUNCHER_DEFAULTS = {"log_status": True, "warmup_max_prompt_len": WARMUP_ALL,
+                     "warmup_max_context_len": WARMUP_ALL, "warmup_max_prefill_batch": WARMUP_ALL,
+                     "warmup_max_decode_batch": WARMUP_ALL}
 
 ENGINE_HELP = {
     "model": "Hugging Face OPT directory, or a size name from configs/opt.toml (dummy weights)",
@@ -47,6 +48,12 @@ ENGINE_HELP = {
     "cpu_kv_cache_bytes": "KV cache bytes per instance stage on a CPU-only machine",
     "swap_space": "GiB of host memory per decode instance for swapped-out KV",
     "log_status": "print each instance's status line once per second",
+    "warmup_max_prompt_len": f"compile prefill programs for prompts up to this length before "
+                             f"serving ({WARMUP_ALL}: any length the model takes; 0: no warm-up)",
+    "warmup_max_context_len": f"compile decode programs for contexts up to this length "
+                              f"({WARMUP_ALL}: the model's whole context)",
+    "warmup_max_prefill_batch": f"prompts per prefill step to warm ({WARMUP_ALL}: the limit)",
+    "warmup_max_decode_batch": f"decode rows per step to warm ({WARMUP_ALL}: the limit)",
 }
 
 # DistServe flags with nothing to configure here: accepted so its scripts run unchanged.

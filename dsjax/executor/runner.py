@@ -272,6 +272,12 @@ class ModelRunner:
         self.max_blocks_per_request = max_blocks_per_request
         self.min_decode_rows = (min_decode_rows or
                                 platform_min_decode_rows(spec.stage_devices(0)[0].platform))
+        # Attention whose loops stop at the longest live row costs nothing for a block table
+        # padded to the request maximum: one width then makes one decode program per batch
+        # bucket, whatever the context, so no length compiles after ready. The Pallas decode
+        # grid grows with the width, so there tables stay bucketed by their longest row.
+        self.fixed_table_width = (bucket(max_blocks_per_request)
+                                  if getattr(attention, "work_tracks_context", False) else 0)
         # Prompts one prefill step holds (a fixed count: not a program shape), the rows one
         # step may sample (a prompt of n = MAX_SAMPLES samples that many) and the tokens a
         # sequence may hold (the sampler's slot table is filled from up to that many).
@@ -362,6 +368,10 @@ class ModelRunner:
         sample_packed, sample_layout = pack_host_inputs((src, sampling))
         return StepInputs(packed, layout, sample_packed, sample_layout)
 
+    def table_width(self, longest: int) -> int:
+        """Columns of a step's block table whose longest row has `longest` pages."""
+        return self.fixed_table_width or bucket(longest)
+
     def _slots(self, table, positions):
         table = np.asarray(table, np.int32)
         return table[positions // self.page_size] * self.page_size + positions % self.page_size
@@ -421,7 +431,7 @@ class ModelRunner:
             n = len(group)
             b_pad = bucket(n, self.min_decode_rows)
             lens = np.fromiter((len(r.block_table) for r in group), np.int32, n)
-            width = bucket(int(lens.max()))
+            width = self.table_width(int(lens.max()))
             tokens = np.zeros(b_pad, np.int32)
             tokens[:n] = np.fromiter((r.token_id for r in group), np.int32, n)
             positions = np.zeros(b_pad, np.int32)
@@ -496,7 +506,7 @@ class ModelRunner:
         per_row = np.array([len(r.sampling) for r in rows])
         # Rows and sampled rows share one bucket (a prompt's last chunk may sample several).
         b_pad = bucket(int(per_row.sum()), 8)
-        width = bucket(max(len(r.block_table) for r in rows))
+        width = self.table_width(max(len(r.block_table) for r in rows))
         tokens, meta, lens = self._continuation(
             [(r.token_ids, r.start, r.block_table) for r in rows], b_pad, width)
         last = np.zeros(b_pad, np.int32)

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from dsjax.config import WARMUP_ALL
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket
 from dsjax.sampling_params import SamplingParams
@@ -49,47 +50,77 @@ def _tables(runner, lengths):
 
 
 def prefill_shapes(runner, max_prompt: int, max_batch: int) -> list[list[int]]:
-    """Prompt lengths of one batch per (token bucket, batch bucket) the workload reaches."""
+    """Prompt lengths of one batch per token bucket the workload reaches: a prefill program
+    depends on its token bucket alone (prompt slots are fixed), so the fewest prompts that
+    fill each bucket's range stand for every batch."""
     max_prompt = min(max_prompt, runner.max_blocks_per_request * runner.page_size)
+    max_batch = min(max_batch, runner.max_batch_size)
     max_tokens = min(runner.max_tokens_per_batch, max_batch * max_prompt)
     shapes = []
-    for b in powers_of_two(1, min(max_batch, runner.max_batch_size)):
-        for t in powers_of_two(max(MIN_TOKEN_BUCKET, b), max_tokens):
-            if t // 2 >= b * max_prompt:   # not even half this bucket fits b prompts
-                continue
-            n = min(t, b * max_prompt)
-            shapes.append([n // b + (1 if i < n % b else 0) for i in range(b)])
+    for t in powers_of_two(MIN_TOKEN_BUCKET, max_tokens):
+        n = min(t, max_tokens)
+        b = -(-n // max_prompt)
+        shapes.append([n // b + (1 if i < n % b else 0) for i in range(b)])
     return shapes
+
+
+def _widths(runner, max_context: int) -> list[int]:
+    """Block-table widths (pages) a step's program can see: one when tables have a fixed width
+    (then the shortest runs quickest), else every bucket up to max_context."""
+    if runner.fixed_table_width:
+        return [1]
+    return powers_of_two(1, min(-(-max_context // runner.page_size),
+                                runner.max_blocks_per_request))
 
 
 def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, int]]:
     """(batch, context) per (batch bucket, block-table bucket) the workload reaches."""
-    max_width = min(-(-max_context // runner.page_size), runner.max_blocks_per_request)
     smallest = runner.min_decode_rows
     largest = min(max(max_batch, smallest), runner.max_batch_size)
     return [(b, w * runner.page_size) for b in powers_of_two(smallest, largest)
-            for w in powers_of_two(1, max_width)]
+            for w in _widths(runner, max_context)]
 
 
 def chunked_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, int, int]]:
     """(rows, tokens, context) per (row bucket, token bucket, block-table bucket) a chunked
-    step can reach: its token budget split over up to max_batch rows."""
-    max_width = min(-(-max_context // runner.page_size), runner.max_blocks_per_request)
+    step can reach: its token budget split over up to max_batch rows. With fixed-width tables
+    each (rows, tokens) pair runs once, at the shortest context its chunks fit in."""
+    page = runner.page_size
+    max_pages = min(-(-max_context // page), runner.max_blocks_per_request)
     rows = powers_of_two(8, min(max_batch, runner.max_batch_size))
-    return [(b, t, w * runner.page_size) for b in rows
-            for t in powers_of_two(MIN_TOKEN_BUCKET, runner.max_tokens_per_batch)
-            for w in powers_of_two(1, max_width) if b <= t <= b * w * runner.page_size]
+    shapes = []
+    for b in rows:
+        for t in powers_of_two(MIN_TOKEN_BUCKET, runner.max_tokens_per_batch):
+            if runner.fixed_table_width:
+                w = -(-t // (b * page))   # the fewest pages that hold each row's chunk
+                widths = [w] if b <= t and w <= max_pages else []
+            else:
+                widths = [w for w in powers_of_two(1, max_pages) if b <= t <= b * w * page]
+            shapes += [(b, t, w * page) for w in widths]
+    return shapes
+
+
+def warmup_limits(runner, config) -> tuple[int, int, int, int]:
+    """(longest prompt, longest context, prompts per step, decode rows per step) to warm, with
+    WARMUP_ALL resolved: the model's whole context, the instance's batch limit."""
+    whole = min(runner.config.max_position_embeddings,
+                runner.max_blocks_per_request * runner.page_size)
+    resolve = lambda value, limit: limit if value == WARMUP_ALL else value  # noqa: E731
+    prompt = resolve(config.warmup_max_prompt_len, whole)
+    context = min(whole, max(resolve(config.warmup_max_context_len, whole), prompt + 1))
+    return (prompt, context,
+            resolve(config.warmup_max_prefill_batch, runner.max_batch_size),
+            resolve(config.warmup_max_decode_batch, runner.max_batch_size))
 
 
 def warm_up_runner(runner, role: str, config) -> int:
     """Run every step shape of the configured workload once; returns the number of steps run
     (0 when warm-up is off)."""
-    max_prompt = config.warmup_max_prompt_len
-    if max_prompt <= 0:
+    if config.warmup_max_prompt_len == 0:
         return 0
-    max_context = max(config.warmup_max_context_len, max_prompt + 1)
-    prompts = prefill_shapes(runner, max_prompt, config.warmup_max_prefill_batch)
-    decodes = decode_shapes(runner, max_context, config.warmup_max_decode_batch)
+    max_prompt, max_context, max_prompts, max_rows = warmup_limits(runner, config)
+    prompts = prefill_shapes(runner, max_prompt, max_prompts)
+    decodes = decode_shapes(runner, max_context, max_rows)
     row, steps = WARMUP_SAMPLING, warm_up_fixed_programs(runner, role)
     if role in ("prefill", "colocated"):
         for lengths in prompts:
@@ -109,7 +140,7 @@ def warm_up_runner(runner, role: str, config) -> int:
         runner.warm_token_selection(list(last_of_bucket.values()), list(last_of_bucket))
     if role == "chunked":
         # t tokens over b rows that each end at context n: chunks and decode rows alike.
-        for b, t, n in chunked_shapes(runner, max_context, config.warmup_max_decode_batch):
+        for b, t, n in chunked_shapes(runner, max_context, max_rows):
             sizes = [t // b + (1 if i < t % b else 0) for i in range(b)]
             runner.chunked([ChunkRow((5,) * k, n - k, tab, (row,))
                             for k, tab in zip(sizes, _tables(runner, [n] * b))])
@@ -153,11 +184,11 @@ def measure_prefill_budget(runner, config) -> int:
     cap = config.context_max_tokens_per_batch
     if config.prefill_token_budget:
         return min(config.prefill_token_budget, cap)
-    if config.warmup_max_prompt_len <= 0:
+    if config.warmup_max_prompt_len == 0:
         return cap
+    max_prompt, _, max_prompts, _ = warmup_limits(runner, config)
     timings = []
-    for lengths in prefill_shapes(runner, config.warmup_max_prompt_len,
-                                  config.warmup_max_prefill_batch):
+    for lengths in prefill_shapes(runner, max_prompt, max_prompts):
         # The quicker of two runs: one stall on a busy host would otherwise steepen the fitted
         # line and shrink the budget for the whole run.
         seconds = []
