@@ -49,13 +49,19 @@ def _tables(runner, lengths):
     return out
 
 
+def _step_tokens(runner) -> int:
+    """The most tokens one step can compute: its token limit, and the KV cache's slots (each
+    token computed is written to one)."""
+    return min(runner.max_tokens_per_batch, runner.num_pages * runner.page_size)
+
+
 def prefill_shapes(runner, max_prompt: int, max_batch: int) -> list[list[int]]:
     """Prompt lengths of one batch per token bucket the workload reaches: a prefill program
     depends on its token bucket alone (prompt slots are fixed), so the fewest prompts that
     fill each bucket's range stand for every batch."""
     max_prompt = min(max_prompt, runner.max_blocks_per_request * runner.page_size)
     max_batch = min(max_batch, runner.max_batch_size)
-    max_tokens = min(runner.max_tokens_per_batch, max_batch * max_prompt)
+    max_tokens = min(_step_tokens(runner), max_batch * max_prompt)
     shapes = []
     for t in powers_of_two(MIN_TOKEN_BUCKET, max_tokens):
         n = min(t, max_tokens)
@@ -90,7 +96,7 @@ def chunked_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, 
     rows = powers_of_two(8, min(max_batch, runner.max_batch_size))
     shapes = []
     for b in rows:
-        for t in powers_of_two(MIN_TOKEN_BUCKET, runner.max_tokens_per_batch):
+        for t in powers_of_two(MIN_TOKEN_BUCKET, _step_tokens(runner)):
             if runner.fixed_table_width:
                 w = -(-t // (b * page))   # the fewest pages that hold each row's chunk
                 widths = [w] if b <= t and w <= max_pages else []
