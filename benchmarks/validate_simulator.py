@@ -68,7 +68,8 @@ def main(argv=None) -> int:
 
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
-    from dsjax.eval.engine_fit import decode_steps, engine_latency_model, prefill_batches
+    from dsjax.eval.engine_fit import (decode_steps, engine_latency_model, fit_link,
+                                       migration_samples, prefill_batches)
     from dsjax.eval.profiler import Grid, run_profile
     from dsjax.eval.latency_model import load_profile
     from dsjax.eval.replay import arrival_offsets, replay
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     rates = sorted(args.rates)
     calibration_rates = args.calibration_rates or sorted({rates[0], rates[len(rates) // 2],
                                                           rates[-1]})
-    rows, step_ratios, fitted_models = [], {}, {}
+    rows, step_ratios, fitted_models, fitted_links = [], {}, {}, {}
     for mode in args.modes:
         # The engine compiles the shape buckets this workload reaches before it is ready.
         t = time.perf_counter()
@@ -136,6 +137,15 @@ def main(argv=None) -> int:
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
                                    len(decode_steps(calibration)))
             print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
+            # The KV link from the calibration's pulls too: latency + bytes / bandwidth. (A
+            # bandwidth alone, bytes over seconds of the measured run, charged pulls' fixed
+            # cost per byte: long prompts' pulls came out 10x too slow.)
+            latency, link_bps = fit_link(migration_samples(
+                calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize)))
+            fitted_links[mode] = (latency, link_bps)
+            print(f"== {mode}: KV link fitted: {latency * 1e3:.2f} ms + bytes / "
+                  f"{link_bps / 1e9:.3g} GB/s")
+
             def sim_config(link_bps):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],
@@ -143,18 +153,13 @@ def main(argv=None) -> int:
                                  decode_max_batch=limits["decoding_max_batch_size"],
                                  colocated_max_batch=limits["decoding_max_batch_size"],
                                  colocated_max_tokens=limits["context_max_tokens_per_batch"],
-                                 kv_link_bytes_per_s=link_bps)
+                                 kv_link_bytes_per_s=link_bps, kv_link_latency_s=latency)
             measured, predicted = [], []
             for rate in args.rates:
                 compiles[0] = 0
                 offsets = arrival_offsets(len(reqs), rate, 1.0, args.seed)
-                before = dict(engine.migrations)
                 real = replay(engine, reqs, rate, seed=args.seed, temperature=args.temperature,
                               offsets=offsets)
-                # The simulator's KV link: this run's measured in-process migration bandwidth.
-                moved = engine.migrations["bytes"] - before["bytes"]
-                secs = engine.migrations["seconds"] - before["seconds"]
-                link_bps = moved / secs if secs > 0 else 1e12
                 simulate = lambda m: [s.to_result() for s in  # noqa: E731
                                       Cluster(m, sim_config(link_bps)).run(reqs, offsets)]
                 sim, sim_profile = simulate(fitted), simulate(model)
@@ -166,7 +171,6 @@ def main(argv=None) -> int:
                            ttft=(mean(real, "ftl"), mean(sim, "ftl")),
                            tpot=(mean(real, "tpot"), mean(sim, "tpot")))
                 row["compiles"] = compiles[0]
-                row["link_gbs"] = link_bps / 1e9
                 steps = decode_steps(real)
                 row["decode_ratio"] = float(np.median([secs * 1e3 / fitted.decode_ms(ctx, 1)
                                                        for ctx, secs in steps])) if steps else 0.0
@@ -183,14 +187,14 @@ def main(argv=None) -> int:
                       f"mean TTFT {row['ttft'][0]:.1f}/{row['ttft'][1]:.1f} ms  mean TPOT "
                       f"{row['tpot'][0]:.2f}/{row['tpot'][1]:.2f} ms  decode step real/profile "
                       f"{row['decode_ratio']:.2f} (mean batch {row['decode_batch']:.1f})  "
-                      f"KV link {row['link_gbs']:.2f} GB/s  compiles {compiles[0]}", flush=True)
+                      f"compiles {compiles[0]}", flush=True)
             ratio = np.array(measured) / np.array(predicted)
             step_ratios[mode] = (float(np.median(ratio)), float(np.mean(ratio)), len(ratio))
         finally:
             engine.shutdown()
 
     errors = [abs(r["real"][0] - r["sim"][0]) * 100 for r in rows]
-    report = render(args, profile, co, rows, errors, step_ratios, fitted_models,
+    report = render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_links,
                     calibration_rates, mean_in, mean_out, time.perf_counter() - started)
     print(report)
     if args.out:
@@ -214,8 +218,8 @@ def knee(points, target: float = 0.9):
     return None
 
 
-def render(args, profile, co, rows, errors, step_ratios, fitted_models, calibration_rates,
-           mean_in, mean_out, seconds) -> str:
+def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_links,
+           calibration_rates, mean_in, mean_out, seconds) -> str:
     import jax
     cmd = "python benchmarks/validate_simulator.py " + " ".join(sys.argv[1:])
     lines = [
@@ -254,6 +258,10 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, calibrat
             f"prefill ms = {coeffs.prefill[0]:.3g} + {coeffs.prefill[1]:.3g}*sum(len) + "
             f"{coeffs.prefill[2]:.3g}*sum(len^2); decode ms = {coeffs.decode_small[0]:.3g} + "
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
+        if m == "disaggregated":
+            latency, bps = fitted_links[m]
+            summary.append(f"  - KV link fitted from the calibration's pulls: "
+                           f"{latency * 1e3:.2f} ms + bytes / {bps / 1e9:.3g} GB/s")
     ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"
                        for m, v in step_ratios.items())
     return "\n".join([

@@ -10,8 +10,8 @@ import pytest
 from scipy.optimize import nnls
 
 from benchmarks.validate_simulator import knee
-from dsjax.eval.engine_fit import (decode_steps, fit_engine_coeffs, nonnegative_lstsq,
-                                   prefill_batches)
+from dsjax.eval.engine_fit import (decode_steps, fit_engine_coeffs, fit_link,
+                                   migration_samples, nonnegative_lstsq, prefill_batches)
 from dsjax.eval.latency_model import StepCoeffs
 
 
@@ -66,6 +66,29 @@ def test_steps_are_recovered_from_token_stamps_and_context_events():
     # The gap from 10.30 to 12.0 is idle time, not a step; 12.0 -> 12.03 is c's own step.
     assert [(sorted(ctx), round(s, 6)) for ctx, s in steps] == [
         ([6, 8], 0.05), ([7, 9], 0.05), ([4], 0.03)]
+
+
+def test_link_fit_recovers_latency_and_bandwidth_from_pulls():
+    rng = np.random.default_rng(1)
+    kv_per_token, latency, bandwidth = 1024, 0.012, 2e8
+    results = []
+    for _ in range(40):
+        n = int(rng.integers(4, 256))
+        begin = float(rng.uniform(0, 100))
+        events = [{"event_type": "migration_begin", "timestamp": begin},
+                  {"event_type": "migration_end",
+                   "timestamp": begin + latency + n * kv_per_token / bandwidth}]
+        results.append(SimpleNamespace(prompt_len=n, lifecycle_events=events))
+    results.append(SimpleNamespace(prompt_len=9, lifecycle_events=[]))   # never migrated
+    samples = migration_samples(results, kv_per_token)
+    assert len(samples) == 40
+    fitted_latency, fitted_bandwidth = fit_link(samples)
+    assert fitted_latency == pytest.approx(latency, rel=1e-6)
+    assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    # Pure latency: the bytes explain nothing, so the bandwidth is unbounded.
+    flat = [(b, 0.01) for b, _ in samples]
+    assert fit_link(flat) == (pytest.approx(0.01), float("inf"))
+    assert fit_link(samples[:3]) == (0.0, float("inf"))
 
 
 def test_knee_interpolates_where_attainment_crosses_ninety_percent():

@@ -105,11 +105,13 @@ def test_fits_recover_coefficients_and_save_round_trips(tmp_path):
 
 # ---------------------------------------------------------------- disaggregated cluster
 
-def test_one_request_token_times_by_hand():
+@pytest.mark.parametrize("latency", [0.0, 0.004])
+def test_one_request_token_times_by_hand(latency):
     bw = 1e12
-    [r] = run(toy_model(), [req(100, 3)], [0.0], kv_link_bytes_per_s=bw)
+    [r] = run(toy_model(), [req(100, 3)], [0.0], kv_link_bytes_per_s=bw,
+              kv_link_latency_s=latency)
     first = (10 + 0.1 * 100) / 1e3
-    migrated = first + 100 * KV_BYTES / bw
+    migrated = first + latency + 100 * KV_BYTES / bw
     second = migrated + decode_ms([101]) / 1e3
     third = second + decode_ms([102]) / 1e3
     assert r.token_timestamps() == pytest.approx([first, second, third])

@@ -61,6 +61,29 @@ def decode_steps(results) -> list[tuple[list[int], float]]:
     return steps
 
 
+def migration_samples(results, kv_bytes_per_token: int) -> list[tuple[int, float]]:
+    """KV pulls recovered from lifecycle events: (bytes, seconds) per request that migrated,
+    bytes being its prompt's KV (the pages a pull moves), seconds from migration_begin to
+    migration_end (the pull, and the decode loop picking its arrival up)."""
+    out = []
+    for r in results:
+        ev = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events or []}
+        if "migration_begin" in ev and "migration_end" in ev:
+            out.append((r.prompt_len * kv_bytes_per_token,
+                        ev["migration_end"] - ev["migration_begin"]))
+    return out
+
+
+def fit_link(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(latency s, bytes/s) of seconds = latency + bytes / bandwidth fitted to KV pulls, both
+    terms >= 0; an infinite bandwidth where the bytes explain none of the time. (0, inf)
+    without MIN_STEPS pulls."""
+    if len(samples) < MIN_STEPS:
+        return 0.0, float("inf")
+    latency, per_byte = nonnegative_lstsq([(1.0, b) for b, _ in samples], [s for _, s in samples])
+    return latency, (1.0 / per_byte if per_byte > 0 else float("inf"))
+
+
 def nonnegative_lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> tuple[float, ...]:
     """Least squares with every coefficient >= 0: the best, by squared error, of the plain
     solutions over each subset of columns that come out non-negative (exact for 3 columns,

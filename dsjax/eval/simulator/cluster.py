@@ -4,7 +4,8 @@ Modes:
 - "disaggregated": n prefill + m decode instances; arrivals go to the prefill instance with the
   fewest queued prompt tokens; decode instances pull prefilled requests FCFS (the one with the most
   free KV takes it) when the prompt fits and their own waiting prompts hold under
-  EngineConfig.decoding_waiting_share of their KV; the pull takes KV bytes / link bandwidth, then
+  EngineConfig.decoding_waiting_share of their KV; the pull takes the link's latency plus KV
+  bytes / link bandwidth, then
   the source frees the KV. With a RebalancePolicy, instances change role as the load shifts.
 - "prefill_only" / "decode_only": one phase alone (Algorithm 1 sizes each phase this way);
   decode-only requests arrive already prefilled (first token at arrival, no transfer).
@@ -52,6 +53,9 @@ class SimConfig:
     prefill_max_tokens: int = 8192
     decode_max_batch: int = 1024
     kv_link_bytes_per_s: float = CROSS_NODE_BYTES_PER_S
+    # A pull's fixed cost on top of its bytes (setting up the transfer, the decode instance
+    # picking up the arrival between steps): a pull takes latency + bytes / bandwidth.
+    kv_link_latency_s: float = 0.0
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -206,7 +210,8 @@ class Cluster:
             # KV exists for every token but the newest one (it is fed at the next step); a
             # cached prefix is held by the decode instance already (prefix-aware routing).
             moved = req.context_len - 1 - req.cached_len
-            seconds = moved * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s
+            seconds = (self.config.kv_link_latency_s
+                       + moved * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s)
             req.log(now, "migration_begin")
             self.loop.at(now + seconds, self._migrated, req, source, best)
 
