@@ -28,12 +28,6 @@ def main(argv=None) -> None:
                    help="memory read bandwidth (default: measured by summing an array)")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s (default: measured matmul)")
     p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--max-context", type=int, default=0,
-                   help="the longest context a request may reach (sets the block-table width "
-                        "of the XLA attention's fixed-width tables; default: --context)")
-    p.add_argument("--bucketed-tables", action="store_true",
-                   help="pad block tables to a power of two of the longest row's pages (as "
-                        "before fixed widths) instead of one width for every context")
     args = p.parse_args(argv)
 
     import jax
@@ -69,14 +63,10 @@ def main(argv=None) -> None:
                          attention=get_attention_backend(args.attention_backend),
                          max_batch_size=max(batches), max_tokens_per_batch=max(
                              int(t) for t in args.prefill_tokens.split(",")),
-                         max_blocks_per_request=max(pages_per_seq,
-                                                    -(-args.max_context // page)))
-    if args.bucketed_tables:
-        runner.fixed_table_width = 0
+                         max_blocks_per_request=pages_per_seq)
     greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), 0, 0)
     weight_bytes = cfg.num_params() * dtype.itemsize
-    print(f"# block tables: {runner.fixed_table_width or 'bucketed'} pages wide; "
-          f"{args.model} {dtype.name} on {device.device_kind} ({device.platform}); "
+    print(f"# {args.model} {dtype.name} on {device.device_kind} ({device.platform}); "
           f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy_bw / 1e9:.1f}), peak {peak / 1e12:.2f} TFLOP/s, "
           f"weights {weight_bytes / 1e9:.2f} GB\n")
 

@@ -216,7 +216,7 @@ def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6_mp
 
     from dsjax.engine.messages import KVReady
     engine = get_engine(distributed_executor_backend="mp", num_prefill_instances=2,
-                        max_num_blocks_per_req=128, num_blocks=200, kv_pull_timeout_s=3.0)
+                        max_num_blocks_per_req=400, num_blocks=800, kv_pull_timeout_s=3.0)
     pids = {n: i.host.process.pid for n, i in engine.instances.items()}
     original, frozen = engine._on_peer, {}
 
@@ -230,7 +230,8 @@ def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6_mp
         return original(peer)
     engine._on_peer = freeze_the_source
     try:
-        busy = engine.add_request([2, 5, 6, 7], SamplingParams(temperature=0, max_tokens=400,
+        # Long enough to decode through both 1.5 s windows (opt-tiny decodes ~250 tokens/s).
+        busy = engine.add_request([2, 5, 6, 7], SamplingParams(temperature=0, max_tokens=1500,
                                                                ignore_eos=True))
         counts = []
         threading.Thread(target=lambda: [counts.append(len(o.token_ids)) for o in busy],
@@ -250,7 +251,7 @@ def test_a_stalled_then_dead_prefill_process_fails_only_its_request():   # t6_mp
             f"decoding stalled behind a frozen prefill: {during} tokens vs {unhindered}"
         recovered = victim.result(timeout=60).token_ids
         os.kill(pids[frozen["source"]], signal.SIGKILL)
-        assert len(busy.result(timeout=120).token_ids) == 400
+        assert len(busy.result(timeout=120).token_ids) == 1500
         wait_for(lambda: "failed" in engine.health()["instances"][frozen["source"]],
                  what="the killed prefill process to be noticed")
         assert engine.health()["instances"]["decode0"] == "ok"
