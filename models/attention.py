@@ -102,6 +102,10 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
 BLOCK_TOKENS = 128
 # Decode rows: tokens gathered per step, summed over all rows (64 rows x 16 at batch 64).
 DECODE_STEP_TOKENS = 1024
+# ...and at most this many pages of one row: tables are padded to the request maximum, and a
+# short row at batch 1 would otherwise gather and mask 1024 tokens a step (1.2x the step time
+# of opt-tiny at 32 tokens; benchmarks/bench_table_width.py).
+DECODE_ROW_PAGES = 16
 
 
 def _in_window(q_pos, k_pos, window):
@@ -203,7 +207,8 @@ def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer, window=None):
     into a per-row online softmax; steps run up to the longest row."""
     b, h, d = q.shape
     page_size, hkv = k_cache.shape[2:4]
-    per_step = max(1, min(DECODE_STEP_TOKENS // (b * page_size), block_tables.shape[1]))
+    per_step = max(1, min(DECODE_STEP_TOKENS // (b * page_size), DECODE_ROW_PAGES,
+                          block_tables.shape[1]))
     pages = _padded_tables(k_cache, block_tables, per_step)
     n = per_step * page_size
     num_steps = jnp.minimum((q_pos.max() + n) // n, pages.shape[1] // per_step)
