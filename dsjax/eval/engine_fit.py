@@ -14,7 +14,8 @@ what the engine reports per request, and DistServe's step model is fitted to tho
 
 The host work lands in the intercepts and per-row terms, so the fitted model charges no
 separate overhead. Coefficients are fitted with all three kept >= 0 (the best non-negative
-subset by squared error), so no shape ever gets a negative time.
+subset by squared error), so no shape ever gets a negative time, and fitted again without the
+outliers of the first fit (compiles, scheduling stalls).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from dsjax.eval.latency_model import DEFAULT_BS_THRESHOLD, LatencyModel, StepCoe
 
 # Fewer steps than this in a phase: keep the runner profile's coefficients for it.
 MIN_STEPS = 8
+# Steps further than this many robust standard deviations off the first fit are stalls.
+OUTLIER_MADS = 4.0
 
 
 def prefill_batches(results) -> list[tuple[list[int], float]]:
@@ -80,7 +83,8 @@ def fit_link(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     without MIN_STEPS pulls."""
     if len(samples) < MIN_STEPS:
         return 0.0, float("inf")
-    latency, per_byte = nonnegative_lstsq([(1.0, b) for b, _ in samples], [s for _, s in samples])
+    latency, per_byte = trimmed_nonnegative_fit([(1.0, b) for b, _ in samples],
+                                                [s for _, s in samples])
     return latency, (1.0 / per_byte if per_byte > 0 else float("inf"))
 
 
@@ -103,6 +107,23 @@ def nonnegative_lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> t
     return tuple(float(v) for v in best)
 
 
+def trimmed_nonnegative_fit(rows: Sequence[Sequence[float]], ys: Sequence[float],
+                            cutoff: float = OUTLIER_MADS) -> tuple[float, ...]:
+    """nonnegative_lstsq, refitted without the points whose residual lies more than `cutoff`
+    robust standard deviations (1.4826 x the median absolute residual) from the median: a
+    compile or a scheduling stall during calibration describes no typical step, and a few
+    such seconds-long steps among millisecond ones would otherwise set the intercept."""
+    x, y = np.asarray(rows, float), np.asarray(ys, float)
+    coeffs = nonnegative_lstsq(x, y)
+    residual = y - x @ np.asarray(coeffs)
+    centre = np.median(residual)
+    spread = 1.4826 * np.median(np.abs(residual - centre))
+    keep = np.abs(residual - centre) <= cutoff * spread
+    if spread > 0 and x.shape[1] <= keep.sum() < len(y):
+        coeffs = nonnegative_lstsq(x[keep], y[keep])
+    return coeffs
+
+
 def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
                       decodes: Sequence[tuple[Sequence[int], float]],
                       fallback: StepCoeffs) -> StepCoeffs:
@@ -111,11 +132,11 @@ def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
     alike: a calibration run rarely has enough steps on both sides of the threshold."""
     prefill = fallback.prefill
     if len(prefills) >= MIN_STEPS:
-        prefill = nonnegative_lstsq([(1.0, sum(lens), sum(n * n for n in lens))
+        prefill = trimmed_nonnegative_fit([(1.0, sum(lens), sum(n * n for n in lens))
                                      for lens, _ in prefills], [s * 1e3 for _, s in prefills])
     decode = fallback.decode_small
     if len(decodes) >= MIN_STEPS:
-        decode = nonnegative_lstsq([(1.0, sum(ctx), len(ctx)) for ctx, _ in decodes],
+        decode = trimmed_nonnegative_fit([(1.0, sum(ctx), len(ctx)) for ctx, _ in decodes],
                                    [s * 1e3 for _, s in decodes])
     return StepCoeffs(prefill, decode, decode, DEFAULT_BS_THRESHOLD)
 
