@@ -33,12 +33,16 @@ MIN_STEPS = 8
 OUTLIER_MADS = 4.0
 
 
+def _event_times(result) -> dict[str, float]:
+    return {e["event_type"]: e["timestamp"] for e in result.lifecycle_events or []}
+
+
 def prefill_batches(results) -> list[tuple[list[int], float]]:
     """Prefill steps recovered from lifecycle events: requests sharing one
     (context_begin, context_end) pair ran in one batch. Returns [(prompt lens, seconds)]."""
     groups = defaultdict(list)
     for r in results:
-        ev = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events or []}
+        ev = _event_times(r)
         if "context_begin" in ev and "context_end" in ev:
             groups[(ev["context_begin"], ev["context_end"])].append(r.prompt_len)
     return [(lens, end - begin) for (begin, end), lens in groups.items()]
@@ -70,7 +74,7 @@ def migration_samples(results, kv_bytes_per_token: int) -> list[tuple[int, float
     migration_end (the pull, and the decode loop picking its arrival up)."""
     out = []
     for r in results:
-        ev = {e["event_type"]: e["timestamp"] for e in r.lifecycle_events or []}
+        ev = _event_times(r)
         if "migration_begin" in ev and "migration_end" in ev:
             out.append((r.prompt_len * kv_bytes_per_token,
                         ev["migration_end"] - ev["migration_begin"]))

@@ -436,9 +436,11 @@ class ModelRunner:
             tokens[:n] = np.fromiter((r.token_id for r in group), np.int32, n)
             positions = np.zeros(b_pad, np.int32)
             positions[:n] = np.fromiter((r.position for r in group), np.int32, n)
-            # Every row's table in one scatter (a Python loop of row slices costs ~1 us a row).
+            # Every row's table in one scatter (a Python loop of row slices costs ~1 us a row),
+            # over the longest row's bucket only: a fixed width's tail stays zero (masked).
+            filled = min(bucket(int(lens.max())), width)
             tables = np.zeros((b_pad, width), np.int32)
-            tables[:n][np.arange(width) < lens[:, None]] = np.fromiter(
+            tables[:n, :filled][np.arange(filled) < lens[:, None]] = np.fromiter(
                 itertools.chain.from_iterable(r.block_table for r in group), np.int32,
                 int(lens.sum()))
             slots = np.full(b_pad, self.num_pages * self.page_size, np.int32)
