@@ -239,7 +239,9 @@ def test_sigkill_and_sigterm_at_several_points_then_resume_lose_and_repeat_nothi
         batch, tokenizer_dir, tmp_path):
     source, expected, reference, _ = batch
     output = tmp_path / "out.jsonl"
-    command = batch_command(source, output, tokenizer_dir, "--checkpoint-interval", "0.3")
+    # Commits every 0.05 s, so one lands while later lines are still being written (the job
+    # takes about a second once its programs are cached).
+    command = batch_command(source, output, tokenizer_dir, "--checkpoint-interval", "0.05")
     resume = [*command, "--resume"]
 
     # 1. SIGKILL with lines committed and lines written after the commit.
