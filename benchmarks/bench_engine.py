@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py overhead --model opt-tiny --batch-sizes 1,16,64,256
     python benchmarks/bench_engine.py phases --batch-sizes 256 --steps 96
+    python benchmarks/bench_engine.py threads --batch-sizes 1,64,256 --steps 64
     python benchmarks/bench_engine.py migration --model opt-125m
     python benchmarks/bench_engine.py interference --model opt-125m --backends uni,mp
 
@@ -9,6 +10,7 @@ overhead: decode steps of a running batch; host overhead = step wall time minus 
   blocked on the device's results (the rest is Python: scheduling, metadata, sampling bookkeeping,
   streaming). Target: < 1 ms per step at batch 256, so the engine never starves a GPU.
 phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch).
+threads: CPU time per synchronous step of the decode thread, and of the router per report.
 migration: KV copy time between instances for each TP pair (device to device).
 interference: a decode instance's time per output token alone, and while the prefill instance
   runs long prompts, for each executor backend (timed at the caller from token timestamps, so
@@ -123,7 +125,7 @@ def phases(args) -> None:
         for name in names:
             setattr(obj, name, timed(getattr(obj, name), name))
     stage = worker.runner.stages[-1]
-    for name in ("_forward", "_sampler"):   # the jitted functions they return, per call
+    for name in ("_forward", "_sampler", "_decode_and_sample"):   # their jitted functions
         get = getattr(stage, name)
         setattr(stage, name, lambda *a, _get=get, _n=name: timed(_get(*a), f"jit {_n}"))
     for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params) for _ in range(b)]:
@@ -136,6 +138,54 @@ def phases(args) -> None:
     for label, seconds in total.most_common():
         print(f"| {label} | {1e3 * seconds / steps:.3f} | {calls[label] / steps:.1f} | "
               f"{1e3 * float(np.median(each[label])):.3f} | {1e3 * max(each[label]):.1f} |")
+
+
+def threads(args) -> None:
+    """CPU seconds, not wall time, of the two threads a synchronous decode step involves: the
+    decode thread per step (its host work; the device's compute runs on XLA's own threads)
+    and the router per report of a whole batch (tokens into streams). In one process both
+    need the GIL: the step's host wall time is about the first plus whatever of the second
+    overlaps it."""
+    import numpy as np
+    from dsjax import SamplingParams
+
+    print("| batch | decode thread CPU ms / step | router CPU ms / report | step wall - device "
+          "wait ms |")
+    print("|---|---|---|---|")
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
+                         context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
+                         num_blocks=b * (args.steps // 16 + 4) + 16, async_scheduling=False)
+        rng = np.random.default_rng(0)
+        params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+        for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
+                  for _ in range(b)]:
+            s.result()
+        worker = engine.local_worker("decode0")
+        steps, reports = [], []
+        decode_step, on_report = worker._decode_step, engine._on_report
+
+        def timed_step():
+            wall, cpu = time.perf_counter(), time.thread_time()
+            did = decode_step()
+            steps.append((len(worker._in_step), time.thread_time() - cpu,
+                          time.perf_counter() - wall - worker.runner.last_wait_s))
+            return did
+
+        def timed_report(report):
+            cpu = time.thread_time()
+            on_report(report)
+            reports.append((len(report.tokens), time.thread_time() - cpu))
+
+        worker._decode_step, engine._on_report = timed_step, timed_report
+        for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
+                  for _ in range(b)]:
+            s.result()
+        engine.shutdown()
+        full = [(cpu, host) for n, cpu, host in steps if n == b]
+        routed = [cpu for n, cpu in reports if n == b]
+        print(f"| {b} | {1e3 * np.median([c for c, _ in full]):.2f} | "
+              f"{1e3 * np.median(routed):.2f} | {1e3 * np.median([h for _, h in full]):.2f} |")
 
 
 def migration(args) -> None:
@@ -212,7 +262,8 @@ def interference(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["overhead", "phases", "migration", "interference"])
+    p.add_argument("what", choices=["overhead", "phases", "threads", "migration",
+                                    "interference"])
     p.add_argument("--model", default="opt-tiny")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-sizes", default="1,16,64,256")
@@ -224,7 +275,7 @@ def main(argv=None) -> None:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_force_host_platform_device_count=8").strip()
-    {"overhead": overhead, "phases": phases, "migration": migration,
+    {"overhead": overhead, "phases": phases, "threads": threads, "migration": migration,
      "interference": interference}[args.what](args)
 
 

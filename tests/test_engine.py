@@ -59,9 +59,11 @@ def decode_batch_buckets(engine) -> set[int]:
     """The padded row counts of the decode programs the engine's runners compiled (the first
     packed input, the token ids, is [rows])."""
     runners = [engine.local_worker(name).runner for name in engine.instances]
-    return {layout[1][0][1][0] for r in runners for s in r.stages
-            for kind, *key in s.fns if kind == "forward" and key[0] == "decode"
-            for layout in [key[1]]}
+    # A single-stage instance runs decode and its sampler as one program ("decode+sample").
+    layouts = [key[1] if kind == "forward" else key[0] for r in runners for s in r.stages
+               for kind, *key in s.fns
+               if (kind == "forward" and key[0] == "decode") or kind == "decode+sample"]
+    return {layout[1][0][1][0] for layout in layouts}
 
 
 @pytest.mark.parametrize("mode,extra", [

@@ -408,7 +408,7 @@ class Engine:
             self._first_token(tracked, inst)
             index = tracked.parts.get(rid)
             if index is not None:   # a resumed sequence runs as a request of its own
-                updates = [dataclasses.replace(u, index=index) for u in updates]
+                updates = [u._replace(index=index) for u in updates]
             stopped = tracked.add_tokens(updates)
             tracked.stopped.update(stopped)
             if tracked.finished:   # instances drop what a stop string ended; they freed the rest

@@ -80,12 +80,15 @@ class DecodingWorker(InstanceWorker):
                          tuple(self.blocks.tables[req.request_id]),
                          self._sampling_row(req, busy), prev_row)
 
-    def _busy(self, batch: list[Request]) -> set[str]:
-        """Sequences whose sampling slots must stay: this step's and the one on the device."""
-        busy = {r.request_id for r in batch}
-        if self._inflight is not None:
-            busy.update(r.request_id for r in self._inflight.requests)
-        return busy
+    def _busy(self, batch: list[Request]):
+        """Sequences whose sampling slots must stay: this step's and the one on the device.
+        Built only if some row must take a slot (most steps need none)."""
+        def ids() -> set[str]:
+            busy = {r.request_id for r in batch}
+            if self._inflight is not None:
+                busy.update(r.request_id for r in self._inflight.requests)
+            return busy
+        return ids
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""
@@ -107,12 +110,20 @@ class DecodingWorker(InstanceWorker):
         if not self.async_scheduling or not self._dispatch(step.batch, start):
             self._read_inflight()
             busy = self._busy(step.batch)
-            results = self._run_rows(self.runner.decode, step.batch,
+            results = self._run_rows(self._decode_synchronously, step.batch,
                                      lambda r: self._decode_row(r, busy=busy))
             for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
                 self._release(r, finished=True)
+            self._hold_report = True
             self._log_step(len(step.batch), start)
         return True
+
+    def _decode_synchronously(self, rows):
+        """A decode step, waited for. The previous step's report goes out once this one is
+        on the device: the router delivers those tokens while the device computes."""
+        pending = self.runner.dispatch_decode(rows)
+        self._flush()
+        return self.runner.collect(pending)
 
     def _dispatch(self, batch: list[Request], start: float) -> bool:
         """Start the step without waiting, then read the one before it. False (nothing

@@ -14,7 +14,7 @@ router, which forwards them and so always knows where each request lives.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 from dsjax.sampling_params import SamplingParams
 
@@ -106,8 +106,8 @@ class PeerMessage:
 
 # ---- instance -> engine -------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class TokenUpdate:
+class TokenUpdate(NamedTuple):
+    """One sampled token (a named tuple: every step makes one per row)."""
     request_id: str
     index: int                          # the sequence (0 unless n / best_of > 1)
     token_id: int

@@ -12,7 +12,7 @@ from typing import Any
 
 from dsjax.engine.messages import MigrationOffer, RequestSpec
 from dsjax.engine.stopping import StopChecker
-from dsjax.executor.batch import SamplingRow
+from dsjax.executor.batch import SamplingRow, needs_slot
 
 # Lifetime events, in DistServe's order.
 EVENT_TYPES = ("issued", "context_begin", "context_end", "migration_begin", "migration_end",
@@ -112,6 +112,9 @@ class Request:
         self.prior = len(spec.prior_output)   # generated before a recompute (see RequestSpec)
         self._detokenizer = None   # stop strings: the text decoded so far, built on first use
         self._text = ""
+        # Fixed for its life, and read every decode step.
+        self.seed = sequence_seed(spec.seed, self.index or 0)
+        self.needs_slot = needs_slot(spec.params)
 
     @classmethod
     def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> list["Request"]:
@@ -180,8 +183,8 @@ class Request:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def sampling_row(self, slot: int = -1) -> SamplingRow:
-        return SamplingRow(self.params, sequence_seed(self.spec.seed, self.index or 0),
-                           self.num_generated + self.pending, slot)
+        return SamplingRow(self.params, self.seed,
+                           self.prior + len(self.output_token_ids) + self.pending, slot)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

@@ -158,7 +158,7 @@ class DecodeScheduler:
             swap_in.append(req)
         # New requests wait while swapped ones cannot return, unless nothing runs: then the
         # waiting requests (whose pages are already here) run, finish and make the room.
-        if not self.swapped or not self.running:
+        if self.waiting and (not self.swapped or not self.running):
             tokens = sum(r.num_tokens for r in self.running)
             while self.waiting and len(self.running) < self.limits.max_batch_size:
                 req = self.waiting[0]
@@ -170,7 +170,7 @@ class DecodeScheduler:
         # Every running request needs room for the KV of its newest token (position num_tokens-1),
         # in a block of its own (sequences forked from one prompt share blocks until they write).
         # A request whose last token is still being computed sits this step out.
-        i, copies = 0, []
+        i, copies, batch = 0, [], []
         while i < len(self.running):
             req = self.running[i]
             if not req.can_step:
@@ -180,9 +180,10 @@ class DecodeScheduler:
             if ok:
                 if copy is not None:
                     copies.append(copy)
+                batch.append(req)
                 i += 1
                 continue
-            victim = self.running.pop()
+            victim = self.running.pop()   # never one already in the batch (those come before i)
             if not self.blocks.can_swap_out(victim.request_id):
                 # Neither device nor host memory can hold it: this request fails, alone.
                 self.blocks.free(victim.request_id)
@@ -192,12 +193,12 @@ class DecodeScheduler:
             swap_out_blocks[victim.request_id], _ = self.blocks.swap_out(victim.request_id)
             self.swapped.appendleft(victim)  # victims leave newest-first, so the deque stays oldest-first
             swap_out.append(victim)
-        # A copy whose destination was freed again by a later swap-out in this loop is moot.
-        live = {b for r in self.running for b in self.blocks.tables[r.request_id]}
-        batch = [r for r in self.running if r.can_step]
+        if copies:   # a copy whose destination a later swap-out in this loop freed is moot
+            live = {b for r in self.running for b in self.blocks.tables[r.request_id]}
+            copies = [c for c in copies if c[1] in live]
         return DecodeStep(batch=batch, swap_in=swap_in, swap_out=swap_out,
                           swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks,
-                          dropped=dropped, copies=[c for c in copies if c[1] in live])
+                          dropped=dropped, copies=copies)
 
     def finish(self, request) -> None:
         """Drop a finished request from the running batch and free its blocks."""

@@ -34,9 +34,8 @@ from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceF
                                    PeerMessage, Report, RequestFailed, Shutdown, TokenUpdate)
 from dsjax.engine.request import Request
 from dsjax.engine.sampling_slots import SlotAssignments
-from dsjax.executor.batch import PrefillRow
+from dsjax.executor.batch import PrefillRow, SamplingRow
 from dsjax.executor.runner import StepOutput
-from dsjax.executor.sampling import needs_slot
 log = logging.getLogger("dsjax")
 
 IDLE_WAIT_S = 1.0   # how long an idle worker blocks on its inbox before looking again
@@ -82,6 +81,7 @@ class InstanceWorker:
         # Benchmarks set a list here to get (batch size, step seconds, device-wait seconds,
         # time read) per decode step.
         self.step_log: list | None = None
+        self._hold_report = False
         self._reset_report()
         self._last_stats: dict | None = None
 
@@ -101,7 +101,12 @@ class InstanceWorker:
                     self._apply(msg)
                 self.loop_iterations += 1
                 idle = not self._step_contained()
-                self._flush()
+                # A step may hold its report for the next step to send once that one is
+                # dispatched (the router's work then overlaps the device's, not the next
+                # step's host work); only while more work follows at once, for one step.
+                if not (self._hold_report and self.has_work()):
+                    self._flush()
+                self._hold_report = False
         except InstanceFault as fault:
             self._fail_everything(fault)
         finally:
@@ -178,12 +183,13 @@ class InstanceWorker:
 
     def _sampling_row(self, req: Request, busy=()):
         """The sequence's sampling row; one that needs the sampler's slot table gets its row,
-        filled from its tokens when it has none. `busy`: sequence ids whose rows must stay."""
-        if not needs_slot(req.params):
+        filled from its tokens when it has none. `busy`: sequence ids whose rows must stay (or
+        a function that returns them)."""
+        if not req.needs_slot:
             return req.sampling_row()
         slot = self.slots.lookup(req.request_id)
         if slot is None:
-            slot = self.slots.assign(req.request_id, busy)
+            slot = self.slots.assign(req.request_id, busy() if callable(busy) else busy)
             self.runner.fill_sampling_slot(slot, req.params, *req.penalty_history())
         return req.sampling_row(slot)
 
@@ -409,19 +415,22 @@ class InstanceWorker:
 
 def samples_of(out: StepOutput) -> list[tuple]:
     """A step's sampled rows: (token, logprob, top ids, top logprobs, prompt scores)."""
-    top = out.top_ids is not None
-    scores = out.prompt_scores or [None] * len(out.tokens)
-    return [(int(out.tokens[i]), float(out.logprob[i]),
-             out.top_ids[i] if top else None, out.top_logprobs[i] if top else None, scores[i])
-            for i in range(len(out.tokens))]
+    n = len(out.tokens)
+    none = [None] * n
+    return list(zip(out.tokens.tolist(), out.logprob.tolist(),
+                    none if out.top_ids is None else list(out.top_ids),
+                    none if out.top_logprobs is None else list(out.top_logprobs),
+                    out.prompt_scores or none))
 
 
 def per_row(rows, out: StepOutput) -> list[list]:
     """A step's sampled rows, grouped by the row (prompt or sequence) that asked for them."""
     flat = samples_of(out)
+    if all(type(row.sampling) is SamplingRow for row in rows):   # decode: one per row
+        return [[s] for s in flat]
     grouped, at = [], 0
     for row in rows:
-        n = len(row.sampling) if isinstance(row.sampling, tuple) else 1
+        n = len(row.sampling) if not isinstance(row.sampling, SamplingRow) else 1
         grouped.append(flat[at:at + n])
         at += n
     return grouped

@@ -33,8 +33,9 @@ from dsjax.executor.kv_cache import PagePool
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
                                      stage_view)
-from dsjax.executor.sampling import (SampleOutput, SlotTable, build_sampling_tensors, fill_slot,
-                                     no_scores, record_tokens, sample, score_prompt, slot_inputs)
+from dsjax.executor.sampling import (SampleOutput, SlotTable, fill_slot, no_scores,
+                                     record_tokens, sample, sampling_tensors_of, score_prompt,
+                                     slot_inputs)
 from dsjax.executor.sharded_attention import for_mesh
 from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
 from dsjax.models.base import ModelConfig
@@ -158,6 +159,18 @@ class Stage:
             self.fns[key] = fn
         return fn
 
+    def _decode_and_sample(self, layout, sample_layout):
+        """A whole decode step of a single-stage instance: the forward and the sampler in one
+        jitted program (one dispatch per step, the host's largest fixed cost at batch 1)."""
+        key = ("decode+sample", layout, sample_layout)
+        fn = self.fns.get(key)
+        if fn is None:
+            fn = jax.jit(functools.partial(_decode_sample_step, self.models["decode"],
+                                           layout=layout, sample_layout=sample_layout),
+                         donate_argnums=(1, 2, 3))
+            self.fns[key] = fn
+        return fn
+
     def run(self, mode, hidden, inputs: StepInputs, override=None):
         """One stage of a step on the previous stage's activations (None on the first stage);
         the last stage samples and returns a SampleOutput. `override`: input token ids already
@@ -168,8 +181,14 @@ class Stage:
         # the params live at a fraction of an explicit device_put's cost.
         if hidden is not None:
             hidden = jax.device_put(hidden, self.replicated)
-        if override is not None:
+        if override is not None and getattr(override, "sharding", None) != self.replicated:
             override = jax.device_put(override, self.replicated)
+        if mode == "decode" and self.first and self.last:   # one program, one dispatch
+            fn = self._decode_and_sample(inputs.layout, inputs.sample_layout)
+            samples, self.pool.k, self.pool.v, self.slots = fn(
+                self.params, self.pool.k, self.pool.v, self.slots, inputs.packed,
+                inputs.sample_packed, override)
+            return samples
         fn = self._forward(mode, inputs.layout)
         out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v,
                                            inputs.packed, override)
@@ -213,11 +232,24 @@ def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mo
     return (last, scores), k_cache, v_cache
 
 
+def _decode_sample_step(model, params, k_cache, v_cache, slots, bufs, sample_bufs, override, *,
+                        layout, sample_layout):
+    (last, _), k_cache, v_cache = _forward_step(model, params, None, k_cache, v_cache, bufs,
+                                                override, mode="decode", layout=layout)
+    samples, slots = _sample_step(model, params, last, slots, sample_bufs, layout=sample_layout)
+    return samples, k_cache, v_cache, slots
+
+
 def _sample_step(model, params, last, slots, bufs, *, layout):
     source_rows, st = unpack_inputs(bufs, layout)
     logits = model.apply({"params": params}, last[source_rows], method="logits")
     out = sample(logits, st, slots)
     return out, record_tokens(slots, st.slots, out.tokens)
+
+
+_F32 = np.dtype(np.float32)
+# Native 4-byte integers, viewed as int32 without a copy (dtype.name is slow: looked up here).
+_WORD_NAMES = {np.dtype(np.int32): "int32", np.dtype(np.uint32): "uint32"}
 
 
 def pack_host_inputs(tree) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
@@ -226,13 +258,14 @@ def pack_host_inputs(tree) -> tuple[tuple[np.ndarray, np.ndarray], tuple]:
     ints, floats, layout = [], [], []
     for leaf in leaves:
         leaf = np.asarray(leaf)
-        if leaf.dtype == np.float32:
+        dtype = leaf.dtype
+        if dtype == _F32:
             floats.append(leaf.ravel())
             layout.append(("f", leaf.shape, "float32"))
         else:  # int32 and uint32 (seeds) share the int buffer bit for bit
-            ints.append(leaf.astype(leaf.dtype.newbyteorder("=")).view(np.int32).ravel()
-                        if leaf.dtype.itemsize == 4 else leaf.astype(np.int32).ravel())
-            layout.append(("i", leaf.shape, leaf.dtype.name))
+            ints.append(leaf.view(np.int32).ravel() if dtype in _WORD_NAMES else
+                        leaf.astype(np.int32).ravel())
+            layout.append(("i", leaf.shape, _WORD_NAMES.get(dtype) or dtype.name))
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)
     return (cat(ints, np.int32), cat(floats, np.float32)), (treedef, tuple(layout))
 
@@ -265,6 +298,7 @@ class ModelRunner:
         # Cache KV heads per model KV head: > 1 where tp exceeds the model's KV heads.
         self.kv_head_repeat = config.cache_kv_heads(spec.tp) // config.num_key_value_heads
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
+        self._no_overrides: dict[int, jax.Array] = {}
         self.spec, self.config, self.dtype = spec, config, dtype
         self.num_pages, self.page_size = num_pages, page_size
         self.max_batch_size = max_batch_size
@@ -343,13 +377,15 @@ class ModelRunner:
     def _split(self, rows: list) -> list[list]:
         """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP)."""
         n = min(self.spec.pp, len(rows))
+        if n <= 1:
+            return [rows]
         bounds = np.linspace(0, len(rows), n + 1).astype(int)
         return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
     def _samples(rows) -> list[SamplingRow]:
         """Every sampled row of a step, in order (a prompt may sample several sequences)."""
-        return [s for r in rows for s in (r.sampling if isinstance(r.sampling, tuple)
+        return [s for r in rows for s in (r.sampling if not isinstance(r.sampling, SamplingRow)
                                           else (r.sampling,))]
 
     def _inputs(self, forward, samples: list[SamplingRow], source_rows) -> StepInputs:
@@ -361,9 +397,7 @@ class ModelRunner:
                              f"{self.max_sampled_rows}: lower the batch limits or n")
         src = np.zeros(pad, np.int32)
         src[:len(source_rows)] = source_rows
-        sampling = build_sampling_tensors(
-            [s.params for s in samples], [s.seed for s in samples], [s.step for s in samples],
-            pad, self.config.eos_token_ids, [s.slot for s in samples])
+        sampling = sampling_tensors_of(samples, pad, self.config.eos_token_ids)
         packed, layout = pack_host_inputs(forward)
         sample_packed, sample_layout = pack_host_inputs((src, sampling))
         return StepInputs(packed, layout, sample_packed, sample_layout)
@@ -430,12 +464,12 @@ class ModelRunner:
         for group in groups:
             n = len(group)
             b_pad = bucket(n, self.min_decode_rows)
-            lens = np.fromiter((len(r.block_table) for r in group), np.int32, n)
+            # One pass over the rows: (token, position, table length) each.
+            scalars = np.zeros((3, b_pad), np.int32)
+            scalars[:, :n] = np.array([(r.token_id, r.position, len(r.block_table))
+                                       for r in group], np.int32).T
+            tokens, positions, lens = scalars[0], scalars[1], scalars[2, :n]
             width = self.table_width(int(lens.max()))
-            tokens = np.zeros(b_pad, np.int32)
-            tokens[:n] = np.fromiter((r.token_id for r in group), np.int32, n)
-            positions = np.zeros(b_pad, np.int32)
-            positions[:n] = np.fromiter((r.position for r in group), np.int32, n)
             # Every row's table in one scatter (a Python loop of row slices costs ~1 us a row),
             # over the longest row's bucket only: a fixed width's tail stays zero (masked).
             filled = min(bucket(int(lens.max())), width)
@@ -461,12 +495,25 @@ class ModelRunner:
     def _token_override(self, group, b_pad: int, previous: "PendingStep | None"):
         """[b_pad] token ids for the first stage: the previous step's samples where rows ask
         for them, -1 elsewhere (always an array, so one program serves both cases)."""
+        if previous is None:
+            return self._no_override(b_pad)
         idx = np.full(b_pad, -1, np.int32)
-        if previous is not None:
-            idx[:len(group)] = [previous.flat_row(r.prev_row) for r in group]
-        if previous is None or not (idx >= 0).any():
-            return idx
+        rows = np.array([r.prev_row for r in group], np.int32)
+        # One micro-batch: its rows are the flat rows (no per-row offset lookup).
+        idx[:len(group)] = rows if len(previous.counts) == 1 else \
+            [previous.flat_row(row) for row in rows.tolist()]
+        if not (idx >= 0).any():
+            return self._no_override(b_pad)
         return _select_tokens(tuple(o.tokens for o in previous.outs), idx)
+
+    def _no_override(self, b_pad: int) -> jax.Array:
+        """An all -1 override (every input token from the host), kept on stage 0's devices:
+        a synchronous step copies nothing for it."""
+        cached = self._no_overrides.get(b_pad)
+        if cached is None:
+            cached = self._no_overrides[b_pad] = jax.device_put(
+                np.full(b_pad, -1, np.int32), self.stages[0].replicated)
+        return cached
 
     def warm_token_selection(self, previous_steps: list["PendingStep"], batch_buckets) -> None:
         """Compile the async input-token selection for every (previous step, batch bucket)

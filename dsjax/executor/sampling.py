@@ -57,11 +57,6 @@ class SlotTable:
                    ban_ids=jnp.full((num_slots, k), -1, jnp.int32))
 
 
-def needs_slot(params: SamplingParams) -> bool:
-    """Whether a sequence with these parameters samples through a SlotTable row."""
-    return params.has_penalties or bool(params.min_tokens and params.stop_token_ids)
-
-
 def slot_inputs(params: SamplingParams, prompt: Sequence[int], output: Sequence[int],
                 max_len: int) -> dict[str, np.ndarray]:
     """Host arrays that fill one SlotTable row (fixed shapes: one program for every request)."""
@@ -179,34 +174,42 @@ def build_sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int
     if not len(params) == len(seeds) == len(steps):
         raise ValueError(f"params, seeds and steps must have one entry per row, got "
                          f"{len(params)}, {len(seeds)}, {len(steps)}")
-    if pad_to < len(params):
-        raise ValueError(f"pad_to={pad_to} is smaller than the batch of {len(params)} rows; "
+    if slots is None:
+        slots = [-1] * len(params)
+    return sampling_tensors_of(list(zip(params, seeds, steps, slots)), pad_to, eos_token_id)
+
+
+def sampling_tensors_of(rows: Sequence[tuple], pad_to: int,
+                        eos_token_id: int | Sequence[int] | None = None) -> SamplingTensors:
+    """build_sampling_tensors from rows of (params, seed, step, slot), such as SamplingRows:
+    one pass over the rows (this runs every step, for every row)."""
+    if pad_to < len(rows):
+        raise ValueError(f"pad_to={pad_to} is smaller than the batch of {len(rows)} rows; "
                          f"pass pad_to >= len(params)")
-    n = len(params)
-    temperature = np.zeros(pad_to, np.float32)
-    top_k = np.zeros(pad_to, np.int32)
-    top_p = np.ones(pad_to, np.float32)
-    seed_arr = np.zeros(pad_to, np.uint32)
-    step_arr = np.zeros(pad_to, np.int32)
+    n = len(rows)
     eos = () if eos_token_id is None else \
         ((eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    # Padding rows: greedy, top-k off, top-p 1, no slot.
+    floats = np.zeros((2, pad_to), np.float32)
+    floats[1] = 1.0
+    ints = np.zeros((4, pad_to), np.int64)
+    ints[3] = -1
+    ban_eos = np.zeros(pad_to, bool)
+    if n:
+        # Any Python int seed maps onto the u32 key space.
+        floats[:, :n] = np.array([(p.temperature, p.top_p) for p, _, _, _ in rows],
+                                 np.float32).T
+        ints[:, :n] = np.array([(max(p.top_k, 0), seed & 0xFFFFFFFF, step, slot)
+                                for p, seed, step, slot in rows], np.int64).T
+        ban_eos[:n] = [step < p.min_tokens and not p.ignore_eos for p, _, step, _ in rows]
     banned = np.full((pad_to, max(1, len(eos))), -1, np.int32)
-    slot_arr = np.full(pad_to, -1, np.int32)
-    temperature[:n] = [p.temperature for p in params]
-    top_k[:n] = [max(p.top_k, 0) for p in params]
-    top_p[:n] = [p.top_p for p in params]
-    # Any Python int seed maps onto the u32 key space.
-    seed_arr[:n] = [s & 0xFFFFFFFF for s in seeds]
-    step_arr[:n] = steps
     if eos:
-        for row, (p, step) in enumerate(zip(params, steps)):
-            if step < p.min_tokens and not p.ignore_eos:
-                banned[row, :len(eos)] = eos
-    if slots is not None:
-        slot_arr[:n] = slots
-    want_top = any(p.logprobs for p in params)
-    return SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p,
-                           seeds=seed_arr, steps=step_arr, banned=banned, slots=slot_arr,
+        banned[ban_eos, :len(eos)] = eos
+    want_top = any(p.logprobs for p, _, _, _ in rows)
+    return SamplingTensors(temperature=floats[0], top_k=ints[0].astype(np.int32),
+                           top_p=floats[1], seeds=ints[1].astype(np.uint32),
+                           steps=ints[2].astype(np.int32), banned=banned,
+                           slots=ints[3].astype(np.int32),
                            want_top=np.array(int(want_top), np.int32))
 
 
