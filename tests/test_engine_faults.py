@@ -78,14 +78,16 @@ def test_chunked_mode_under_memory_pressure_completes(fresh, hf_opt):
 
 def test_decode_batch_of_one_does_not_wait_forever(fresh, hf_opt):
     """A (running) is swapped out for a block that B (pulled, waiting) holds; with a batch of
-    one, B used to wait behind A forever while A waited for B's block."""
-    engine = fresh(num_blocks=7, decoding_max_batch_size=1, min_decode_rows=1)
+    one, B used to wait behind A forever while A waited for B's block. A needs all 17 blocks
+    by its end: B, asked for after A's second token, is pulled long before A (about 50 steps
+    later) needs B's blocks, however fast the steps run."""
+    engine = fresh(num_blocks=17, decoding_max_batch_size=1, min_decode_rows=1)
     a_prompt, b_prompt = [7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23]
-    a = engine.add_request(a_prompt, SamplingParams(temperature=0, max_tokens=20,
+    a = engine.add_request(a_prompt, SamplingParams(temperature=0, max_tokens=60,
                                                     ignore_eos=True))
     b = add_after_tokens(a, 2, lambda: engine.add_request(
         b_prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
-    assert a.final.token_ids == hf_greedy(hf_opt[0], a_prompt, 20)
+    assert a.final.token_ids == hf_greedy(hf_opt[0], a_prompt, 60)
     assert b.result(timeout=120).token_ids == hf_greedy(hf_opt[0], b_prompt, 4)
     assert engine.stats()[1]["num_preemptions"] > 0
     wait_idle(engine)

@@ -113,7 +113,10 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
                              sliding_window=mc.sliding_window),
                          max_batch_size=max(limits.max_batch_size, limits_d.max_batch_size),
                          max_tokens_per_batch=limits.max_tokens_per_batch,
-                         max_blocks_per_request=cfg.max_num_blocks_per_req,
+                         # No request outlives the model's context (the engine checks).
+                         max_blocks_per_request=min(
+                             cfg.max_num_blocks_per_req,
+                             -(-mc.max_position_embeddings // cfg.block_size)),
                          place_stages=place_stages, min_decode_rows=cfg.min_decode_rows)
     warm_up_runner(runner, spec.role, cfg)
     if spec.role in ("prefill", "colocated"):
