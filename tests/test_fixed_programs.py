@@ -60,3 +60,30 @@ def test_varied_options_compile_nothing_after_ready(mode):
     stats = {s["instance"]: s for s in engine.stats()}
     decoding = [s for s in stats.values() if s.get("role") != "prefill"]
     assert any(s["num_preemptions"] for s in decoding), "the run never swapped: raise pressure"
+
+
+def test_whole_context_warm_up_with_a_cached_prefix_compiles_nothing_after_ready(hf_opt):
+    """Warm-up reaches the model's whole context (128 tokens here), with and without a cached
+    prefix block: a prompt that fills the context, then one that reuses its blocks, compile
+    nothing and give transformers' tokens. (The cached variant once asked for a block past the
+    context and the engine could not start.)"""
+    from dsjax import SamplingParams
+    from dsjax.config import WARMUP_ALL
+    from tests._hf_helpers import hf_greedy
+    engine = get_engine(model=str(hf_opt[1]), load_format="auto",
+                        warmup_max_prompt_len=WARMUP_ALL, warmup_max_context_len=WARMUP_ALL,
+                        warmup_max_prefill_batch=1, warmup_max_decode_batch=8,
+                        decoding_max_batch_size=8, context_max_batch_size=1)
+    context = engine.model_config.max_position_embeddings
+    rng = random.Random(7)
+    prompt = [rng.randrange(4, 1000) for _ in range(context - 4)]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with CompileWatch() as watch:
+        full = engine.add_request(prompt, greedy).result(timeout=300)
+        reused = engine.add_request(prompt[:-8] + [5, 6, 7, 8, 9, 10, 11, 12], greedy,
+                                    ).result(timeout=300)
+        wait_idle(engine)
+    assert watch.count == 0, f"programs compiled after ready: {dict(watch.names)}"
+    assert full.token_ids == hf_greedy(hf_opt[0], prompt, 4)
+    assert reused.num_cached_tokens > 0
+    assert reused.token_ids == hf_greedy(hf_opt[0], prompt[:-8] + [5, 6, 7, 8, 9, 10, 11, 12], 4)

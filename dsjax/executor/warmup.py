@@ -133,7 +133,11 @@ def warm_up_runner(runner, role: str, config) -> int:
             runner.prefill(_prompt_rows(runner, lengths))
             steps += 1
             if config.enable_prefix_caching:   # the same token buckets after a cached block
-                runner.prefill_cached(_prompt_rows(runner, lengths, cached=runner.page_size))
+                # (the cached block counts toward a request's length: the longest is trimmed,
+                # to the same bucket)
+                room = runner.max_blocks_per_request * runner.page_size - runner.page_size
+                runner.prefill_cached(_prompt_rows(runner, [min(n, room) for n in lengths],
+                                                   cached=runner.page_size))
                 steps += 1
     if role in ("decode", "colocated"):
         last_of_bucket = {}
