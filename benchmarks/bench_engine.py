@@ -126,6 +126,8 @@ def phases(args) -> None:
             setattr(obj, name, timed(getattr(obj, name), name))
     stage = worker.runner.stages[-1]
     for name in ("_forward", "_sampler", "_decode_and_sample"):   # their jitted functions
+        if not hasattr(stage, name):
+            continue
         get = getattr(stage, name)
         setattr(stage, name, lambda *a, _get=get, _n=name: timed(_get(*a), f"jit {_n}"))
     for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params) for _ in range(b)]:

@@ -3,11 +3,12 @@
     pip install py-spy
     python benchmarks/profile_decode_loop.py --batch 256 --steps 96
 
-Runs `bench_engine.py phases` (synchronous decode steps of a full batch, opt-tiny, dummy
+Runs `bench_engine.py threads` (synchronous decode steps of a full batch, opt-tiny, dummy
 weights) under `py-spy record`, keeps the decode thread's samples inside `_decode_step` that
 are neither the wait for the device's results nor a compile (the first run compiles every
-shape), and prints the flame graph's top frames: by self time and by inclusive time, each as
-samples and as a share of the host samples. `--raw FILE` keeps py-spy's collapsed stacks (feed
+shape), and prints the flame graph's top frames: by self time (per line) and by inclusive time
+(per function), each as samples and as a share of the host samples. py-spy samples a thread
+only while it runs, so time spent waiting for the GIL does not show here. `--raw FILE` keeps py-spy's collapsed stacks (feed
 them to flamegraph.pl for the picture).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def summarize(raw: str, thread: str, top: int) -> None:
     for frames, n in host_stacks(raw, thread):
         total += n
         own[frames[-1]] += n
-        for f in set(frames):
+        for f in {re.sub(r":\d+\)$", ")", f) for f in frames}:
             inclusive[f] += n
     print(f"{total} host samples of {thread} inside _decode_step\n")
     for title, counts in (("self", own), ("inclusive", inclusive)):
@@ -72,8 +73,8 @@ def main(argv=None) -> None:
     bench = Path(__file__).resolve().parent / "bench_engine.py"
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = args.raw or str(Path(tmp) / "stacks.txt")
-        subprocess.run(["py-spy", "record", "-r", str(args.rate), "--format", "raw",
-                        "-o", raw_path, "--", sys.executable, str(bench), "phases",
+        subprocess.run(["py-spy", "record", "--threads", "-r", str(args.rate), "--format", "raw",
+                        "-o", raw_path, "--", sys.executable, str(bench), "threads",
                         "--batch-sizes", str(args.batch), "--steps", str(args.steps)],
                        check=True, stdout=subprocess.DEVNULL)
         summarize(Path(raw_path).read_text(), "dsjax-decode0", args.top)
