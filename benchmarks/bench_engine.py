@@ -35,6 +35,27 @@ def _engine(args, **kw):
                                          block_size=16), **kw}))
 
 
+def _full_batches(args, b: int, async_scheduling: bool):
+    """An engine whose decode instance runs batches of b, after one batch of b requests that
+    compiled every bucket they use, and a function that runs another batch and waits for it
+    (new prompts each time: the same ones would hit the prefix cache and take other shapes)."""
+    import numpy as np
+    from dsjax import SamplingParams
+    engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
+                     context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
+                     num_blocks=b * (args.steps // 16 + 4) + 16,
+                     async_scheduling=async_scheduling)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+
+    def run_batch() -> None:
+        for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
+                  for _ in range(b)]:
+            s.result()
+    run_batch()
+    return engine, run_batch
+
+
 def overhead(args) -> None:
     """Decode step period and host time per step, with async scheduling off and on.
 
@@ -43,7 +64,6 @@ def overhead(args) -> None:
     the period between steps is what a request feels, and its excess over the device time of
     the synchronous run is the host time left showing."""
     import numpy as np
-    from dsjax import SamplingParams
 
     print("| batch | sync step ms | device ms | host overhead ms (sync, mean) | "
           "host overhead ms (sync, median) | async step ms | host time showing ms (async) |")
@@ -51,22 +71,10 @@ def overhead(args) -> None:
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         row = [str(b)]
         for overlap in (False, True):
-            engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
-                             context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
-                             num_blocks=b * (args.steps // 16 + 4) + 16,
-                             async_scheduling=overlap)
-            rng = np.random.default_rng(0)
-            params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
-            # warm-up run compiles every bucket this batch will use; the measured run's prompts
-            # are new (the same ones would hit the prefix cache and take other shapes)
-            for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
-                      for _ in range(b)]:
-                s.result()
+            engine, run_batch = _full_batches(args, b, overlap)
             decode = engine.local_worker("decode0")
             decode.step_log = []
-            for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
-                      for _ in range(b)]:
-                s.result()
+            run_batch()
             full = [(t, w, end) for n, t, w, end in decode.step_log if n == b]  # whole batch
             engine.shutdown()
             if not overlap:
@@ -149,20 +157,12 @@ def threads(args) -> None:
     need the GIL: the step's host wall time is about the first plus whatever of the second
     overlaps it."""
     import numpy as np
-    from dsjax import SamplingParams
 
     print("| batch | decode thread CPU ms / step | router CPU ms / report | step wall - device "
           "wait ms |")
     print("|---|---|---|---|")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
-        engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
-                         context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
-                         num_blocks=b * (args.steps // 16 + 4) + 16, async_scheduling=False)
-        rng = np.random.default_rng(0)
-        params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
-        for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
-                  for _ in range(b)]:
-            s.result()
+        engine, run_batch = _full_batches(args, b, False)
         worker = engine.local_worker("decode0")
         steps, reports = [], []
         decode_step, on_report = worker._decode_step, engine._on_report
@@ -180,9 +180,7 @@ def threads(args) -> None:
             reports.append((len(report.tokens), time.thread_time() - cpu))
 
         worker._decode_step, engine._on_report = timed_step, timed_report
-        for s in [engine.add_request(rng.integers(4, 1000, 16).tolist(), params)
-                  for _ in range(b)]:
-            s.result()
+        run_batch()
         engine.shutdown()
         full = [(cpu, host) for n, cpu, host in steps if n == b]
         routed = [cpu for n, cpu in reports if n == b]
