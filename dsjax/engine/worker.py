@@ -238,7 +238,10 @@ class InstanceWorker:
         results = {}
         if rows:
             try:
-                results = dict(zip([r.request_id for r in live], per_row(rows, fn(rows))))
+                grouped = per_row(rows, fn(rows))
+                if len(live) == len(requests):   # every row built: the results line up
+                    return grouped
+                results = dict(zip([r.request_id for r in live], grouped))
             except Exception as e:  # noqa: BLE001
                 self._check_state(e)
                 if len(rows) == 1:
