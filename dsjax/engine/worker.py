@@ -97,6 +97,8 @@ class InstanceWorker:
                 # message (a pull, a free, an abort) instead of spinning on the same state.
                 for msg in self._drain(inbox, block=idle or not self.has_work()):
                     if isinstance(msg, Shutdown):
+                        if self._tokens:   # a held report's tokens (see below)
+                            self._flush()
                         return
                     self._apply(msg)
                 self.loop_iterations += 1
