@@ -80,15 +80,12 @@ class DecodingWorker(InstanceWorker):
                          tuple(self.blocks.tables[req.request_id]),
                          self._sampling_row(req, busy), prev_row)
 
-    def _busy(self, batch: list[Request]):
-        """Sequences whose sampling slots must stay: this step's and the one on the device.
-        Built only if some row must take a slot (most steps need none)."""
-        def ids() -> set[str]:
-            busy = {r.request_id for r in batch}
-            if self._inflight is not None:
-                busy.update(r.request_id for r in self._inflight.requests)
-            return busy
-        return ids
+    def _busy(self, batch: list[Request]) -> set[str]:
+        """Sequences whose sampling slots must stay: this step's and the one on the device."""
+        busy = {r.request_id for r in batch}
+        if self._inflight is not None:
+            busy.update(r.request_id for r in self._inflight.requests)
+        return busy
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""

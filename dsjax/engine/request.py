@@ -183,8 +183,7 @@ class Request:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def sampling_row(self, slot: int = -1) -> SamplingRow:
-        return SamplingRow(self.params, self.seed,
-                           self.prior + len(self.output_token_ids) + self.pending, slot)
+        return SamplingRow(self.params, self.seed, self.num_generated + self.pending, slot)
 
     def __repr__(self) -> str:
         return f"Request({self.request_id}, {self.status.value}, {self.num_tokens} tokens)"

@@ -185,13 +185,12 @@ class InstanceWorker:
 
     def _sampling_row(self, req: Request, busy=()):
         """The sequence's sampling row; one that needs the sampler's slot table gets its row,
-        filled from its tokens when it has none. `busy`: sequence ids whose rows must stay (or
-        a function that returns them)."""
+        filled from its tokens when it has none. `busy`: sequence ids whose rows must stay."""
         if not req.needs_slot:
             return req.sampling_row()
         slot = self.slots.lookup(req.request_id)
         if slot is None:
-            slot = self.slots.assign(req.request_id, busy() if callable(busy) else busy)
+            slot = self.slots.assign(req.request_id, busy)
             self.runner.fill_sampling_slot(slot, req.params, *req.penalty_history())
         return req.sampling_row(slot)
 
@@ -297,6 +296,8 @@ class InstanceWorker:
         their sequences, free the requests that end there and hand_off(r, sequences) the
         others (the sequences still running)."""
         self._in_step = batch
+        if self._tokens:   # a decode step's held report must not wait behind this prefill
+            self._flush()
         for r in batch:
             self._event(r, "context_begin")
         tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}

@@ -137,11 +137,12 @@ def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
     prefill = fallback.prefill
     if len(prefills) >= MIN_STEPS:
         prefill = trimmed_nonnegative_fit([(1.0, sum(lens), sum(n * n for n in lens))
-                                     for lens, _ in prefills], [s * 1e3 for _, s in prefills])
+                                           for lens, _ in prefills],
+                                          [s * 1e3 for _, s in prefills])
     decode = fallback.decode_small
     if len(decodes) >= MIN_STEPS:
         decode = trimmed_nonnegative_fit([(1.0, sum(ctx), len(ctx)) for ctx, _ in decodes],
-                                   [s * 1e3 for _, s in decodes])
+                                         [s * 1e3 for _, s in decodes])
     return StepCoeffs(prefill, decode, decode, DEFAULT_BS_THRESHOLD)
 
 
