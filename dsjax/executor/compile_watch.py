@@ -1,4 +1,5 @@
-"""Count and name the programs this process lowers after a point (e.g. after warm-up).
+"""Count and name the programs this process lowers (or loads from the program store) after a
+point (e.g. after warm-up).
 
 Every new specialisation of a jitted function, and every eager operation on a new shape, is
 lowered to MLIR once, whether XLA then compiles it or the persistent cache supplies it; both
@@ -12,6 +13,8 @@ import threading
 
 import jax
 
+from dsjax.executor.program_store import LOAD_EVENT
+
 _LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
@@ -23,7 +26,7 @@ class CompileWatch:
         self._lock = threading.Lock()
 
     def _listener(self, event: str, duration: float, **kwargs) -> None:
-        if event == _LOWERING_EVENT:
+        if event in (_LOWERING_EVENT, LOAD_EVENT):
             with self._lock:
                 self.names[str(kwargs.get("fun_name", "?"))] += 1
 

@@ -33,6 +33,7 @@ from dsjax.executor.kv_cache import PagePool
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
                                      stage_view)
+from dsjax.executor.program_store import ProgramStore
 from dsjax.executor.sampling import (SampleOutput, SlotTable, fill_slot, no_scores,
                                      record_tokens, sample, sampling_tensors_of, score_prompt,
                                      slot_inputs)
@@ -134,42 +135,43 @@ class Stage:
                                            kv_heads=kv_heads, dtype=dtype)
                        for mode in ("prefill", "decode", "chunked")}
         self.fns = {}
+        # Compiled programs kept on disk (None when the compilation cache is off); the key of
+        # everything that built this stage, for the store's.
+        self.programs = ProgramStore.for_process()
+        self.devices = list(self.mesh.devices.flat)
+        self.stage_key = repr((config, layer_range, first, last, num_pages, page_size,
+                               str(jnp.dtype(dtype)), num_slots, self.models, self.devices))
         self.slots = None
         if last:
             self.slots = jax.jit(SlotTable.zeros, static_argnums=(0, 1),
                                  out_shardings=self.replicated)(num_slots, config.vocab_size)
 
-    def _forward(self, mode, layout):
-        """The jitted forward step for one input layout; positional-only calls keep JAX's fast
-        C++ dispatch path (static keyword arguments would take the slower Python one)."""
-        key = ("forward", mode, layout)
+    def _call(self, key, make, *args):
+        """Run the program `key` (made by `make()`, a jitted function) on args; the key
+        determines every argument's shape (a stored program takes one). Positional-only
+        calls keep JAX's fast C++ dispatch path (static keyword arguments would take the slower
+        Python one); with a program store the first call loads or compiles an executable."""
         fn = self.fns.get(key)
         if fn is None:
-            fn = jax.jit(functools.partial(_forward_step, self.models[mode], mode=mode,
-                                           layout=layout), donate_argnums=(2, 3))
-            self.fns[key] = fn
-        return fn
+            fn = self.fns[key] = (self.programs.program(self.stage_key, self.devices, key, make,
+                                                        args)
+                                  if self.programs is not None else make())
+        return fn(*args)
+
+    def _forward(self, mode, layout):
+        return jax.jit(functools.partial(_forward_step, self.models[mode], mode=mode,
+                                         layout=layout), donate_argnums=(2, 3))
 
     def _sampler(self, layout):
-        key = ("sample", layout)
-        fn = self.fns.get(key)
-        if fn is None:
-            fn = jax.jit(functools.partial(_sample_step, self.models["decode"], layout=layout),
-                         donate_argnums=(2,))
-            self.fns[key] = fn
-        return fn
+        return jax.jit(functools.partial(_sample_step, self.models["decode"], layout=layout),
+                       donate_argnums=(2,))
 
     def _decode_and_sample(self, layout, sample_layout):
         """A whole decode step of a single-stage instance: the forward and the sampler in one
         jitted program (one dispatch per step, the host's largest fixed cost at batch 1)."""
-        key = ("decode+sample", layout, sample_layout)
-        fn = self.fns.get(key)
-        if fn is None:
-            fn = jax.jit(functools.partial(_decode_sample_step, self.models["decode"],
-                                           layout=layout, sample_layout=sample_layout),
-                         donate_argnums=(1, 2, 3))
-            self.fns[key] = fn
-        return fn
+        return jax.jit(functools.partial(_decode_sample_step, self.models["decode"],
+                                         layout=layout, sample_layout=sample_layout),
+                       donate_argnums=(1, 2, 3))
 
     def run(self, mode, hidden, inputs: StepInputs, override=None):
         """One stage of a step on the previous stage's activations (None on the first stage);
@@ -184,19 +186,23 @@ class Stage:
         if override is not None and getattr(override, "sharding", None) != self.replicated:
             override = jax.device_put(override, self.replicated)
         if mode == "decode" and self.first and self.last:   # one program, one dispatch
-            fn = self._decode_and_sample(inputs.layout, inputs.sample_layout)
-            samples, self.pool.k, self.pool.v, self.slots = fn(
+            layouts = (inputs.layout, inputs.sample_layout)
+            samples, self.pool.k, self.pool.v, self.slots = self._call(
+                ("decode+sample",) + layouts, lambda: self._decode_and_sample(*layouts),
                 self.params, self.pool.k, self.pool.v, self.slots, inputs.packed,
                 inputs.sample_packed, override)
             return samples
-        fn = self._forward(mode, inputs.layout)
-        out, self.pool.k, self.pool.v = fn(self.params, hidden, self.pool.k, self.pool.v,
-                                           inputs.packed, override)
+        out, self.pool.k, self.pool.v = self._call(
+            ("forward", mode, inputs.layout), lambda: self._forward(mode, inputs.layout),
+            self.params, hidden, self.pool.k, self.pool.v, inputs.packed, override)
         if not self.last:
             return out
         last, scores = out
-        samples, self.slots = self._sampler(inputs.sample_layout)(self.params, last, self.slots,
-                                                                  inputs.sample_packed)
+        # (the rows sampled from depend on the mode: every prompt slot, or each chunk's row)
+        samples, self.slots = self._call(
+            ("sample", last.shape, inputs.sample_layout),
+            lambda: self._sampler(inputs.sample_layout),
+            self.params, last, self.slots, inputs.sample_packed)
         if scores is not None:
             samples = samples.replace(next_logprob=scores[0], next_top_ids=scores[1],
                                       next_top_logprobs=scores[2])
