@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_startup import free_port, wait_ready  # noqa: E402
 
 # The first kind whose marker appears anywhere in a stack takes the sample.
-KINDS = (("loading compiled programs", ("get_executable_and_time", "decompress_executable")),
+KINDS = (("loading stored programs (program store)", ("deserialize_and_load",)),
+         ("loading compiled programs", ("get_executable_and_time", "decompress_executable")),
          ("compiling", ("backend_compile", "compile_or_get_cached")),
          ("lowering", ("lower_jaxpr", "_cached_lowering", "lower_sharding_computation")),
          ("tracing", ("trace_to_jaxpr", "_infer_params")),

@@ -17,6 +17,7 @@ No sampling option changes a shape, so no request compiles a program its shape d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -108,6 +109,18 @@ class StepInputs:
     sample_layout: tuple
 
 
+# Each step program returns its result, then these arguments (donated) updated: the page pool
+# (and the sampler's slot table).
+FORWARD_DONATED = (2, 3)
+SAMPLER_DONATED = (2,)
+DECODE_SAMPLE_DONATED = (1, 2, 3)
+
+
+def _zeros_of(info) -> jax.Array:
+    """Zeros of an output's shape, dtype and sharding (copied from the host: no program)."""
+    return jax.device_put(np.zeros(info.shape, info.dtype), info.sharding)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _fill_slot(table, slot, arrays):
     return fill_slot(table, slot, **arrays)
@@ -135,6 +148,7 @@ class Stage:
                                            kv_heads=kv_heads, dtype=dtype)
                        for mode in ("prefill", "decode", "chunked")}
         self.fns = {}
+        self.rehearsing = False   # see _call and ModelRunner.rehearsal
         # Compiled programs kept on disk (None when the compilation cache is off); the key of
         # everything that built this stage, for the store's.
         self.programs = ProgramStore.for_process()
@@ -146,32 +160,38 @@ class Stage:
             self.slots = jax.jit(SlotTable.zeros, static_argnums=(0, 1),
                                  out_shardings=self.replicated)(num_slots, config.vocab_size)
 
-    def _call(self, key, make, *args):
-        """Run the program `key` (made by `make()`, a jitted function) on args; the key
-        determines every argument's shape (a stored program takes one). Positional-only
-        calls keep JAX's fast C++ dispatch path (static keyword arguments would take the slower
-        Python one); with a program store the first call loads or compiles an executable."""
+    def _call(self, key, make, donated, *args):
+        """Run the program `key` (made by `make()`, a jitted function that returns its result
+        and then the `donated` arguments, updated) on args; the key determines every argument's
+        shape (a stored program takes one). Positional-only calls keep JAX's fast C++ dispatch
+        path (static keyword arguments would take the slower Python one); with a program store
+        the first call loads or compiles an executable. While rehearsing (warm-up), a stored
+        program is made ready but not run: its result is zeros of its shapes, its donated
+        arguments come back as they were."""
         fn = self.fns.get(key)
         if fn is None:
             fn = self.fns[key] = (self.programs.program(self.stage_key, self.devices, key, make,
                                                         args)
                                   if self.programs is not None else make())
+        if self.rehearsing and hasattr(fn, "out_info"):
+            return (jax.tree_util.tree_map(_zeros_of, fn.out_info[0]),
+                    *(args[i] for i in donated))
         return fn(*args)
 
     def _forward(self, mode, layout):
         return jax.jit(functools.partial(_forward_step, self.models[mode], mode=mode,
-                                         layout=layout), donate_argnums=(2, 3))
+                                         layout=layout), donate_argnums=FORWARD_DONATED)
 
     def _sampler(self, layout):
         return jax.jit(functools.partial(_sample_step, self.models["decode"], layout=layout),
-                       donate_argnums=(2,))
+                       donate_argnums=SAMPLER_DONATED)
 
     def _decode_and_sample(self, layout, sample_layout):
         """A whole decode step of a single-stage instance: the forward and the sampler in one
         jitted program (one dispatch per step, the host's largest fixed cost at batch 1)."""
         return jax.jit(functools.partial(_decode_sample_step, self.models["decode"],
                                          layout=layout, sample_layout=sample_layout),
-                       donate_argnums=(1, 2, 3))
+                       donate_argnums=DECODE_SAMPLE_DONATED)
 
     def run(self, mode, hidden, inputs: StepInputs, override=None):
         """One stage of a step on the previous stage's activations (None on the first stage);
@@ -189,19 +209,20 @@ class Stage:
             layouts = (inputs.layout, inputs.sample_layout)
             samples, self.pool.k, self.pool.v, self.slots = self._call(
                 ("decode+sample",) + layouts, lambda: self._decode_and_sample(*layouts),
-                self.params, self.pool.k, self.pool.v, self.slots, inputs.packed,
-                inputs.sample_packed, override)
+                DECODE_SAMPLE_DONATED, self.params, self.pool.k, self.pool.v, self.slots,
+                inputs.packed, inputs.sample_packed, override)
             return samples
         out, self.pool.k, self.pool.v = self._call(
             ("forward", mode, inputs.layout), lambda: self._forward(mode, inputs.layout),
-            self.params, hidden, self.pool.k, self.pool.v, inputs.packed, override)
+            FORWARD_DONATED, self.params, hidden, self.pool.k, self.pool.v, inputs.packed,
+            override)
         if not self.last:
             return out
         last, scores = out
         # (the rows sampled from depend on the mode: every prompt slot, or each chunk's row)
         samples, self.slots = self._call(
             ("sample", last.shape, inputs.sample_layout),
-            lambda: self._sampler(inputs.sample_layout),
+            lambda: self._sampler(inputs.sample_layout), SAMPLER_DONATED,
             self.params, last, self.slots, inputs.sample_packed)
         if scores is not None:
             samples = samples.replace(next_logprob=scores[0], next_top_ids=scores[1],
@@ -367,6 +388,21 @@ class ModelRunner:
                  for rng, (first, last) in zip(ranges, flags)]
         return [jax.device_put(part, param_shardings(config, part, mesh))
                 for part, mesh in zip(parts, meshes)]
+
+    @contextlib.contextmanager
+    def rehearsal(self):
+        """Steps inside make their programs ready (loaded from the program store, or compiled
+        and stored) without running them, and return zeros: warm-up's big prefills took most
+        of a warm start (24 of 30 s on opt-125m). Without a store, or on a stage in another
+        process, steps run as usual."""
+        local = [s for s in self.stages if isinstance(s, Stage)]
+        for stage in local:
+            stage.rehearsing = True
+        try:
+            yield
+        finally:
+            for stage in local:
+                stage.rehearsing = False
 
     # ---- steps -------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ setting (logprobs, prompt logprobs, penalties, bias and n are run-time inputs), 
 compiles what any request may reach whatever its shape: the sampler for every sampled-row
 bucket, the fill of the sampler's slot table, and the page copies of swap, copy-on-write and
 migration for every block-count bucket. Runs on the instance's own thread or process, on pages
-nothing holds yet.
+nothing holds yet. With a program store (dsjax.executor.program_store) the step programs are
+only made ready, not run (ModelRunner.rehearsal): loading them is what a warm start needs.
 """
 from __future__ import annotations
 
@@ -123,6 +124,11 @@ def warm_up_runner(runner, role: str, config) -> int:
     (0 when warm-up is off)."""
     if config.warmup_max_prompt_len == 0:
         return 0
+    with runner.rehearsal():   # programs made ready, steps not run (with a program store)
+        return _warm_up_steps(runner, role, config)
+
+
+def _warm_up_steps(runner, role: str, config) -> int:
     max_prompt, max_context, max_prompts, max_rows = warmup_limits(runner, config)
     prompts = prefill_shapes(runner, max_prompt, max_prompts)
     decodes = decode_shapes(runner, max_context, max_rows)
