@@ -23,6 +23,13 @@ What it does, every step rerunnable (the venv and the checkpoint are reused from
 4. Prints one markdown table from the --save-result JSON files: per load, output throughput,
    TTFT and TPOT (median / P90 / P99) of each server, and dsjax / vLLM of the same round.
 
+Settings: by default (--settings defaults) each server runs as a user would start it: dsjax
+with no flag beyond the model, float32 and the port; vLLM with its defaults, except
+VLLM_CPU_KVCACHE_SPACE (--vllm-kv-gib: its own default takes 90% of the machine, which fails
+beside the other servers) and VLLM_CPU_OMP_THREADS_BIND (--vllm-cores: every core, as dsjax's
+XLA uses; vLLM's "auto" computes on one core of two and keeps the other for its API server).
+--settings tuned gives dsjax DSJAX_SETTINGS below. table.md states each server's command.
+
 dsjax configurations (--dsjax, comma-separated): disaggregated (the default `python -m
 serving`: one prefill and one decode instance in one process), colocated (`--mode colocated`,
 one instance: vLLM's shape), mp (disaggregated with `--distributed-executor-backend mp`: each
@@ -232,12 +239,19 @@ class Server:
                  cwd: Path | None = None):
         self.name, self.port, self.logfile = name, port, logfile
         self.cmd = cmd
+        # The settings that differ from this process's environment, stated beside the results.
+        self.env_settings = {k: v for k, v in env.items()
+                             if k.startswith(("VLLM_", "XLA_", "JAX_", "OMP_"))}
         self._log = open(logfile, "w")
-        self._log.write("$ " + " ".join(cmd) + "\n")
+        self._log.write(f"$ {self.describe()}\n")
         self._log.flush()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def describe(self) -> str:
+        """The command line with the environment settings that shape the server."""
+        return " ".join([*(f"{k}={v}" for k, v in sorted(self.env_settings.items())), *self.cmd])
 
     def wait_ready(self, timeout: float) -> float:
         url = f"http://127.0.0.1:{self.port}/v1/models"
@@ -285,13 +299,20 @@ DSJAX_SETTINGS = [
 ]
 
 
+def dsjax_settings(args) -> list[str]:
+    """dsjax's flags beyond the model, dtype and port: none with --settings defaults."""
+    if args.settings == "defaults":
+        return []
+    return [*DSJAX_SETTINGS, "--warmup-max-decode-batch", str(max(64, args.burst))]
+
+
 def dsjax_server(config: str, model: Path, out: Path, args) -> Server:
     port = free_port()
     extra = {"disaggregated": [], "colocated": ["--mode", "colocated"],
              "mp": ["--distributed-executor-backend", "mp"]}[config]
     cmd = [sys.executable, "-m", "serving", "--model", str(model), "--dtype", "float32",
-           "--port", str(port), "--no-log-status", *DSJAX_SETTINGS,
-           "--warmup-max-decode-batch", str(max(64, args.burst)), *extra, *args.dsjax_args]
+           "--port", str(port), "--no-log-status", *dsjax_settings(args), *extra,
+           *args.dsjax_args]
     # cwd = the repository, so `-m serving` is this checkout's code.
     return Server(f"dsjax-{config}", cmd, dict(os.environ), port, out / f"server-dsjax-{config}.log",
                   cwd=REPO)
@@ -301,6 +322,8 @@ def vllm_server(venv: Path, model: Path, out: Path, args) -> Server:
     port = free_port()
     env = vllm_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_kv_gib))   # GiB of KV cache
+    if args.vllm_cores:   # its OpenMP threads on these cores (default "auto": one core of two)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_cores
     cmd = [str(venv_bin(venv, "vllm")), "serve", str(model), "--dtype", "float32",
            "--port", str(port), "--host", "127.0.0.1", *args.vllm_args]
     return Server("vllm", cmd, env, port, out / "server-vllm.log")
@@ -400,6 +423,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="A/B rounds (default 2; quick 1)")
     ap.add_argument("--vllm-kv-gib", type=int, default=2,
                     help="VLLM_CPU_KVCACHE_SPACE, GiB (default: %(default)s)")
+    ap.add_argument("--settings", choices=("defaults", "tuned"), default="defaults",
+                    help="dsjax's flags: none (its defaults), or DSJAX_SETTINGS, tuned for this "
+                         "workload (default: %(default)s)")
+    ap.add_argument("--vllm-cores", default=f"0-{os.cpu_count() - 1}",
+                    help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM computes on; dsjax's XLA "
+                         "uses every core, so the default gives vLLM all of them too "
+                         "(default: %(default)s; '' leaves vLLM's own default, auto)")
     ap.add_argument("--pip-args", default="", help="extra arguments for the venv's pip install")
     ap.add_argument("--vllm-args", default="", help="extra arguments for `vllm serve`")
     ap.add_argument("--dsjax-args", default="", help="extra arguments for `python -m serving`")
@@ -487,8 +517,10 @@ def main() -> None:
 
     md = table(rows, systems)
     starts = ", ".join(f"{s} {v:.0f} s" for s, v in startup.items())
+    commands = "\n".join(f"- {name}: `{server.describe()}`" for name, server in servers.items())
     summary = (f"{md}\n\nServer start to ready: {starts}. Total wall time: "
-               f"{time.monotonic() - t0:.0f} s.\n")
+               f"{time.monotonic() - t0:.0f} s.\n\nSettings (--settings {args.settings}):\n"
+               f"{commands}\n")
     (args.out / "table.md").write_text(summary)
     print()
     print(summary)

@@ -45,7 +45,9 @@ class EngineConfig:
     # a decode instance pulls only the blocks it does not hold.
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 256 << 20  # per instance stage, where there is no accelerator
+    # KV cache bytes per device where there is no accelerator; 0: a share of the memory free
+    # at start (dsjax.executor.kv_cache.auto_cpu_kv_bytes)
+    cpu_kv_cache_bytes: int = 0
     num_blocks: int | None = None        # override the memory-derived page count (tests)
     swap_space: float = 4.0              # GiB of host memory per decode instance for swapped KV
     context_max_batch_size: int = 128
@@ -114,6 +116,9 @@ class EngineConfig:
                   "decoding_max_tokens_per_batch"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.cpu_kv_cache_bytes < 0:
+            raise ValueError(f"cpu_kv_cache_bytes must be >= 0 (0: sized from free memory), "
+                             f"got {self.cpu_kv_cache_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")

@@ -45,7 +45,9 @@ ENGINE_HELP = {
     "seed": "seed for dummy weights and for requests that carry no seed",
     "mode": "disaggregated (DistServe), colocated (vLLM-style baseline) or chunked prefill",
     "num_blocks": "KV blocks per instance, overriding the memory-derived count",
-    "cpu_kv_cache_bytes": "KV cache bytes per instance stage on a CPU-only machine",
+    "cpu_kv_cache_bytes": "KV cache bytes per device on a CPU-only machine (0: 30%% of the "
+                          "memory available at start over the engine's devices, 256 MiB-4 GiB "
+                          "each)",
     "swap_space": "GiB of host memory per decode instance for swapped-out KV",
     "log_status": "print each instance's status line once per second",
     "warmup_max_prompt_len": f"compile prefill programs for prompts up to this length before "

@@ -15,12 +15,14 @@ of dsjax.executor.hosts (which picks the backend by name).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
 import queue
 import sys
 import threading
+import time
 from typing import Callable
 
 from dsjax.engine.messages import InstanceFailed, InstanceReady, Shutdown
@@ -56,6 +58,16 @@ def configure_jax(config) -> None:
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def with_cpu_kv_budget(config, plans):
+    """config with cpu_kv_cache_bytes resolved once for the whole engine when it is 0 (auto):
+    each instance sizing its own from free memory would see what the others already took."""
+    if config.cpu_kv_cache_bytes:
+        return config
+    from dsjax.executor.kv_cache import auto_cpu_kv_bytes
+    return dataclasses.replace(config, cpu_kv_cache_bytes=auto_cpu_kv_bytes(
+        sum(plan.num_devices for plan in plans)))
 
 
 def params_loader(config, model_config, model_dir, dtype) -> Callable:
@@ -118,10 +130,15 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
                              cfg.max_num_blocks_per_req,
                              -(-mc.max_position_embeddings // cfg.block_size)),
                          place_stages=place_stages, min_decode_rows=cfg.min_decode_rows)
-    warm_up_runner(runner, spec.role, cfg)
+    started = time.perf_counter()
+    steps = warm_up_runner(runner, spec.role, cfg)
+    log.info("%s: warm-up made %d step shapes ready in %.1f s", spec.name, steps,
+             time.perf_counter() - started)
     if spec.role in ("prefill", "colocated"):
+        started = time.perf_counter()
         budget = measure_prefill_budget(runner, cfg)
-        log.info("%s: prefill token budget %d (TTFT SLO %.3g s)", spec.name, budget, cfg.ttft_slo)
+        log.info("%s: prefill token budget %d (TTFT SLO %.3g s), timed in %.1f s", spec.name,
+                 budget, cfg.ttft_slo, time.perf_counter() - started)
         limits_p = BatchLimits(cfg.context_max_batch_size, budget)
     blocks = BlockManager(num_blocks, cfg.block_size, host_blocks,
                           enable_prefix_caching=cfg.enable_prefix_caching)
@@ -178,6 +195,7 @@ class ThreadHost(InstanceHost):
         devices = list(jax.devices() if default else devices)
         plans = plan_placement(config.mode, len(devices), allow_shared_device=default,
                                **config.placement_kwargs())
+        config = with_cpu_kv_budget(config, plans)
         return [cls(plan, config, model_config, model_dir, devices, deliver) for plan in plans]
 
     def _main(self) -> None:
@@ -286,7 +304,6 @@ class ProcessHost(RemoteHost):
 
     def __init__(self, plan, config, model_config, model_dir, platform: str, device_ids,
                  cores, deliver):
-        import dataclasses
         super().__init__(plan, deliver, config.instance_heartbeat_timeout)
         ctx = multiprocessing.get_context("spawn")
         self.inbox = ctx.Queue()
@@ -304,6 +321,7 @@ class ProcessHost(RemoteHost):
         plans = plan_placement(config.mode, count or devices_needed(config),
                                **config.placement_kwargs())
         cores = cpu_core_sets(len(plans)) if platform == "cpu" else [None] * len(plans)
+        config = with_cpu_kv_budget(config, plans)
         return [cls(plan, config, model_config, model_dir, platform, plan.device_ids, core_set,
                     deliver) for plan, core_set in zip(plans, cores)]
 

@@ -28,7 +28,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dsjax.engine.instance_hosts import (child_environment, params_loader, resolve_dtype,
-                                         serve_in_process, setup_process)
+                                         serve_in_process, setup_process, with_cpu_kv_budget)
 from dsjax.executor.hosts import (POLL_S, STOP_TIMEOUT_S, HostEnded, RemoteHost,
                                   devices_needed)
 from dsjax.executor.parallel import plan_placement
@@ -248,8 +248,9 @@ class RayHost(RemoteHost):
     def launch(cls, config, model_config, model_dir, devices, deliver):
         needed = devices_needed(config)
         platform = connect_cluster(config, needed)
-        return [cls(plan, config, model_config, model_dir, platform, deliver)
-                for plan in plan_placement(config.mode, needed, **config.placement_kwargs())]
+        plans = plan_placement(config.mode, needed, **config.placement_kwargs())
+        config = with_cpu_kv_budget(config, plans)   # from the driver's free memory
+        return [cls(plan, config, model_config, model_dir, platform, deliver) for plan in plans]
 
     def _launch(self) -> None:
         self.pg = placement_group(self.bundles,

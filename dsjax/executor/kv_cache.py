@@ -6,6 +6,7 @@ Layout and slot convention: models/attention.py. Pages are allocated by BlockMan
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,13 @@ from dsjax.executor.parallel import KV_SPEC
 
 # Leave room on an accelerator for activations and compiled programs beyond the weights.
 ACTIVATION_HEADROOM_BYTES = 1 << 30
+# On a CPU the "device memory" is the host's: by default an engine's KV cache takes this share
+# of the memory available when it starts, split over its devices, within these bounds. vLLM-CPU
+# takes 90% of the machine less its own use; a share leaves room for swapped-out KV (host
+# memory too), other processes and engines started beside this one (each sees what is left).
+CPU_KV_MEMORY_SHARE = 0.3
+CPU_KV_MIN_BYTES = 256 << 20
+CPU_KV_MAX_BYTES = 4 << 30
 
 
 def dtype_bytes(dtype) -> int:
@@ -32,9 +40,9 @@ def bytes_per_block(config, block_size: int, dtype, tp: int, pp: int) -> int:
 
 def num_blocks_for_budget(config, *, block_size: int, dtype, tp: int, pp: int,
                           devices, gpu_memory_utilization: float = 0.9,
-                          cpu_kv_cache_bytes: int = 256 << 20) -> int:
-    """Pages that fit: a fraction of accelerator memory minus this device's weights, or a fixed
-    byte budget on CPU (where "device memory" is the host's and not ours to take)."""
+                          cpu_kv_cache_bytes: int = CPU_KV_MIN_BYTES) -> int:
+    """Pages that fit: a fraction of accelerator memory minus this device's weights, or a byte
+    budget per device on CPU (where "device memory" is the host's: see auto_cpu_kv_bytes)."""
     per_block = bytes_per_block(config, block_size, dtype, tp, pp)
     device = devices[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
@@ -49,6 +57,26 @@ def num_blocks_for_budget(config, *, block_size: int, dtype, tp: int, pp: int,
     else:
         budget = cpu_kv_cache_bytes
     return max(1, int(budget // per_block))
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel says a new allocation can take without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_cpu_kv_bytes(num_devices: int, available: int | None = None) -> int:
+    """KV cache bytes per device for an engine of num_devices CPU devices: CPU_KV_MEMORY_SHARE
+    of the available memory split over them, within [CPU_KV_MIN_BYTES, CPU_KV_MAX_BYTES]."""
+    available = available_memory_bytes() if available is None else available
+    share = CPU_KV_MEMORY_SHARE * available / max(1, num_devices)
+    return int(min(CPU_KV_MAX_BYTES, max(CPU_KV_MIN_BYTES, share)))
 
 
 class PagePool:

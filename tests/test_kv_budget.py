@@ -1,0 +1,51 @@
+"""How many KV pages an instance gets: a byte budget per device on CPU, by default a share of
+the memory free when the engine starts, split over the engine's devices."""
+from __future__ import annotations
+
+import jax
+import pytest
+
+from dsjax.config import EngineConfig
+from dsjax.engine.instance_hosts import with_cpu_kv_budget
+from dsjax.executor.kv_cache import (CPU_KV_MAX_BYTES, CPU_KV_MEMORY_SHARE, CPU_KV_MIN_BYTES,
+                                     auto_cpu_kv_bytes, available_memory_bytes,
+                                     num_blocks_for_budget)
+from dsjax.executor.parallel import InstancePlan
+from dsjax.models.registry import config_from_name
+
+GIB = 1 << 30
+
+
+def test_the_auto_budget_is_a_share_of_free_memory_over_the_devices_within_bounds():
+    assert auto_cpu_kv_bytes(2, available=20 * GIB) == int(CPU_KV_MEMORY_SHARE * 10 * GIB)
+    assert auto_cpu_kv_bytes(1, available=1024 * GIB) == CPU_KV_MAX_BYTES   # a big machine
+    assert auto_cpu_kv_bytes(8, available=1 * GIB) == CPU_KV_MIN_BYTES      # a busy one
+
+
+def test_free_memory_is_the_kernels_memavailable():
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    expected = int(fields["MemAvailable"].split()[0]) * 1024
+    assert abs(available_memory_bytes() - expected) < 256 << 20   # it moves while we read
+
+
+def test_an_engine_resolves_auto_once_for_all_its_devices():
+    plans = [InstancePlan("prefill", 0, 1, 1, (0,)), InstancePlan("decode", 0, 2, 1, (1, 2))]
+    resolved = with_cpu_kv_budget(EngineConfig(model="opt-tiny"), plans)
+    expected = auto_cpu_kv_bytes(3)
+    assert abs(resolved.cpu_kv_cache_bytes - expected) <= 0.05 * expected
+    explicit = EngineConfig(model="opt-tiny", cpu_kv_cache_bytes=123 << 20)
+    assert with_cpu_kv_budget(explicit, plans) is explicit
+
+
+def test_pages_are_the_budget_over_one_page_of_every_layers_k_and_v():
+    config = config_from_name("opt-125m")
+    pages = num_blocks_for_budget(config, block_size=16, dtype="float32", tp=1, pp=1,
+                                  devices=jax.devices("cpu")[:1], cpu_kv_cache_bytes=GIB)
+    per_page = 2 * 12 * 16 * 768 * 4   # K and V, 12 layers, 16 tokens, 768 wide, float32
+    assert pages == GIB // per_page
+
+
+def test_a_negative_budget_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="cpu_kv_cache_bytes must be >= 0"):
+        EngineConfig(model="opt-tiny", cpu_kv_cache_bytes=-1)
