@@ -24,10 +24,11 @@ What it does, every step rerunnable (the venv and the checkpoint are reused from
    TTFT and TPOT (median / P90 / P99) of each server, and dsjax / vLLM of the same round.
 
 Settings: by default (--settings defaults) each server runs as a user would start it: dsjax
-with no flag beyond the model, float32 and the port; vLLM with its defaults, except
-VLLM_CPU_KVCACHE_SPACE (--vllm-kv-gib: its own default takes 90% of the machine, which fails
-beside the other servers) and VLLM_CPU_OMP_THREADS_BIND (--vllm-cores: every core, as dsjax's
-XLA uses; vLLM's "auto" computes on one core of two and keeps the other for its API server).
+with no flag beyond the model, float32, the port and --no-log-status; vLLM with its defaults,
+except VLLM_CPU_KVCACHE_SPACE (--vllm-kv-gib: its own default takes 90% of the machine, which
+fails beside the other servers) and VLLM_CPU_OMP_THREADS_BIND (--vllm-cores: every core this
+process may use, as dsjax's XLA uses them; vLLM's "auto" computes on one core of two and keeps
+the other for its API server).
 --settings tuned gives dsjax DSJAX_SETTINGS below. table.md states each server's command.
 
 dsjax configurations (--dsjax, comma-separated): disaggregated (the default `python -m
@@ -239,7 +240,7 @@ class Server:
                  cwd: Path | None = None):
         self.name, self.port, self.logfile = name, port, logfile
         self.cmd = cmd
-        # The settings that differ from this process's environment, stated beside the results.
+        # The environment settings that shape a server, stated beside the results.
         self.env_settings = {k: v for k, v in env.items()
                              if k.startswith(("VLLM_", "XLA_", "JAX_", "OMP_"))}
         self._log = open(logfile, "w")
@@ -426,7 +427,8 @@ def main() -> None:
     ap.add_argument("--settings", choices=("defaults", "tuned"), default="defaults",
                     help="dsjax's flags: none (its defaults), or DSJAX_SETTINGS, tuned for this "
                          "workload (default: %(default)s)")
-    ap.add_argument("--vllm-cores", default=f"0-{os.cpu_count() - 1}",
+    cores = sorted(os.sched_getaffinity(0))
+    ap.add_argument("--vllm-cores", default=",".join(map(str, cores)),
                     help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM computes on; dsjax's XLA "
                          "uses every core, so the default gives vLLM all of them too "
                          "(default: %(default)s; '' leaves vLLM's own default, auto)")

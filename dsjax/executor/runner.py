@@ -149,6 +149,7 @@ class Stage:
                        for mode in ("prefill", "decode", "chunked")}
         self.fns = {}
         self.rehearsing = False   # see _call and ModelRunner.rehearsal
+        self._unproven: dict = {}  # key -> store file, of loaded programs not yet run
         # Compiled programs kept on disk (None when the compilation cache is off); the key of
         # everything that built this stage, for the store's.
         self.programs = ProgramStore.for_process()
@@ -163,20 +164,41 @@ class Stage:
     def _call(self, key, make, donated, *args):
         """Run the program `key` (made by `make()`, a jitted function that returns its result
         and then the `donated` arguments, updated) on args; the key determines every argument's
-        shape (a stored program takes one). Positional-only calls keep JAX's fast C++ dispatch
-        path (static keyword arguments would take the slower Python one); with a program store
-        the first call loads or compiles an executable. While rehearsing (warm-up), a stored
-        program is made ready but not run: its result is zeros of its shapes, its donated
-        arguments come back as they were."""
+        shape and sharding (a stored program takes one). Positional-only calls keep JAX's fast
+        C++ dispatch path (static keyword arguments would take the slower Python one); with a
+        program store the first call loads or compiles an executable. While rehearsing
+        (warm-up), a stored program is made ready but not run: its result is zeros of its
+        shapes, its donated arguments come back as they were."""
         fn = self.fns.get(key)
         if fn is None:
-            fn = self.fns[key] = (self.programs.program(self.stage_key, self.devices, key, make,
-                                                        args)
-                                  if self.programs is not None else make())
+            fn = self._make_ready(key, make, args)
         if self.rehearsing and hasattr(fn, "out_info"):
             return (jax.tree_util.tree_map(_zeros_of, fn.out_info[0]),
                     *(args[i] for i in donated))
+        if self._unproven and key in self._unproven:
+            return self._first_run(key, fn, args)
         return fn(*args)
+
+    def _make_ready(self, key, make, args):
+        if self.programs is None:
+            fn = make()
+        else:
+            fn, loaded_from = self.programs.program(self.stage_key, self.devices, key, make,
+                                                    args)
+            if loaded_from is not None:
+                self._unproven[key] = loaded_from
+        self.fns[key] = fn
+        return fn
+
+    def _first_run(self, key, fn, args):
+        """A loaded program's first run, waited for: if it fails, its file is removed (the
+        step fails; the next start compiles the program again)."""
+        loaded_from = self._unproven.pop(key)
+        try:
+            return jax.block_until_ready(fn(*args))
+        except Exception as e:
+            self.programs.discard(loaded_from, e)
+            raise
 
     def _forward(self, mode, layout):
         return jax.jit(functools.partial(_forward_step, self.models[mode], mode=mode,
@@ -221,7 +243,7 @@ class Stage:
         last, scores = out
         # (the rows sampled from depend on the mode: every prompt slot, or each chunk's row)
         samples, self.slots = self._call(
-            ("sample", last.shape, inputs.sample_layout),
+            ("sample", last.shape, last.sharding, inputs.sample_layout),
             lambda: self._sampler(inputs.sample_layout), SAMPLER_DONATED,
             self.params, last, self.slots, inputs.sample_packed)
         if scores is not None:
@@ -392,9 +414,9 @@ class ModelRunner:
     @contextlib.contextmanager
     def rehearsal(self):
         """Steps inside make their programs ready (loaded from the program store, or compiled
-        and stored) without running them, and return zeros: warm-up's big prefills took most
-        of a warm start (24 of 30 s on opt-125m). Without a store, or on a stage in another
-        process, steps run as usual."""
+        and stored) without running them, and return zeros: running warm-up's largest prefills
+        (seconds each on a CPU) took most of a warm start once the store spared the tracing.
+        Without a store, or on a stage in another process, steps run as usual."""
         local = [s for s in self.stages if isinstance(s, Stage)]
         for stage in local:
             stage.rehearsing = True
