@@ -501,6 +501,13 @@ class Engine:
         inst.alive, inst.error = False, error
         inst.prefix = None   # its cache died with it
         log.error("instance %s failed: %s", name, error)
+        # The engine's own failure is set before any request hears of this one: a caller
+        # told its request failed must find health() saying whether a retry can be served.
+        prompts = any(i.alive for i in self.instances.values() if i.role in PROMPT_ROLES)
+        decodes = any(i.alive for i in self.instances.values() if i.role in DECODE_ROLES)
+        if not (prompts and decodes):
+            self.error = EngineError(f"no instance left for a phase after {name} failed: "
+                                     f"{error}")
         hit = {id(t): t for t in self._tracked.values() if name in t.location}
         for tracked in hit.values():
             for places in tracked.where.values():
@@ -508,11 +515,6 @@ class Engine:
             why = f"request {tracked.request_id} failed: instance {name} stopped ({error})"
             if not self._recompute(tracked, why):
                 self._fail(tracked, EngineError(why))
-        prompts = any(i.alive for i in self.instances.values() if i.role in PROMPT_ROLES)
-        decodes = any(i.alive for i in self.instances.values() if i.role in DECODE_ROLES)
-        if not (prompts and decodes):
-            self.error = EngineError(f"no instance left for a phase after {name} failed: "
-                                     f"{error}")
 
     def _recompute(self, tracked: TrackedRequest, why: str) -> bool:
         """Continue a request whose instance died (or whose KV was lost) on live instances, as
