@@ -127,7 +127,7 @@ def phases(args) -> None:
                 each[label].append(took)
         return run
 
-    for obj, names in ((worker.scheduler, ["schedule"]),
+    for obj, names in ((worker.scheduler, ["schedule"]), (worker.persistent, ["next_step"]),
                        (worker, ["_decode_step", "_decode_row", "_emit_all", "_flush"]),
                        (worker.runner, ["dispatch_decode", "_inputs", "_pipeline", "_fetch"])):
         for name in names:

@@ -265,25 +265,26 @@ class BlockManager:
         grow = max(0, self.blocks_needed(num_tokens) - len(self.tables[request_id]))
         return grow + (self._write_block(request_id, num_tokens) is not None)
 
-    def prepare_write(self, request_id: str, num_tokens: int) -> tuple[bool, tuple | None]:
+    def prepare_write(self, request_id: str, num_tokens: int
+                      ) -> tuple[bool, tuple | None, bool]:
         """Make room for num_tokens and give the request its own copy of the block its newest
-        token goes to (copy on write). All or nothing: (False, None) if blocks run out, else
-        (True, (source block, new block) to copy, or None)."""
+        token goes to (copy on write). All or nothing: (False, None, False) if blocks run out,
+        else (True, (source block, new block) to copy or None, whether the table changed)."""
         table = self.tables[request_id]
         at = (num_tokens - 1) // self.block_size
         if at < len(table) and not self._shared(table[at]):
-            return True, None   # the common decode step: room already, nothing shared
+            return True, None, False   # the common decode step: room already, nothing shared
         if self.extra_blocks_for(request_id, num_tokens) > self.device.num_free:
-            return False, None
+            return False, None, False
         self.grow(request_id, num_tokens)
         at = self._write_block(request_id, num_tokens)
         if at is None:
-            return True, None
+            return True, None, True
         table = self.tables[request_id]
         old, (new,) = table[at], self.device.allocate(1)
         self._release_device([old])
         table[at] = new
-        return True, (old, new)
+        return True, (old, new), True
 
     def can_swap_out(self, request_id: str) -> bool:
         return self.host is not None and len(self.tables[request_id]) <= self.host.num_free

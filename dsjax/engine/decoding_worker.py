@@ -8,6 +8,7 @@ import time
 
 import jax
 
+from dsjax.engine.persistent_batch import PersistentBatch
 from dsjax.engine.request import Request, Status
 from dsjax.engine.scheduler import DecodeScheduler
 from dsjax.engine.worker import InstanceWorker, samples_of
@@ -38,6 +39,7 @@ class DecodingWorker(InstanceWorker):
         self.scheduler: DecodeScheduler
         self.async_scheduling = async_scheduling
         self._inflight: InFlight | None = None
+        self.persistent = PersistentBatch(self.runner.decode_table_width)
 
     def _forget(self, req: Request) -> None:
         self.scheduler.remove(req)
@@ -104,16 +106,39 @@ class DecodingWorker(InstanceWorker):
             if not r.decoding_started:
                 r.decoding_started = True
                 self._event(r, "decoding_begin", start)
-        if not self.async_scheduling or not self._dispatch(step.batch, start):
+        if not self.async_scheduling or not self._dispatch(step, start):
             self._read_inflight()
-            busy = self._busy(step.batch)
-            results = self._run_rows(self._decode_synchronously, step.batch,
-                                     lambda r: self._decode_row(r, busy=busy))
+            results = self._decode_all_synchronously(step)
             for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
                 self._release(r, finished=True)
             self._hold_report = True
             self._log_step(len(step.batch), start)
         return True
+
+    def _new_rows(self, batch: list[Request], previous: InFlight | None = None):
+        """build_rows for the persistent batch: rows of requests new to it (prev_row: where
+        the in-flight step samples a row's input token, if it does)."""
+        def build(requests: list[Request]) -> list[DecodeRow]:
+            busy = self._busy(batch)
+            row_of = {id(r): i for i, r in enumerate(previous.requests)} if previous else {}
+            return [self._decode_row(r, row_of.get(id(r), -1), busy) for r in requests]
+        return build
+
+    def _decode_all_synchronously(self, step) -> list:
+        """A synchronous step of the whole batch from the persistent batch's columns; per
+        request, its results (as _run_rows returns them). If it fails with the runner intact,
+        the step runs again row by row (_run_rows), where a request that breaks it fails
+        alone."""
+        try:
+            columns = self.persistent.next_step(step.batch, self._new_rows(step.batch),
+                                                self.blocks.tables, step.rewritten, False)
+            return [[s] for s in samples_of(self._decode_synchronously(columns))]
+        except Exception as e:  # noqa: BLE001
+            self.persistent.reset()
+            self._check_state(e)
+        busy = self._busy(step.batch)
+        return self._run_rows(self._decode_synchronously, step.batch,
+                              lambda r: self._decode_row(r, busy=busy))
 
     def _decode_synchronously(self, rows):
         """A decode step, waited for. The previous step's report goes out once this one is
@@ -122,17 +147,20 @@ class DecodingWorker(InstanceWorker):
         self._flush()
         return self.runner.collect(pending)
 
-    def _dispatch(self, batch: list[Request], start: float) -> bool:
+    def _dispatch(self, step, start: float) -> bool:
         """Start the step without waiting, then read the one before it. False (nothing
         started) when the dispatch itself fails: the caller runs the step synchronously, where
         a request that breaks it fails alone."""
-        previous = self._inflight
-        row_of = {id(r): i for i, r in enumerate(previous.requests)} if previous else {}
+        previous, batch = self._inflight, step.batch
+        if previous is not None and previous.requests is not self.persistent.requests:
+            self.persistent.reset()   # rows that ran the in-flight step are found by _new_rows
         try:
-            busy = self._busy(batch)
-            rows = [self._decode_row(r, row_of.get(id(r), -1), busy) for r in batch]
-            pending = self.runner.dispatch_decode(rows, previous.step if previous else None)
+            columns = self.persistent.next_step(batch, self._new_rows(batch, previous),
+                                                self.blocks.tables, step.rewritten,
+                                                previous is not None)
+            pending = self.runner.dispatch_decode(columns, previous.step if previous else None)
         except Exception as e:  # noqa: BLE001
+            self.persistent.reset()
             self._check_state(e)
             return False
         for r in batch:

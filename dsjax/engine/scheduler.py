@@ -87,6 +87,9 @@ class DecodeStep:
     swap_in_blocks: dict = dataclasses.field(default_factory=dict)   # id -> device blocks filled
     dropped: list = dataclasses.field(default_factory=list)  # (request, why): no room anywhere
     copies: list = dataclasses.field(default_factory=list)   # (src, dst) pages to copy first
+    # Indices into `batch` of requests whose block table changed for this step (a new page, a
+    # copy on write): a persistent batch copies only those tables again.
+    rewritten: list = dataclasses.field(default_factory=list)
 
 
 class DecodeScheduler:
@@ -170,16 +173,18 @@ class DecodeScheduler:
         # Every running request needs room for the KV of its newest token (position num_tokens-1),
         # in a block of its own (sequences forked from one prompt share blocks until they write).
         # A request whose last token is still being computed sits this step out.
-        i, copies, batch = 0, [], []
+        i, copies, batch, rewritten = 0, [], [], []
         while i < len(self.running):
             req = self.running[i]
             if not req.can_step:
                 i += 1
                 continue
-            ok, copy = self.blocks.prepare_write(req.request_id, req.num_tokens)
+            ok, copy, changed = self.blocks.prepare_write(req.request_id, req.num_tokens)
             if ok:
                 if copy is not None:
                     copies.append(copy)
+                if changed:
+                    rewritten.append(len(batch))
                 batch.append(req)
                 i += 1
                 continue
@@ -198,7 +203,7 @@ class DecodeScheduler:
             copies = [c for c in copies if c[1] in live]
         return DecodeStep(batch=batch, swap_in=swap_in, swap_out=swap_out,
                           swap_out_blocks=swap_out_blocks, swap_in_blocks=swap_in_blocks,
-                          dropped=dropped, copies=copies)
+                          dropped=dropped, copies=copies, rewritten=rewritten)
 
     def finish(self, request) -> None:
         """Drop a finished request from the running batch and free its blocks."""

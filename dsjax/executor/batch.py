@@ -7,7 +7,10 @@ sampling rows), so a step can never observe a request changing under it.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import itertools
+from typing import NamedTuple, Sequence
+
+import numpy as np
 
 from dsjax.sampling_params import SamplingParams
 
@@ -55,6 +58,82 @@ class ChunkRow:
     start: int
     block_table: tuple[int, ...]
     sampling: tuple[SamplingRow, ...]
+
+
+class SamplingColumns(NamedTuple):
+    """Sampling rows as columns, one entry per row: what the sampler's tensors are made of
+    (sampling.sampling_tensors), and what a persistent decode batch carries from step to step
+    (of a row that keeps running, only `steps` changes)."""
+    temperature: np.ndarray   # [n] f32
+    top_p: np.ndarray         # [n] f32
+    top_k: np.ndarray         # [n] i32, 0: off
+    seeds: np.ndarray         # [n] u32
+    steps: np.ndarray         # [n] i32, tokens generated so far
+    slots: np.ndarray         # [n] i32, the SlotTable row, -1: none
+    min_tokens: np.ndarray    # [n] i32, eos ids banned while steps < this (0 with ignore_eos)
+    logprobs: np.ndarray      # [n] i32, top-N log-probabilities asked for, 0: none
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[SamplingRow]) -> "SamplingColumns":
+        """One pass over the rows (any int seed maps onto the u32 key space)."""
+        floats = np.array([(p.temperature, p.top_p) for p, _, _, _ in rows],
+                          np.float32).reshape(-1, 2).T
+        ints = np.array([(max(p.top_k, 0), seed & 0xFFFFFFFF, step, slot,
+                          0 if p.ignore_eos else p.min_tokens, p.logprobs or 0)
+                         for p, seed, step, slot in rows], np.int64).reshape(-1, 6).T
+        return cls(floats[0], floats[1], ints[0].astype(np.int32), ints[1].astype(np.uint32),
+                   ints[2].astype(np.int32), ints[3].astype(np.int32), ints[4].astype(np.int32),
+                   ints[5].astype(np.int32))
+
+    def take(self, index) -> "SamplingColumns":
+        return SamplingColumns(*(column[index] for column in self))
+
+    def put(self, index, rows: "SamplingColumns") -> None:
+        for column, new in zip(self, rows):
+            column[index] = new
+
+
+class DecodeColumns(NamedTuple):
+    """A decode step's rows as columns (what its DecodeRows say, one entry per row): the form
+    the runner packs, and the one a persistent decode batch carries from step to step."""
+    tokens: np.ndarray       # [n] i32 (a placeholder where prev_rows >= 0)
+    positions: np.ndarray    # [n] i32
+    tables: np.ndarray       # [n, W] i32, zero past each row's length
+    table_lens: np.ndarray   # [n] i32
+    prev_rows: np.ndarray    # [n] i32, -1: the input token is the one in `tokens`
+    sampling: SamplingColumns
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[DecodeRow], width: int) -> "DecodeColumns":
+        """One pass over the rows for their scalars, one scatter for every block table."""
+        n = len(rows)
+        scalars = np.array([(r.token_id, r.position, len(r.block_table), r.prev_row)
+                            for r in rows], np.int32).reshape(n, 4).T.copy()
+        lens = scalars[2]
+        if n and int(lens.max()) > width:
+            raise ValueError(f"a decode row's block table has {int(lens.max())} pages, over "
+                             f"the {width} a table holds here: raise max_num_blocks_per_req")
+        tables = np.zeros((n, width), np.int32)
+        tables[np.arange(width) < lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(r.block_table for r in rows), np.int32,
+            int(lens.sum()))
+        return cls(scalars[0], scalars[1], tables, lens, scalars[3],
+                   SamplingColumns.of_rows([r.sampling for r in rows]))
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tokens)
+
+    def take(self, index) -> "DecodeColumns":
+        """The rows at `index` (an index array copies; a slice is a view)."""
+        return DecodeColumns(*(column[index] for column in self[:-1]),
+                             self.sampling.take(index))
+
+    def put(self, index, rows: "DecodeColumns") -> None:
+        """Overwrite the rows at `index` with `rows`."""
+        for column, new in zip(self[:-1], rows[:-1]):
+            column[index] = new
+        self.sampling.put(index, rows.sampling)
 
 
 def needs_slot(params: SamplingParams) -> bool:

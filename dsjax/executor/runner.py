@@ -29,14 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
+from dsjax.executor.batch import (ChunkRow, DecodeColumns, DecodeRow, PrefillRow,
+                                  SamplingColumns, SamplingRow)
 from dsjax.executor.kv_cache import PagePool
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
                                      stage_view)
 from dsjax.executor.program_store import ProgramStore
 from dsjax.executor.sampling import (SampleOutput, SlotTable, fill_slot, no_scores,
-                                     record_tokens, sample, sampling_tensors_of, score_prompt,
+                                     record_tokens, sample, sampling_tensors, score_prompt,
                                      slot_inputs)
 from dsjax.executor.sharded_attention import for_mesh
 from dsjax.models.attention import ChunkedMetadata, DecodeMetadata, PrefillMetadata
@@ -361,6 +362,8 @@ class ModelRunner:
         # grid grows with the width, so there tables stay bucketed by their longest row.
         self.fixed_table_width = (bucket(max_blocks_per_request)
                                   if getattr(attention, "work_tracks_context", False) else 0)
+        # Columns of the block tables a decode step's rows are handed in (any table fits).
+        self.decode_table_width = bucket(max_blocks_per_request)
         # Prompts one prefill step holds (a fixed count: not a program shape), the rows one
         # step may sample (a prompt of n = MAX_SAMPLES samples that many) and the tokens a
         # sequence may hold (the sampler's slot table is filled from up to that many).
@@ -438,12 +441,16 @@ class ModelRunner:
             x = stage.run(mode, x, inputs)
         return x
 
-    def _split(self, rows: list) -> list[list]:
-        """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP)."""
-        n = min(self.spec.pp, len(rows))
+    def _split(self, rows):
+        """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP) of
+        a list of rows, or of DecodeColumns."""
+        total = rows.num_rows if isinstance(rows, DecodeColumns) else len(rows)
+        n = min(self.spec.pp, total)
         if n <= 1:
             return [rows]
-        bounds = np.linspace(0, len(rows), n + 1).astype(int)
+        bounds = np.linspace(0, total, n + 1).astype(int)
+        if isinstance(rows, DecodeColumns):
+            return [rows.take(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
         return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
@@ -452,16 +459,20 @@ class ModelRunner:
         return [s for r in rows for s in (r.sampling if not isinstance(r.sampling, SamplingRow)
                                           else (r.sampling,))]
 
-    def _inputs(self, forward, samples: list[SamplingRow], source_rows) -> StepInputs:
-        """Pack a micro-batch's forward inputs and its sampling rows (padded to a row bucket;
-        `source_rows`: which row of the forward's output each sampled row reads)."""
-        pad = bucket(len(samples), self.min_decode_rows)
+    def _inputs(self, forward, samples, source_rows) -> StepInputs:
+        """Pack a micro-batch's forward inputs and its sampling rows (SamplingRows, or
+        SamplingColumns; padded to a row bucket; `source_rows`: which row of the forward's
+        output each sampled row reads)."""
+        if not isinstance(samples, SamplingColumns):
+            samples = SamplingColumns.of_rows(samples)
+        n = len(samples.steps)
+        pad = bucket(n, self.min_decode_rows)
         if pad > self.max_sampled_rows:
-            raise ValueError(f"a step samples {len(samples)} rows, over this instance's "
+            raise ValueError(f"a step samples {n} rows, over this instance's "
                              f"{self.max_sampled_rows}: lower the batch limits or n")
         src = np.zeros(pad, np.int32)
         src[:len(source_rows)] = source_rows
-        sampling = sampling_tensors_of(samples, pad, self.config.eos_token_ids)
+        sampling = sampling_tensors(samples, pad, self.config.eos_token_ids)
         packed, layout = pack_host_inputs(forward)
         sample_packed, sample_layout = pack_host_inputs((src, sampling))
         return StepInputs(packed, layout, sample_packed, sample_layout)
@@ -518,56 +529,51 @@ class ModelRunner:
         """One token for each row, attending to the row's cached context and itself."""
         return self.collect(self.dispatch_decode(rows))
 
-    def dispatch_decode(self, rows: list[DecodeRow], previous: "PendingStep | None" = None
-                        ) -> "PendingStep":
-        """Start a decode step and return without waiting for it. A row whose `prev_row` is
-        >= 0 takes as input the token that row of `previous` (a step not collected yet)
-        samples, straight from the device: the host need not know it."""
+    def dispatch_decode(self, rows, previous: "PendingStep | None" = None) -> "PendingStep":
+        """Start a decode step and return without waiting for it. `rows`: DecodeRows, or
+        DecodeColumns (a persistent batch's, which need no per-row work here). A row whose
+        `prev_row` is >= 0 takes as input the token that row of `previous` (a step not
+        collected yet) samples, straight from the device: the host need not know it."""
+        columns = rows if isinstance(rows, DecodeColumns) else \
+            DecodeColumns.of_rows(rows, self.decode_table_width)
         mbs, pads = [], []
-        groups = self._split(rows)
+        groups = self._split(columns)
         for group in groups:
-            n = len(group)
+            n = group.num_rows
             b_pad = bucket(n, self.min_decode_rows)
-            # One pass over the rows: (token, position, table length) each.
-            scalars = np.zeros((3, b_pad), np.int32)
-            scalars[:, :n] = np.array([(r.token_id, r.position, len(r.block_table))
-                                       for r in group], np.int32).T
-            tokens, positions, lens = scalars[0], scalars[1], scalars[2, :n]
-            width = self.table_width(int(lens.max()))
-            # Every row's table in one scatter (a Python loop of row slices costs ~1 us a row),
-            # over the longest row's bucket only: a fixed width's tail stays zero (masked).
-            filled = min(bucket(int(lens.max())), width)
+            longest = int(group.table_lens.max())
+            width = self.table_width(longest)
+            # Copy the longest row's bucket only: a fixed width's tail stays zero (masked).
+            filled = min(bucket(longest), width)
             tables = np.zeros((b_pad, width), np.int32)
-            tables[:n, :filled][np.arange(filled) < lens[:, None]] = np.fromiter(
-                itertools.chain.from_iterable(r.block_table for r in group), np.int32,
-                int(lens.sum()))
+            tables[:n, :filled] = group.tables[:, :filled]
+            tokens = np.zeros(b_pad, np.int32)
+            tokens[:n] = group.tokens
+            positions = np.zeros(b_pad, np.int32)
+            at = positions[:n] = group.positions
             slots = np.full(b_pad, self.num_pages * self.page_size, np.int32)
-            at = positions[:n]
             slots[:n] = tables[np.arange(n), at // self.page_size] * self.page_size \
                 + at % self.page_size
             context = np.zeros(b_pad, np.int32)
             context[:n] = at + 1
             meta = DecodeMetadata(positions, slots, tables, context)
-            inputs = self._inputs((tokens, meta, np.int32(0)), [r.sampling for r in group],
-                                  np.arange(b_pad))
-            mbs.append((inputs, self._token_override(group, b_pad, previous)))
+            inputs = self._inputs((tokens, meta, np.int32(0)), group.sampling, np.arange(b_pad))
+            mbs.append((inputs, self._token_override(group.prev_rows, b_pad, previous)))
             pads.append(b_pad)
-        want_top = any(r.sampling.params.logprobs for r in rows)
-        return PendingStep(self._pipeline("decode", mbs), [len(g) for g in groups], pads,
-                           want_top)
+        return PendingStep(self._pipeline("decode", mbs), [g.num_rows for g in groups], pads,
+                           bool(columns.sampling.logprobs.any()))
 
-    def _token_override(self, group, b_pad: int, previous: "PendingStep | None"):
+    def _token_override(self, prev_rows: np.ndarray, b_pad: int,
+                        previous: "PendingStep | None"):
         """[b_pad] token ids for the first stage: the previous step's samples where rows ask
-        for them, -1 elsewhere (always an array, so one program serves both cases)."""
-        if previous is None:
+        for them (prev_rows >= 0), -1 elsewhere (always an array, so one program serves both
+        cases)."""
+        if previous is None or not (prev_rows >= 0).any():
             return self._no_override(b_pad)
         idx = np.full(b_pad, -1, np.int32)
-        rows = np.array([r.prev_row for r in group], np.int32)
         # One micro-batch: its rows are the flat rows (no per-row offset lookup).
-        idx[:len(group)] = rows if len(previous.counts) == 1 else \
-            [previous.flat_row(row) for row in rows.tolist()]
-        if not (idx >= 0).any():
-            return self._no_override(b_pad)
+        idx[:len(prev_rows)] = prev_rows if len(previous.counts) == 1 else \
+            [previous.flat_row(row) for row in prev_rows.tolist()]
         return _select_tokens(tuple(o.tokens for o in previous.outs), idx)
 
     def _no_override(self, b_pad: int) -> jax.Array:

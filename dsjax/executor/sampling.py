@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.executor.batch import SamplingColumns
 from dsjax.models.weights import mix32
 from dsjax.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
@@ -181,36 +182,37 @@ def build_sampling_tensors(params: Sequence[SamplingParams], seeds: Sequence[int
 
 def sampling_tensors_of(rows: Sequence[tuple], pad_to: int,
                         eos_token_id: int | Sequence[int] | None = None) -> SamplingTensors:
-    """build_sampling_tensors from rows of (params, seed, step, slot), such as SamplingRows:
-    one pass over the rows (this runs every step, for every row)."""
+    """build_sampling_tensors from rows of (params, seed, step, slot), such as SamplingRows."""
     if pad_to < len(rows):
         raise ValueError(f"pad_to={pad_to} is smaller than the batch of {len(rows)} rows; "
                          f"pass pad_to >= len(params)")
-    n = len(rows)
+    return sampling_tensors(SamplingColumns.of_rows(rows), pad_to, eos_token_id)
+
+
+def sampling_tensors(columns: SamplingColumns, pad_to: int,
+                     eos_token_id: int | Sequence[int] | None = None) -> SamplingTensors:
+    """The sampler's inputs from rows as columns, padded to pad_to rows (this runs every step:
+    whole-column operations only). Padding rows: greedy, top-k off, top-p 1, no slot."""
+    n = len(columns.steps)
+    if pad_to < n:
+        raise ValueError(f"pad_to={pad_to} is smaller than the batch of {n} rows")
     eos = () if eos_token_id is None else \
         ((eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    # Padding rows: greedy, top-k off, top-p 1, no slot.
-    floats = np.zeros((2, pad_to), np.float32)
-    floats[1] = 1.0
-    ints = np.zeros((4, pad_to), np.int64)
-    ints[3] = -1
-    ban_eos = np.zeros(pad_to, bool)
-    if n:
-        # Any Python int seed maps onto the u32 key space.
-        floats[:, :n] = np.array([(p.temperature, p.top_p) for p, _, _, _ in rows],
-                                 np.float32).T
-        ints[:, :n] = np.array([(max(p.top_k, 0), seed & 0xFFFFFFFF, step, slot)
-                                for p, seed, step, slot in rows], np.int64).T
-        ban_eos[:n] = [step < p.min_tokens and not p.ignore_eos for p, _, step, _ in rows]
+
+    def padded(column, fill, dtype):
+        out = np.full(pad_to, fill, dtype)
+        out[:n] = column
+        return out
     banned = np.full((pad_to, max(1, len(eos))), -1, np.int32)
     if eos:
-        banned[ban_eos, :len(eos)] = eos
-    want_top = any(p.logprobs for p, _, _, _ in rows)
-    return SamplingTensors(temperature=floats[0], top_k=ints[0].astype(np.int32),
-                           top_p=floats[1], seeds=ints[1].astype(np.uint32),
-                           steps=ints[2].astype(np.int32), banned=banned,
-                           slots=ints[3].astype(np.int32),
-                           want_top=np.array(int(want_top), np.int32))
+        banned[:n][columns.steps < columns.min_tokens, :len(eos)] = eos
+    return SamplingTensors(temperature=padded(columns.temperature, 0, np.float32),
+                           top_k=padded(columns.top_k, 0, np.int32),
+                           top_p=padded(columns.top_p, 1, np.float32),
+                           seeds=padded(columns.seeds, 0, np.uint32),
+                           steps=padded(columns.steps, 0, np.int32), banned=banned,
+                           slots=padded(columns.slots, -1, np.int32),
+                           want_top=np.array(int(columns.logprobs.any()), np.int32))
 
 
 def apply_slot_state(logits: jax.Array, st: SamplingTensors, table: SlotTable) -> jax.Array:
