@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dsjax.executor.batch import DecodeColumns, DecodeRow
+from dsjax.executor.batch import DecodeColumns, DecodeRow, table_rows
 
 
 class PersistentBatch:
@@ -62,12 +62,10 @@ class PersistentBatch:
         else:
             columns.prev_rows[:] = -1
             columns.tokens[:] = np.fromiter((r.last_token_id for r in batch), np.int32, n)
-        for i in rewritten:
-            if kept[i]:
-                table = tables[batch[i].request_id]
-                columns.tables[i] = 0
-                columns.tables[i, :len(table)] = table
-                columns.table_lens[i] = len(table)
+        changed = [i for i in rewritten if kept[i]]
+        if changed:
+            columns.tables[changed], columns.table_lens[changed] = table_rows(
+                [tables[batch[i].request_id] for i in changed], self.width)
         new = np.flatnonzero(~kept)
         if len(new):
             columns.put(new, DecodeColumns.of_rows(build_rows([batch[i] for i in new]),

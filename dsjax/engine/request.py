@@ -115,6 +115,8 @@ class Request:
         # Fixed for its life, and read every decode step.
         self.seed = sequence_seed(spec.seed, self.index or 0)
         self.needs_slot = needs_slot(spec.params)
+        # Its tokens need no log-probabilities and no text for stop strings.
+        self.plain = spec.params.logprobs is None and not self.stop_checker.has_stop_strings
 
     @classmethod
     def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> list["Request"]:

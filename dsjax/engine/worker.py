@@ -263,15 +263,19 @@ class InstanceWorker:
         token, logprob, top_ids, top_logprobs, _ = result
         req.output_token_ids.append(token)
         logprobs = None
-        n = req.params.logprobs
-        if n is not None:
-            logprobs = {}
-            if n and top_ids is not None:
-                logprobs = {int(t): float(lp) for t, lp in zip(top_ids[:n], top_logprobs[:n])}
-            logprobs[token] = float(logprob)
-        reason = req.stop_checker.check_token(token, req.num_generated)
-        if reason is None and req.ends_on_stop_string(self.tokenizer):
-            reason = "stop"
+        if req.plain:   # no logprobs, no stop strings: the hot path of a large batch
+            reason = req.stop_checker.check_token(token, req.prior + len(req.output_token_ids))
+        else:
+            n = req.params.logprobs
+            if n is not None:
+                logprobs = {}
+                if n and top_ids is not None:
+                    logprobs = {int(t): float(lp)
+                                for t, lp in zip(top_ids[:n], top_logprobs[:n])}
+                logprobs[token] = float(logprob)
+            reason = req.stop_checker.check_token(token, req.num_generated)
+            if reason is None and req.ends_on_stop_string(self.tokenizer):
+                reason = "stop"
         self._tokens.append(TokenUpdate(req.spec.request_id, req.index or 0, token, logprob,
                                         logprobs, now, reason))
         self.tokens_out += 1

@@ -86,7 +86,7 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
 
     from dsjax.executor.batch import DecodeRow, PrefillRow, SamplingRow
     from dsjax.executor.kernels import get_attention_backend
-    from dsjax.executor.kv_cache import num_blocks_for_budget
+    from dsjax.executor.kv_cache import auto_cpu_kv_bytes, num_blocks_for_budget
     from dsjax.executor.parallel import single_instance_spec
     from dsjax.executor.runner import ModelRunner
     from dsjax.sampling_params import SamplingParams
@@ -142,8 +142,11 @@ def profile_tp(model: str, dtype: str, tp: int, grid: Grid, devices, block_size:
                                 grid.prefill_batches, grid.prefill_max_tokens)
     dec_batches, dec_ms = timed("decode ", runner.decode, decode_row, grid.decode_ctx,
                                 grid.decode_batches, grid.decode_max_tokens)
+    # On a CPU, the KV budget an engine spanning these devices gets by default (a share of
+    # free memory: --cpu-kv-cache-bytes 0), so the simulator sees the engine's capacity.
     blocks = num_blocks_for_budget(cfg, block_size=block_size, dtype=jdtype, tp=tp, pp=1,
-                                   devices=spec.devices)
+                                   devices=spec.devices,
+                                   cpu_kv_cache_bytes=auto_cpu_kv_bytes(len(devices)))
     return pre_batches, pre_ms, dec_batches, dec_ms, blocks * block_size, overhead
 
 

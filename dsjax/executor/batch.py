@@ -107,17 +107,10 @@ class DecodeColumns(NamedTuple):
     def of_rows(cls, rows: Sequence[DecodeRow], width: int) -> "DecodeColumns":
         """One pass over the rows for their scalars, one scatter for every block table."""
         n = len(rows)
-        scalars = np.array([(r.token_id, r.position, len(r.block_table), r.prev_row)
-                            for r in rows], np.int32).reshape(n, 4).T.copy()
-        lens = scalars[2]
-        if n and int(lens.max()) > width:
-            raise ValueError(f"a decode row's block table has {int(lens.max())} pages, over "
-                             f"the {width} a table holds here: raise max_num_blocks_per_req")
-        tables = np.zeros((n, width), np.int32)
-        tables[np.arange(width) < lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(r.block_table for r in rows), np.int32,
-            int(lens.sum()))
-        return cls(scalars[0], scalars[1], tables, lens, scalars[3],
+        scalars = np.array([(r.token_id, r.position, r.prev_row) for r in rows],
+                           np.int32).reshape(n, 3).T.copy()
+        tables, lens = table_rows([r.block_table for r in rows], width)
+        return cls(scalars[0], scalars[1], tables, lens, scalars[2],
                    SamplingColumns.of_rows([r.sampling for r in rows]))
 
     @property
@@ -134,6 +127,19 @@ class DecodeColumns(NamedTuple):
         for column, new in zip(self[:-1], rows[:-1]):
             column[index] = new
         self.sampling.put(index, rows.sampling)
+
+
+def table_rows(tables: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables as one [n, width] array, zero past each table's length (one scatter, not
+    a row at a time), and their lengths."""
+    lens = np.fromiter(map(len, tables), np.int32, len(tables))
+    if len(tables) and int(lens.max()) > width:
+        raise ValueError(f"a decode row's block table has {int(lens.max())} pages, over the "
+                         f"{width} a table holds here: raise max_num_blocks_per_req")
+    out = np.zeros((len(tables), width), np.int32)
+    out[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(tables),
+                                                        np.int32, int(lens.sum()))
+    return out, lens
 
 
 def needs_slot(params: SamplingParams) -> bool:
