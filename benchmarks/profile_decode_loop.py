@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 DEVICE_WAIT = ("ArrayImpl._value", "block_until_ready")
-COMPILING = ("_infer_params", "trace_to_jaxpr", "lower_jaxpr", "compil", "_cached_lowering")
+COMPILING = ("_infer_params", "trace_to_jaxpr", "lower_jaxpr", "compil", "_cached_lowering",
+             "serialize_executable", "program_store")   # (the store writes what compiled)
 
 
 def frame_name(frame: str) -> str:
