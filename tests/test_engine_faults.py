@@ -9,6 +9,7 @@ import torch
 
 from dsjax import SamplingParams
 from dsjax.engine.core import EngineError
+from dsjax.executor.batch import DecodeColumns
 from tests._engine_helpers import (add_after_tokens, generate, hf_engine, shutdown_all, wait_for,
                                    wait_idle)
 from tests._hf_helpers import hf_greedy
@@ -133,9 +134,14 @@ def test_a_request_that_breaks_its_step_fails_alone(fresh, hf_opt, hf_reference)
     engine = fresh()
     runner = engine.local_worker("decode0").runner
     original = runner.dispatch_decode
+    carried = []
 
     def breaks_on_poison(rows, *args):
-        if any(r.sampling.seed == POISON_SEED for r in rows):
+        # The persistent batch hands its columns; the row-by-row retry hands DecodeRows.
+        carried.append(isinstance(rows, DecodeColumns))
+        seeds = (rows.sampling.seeds.tolist() if carried[-1] else
+                 [r.sampling.seed for r in rows])
+        if POISON_SEED in seeds:
             raise FloatingPointError("injected fault in a decode step")
         return original(rows, *args)
     runner.dispatch_decode = breaks_on_poison
@@ -148,6 +154,7 @@ def test_a_request_that_breaks_its_step_fails_alone(fresh, hf_opt, hf_reference)
     wait_idle(engine)
     assert engine.health()["ok"]
     assert generate(engine, engine_prompts()[4:], GREEDY) == hf_reference[4:]
+    assert any(carried) and not all(carried), "both the carried and the row-by-row path ran"
 
 
 def test_host_side_failure_of_one_request_fails_it_alone(fresh, hf_opt, hf_reference):

@@ -9,7 +9,7 @@ import pytest
 from dsjax import SamplingParams
 from dsjax.engine.persistent_batch import PersistentBatch
 from dsjax.executor.batch import DecodeColumns, DecodeRow, SamplingRow
-from tests._engine_helpers import generate, hf_engine, shutdown_all, wait_idle
+from tests._engine_helpers import add_after_tokens, hf_engine, shutdown_all, wait_idle
 from tests._hf_helpers import hf_greedy
 from tests.conftest import engine_prompts
 
@@ -153,3 +153,31 @@ def test_every_carried_step_matches_its_rows_built_afresh(mode, extra, hf_opt):
     assert len(checked) > 20 and max(checked) > 4, checked
     preemptions = sum(s.get("num_preemptions", 0) for s in engine.stats())
     assert preemptions > 0, "the test did not put the engine under memory pressure"
+
+
+def test_a_slot_taken_by_a_colocated_prefill_is_not_kept_by_a_carried_row(hf_opt):
+    """Four penalised sequences decode (slots 0-3 of 64); a prompt with n=61 and penalties is
+    prefilled beside them and needs 61 slots, so it takes the least recently used running
+    one's. That sequence's next row must look its slot up again (and be refilled from its
+    tokens), not keep sampling with the newcomer's state: its tokens stay transformers'."""
+    import torch
+    engine = hf_engine(hf_opt[1], mode="colocated", decoding_max_batch_size=64,
+                       context_max_batch_size=64, num_blocks=2048, max_num_blocks_per_req=32)
+    prompts = engine_prompts()[:4]
+    penalised = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                               repetition_penalty=1.8)
+    first = engine.add_request(prompts[0], penalised)
+    rest = [engine.add_request(p, penalised) for p in prompts[1:]]
+    wide = add_after_tokens(first, 4, lambda: engine.add_request(
+        prompts[1], SamplingParams(n=61, temperature=1.0, seed=5, max_tokens=6,
+                                   ignore_eos=True, presence_penalty=1.0)))
+    outs = [first.final] + [s.result(timeout=300) for s in rest]
+    assert len(wide.result(timeout=300).outputs) == 61
+    wait_idle(engine)
+    assert sum(w.slots.evictions for w in map(engine.local_worker, engine.instances)) > 0, \
+        "no running sequence lost its slot: the test did not reach the case"
+    with torch.no_grad():
+        for p, out in zip(prompts, outs):
+            ref = hf_opt[0].generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24,
+                                     do_sample=False, repetition_penalty=1.8, pad_token_id=1)
+            assert out.token_ids == ref[0, len(p):].tolist()

@@ -40,6 +40,7 @@ class DecodingWorker(InstanceWorker):
         self.async_scheduling = async_scheduling
         self._inflight: InFlight | None = None
         self.persistent = PersistentBatch(self.runner.decode_table_width)
+        self._evictions_seen = 0
 
     def _forget(self, req: Request) -> None:
         self.scheduler.remove(req)
@@ -124,11 +125,19 @@ class DecodingWorker(InstanceWorker):
             return [self._decode_row(r, row_of.get(id(r), -1), busy) for r in requests]
         return build
 
+    def _carried_slots_valid(self) -> None:
+        """A sampling slot taken outside a decode step (by a colocated prefill's sequences)
+        may be a carried row's: then every row is built again, looking its slot up."""
+        if self.slots.evictions != self._evictions_seen:
+            self._evictions_seen = self.slots.evictions
+            self.persistent.reset()
+
     def _decode_all_synchronously(self, step) -> list:
         """A synchronous step of the whole batch from the persistent batch's columns; per
         request, its results (as _run_rows returns them). If it fails with the runner intact,
         the step runs again row by row (_run_rows), where a request that breaks it fails
         alone."""
+        self._carried_slots_valid()
         try:
             columns = self.persistent.next_step(step.batch, self._new_rows(step.batch),
                                                 self.blocks.tables, step.rewritten, False)
@@ -152,6 +161,7 @@ class DecodingWorker(InstanceWorker):
         started) when the dispatch itself fails: the caller runs the step synchronously, where
         a request that breaks it fails alone."""
         previous, batch = self._inflight, step.batch
+        self._carried_slots_valid()
         if previous is not None and previous.requests is not self.persistent.requests:
             self.persistent.reset()   # rows that ran the in-flight step are found by _new_rows
         try:

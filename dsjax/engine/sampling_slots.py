@@ -19,6 +19,9 @@ class SlotAssignments:
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._holders: OrderedDict[str, int] = OrderedDict()   # least recently used first
+        # Rows taken from a holder so far: a worker that carries rows between steps (the
+        # persistent decode batch) rebuilds them after one, since a carried row may be it.
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -42,6 +45,7 @@ class SlotAssignments:
                 raise RuntimeError(f"all {self.capacity} sampling slots are held by running "
                                    f"sequences: a step may not sample more rows than that")
             self._free.append(self._holders.pop(victim))
+            self.evictions += 1
         slot = self._free.pop()
         self._holders[sequence_id] = slot
         return slot
