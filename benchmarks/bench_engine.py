@@ -114,24 +114,28 @@ def phases(args) -> None:
         s.result()
     worker = engine.local_worker("decode0")
     total, calls, each = collections.Counter(), collections.Counter(), collections.defaultdict(list)
+    cpu = collections.Counter()
 
     def timed(fn, label):
         def run(*a, **k):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             try:
                 return fn(*a, **k)
             finally:
                 took = time.perf_counter() - start
                 total[label] += took
+                cpu[label] += time.thread_time() - cpu_start
                 calls[label] += 1
                 each[label].append(took)
         return run
 
-    for obj, names in ((worker.scheduler, ["schedule"]), (worker.persistent, ["next_step"]),
+    for obj, names in ((worker.scheduler, ["schedule"]),
+                       (getattr(worker, "persistent", None), ["next_step"]),
                        (worker, ["_decode_step", "_decode_row", "_emit_all", "_flush"]),
                        (worker.runner, ["dispatch_decode", "_inputs", "_pipeline", "_fetch"])):
         for name in names:
-            setattr(obj, name, timed(getattr(obj, name), name))
+            if hasattr(obj, name):   # (an older tree may lack one)
+                setattr(obj, name, timed(getattr(obj, name), name))
     stage = worker.runner.stages[-1]
     for name in ("_forward", "_sampler", "_decode_and_sample"):   # their jitted functions
         if not hasattr(stage, name):
@@ -143,11 +147,13 @@ def phases(args) -> None:
     engine.shutdown()
     steps = calls["_decode_step"]
     print(f"batch {b}, {steps} steps (the first run's steps compiled every shape)\n")
-    print("| phase | ms per step (mean) | calls per step | median ms per call | slowest ms |")
-    print("|---|---|---|---|---|")
+    print("| phase | ms per step (mean) | thread CPU ms per step (mean) | calls per step | "
+          "median ms per call | slowest ms |")
+    print("|---|---|---|---|---|---|")
     for label, seconds in total.most_common():
-        print(f"| {label} | {1e3 * seconds / steps:.3f} | {calls[label] / steps:.1f} | "
-              f"{1e3 * float(np.median(each[label])):.3f} | {1e3 * max(each[label]):.1f} |")
+        print(f"| {label} | {1e3 * seconds / steps:.3f} | {1e3 * cpu[label] / steps:.3f} | "
+              f"{calls[label] / steps:.1f} | {1e3 * float(np.median(each[label])):.3f} | "
+              f"{1e3 * max(each[label]):.1f} |")
 
 
 def threads(args) -> None:

@@ -84,6 +84,31 @@ def test_steps_are_recovered_from_token_stamps_and_context_events():
         ([6, 8], 0.05), ([7, 9], 0.05), ([4], 0.03)]
 
 
+def test_a_real_prefill_batch_is_recovered_as_one_step():
+    """The engine stamps one context_begin per prefill step, not per request: prompts that ran
+    together come back as one batch of their lengths, not as one-prompt steps of the batch's
+    whole duration (which made the fitted prefill intercept several times the real steps)."""
+    from dsjax import SamplingParams
+    from tests._engine_helpers import get_engine, shutdown_all, wait_idle
+    engine = get_engine()
+    try:
+        rng = np.random.default_rng(3)
+        prompts = [rng.integers(4, 1000, int(n)).tolist() for n in rng.integers(5, 40, 12)]
+        streams = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2))
+                   for p in prompts]
+        results = [SimpleNamespace(prompt_len=len(p), lifecycle_events=s.result(
+            timeout=120).lifetime_events) for p, s in zip(prompts, streams)]
+        wait_idle(engine)
+    finally:
+        shutdown_all()
+    ends = {next(e["timestamp"] for e in r.lifecycle_events if e["event_type"] == "context_end")
+            for r in results}
+    batches = prefill_batches(results)
+    assert len(batches) == len(ends), "requests of one step carry different context_begin"
+    assert sorted(n for lens, _ in batches for n in lens) == sorted(map(len, prompts))
+    assert max(len(lens) for lens, _ in batches) > 1, "no two prompts shared a step"
+
+
 def test_link_fit_recovers_latency_and_bandwidth_from_pulls():
     rng = np.random.default_rng(1)
     kv_per_token, latency, bandwidth = 1024, 0.012, 2e8

@@ -302,8 +302,11 @@ class InstanceWorker:
         self._in_step = batch
         if self._tokens:   # a decode step's held report must not wait behind this prefill
             self._flush()
+        # One stamp for the step: requests that share it (and context_end) ran as one batch,
+        # which is how dsjax.eval.engine_fit recovers prefill steps.
+        began = time.perf_counter()
         for r in batch:
-            self._event(r, "context_begin")
+            self._event(r, "context_begin", began)
         tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}
         sequences = {r.request_id: r.sequences() for r in batch}
         busy = {s.request_id for seqs in sequences.values() for s in seqs}
