@@ -8,6 +8,7 @@ import pickle
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.experimental import serialize_executable
 
@@ -128,3 +129,6 @@ def test_a_stored_program_that_fails_on_its_first_run_is_removed(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="dsjax"), pytest.raises(Exception):
         stage._call(("forward", "cumsum"), make, (), x)
     assert "failed on its first run" in caplog.text and not stored.exists()
+    # The broken program is forgotten too: the next call compiles it and gives NumPy's answer.
+    np.testing.assert_allclose(stage._call(("forward", "cumsum"), make, (), x),
+                               np.cumsum(np.arange(611.0)) * 2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import time
 from typing import Callable
 
@@ -192,13 +191,14 @@ class Stage:
         return fn
 
     def _first_run(self, key, fn, args):
-        """A loaded program's first run, waited for: if it fails, its file is removed (the
-        step fails; the next start compiles the program again)."""
+        """A loaded program's first run, waited for: if it fails, its file is removed and the
+        program forgotten (this step fails; the next one of its shape compiles it again)."""
         loaded_from = self._unproven.pop(key)
         try:
             return jax.block_until_ready(fn(*args))
         except Exception as e:
             self.programs.discard(loaded_from, e)
+            self.fns.pop(key, None)
             raise
 
     def _forward(self, mode, layout):
