@@ -94,13 +94,14 @@ def make_varied_hf_opt(seed: int = 0, init_std: float = 0.3):
     return model
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """transformers' greedy continuation of `prompt` by exactly n tokens."""
+def hf_greedy(model, prompt: list[int], n: int, **generate_kwargs) -> list[int]:
+    """transformers' greedy continuation of `prompt` by exactly n tokens (generate_kwargs:
+    e.g. a repetition_penalty)."""
     # An explicit mask: generate() takes tokens equal to pad_token_id for padding otherwise.
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
                              max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=1)
+                             pad_token_id=1, **generate_kwargs)
     return out[0, len(prompt):].tolist()
 
 

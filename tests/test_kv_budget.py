@@ -8,8 +8,7 @@ import pytest
 from dsjax.config import EngineConfig
 from dsjax.engine.instance_hosts import with_cpu_kv_budget
 from dsjax.executor import kv_cache
-from dsjax.executor.kv_cache import (CPU_KV_MAX_BYTES, CPU_KV_MEMORY_SHARE, CPU_KV_MIN_BYTES,
-                                     auto_cpu_kv_bytes, num_blocks_for_budget)
+from dsjax.executor.kv_cache import auto_cpu_kv_bytes, num_blocks_for_budget
 from dsjax.executor.parallel import InstancePlan
 from dsjax.models.registry import config_from_name
 
@@ -17,16 +16,18 @@ GIB = 1 << 30
 
 
 def test_the_auto_budget_is_a_share_of_free_memory_over_the_devices_within_bounds():
-    assert auto_cpu_kv_bytes(2, available=20 * GIB) == int(CPU_KV_MEMORY_SHARE * 10 * GIB)
-    assert auto_cpu_kv_bytes(1, available=1024 * GIB) == CPU_KV_MAX_BYTES   # a big machine
-    assert auto_cpu_kv_bytes(8, available=1 * GIB) == CPU_KV_MIN_BYTES      # a busy one
+    """The documented rule (README, design.md): 30% of free memory over the engine's devices,
+    256 MiB to 4 GiB each."""
+    assert auto_cpu_kv_bytes(2, available=20 * GIB) == int(0.3 * 10 * GIB)
+    assert auto_cpu_kv_bytes(1, available=1024 * GIB) == 4 * GIB      # a big machine
+    assert auto_cpu_kv_bytes(8, available=1 * GIB) == 256 << 20       # a busy one
 
 
 def test_an_engine_resolves_auto_once_for_all_its_devices(monkeypatch):
     monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: 30 * GIB)
     plans = [InstancePlan("prefill", 0, 1, 1, (0,)), InstancePlan("decode", 0, 2, 1, (1, 2))]
     resolved = with_cpu_kv_budget(EngineConfig(model="opt-tiny"), plans)
-    assert resolved.cpu_kv_cache_bytes == int(CPU_KV_MEMORY_SHARE * 10 * GIB)   # 3 devices
+    assert resolved.cpu_kv_cache_bytes == int(0.3 * 10 * GIB)   # 30% of 30 GiB over 3 devices
     explicit = EngineConfig(model="opt-tiny", cpu_kv_cache_bytes=123 << 20)
     assert with_cpu_kv_budget(explicit, plans) is explicit
 
