@@ -100,8 +100,12 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
 # amortise the per-op cost, small enough to stay in cache.
 # Prefill and multi-token chunked rows: tokens per query tile and per key block.
 BLOCK_TOKENS = 128
-# Decode rows: tokens gathered per step, summed over all rows (64 rows x 16 at batch 64).
-DECODE_STEP_TOKENS = 1024
+# Decode rows: bytes of K gathered per loop step (V is as much again), summed over a group of
+# rows that walk their pages together. A step's K and V then stay within a core's L2 cache
+# (2 MiB here): at 1,024 tokens a step (3 MiB of K at opt-125m's 12 x 64 heads), decode
+# attention ran at 3-8 GB/s against 31 GB/s of read bandwidth, and at 128 tokens 1.2-2.6x
+# faster at batch 2-64 (docs/kernels.md). opt-125m: 128 tokens, groups of 8 rows of one page.
+DECODE_STEP_BYTES = 384 << 10
 # ...and at most this many pages of one row: tables are padded to the request maximum, and a
 # short row at batch 1 would otherwise gather and mask 1024 tokens a step (1.2x the step time
 # of opt-tiny at 32 tokens; benchmarks/bench_table_width.py).
@@ -199,15 +203,47 @@ def _padded_tables(k_cache, block_tables, pages_per_block):
 # copies the whole cache every layer).
 
 
+def _decode_step_tokens(k_cache) -> int:
+    """Tokens of K/V a decode loop step gathers, over all rows of its group (whole pages)."""
+    page_size, hkv, d = k_cache.shape[2:]
+    per_token = hkv * d * k_cache.dtype.itemsize
+    return max(page_size, DECODE_STEP_BYTES // per_token // page_size * page_size)
+
+
 def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer, window=None):
     """One query per row against that row's cached tokens 0..q_pos (-1: none), vectorised
     over rows: q [B, H, D], block_tables [B, W] -> [B, H, D] float32.
 
-    Each step gathers the next few pages of every row ([B, pages, S, Hkv, D]) and folds them
-    into a per-row online softmax; steps run up to the longest row."""
+    Rows go in groups of up to one page-step's worth (`_decode_step_tokens`); each group walks
+    its rows' pages a step at a time, up to its own longest row. Padding rows (-1) added to fill
+    the last group cost nothing where a whole group is padding."""
+    b = q.shape[0]
+    group = max(1, min(b, _decode_step_tokens(k_cache) // k_cache.shape[2]))
+    if group == b:
+        return _attend_row_group(q, q_pos, block_tables, k_cache, v_cache, layer, window)
+    groups = -(-b // group)
+    pad = groups * group - b
+    q_p = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
+    pos_p = jnp.pad(q_pos, (0, pad), constant_values=-1)
+    tables_p = jnp.pad(block_tables, ((0, pad), (0, 0)))
+
+    def one_group(i, out):
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * group, group, 0)  # noqa: E731
+        o = _attend_row_group(rows(q_p), rows(pos_p), rows(tables_p), k_cache, v_cache, layer,
+                              window)
+        return jax.lax.dynamic_update_slice_in_dim(out, o, i * group, 0)
+
+    out = jax.lax.fori_loop(0, groups, one_group, _full_like(q, 0, q_p.shape))
+    return out[:b]
+
+
+def _attend_row_group(q, q_pos, block_tables, k_cache, v_cache, layer, window=None):
+    """`_attend_rows` for one group: each step gathers the next few pages of every row
+    ([B, pages, S, Hkv, D]) and folds them into a per-row online softmax; steps run up to the
+    longest row."""
     b, h, d = q.shape
     page_size, hkv = k_cache.shape[2:4]
-    per_step = max(1, min(DECODE_STEP_TOKENS // (b * page_size), DECODE_ROW_PAGES,
+    per_step = max(1, min(_decode_step_tokens(k_cache) // (b * page_size), DECODE_ROW_PAGES,
                           block_tables.shape[1]))
     pages = _padded_tables(k_cache, block_tables, per_step)
     n = per_step * page_size

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsjax.models import attention
 from dsjax.models.attention import (BLOCK_TOKENS, ChunkedMetadata, DecodeMetadata, PrefillMetadata,
                               XLAAttention)
 
@@ -118,6 +119,25 @@ def test_decode(page_size, head_dim, kv_heads):
     out = run(XLAAttention().decode, q, case.k, case.v, jnp.int32(LAYER), meta)
     seq = np.where(ctx > 0, np.arange(len(lens)), -1)
     assert_close(out, case.reference(q, seq, ctx - 1), f"decode page_size={page_size}")
+
+
+@pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 64, HEADS), (16, 80, 2)])
+def test_decode_in_row_groups(monkeypatch, page_size, head_dim, kv_heads):
+    """Rows walk their pages in groups when a step's K would outgrow DECODE_STEP_BYTES: here
+    groups of 2 rows, one of them all padding and the last one filled by a padding row."""
+    monkeypatch.setattr(attention, "DECODE_STEP_BYTES", 2 * page_size * kv_heads * head_dim * 4)
+    rng = np.random.default_rng(page_size + 1)
+    lens = [0, 0, 1, 2 * BLOCK_TOKENS + 5, 37, BLOCK_TOKENS, 9]
+    width = -(-max(lens) // page_size) + 2
+    case = PagedCase(rng, lens, page_size, head_dim, kv_heads, width)
+    q = normal(rng, len(lens), HEADS, head_dim)
+    ctx = np.array(lens, np.int32)
+    meta = DecodeMetadata(positions=jnp.asarray(np.maximum(ctx - 1, 0)),
+                          slot_mapping=jnp.zeros(len(lens), jnp.int32),
+                          block_tables=jnp.asarray(case.tables), context_lens=jnp.asarray(ctx))
+    out = run(XLAAttention().decode, q, case.k, case.v, jnp.int32(LAYER), meta)
+    seq = np.where(ctx > 0, np.arange(len(lens)), -1)
+    assert_close(out, case.reference(q, seq, ctx - 1), f"grouped decode page_size={page_size}")
 
 
 @pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 80, HEADS), (16, 64, 1)])
