@@ -16,7 +16,8 @@ What it does, every step rerunnable (the venv and the checkpoint are reused from
    the same tokenizer.json.
 3. Starts each server on that directory, one after another, and keeps them all up (an idle
    one takes no CPU); then drives one at a time with `vllm bench serve --backend openai`
-   (random dataset, 64-token prompts, 16 output tokens, --ignore-eos, --temperature 0) at
+   (random dataset, 64-token prompts and 16 output tokens unless --input-len/--output-len
+   say otherwise, --ignore-eos, --temperature 0) at
    each load: steady Poisson arrivals at --rates, and a burst (--request-rate inf). The
    servers alternate run by run, their order flipped every other run (dsjax, vLLM, vLLM,
    dsjax, ...), so drift in the machine's load affects both.
@@ -334,7 +335,8 @@ def bench(venv: Path, server: Server, model: Path, load: dict, result: Path, see
     cmd = [str(venv_bin(venv, "vllm")), "bench", "serve", "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{server.port}", "--endpoint", "/v1/completions",
            "--model", str(model), "--tokenizer", str(model),
-           "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "16",
+           "--dataset-name", "random", "--random-input-len", str(load["input_len"]),
+           "--random-output-len", str(load["output_len"]),
            "--random-range-ratio", "0", "--ignore-eos", "--temperature", "0", "--num-prompts", str(load["n"]),
            "--request-rate", str(load["rate"]), "--seed", str(seed),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
@@ -422,6 +424,9 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=None,
                     help="requests sent at once (--request-rate inf) (default 50; quick 16)")
     ap.add_argument("--rounds", type=int, default=None, help="A/B rounds (default 2; quick 1)")
+    ap.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: %(default)s)")
+    ap.add_argument("--output-len", type=int, default=16,
+                    help="output tokens per request (default: %(default)s)")
     ap.add_argument("--vllm-kv-gib", type=int, default=2,
                     help="VLLM_CPU_KVCACHE_SPACE, GiB (default: %(default)s)")
     ap.add_argument("--settings", choices=("defaults", "tuned"), default="defaults",
@@ -477,6 +482,9 @@ def main() -> None:
     loads = [dict(name=f"{r:g} req/s x {max(1, round(r * steady_s))}", rate=r,
                   n=max(1, round(r * steady_s)), timeout=steady_s * 10 + 300) for r in rates]
     loads.append(dict(name=f"burst of {args.burst}", rate="inf", n=args.burst, timeout=900))
+    for load in loads:
+        load.update(input_len=args.input_len, output_len=args.output_len)
+        load["name"] += f", {args.input_len} + {args.output_len} tokens"
     systems = [f"dsjax-{c}" for c in configs] + ["vllm"]
 
     # Start every server once, one after another (starts do not compete), then alternate the
