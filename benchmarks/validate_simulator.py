@@ -130,6 +130,7 @@ def main(argv=None) -> int:
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: ready and warm in {time.perf_counter() - t:.1f} s")
             calibration = []
+            transfers_before = len(engine.kv_transfers)
             for i, rate in enumerate(calibration_rates):
                 calibration += replay(engine, calibration_reqs, rate, seed=args.seed + 1000 + i,
                                       temperature=args.temperature)
@@ -137,14 +138,20 @@ def main(argv=None) -> int:
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
                                    len(decode_steps(calibration)))
             print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
-            # The KV link from the calibration's pulls too: latency + bytes / bandwidth. (A
-            # bandwidth alone, bytes over seconds of the measured run, charged pulls' fixed
-            # cost per byte: long prompts' pulls came out 10x too slow.)
-            latency, link_bps = fit_link(migration_samples(
-                calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize)))
+            # The KV link from the calibration's transfers alone: latency + bytes / bandwidth.
+            # (A bandwidth alone charged pulls' fixed cost per byte: long prompts' pulls came
+            # out 10x too slow. Whole pulls, migration_begin to migration_end, hold the waits
+            # for both instances' step ends, which the simulator now models itself.)
+            transfers = [t for t in list(engine.kv_transfers)[transfers_before:] if t[0] > 0]
+            latency, link_bps = fit_link(transfers)
+            pulls = migration_samples(
+                calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize))
             fitted_links[mode] = (latency, link_bps)
-            print(f"== {mode}: KV link fitted: {latency * 1e3:.2f} ms + bytes / "
-                  f"{link_bps / 1e9:.3g} GB/s")
+            if pulls:
+                print(f"== {mode}: KV link fitted from {len(transfers)} transfers: "
+                      f"{latency * 1e3:.2f} ms + bytes / {link_bps / 1e9:.3g} GB/s (whole pulls: "
+                      f"median {1e3 * float(np.median([s for _, s in pulls])):.1f} ms, transfers "
+                      f"alone {1e3 * float(np.median([s for _, s in transfers])):.1f} ms)")
 
             def sim_config(link_bps):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
@@ -260,7 +267,8 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
         if m == "disaggregated":
             latency, bps = fitted_links[m]
-            summary.append(f"  - KV link fitted from the calibration's pulls: "
+            summary.append(f"  - KV link fitted from the calibration's transfers (the waits "
+                           f"for step ends around them are simulated): "
                            f"{latency * 1e3:.2f} ms + bytes / {bps / 1e9:.3g} GB/s")
     ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"
                        for m, v in step_ratios.items())

@@ -91,6 +91,7 @@ def test_a_real_prefill_batch_is_recovered_as_one_step():
     from dsjax import SamplingParams
     from tests._engine_helpers import get_engine, shutdown_all, wait_idle
     engine = get_engine()
+    transfers_before = len(engine.kv_transfers)
     try:
         rng = np.random.default_rng(3)
         prompts = [rng.integers(4, 1000, int(n)).tolist() for n in rng.integers(5, 40, 12)]
@@ -99,8 +100,19 @@ def test_a_real_prefill_batch_is_recovered_as_one_step():
         results = [SimpleNamespace(prompt_len=len(p), lifecycle_events=s.result(
             timeout=120).lifetime_events) for p, s in zip(prompts, streams)]
         wait_idle(engine)
+        transfers = list(engine.kv_transfers)[transfers_before:]
+        page_bytes = engine.config.block_size * engine.model_config.kv_bytes_per_token(4)
     finally:
         shutdown_all()
+    # Each prompt's pages moved once; each transfer alone lies inside its pull's
+    # migration_begin..migration_end, which also holds the waits for both instances' steps.
+    assert sorted(b for b, _ in transfers) == sorted(
+        -(-len(p) // engine.config.block_size) * page_bytes for p in prompts)
+    pulls = [ev["migration_end"] - ev["migration_begin"] for ev in (
+        {e["event_type"]: e["timestamp"] for e in r.lifecycle_events} for r in results)]
+    assert all(s > 0 for _, s in transfers)
+    assert max(s for _, s in transfers) <= max(pulls)
+    assert sum(s for _, s in transfers) < sum(pulls)
     ends = {next(e["timestamp"] for e in r.lifecycle_events if e["event_type"] == "context_end")
             for r in results}
     batches = prefill_batches(results)

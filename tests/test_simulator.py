@@ -143,15 +143,51 @@ def test_migration_time_is_kv_bytes_over_link_bandwidth():
     assert slow.first_token_time == fast.first_token_time   # TTFT does not wait for the transfer
 
 
-def test_prefill_back_pressure_holds_kv_until_decode_pulls():
-    # Prefill KV fits one prompt: the second prompt waits until the first is migrated away.
+@pytest.mark.parametrize("waits", [False, True])
+def test_prefill_back_pressure_holds_kv_until_decode_pulls(waits):
+    # Prefill KV fits one prompt: the second prompt waits until the first's KV has left. In
+    # DistServe's model that is the end of the transfer; dsjax's prefill instance frees the
+    # pages once the export has copied them, before the transfer.
     model = toy_model(capacity=100_000, pp_capacity={(2, 1): 150})
     model.measured[2] = model.measured[1]
     bw = 100 * KV_BYTES / 0.5     # each transfer takes 0.5 s
     out = run(model, [req(100, 2), req(100, 2)], [0.0, 0.0], prefill=Parallelism(2, 1),
-              kv_link_bytes_per_s=bw)
+              kv_link_bytes_per_s=bw, kv_pull_waits_for_steps=waits)
     assert out[0].first_token_time == pytest.approx(0.020)
-    assert out[1].first_token_time == pytest.approx(0.020 + 0.5 + 0.020)
+    assert out[1].first_token_time == pytest.approx(0.020 + (0.0 if waits else 0.5) + 0.020)
+
+
+def event_time(r, kind):
+    [t] = [t for t, e in r.events if e == kind]
+    return t
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_a_pull_waits_for_the_prefill_step_running_when_it_asks(waits):
+    # One prompt a step: A's prefill ends at 20 ms and B's (300 tokens, 40 ms) starts at once,
+    # so the prefill instance answers A's ask only when B's step ends, at 60 ms.
+    latency = 0.004
+    transfer = latency + 100 * KV_BYTES / 1e12
+    a, b = run(toy_model(), [req(100, 3), req(300, 2)], [0.0, 0.0], prefill_max_batch=1,
+               kv_link_bytes_per_s=1e12, kv_link_latency_s=latency,
+               kv_pull_waits_for_steps=waits)
+    assert event_time(a, "migration_begin") == pytest.approx(0.020)
+    assert event_time(a, "migration_end") == pytest.approx((0.060 if waits else 0.020) + transfer)
+    assert b.first_token_time == pytest.approx(0.060)
+
+
+def test_a_pull_waits_for_two_decode_step_ends():
+    # A decodes alone; B's prefill ends at 50 ms, during one of A's steps. The decode instance
+    # asks at that step's end and starts receiving at the end of the step after it.
+    latency = 0.004
+    transfer = latency + 100 * KV_BYTES / 1e12
+    a, b = run(toy_model(), [req(100, 30), req(100, 2)], [0.0, 0.030],
+               kv_link_bytes_per_s=1e12, kv_link_latency_s=latency)
+    steps = a.token_timestamps()[1:]          # A's decode step ends
+    assert event_time(b, "migration_begin") == pytest.approx(0.050)
+    asked = next(i for i, t in enumerate(steps) if t >= 0.050)
+    assert steps[asked] > 0.050                # the ask came mid-step
+    assert event_time(b, "migration_end") == pytest.approx(steps[asked + 1] + transfer)
 
 
 def test_swap_out_when_decode_kv_runs_out():

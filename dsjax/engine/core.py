@@ -39,6 +39,8 @@ from dsjax.models.registry import config_from_dir, config_from_name
 log = logging.getLogger("dsjax")
 PROMPT_ROLES = ("prefill", "colocated", "chunked")
 DECODE_ROLES = ("decode", "colocated", "chunked")
+# KV transfers kept for fitting the simulator's link: the latest this many.
+KV_TRANSFER_SAMPLES = 4096
 
 
 class EngineError(RuntimeError):
@@ -151,6 +153,9 @@ class Engine:
         self.model_config, model_dir = resolve_model(config.model, config.load_format)
         self.tokenizer = model_tokenizer(config.tokenizer or model_dir, self.model_config)
         self.migrations = {"count": 0, "bytes": 0, "seconds": 0.0}
+        # (bytes, seconds) of the latest KV transfers alone, for fitting the simulator's link
+        # (dsjax.eval.engine_fit.fit_link); the waits for step ends around them are not in it.
+        self.kv_transfers: collections.deque = collections.deque(maxlen=KV_TRANSFER_SAMPLES)
         self.recomputations = 0   # request parts recomputed after an instance died
         self.error: EngineError | None = None
         self._inbox: queue.Queue = queue.Queue()
@@ -382,10 +387,11 @@ class Engine:
         inst = self.instances[report.instance]
         if report.stats:
             inst.stats = report.stats
-        for nbytes, seconds in report.migrations:
+        for nbytes, seconds, transfer_s in report.migrations:
             self.migrations["count"] += 1
             self.migrations["bytes"] += nbytes
             self.migrations["seconds"] += seconds
+            self.kv_transfers.append((nbytes, transfer_s))
         for event in report.events:
             tracked = self._tracked.get(event.request_id)
             if tracked is not None:

@@ -127,9 +127,9 @@ class DecodeWorker(DecodingWorker):
             inbox.put(ImportArrived(request_id, f"KV pull from {source} failed: "
                                                 f"{type(e).__name__}: {e}"))
             return
-        inbox.put(ImportArrived(request_id, None))
+        inbox.put(ImportArrived(request_id, None, time.monotonic() - started))
 
-    def _arrived(self, request_id: str, error: str | None) -> None:
+    def _arrived(self, request_id: str, error: str | None, transfer_s: float = 0.0) -> None:
         shards = self.arriving.pop(request_id, None)
         self._deadlines.pop(request_id, None)
         if request_id not in self.migrating:   # dropped while arriving: nothing to write
@@ -138,9 +138,9 @@ class DecodeWorker(DecodingWorker):
             self.migrating.pop(request_id)
             self.blocks.free(request_id)
             raise KVLost(error)
-        self._land(request_id, shards)
+        self._land(request_id, shards, transfer_s)
 
-    def _land(self, request_id: str, shards) -> None:
+    def _land(self, request_id: str, shards, transfer_s: float = 0.0) -> None:
         """Write the arrived pages and start decoding the request's sequences."""
         offer, began, skipped = self.migrating.pop(request_id)
         table = self.blocks.tables[request_id]
@@ -154,7 +154,7 @@ class DecodeWorker(DecodingWorker):
         self.migrated["migration_bytes_saved"] += skipped * self.runner.bytes_per_page
         now = time.perf_counter()
         self._events.append(LifetimeEvent(request_id, "migration_end", now))
-        self._migrations.append((nbytes, now - began))
+        self._migrations.append((nbytes, now - began, transfer_s))
         self.migrated["migrations"] += 1
         self.migrated["migration_bytes"] += nbytes
         self.migrated["migration_seconds"] += now - began

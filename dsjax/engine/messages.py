@@ -139,7 +139,8 @@ class Report:
     events: tuple[LifetimeEvent, ...] = ()
     prefilled: tuple[MigrationOffer, ...] = ()
     failed: tuple[RequestFailed, ...] = ()
-    migrations: tuple[tuple[int, float], ...] = ()   # (bytes, seconds) of finished pulls
+    # (bytes, seconds from asking to landing, seconds of the transfer alone) of finished pulls
+    migrations: tuple[tuple[int, float, float], ...] = ()
     stats: dict | None = None                        # a fresh snapshot when anything changed
     # (request id, one {token: logprob} per prompt token after the first), when asked for
     prompt_logprobs: tuple[tuple[str, tuple[dict[int, float], ...]], ...] = ()

@@ -55,6 +55,9 @@ class ImportArrived:
     or not (why)."""
     request_id: str
     error: str | None
+    # The transfer alone: from the waiter starting to receive to the last array's arrival,
+    # without the waits for either instance's step to end (what the simulator's link models).
+    transfer_s: float = 0.0
 
 
 class InstanceWorker:
@@ -132,7 +135,7 @@ class InstanceWorker:
                    OfferMigration: lambda m: self._offered(m.offer),
                    ExportKV: lambda m: self._export(m.request_id, m.dest, m.skip_blocks),
                    KVReady: lambda m: self._import(m.request_id, m.payload),
-                   ImportArrived: lambda m: self._arrived(m.request_id, m.error),
+                   ImportArrived: lambda m: self._arrived(m.request_id, m.error, m.transfer_s),
                    KVRefused: lambda m: self._drop(m.request_id)}.get(type(msg))
         if handler is None:
             log.error("%s: unexpected message %r", self.name, msg)

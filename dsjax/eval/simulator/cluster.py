@@ -53,9 +53,15 @@ class SimConfig:
     prefill_max_tokens: int = 8192
     decode_max_batch: int = 1024
     kv_link_bytes_per_s: float = CROSS_NODE_BYTES_PER_S
-    # A pull's fixed cost on top of its bytes (setting up the transfer, the decode instance
-    # picking up the arrival between steps): a pull takes latency + bytes / bandwidth.
+    # A transfer's fixed cost on top of its bytes: it takes latency + bytes / bandwidth.
     kv_link_latency_s: float = 0.0
+    # dsjax's instances handle messages between their steps, so a pull also waits for step
+    # ends: the decode instance asks at the end of its current step, the prefill instance
+    # exports at the end of the step it is then running (often the next batch's, started the
+    # moment the last one ended), and the decode instance starts receiving at the end of its
+    # step after that. False: the transfer starts as soon as the decode instance has room, as
+    # in DistServe's simulator.
+    kv_pull_waits_for_steps: bool = True
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -213,12 +219,33 @@ class Cluster:
             seconds = (self.config.kv_link_latency_s
                        + moved * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s)
             req.log(now, "migration_begin")
-            self.loop.at(now + seconds, self._migrated, req, source, best)
+            if self.config.kv_pull_waits_for_steps and isinstance(source, PrefillInstance):
+                self.loop.at(best.step_end_after(now), self._export, req, source, best, seconds)
+            else:
+                self.loop.at(now + seconds, self._migrated, req, source, best)
+
+    def _export(self, req: SimRequest, source: PrefillInstance, dest: DecodeInstance,
+                seconds: float) -> None:
+        """The prefill instance gets the ask: it exports once its running step is done."""
+        at = max(self.loop.now, source.pipeline.free_at())
+        self.loop.at(at, self._receive, req, source, dest, seconds)
+
+    def _receive(self, req: SimRequest, source: PrefillInstance, dest: DecodeInstance,
+                 seconds: float) -> None:
+        """The export copied the pages, so the prefill instance frees them; the decode
+        instance starts the transfer at the end of its current step."""
+        source.release(req)
+        self.loop.at(dest.step_end_after(self.loop.now) + seconds, self._landed, req, dest)
 
     def _migrated(self, req: SimRequest, source: PrefillInstance | None, dest: DecodeInstance) -> None:
         if source is not None:
-            req.log(self.loop.now, "migration_end")
             source.release(req)
+            self._landed(req, dest)
+        else:
+            dest.admit(req)
+
+    def _landed(self, req: SimRequest, dest: DecodeInstance) -> None:
+        req.log(self.loop.now, "migration_end")
         dest.admit(req)
 
     # ------------------------------------------------------------ running

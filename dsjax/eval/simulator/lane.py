@@ -18,6 +18,7 @@ class Lane:
         self.sum_ctx = 0
         self.step_times: list[float] = []
         self.busy = False
+        self.step_end = 0.0   # when the running step ends (while busy)
 
     def __len__(self) -> int:
         return len(self.running)

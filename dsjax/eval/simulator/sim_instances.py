@@ -186,6 +186,11 @@ class DecodeInstance:
     def free_tokens(self) -> int:
         return self.capacity - self.used
 
+    def step_end_after(self, now: float) -> float:
+        """When this instance next handles messages: now if a lane is idle, else when the
+        first running step ends."""
+        return min((lane.step_end if lane.busy else now) for lane in self.lanes)
+
     def resident(self) -> int:
         """Requests this instance holds (running, waiting, swapped)."""
         return sum(len(lane) for lane in self.lanes) + len(self.waiting) + len(self.swapped)
@@ -280,6 +285,7 @@ class DecodeInstance:
         if k:
             self.used += k * n
             self.loop.now = now
+        lane.step_end = end
         self.loop.at(end, self._end_step, lane)
 
     def _end_step(self, lane: Lane) -> None:
