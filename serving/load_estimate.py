@@ -250,9 +250,17 @@ class LoadEstimator:
         queued = sum(s.get("waiting", 0) for s in prefills) / n
         queued_tokens = sum(s.get("waiting_tokens", 0) for s in prefills) / n
         mine, my_tokens = len(prompt_lens), sum(prompt_lens)
+        # Only chunked prefill splits a prompt over steps; elsewhere a prompt longer than the
+        # budget runs whole, alone, in one step (whose measured time then covers it). Counting
+        # its tokens in budgets made 16 queued 512-token prompts 64 steps against a 128-token
+        # budget, 4x their real TTFT, and refused requests that would have met the bound.
+        whole_prompts = all(s.get("role") != "chunked" for s in prefills)
 
         def steps(prompts: float, tokens: float) -> int:
-            return max(math.ceil(tokens / budget), math.ceil(prompts / self.prefill_batch_cap))
+            by_tokens = math.ceil(tokens / budget)
+            if whole_prompts:
+                by_tokens = min(by_tokens, math.ceil(prompts))
+            return max(by_tokens, math.ceil(prompts / self.prefill_batch_cap))
 
         alone = steps(mine, my_tokens) * step
         compute = steps(queued + mine, queued_tokens + my_tokens) * step

@@ -105,9 +105,21 @@ def test_short_prompts_behind_short_prompts_cost_one_step_each_batch(measured):
     engine.prefill.update(waiting=30, waiting_tokens=60)
     clock.now += 0.05                                           # fresh stats
     assert estimator.estimate(0, [2], 1, 2).ttft == pytest.approx(4 * 0.01)
-    engine.prefill.update(waiting=3, waiting_tokens=3000)       # 3 long prompts: 6 steps
+    engine.prefill.update(waiting=3, waiting_tokens=1200)       # 1,202 tokens: 3 budgets
     clock.now += 0.05
-    assert estimator.estimate(0, [2], 1, 2).ttft == pytest.approx(6 * 0.01)
+    assert estimator.estimate(0, [2], 1, 2).ttft == pytest.approx(3 * 0.01)
+
+
+def test_a_prompt_longer_than_the_budget_is_one_step_unless_chunked(measured):
+    """Prompts run whole: 15 queued prompts of 512 tokens and this one are 16 steps, not
+    16 x 512 / 128 = 64 budgets of 128 tokens. Chunked prefill does split them: 64 steps."""
+    engine, clock, estimator = measured
+    engine.prefill.update(waiting=15, waiting_tokens=15 * 512, token_budget=128)
+    clock.now += 0.05
+    assert estimator.estimate(0, [512], 1, 2).ttft == pytest.approx(16 * 0.01)
+    engine.prefill.update(role="chunked")
+    clock.now += 0.05
+    assert estimator.estimate(0, [512], 1, 2).ttft == pytest.approx(64 * 0.01)
 
 
 def test_prefill_stalled_by_decode_back_pressure_is_bounded_by_its_drain(measured):
