@@ -50,6 +50,10 @@ class ColocatedWorker(DecodingWorker):
                 room, self.prefill.limits.max_batch_size))
         if not batch:
             return self._decode_step()
+        # The decode step still on the device records its samples into its sequences'
+        # sampling slots: read it first, so that this prefill may take any slot it needs (a
+        # sequence whose slot it takes is refilled later from every one of its tokens).
+        self._read_inflight()
         self._prefill(batch, self._start_sequences)
         return True
 
