@@ -206,19 +206,43 @@ class StageModule(nn.Module):
     last_stage: bool = True
     kv_heads: int = 0
     dtype: Any = jnp.float32
+    # True: the layers are one scanned module (params stacked on a leading layer axis, one
+    # compiled body). False: one module per layer (params "layers_0", "layers_1", ...; see
+    # per_layer_params), unrolled. XLA's CPU backend copies a scanned layer's weights out of
+    # the stack every step (its matmuls need them contiguous): half of opt-125m's decode step
+    # at batch 1.
+    scan_layers: bool = True
 
     def scanned_layers(self, layer_cls):
-        """(count, this stage's decoder layers as one scanned module: stacked params, one
-        compiled body)."""
+        """(count, this stage's decoder layers: one scanned module, or a list of them)."""
         if self.mode not in CALL_MODES:
             raise ValueError(f"mode must be one of {CALL_MODES}, got {self.mode!r}")
         n = self.config.num_hidden_layers if self.num_layers is None else self.num_layers
+        if not self.scan_layers:
+            return n, [layer_cls(self.config, self.attention, self.mode, self.kv_heads,
+                                 self.dtype) for _ in range(n)]
         scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(0, nn.broadcast), length=n)
         return n, scanned(self.config, self.attention, self.mode, self.kv_heads, self.dtype)
 
     def run_layers(self, x, kv_cache, meta):
         k_cache, v_cache = kv_cache
+        if not self.scan_layers:
+            carry = (x, k_cache, v_cache)
+            for i, layer in enumerate(self.layers):
+                carry, _ = layer(carry, i, meta)
+            x, k_cache, v_cache = carry
+            return x, (k_cache, v_cache)
         (x, k_cache, v_cache), _ = self.layers((x, k_cache, v_cache),
                                                jnp.arange(self._num_layers), meta)
         return x, (k_cache, v_cache)
+
+
+def per_layer_params(params: dict) -> dict:
+    """A stage's params for scan_layers=False: the stacked "layers" subtree split into one
+    subtree per layer ("layers_0", ...), as separate arrays; the rest unchanged."""
+    stacked = params["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    split = {f"layers_{i}": jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+             for i in range(n)}
+    return {**{k: v for k, v in params.items() if k != "layers"}, **split}
