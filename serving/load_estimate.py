@@ -18,7 +18,7 @@ that delay, measured in steady gaps from finished requests, is spread over the o
 Rates are exponentially weighted by time (a half-life of HALF_LIFE_S), sampled from
 engine.stats() at most every SAMPLE_S at admission time; until a rate is measured, the part of
 the estimate that needs it is 0 (nothing is refused on a guess). What the model misses is
-calibrated from the requests served (see LoadEstimator.calibrate): under overload the server
+calibrated from the requests served in the last minute (see LoadEstimator.calibrate): under overload the server
 sits where admission stops, so every admitted request sees about the bound; it must stop where
 the 99th percentile, not the mean, meets it.
 """
@@ -36,6 +36,9 @@ MAX_SAMPLE_GAP_S = 1.0    # a longer gap between samples mixes idle time into a 
 PREFILL_ROLES = ("prefill", "colocated", "chunked")
 DECODE_ROLES = ("decode", "colocated", "chunked")
 MIN_TPOT_RATIO = 0.5
+# What the model missed for requests older than this no longer applies: a burst's long TTFTs
+# would otherwise refuse requests to an idle server for its next 512 admissions.
+CALIBRATION_MAX_AGE_S = 60.0
 
 
 class Ratio:
@@ -62,22 +65,32 @@ def bucket(rows: float) -> int:
 
 
 class RecentQuantile:
-    """The q-quantile of the last `size` observations, recomputed every `every` of them."""
+    """The q-quantile of the last `size` observations younger than `max_age` seconds,
+    recomputed every `every` of them and when one ages out; `default` when there are none."""
 
-    def __init__(self, q: float, default: float, size: int = 512, every: int = 16):
-        self.q, self.default, self.every = q, default, every
-        self.values: collections.deque = collections.deque(maxlen=size)
+    def __init__(self, q: float, default: float, size: int = 512, every: int = 16,
+                 max_age: float = math.inf):
+        self.q, self.default, self.every, self.max_age = q, default, every, max_age
+        self.values: collections.deque = collections.deque(maxlen=size)   # (time, value)
         self._added, self._value = 0, default
 
-    def add(self, value: float) -> None:
-        self.values.append(value)
+    def add(self, value: float, now: float = 0.0) -> None:
+        self.values.append((now, value))
         self._added += 1
         if self._added % self.every == 0 or len(self.values) < self.every:
-            ordered = sorted(self.values)
-            self._value = ordered[min(len(ordered) - 1, int(self.q * len(ordered)))]
+            self._recompute()
 
-    def value(self) -> float:
+    def value(self, now: float = 0.0) -> float:
+        if self.values and now - self.values[0][0] > self.max_age:
+            while self.values and now - self.values[0][0] > self.max_age:
+                self.values.popleft()
+            self._recompute()
         return self._value
+
+    def _recompute(self) -> None:
+        ordered = sorted(v for _, v in self.values)
+        self._value = ordered[min(len(ordered) - 1, int(self.q * len(ordered)))] \
+            if ordered else self.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +122,10 @@ class LoadEstimator:
         # What the model misses (interpreter and CPU contention, the load admitted after a
         # request, bursts of pulls): recent requests' actual TPOT over the model's estimate at
         # their admission, and actual TTFT less the estimate (its misses are added waits).
-        self.tpot_ratio = RecentQuantile(CALIBRATION_QUANTILE, default=1.0)
-        self.ttft_excess = RecentQuantile(CALIBRATION_QUANTILE, default=0.0)
+        self.tpot_ratio = RecentQuantile(CALIBRATION_QUANTILE, default=1.0,
+                                         max_age=CALIBRATION_MAX_AGE_S)
+        self.ttft_excess = RecentQuantile(CALIBRATION_QUANTILE, default=0.0,
+                                          max_age=CALIBRATION_MAX_AGE_S)
         self._last: dict[str, dict] = {}
         self._last_at: float | None = None
         self._stats: list[dict] = []
@@ -129,9 +144,9 @@ class LoadEstimator:
     def calibrate(self, estimate: Estimate, ttft: float | None, tpot: float | None) -> None:
         """A request admitted with `estimate` was served in `ttft` and `tpot` seconds."""
         if ttft is not None:
-            self.ttft_excess.add(max(0.0, ttft - estimate.model_ttft))
+            self.ttft_excess.add(max(0.0, ttft - estimate.model_ttft), self.clock())
         if tpot is not None and estimate.model_tpot > 0:
-            self.tpot_ratio.add(max(MIN_TPOT_RATIO, tpot / estimate.model_tpot))
+            self.tpot_ratio.add(max(MIN_TPOT_RATIO, tpot / estimate.model_tpot), self.clock())
 
     def sample(self) -> list[dict]:
         """The engine's live instances' stats, and the rates they imply since the last sample."""
@@ -196,7 +211,8 @@ class LoadEstimator:
         decoders = [s for s in stats if s.get("role") in DECODE_ROLES]
         cap = self._decode_cap(decoders, max(prompt_lens, default=0), max_tokens)
         model_ttft, model_ttft_alone = self._ttft(prefills, prompt_lens)
-        excess, ratio = self.ttft_excess.value(), self.tpot_ratio.value()
+        now = self.clock()
+        excess, ratio = self.ttft_excess.value(now), self.tpot_ratio.value(now)
         ttft = model_ttft + excess
         load = (in_flight_rows + rows) / max(1, len(decoders))   # sequences per instance
 

@@ -168,6 +168,23 @@ def test_estimates_are_calibrated_by_what_admitted_requests_got(measured):
     assert (after.model_tpot, after.model_ttft) == pytest.approx((before.tpot, before.ttft))
 
 
+def test_a_burst_s_misses_stop_counting_once_they_are_old(measured):
+    """A burst's requests waited far longer than estimated; a minute later, what the model
+    missed then no longer inflates the estimate of a request to an idle server."""
+    _, clock, estimator = measured
+    before = estimator.estimate(0, [64], 1, 16)
+    for _ in range(64):
+        estimator.calibrate(before, ttft=before.model_ttft + 8.0, tpot=before.model_tpot * 3)
+    burst = estimator.estimate(0, [64], 1, 16)
+    assert burst.ttft == pytest.approx(before.ttft + 8.0)
+    assert burst.tpot == pytest.approx(3 * before.tpot)
+    clock.now += 30.0
+    assert estimator.estimate(0, [64], 1, 16).ttft == pytest.approx(before.ttft + 8.0)
+    clock.now += 31.0
+    later = estimator.estimate(0, [64], 1, 16)
+    assert (later.ttft, later.tpot) == pytest.approx((before.ttft, before.tpot))
+
+
 # ---- the policy ------------------------------------------------------------------------------
 
 class StubEstimator:
