@@ -241,12 +241,15 @@ def test_pipeline_stages_hold_only_their_layers_on_their_devices():
         devices = set(stage.mesh.devices.flat)
         for leaf in jax.tree_util.tree_leaves(stage.params):
             assert set(leaf.sharding.device_set) == devices
-        # On a CPU each layer's params are arrays of their own (Stage, per_layer_params).
+        kernel = stage.params["layers"]["mlp"]["fc1"]["kernel"]
         start, end = stage.layer_range
-        layers = [k for k in stage.params if k.startswith("layers")]
+        assert kernel.shape[0] == end - start
+        # On a CPU, decode programs take each layer's params as arrays of their own.
+        layers = [k for k in stage.decode_params if k.startswith("layers")]
         assert sorted(layers) == sorted(f"layers_{i}" for i in range(end - start))
-        fc1 = engine.model_config.hidden_size, engine.model_config.ffn_dim
-        assert all(stage.params[k]["mlp"]["fc1"]["kernel"].shape == fc1 for k in layers)
+        for i, k in enumerate(sorted(layers, key=lambda k: int(k.split("_")[1]))):
+            np.testing.assert_array_equal(stage.decode_params[k]["mlp"]["fc1"]["kernel"],
+                                          kernel[i])
     assert "embed_positions" in runner.stages[0].params
     assert "embed_positions" not in runner.stages[-1].params
 

@@ -55,9 +55,10 @@ def platform_min_decode_rows(platform: str) -> int:
 
 
 def platform_scans_layers(platform: str) -> bool:
-    """Whether a stage runs its layers as one scanned body. Not on a CPU: there every step
-    copied each layer's weights out of the stack (opt-125m decode at batch 1: 46 ms a step
-    scanned, 25 ms unrolled, with programs that take about 1.5x as long to compile)."""
+    """Whether a stage's decode programs run its layers as one scanned body. Not on a CPU:
+    there every step copied each layer's weights out of the stack (opt-125m decode at batch 1
+    and 16 tokens: 46 ms a step scanned, 25 ms unrolled; its programs take about 1.5x as long
+    to compile)."""
     return platform != "cpu"
 
 
@@ -151,14 +152,16 @@ class Stage:
         self.pool = PagePool(self.mesh, num_layers, num_pages, page_size, kv_heads,
                              config.head_dim, dtype)
         attention = for_mesh(attention, self.mesh)
+        # Decode programs unroll their layers on a CPU (platform_scans_layers), over a second
+        # copy of the layer weights split per layer; prefill and chunked programs scan the
+        # stacked ones (unrolling them too cost twice the cold start for 12% more prefill).
         scan = platform_scans_layers(self.mesh.devices.flat[0].platform)
         self.models = {mode: config.module(attention, mode, num_layers=num_layers,
                                            first_stage=first, last_stage=last,
                                            kv_heads=kv_heads, dtype=dtype).clone(
-                                               scan_layers=scan)
+                                               scan_layers=scan or mode != "decode")
                        for mode in ("prefill", "decode", "chunked")}
-        if not scan:
-            self.params = per_layer_params(params)
+        self.decode_params = params if scan else per_layer_params(params)
         self.fns = {}
         self.rehearsing = False   # see _call and ModelRunner.rehearsal
         self._unproven: dict = {}  # key -> store file, of loaded programs not yet run
@@ -244,13 +247,13 @@ class Stage:
             layouts = (inputs.layout, inputs.sample_layout)
             samples, self.pool.k, self.pool.v, self.slots = self._call(
                 ("decode+sample",) + layouts, lambda: self._decode_and_sample(*layouts),
-                DECODE_SAMPLE_DONATED, self.params, self.pool.k, self.pool.v, self.slots,
-                inputs.packed, inputs.sample_packed, override)
+                DECODE_SAMPLE_DONATED, self.decode_params, self.pool.k, self.pool.v,
+                self.slots, inputs.packed, inputs.sample_packed, override)
             return samples
         out, self.pool.k, self.pool.v = self._call(
             ("forward", mode, inputs.layout), lambda: self._forward(mode, inputs.layout),
-            FORWARD_DONATED, self.params, hidden, self.pool.k, self.pool.v, inputs.packed,
-            override)
+            FORWARD_DONATED, self.decode_params if mode == "decode" else self.params, hidden,
+            self.pool.k, self.pool.v, inputs.packed, override)
         if not self.last:
             return out
         last, scores = out
