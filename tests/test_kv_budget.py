@@ -18,7 +18,12 @@ GIB = 1 << 30
 def test_the_auto_budget_is_a_share_of_free_memory_over_the_devices_within_bounds():
     """The documented rule (README, design.md): 30% of free memory over the engine's devices,
     256 MiB to 4 GiB each."""
-    assert auto_cpu_kv_bytes(2, available=20 * GIB) == int(0.3 * 10 * GIB)
+    assert auto_cpu_kv_bytes(2, available=20 * GIB) == 3 * GIB                  # 0.3 x 10 GiB
+    # Rounded down to 256 MiB: free memory that moves by a few MB between two starts gives
+    # the same page count, so the same step programs (0.3 x 11 GiB = 3.3 GiB -> 3.25 GiB).
+    mib = 1 << 20
+    assert auto_cpu_kv_bytes(2, available=22 * GIB - 5 * mib) == 3 * GIB + 256 * mib
+    assert auto_cpu_kv_bytes(2, available=22 * GIB + 5 * mib) == 3 * GIB + 256 * mib
     assert auto_cpu_kv_bytes(1, available=1024 * GIB) == 4 * GIB      # a big machine
     assert auto_cpu_kv_bytes(8, available=1 * GIB) == 256 << 20       # a busy one
 
