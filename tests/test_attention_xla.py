@@ -105,10 +105,10 @@ def test_prefill(head_dim, kv_heads):
     assert_close(out, ref, f"prefill D={head_dim}")
 
 
-@pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 64, HEADS), (16, 80, 2)])
-def test_decode(page_size, head_dim, kv_heads):
-    rng = np.random.default_rng(page_size)
-    lens = [1, 2 * BLOCK_TOKENS + 5, 37, 0, BLOCK_TOKENS, 0]  # 0: padding rows
+def check_decode(seed, lens, page_size, head_dim, kv_heads, what):
+    """XLAAttention.decode of one query per row (context lens `lens`, 0: padding) against the
+    float64 reference."""
+    rng = np.random.default_rng(seed)
     width = -(-max(lens) // page_size) + 2
     case = PagedCase(rng, lens, page_size, head_dim, kv_heads, width)
     q = normal(rng, len(lens), HEADS, head_dim)
@@ -118,7 +118,13 @@ def test_decode(page_size, head_dim, kv_heads):
                           block_tables=jnp.asarray(case.tables), context_lens=jnp.asarray(ctx))
     out = run(XLAAttention().decode, q, case.k, case.v, jnp.int32(LAYER), meta)
     seq = np.where(ctx > 0, np.arange(len(lens)), -1)
-    assert_close(out, case.reference(q, seq, ctx - 1), f"decode page_size={page_size}")
+    assert_close(out, case.reference(q, seq, ctx - 1), f"{what} page_size={page_size}")
+
+
+@pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 64, HEADS), (16, 80, 2)])
+def test_decode(page_size, head_dim, kv_heads):
+    check_decode(page_size, [1, 2 * BLOCK_TOKENS + 5, 37, 0, BLOCK_TOKENS, 0],  # 0: padding
+                 page_size, head_dim, kv_heads, "decode")
 
 
 @pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 64, HEADS), (16, 80, 2)])
@@ -126,18 +132,8 @@ def test_decode_in_row_groups(monkeypatch, page_size, head_dim, kv_heads):
     """Rows walk their pages in groups when a step's K would outgrow DECODE_STEP_BYTES: here
     groups of 2 rows, one of them all padding and the last one filled by a padding row."""
     monkeypatch.setattr(attention, "DECODE_STEP_BYTES", 2 * page_size * kv_heads * head_dim * 4)
-    rng = np.random.default_rng(page_size + 1)
-    lens = [0, 0, 1, 2 * BLOCK_TOKENS + 5, 37, BLOCK_TOKENS, 9]
-    width = -(-max(lens) // page_size) + 2
-    case = PagedCase(rng, lens, page_size, head_dim, kv_heads, width)
-    q = normal(rng, len(lens), HEADS, head_dim)
-    ctx = np.array(lens, np.int32)
-    meta = DecodeMetadata(positions=jnp.asarray(np.maximum(ctx - 1, 0)),
-                          slot_mapping=jnp.zeros(len(lens), jnp.int32),
-                          block_tables=jnp.asarray(case.tables), context_lens=jnp.asarray(ctx))
-    out = run(XLAAttention().decode, q, case.k, case.v, jnp.int32(LAYER), meta)
-    seq = np.where(ctx > 0, np.arange(len(lens)), -1)
-    assert_close(out, case.reference(q, seq, ctx - 1), f"grouped decode page_size={page_size}")
+    check_decode(page_size + 1, [0, 0, 1, 2 * BLOCK_TOKENS + 5, 37, BLOCK_TOKENS, 9],
+                 page_size, head_dim, kv_heads, "grouped decode")
 
 
 @pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 80, HEADS), (16, 64, 1)])
