@@ -57,8 +57,7 @@ def platform_min_decode_rows(platform: str) -> int:
 def platform_scans_layers(platform: str) -> bool:
     """Whether a stage's decode programs run its layers as one scanned body. Not on a CPU:
     there every step copied each layer's weights out of the stack (opt-125m decode at batch 1
-    and 16 tokens: 46 ms a step scanned, 25 ms unrolled; its programs take about 1.5x as long
-    to compile)."""
+    and 16 tokens: 46 ms a step scanned, 25 ms unrolled; the programs compile more slowly)."""
     return platform != "cpu"
 
 
@@ -161,7 +160,7 @@ class Stage:
                                            kv_heads=kv_heads, dtype=dtype).clone(
                                                scan_layers=scan or mode != "decode")
                        for mode in ("prefill", "decode", "chunked")}
-        self.decode_params = params if scan else per_layer_params(params)
+        self._scan_decode = scan
         self.fns = {}
         self.rehearsing = False   # see _call and ModelRunner.rehearsal
         self._unproven: dict = {}  # key -> store file, of loaded programs not yet run
@@ -175,6 +174,12 @@ class Stage:
         if last:
             self.slots = jax.jit(SlotTable.zeros, static_argnums=(0, 1),
                                  out_shardings=self.replicated)(num_slots, config.vocab_size)
+
+    @functools.cached_property
+    def decode_params(self):
+        """The params decode programs take: per layer where they unroll. Made on first use,
+        so a prefill instance never holds the second copy."""
+        return self.params if self._scan_decode else per_layer_params(self.params)
 
     def _call(self, key, make, donated, *args):
         """Run the program `key` (made by `make()`, a jitted function that returns its result
