@@ -110,6 +110,12 @@ DECODE_STEP_BYTES = 384 << 10
 # short row at batch 1 would otherwise gather and mask 1024 tokens a step (1.2x the step time
 # of opt-tiny at 32 tokens; benchmarks/bench_table_width.py).
 DECODE_ROW_PAGES = 16
+# ...and of one row at most this many bytes of K (whole pages, at least one). Several pages of
+# a row in one step gather into a [pages x page tokens] run that the score product transposes
+# whole; one opt-125m page (48 KiB) a row a step against 2-8 (the cap above) took 39 against
+# 48-51 ms at batch 3 and 512 tokens, 48 against 59 ms at batch 1 and 2,000 tokens, and the
+# same from batch 8 up (where a step already held one page a row): bench_model.py, opt-125m.
+DECODE_ROW_STEP_BYTES = 48 << 10
 
 
 def _in_window(q_pos, k_pos, window):
@@ -243,8 +249,9 @@ def _attend_row_group(q, q_pos, block_tables, k_cache, v_cache, layer, window=No
     longest row."""
     b, h, d = q.shape
     page_size, hkv = k_cache.shape[2:4]
+    page_bytes = page_size * hkv * d * k_cache.dtype.itemsize
     per_step = max(1, min(_decode_step_tokens(k_cache) // (b * page_size), DECODE_ROW_PAGES,
-                          block_tables.shape[1]))
+                          DECODE_ROW_STEP_BYTES // page_bytes, block_tables.shape[1]))
     pages = _padded_tables(k_cache, block_tables, per_step)
     n = per_step * page_size
     num_steps = jnp.minimum((q_pos.max() + n) // n, pages.shape[1] // per_step)
