@@ -61,6 +61,14 @@ def platform_scans_layers(platform: str) -> bool:
     return platform != "cpu"
 
 
+def platform_compiler_options(platform: str) -> dict | None:
+    """XLA options of a stage's step programs. On a CPU, LLVM's optimisation level 1, not the
+    default: opt-125m decode steps at 8 and 64 rows (512 tokens) took 63-64 and 315-335 ms
+    against 75-80 and 383-403 ms (benchmarks/bench_model.py, alternating), with batch 1 and
+    prefill unchanged and the compiles a little quicker."""
+    return {"xla_backend_optimization_level": 1} if platform == "cpu" else None
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
@@ -183,6 +191,7 @@ class Stage:
                                                scan_layers=scan or mode != "decode")
                        for mode in ("prefill", "decode", "chunked")}
         self._scan_decode = scan
+        self._compiler_options = platform_compiler_options(self.mesh.devices.flat[0].platform)
         self.fns = {}
         self.rehearsing = False   # see _call and ModelRunner.rehearsal
         self._unproven: dict = {}  # key -> store file, of loaded programs not yet run
@@ -245,18 +254,20 @@ class Stage:
 
     def _forward(self, mode, layout):
         return jax.jit(functools.partial(_forward_step, self.models[mode], mode=mode,
-                                         layout=layout), donate_argnums=FORWARD_DONATED)
+                                         layout=layout), donate_argnums=FORWARD_DONATED,
+                       compiler_options=self._compiler_options)
 
     def _sampler(self, layout):
         return jax.jit(functools.partial(_sample_step, self.models["decode"], layout=layout),
-                       donate_argnums=SAMPLER_DONATED)
+                       donate_argnums=SAMPLER_DONATED, compiler_options=self._compiler_options)
 
     def _decode_and_sample(self, layout, sample_layout):
         """A whole decode step of a single-stage instance: the forward and the sampler in one
         jitted program (one dispatch per step, the host's largest fixed cost at batch 1)."""
         return jax.jit(functools.partial(_decode_sample_step, self.models["decode"],
                                          layout=layout, sample_layout=sample_layout),
-                       donate_argnums=DECODE_SAMPLE_DONATED)
+                       donate_argnums=DECODE_SAMPLE_DONATED,
+                       compiler_options=self._compiler_options)
 
     def run(self, mode, hidden, inputs: StepInputs, override=None):
         """One stage of a step on the previous stage's activations (None on the first stage);
