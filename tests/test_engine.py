@@ -67,10 +67,12 @@ def decode_batch_buckets(engine) -> set[int]:
 
 
 def test_every_decode_batch_pads_to_a_bucket_warm_up_compiles():
-    """Below 8 rows a batch runs unpadded (a padded row costs a real one's attention on a CPU),
-    past it at the next power of two; warm-up's list holds every bucket a step can pad to."""
+    """Up to 8 rows a batch pads to the powers of two and 3 and 6 (a padded row costs a real
+    one's attention on a CPU), past them to the next power of two; warm-up's list holds every
+    bucket a step can pad to."""
     from dsjax.executor.runner import decode_rows_bucket, decode_rows_buckets
-    assert decode_rows_buckets(1, 64) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]
+    assert decode_rows_buckets(1, 64) == [1, 2, 3, 4, 6, 8, 16, 32, 64]
+    assert [decode_rows_bucket(n, 1) for n in range(1, 10)] == [1, 2, 3, 4, 6, 6, 8, 8, 16]
     assert decode_rows_buckets(8, 64) == [8, 16, 32, 64]   # accelerators: 8 rows at least
     for smallest in (1, 2, 8):
         for largest in (1, 5, 8, 9, 100):
@@ -273,7 +275,7 @@ def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
     per prefill, 8 decode rows) find every step program compiled before the engine is ready."""
     extra = dict(decoding_max_tokens_per_batch=32) if mode == "chunked" else {}
     if mode == "disaggregated":
-        extra = dict(min_decode_rows=1)  # every row count up to 8 has its own program
+        extra = dict(min_decode_rows=1)  # 1-row buckets: warm-up compiles 1, 2, 3, 4 and 6 too
     # A set budget: a measured one follows this machine's speed (its own test is below).
     engine = hf_engine(hf_opt[1], mode=mode, warmup_max_prompt_len=32,
                        warmup_max_context_len=64, warmup_max_prefill_batch=2,
@@ -282,7 +284,7 @@ def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
     compiled = [len(s.fns) for r in runners for s in r.stages]
     assert min(compiled) > 0
     if mode != "chunked":
-        assert decode_batch_buckets(engine) == (set(range(1, 9)) if mode == "disaggregated" else {8})
+        assert decode_batch_buckets(engine) == ({1, 2, 3, 4, 6, 8} if mode == "disaggregated" else {8})
     generate(engine, [p[:16] for p in engine_prompts()[:2]], SamplingParams(
         temperature=0.7, max_tokens=20, ignore_eos=True, seed=1))
     assert [len(s.fns) for r in runners for s in r.stages] == compiled

@@ -75,17 +75,20 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# Decode batches up to this many rows run unpadded (when the instance's smallest bucket is
-# below it: on a CPU). A padded row costs a real row's attention, since a group of rows walks
-# its pages together: opt-125m at 512 tokens took 54 ms for 3 rows padded to 4, 36 ms for 2.
-EXACT_DECODE_ROWS = 8
+# Decode row buckets up to 8 rows (when the instance's smallest bucket is below 8: on a CPU):
+# the powers of two, and 3 and 6 besides. A padded row costs a real row's attention (a group
+# of rows walks its pages together), and a program costs ~3 s of cold start for opt-125m.
+# Unpadded steps at 512 tokens (bench_model.py, opt-125m, two runs): 3 rows 37-43 ms, 4 rows
+# 42-45, 5 rows 51-53, 6 rows 48-52, 7 rows 59-62, 8 rows 60-62: padding 5 to 6 and 7 to 8
+# costs nothing, 5 or 6 to 8 a sixth.
+SMALL_DECODE_BUCKETS = (1, 2, 3, 4, 6, 8)
 
 
 def decode_rows_bucket(n: int, minimum: int) -> int:
-    """Rows a decode step of n rows is padded to: max(n, minimum) up to EXACT_DECODE_ROWS,
-    the next power of two past it."""
+    """Rows a decode step of n rows is padded to: the first of SMALL_DECODE_BUCKETS that
+    holds max(n, minimum), past them the next power of two."""
     n = max(n, minimum)
-    return n if n <= EXACT_DECODE_ROWS else bucket(n)
+    return next((b for b in SMALL_DECODE_BUCKETS if b >= n), None) or bucket(n)
 
 
 def decode_rows_buckets(lo: int, hi: int) -> list[int]:
