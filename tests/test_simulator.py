@@ -1,5 +1,6 @@
 """Simulator and latency-model tests on hand-checkable cases."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,28 @@ def test_one_request_token_times_by_hand(latency):
     events = [e["event_type"] for e in result.lifecycle_events]
     assert events == ["issued", "context_begin", "context_end", "migration_begin", "migration_end",
                       "decoding_begin", "decoding_end"]
+
+
+def test_a_float32_profile_pulls_float32_kv(tmp_path):
+    """A profile names its dtype, and a simulated pull moves KV of that dtype: the CPU
+    validation profiles are float32, and their link is fitted from float32 transfers (charged
+    at FP16's 2 bytes an element, every pull's byte time came out half the real one)."""
+    path = tmp_path / "profile.json"
+    save_profile(path, "opt-13b", {1: StepCoeffs(PREFILL, DECODE, DECODE)}, {(1, 1): 100_000},
+                 hardware={"dtype": "float32"})
+    m = load_profile(path, "opt-13b")
+    assert m.kv_bytes_per_token() == 2 * 40 * 5120 * 4
+    [r] = run(m, [req(100, 3)], [0.0], kv_link_bytes_per_s=1e9)
+    first = (10 + 0.1 * 100) / 1e3
+    assert r.token_timestamps()[1] == pytest.approx(
+        first + 100 * 2 * KV_BYTES / 1e9 + decode_ms([101]) / 1e3)
+    assert load_profile(None, "opt-13b").kv_bytes_per_token() == KV_BYTES   # FP16, unnamed
+    cpu = load_profile(Path(__file__).parent.parent / "configs" / "profiles"
+                       / "profiler-cpu-opt-125m-validation.distserve.json", "opt-125m")
+    assert cpu.kv_bytes_per_token() == 2 * 12 * 768 * 4
+    # ...and what the engine fits from it keeps the dtype.
+    from dsjax.eval.engine_fit import engine_latency_model
+    assert engine_latency_model([], cpu).kv_bytes_per_token() == 2 * 12 * 768 * 4
 
 
 def test_two_requests_queue_behind_a_running_batch():

@@ -151,4 +151,4 @@ def engine_latency_model(results, profile: LatencyModel, tp: int = 1) -> Latency
     (RequestResults of replays), and no separate overhead: the steps already include it."""
     coeffs = fit_engine_coeffs(prefill_batches(results), decode_steps(results), profile.coeffs(tp))
     return LatencyModel(profile.model, {**profile.measured, tp: coeffs}, profile.kv_capacity,
-                        profile.gpu_memory_bytes, StepOverhead())
+                        profile.gpu_memory_bytes, StepOverhead(), profile.dtype_bytes)

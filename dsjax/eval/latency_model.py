@@ -102,7 +102,8 @@ class LatencyModel:
 
     def __init__(self, model: str, coeffs: Mapping[int, StepCoeffs],
                  kv_capacity: Mapping[tuple[int, int], int] | None = None,
-                 gpu_memory_bytes: float = A100_MEMORY_BYTES, overhead: StepOverhead = StepOverhead()):
+                 gpu_memory_bytes: float = A100_MEMORY_BYTES, overhead: StepOverhead = StepOverhead(),
+                 dtype_bytes: int = 2):
         if not coeffs:
             raise ValueError(f"no step coefficients for {model}; profile it first "
                              f"(the profile's model keys must match)")
@@ -111,11 +112,14 @@ class LatencyModel:
         self.kv_capacity = dict(kv_capacity or {})
         self.gpu_memory_bytes = gpu_memory_bytes
         self.overhead = overhead
+        # Bytes per weight and KV element: 2 (FP16, the paper's); a profile says its own.
+        self.dtype_bytes = dtype_bytes
         self.config = config_from_name(self.model)
         self._cache: dict[int, StepCoeffs] = {}
 
     def with_overhead(self, overhead: StepOverhead) -> "LatencyModel":
-        return LatencyModel(self.model, self.measured, self.kv_capacity, self.gpu_memory_bytes, overhead)
+        return LatencyModel(self.model, self.measured, self.kv_capacity, self.gpu_memory_bytes,
+                            overhead, self.dtype_bytes)
 
     def coeffs(self, tp: int) -> StepCoeffs:
         if tp in self.measured:
@@ -171,15 +175,16 @@ class LatencyModel:
 
     def kv_capacity_tokens(self, tp: int, pp: int) -> int:
         """KV tokens an instance holds: the profile's figure, else GPU memory left after the
-        FP16 weights (tp * pp GPUs of gpu_memory_bytes) over the KV bytes per token; 0 if the
+        weights (tp * pp GPUs of gpu_memory_bytes) over the KV bytes per token; 0 if the
         weights do not fit."""
         if (tp, pp) in self.kv_capacity:
             return self.kv_capacity[(tp, pp)]
-        free = tp * pp * self.gpu_memory_bytes - 2 * self.config.num_params()
-        return max(0, int(free // self.config.kv_bytes_per_token(2)))
+        free = tp * pp * self.gpu_memory_bytes - self.dtype_bytes * self.config.num_params()
+        return max(0, int(free // self.kv_bytes_per_token()))
 
     def kv_bytes_per_token(self) -> int:
-        return self.config.kv_bytes_per_token(2)
+        """K and V bytes of one token, in the profiled dtype: what a KV pull moves."""
+        return self.config.kv_bytes_per_token(self.dtype_bytes)
 
 
 def _fit_over_tp(tps: Sequence[int], ys: np.ndarray, tp: int) -> float:
@@ -195,6 +200,10 @@ def _fit_over_tp(tps: Sequence[int], ys: np.ndarray, tp: int) -> float:
 
 def _is_model_entry(value) -> bool:
     return isinstance(value, dict) and any(k.isdigit() for k in value)
+
+
+# Element bytes of the dtypes a profile may name (a profile without one is FP16, as DistServe's).
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def load_profile(path: str | os.PathLike | None, model: str,
@@ -218,7 +227,8 @@ def load_profile(path: str | os.PathLike | None, model: str,
     memory = float(data.get("hardware", {}).get("gpu_memory_bytes", A100_MEMORY_BYTES))
     overhead = StepOverhead.from_json(entry["step_overhead_ms"]) if "step_overhead_ms" in entry \
         else StepOverhead()
-    return LatencyModel(key, coeffs, kv, memory, overhead)
+    dtype = data.get("hardware", {}).get("dtype", "float16")
+    return LatencyModel(key, coeffs, kv, memory, overhead, DTYPE_BYTES.get(dtype, 2))
 
 
 def _read_kv_csv(path: Path, model: str) -> dict[tuple[int, int], int]:
@@ -337,7 +347,8 @@ def scale_model(source: LatencyModel, reference: LatencyModel, target: str,
               for tp, c in source.measured.items()}
     key = canonical_model_name(target)
     kv = _read_kv_csv(Path(kv_csv) if kv_csv else DEFAULT_PROFILE.parent / "max_num_tokens.csv", key)
-    return LatencyModel(key, coeffs, kv, source.gpu_memory_bytes, source.overhead)
+    return LatencyModel(key, coeffs, kv, source.gpu_memory_bytes, source.overhead,
+                        source.dtype_bytes)
 
 
 def scale_by_flops(source: LatencyModel, target: str) -> LatencyModel:
@@ -360,7 +371,7 @@ def scale_by_flops(source: LatencyModel, target: str) -> LatencyModel:
                              times(c.decode_large, decode), c.bs_threshold)
               for tp, c in source.measured.items()}
     return LatencyModel(canonical_model_name(target), coeffs, {}, source.gpu_memory_bytes,
-                        source.overhead)
+                        source.overhead, source.dtype_bytes)
 
 
 def load_profile_or_scaled(path: str | os.PathLike | None, model: str,
