@@ -3,6 +3,7 @@ pressure in each mode, streaming, lifetime events, KV migration bit for bit."""
 from __future__ import annotations
 
 import threading
+import types
 
 import jax
 import jax._src.array as jax_array
@@ -68,9 +69,10 @@ def decode_batch_buckets(engine) -> set[int]:
 
 def test_every_decode_batch_pads_to_a_bucket_warm_up_compiles():
     """Up to 8 rows a batch pads to the powers of two and 3 and 6 (a padded row costs a real
-    one's attention on a CPU), past them to the next power of two; warm-up's list holds every
-    bucket a step can pad to."""
-    from dsjax.executor.runner import decode_rows_bucket, decode_rows_buckets
+    one's attention on a CPU), past them to the next power of two; warm-up's batches reach
+    every bucket a step can pad to, a pipeline's micro-batches included."""
+    from dsjax.executor.runner import (SMALL_DECODE_BUCKETS, ModelRunner, decode_rows_bucket,
+                                       decode_rows_buckets)
     assert decode_rows_buckets(1, 64) == [1, 2, 3, 4, 6, 8, 16, 32, 64]
     assert [decode_rows_bucket(n, 1) for n in range(1, 10)] == [1, 2, 3, 4, 6, 6, 8, 8, 16]
     assert decode_rows_buckets(8, 64) == [8, 16, 32, 64]   # accelerators: 8 rows at least
@@ -79,6 +81,21 @@ def test_every_decode_batch_pads_to_a_bucket_warm_up_compiles():
             warmed = decode_rows_buckets(smallest, largest)
             for n in range(1, largest + 1):
                 assert n <= decode_rows_bucket(n, smallest) in warmed
+
+    def micro_buckets(total, pp, small):
+        """The buckets of a batch's micro-batches, as the runner splits it."""
+        fake = types.SimpleNamespace(spec=types.SimpleNamespace(pp=pp))
+        return {decode_rows_bucket(len(part), 1, small)
+                for part in ModelRunner._split(fake, list(range(total)))}
+
+    def gaps(pp, small):
+        warmed = set().union(*(micro_buckets(t, pp, small)
+                               for t in decode_rows_buckets(1, 64, small)))
+        return {n for n in range(1, 65) if not micro_buckets(n, pp, small) <= warmed}
+
+    assert gaps(1, SMALL_DECODE_BUCKETS) == set()
+    assert gaps(2, ()) == gaps(3, ()) == set()   # what a pipeline uses
+    assert 11 in gaps(2, SMALL_DECODE_BUCKETS)   # 5 + 6 rows: no warmed batch splits so
 
 
 @pytest.mark.parametrize("mode,extra", [

@@ -84,19 +84,19 @@ def bucket(n: int, minimum: int = 1) -> int:
 SMALL_DECODE_BUCKETS = (1, 2, 3, 4, 6, 8)
 
 
-def decode_rows_bucket(n: int, minimum: int) -> int:
-    """Rows a decode step of n rows is padded to: the first of SMALL_DECODE_BUCKETS that
-    holds max(n, minimum), past them the next power of two."""
+def decode_rows_bucket(n: int, minimum: int, small=SMALL_DECODE_BUCKETS) -> int:
+    """Rows a decode step of n rows is padded to: the first of `small` that holds
+    max(n, minimum), past them the next power of two."""
     n = max(n, minimum)
-    return next((b for b in SMALL_DECODE_BUCKETS if b >= n), None) or bucket(n)
+    return next((b for b in small if b >= n), None) or bucket(n)
 
 
-def decode_rows_buckets(lo: int, hi: int) -> list[int]:
+def decode_rows_buckets(lo: int, hi: int, small=SMALL_DECODE_BUCKETS) -> list[int]:
     """Every decode_rows_bucket from lo rows up to hi rows' (each program a step may run)."""
-    out, b = [], decode_rows_bucket(lo, lo)
-    while b <= decode_rows_bucket(hi, lo):
+    out, b = [], decode_rows_bucket(lo, lo, small)
+    while b <= decode_rows_bucket(hi, lo, small):
         out.append(b)
-        b = decode_rows_bucket(b + 1, lo)
+        b = decode_rows_bucket(b + 1, lo, small)
     return out
 
 
@@ -412,6 +412,9 @@ class ModelRunner:
         self.max_blocks_per_request = max_blocks_per_request
         self.min_decode_rows = (min_decode_rows or
                                 platform_min_decode_rows(spec.stage_devices(0)[0].platform))
+        # Powers of two only under a pipeline: it splits a batch into micro-batches of any
+        # size, and warm-up's batches of the small buckets would not reach them all.
+        self.small_decode_buckets = SMALL_DECODE_BUCKETS if spec.pp == 1 else ()
         # Attention whose loops stop at the longest live row costs nothing for a block table
         # padded to the request maximum: one width then makes one decode program per batch
         # bucket, whatever the context, so no length compiles after ready. The Pallas decode
@@ -596,7 +599,7 @@ class ModelRunner:
         groups = self._split(columns)
         for group in groups:
             n = group.num_rows
-            b_pad = decode_rows_bucket(n, self.min_decode_rows)
+            b_pad = decode_rows_bucket(n, self.min_decode_rows, self.small_decode_buckets)
             longest = int(group.table_lens.max())
             width = self.table_width(longest)
             # Copy the longest row's bucket only: a fixed width's tail stays zero (masked).

@@ -83,7 +83,8 @@ def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, i
     """(batch, context) per (batch bucket, block-table bucket) the workload reaches."""
     smallest = runner.min_decode_rows
     largest = min(max(max_batch, smallest), runner.max_batch_size)
-    return [(b, w * runner.page_size) for b in decode_rows_buckets(smallest, largest)
+    return [(b, w * runner.page_size)
+            for b in decode_rows_buckets(smallest, largest, runner.small_decode_buckets)
             for w in _widths(runner, max_context)]
 
 
