@@ -123,6 +123,10 @@ def main(argv=None) -> int:
             model=args.model, load_format="dummy", dtype=args.dtype, mode=mode,
             block_size=block_size, num_blocks=num_blocks, max_num_blocks_per_req=64,
             distributed_executor_backend=args.backend,
+            # The simulator models DistServe, which caches no prefixes, and every rate replays
+            # the same prompts: with the cache on, real prefills computed only the prompts'
+            # last blocks (real steps 0.41-0.59 of the fit, which is keyed on whole prompts).
+            enable_prefix_caching=False,
             warmup_max_prompt_len=max(r.prompt_len for r in reqs),
             warmup_max_context_len=max(r.prompt_len + r.output_len for r in reqs),
             warmup_max_prefill_batch=32, warmup_max_decode_batch=64, **limits))
