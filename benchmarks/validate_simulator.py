@@ -99,6 +99,9 @@ def main(argv=None) -> int:
         run_profile(args.model, args.dtype, [1], profile, grid, devices=jax.devices()[:1],
                     temperature=args.temperature)
     model = load_profile(profile, args.model)
+    if model.dtype_bytes != jax.numpy.dtype(args.dtype).itemsize:
+        raise SystemExit(f"{profile} was profiled in another dtype than --dtype {args.dtype}: "
+                         f"pass --reprofile (its steps and KV bytes would not match the engine's)")
     co = model.coeffs(1)
     block_size, num_blocks = 16, 4096
     model.kv_capacity[(1, 1)] = block_size * num_blocks

@@ -144,6 +144,10 @@ def test_a_float32_profile_pulls_float32_kv(tmp_path):
     # ...and what the engine fits from it keeps the dtype.
     from dsjax.eval.engine_fit import engine_latency_model
     assert engine_latency_model([], cpu).kv_bytes_per_token() == 2 * 12 * 768 * 4
+    save_profile(path, "opt-13b", {1: StepCoeffs(PREFILL, DECODE, DECODE)},
+                 hardware={"dtype": "float8_e4m3"})
+    with pytest.raises(ValueError, match="names dtype 'float8_e4m3'"):   # not guessed as 2
+        load_profile(path, "opt-13b")
 
 
 def test_two_requests_queue_behind_a_running_batch():

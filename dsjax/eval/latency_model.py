@@ -102,8 +102,8 @@ class LatencyModel:
 
     def __init__(self, model: str, coeffs: Mapping[int, StepCoeffs],
                  kv_capacity: Mapping[tuple[int, int], int] | None = None,
-                 gpu_memory_bytes: float = A100_MEMORY_BYTES, overhead: StepOverhead = StepOverhead(),
-                 dtype_bytes: int = 2):
+                 gpu_memory_bytes: float = A100_MEMORY_BYTES,
+                 overhead: StepOverhead = StepOverhead(), dtype_bytes: int = 2):
         if not coeffs:
             raise ValueError(f"no step coefficients for {model}; profile it first "
                              f"(the profile's model keys must match)")
@@ -228,7 +228,10 @@ def load_profile(path: str | os.PathLike | None, model: str,
     overhead = StepOverhead.from_json(entry["step_overhead_ms"]) if "step_overhead_ms" in entry \
         else StepOverhead()
     dtype = data.get("hardware", {}).get("dtype", "float16")
-    return LatencyModel(key, coeffs, kv, memory, overhead, DTYPE_BYTES.get(dtype, 2))
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"profile {path} names dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}. "
+                         f"Add its element size to DTYPE_BYTES or profile in a known dtype")
+    return LatencyModel(key, coeffs, kv, memory, overhead, DTYPE_BYTES[dtype])
 
 
 def _read_kv_csv(path: Path, model: str) -> dict[tuple[int, int], int]:
