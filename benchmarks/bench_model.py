@@ -3,6 +3,8 @@
     python benchmarks/bench_model.py --model opt-125m --dtype float32
     python benchmarks/bench_model.py --model opt-13b --dtype bfloat16        # on a GPU
 
+Decode batches run as the engine pads them: 5 rows as 6, 7 as 8, past 8 rows to a power of two.
+
 Floors: a decode step reads every weight once, so it takes >= weight bytes / memory bandwidth;
 a prefill token costs >= 2 x params FLOPs, so tokens/s <= peak FLOP/s / (2 x params). Bandwidth
 and peak are measured here (copy and matmul kernels) unless given as arguments.

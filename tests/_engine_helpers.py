@@ -6,8 +6,8 @@ import time
 from dsjax.config import EngineConfig
 from dsjax.engine.core import Engine
 
-# Decode batches padded to 8 rows at least: a third of the programs to compile that the CPU
-# default (1, 2, 4, 8, ...) needs. The tests marked "1-row buckets" keep that default.
+# Decode batches padded to 8 rows at least: fewer programs to compile than the CPU default
+# (1, 2, 3, 4, 6, 8, 16, ...) needs. The tests marked "1-row buckets" keep that default.
 TINY = dict(model="opt-tiny", load_format="dummy", dtype="float32", block_size=4,
             num_blocks=96, context_max_tokens_per_batch=256, max_num_blocks_per_req=64,
             min_decode_rows=8)

@@ -30,7 +30,7 @@ PLACEMENTS = {
     "tp2->1": dict(context_tensor_parallel_size=2),
     "tp1->2": dict(decoding_tensor_parallel_size=2),
     "tp2->2": dict(context_tensor_parallel_size=2, decoding_tensor_parallel_size=2),
-    # The CPU default: decode batches of 1, 2 and 4 rows as the prompts arrive and finish.
+    # The CPU default: decode batches of 1, 2, 3 and 4 rows as the prompts arrive and finish.
     "tp1->2 1-row buckets": dict(decoding_tensor_parallel_size=2, min_decode_rows=1),
     "pp2->1": dict(context_pipeline_parallel_size=2),
     "pp1->2": dict(decoding_pipeline_parallel_size=2),
@@ -70,32 +70,41 @@ def decode_batch_buckets(engine) -> set[int]:
 def test_every_decode_batch_pads_to_a_bucket_warm_up_compiles():
     """Up to 8 rows a batch pads to the powers of two and 3 and 6 (a padded row costs a real
     one's attention on a CPU), past them to the next power of two; warm-up's batches reach
-    every bucket a step can pad to, a pipeline's micro-batches included."""
-    from dsjax.executor.runner import (SMALL_DECODE_BUCKETS, ModelRunner, decode_rows_bucket,
-                                       decode_rows_buckets)
-    assert decode_rows_buckets(1, 64) == [1, 2, 3, 4, 6, 8, 16, 32, 64]
-    assert [decode_rows_bucket(n, 1) for n in range(1, 10)] == [1, 2, 3, 4, 6, 6, 8, 8, 16]
-    assert decode_rows_buckets(8, 64) == [8, 16, 32, 64]   # accelerators: 8 rows at least
+    every bucket a step's forward can pad to, a pipeline's micro-batches included."""
+    from dsjax.executor.runner import ModelRunner, small_decode_buckets
+
+    def runner(pp, smallest=1):   # what ModelRunner.__init__ sets for these
+        return types.SimpleNamespace(spec=types.SimpleNamespace(pp=pp),
+                                     min_decode_rows=smallest,
+                                     small_decode_buckets=small_decode_buckets(pp))
+
+    def buckets(r, largest):
+        return ModelRunner.decode_buckets(r, largest)
+
+    def micro_buckets(r, total):
+        """The buckets of a batch's micro-batches, as the runner splits and pads it."""
+        return {ModelRunner.decode_bucket(r, len(part))
+                for part in ModelRunner._split(r, list(range(total)))}
+
+    def gaps(r):
+        warmed = set().union(*(micro_buckets(r, t) for t in buckets(r, 64)))
+        return {n for n in range(1, 65) if not micro_buckets(r, n) <= warmed}
+
+    assert buckets(runner(1), 64) == [1, 2, 3, 4, 6, 8, 16, 32, 64]
+    assert [ModelRunner.decode_bucket(runner(1), n) for n in range(1, 10)] == \
+        [1, 2, 3, 4, 6, 6, 8, 8, 16]
+    assert buckets(runner(1, smallest=8), 64) == [8, 16, 32, 64]   # accelerators
+    assert buckets(runner(2), 16) == [1, 2, 4, 8, 16]   # a pipeline: powers of two
     for smallest in (1, 2, 8):
         for largest in (1, 5, 8, 9, 100):
-            warmed = decode_rows_buckets(smallest, largest)
+            warmed = buckets(runner(1, smallest), largest)
             for n in range(1, largest + 1):
-                assert n <= decode_rows_bucket(n, smallest) in warmed
-
-    def micro_buckets(total, pp, small):
-        """The buckets of a batch's micro-batches, as the runner splits it."""
-        fake = types.SimpleNamespace(spec=types.SimpleNamespace(pp=pp))
-        return {decode_rows_bucket(len(part), 1, small)
-                for part in ModelRunner._split(fake, list(range(total)))}
-
-    def gaps(pp, small):
-        warmed = set().union(*(micro_buckets(t, pp, small)
-                               for t in decode_rows_buckets(1, 64, small)))
-        return {n for n in range(1, 65) if not micro_buckets(n, pp, small) <= warmed}
-
-    assert gaps(1, SMALL_DECODE_BUCKETS) == set()
-    assert gaps(2, ()) == gaps(3, ()) == set()   # what a pipeline uses
-    assert 11 in gaps(2, SMALL_DECODE_BUCKETS)   # 5 + 6 rows: no warmed batch splits so
+                assert n <= ModelRunner.decode_bucket(runner(1, smallest), n) in warmed
+    assert gaps(runner(1)) == gaps(runner(2)) == gaps(runner(3)) == set()
+    # The small buckets under a pipeline would leave 11 rows (5 + 6) without a program.
+    small_under_pp = runner(2)
+    small_under_pp.small_decode_buckets = small_decode_buckets(1)
+    assert 11 in gaps(small_under_pp)
 
 
 @pytest.mark.parametrize("mode,extra", [
@@ -301,7 +310,8 @@ def test_warm_up_compiles_what_the_configured_workload_reaches(mode, hf_opt):
     compiled = [len(s.fns) for r in runners for s in r.stages]
     assert min(compiled) > 0
     if mode != "chunked":
-        assert decode_batch_buckets(engine) == ({1, 2, 3, 4, 6, 8} if mode == "disaggregated" else {8})
+        assert decode_batch_buckets(engine) == (
+            {1, 2, 3, 4, 6, 8} if mode == "disaggregated" else {8})
     generate(engine, [p[:16] for p in engine_prompts()[:2]], SamplingParams(
         temperature=0.7, max_tokens=20, ignore_eos=True, seed=1))
     assert [len(s.fns) for r in runners for s in r.stages] == compiled

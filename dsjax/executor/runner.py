@@ -75,23 +75,30 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# Decode row buckets up to 8 rows (when the instance's smallest bucket is below 8: on a CPU):
-# the powers of two, and 3 and 6 besides. A padded row costs a real row's attention (a group
-# of rows walks its pages together), and a program costs ~3 s of cold start for opt-125m.
-# Unpadded steps at 512 tokens (bench_model.py, opt-125m, two runs): 3 rows 37-43 ms, 4 rows
-# 42-45, 5 rows 51-53, 6 rows 48-52, 7 rows 59-62, 8 rows 60-62: padding 5 to 6 and 7 to 8
-# costs nothing, 5 or 6 to 8 a sixth.
+# Decode row buckets up to 8 rows, where the instance's smallest bucket is below 8 (on a CPU)
+# and it runs no pipeline (`small_decode_buckets`): the powers of two, and 3 and 6 besides.
+# A padded row costs a real row's attention (a group of rows walks its pages together), and a
+# program costs ~3 s of cold start for opt-125m. Unpadded steps at 512 tokens (bench_model.py,
+# opt-125m, two runs): 3 rows 37-43 ms, 4 rows 42-45, 5 rows 51-53, 6 rows 48-52, 7 rows
+# 59-62, 8 rows 60-62: padding 5 to 6 and 7 to 8 costs nothing, 5 or 6 to 8 a sixth.
 SMALL_DECODE_BUCKETS = (1, 2, 3, 4, 6, 8)
 
 
-def decode_rows_bucket(n: int, minimum: int, small=SMALL_DECODE_BUCKETS) -> int:
+def small_decode_buckets(pp: int) -> tuple[int, ...]:
+    """The small row buckets of an instance of `pp` pipeline stages: none under a pipeline,
+    which splits a batch into micro-batches of any size (11 rows: 5 + 6), and warm-up's
+    batches of the small buckets would not reach them all."""
+    return SMALL_DECODE_BUCKETS if pp == 1 else ()
+
+
+def decode_rows_bucket(n: int, minimum: int, small: tuple[int, ...]) -> int:
     """Rows a decode step of n rows is padded to: the first of `small` that holds
     max(n, minimum), past them the next power of two."""
     n = max(n, minimum)
     return next((b for b in small if b >= n), None) or bucket(n)
 
 
-def decode_rows_buckets(lo: int, hi: int, small=SMALL_DECODE_BUCKETS) -> list[int]:
+def decode_rows_buckets(lo: int, hi: int, small: tuple[int, ...]) -> list[int]:
     """Every decode_rows_bucket from lo rows up to hi rows' (each program a step may run)."""
     out, b = [], decode_rows_bucket(lo, lo, small)
     while b <= decode_rows_bucket(hi, lo, small):
@@ -412,9 +419,7 @@ class ModelRunner:
         self.max_blocks_per_request = max_blocks_per_request
         self.min_decode_rows = (min_decode_rows or
                                 platform_min_decode_rows(spec.stage_devices(0)[0].platform))
-        # Powers of two only under a pipeline: it splits a batch into micro-batches of any
-        # size, and warm-up's batches of the small buckets would not reach them all.
-        self.small_decode_buckets = SMALL_DECODE_BUCKETS if spec.pp == 1 else ()
+        self.small_decode_buckets = small_decode_buckets(spec.pp)
         # Attention whose loops stop at the longest live row costs nothing for a block table
         # padded to the request maximum: one width then makes one decode program per batch
         # bucket, whatever the context, so no length compiles after ready. The Pallas decode
@@ -499,6 +504,14 @@ class ModelRunner:
         for stage in self.stages[1:]:
             x = stage.run(mode, x, inputs)
         return x
+
+    def decode_bucket(self, rows: int) -> int:
+        """Rows a decode (micro-)batch of `rows` rows is padded to."""
+        return decode_rows_bucket(rows, self.min_decode_rows, self.small_decode_buckets)
+
+    def decode_buckets(self, largest: int) -> list[int]:
+        """Every row bucket of decode batches up to `largest` rows (warm-up's batches)."""
+        return decode_rows_buckets(self.min_decode_rows, largest, self.small_decode_buckets)
 
     def _split(self, rows):
         """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP) of
@@ -599,7 +612,7 @@ class ModelRunner:
         groups = self._split(columns)
         for group in groups:
             n = group.num_rows
-            b_pad = decode_rows_bucket(n, self.min_decode_rows, self.small_decode_buckets)
+            b_pad = self.decode_bucket(n)
             longest = int(group.table_lens.max())
             width = self.table_width(longest)
             # Copy the longest row's bucket only: a fixed width's tail stays zero (masked).

@@ -20,7 +20,7 @@ import numpy as np
 
 from dsjax.config import WARMUP_ALL
 from dsjax.executor.batch import ChunkRow, DecodeRow, PrefillRow, SamplingRow
-from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket, decode_rows_buckets
+from dsjax.executor.runner import MIN_TOKEN_BUCKET, bucket
 from dsjax.sampling_params import SamplingParams
 
 WARMUP_PARAMS = SamplingParams(temperature=1.0, max_tokens=1)
@@ -83,8 +83,7 @@ def decode_shapes(runner, max_context: int, max_batch: int) -> list[tuple[int, i
     """(batch, context) per (batch bucket, block-table bucket) the workload reaches."""
     smallest = runner.min_decode_rows
     largest = min(max(max_batch, smallest), runner.max_batch_size)
-    return [(b, w * runner.page_size)
-            for b in decode_rows_buckets(smallest, largest, runner.small_decode_buckets)
+    return [(b, w * runner.page_size) for b in runner.decode_buckets(largest)
             for w in _widths(runner, max_context)]
 
 
