@@ -348,3 +348,31 @@ def test_synchronous_scheduling_matches_transformers(mode, hf_opt, hf_reference)
     overlaps them; every other test here runs that way)."""
     engine = hf_engine(hf_opt[1], mode=mode, async_scheduling=False)
     assert generate(engine, engine_prompts(), GREEDY) == hf_reference
+
+
+def test_a_pipelined_decode_instance_compiles_nothing_after_ready():
+    """A pipeline splits each decode batch into micro-batches, and the next step's token
+    selection compiles per combination of their buckets: 17-24 rows under pp 2 run as 8 + 16,
+    which no warm-up batch (8, 16, 32 rows: 4 + 4, 8 + 8, 16 + 16) splits into; 1 row runs
+    as one micro-batch. Batches here shrink from 22 rows to 1 as requests of different
+    lengths finish. Both instances have the same two stages: a pull between other layouts
+    still compiles its layer slices per page bucket (kv_migration.reshard_pages), not fixed."""
+    from dsjax.executor.compile_watch import CompileWatch
+    engine = get_engine(context_pipeline_parallel_size=2,
+                        decoding_pipeline_parallel_size=2, decoding_max_batch_size=24,
+                        context_max_batch_size=8, warmup_max_prompt_len=16,
+                        warmup_max_context_len=48, warmup_max_prefill_batch=8,
+                        warmup_max_decode_batch=24)
+    try:
+        rng = np.random.default_rng(5)
+        prompts = [rng.integers(4, 1000, 8).tolist() for _ in range(22)]
+        with CompileWatch() as watch:
+            streams = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2 + i,
+                                                            ignore_eos=True))
+                       for i, p in enumerate(prompts)]
+            assert [len(s.result(timeout=300).token_ids) for s in streams] == \
+                [2 + i for i in range(22)]
+            wait_idle(engine)
+        assert watch.count == 0, f"programs compiled after ready: {dict(watch.names)}"
+    finally:
+        shutdown_all()

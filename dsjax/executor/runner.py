@@ -513,6 +513,10 @@ class ModelRunner:
         """Every row bucket of decode batches up to `largest` rows (warm-up's batches)."""
         return decode_rows_buckets(self.min_decode_rows, largest, self.small_decode_buckets)
 
+    def micro_batch_pads(self, rows: int) -> tuple[int, ...]:
+        """The padded sizes of the micro-batches a decode batch of `rows` rows runs as."""
+        return tuple(self.decode_bucket(len(part)) for part in self._split(range(rows)))
+
     def _split(self, rows):
         """Micro-batches for pipeline overlap: pp contiguous groups (one group without PP) of
         a list of rows, or of DecodeColumns."""
@@ -659,8 +663,8 @@ class ModelRunner:
         return cached
 
     def warm_token_selection(self, previous_steps: list["PendingStep"], batch_buckets) -> None:
-        """Compile the async input-token selection for every (previous step, batch bucket)
-        pair, so a batch that grows or shrinks after ready compiles nothing."""
+        """Compile the async input-token selection for every (previous step, micro-batch
+        bucket) pair, so a batch that grows or shrinks after ready compiles nothing."""
         for previous in previous_steps:
             for b_pad in batch_buckets:
                 _select_tokens(tuple(o.tokens for o in previous.outs),

@@ -145,14 +145,28 @@ def _warm_up_steps(runner, role: str, config) -> int:
                                                    cached=runner.page_size))
                 steps += 1
     if role in ("decode", "colocated"):
-        last_of_bucket = {}
-        for b, n in decodes:
+        def decode_step(b, n):
             step = runner.dispatch_decode([DecodeRow(5, n - 1, t, row)
                                            for t in _tables(runner, [n] * b)])
             runner.collect(step)
-            last_of_bucket[b] = step
+            return step
+        last_of_pads = {}   # the micro-batch buckets of a step -> a step of them
+        for b, n in decodes:
+            step = decode_step(b, n)
+            last_of_pads[tuple(step.pads)] = step
             steps += 1
-        runner.warm_token_selection(list(last_of_bucket.values()), list(last_of_bucket))
+        # The next step's token selection compiles per (the last step's micro-batch buckets,
+        # a micro-batch bucket). Under a pipeline a batch of any size may split into buckets
+        # that no batch above does (pp 2: 17 rows as 8 + 16, 1 row as one micro-batch): one
+        # more step of each such split (its forward programs are warm already).
+        shortest = min(n for _, n in decodes)
+        for rows in range(1, min(max(b for b, _ in decodes), runner.max_batch_size) + 1):
+            if runner.micro_batch_pads(rows) not in last_of_pads:
+                step = decode_step(rows, shortest)
+                last_of_pads[tuple(step.pads)] = step
+                steps += 1
+        runner.warm_token_selection(list(last_of_pads.values()),
+                                    sorted({p for pads in last_of_pads for p in pads}))
     if role == "chunked":
         # t tokens over b rows that each end at context n: chunks and decode rows alike.
         for b, t, n in chunked_shapes(runner, max_context, max_rows):
