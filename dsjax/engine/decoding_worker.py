@@ -85,12 +85,10 @@ class DecodingWorker(InstanceWorker):
 
     def _busy(self, batch: list[Request]) -> set[str]:
         """Sequences whose sampling slots must stay: this step's and the one on the device."""
-        return {r.request_id for r in batch} | self._on_device()
-
-    def _on_device(self) -> set[str]:
-        if self._inflight is None:
-            return set()
-        return {r.request_id for r in self._inflight.requests}
+        busy = {r.request_id for r in batch}
+        if self._inflight is not None:
+            busy.update(r.request_id for r in self._inflight.requests)
+        return busy
 
     def _decode_step(self) -> bool:
         """One continuous-batching step of self.scheduler; False if there was nothing to do."""

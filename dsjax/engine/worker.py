@@ -199,10 +199,6 @@ class InstanceWorker:
 
     # ---- subclasses ---------------------------------------------------------------------------
 
-    def _on_device(self) -> set[str]:
-        """Sequences of a step dispatched and not yet read (none: steps here are synchronous)."""
-        return set()
-
     def has_work(self) -> bool:
         raise NotImplementedError
 
@@ -316,10 +312,9 @@ class InstanceWorker:
             self._event(r, "context_begin", began)
         tables = {r.request_id: tuple(self.blocks.tables[r.request_id]) for r in batch}
         sequences = {r.request_id: r.sequences() for r in batch}
-        # Slots this prefill may not take: its own sequences', and those of a decode step
-        # still on the device (that step records its samples into their slots; a sequence
-        # refilled elsewhere would lose that token from its penalties).
-        busy = {s.request_id for seqs in sequences.values() for s in seqs} | self._on_device()
+        # Slots this prefill may not take: its own sequences'. (No decode step is on the device
+        # here: a colocated instance reads its in-flight step before it prefills.)
+        busy = {s.request_id for seqs in sequences.values() for s in seqs}
 
         def row(r):
             return PrefillRow(r.prompt_token_ids, tables[r.request_id],
