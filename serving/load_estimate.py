@@ -18,9 +18,9 @@ that delay, measured in steady gaps from finished requests, is spread over the o
 Rates are exponentially weighted by time (a half-life of HALF_LIFE_S), sampled from
 engine.stats() at most every SAMPLE_S at admission time; until a rate is measured, the part of
 the estimate that needs it is 0 (nothing is refused on a guess). What the model misses is
-calibrated from the requests served in the last minute (see LoadEstimator.calibrate): under overload the server
-sits where admission stops, so every admitted request sees about the bound; it must stop where
-the 99th percentile, not the mean, meets it.
+calibrated from the requests served in the last minute (see LoadEstimator.calibrate): under
+overload the server sits where admission stops, so every admitted request sees about the
+bound; it must stop where the 99th percentile, not the mean, meets it.
 """
 from __future__ import annotations
 
@@ -74,13 +74,13 @@ class RecentQuantile:
         self.values: collections.deque = collections.deque(maxlen=size)   # (time, value)
         self._added, self._value = 0, default
 
-    def add(self, value: float, now: float = 0.0) -> None:
+    def add(self, value: float, now: float) -> None:
         self.values.append((now, value))
         self._added += 1
         if self._added % self.every == 0 or len(self.values) < self.every:
             self._recompute()
 
-    def value(self, now: float = 0.0) -> float:
+    def value(self, now: float) -> float:
         if self.values and now - self.values[0][0] > self.max_age:
             while self.values and now - self.values[0][0] > self.max_age:
                 self.values.popleft()
