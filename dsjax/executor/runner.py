@@ -194,14 +194,15 @@ class Stage:
         # Decode programs unroll their layers on a CPU (platform_scans_layers), over a second
         # copy of the layer weights split per layer; prefill and chunked programs scan the
         # stacked ones (unrolling them too cost twice the cold start for 12% more prefill).
-        scan = platform_scans_layers(self.mesh.devices.flat[0].platform)
+        platform = self.mesh.devices.flat[0].platform
+        scan = platform_scans_layers(platform)
         self.models = {mode: config.module(attention, mode, num_layers=num_layers,
                                            first_stage=first, last_stage=last,
                                            kv_heads=kv_heads, dtype=dtype).clone(
                                                scan_layers=scan or mode != "decode")
                        for mode in ("prefill", "decode", "chunked")}
         self._scan_decode = scan
-        self._compiler_options = platform_compiler_options(self.mesh.devices.flat[0].platform)
+        self._compiler_options = platform_compiler_options(platform)
         self.fns = {}
         self.rehearsing = False   # see _call and ModelRunner.rehearsal
         self._unproven: dict = {}  # key -> store file, of loaded programs not yet run
