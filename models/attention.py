@@ -112,9 +112,9 @@ DECODE_STEP_BYTES = 384 << 10
 DECODE_ROW_PAGES = 16
 # ...and of one row at most this many bytes of K (whole pages, at least one). Several pages of
 # a row in one step gather into a [pages x page tokens] run that the score product transposes
-# whole; one opt-125m page (48 KiB) a row a step against 2-8 (the cap above) took 39 against
-# 48-51 ms at batch 3 and 512 tokens, 48 against 59 ms at batch 1 and 2,000 tokens, and the
-# same from batch 8 up (where a step already held one page a row): bench_model.py, opt-125m.
+# whole. One opt-125m page (48 KiB) a row a step was quicker than 2-8 at every batch below 8
+# and the same from 8 up (where a step already held one page a row); bench_model.py at
+# c064c0e against bbc3634, which differ by this line alone, shows it.
 DECODE_ROW_STEP_BYTES = 48 << 10
 
 
