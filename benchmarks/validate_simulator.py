@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     from dsjax.eval.results import attainment
     from dsjax.eval.simulator import Cluster, Parallelism, SimConfig
 
+    # On a CPU a KV transfer shares the cores of its source's steps (SimConfig).
+    on_cpu = jax.default_backend() == "cpu"
     compiles = [0]
     try:   # count XLA compiles during measured runs (each one stalls a step ~0.5 s on a CPU)
         from jax._src import monitoring
@@ -136,20 +138,26 @@ def main(argv=None) -> int:
         try:
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: ready and warm in {time.perf_counter() - t:.1f} s")
-            calibration = []
-            transfers_before = len(engine.kv_transfers)
+            calibration, lowest_rate_transfers = [], []
             for i, rate in enumerate(calibration_rates):
+                transfers_before = len(engine.kv_transfers)
                 calibration += replay(engine, calibration_reqs, rate, seed=args.seed + 1000 + i,
                                       temperature=args.temperature)
+                if i == 0:
+                    lowest_rate_transfers = [t for t in list(engine.kv_transfers)[transfers_before:]
+                                             if t[0] > 0]
             fitted = engine_latency_model(calibration, model)
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
                                    len(decode_steps(calibration)))
             print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
-            # The KV link from the calibration's transfers alone: latency + bytes / bandwidth.
-            # (A bandwidth alone charged pulls' fixed cost per byte: long prompts' pulls came
-            # out 10x too slow. Whole pulls, migration_begin to migration_end, hold the waits
-            # for both instances' step ends, which the simulator now models itself.)
-            transfers = [t for t in list(engine.kv_transfers)[transfers_before:] if t[0] > 0]
+            # The KV link from the transfers alone: latency + bytes / bandwidth. (A bandwidth
+            # alone charged pulls' fixed cost per byte: long prompts' pulls came out 10x too
+            # slow. Whole pulls, migration_begin to migration_end, hold the waits for both
+            # instances' step ends, which the simulator models itself.) Fitted on the lowest
+            # calibration rate's: on a CPU a transfer beside a source step waits for it, which
+            # the simulator models too (run 11: at higher rates half the transfers took
+            # 500-590 ms, a prefill step, and a line through both kinds fitted neither).
+            transfers = lowest_rate_transfers
             latency, link_bps = fit_link(transfers)
             pulls = migration_samples(
                 calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize))
@@ -167,7 +175,8 @@ def main(argv=None) -> int:
                                  decode_max_batch=limits["decoding_max_batch_size"],
                                  colocated_max_batch=limits["decoding_max_batch_size"],
                                  colocated_max_tokens=limits["context_max_tokens_per_batch"],
-                                 kv_link_bytes_per_s=link_bps, kv_link_latency_s=latency)
+                                 kv_link_bytes_per_s=link_bps, kv_link_latency_s=latency,
+                                 kv_transfer_waits_for_source_step=on_cpu)
             measured, predicted = [], []
             for rate in args.rates:
                 compiles[0] = 0
@@ -274,8 +283,9 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
         if m == "disaggregated":
             latency, bps = fitted_links[m]
-            summary.append(f"  - KV link fitted from the calibration's transfers (the waits "
-                           f"for step ends around them are simulated): "
+            summary.append(f"  - KV link fitted from the lowest calibration rate's transfers "
+                           f"(the waits for step ends around them are simulated, and on a CPU "
+                           f"the wait for the source's running step): "
                            f"{latency * 1e3:.2f} ms + bytes / {bps / 1e9:.3g} GB/s")
     ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"
                        for m, v in step_ratios.items())

@@ -203,6 +203,22 @@ def test_a_pull_waits_for_the_prefill_step_running_when_it_asks(waits):
     assert b.first_token_time == pytest.approx(0.060)
 
 
+@pytest.mark.parametrize("blocked", [False, True])
+def test_a_transfer_beside_a_source_step_ends_after_it(blocked):
+    # One prompt a step: A's prefill ends at 20 ms, B's (40 ms) runs to 60 ms, when the
+    # prefill instance exports A's pages and starts C's (40 ms, to 100 ms). The idle decode
+    # instance starts receiving at 60 ms; on a CPU, C's step holds the cores the transfer
+    # needs, so it ends only after 100 ms.
+    latency = 0.004
+    transfer = latency + 100 * KV_BYTES / 1e12
+    a, _, c = run(toy_model(), [req(100, 3), req(300, 2), req(300, 2)], [0.0] * 3,
+                  prefill_max_batch=1, kv_link_bytes_per_s=1e12, kv_link_latency_s=latency,
+                  kv_transfer_waits_for_source_step=blocked)
+    assert c.first_token_time == pytest.approx(0.100)
+    assert event_time(a, "migration_end") == pytest.approx((0.100 if blocked else 0.060)
+                                                           + transfer)
+
+
 def test_a_pull_waits_for_two_decode_step_ends():
     # A decodes alone; B's prefill ends at 50 ms, during one of A's steps. The decode instance
     # asks at that step's end and starts receiving at the end of the step after it.

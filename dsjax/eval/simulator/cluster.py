@@ -62,6 +62,13 @@ class SimConfig:
     # step after that. False: the transfer starts as soon as the decode instance has room, as
     # in DistServe's simulator.
     kv_pull_waits_for_steps: bool = True
+    # A transfer cannot finish while its source instance runs a step: it ends `latency +
+    # bytes / bandwidth` after the source's running steps are done. So it is on a CPU, where
+    # the source's step holds the cores that serve the transfer (docs/validation.md, run 11:
+    # one 2-core VM, transfers of 1-20 ms alone and 500-590 ms beside a prefill step). An
+    # accelerator's copies do not need its compute units: False. (Only with
+    # kv_pull_waits_for_steps, which models the steps around a pull.)
+    kv_transfer_waits_for_source_step: bool = False
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -235,7 +242,17 @@ class Cluster:
         """The export copied the pages, so the prefill instance frees them; the decode
         instance starts the transfer at the end of its current step."""
         source.release(req)
-        self.loop.at(dest.step_end_after(self.loop.now) + seconds, self._landed, req, dest)
+        start = dest.step_end_after(self.loop.now)
+        if self.config.kv_transfer_waits_for_source_step:
+            self.loop.at(start, self._transfer, req, source, dest, seconds)
+        else:
+            self.loop.at(start + seconds, self._landed, req, dest)
+
+    def _transfer(self, req: SimRequest, source: PrefillInstance, dest: DecodeInstance,
+                  seconds: float) -> None:
+        """The transfer starts; its source's running steps hold it back (see SimConfig)."""
+        start = max(self.loop.now, source.pipeline.busy_until())
+        self.loop.at(start + seconds, self._landed, req, dest)
 
     def _migrated(self, req: SimRequest, source: PrefillInstance | None, dest: DecodeInstance) -> None:
         if source is not None:

@@ -15,6 +15,10 @@ class Pipeline:
         """When stage 0 can take the next micro-batch."""
         return self.free[0]
 
+    def busy_until(self) -> float:
+        """When the last micro-batch launched leaves the last stage (the instance is idle)."""
+        return self.free[-1]
+
     def run(self, start: float, first: float, rest: float) -> float:
         """Launch at `start` a micro-batch that holds stage 0 for `first` seconds (its stage
         time plus the step's host overhead) and every later stage for `rest`; returns when it
