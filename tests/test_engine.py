@@ -248,8 +248,13 @@ def test_migration_is_bit_identical_without_host_fetch(name, count_host_fetches)
 
 def test_transfer_server_link_is_bit_identical():
     """The inter-process transport, exercised in one process: the destination pulls the
-    source's shards from its transfer server (TP 2 -> TP 1 through PP 2)."""
+    source's shards from its transfer server (TP 2 -> TP 1 through PP 2). They arrive on the
+    destination's first device, where the reshard's slices and joins were compiled by the
+    warm-up a decode process runs."""
+    from dsjax.executor.compile_watch import CompileWatch
+    from dsjax.executor.kv_migration import SourceLayout
     from dsjax.executor.remote_kv import TransferServerKVLink
+    from dsjax.executor.warmup import warm_up_fixed_programs, warm_up_pulls
     engine = get_engine(mode="disaggregated", context_tensor_parallel_size=2,
                         decoding_pipeline_parallel_size=2)
     src, dst = _runners(engine)
@@ -258,7 +263,13 @@ def test_transfer_server_link_is_bit_identical():
     assert link.address.startswith("127.0.0.1:")
     payload = link.export(src, [4, 1])
     assert payload.address == link.address and len(payload.shards) == 2
-    link.import_pages(dst, payload, [6, 8])
+    # A reshard per page bucket, 1 to 64 pages (max_num_blocks_per_req)
+    warm_up_fixed_programs(dst, "decode")                 # what a decode process warms
+    assert warm_up_pulls(dst, [SourceLayout(2, 1)]) == 7
+    with CompileWatch() as watch:
+        link.import_pages(dst, payload, [6, 8])
+    assert (watch.count, watch.backend_compiles) == (0, 0), \
+        f"the pull compiled: {dict(watch.names)}, {watch.backend_compiles} XLA compiles"
     before, after = _pages(src, [4, 1]), _pages(dst, [6, 8])
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
@@ -355,17 +366,18 @@ def test_a_pipelined_decode_instance_compiles_nothing_after_ready():
     selection compiles per combination of their buckets: 17-24 rows under pp 2 run as 8 + 16,
     which no warm-up batch (8, 16, 32 rows: 4 + 4, 8 + 8, 16 + 16) splits into; 1 row runs
     as one micro-batch. Batches here shrink from 22 rows to 1 as requests of different
-    lengths finish. Both instances have the same two stages: a pull between other layouts
-    still compiles its layer slices per page bucket (kv_migration.reshard_pages), not fixed."""
+    lengths finish. The prefill instance has another layout (tp 2, one stage), so each pull
+    slices layers and joins heads (kv_migration.reshard_pages), one program per page bucket:
+    prompts of 2-16 tokens pull 1, 2 and 4 pages."""
     from dsjax.executor.compile_watch import CompileWatch
-    engine = get_engine(context_pipeline_parallel_size=2,
+    engine = get_engine(context_tensor_parallel_size=2,
                         decoding_pipeline_parallel_size=2, decoding_max_batch_size=24,
                         context_max_batch_size=8, warmup_max_prompt_len=16,
                         warmup_max_context_len=48, warmup_max_prefill_batch=8,
                         warmup_max_decode_batch=24)
     try:
         rng = np.random.default_rng(5)
-        prompts = [rng.integers(4, 1000, 8).tolist() for _ in range(22)]
+        prompts = [rng.integers(4, 1000, 2 + i % 15).tolist() for i in range(22)]
         with CompileWatch() as watch:
             streams = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=2 + i,
                                                             ignore_eos=True))
@@ -373,6 +385,8 @@ def test_a_pipelined_decode_instance_compiles_nothing_after_ready():
             assert [len(s.result(timeout=300).token_ids) for s in streams] == \
                 [2 + i for i in range(22)]
             wait_idle(engine)
-        assert watch.count == 0, f"programs compiled after ready: {dict(watch.names)}"
+        assert (watch.count, watch.backend_compiles) == (0, 0), \
+            f"programs compiled after ready: {dict(watch.names)}, {watch.backend_compiles} " \
+            f"XLA compiles"
     finally:
         shutdown_all()

@@ -82,10 +82,13 @@ def params_loader(config, model_config, model_dir, dtype) -> Callable:
 
 
 def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
-                 place_stages=None):
+                 place_stages=None, pull_sources=None):
     """The worker of one instance on `devices` (the devices its process sees): runner with its
     params and page pool, block tables, scheduler; its programs compiled before it serves.
-    `place_stages`: the runner's hook for stages in other processes (Ray stage actors)."""
+    `place_stages`: the runner's hook for stages in other processes (Ray stage actors).
+    `pull_sources`: a decode instance's prefill instances (kv_migration.SourceLayout), whose
+    pulls warm-up compiles; default: the configured prefill layout, pulled onto this
+    instance's first device (instances in other processes)."""
     import jax.numpy as jnp
 
     from dsjax.engine.block_manager import BlockManager
@@ -97,7 +100,8 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
     from dsjax.executor.kv_cache import bytes_per_block, num_blocks_for_budget
     from dsjax.executor.parallel import InstanceSpec
     from dsjax.executor.runner import ModelRunner
-    from dsjax.executor.warmup import measure_prefill_budget, warm_up_runner
+    from dsjax.executor.kv_migration import SourceLayout
+    from dsjax.executor.warmup import measure_prefill_budget, warm_up_pulls, warm_up_runner
 
     cfg, mc = config, model_config
     spec = InstanceSpec.bind(plan, devices)
@@ -134,6 +138,14 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
     steps = warm_up_runner(runner, spec.role, cfg)
     log.info("%s: warm-up made %d step shapes ready in %.1f s", spec.name, steps,
              time.perf_counter() - started)
+    if spec.role == "decode" and cfg.warmup_max_prompt_len != 0:
+        started = time.perf_counter()
+        sources = pull_sources if pull_sources is not None else [SourceLayout(
+            cfg.context_tensor_parallel_size, cfg.context_pipeline_parallel_size)]
+        pulls = warm_up_pulls(runner, sources)
+        if pulls:
+            log.info("%s: warm-up resharded %d pulls from other layouts in %.1f s", spec.name,
+                     pulls, time.perf_counter() - started)
     if spec.role in ("prefill", "colocated"):
         started = time.perf_counter()
         budget = measure_prefill_budget(runner, cfg)
@@ -179,32 +191,38 @@ class ThreadHost(InstanceHost):
 
     backend = "uni"
 
-    def __init__(self, plan, config, model_config, model_dir, devices, deliver):
+    def __init__(self, plan, config, model_config, model_dir, devices, deliver, pull_sources):
         super().__init__(plan, deliver)
         self.inbox: queue.Queue = queue.Queue()
         self.worker = None
-        self._build = (config, model_config, model_dir, devices)
+        self._build = (config, model_config, model_dir, devices, pull_sources)
         self._thread = threading.Thread(target=self._main, name=f"dsjax-{plan.name}",
                                         daemon=True)
 
     @classmethod
     def launch(cls, config, model_config, model_dir, devices, deliver):
         import jax
+
+        from dsjax.executor.kv_migration import SourceLayout
         configure_jax(config)
         default = devices is None
         devices = list(jax.devices() if default else devices)
         plans = plan_placement(config.mode, len(devices), allow_shared_device=default,
                                **config.placement_kwargs())
         config = with_cpu_kv_budget(config, plans)
-        return [cls(plan, config, model_config, model_dir, devices, deliver) for plan in plans]
+        # A pull's shards stay on its source's devices until resharded (LocalKVLink).
+        sources = [SourceLayout(p.tp, p.pp, tuple(devices[i] for i in p.device_ids))
+                   for p in plans if p.role == "prefill"]
+        return [cls(plan, config, model_config, model_dir, devices, deliver, sources)
+                for plan in plans]
 
     def _main(self) -> None:
         from dsjax.executor.kv_migration import LocalKVLink
-        config, model_config, model_dir, devices = self._build
+        config, model_config, model_dir, devices, sources = self._build
 
         def build():
             self.worker = build_worker(self.plan, config, model_config, model_dir, devices,
-                                       self._on_message, LocalKVLink())
+                                       self._on_message, LocalKVLink(), pull_sources=sources)
             return self.worker
         try:
             _serve(self.plan, build, self._on_message, self.inbox)

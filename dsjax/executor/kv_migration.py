@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from dsjax.executor.parallel import KV_SPEC
+import numpy as np
+
+from dsjax.executor.parallel import KV_SPEC, layer_ranges
 
 HEAD_AXIS, LAYER_AXIS = 3, 0
 
@@ -111,6 +113,40 @@ def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, 
         out.append((jax.make_array_from_single_device_arrays(shape, sharding, k_parts),
                     jax.make_array_from_single_device_arrays(shape, sharding, v_parts)))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLayout:
+    """An instance whose KV a destination pulls, as the reshard meets its shards: its degrees,
+    and where the shards are when they are resharded: on its own devices (one process), or,
+    None, pulled onto the destination's first device (TransferServerKVLink.receive)."""
+    tp: int
+    pp: int
+    devices: tuple | None = None
+
+    def matches(self, runner) -> bool:
+        """Whether its shards are the destination's: each lands whole, with no slice or join
+        to compile."""
+        return (self.tp, self.pp) == (runner.spec.tp, runner.spec.pp)
+
+
+def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShard]:
+    """Zero shards of num_pages pages of runner's model, cut as `layout` exports them and placed
+    where they arrive: what warm-up reshards to compile the pulls from that layout."""
+    mc = runner.config
+    cache_heads = mc.cache_kv_heads(layout.tp)
+    repeat, per_device = cache_heads // mc.num_key_value_heads, cache_heads // layout.tp
+    landing = runner.stages[0].mesh.devices.flat[0]
+    shards = []
+    for s, (l0, l1) in enumerate(layer_ranges(mc.num_hidden_layers, layout.pp)):
+        shape = (l1 - l0, num_pages, runner.page_size, per_device, mc.head_dim)
+        for d in range(layout.tp):
+            device = layout.devices[s * layout.tp + d] if layout.devices else landing
+            zeros = jax.device_put(np.zeros(shape, runner.dtype), device)
+            h0 = d * per_device
+            box = ShardBox(l0, l1, h0 // repeat, (h0 + per_device - 1) // repeat + 1)
+            shards.append(PageShard(box, zeros, zeros))
+    return shards
 
 
 def _join(parts, axis):
