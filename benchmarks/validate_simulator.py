@@ -76,8 +76,10 @@ def main(argv=None) -> int:
     from dsjax.eval.results import attainment
     from dsjax.eval.simulator import Cluster, Parallelism, SimConfig
 
-    # On a CPU a KV transfer shares the cores of its source's steps (SimConfig).
-    on_cpu = jax.default_backend() == "cpu"
+    # On a CPU a KV transfer shares the cores of its source's steps (SimConfig). (Asked
+    # without starting JAX here: with mp it would claim the GPUs the instances need.)
+    from dsjax.engine.instance_hosts import accelerator_count
+    on_cpu = (accelerator_count()[0] if args.backend == "mp" else jax.default_backend()) == "cpu"
     compiles = [0]
     try:   # count XLA compiles during measured runs (each one stalls a step ~0.5 s on a CPU)
         from jax._src import monitoring
@@ -138,14 +140,13 @@ def main(argv=None) -> int:
         try:
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: ready and warm in {time.perf_counter() - t:.1f} s")
-            calibration, lowest_rate_transfers = [], []
+            calibration, transfers_at = [], {}
             for i, rate in enumerate(calibration_rates):
                 transfers_before = len(engine.kv_transfers)
                 calibration += replay(engine, calibration_reqs, rate, seed=args.seed + 1000 + i,
                                       temperature=args.temperature)
-                if i == 0:
-                    lowest_rate_transfers = [t for t in list(engine.kv_transfers)[transfers_before:]
-                                             if t[0] > 0]
+                transfers_at[rate] = [t for t in list(engine.kv_transfers)[transfers_before:]
+                                      if t[0] > 0]
             fitted = engine_latency_model(calibration, model)
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
                                    len(decode_steps(calibration)))
@@ -153,16 +154,20 @@ def main(argv=None) -> int:
             # The KV link from the transfers alone: latency + bytes / bandwidth. (A bandwidth
             # alone charged pulls' fixed cost per byte: long prompts' pulls came out 10x too
             # slow. Whole pulls, migration_begin to migration_end, hold the waits for both
-            # instances' step ends, which the simulator models itself.) Fitted on the lowest
-            # calibration rate's: on a CPU a transfer beside a source step waits for it, which
-            # the simulator models too (run 11: at higher rates half the transfers took
+            # instances' step ends, which the simulator models itself.) On a CPU, fitted on the
+            # lowest calibration rate's: there a transfer beside a source step waits for it,
+            # which the simulator models too (run 11: at higher rates half the transfers took
             # 500-590 ms, a prefill step, and a line through both kinds fitted neither).
-            transfers = lowest_rate_transfers
+            transfers = (transfers_at[min(calibration_rates)] if on_cpu
+                         else [t for ts in transfers_at.values() for t in ts])
             latency, link_bps = fit_link(transfers)
             pulls = migration_samples(
                 calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize))
-            fitted_links[mode] = (latency, link_bps)
-            if pulls:
+            fitted_links[mode] = (latency, link_bps, {
+                rate: (1e3 * float(np.median([s for _, s in ts])),
+                       float(np.mean([s >= 0.1 for _, s in ts])), len(ts))
+                for rate, ts in transfers_at.items() if ts})
+            if pulls and transfers:
                 print(f"== {mode}: KV link fitted from {len(transfers)} transfers: "
                       f"{latency * 1e3:.2f} ms + bytes / {link_bps / 1e9:.3g} GB/s (whole pulls: "
                       f"median {1e3 * float(np.median([s for _, s in pulls])):.1f} ms, transfers "
@@ -282,11 +287,14 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
             f"{coeffs.prefill[2]:.3g}*sum(len^2); decode ms = {coeffs.decode_small[0]:.3g} + "
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
         if m == "disaggregated":
-            latency, bps = fitted_links[m]
-            summary.append(f"  - KV link fitted from the lowest calibration rate's transfers "
-                           f"(the waits for step ends around them are simulated, and on a CPU "
-                           f"the wait for the source's running step): "
+            latency, bps, by_rate = fitted_links[m]
+            summary.append(f"  - KV link fitted from the calibration's transfers (on a CPU the "
+                           f"lowest rate's; the waits for step ends around them are simulated, "
+                           f"and on a CPU the wait for the source's running step): "
                            f"{latency * 1e3:.2f} ms + bytes / {bps / 1e9:.3g} GB/s")
+            summary.append("  - the calibration's transfers, by rate: " + "; ".join(
+                f"{rate:g} req/s: median {median:.1f} ms, {slow:.0%} of {n} at 100 ms or more"
+                for rate, (median, slow, n) in by_rate.items()))
     ratios = "; ".join(f"{m}: median {v[0]:.2f} over {v[2]} batches"
                        for m, v in step_ratios.items())
     return "\n".join([

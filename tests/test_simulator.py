@@ -219,6 +219,26 @@ def test_a_transfer_beside_a_source_step_ends_after_it(blocked):
                                                            + transfer)
 
 
+def test_a_transfer_waits_for_the_last_stage_of_a_pipelined_source():
+    # The same three prompts on a 2-stage prefill instance: C is still in its last stage when
+    # A's transfer starts, though its first stage is free; the transfer ends after C leaves.
+    model = toy_model(pp_capacity={(1, 2): 100_000})
+    latency = 0.004
+    transfer = latency + 100 * KV_BYTES / 1e12
+
+    def three(blocked):
+        return run(model, [req(100, 3), req(300, 2), req(300, 2)], [0.0] * 3,
+                   prefill=Parallelism(1, 2), prefill_max_batch=1, kv_link_bytes_per_s=1e12,
+                   kv_link_latency_s=latency, kv_transfer_waits_for_source_step=blocked)
+    a, _, c = three(False)
+    starts = event_time(a, "migration_end") - transfer
+    assert event_time(c, "context_begin") <= starts < c.first_token_time - 0.030  # C's 1st stage
+    a, _, c = three(True)
+    assert event_time(a, "migration_end") == pytest.approx(c.first_token_time + transfer)
+    with pytest.raises(ValueError, match="kv_pull_waits_for_steps"):
+        SimConfig(kv_transfer_waits_for_source_step=True, kv_pull_waits_for_steps=False)
+
+
 def test_a_pull_waits_for_two_decode_step_ends():
     # A decodes alone; B's prefill ends at 50 ms, during one of A's steps. The decode instance
     # asks at that step's end and starts receiving at the end of the step after it.

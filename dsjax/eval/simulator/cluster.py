@@ -62,12 +62,12 @@ class SimConfig:
     # step after that. False: the transfer starts as soon as the decode instance has room, as
     # in DistServe's simulator.
     kv_pull_waits_for_steps: bool = True
-    # A transfer cannot finish while its source instance runs a step: it ends `latency +
-    # bytes / bandwidth` after the source's running steps are done. So it is on a CPU, where
-    # the source's step holds the cores that serve the transfer (docs/validation.md, run 11:
-    # one 2-core VM, transfers of 1-20 ms alone and 500-590 ms beside a prefill step). An
-    # accelerator's copies do not need its compute units: False. (Only with
-    # kv_pull_waits_for_steps, which models the steps around a pull.)
+    # A transfer cannot finish while its source prefill instance runs a step: it ends
+    # `latency + bytes / bandwidth` after the source's running steps are done. So it is on a
+    # CPU, where the source's step holds the cores that serve the transfer (docs/validation.md,
+    # run 11: on a 2-core VM, a median of 13 ms alone and 500-590 ms beside a prefill step).
+    # An accelerator's copies do not need its compute units: False. Needs
+    # kv_pull_waits_for_steps, which models the steps around a pull.
     kv_transfer_waits_for_source_step: bool = False
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
@@ -81,6 +81,9 @@ class SimConfig:
     def __post_init__(self):
         if self.mode not in SIM_MODES:
             raise ValueError(f"unknown simulator mode {self.mode!r}; choose one of {SIM_MODES}")
+        if self.kv_transfer_waits_for_source_step and not self.kv_pull_waits_for_steps:
+            raise ValueError("kv_transfer_waits_for_source_step models a wait inside a pull "
+                             "whose step waits are modelled: set kv_pull_waits_for_steps too")
         if self.rebalance is not None and (self.mode != "disaggregated" or self.prefill != self.decode):
             raise ValueError("rebalancing moves instances between roles: it needs mode "
                              "disaggregated and the same parallelism for prefill and decode")
