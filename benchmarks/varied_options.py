@@ -77,7 +77,7 @@ def main() -> None:
         decoding_max_tokens_per_batch=256 if args.mode == "chunked" else 65536))
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
-    ratios, lowered = [], None
+    ratios, made = [], None
     maps_before = memory_mappings()
     start = time.perf_counter()
     with CompileWatch() as watch:
@@ -93,7 +93,7 @@ def main() -> None:
             began = time.perf_counter()
             engine.add_request(prompt, twin, stream=streamable(twin)).result(600)
             ratios.append((took / (time.perf_counter() - began), params))
-        lowered = dict(watch.names)
+        made = watch.count, watch.describe()
     maps_after = memory_mappings()
     engine.shutdown()
     ratios.sort(key=lambda r: r[0])
@@ -101,7 +101,7 @@ def main() -> None:
     ratios = [r for r, _ in ratios]
     print(f"{args.requests} requests ({args.mode}, {args.model}) in "
           f"{time.perf_counter() - start:.0f} s, each followed by its plain twin")
-    print(f"programs lowered after ready: {sum(lowered.values())} {lowered}")
+    print(f"programs made after ready: {made[0]} ({made[1]})")
     print(f"memory mappings: {maps_before} before, {maps_after} after")
     print(f"latency / plain twin: median {statistics.median(ratios):.2f}, "
           f"P99 {ratios[int(0.99 * (len(ratios) - 1))]:.2f}, max {ratios[-1]:.2f}")

@@ -138,11 +138,11 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
     steps = warm_up_runner(runner, spec.role, cfg)
     log.info("%s: warm-up made %d step shapes ready in %.1f s", spec.name, steps,
              time.perf_counter() - started)
-    if spec.role == "decode" and cfg.warmup_max_prompt_len != 0:
+    if spec.role == "decode":
         started = time.perf_counter()
         sources = pull_sources if pull_sources is not None else [SourceLayout(
             cfg.context_tensor_parallel_size, cfg.context_pipeline_parallel_size)]
-        pulls = warm_up_pulls(runner, sources)
+        pulls = warm_up_pulls(runner, sources, cfg)
         if pulls:
             log.info("%s: warm-up resharded %d pulls from other layouts in %.1f s", spec.name,
                      pulls, time.perf_counter() - started)

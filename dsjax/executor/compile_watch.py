@@ -7,7 +7,7 @@ add executable memory that is never returned. A serving process should lower not
 reports ready: `CompileWatch` is how tests and benchmarks check that.
 
 A program lowered once still compiles again for each device it runs on alone (a slice on
-device 0, then the same slice on device 3): only `backend_compiles` sees those.
+device 0, then the same slice on device 3): only XLA's compile events show those.
 """
 from __future__ import annotations
 
@@ -23,25 +23,29 @@ _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 class CompileWatch:
-    """Context manager: `names` counts each lowered program's name while it is open, and
-    `backend_compiles` XLA's compiles (a lowered program's compile for another device too)."""
+    """Context manager: while it is open, `names` counts each lowered (or loaded) program's
+    name, and `compiled` each program XLA compiled (or took from JAX's cache), a lowered
+    program's compile for another device included."""
 
     def __init__(self):
         self.names: collections.Counter = collections.Counter()
-        self.backend_compiles = 0
+        self.compiled: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
     def _listener(self, event: str, duration: float, **kwargs) -> None:
-        if event in (_LOWERING_EVENT, LOAD_EVENT):
+        seen = {_LOWERING_EVENT: self.names, LOAD_EVENT: self.names,
+                _BACKEND_COMPILE_EVENT: self.compiled}.get(event)
+        if seen is not None:
             with self._lock:
-                self.names[str(kwargs.get("fun_name", "?"))] += 1
-        elif event == _BACKEND_COMPILE_EVENT:
-            with self._lock:
-                self.backend_compiles += 1
+                seen[str(kwargs.get("fun_name", "?"))] += 1
 
     @property
     def count(self) -> int:
-        return sum(self.names.values())
+        """Programs lowered, loaded or compiled: 0 when nothing new was made."""
+        return sum(self.names.values()) + sum(self.compiled.values())
+
+    def describe(self) -> str:
+        return f"lowered or loaded {dict(self.names)}, compiled {dict(self.compiled)}"
 
     def __enter__(self) -> "CompileWatch":
         jax.monitoring.register_event_duration_secs_listener(self._listener)

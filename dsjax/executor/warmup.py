@@ -200,17 +200,21 @@ def warm_up_fixed_programs(runner, role: str) -> int:
     return calls
 
 
-def warm_up_pulls(runner, sources) -> int:
+def warm_up_pulls(runner, sources, config) -> int:
     """Compile the reshard of a pull from each source layout (kv_migration.SourceLayout) unlike
-    the runner's own, for every page-count bucket: a destination with other stages or another
-    tp slices and joins the arriving shards, one program per shape and device (a pull from pp 1
-    into pp 2 compiled its layer slices after ready). Returns the number of reshards run."""
+    the runner's own, for every page-count bucket up to the longest prompt warmed: a
+    destination with other stages or another tp slices and joins the arriving shards, one
+    program per shape and device (a pull from pp 1 into pp 2 compiled its layer slices after
+    ready). Returns the number of reshards run (0 when warm-up is off)."""
+    if config.warmup_max_prompt_len == 0:
+        return 0
     import jax
 
     from dsjax.executor.kv_migration import layout_shards, reshard_pages
+    pages = -(-warmup_limits(runner, config)[0] // runner.page_size)
     calls = 0
     for layout in {s for s in sources if not s.matches(runner)}:
-        for n in powers_of_two(1, runner.max_blocks_per_request):
+        for n in powers_of_two(1, pages):
             jax.block_until_ready(reshard_pages(layout_shards(runner, layout, n), runner))
             calls += 1
     return calls
