@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -32,10 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(port: int, server: subprocess.Popen, started: float) -> float:
+def wait_ready(port: int, server: subprocess.Popen, started: float, log=None) -> float:
+    """Seconds from `started` until /health answers. `log`: the server's stderr lines, when a
+    reader already drains them."""
     while True:
         if server.poll() is not None:
-            raise RuntimeError(f"server exited: {server.stderr.read()[-2000:]}")
+            tail = "".join(log) if log is not None else server.stderr.read()
+            raise RuntimeError(f"server exited: {tail[-2000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
@@ -73,7 +77,11 @@ def ttft(port: int, prompt_len: int, first_token: int) -> float:
     return first
 
 
-def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[float]]:
+# The server's log lines that say where its start-up went (per instance: warm-up, budget).
+STARTUP_LOG = ("warm-up", "prefill token budget")
+
+
+def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[float], list]:
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
@@ -81,15 +89,20 @@ def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[
          "--port", str(port), "--no-log-status", "--compilation-cache-dir", cache,
          *shlex.split(args.extra)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []   # drained as it comes, so a chatty server never blocks on the pipe
+    reader = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
+    reader.start()
     try:
-        ready = wait_ready(port, server, started)
+        ready = wait_ready(port, server, started, log)
         # Every request its own tokens, so the prefix cache cannot serve a later one.
         first = [ttft(port, n, 997 * i) for i, n in enumerate(lengths)]
         later = [ttft(port, n, 997 * (i + len(lengths))) for i, n in enumerate(lengths)]
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return ready, first, later
+        reader.join(timeout=10)
+    return ready, first, later, [line.strip() for line in log
+                                 if any(k in line for k in STARTUP_LOG)]
 
 
 def main(argv=None) -> None:
@@ -107,14 +120,19 @@ def main(argv=None) -> None:
     print("| cache | ready s | worst first / later TTFT (length) | median first / later | "
           "first TTFT ms per length (later) |")
     print("|---|---|---|---|---|")
+    logs = {}
     for label in ("cold", "warm"):
-        ready, first, later = run(args, cache, lengths)
+        ready, first, later, logs[label] = run(args, cache, lengths)
         ratios = [f / max(t, 1e-9) for f, t in zip(first, later)]
         worst = int(np.argmax(ratios))
         cells = ", ".join(f"{n}: {1e3 * f:.0f} ({1e3 * t:.0f})"
                           for n, f, t in sorted(zip(lengths, first, later)))
         print(f"| {label} | {ready:.1f} | {ratios[worst]:.2f} ({lengths[worst]}) | "
               f"{float(np.median(ratios)):.2f} | {cells} |", flush=True)
+    for label, lines in logs.items():
+        print(f"\nthe server's start-up, {label}:")
+        for line in lines:
+            print(f"    {line}")
 
 
 if __name__ == "__main__":

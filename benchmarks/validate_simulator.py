@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
     from dsjax.eval.engine_fit import (decode_steps, engine_latency_model, fit_link,
-                                       migration_samples, prefill_batches)
+                                       fit_pull_overhead, migration_samples, prefill_batches)
     from dsjax.eval.profiler import Grid, run_profile
     from dsjax.eval.latency_model import load_profile
     from dsjax.eval.replay import arrival_offsets, replay
@@ -163,17 +163,8 @@ def main(argv=None) -> int:
             latency, link_bps = fit_link(transfers)
             pulls = migration_samples(
                 calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize))
-            fitted_links[mode] = (latency, link_bps, {
-                rate: (1e3 * float(np.median([s for _, s in ts])),
-                       float(np.mean([s >= 0.1 for _, s in ts])), len(ts))
-                for rate, ts in transfers_at.items() if ts})
-            if pulls and transfers:
-                print(f"== {mode}: KV link fitted from {len(transfers)} transfers: "
-                      f"{latency * 1e3:.2f} ms + bytes / {link_bps / 1e9:.3g} GB/s (whole pulls: "
-                      f"median {1e3 * float(np.median([s for _, s in pulls])):.1f} ms, transfers "
-                      f"alone {1e3 * float(np.median([s for _, s in transfers])):.1f} ms)")
 
-            def sim_config(link_bps):
+            def sim_config(overhead: float = 0.0):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],
                                  prefill_max_tokens=limits["context_max_tokens_per_batch"],
@@ -181,7 +172,27 @@ def main(argv=None) -> int:
                                  colocated_max_batch=limits["decoding_max_batch_size"],
                                  colocated_max_tokens=limits["context_max_tokens_per_batch"],
                                  kv_link_bytes_per_s=link_bps, kv_link_latency_s=latency,
-                                 kv_transfer_waits_for_source_step=on_cpu)
+                                 kv_transfer_waits_for_source_step=on_cpu,
+                                 kv_pull_overhead_s=overhead)
+            # What the calibration's real pulls took beyond their simulated twins (the same
+            # requests and arrivals): the messages around a pull, which neither the link nor
+            # the step-end waits hold (run 11: opt-tiny's pulls took a median 9.4 ms around
+            # 1.1 ms transfers).
+            overhead = fit_pull_overhead(calibration, [
+                s.to_result() for i, rate in enumerate(calibration_rates)
+                for s in Cluster(fitted, sim_config()).run(
+                    calibration_reqs, arrival_offsets(len(calibration_reqs), rate, 1.0,
+                                                      args.seed + 1000 + i))])
+            fitted_links[mode] = (latency, link_bps, overhead, {
+                rate: (1e3 * float(np.median([s for _, s in ts])),
+                       float(np.mean([s >= 0.1 for _, s in ts])), len(ts))
+                for rate, ts in transfers_at.items() if ts})
+            if pulls and transfers:
+                print(f"== {mode}: KV link fitted from {len(transfers)} transfers: "
+                      f"{latency * 1e3:.2f} ms + bytes / {link_bps / 1e9:.3g} GB/s (whole pulls: "
+                      f"median {1e3 * float(np.median([s for _, s in pulls])):.1f} ms, transfers "
+                      f"alone {1e3 * float(np.median([s for _, s in transfers])):.1f} ms); "
+                      f"a pull's overhead beyond the simulated one {overhead * 1e3:.2f} ms")
             measured, predicted = [], []
             for rate in args.rates:
                 compiles[0] = 0
@@ -189,7 +200,7 @@ def main(argv=None) -> int:
                 real = replay(engine, reqs, rate, seed=args.seed, temperature=args.temperature,
                               offsets=offsets)
                 simulate = lambda m: [s.to_result() for s in  # noqa: E731
-                                      Cluster(m, sim_config(link_bps)).run(reqs, offsets)]
+                                      Cluster(m, sim_config(overhead)).run(reqs, offsets)]
                 sim, sim_profile = simulate(fitted), simulate(model)
                 ra, sa = attainment(real, args.ttft_slo, args.tpot_slo), \
                     attainment(sim, args.ttft_slo, args.tpot_slo)
@@ -287,11 +298,13 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
             f"{coeffs.prefill[2]:.3g}*sum(len^2); decode ms = {coeffs.decode_small[0]:.3g} + "
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
         if m == "disaggregated":
-            latency, bps, by_rate = fitted_links[m]
+            latency, bps, overhead, by_rate = fitted_links[m]
             summary.append(f"  - KV link fitted from the calibration's transfers (on a CPU the "
                            f"lowest rate's; the waits for step ends around them are simulated, "
                            f"and on a CPU the wait for the source's running step): "
-                           f"{latency * 1e3:.2f} ms + bytes / {bps / 1e9:.3g} GB/s")
+                           f"{latency * 1e3:.2f} ms + bytes / {bps / 1e9:.3g} GB/s; each pull "
+                           f"{overhead * 1e3:.2f} ms more (its messages: the calibration's real "
+                           f"pulls beyond their simulated twins, median)")
             summary.append("  - the calibration's transfers, by rate: " + "; ".join(
                 f"{rate:g} req/s: median {median:.1f} ms, {slow:.0%} of {n} at 100 ms or more"
                 for rate, (median, slow, n) in by_rate.items()))

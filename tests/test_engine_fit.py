@@ -148,3 +148,31 @@ def test_knee_interpolates_where_attainment_crosses_ninety_percent():
     assert knee([(10, 1.0), (20, 0.95), (30, 0.85), (40, 0.2)]) == pytest.approx(25.0)
     assert knee([(10, 0.99), (20, 0.95)]) is None
     assert knee([(10, 0.5), (20, 0.2)]) == 0.0
+
+
+def test_pull_overhead_is_recovered_from_real_pulls_against_their_simulated_twins():
+    """A 'real' run whose every pull pays 7 ms the twin's model leaves out (the simulator with
+    that overhead, on the same requests and arrivals): the fit recovers it, and charging it
+    makes the twin's pulls the real ones."""
+    from dsjax.eval.engine_fit import fit_pull_overhead, pull_seconds
+    from dsjax.eval.latency_model import LatencyModel
+    from dsjax.eval.simulator import Cluster, SimConfig
+    from dsjax.eval.workloads import TestRequest
+    model = LatencyModel("opt-13b", {1: StepCoeffs((10.0, 0.1, 0.0), (5.0, 0.01, 0.5),
+                                                   (5.0, 0.01, 0.5))}, {(1, 1): 100_000})
+    rng = np.random.default_rng(1)
+    reqs = [TestRequest("", int(rng.integers(20, 400)), int(rng.integers(2, 30)))
+            for _ in range(40)]
+    arrivals = np.cumsum(rng.exponential(0.05, len(reqs))).tolist()
+
+    def run(overhead):
+        config = SimConfig(kv_link_bytes_per_s=1e10, kv_link_latency_s=0.002,
+                           kv_pull_overhead_s=overhead)
+        return [s.to_result() for s in Cluster(model, config).run(reqs, arrivals)]
+    real, twin = run(0.007), run(0.0)
+    fitted = fit_pull_overhead(real, twin)
+    assert fitted == pytest.approx(0.007, abs=0.001)
+    charged = run(fitted)
+    assert [pull_seconds(r) for r in charged] == pytest.approx([pull_seconds(r) for r in real],
+                                                               abs=0.0015)
+    assert fit_pull_overhead(real[:5], twin[:5]) == 0.0   # too few pulls to say

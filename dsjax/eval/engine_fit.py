@@ -68,17 +68,20 @@ def decode_steps(results) -> list[tuple[list[int], float]]:
     return steps
 
 
+def pull_seconds(result) -> float | None:
+    """A request's KV pull from its lifecycle events, migration_begin to migration_end (the
+    pull, and the decode loop picking its arrival up); None if it did not migrate."""
+    ev = _event_times(result)
+    if "migration_begin" in ev and "migration_end" in ev:
+        return ev["migration_end"] - ev["migration_begin"]
+    return None
+
+
 def migration_samples(results, kv_bytes_per_token: int) -> list[tuple[int, float]]:
     """KV pulls recovered from lifecycle events: (bytes, seconds) per request that migrated,
-    bytes being its prompt's KV (the pages a pull moves), seconds from migration_begin to
-    migration_end (the pull, and the decode loop picking its arrival up)."""
-    out = []
-    for r in results:
-        ev = _event_times(r)
-        if "migration_begin" in ev and "migration_end" in ev:
-            out.append((r.prompt_len * kv_bytes_per_token,
-                        ev["migration_end"] - ev["migration_begin"]))
-    return out
+    bytes being its prompt's KV (the pages a pull moves)."""
+    return [(r.prompt_len * kv_bytes_per_token, s) for r in results
+            if (s := pull_seconds(r)) is not None]
 
 
 def fit_link(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
@@ -90,6 +93,16 @@ def fit_link(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     latency, per_byte = trimmed_nonnegative_fit([(1.0, b) for b, _ in samples],
                                                 [s for _, s in samples])
     return latency, (1.0 / per_byte if per_byte > 0 else float("inf"))
+
+
+def fit_pull_overhead(real, simulated) -> float:
+    """Seconds a real KV pull takes beyond the simulated one: the median, over requests that
+    pulled in both (the same requests and arrivals, in the same order), of the difference, at
+    least 0. What the simulator's link and step-end waits leave out: the instances' messages
+    and the decode loop noticing the arrival. 0 without MIN_STEPS such requests."""
+    diffs = [a - b for a, b in zip(map(pull_seconds, real), map(pull_seconds, simulated))
+             if a is not None and b is not None]
+    return max(0.0, float(np.median(diffs))) if len(diffs) >= MIN_STEPS else 0.0
 
 
 def nonnegative_lstsq(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> tuple[float, ...]:

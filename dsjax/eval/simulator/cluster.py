@@ -69,6 +69,11 @@ class SimConfig:
     # An accelerator's copies do not need its compute units: False. Needs
     # kv_pull_waits_for_steps, which models the steps around a pull.
     kv_transfer_waits_for_source_step: bool = False
+    # A pull's cost beyond its transfer and the step ends it waits for: its messages between
+    # the instances (ask, export, offer) and the decode loop picking the arrival up. Fitted
+    # by benchmarks/validate_simulator.py from the engine's own pulls (engine_fit.
+    # fit_pull_overhead); 0 in DistServe's model.
+    kv_pull_overhead_s: float = 0.0
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -226,7 +231,7 @@ class Cluster:
             # KV exists for every token but the newest one (it is fed at the next step); a
             # cached prefix is held by the decode instance already (prefix-aware routing).
             moved = req.context_len - 1 - req.cached_len
-            seconds = (self.config.kv_link_latency_s
+            seconds = (self.config.kv_link_latency_s + self.config.kv_pull_overhead_s
                        + moved * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s)
             req.log(now, "migration_begin")
             if self.config.kv_pull_waits_for_steps and isinstance(source, PrefillInstance):
