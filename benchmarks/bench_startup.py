@@ -38,6 +38,7 @@ def wait_ready(port: int, server: subprocess.Popen, started: float, log=None) ->
     reader already drains them."""
     while True:
         if server.poll() is not None:
+            time.sleep(0.5)   # let a reader drain the last lines (the traceback)
             tail = "".join(log) if log is not None else server.stderr.read()
             raise RuntimeError(f"server exited: {tail[-2000:]}")
         try:
@@ -88,7 +89,7 @@ def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[
         [sys.executable, "-m", "serving", "--model", args.model, "--use-dummy-weights",
          "--port", str(port), "--no-log-status", "--compilation-cache-dir", cache,
          *shlex.split(args.extra)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     log: list[str] = []   # drained as it comes, so a chatty server never blocks on the pipe
     reader = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
     reader.start()
@@ -99,7 +100,11 @@ def run(args, cache: str, lengths: list[int]) -> tuple[float, list[float], list[
         later = [ttft(port, n, 997 * (i + len(lengths))) for i, n in enumerate(lengths)]
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         reader.join(timeout=10)
     return ready, first, later, [line.strip() for line in log
                                  if any(k in line for k in STARTUP_LOG)]

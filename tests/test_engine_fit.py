@@ -152,9 +152,9 @@ def test_knee_interpolates_where_attainment_crosses_ninety_percent():
 
 def test_pull_overhead_is_recovered_from_real_pulls_against_their_simulated_twins():
     """A 'real' run whose every pull pays 7 ms the twin's model leaves out (the simulator with
-    that overhead, on the same requests and arrivals): the fit recovers it, and charging it
-    makes the twin's pulls the real ones."""
-    from dsjax.eval.engine_fit import fit_pull_overhead, pull_seconds
+    that overhead, on the same requests and arrivals): the fit recovers it from the first gaps
+    between tokens, and charging it makes the twin's hand-offs the real ones."""
+    from dsjax.eval.engine_fit import first_gap, fit_pull_overhead
     from dsjax.eval.latency_model import LatencyModel
     from dsjax.eval.simulator import Cluster, SimConfig
     from dsjax.eval.workloads import TestRequest
@@ -173,6 +173,9 @@ def test_pull_overhead_is_recovered_from_real_pulls_against_their_simulated_twin
     fitted = fit_pull_overhead(real, twin)
     assert fitted == pytest.approx(0.007, abs=0.001)
     charged = run(fitted)
-    assert [pull_seconds(r) for r in charged] == pytest.approx([pull_seconds(r) for r in real],
-                                                               abs=0.0015)
+    assert [first_gap(r) for r in charged] == pytest.approx([first_gap(r) for r in real],
+                                                            abs=0.0015)
+    assert fit_pull_overhead(twin, real) == pytest.approx(-0.007, abs=0.001)  # sign kept
     assert fit_pull_overhead(real[:5], twin[:5]) == 0.0   # too few pulls to say
+    with pytest.raises(ValueError):   # runs of other requests cannot be paired
+        fit_pull_overhead(real, twin[:-1])

@@ -70,8 +70,8 @@ class SimConfig:
     # kv_pull_waits_for_steps, which models the steps around a pull.
     kv_transfer_waits_for_source_step: bool = False
     # A pull's cost beyond its transfer and the step ends it waits for: its messages between
-    # the instances (ask, export, offer) and the decode loop picking the arrival up. Fitted
-    # by benchmarks/validate_simulator.py from the engine's own pulls (engine_fit.
+    # the instances (ask, export, offer). Fitted by benchmarks/validate_simulator.py from the
+    # engine's own hand-offs, first token to second, against simulated ones (engine_fit.
     # fit_pull_overhead); 0 in DistServe's model.
     kv_pull_overhead_s: float = 0.0
     # The pull policy's constant has one home, the engine's config.
