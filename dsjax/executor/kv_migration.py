@@ -139,13 +139,14 @@ def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShar
     landing = runner.stages[0].mesh.devices.flat[0]
     shards = []
     for s, (l0, l1) in enumerate(layer_ranges(mc.num_hidden_layers, layout.pp)):
-        shape = (l1 - l0, num_pages, runner.page_size, per_device, mc.head_dim)
+        stage_shape = (l1 - l0, num_pages, runner.page_size, cache_heads, mc.head_dim)
         for d in range(layout.tp):
             device = layout.devices[s * layout.tp + d] if layout.devices else landing
-            zeros = jax.device_put(np.zeros(shape, runner.dtype), device)
-            h0 = d * per_device
-            box = ShardBox(l0, l1, h0 // repeat, (h0 + per_device - 1) // repeat + 1)
-            shards.append(PageShard(box, zeros, zeros))
+            zeros = jax.device_put(np.zeros(stage_shape[:HEAD_AXIS] + (per_device, mc.head_dim),
+                                            runner.dtype), device)
+            index = [slice(None)] * len(stage_shape)   # as KV_SPEC shards a stage's pages
+            index[HEAD_AXIS] = slice(d * per_device, (d + 1) * per_device)
+            shards.append(PageShard(_box(tuple(index), stage_shape, l0, repeat), zeros, zeros))
     return shards
 
 
