@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py overhead --model opt-tiny --batch-sizes 1,16,64,256
     python benchmarks/bench_engine.py phases --batch-sizes 256 --steps 96
     python benchmarks/bench_engine.py threads --batch-sizes 1,64,256 --steps 64
+    python benchmarks/bench_engine.py gc --batch-sizes 64,256 --steps 64
     python benchmarks/bench_engine.py migration --model opt-125m
     python benchmarks/bench_engine.py interference --model opt-125m --backends uni,mp
 
@@ -11,6 +12,8 @@ overhead: decode steps of a running batch; host overhead = step wall time minus 
   streaming). Target: < 1 ms per step at batch 256, so the engine never starves a GPU.
 phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch).
 threads: CPU time per synchronous step of the decode thread, and of the router per report.
+gc: Python's garbage collections during synchronous decode steps, with the start-up heap frozen
+  (the engine's default) and with it handed back to the collector (as before the freeze).
 migration: KV copy time between instances for each TP pair (device to device).
 interference: a decode instance's time per output token alone, and while the prefill instance
   runs long prompts, for each executor backend (timed at the caller from token timestamps, so
@@ -35,16 +38,17 @@ def _engine(args, **kw):
                                          block_size=16), **kw}))
 
 
-def _full_batches(args, b: int, async_scheduling: bool):
+def _full_batches(args, b: int, async_scheduling: bool, **config):
     """An engine whose decode instance runs batches of b, after one batch of b requests that
     compiled every bucket they use, and a function that runs another batch and waits for it
-    (new prompts each time: the same ones would hit the prefix cache and take other shapes)."""
+    (new prompts each time: the same ones would hit the prefix cache and take other shapes).
+    `config`: more EngineConfig fields."""
     import numpy as np
     from dsjax import SamplingParams
     engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
                      context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
                      num_blocks=b * (args.steps // 16 + 4) + 16,
-                     async_scheduling=async_scheduling)
+                     async_scheduling=async_scheduling, **config)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
 
@@ -194,6 +198,59 @@ def threads(args) -> None:
               f"{1e3 * np.median(routed):.2f} | {1e3 * np.median([h for _, h in full]):.2f} |")
 
 
+def collections_during_steps(args) -> None:
+    """Decode steps of full batches (synchronous), twice per engine, with the collector's
+    pauses timed per thread by gc.callbacks: the decode thread's total per step and its
+    longest, the longest on any thread, and the steps' host time (wall minus the device
+    wait) at the median, P99 and worst. "thawed" unfreezes the start-up heap once the engine
+    is ready, so every full collection walks it again."""
+    import gc
+    import threading
+
+    import numpy as np
+
+    print("| batch | start-up heap | steps | full collections (all threads) | decode thread GC "
+          "ms / step | longest decode-thread pause ms | longest pause, any thread ms | host ms "
+          "median | host ms P99 | host ms worst |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        for frozen in (False, True):
+            # Warm-up covers the run, as a server's does: no compile leaves its objects
+            # outside the frozen heap.
+            engine, run_batch = _full_batches(
+                args, b, False, warmup_max_prompt_len=16,
+                warmup_max_context_len=16 + args.steps + 1, warmup_max_prefill_batch=b,
+                warmup_max_decode_batch=b)
+            if not frozen:
+                gc.unfreeze()
+            decode = engine.local_worker("decode0")
+            decode.step_log = []
+            pauses, began = [], {}
+
+            def timed(phase, info):
+                thread = threading.get_ident()
+                if phase == "start":
+                    began[thread] = time.perf_counter()
+                elif thread in began:
+                    pauses.append((threading.current_thread().name, info["generation"],
+                                   time.perf_counter() - began.pop(thread)))
+            gc.callbacks.append(timed)
+            try:
+                run_batch()
+                run_batch()
+            finally:
+                gc.callbacks.remove(timed)
+            engine.shutdown()
+            host = [t - w for n, t, w, _ in decode.step_log if n == b]
+            mine = [s for name, _, s in pauses if name == "dsjax-decode0"]
+            print(f"| {b} | {'frozen' if frozen else 'thawed'} | {len(host)} | "
+                  f"{sum(g == 2 for _, g, _ in pauses)} | {1e3 * sum(mine) / len(host):.2f} | "
+                  f"{1e3 * max(mine, default=0):.1f} | "
+                  f"{1e3 * max((s for _, _, s in pauses), default=0):.1f} | "
+                  f"{1e3 * np.median(host):.2f} | {1e3 * np.percentile(host, 99):.2f} | "
+                  f"{1e3 * max(host):.1f} |")
+
+
 def migration(args) -> None:
     import jax
     from dsjax.executor.kv_migration import migrate
@@ -268,7 +325,7 @@ def interference(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["overhead", "phases", "threads", "migration",
+    p.add_argument("what", choices=["overhead", "phases", "threads", "gc", "migration",
                                     "interference"])
     p.add_argument("--model", default="opt-tiny")
     p.add_argument("--dtype", default="float32")
@@ -281,7 +338,8 @@ def main(argv=None) -> None:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_force_host_platform_device_count=8").strip()
-    {"overhead": overhead, "phases": phases, "threads": threads, "migration": migration,
+    {"overhead": overhead, "phases": phases, "threads": threads,
+     "gc": collections_during_steps, "migration": migration,
      "interference": interference}[args.what](args)
 
 

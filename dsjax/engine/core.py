@@ -30,6 +30,7 @@ from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceF
                                    InstanceReady, KVReady, KVRefused, OfferMigration, PeerMessage,
                                    Report, RequestSpec)
 from dsjax.engine.request import RequestOutput, sequence_seed
+from dsjax.engine.startup_heap import freeze_startup_heap, release_startup_heap
 from dsjax.executor.hosts import host_backend
 from dsjax.sampling_params import SamplingParams
 from dsjax.tokenizer import IncrementalDetokenizer, model_tokenizer
@@ -170,6 +171,7 @@ class Engine:
         self._seeds = random.Random(config.seed)
         self._stopped = threading.Event()
         self.instances: dict[str, _Instance] = {}
+        self._holds_heap = False   # (see dsjax.engine.startup_heap)
         self._start_instances(devices, model_dir)
         self._router = threading.Thread(target=self._route_loop, daemon=True,
                                         name="dsjax-router")
@@ -189,6 +191,8 @@ class Engine:
             self.instances[host.name] = _Instance(host.name, host.role, host)
             host.start()
         self._await_ready()
+        log.info("start-up heap frozen in %.2f s", freeze_startup_heap())
+        self._holds_heap = True
 
     def _await_ready(self) -> None:
         """Wait for every instance to load and compile; any that cannot start stops the engine
@@ -641,6 +645,9 @@ class Engine:
         for tracked in list(self._tracked.values()):
             tracked.abort()
             self._end(tracked)
+        if self._holds_heap:
+            self._holds_heap = False
+            release_startup_heap()
 
     def __enter__(self):
         return self

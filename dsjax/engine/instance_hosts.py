@@ -272,12 +272,16 @@ def serve_in_process(plan, config, model_config, model_dir, inbox, send, transfe
     KV, the worker on every device the process sees, its loop until Shutdown."""
     import jax
 
+    from dsjax.engine.startup_heap import freeze_startup_heap
     from dsjax.executor.remote_kv import TransferServerKVLink
     link = TransferServerKVLink(transfer_host)
     log.info("%s: KV transfer server at %s", plan.name, link.address)
-    _serve(plan, lambda: build_worker(plan, config, model_config, model_dir, jax.devices(),
-                                      send, link, place_stages),
-           send, inbox, link.address)
+    def build():
+        worker = build_worker(plan, config, model_config, model_dir, jax.devices(), send, link,
+                              place_stages)
+        log.info("%s: start-up heap frozen in %.2f s", plan.name, freeze_startup_heap())
+        return worker
+    _serve(plan, build, send, inbox, link.address)
 
 
 class _PipeSender:

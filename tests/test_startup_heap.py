@@ -1,0 +1,52 @@
+"""An engine keeps its start-up objects out of Python's cyclic collector while it serves, and
+hands them back when the last engine stops (dsjax.engine.startup_heap)."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+from dsjax.engine import startup_heap
+from tests._engine_helpers import get_engine
+
+
+def _tracked_ids() -> set[int]:
+    # gc.get_objects lists the three generations the collector walks, not the frozen one.
+    return {id(o) for o in gc.get_objects()}
+
+
+def test_a_ready_engine_has_frozen_what_start_up_built():
+    engine = get_engine()
+    built = [engine.config, engine.instances, engine.model_config]
+    assert gc.get_freeze_count() > 10_000
+    assert not {id(o) for o in built} & _tracked_ids()
+    served = [engine.add_request([5, 6, 7], None).result(timeout=120)]   # made after ready
+    assert id(served) in _tracked_ids()
+
+
+class _Node:
+    pass
+
+
+def test_the_last_holder_to_release_hands_the_frozen_heap_back():
+    holders = startup_heap._holders
+    startup_heap._holders = 0
+    try:
+        cycle = _Node()
+        cycle.me = cycle
+        alive = weakref.ref(cycle)
+        startup_heap.freeze_startup_heap()
+        startup_heap.freeze_startup_heap()
+        del cycle
+        gc.collect()
+        assert alive() is not None, "a frozen cycle must not be collected"
+        startup_heap.release_startup_heap()
+        gc.collect()
+        assert alive() is not None, "one holder is left: the heap stays frozen"
+        startup_heap.release_startup_heap()
+        gc.collect()
+        assert alive() is None, "no holder is left: the collector frees the cycle"
+        assert gc.get_freeze_count() == 0
+    finally:
+        startup_heap._holders = holders
+        if holders:
+            gc.freeze()   # the engines still running keep theirs
