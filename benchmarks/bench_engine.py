@@ -13,7 +13,7 @@ overhead: decode steps of a running batch; host overhead = step wall time minus 
 phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch).
 threads: CPU time per synchronous step of the decode thread, and of the router per report.
 gc: Python's garbage collections during synchronous decode steps, with the start-up heap frozen
-  (the engine's default) and with it handed back to the collector (as before the freeze).
+  (the engine's default) and with it handed back to the collector at Python's thresholds.
 migration: KV copy time between instances for each TP pair (device to device).
 interference: a decode instance's time per output token alone, and while the prefill instance
   runs long prompts, for each executor backend (timed at the caller from token timestamps, so
@@ -202,12 +202,14 @@ def collections_during_steps(args) -> None:
     """Decode steps of full batches (synchronous), twice per engine, with the collector's
     pauses timed per thread by gc.callbacks: the decode thread's total per step and its
     longest, the longest on any thread, and the steps' host time (wall minus the device
-    wait) at the median, P99 and worst. "thawed" unfreezes the start-up heap once the engine
-    is ready, so every full collection walks it again."""
+    wait) at the median, P99 and worst. "thawed" hands the start-up heap back to the collector
+    once the engine is ready, at Python's own thresholds: every full collection walks it again,
+    as before dsjax.engine.startup_heap."""
     import gc
     import threading
 
     import numpy as np
+    from dsjax.engine.startup_heap import release_startup_heap
 
     print("| batch | start-up heap | steps | full collections (all threads) | decode thread GC "
           "ms / step | longest decode-thread pause ms | longest pause, any thread ms | host ms "
@@ -221,8 +223,8 @@ def collections_during_steps(args) -> None:
                 args, b, False, warmup_max_prompt_len=16,
                 warmup_max_context_len=16 + args.steps + 1, warmup_max_prefill_batch=b,
                 warmup_max_decode_batch=b)
-            if not frozen:
-                gc.unfreeze()
+            if not frozen:   # as before: the whole heap collected, at Python's thresholds
+                release_startup_heap()
             decode = engine.local_worker("decode0")
             decode.step_log = []
             pauses, began = [], {}

@@ -18,6 +18,7 @@ def test_a_ready_engine_has_frozen_what_start_up_built():
     engine = get_engine()
     built = [engine.config, engine.instances, engine.model_config]
     assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold()[0] >= startup_heap.YOUNG_THRESHOLD
     assert not {id(o) for o in built} & _tracked_ids()
     served = [engine.add_request([5, 6, 7], None).result(timeout=120)]   # made after ready
     assert id(served) in _tracked_ids()
@@ -28,14 +29,16 @@ class _Node:
 
 
 def test_the_last_holder_to_release_hands_the_frozen_heap_back():
-    holders = startup_heap._holders
-    startup_heap._holders = 0
+    holders, thresholds = startup_heap._holders, startup_heap._thresholds
+    startup_heap._holders, startup_heap._thresholds = 0, None
+    own = gc.get_threshold()
     try:
         cycle = _Node()
         cycle.me = cycle
         alive = weakref.ref(cycle)
         startup_heap.freeze_startup_heap()
         startup_heap.freeze_startup_heap()
+        assert gc.get_threshold()[0] >= startup_heap.YOUNG_THRESHOLD
         del cycle
         gc.collect()
         assert alive() is not None, "a frozen cycle must not be collected"
@@ -46,7 +49,9 @@ def test_the_last_holder_to_release_hands_the_frozen_heap_back():
         gc.collect()
         assert alive() is None, "no holder is left: the collector frees the cycle"
         assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == own, "the process's own thresholds are back"
     finally:
-        startup_heap._holders = holders
-        if holders:
-            gc.freeze()   # the engines still running keep theirs
+        startup_heap._holders, startup_heap._thresholds = holders, thresholds
+        if holders:   # the engines still running keep theirs
+            gc.freeze()
+            gc.set_threshold(max(startup_heap.YOUNG_THRESHOLD, own[0]), *own[1:])
