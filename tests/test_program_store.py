@@ -1,4 +1,4 @@
-"""Step programs stored on disk: a second engine loads them (no tracing, no lowering), rehearses
+"""Step programs, page copies and token selections stored on disk: a second engine loads them (no tracing, no lowering), rehearses
 its warm-up on them, and still gives transformers' greedy tokens; a damaged file, or one whose
 program fails on its first run, is removed."""
 from __future__ import annotations
@@ -23,8 +23,9 @@ from tests.conftest import ENGINE_MAX_NEW, engine_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=ENGINE_MAX_NEW, ignore_eos=True)
 # What a step program is counted as: loaded from the store, or lowered (traced and lowered).
-LOADED = ("forward", "sample", "decode+sample")
-LOWERED = ("jit(_forward_step)", "jit(_sample_step)", "jit(_decode_sample_step)")
+LOADED = ("forward", "sample", "decode+sample", "gather", "insert", "select")
+LOWERED = ("jit(_forward_step)", "jit(_sample_step)", "jit(_decode_sample_step)",
+           "jit(_gather)", "jit(_insert)", "jit(_select_tokens)")
 # Warm-up over every shape engine_prompts() reach: with it the engine rehearses its steps.
 WARM = dict(warmup_max_prompt_len=32, warmup_max_context_len=48, warmup_max_prefill_batch=8,
             warmup_max_decode_batch=8)
@@ -62,7 +63,9 @@ def test_a_second_engine_loads_stored_programs_and_matches_transformers(
     assert first == hf_reference
     stored = sorted(own_cache.iterdir())
     assert stored and _count(names, LOADED) == 0
-    assert _count(names, LOWERED) == len(stored), names
+    # Programs alike but for their devices (each instance's page copies) lower once and are
+    # stored once per stage.
+    assert 0 < _count(names, LOWERED) <= len(stored), names
 
     second, names = _serve(hf_opt[1])   # warm-up rehearsed on loaded programs, then served
     assert second == hf_reference

@@ -90,7 +90,11 @@ class PagePool:
     """K and V pages of one stage: [layers, pages, page_size, heads, head_dim], heads sharded."""
 
     def __init__(self, mesh, num_layers: int, num_pages: int, page_size: int, num_heads: int,
-                 head_dim: int, dtype):
+                 head_dim: int, dtype, run_program=None):
+        # run_program(key, make, donated, *args): how the owning stage runs a program (through
+        # its program store, so a warm start loads these instead of tracing them: 48 of them
+        # took 12 s of opt-125m's warm start); alone, the pool calls its jitted functions.
+        self._run = run_program or (lambda key, make, donated, *args: make()(*args))
         self.sharding = NamedSharding(mesh, KV_SPEC)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.num_pages = num_pages
@@ -110,21 +114,31 @@ class PagePool:
     def gather(self, block_ids) -> tuple[jax.Array, jax.Array]:
         """Copies of the given pages, [layers, n_padded, page_size, heads, head_dim] each."""
         ids = jax.device_put(self.padded_ids(block_ids, 0), self.replicated)
-        return _gather(self.k, self.v, ids)
+        (pages,) = self._run(("gather", len(ids)), lambda: _gather, (), self.k, self.v, ids)
+        return pages
 
     def insert(self, block_ids, k_pages, v_pages) -> None:
-        """Write pages (as returned by gather, padding included) at block_ids, in place."""
+        """Write pages (as returned by gather, padding included, or host arrays of their
+        shape) at block_ids, in place."""
         ids = jax.device_put(self.padded_ids(block_ids, self.num_pages), self.replicated)
-        self.k, self.v = _insert(self.k, self.v, ids, k_pages, v_pages)
+        # Placed as the pool is, so one program (one stored executable) serves pages from the
+        # host, this pool and other devices alike.
+        k_pages, v_pages = (jax.device_put(a, self.sharding) for a in (k_pages, v_pages))
+        _, self.k, self.v = self._run(("insert", len(ids), str(k_pages.dtype)), lambda: _insert,
+                                      INSERT_DONATED, self.k, self.v, ids, k_pages, v_pages)
 
 
+# Programs return their result, then the arguments they donate, updated (Stage._call's form).
 @jax.jit
 def _gather(k, v, ids):
-    return k[:, ids], v[:, ids]
+    return ((k[:, ids], v[:, ids]),)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
+INSERT_DONATED = (0, 1)
+
+
+@functools.partial(jax.jit, donate_argnums=INSERT_DONATED)
 def _insert(k, v, ids, k_pages, v_pages):
     # Padding ids are out of range (num_pages) and dropped.
-    return (k.at[:, ids].set(k_pages.astype(k.dtype), mode="drop"),
+    return ((), k.at[:, ids].set(k_pages.astype(k.dtype), mode="drop"),
             v.at[:, ids].set(v_pages.astype(v.dtype), mode="drop"))
