@@ -1,6 +1,6 @@
-"""Step programs, page copies and token selections stored on disk: a second engine loads them (no tracing, no lowering), rehearses
-its warm-up on them, and still gives transformers' greedy tokens; a damaged file, or one whose
-program fails on its first run, is removed."""
+"""Step programs, page copies and token selections stored on disk: a second engine loads them
+(no tracing, no lowering), rehearses its warm-up on them, and still gives transformers' greedy
+tokens; a damaged file, or one whose program fails on its first run, is removed."""
 from __future__ import annotations
 
 import logging
@@ -124,14 +124,14 @@ def test_a_stored_program_that_fails_on_its_first_run_is_removed(tmp_path, caplo
     payload, _, out_tree = serialize_executable.serialize(again)
     stored.write_bytes(pickle.dumps((payload, jax.tree_util.tree_unflatten(out_tree, [0]))))
 
-    stage = object.__new__(Stage)   # only what _call uses: a store, and no program yet
+    stage = object.__new__(Stage)   # only what run_program uses: a store, and no program yet
     stage.fns, stage._unproven, stage.rehearsing = {}, {}, False
     stage.programs, stage.stage_key, stage.devices = ProgramStore(tmp_path), "stage", \
         jax.devices()[:1]
     make = lambda: jax.jit(lambda v: jnp.cumsum(v) * 2)  # noqa: E731
     with caplog.at_level(logging.WARNING, logger="dsjax"), pytest.raises(Exception):
-        stage._call(("forward", "cumsum"), make, (), x)
+        stage.run_program(("forward", "cumsum"), make, (), x)
     assert "failed on its first run" in caplog.text and not stored.exists()
     # The broken program is forgotten too: the next call compiles it and gives NumPy's answer.
-    np.testing.assert_allclose(stage._call(("forward", "cumsum"), make, (), x),
+    np.testing.assert_allclose(stage.run_program(("forward", "cumsum"), make, (), x),
                                np.cumsum(np.arange(611.0)) * 2)

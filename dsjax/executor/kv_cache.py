@@ -128,7 +128,8 @@ class PagePool:
                                       INSERT_DONATED, self.k, self.v, ids, k_pages, v_pages)
 
 
-# Programs return their result, then the arguments they donate, updated (Stage._call's form).
+# Programs return their result, then the arguments they donate, updated (the form of
+# Stage.run_program).
 @jax.jit
 def _gather(k, v, ids):
     return ((k[:, ids], v[:, ids]),)

@@ -131,7 +131,8 @@ class PendingStep:
 
 @jax.jit
 def _select_tokens(previous_tokens: tuple, index):
-    """Input tokens from a previous step's samples (index -1: none); in Stage._call's form."""
+    """Input tokens from a previous step's samples (index -1: none), as a 1-tuple (the form of
+    Stage.run_program)."""
     flat = jnp.concatenate(previous_tokens)
     return (jnp.where(index >= 0, flat[jnp.maximum(index, 0)], -1).astype(jnp.int32),)
 
@@ -189,7 +190,7 @@ class Stage:
         num_layers = layer_range[1] - layer_range[0]
         kv_heads = config.cache_kv_heads(len(devices))
         self.pool = PagePool(self.mesh, num_layers, num_pages, page_size, kv_heads,
-                             config.head_dim, dtype, run_program=self._call)
+                             config.head_dim, dtype, run_program=self.run_program)
         attention = for_mesh(attention, self.mesh)
         # Decode programs unroll their layers on a CPU (platform_scans_layers), over a second
         # copy of the layer weights split per layer; prefill and chunked programs scan the
@@ -204,7 +205,7 @@ class Stage:
         self._scan_decode = scan
         self._compiler_options = platform_compiler_options(platform)
         self.fns = {}
-        self.rehearsing = False   # see _call and ModelRunner.rehearsal
+        self.rehearsing = False   # see run_program and ModelRunner.rehearsal
         self._unproven: dict = {}  # key -> store file, of loaded programs not yet run
         # Compiled programs kept on disk (None when the compilation cache is off); the key of
         # everything that built this stage, for the store's.
@@ -223,7 +224,7 @@ class Stage:
         so a prefill instance never holds the second copy."""
         return self.params if self._scan_decode else per_layer_params(self.params)
 
-    def _call(self, key, make, donated, *args):
+    def run_program(self, key, make, donated, *args):
         """Run the program `key` (made by `make()`, a jitted function that returns its result
         and then the `donated` arguments, updated) on args; the key determines every argument's
         shape and sharding (a stored program takes one). Positional-only calls keep JAX's fast
@@ -294,12 +295,12 @@ class Stage:
             override = jax.device_put(override, self.replicated)
         if mode == "decode" and self.first and self.last:   # one program, one dispatch
             layouts = (inputs.layout, inputs.sample_layout)
-            samples, self.pool.k, self.pool.v, self.slots = self._call(
+            samples, self.pool.k, self.pool.v, self.slots = self.run_program(
                 ("decode+sample",) + layouts, lambda: self._decode_and_sample(*layouts),
                 DECODE_SAMPLE_DONATED, self.decode_params, self.pool.k, self.pool.v,
                 self.slots, inputs.packed, inputs.sample_packed, override)
             return samples
-        out, self.pool.k, self.pool.v = self._call(
+        out, self.pool.k, self.pool.v = self.run_program(
             ("forward", mode, inputs.layout), lambda: self._forward(mode, inputs.layout),
             FORWARD_DONATED, self.decode_params if mode == "decode" else self.params, hidden,
             self.pool.k, self.pool.v, inputs.packed, override)
@@ -307,7 +308,7 @@ class Stage:
             return out
         last, scores = out
         # (the rows sampled from depend on the mode: every prompt slot, or each chunk's row)
-        samples, self.slots = self._call(
+        samples, self.slots = self.run_program(
             ("sample", last.shape, last.sharding, inputs.sample_layout),
             lambda: self._sampler(inputs.sample_layout), SAMPLER_DONATED,
             self.params, last, self.slots, inputs.sample_packed)
@@ -662,8 +663,8 @@ class ModelRunner:
         last = self.stages[-1]
         if not isinstance(last, Stage):
             return _select_tokens(tokens, idx)[0]
-        (selected,) = last._call(("select", tuple(previous.pads), len(idx)),
-                                 lambda: _select_tokens, (), tokens, idx)
+        (selected,) = last.run_program(("select", tuple(previous.pads), len(idx)),
+                                       lambda: _select_tokens, (), tokens, idx)
         return selected
 
     def _no_override(self, b_pad: int) -> jax.Array:
