@@ -28,7 +28,7 @@ class _Node:
     pass
 
 
-def test_the_last_holder_to_release_hands_the_frozen_heap_back():
+def test_a_release_frees_what_its_holder_left_and_the_last_restores_the_collector():
     holders, thresholds = startup_heap._holders, startup_heap._thresholds
     startup_heap._holders, startup_heap._thresholds = 0, None
     own = gc.get_threshold()
@@ -36,18 +36,19 @@ def test_the_last_holder_to_release_hands_the_frozen_heap_back():
         cycle = _Node()
         cycle.me = cycle
         alive = weakref.ref(cycle)
-        startup_heap.freeze_startup_heap()
+        startup_heap.freeze_startup_heap()   # two engines hold the heap
         startup_heap.freeze_startup_heap()
         assert gc.get_threshold()[0] >= startup_heap.YOUNG_THRESHOLD
-        del cycle
+        kept = _Node()
+        kept.me = kept
+        del cycle   # garbage now, but frozen
         gc.collect()
         assert alive() is not None, "a frozen cycle must not be collected"
-        startup_heap.release_startup_heap()
-        gc.collect()
-        assert alive() is not None, "one holder is left: the heap stays frozen"
-        startup_heap.release_startup_heap()
-        gc.collect()
-        assert alive() is None, "no holder is left: the collector frees the cycle"
+        startup_heap.release_startup_heap()   # one engine stops
+        assert alive() is None, "a release collects what was frozen"
+        assert kept.me is kept and gc.get_freeze_count() > 0, "the rest is frozen again"
+        assert id(kept) not in _tracked_ids()
+        startup_heap.release_startup_heap()   # the last one
         assert gc.get_freeze_count() == 0
         assert gc.get_threshold() == own, "the process's own thresholds are back"
     finally:

@@ -12,10 +12,11 @@ of Python's 700: a decode step of 256 rows allocates thousands of short-lived ob
 700 the decode thread spent about 1.1 ms a step in collections, at 20,000 about 0.4 ms (one run
 each of `bench_engine.py gc`; reference counting frees nearly all of them anyway).
 
-An engine freezes once it is ready and releases at shutdown. When no engine holds the freeze,
-the frozen objects go back to the collector, so the garbage cycles of an engine that stopped
-are freed in a process that starts many (notebooks, tests). Instance processes freeze once
-their worker is built and never release: they end with their instance.
+An engine freezes once it is ready and releases at shutdown. A release hands the frozen
+objects back to the collector and collects, so the garbage cycles of an engine that stopped
+(its pools and params among them) are freed in a process that starts many (notebooks, tests);
+while other engines still hold the freeze, what survives is frozen again. Instance processes
+freeze once their worker is built and never release: they end with their instance.
 """
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ def freeze_startup_heap() -> float:
 
 
 def release_startup_heap() -> None:
-    """One holder is done; the last one hands the frozen objects back to the collector."""
+    """One holder is done: the frozen objects go back to the collector, what the holder left
+    behind is collected, and the rest is frozen again while other holders remain."""
     global _holders, _thresholds
     with _lock:
         _holders = max(0, _holders - 1)
-        if _holders == 0:
-            gc.unfreeze()
-            if _thresholds is not None:
-                gc.set_threshold(*_thresholds)
-                _thresholds = None
+        gc.unfreeze()
+        if _holders:
+            gc.collect()
+            gc.freeze()
+        elif _thresholds is not None:
+            gc.set_threshold(*_thresholds)
+            _thresholds = None
