@@ -12,8 +12,8 @@ overhead: decode steps of a running batch; host overhead = step wall time minus 
   streaming). Target: < 1 ms per step at batch 256, so the engine never starves a GPU.
 phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch).
 threads: CPU time per synchronous step of the decode thread, and of the router per report.
-gc: Python's garbage collections during synchronous decode steps, with the start-up heap frozen
-  (the engine's default) and with it handed back to the collector at Python's thresholds.
+gc: Python's garbage collections during synchronous decode steps: the start-up heap handed
+  back to the collector, frozen at CPython's thresholds, and frozen as the engine sets it.
 migration: KV copy time between instances for each TP pair (device to device).
 interference: a decode instance's time per output token alone, and while the prefill instance
   runs long prompts, for each executor backend (timed at the caller from token timestamps, so
@@ -198,33 +198,40 @@ def threads(args) -> None:
               f"{1e3 * np.median(routed):.2f} | {1e3 * np.median([h for _, h in full]):.2f} |")
 
 
+PYTHON_GC_THRESHOLDS = (700, 10, 10)   # CPython's own
+
+
 def collections_during_steps(args) -> None:
     """Decode steps of full batches (synchronous), twice per engine, with the collector's
-    pauses timed per thread by gc.callbacks: the decode thread's total per step and its
-    longest, the longest on any thread, and the steps' host time (wall minus the device
-    wait) at the median, P99 and worst. "thawed" hands the start-up heap back to the collector
-    once the engine is ready, at Python's own thresholds: every full collection walks it again,
-    as before dsjax.engine.startup_heap."""
+    pauses timed per thread by gc.callbacks: the decode thread's total per decode step (of
+    any size) and its longest, the longest on any thread, and the full steps' host time (wall
+    minus the device wait) at the median, P99 and worst. Three engines: "thawed" hands the
+    start-up heap back to the collector once the engine is ready, at CPython's own thresholds
+    (every full collection walks it again, as before dsjax.engine.startup_heap); "frozen, gen 0
+    at 700" keeps the heap frozen at CPython's thresholds; the default freezes it and collects
+    the youngest generation every startup_heap.YOUNG_THRESHOLD allocations."""
     import gc
     import threading
 
     import numpy as np
-    from dsjax.engine.startup_heap import release_startup_heap
 
-    print("| batch | start-up heap | steps | full collections (all threads) | decode thread GC "
+    print("| batch | start-up heap | steps | full collections (all threads) | GC ms / step, all "
+          "threads | decode thread GC "
           "ms / step | longest decode-thread pause ms | longest pause, any thread ms | host ms "
           "median | host ms P99 | host ms worst |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
-        for frozen in (False, True):
+        for heap in ("thawed", "frozen, gen 0 at 700", "frozen (default)"):
             # Warm-up covers the run, as a server's does: no compile leaves its objects
             # outside the frozen heap.
             engine, run_batch = _full_batches(
                 args, b, False, warmup_max_prompt_len=16,
                 warmup_max_context_len=16 + args.steps + 1, warmup_max_prefill_batch=b,
                 warmup_max_decode_batch=b)
-            if not frozen:   # as before: the whole heap collected, at Python's thresholds
-                release_startup_heap()
+            if heap == "thawed":   # as before: the whole heap collected
+                gc.unfreeze()
+            if heap != "frozen (default)":
+                gc.set_threshold(*PYTHON_GC_THRESHOLDS)
             decode = engine.local_worker("decode0")
             decode.step_log = []
             pauses, began = [], {}
@@ -244,9 +251,15 @@ def collections_during_steps(args) -> None:
                 gc.callbacks.remove(timed)
             engine.shutdown()
             host = [t - w for n, t, w, _ in decode.step_log if n == b]
+            if not host:
+                print(f"| {b} | {heap} | no full batch ran |")
+                continue
             mine = [s for name, _, s in pauses if name == "dsjax-decode0"]
-            print(f"| {b} | {'frozen' if frozen else 'thawed'} | {len(host)} | "
-                  f"{sum(g == 2 for _, g, _ in pauses)} | {1e3 * sum(mine) / len(host):.2f} | "
+            steps = len(decode.step_log)   # every decode step, full or not, may collect
+            print(f"| {b} | {heap} | {len(host)} | "
+                  f"{sum(g == 2 for _, g, _ in pauses)} | "
+                  f"{1e3 * sum(p for _, _, p in pauses) / steps:.2f} | "
+                  f"{1e3 * sum(mine) / steps:.2f} | "
                   f"{1e3 * max(mine, default=0):.1f} | "
                   f"{1e3 * max((s for _, _, s in pauses), default=0):.1f} | "
                   f"{1e3 * np.median(host):.2f} | {1e3 * np.percentile(host, 99):.2f} | "

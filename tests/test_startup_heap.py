@@ -1,12 +1,17 @@
 """An engine keeps its start-up objects out of Python's cyclic collector while it serves, and
-hands them back when the last engine stops (dsjax.engine.startup_heap)."""
+hands them back when it stops, so a stopped engine is freed while others run
+(dsjax.engine.startup_heap)."""
 from __future__ import annotations
 
 import gc
 import weakref
 
+from dsjax.config import EngineConfig
 from dsjax.engine import startup_heap
-from tests._engine_helpers import get_engine
+from dsjax.engine.core import Engine
+from tests._engine_helpers import TINY, get_engine
+
+PYTHON_THRESHOLDS = (700, 10, 10)
 
 
 def _tracked_ids() -> set[int]:
@@ -24,35 +29,45 @@ def test_a_ready_engine_has_frozen_what_start_up_built():
     assert id(served) in _tracked_ids()
 
 
+def test_a_stopped_engine_is_freed_while_another_runs():
+    get_engine()   # the shared engine keeps running, and holding the heap
+    engine = Engine(EngineConfig(**TINY))
+    assert gc.get_freeze_count() > 10_000
+    pool = weakref.ref(engine.local_worker("decode0").runner.stages[0].pool)
+    engine.shutdown()
+    del engine
+    gc.collect()
+    assert pool() is None, "the stopped engine's KV pages are still held"
+
+
 class _Node:
     pass
 
 
-def test_a_release_frees_what_its_holder_left_and_the_last_restores_the_collector():
+def test_a_release_hands_the_heap_back_and_the_last_restores_the_thresholds():
     holders, thresholds = startup_heap._holders, startup_heap._thresholds
+    real = gc.get_threshold()
     startup_heap._holders, startup_heap._thresholds = 0, None
-    own = gc.get_threshold()
+    gc.set_threshold(*PYTHON_THRESHOLDS)
     try:
         cycle = _Node()
         cycle.me = cycle
         alive = weakref.ref(cycle)
         startup_heap.freeze_startup_heap()   # two engines hold the heap
         startup_heap.freeze_startup_heap()
-        assert gc.get_threshold()[0] >= startup_heap.YOUNG_THRESHOLD
-        kept = _Node()
-        kept.me = kept
+        assert gc.get_threshold()[0] == startup_heap.YOUNG_THRESHOLD
         del cycle   # garbage now, but frozen
         gc.collect()
         assert alive() is not None, "a frozen cycle must not be collected"
         startup_heap.release_startup_heap()   # one engine stops
-        assert alive() is None, "a release collects what was frozen"
-        assert kept.me is kept and gc.get_freeze_count() > 0, "the rest is frozen again"
-        assert id(kept) not in _tracked_ids()
-        startup_heap.release_startup_heap()   # the last one
         assert gc.get_freeze_count() == 0
-        assert gc.get_threshold() == own, "the process's own thresholds are back"
+        gc.collect()
+        assert alive() is None, "a release hands the frozen objects back"
+        assert gc.get_threshold()[0] == startup_heap.YOUNG_THRESHOLD, "one engine still runs"
+        startup_heap.release_startup_heap()   # the last one
+        assert gc.get_threshold() == PYTHON_THRESHOLDS
     finally:
         startup_heap._holders, startup_heap._thresholds = holders, thresholds
+        gc.set_threshold(*real)
         if holders:   # the engines still running keep theirs
             gc.freeze()
-            gc.set_threshold(max(startup_heap.YOUNG_THRESHOLD, own[0]), *own[1:])

@@ -172,6 +172,7 @@ class Engine:
         self._stopped = threading.Event()
         self.instances: dict[str, _Instance] = {}
         self._holds_heap = False   # (see dsjax.engine.startup_heap)
+        self._heap_lock = threading.Lock()   # one release per engine, whoever shuts it down
         self._start_instances(devices, model_dir)
         self._router = threading.Thread(target=self._route_loop, daemon=True,
                                         name="dsjax-router")
@@ -181,6 +182,8 @@ class Engine:
             self._status_thread = threading.Thread(target=self._status_loop, daemon=True,
                                                    name="dsjax-status")
             self._status_thread.start()
+        log.info("start-up heap frozen in %.2f s", freeze_startup_heap())
+        self._holds_heap = True
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -191,8 +194,6 @@ class Engine:
             self.instances[host.name] = _Instance(host.name, host.role, host)
             host.start()
         self._await_ready()
-        log.info("start-up heap frozen in %.2f s", freeze_startup_heap())
-        self._holds_heap = True
 
     def _await_ready(self) -> None:
         """Wait for every instance to load and compile; any that cannot start stops the engine
@@ -645,8 +646,9 @@ class Engine:
         for tracked in list(self._tracked.values()):
             tracked.abort()
             self._end(tracked)
-        if self._holds_heap:
-            self._holds_heap = False
+        with self._heap_lock:
+            holds, self._holds_heap = self._holds_heap, False
+        if holds:
             release_startup_heap()
 
     def __enter__(self):

@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dsjax.engine.instance_hosts import (child_environment, params_loader, resolve_dtype,
                                          serve_in_process, setup_process, with_cpu_kv_budget)
+from dsjax.engine.startup_heap import freeze_startup_heap
 from dsjax.executor.hosts import (POLL_S, STOP_TIMEOUT_S, HostEnded, RemoteHost,
                                   devices_needed)
 from dsjax.executor.parallel import plan_placement
@@ -93,6 +94,8 @@ class StageActor:
                             attention=get_attention_backend(config.attention_backend),
                             num_slots=num_slots)
         self.server = StageServer(stage, TransferChannel(ray.util.get_node_ip_address()))
+        # Its programs compile later, as the head warms up; the params and modules are frozen.
+        freeze_startup_heap()
 
     def call(self, method: str, *args):
         return getattr(self.server, method)(*args)

@@ -2,21 +2,24 @@
 
 Start-up leaves some 200,000 objects that live as long as the engine: JAX's tracing and
 compile caches, the parameter tree, the tokenizer, the modules. Every full collection walks all
-of them, on whichever thread allocated last: on the 2-vCPU VM one took 155 ms of a decode step
-of 256 rows (`benchmarks/bench_engine.py gc`). Freezing them (`gc.freeze`) moves them to a
-generation the collector never visits; reference counting still frees them. vLLM's engine core
-freezes its start-up heap for the same reason.
+of them, on whichever thread allocated last: on the 2-vCPU VM the decode thread ran ones of
+122-198 ms inside steps of 256 rows (`benchmarks/bench_engine.py gc`). Freezing them
+(`gc.freeze`) moves them to a generation the collector never visits; reference counting still
+frees them. vLLM's engine core freezes its start-up heap for the same reason.
 
 While frozen, the youngest generation is collected every YOUNG_THRESHOLD allocations instead
-of Python's 700: a decode step of 256 rows allocates thousands of short-lived objects, and at
-700 the decode thread spent about 1.1 ms a step in collections, at 20,000 about 0.4 ms (one run
-each of `bench_engine.py gc`; reference counting frees nearly all of them anyway).
+of Python's 700: a decode step of 256 rows allocates thousands of short-lived objects, and the
+process spent 1.0-2.2 ms a step in collections at 700, 0.5-1.0 ms at 20,000 (two runs of
+`bench_engine.py gc`; reference counting frees nearly all of them anyway).
 
-An engine freezes once it is ready and releases at shutdown. A release hands the frozen
-objects back to the collector and collects, so the garbage cycles of an engine that stopped
-(its pools and params among them) are freed in a process that starts many (notebooks, tests);
-while other engines still hold the freeze, what survives is frozen again. Instance processes
-freeze once their worker is built and never release: they end with their instance.
+An engine freezes once it is ready and releases at shutdown. Every release hands all frozen
+objects back to the collector, even while other engines run: the stopping engine is still
+referenced while it releases, so a collection then could not free it, and anything frozen
+again would stay until the last engine stops. Its garbage cycles (its pools and params among
+them) are freed by later collections, in a process that starts many engines (notebooks,
+tests); the next engine to start freezes the heap again. The last release also restores the
+process's thresholds. Instance processes (and Ray stage actors) freeze once built and never
+release: they end with their instance.
 """
 from __future__ import annotations
 
@@ -46,15 +49,12 @@ def freeze_startup_heap() -> float:
 
 
 def release_startup_heap() -> None:
-    """One holder is done: the frozen objects go back to the collector, what the holder left
-    behind is collected, and the rest is frozen again while other holders remain."""
+    """One holder is done: every frozen object goes back to the collector; the last holder
+    restores the process's thresholds."""
     global _holders, _thresholds
     with _lock:
         _holders = max(0, _holders - 1)
         gc.unfreeze()
-        if _holders:
-            gc.collect()
-            gc.freeze()
-        elif _thresholds is not None:
+        if _holders == 0 and _thresholds is not None:
             gc.set_threshold(*_thresholds)
             _thresholds = None

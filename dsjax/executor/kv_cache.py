@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +94,9 @@ class PagePool:
                  head_dim: int, dtype, run_program=None):
         # run_program(key, make, donated, *args): how the owning stage runs a program (through
         # its program store, so a warm start loads these instead of tracing them: 48 of them
-        # took 12 s of opt-125m's warm start); alone, the pool calls its jitted functions.
-        self._run = run_program or (lambda key, make, donated, *args: make()(*args))
+        # took 12 s of opt-125m's warm start); alone, the pool calls its jitted functions. Held
+        # weakly: the stage holds the pool, and a cycle would leave the pages to the collector.
+        self._stage_run = weakref.WeakMethod(run_program) if run_program else None
         self.sharding = NamedSharding(mesh, KV_SPEC)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.num_pages = num_pages
@@ -117,12 +119,16 @@ class PagePool:
         (pages,) = self._run(("gather", len(ids)), lambda: _gather, (), self.k, self.v, ids)
         return pages
 
+    def _run(self, key, make, donated, *args):
+        run = self._stage_run() if self._stage_run is not None else None
+        return run(key, make, donated, *args) if run is not None else make()(*args)
+
     def insert(self, block_ids, k_pages, v_pages) -> None:
         """Write pages (as returned by gather, padding included, or host arrays of their
         shape) at block_ids, in place."""
         ids = jax.device_put(self.padded_ids(block_ids, self.num_pages), self.replicated)
         # Placed as the pool is, so one program (one stored executable) serves pages from the
-        # host, this pool and other devices alike.
+        # host and from this pool alike (migration reshards onto this mesh before it inserts).
         k_pages, v_pages = (jax.device_put(a, self.sharding) for a in (k_pages, v_pages))
         _, self.k, self.v = self._run(("insert", len(ids), str(k_pages.dtype)), lambda: _insert,
                                       INSERT_DONATED, self.k, self.v, ids, k_pages, v_pages)

@@ -137,8 +137,7 @@ class StageServer:
         return self.channel.offer([join_heads(k, self.device), join_heads(v, self.device)])
 
     def insert(self, block_ids, pages: ArrayRef) -> None:
-        k, v = (jax.device_put(a, self.stage.pool.sharding)
-                for a in self.channel.pull(pages, self.device))
+        k, v = self.channel.pull(pages, self.device)   # (the pool places them)
         self.stage.pool.insert(block_ids, k, v)
 
     def healthy(self) -> bool:
