@@ -220,6 +220,7 @@ def collections_during_steps(args) -> None:
           "ms / step | longest decode-thread pause ms | longest pause, any thread ms | host ms "
           "median | host ms P99 | host ms worst |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    frozen_counts = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         for heap in ("thawed", "frozen, gen 0 at 700", "frozen (default)"):
             # Warm-up covers the run, as a server's does: no compile leaves its objects
@@ -232,6 +233,8 @@ def collections_during_steps(args) -> None:
                 gc.unfreeze()
             if heap != "frozen (default)":
                 gc.set_threshold(*PYTHON_GC_THRESHOLDS)
+            if heap == "frozen (default)":
+                frozen_counts.append(gc.get_freeze_count())
             decode = engine.local_worker("decode0")
             decode.step_log = []
             pauses, began = [], {}
@@ -264,6 +267,7 @@ def collections_during_steps(args) -> None:
                   f"{1e3 * max((s for _, _, s in pauses), default=0):.1f} | "
                   f"{1e3 * np.median(host):.2f} | {1e3 * np.percentile(host, 99):.2f} | "
                   f"{1e3 * max(host):.1f} |")
+    print(f"\nobjects frozen at start-up, per default engine: {frozen_counts}")
 
 
 def migration(args) -> None:

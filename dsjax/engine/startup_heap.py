@@ -1,11 +1,11 @@
 """The engine's long-lived start-up objects, kept out of Python's cyclic garbage collector.
 
-Start-up leaves some 200,000 objects that live as long as the engine: JAX's tracing and
-compile caches, the parameter tree, the tokenizer, the modules. Every full collection walks all
-of them, on whichever thread allocated last: on the 2-vCPU VM the decode thread ran ones of
-122-198 ms inside steps of 256 rows (`benchmarks/bench_engine.py gc`). Freezing them
-(`gc.freeze`) moves them to a generation the collector never visits; reference counting still
-frees them. vLLM's engine core freezes its start-up heap for the same reason.
+Start-up leaves 200,000-400,000 objects (opt-tiny; `bench_engine.py gc` prints the count)
+that live as long as the engine: JAX's tracing and compile caches, the parameter tree, the
+tokenizer, the modules. Every full collection walks all of them, on whichever thread
+allocated last: on the 2-vCPU VM the decode thread ran ones of 122-198 ms inside steps of 256
+rows (`benchmarks/bench_engine.py gc`). Freezing them (`gc.freeze`) moves them to a
+generation the collector never visits; reference counting still frees them. vLLM's engine core freezes its start-up heap for the same reason.
 
 While frozen, the youngest generation is collected every YOUNG_THRESHOLD allocations instead
 of Python's 700: a decode step of 256 rows allocates thousands of short-lived objects, and the

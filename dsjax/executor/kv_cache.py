@@ -94,8 +94,9 @@ class PagePool:
                  head_dim: int, dtype, run_program=None):
         # run_program(key, make, donated, *args): how the owning stage runs a program (through
         # its program store, so a warm start loads these instead of tracing them: 48 of them
-        # took 12 s of opt-125m's warm start); alone, the pool calls its jitted functions. Held
-        # weakly: the stage holds the pool, and a cycle would leave the pages to the collector.
+        # took 15 s of opt-125m's warm-up threads, benchmarks/profile_warmup.py); alone, the
+        # pool calls its jitted functions. Held weakly: the stage holds the pool, and a cycle
+        # would leave the pages to the collector.
         self._stage_run = weakref.WeakMethod(run_program) if run_program else None
         self.sharding = NamedSharding(mesh, KV_SPEC)
         self.replicated = NamedSharding(mesh, PartitionSpec())

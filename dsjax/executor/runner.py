@@ -657,8 +657,8 @@ class ModelRunner:
 
     def _tokens_from(self, previous: "PendingStep", idx: np.ndarray) -> jax.Array:
         """The selection runs where the previous step's samples are: through the last stage's
-        program store when it is in this process (121 of these programs took 4-5 s of opt-125m's
-        warm start to trace), else as a plain jitted call."""
+        program store when it is in this process (121 of these programs took 5 s of opt-125m's
+        warm start to trace, benchmarks/profile_warmup.py), else as a plain jitted call."""
         tokens = tuple(o.tokens for o in previous.outs)
         last = self.stages[-1]
         if not isinstance(last, Stage):
