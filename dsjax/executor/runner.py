@@ -114,18 +114,19 @@ class PendingStep:
     counts: list[int]   # rows per micro-batch
     pads: list[int]     # padded rows per micro-batch
     want_top: bool = False   # whether any row asked for top-N log-probabilities
+    token_width: int = 0     # each micro-batch's sampled tokens, padded (_sample_step)
 
     def flat_row(self, row: int) -> int:
-        """Index of the step's row `row` among the padded micro-batch outputs laid end to end
-        (-1 stays -1)."""
+        """Index of the step's row `row` among the micro-batches' sampled tokens laid end to
+        end (-1 stays -1)."""
         if row < 0:
             return -1
         offset = 0
-        for count, pad in zip(self.counts, self.pads):
+        for count in self.counts:
             if row < count:
                 return offset + row
             row -= count
-            offset += pad
+            offset += self.token_width
         raise IndexError("row beyond the step's rows")
 
 
@@ -359,7 +360,12 @@ def _sample_step(model, params, last, slots, bufs, *, layout):
     source_rows, st = unpack_inputs(bufs, layout)
     logits = model.apply({"params": params}, last[source_rows], method="logits")
     out = sample(logits, st, slots)
-    return out, record_tokens(slots, st.slots, out.tokens)
+    slots = record_tokens(slots, st.slots, out.tokens)
+    # The tokens padded to the slot table's rows (the most rows an instance samples): the next
+    # decode step's input-token selection then has one shape per micro-batch count, whatever
+    # this step's bucket (11 programs for 11 buckets, not 121).
+    width = slots.counts.shape[0]
+    return out.replace(tokens=jnp.pad(out.tokens, (0, width - out.tokens.shape[0]))), slots
 
 
 _F32 = np.dtype(np.float32)
@@ -640,7 +646,7 @@ class ModelRunner:
             mbs.append((inputs, self._token_override(group.prev_rows, b_pad, previous)))
             pads.append(b_pad)
         return PendingStep(self._pipeline("decode", mbs), [g.num_rows for g in groups], pads,
-                           bool(columns.sampling.logprobs.any()))
+                           bool(columns.sampling.logprobs.any()), self.max_sampled_rows)
 
     def _token_override(self, prev_rows: np.ndarray, b_pad: int,
                         previous: "PendingStep | None"):
@@ -657,13 +663,14 @@ class ModelRunner:
 
     def _tokens_from(self, previous: "PendingStep", idx: np.ndarray) -> jax.Array:
         """The selection runs where the previous step's samples are: through the last stage's
-        program store when it is in this process (121 of these programs took 5 s of opt-125m's
-        warm start to trace, benchmarks/profile_warmup.py), else as a plain jitted call."""
+        program store when it is in this process, else as a plain jitted call. One program per
+        (micro-batches of the previous step, this micro-batch's bucket): each micro-batch's
+        tokens come at the instance's full width (_sample_step)."""
         tokens = tuple(o.tokens for o in previous.outs)
         last = self.stages[-1]
         if not isinstance(last, Stage):
             return _select_tokens(tokens, idx)[0]
-        (selected,) = last.run_program(("select", tuple(previous.pads), len(idx)),
+        (selected,) = last.run_program(("select", len(tokens), len(idx)),
                                        lambda: _select_tokens, (), tokens, idx)
         return selected
 
@@ -677,8 +684,9 @@ class ModelRunner:
         return cached
 
     def warm_token_selection(self, previous_steps: list["PendingStep"], batch_buckets) -> None:
-        """Compile the async input-token selection for every (previous step, micro-batch
-        bucket) pair, so a batch that grows or shrinks after ready compiles nothing."""
+        """Compile the async input-token selection for every (previous step's micro-batch
+        count, micro-batch bucket) pair, so a batch that grows or shrinks after ready compiles
+        nothing."""
         for previous in previous_steps:
             for b_pad in batch_buckets:
                 self._tokens_from(previous, np.zeros(b_pad, np.int32)).block_until_ready()

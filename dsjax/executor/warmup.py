@@ -150,23 +150,25 @@ def _warm_up_steps(runner, role: str, config) -> int:
                                            for t in _tables(runner, [n] * b)])
             runner.collect(step)
             return step
-        last_of_pads = {}   # the micro-batch buckets of a step -> a step of them
+        last_of_splits = {}   # micro-batches in a step -> a step of that many
         for b, n in decodes:
             step = decode_step(b, n)
-            last_of_pads[tuple(step.pads)] = step
+            last_of_splits[len(step.pads)] = step
             steps += 1
-        # The next step's token selection compiles per (the last step's micro-batch buckets,
-        # a micro-batch bucket). Under a pipeline a batch of any size may split into buckets
+        # The next step's token selection compiles per (the last step's micro-batch count, a
+        # micro-batch bucket). Under a pipeline a batch of any size may split into buckets
         # that no batch above does (pp 2: 17 rows as 8 + 16, 1 row as one micro-batch): one
-        # more step of each such split (its forward programs are warm already).
+        # more step of each such split count (its forward programs are warm already), and
+        # every bucket a split reaches.
         shortest = min(n for _, n in decodes)
+        buckets = set()
         for rows in range(1, min(max(b for b, _ in decodes), runner.max_batch_size) + 1):
-            if runner.micro_batch_pads(rows) not in last_of_pads:
-                step = decode_step(rows, shortest)
-                last_of_pads[tuple(step.pads)] = step
+            pads = runner.micro_batch_pads(rows)
+            buckets.update(pads)
+            if len(pads) not in last_of_splits:
+                last_of_splits[len(pads)] = decode_step(rows, shortest)
                 steps += 1
-        runner.warm_token_selection(list(last_of_pads.values()),
-                                    sorted({p for pads in last_of_pads for p in pads}))
+        runner.warm_token_selection(list(last_of_splits.values()), sorted(buckets))
     if role == "chunked":
         # t tokens over b rows that each end at context n: chunks and decode rows alike.
         for b, t, n in chunked_shapes(runner, max_context, max_rows):
