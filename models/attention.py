@@ -100,6 +100,8 @@ def write_kv_scatter(k_cache, v_cache, layer, k, v, slot_mapping):
 # amortise the per-op cost, small enough to stay in cache.
 # Prefill and multi-token chunked rows: tokens per query tile and per key block.
 BLOCK_TOKENS = 128
+# Smaller query tiles for chunked rows that fit them.
+SHORT_RUN_TILES = (32, 64)
 # Decode rows: bytes of K gathered per loop step (V is as much again), summed over a group of
 # rows that walk their pages together. A step's K and V then stay within a core's L2 cache
 # (2 MiB here): at 1,024 tokens a step (3 MiB of K at opt-125m's 12 x 64 heads), decode
@@ -239,7 +241,11 @@ def _attend_rows(q, q_pos, block_tables, k_cache, v_cache, layer, window=None):
                               window)
         return jax.lax.dynamic_update_slice_in_dim(out, o, i * group, 0)
 
-    out = jax.lax.fori_loop(0, groups, one_group, _full_like(q, 0, q_p.shape))
+    # Groups past the last live row are skipped outright (they would give zeros): a prefill's
+    # prompt slots are mostly padding.
+    live = jnp.max(jnp.where(q_pos >= 0, jnp.arange(b) + 1, 0))
+    out = jax.lax.fori_loop(0, (live + group - 1) // group, one_group,
+                            _full_like(q, 0, q_p.shape))
     return out[:b]
 
 
@@ -361,8 +367,11 @@ class XLAAttention:
         # Rows of one token (the decode rows of a mixed batch) go together, one query per row.
         single = counts == 1
         token = order[jnp.minimum(starts, t - 1)]
-        single_out = _attend_rows(q[token], jnp.where(single, q_pos[token], -1),
-                                  meta.block_tables, k_cache, v_cache, layer, window)
+
+        def with_single_rows(out):
+            single_out = _attend_rows(q[token], jnp.where(single, q_pos[token], -1),
+                                      meta.block_tables, k_cache, v_cache, layer, window)
+            return out.at[jnp.where(single, token, t)].set(single_out, mode="drop")
 
         # Longer rows (prompt chunks) in tiles of up to BLOCK_TOKENS of their tokens, each tile
         # reading the row's pages once. Runs are padded by a tile so a slice never gets clamped
@@ -374,19 +383,31 @@ class XLAAttention:
         pos_s = jnp.pad(q_pos[order], (0, tile), constant_values=-1)
 
         def row(r, out):
-            def one_tile(i, out):
-                at = starts[r] + i * tile
-                mine = i * tile + jnp.arange(tile) < counts[r]
-                tile_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, tile), -1)
-                o = _attend_run(jax.lax.dynamic_slice_in_dim(q_s, at, tile, 0), tile_pos,
-                                pages[r], k_cache, v_cache, layer, pb, window)
-                prev = jax.lax.dynamic_slice_in_dim(out, at, tile, 0)
-                return jax.lax.dynamic_update_slice_in_dim(
-                    out, jnp.where(mine[:, None, None], o, prev), at, 0)
-            num_tiles = jnp.where(single[r], 0, (counts[r] + tile - 1) // tile)
-            return jax.lax.fori_loop(0, num_tiles, one_tile, out)
+            def tiles_of(size):   # the row's tokens in tiles of `size` queries
+                def one_tile(i, out):
+                    at = starts[r] + i * size
+                    mine = i * size + jnp.arange(size) < counts[r]
+                    tile_pos = jnp.where(mine, jax.lax.dynamic_slice_in_dim(pos_s, at, size),
+                                         -1)
+                    # keys in blocks no longer than the tile (a short row reads few pages)
+                    o = _attend_run(jax.lax.dynamic_slice_in_dim(q_s, at, size, 0), tile_pos,
+                                    pages[r], k_cache, v_cache, layer,
+                                    max(1, min(pb, size // k_cache.shape[2])), window)
+                    prev = jax.lax.dynamic_slice_in_dim(out, at, size, 0)
+                    return jax.lax.dynamic_update_slice_in_dim(
+                        out, jnp.where(mine[:, None, None], o, prev), at, 0)
+                num_tiles = jnp.where(single[r], 0, (counts[r] + size - 1) // size)
+                return lambda: jax.lax.fori_loop(0, num_tiles, one_tile, out)
+            # The smallest tile that holds the row, else the largest: a short prompt in a
+            # tile of BLOCK_TOKENS queries wasted most of its work.
+            sizes = [s for s in SHORT_RUN_TILES if s < tile] + [tile]
+            which = jnp.sum(jnp.array(sizes[:-1]) < counts[r])
+            return jax.lax.switch(which, [tiles_of(s) for s in sizes])
 
-        out_s = jax.lax.fori_loop(0, rows, row, _full_like(q, 0, (t + tile, h, d)))
+        # Up to the last row with tokens: the rest are padding (a prefill's unused prompt slots).
+        live_rows = jnp.max(jnp.where(counts > 0, jnp.arange(rows) + 1, 0))
+        out_s = jax.lax.fori_loop(0, live_rows, row, _full_like(q, 0, (t + tile, h, d)))
         out = _full_like(q, 0, q.shape).at[order].set(out_s[:t])
-        out = out.at[jnp.where(single, token, t)].set(single_out, mode="drop")
+        # (a step of prompts mostly has none: their gather and scatter over every row skipped)
+        out = jax.lax.cond(jnp.any(single), with_single_rows, lambda out: out, out)
         return out.astype(q.dtype)

@@ -139,10 +139,12 @@ def test_decode_in_row_groups(monkeypatch, page_size, head_dim, kv_heads):
 @pytest.mark.parametrize("page_size,head_dim,kv_heads", [(4, 80, HEADS), (16, 64, 1)])
 def test_chunked(page_size, head_dim, kv_heads):
     """Decode rows, short chunks (token by token), a long chunk over several tiles and key
-    blocks, an empty row and padding tokens, in shuffled token order."""
+    blocks, chunks at and past each smaller tile's size, empty rows (one after the last live
+    row) and padding tokens, in shuffled token order."""
     rng = np.random.default_rng(page_size + 1)
     # (cached tokens before this step, tokens in this step) per row
-    rows = [(40, 1), (0, BLOCK_TOKENS + 70), (9, 5), (2 * BLOCK_TOKENS + 3, 20), (7, 0), (0, 1)]
+    rows = [(40, 1), (0, BLOCK_TOKENS + 70), (9, 5), (2 * BLOCK_TOKENS + 3, 20), (7, 0), (0, 1),
+            (3, 32), (5, 33), (0, 64), (11, 0)]
     lens = [c + n for c, n in rows]
     width = -(-max(lens) // page_size) + 1
     case = PagedCase(rng, lens, page_size, head_dim, kv_heads, width)

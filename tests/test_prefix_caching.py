@@ -208,3 +208,48 @@ def test_openai_usage_and_metrics_report_cached_tokens(loop):
     hits = sum(v for _, v in metrics["vllm:prefix_cache_hits_total"])
     queries = sum(v for _, v in metrics["vllm:prefix_cache_queries_total"])
     assert hits >= cached and queries >= 3 * first.usage.prompt_tokens
+
+
+# ---------------------------------------------------------------- one prefill step, one program
+
+
+def test_one_prefill_step_runs_whole_prompts_and_cached_continuations_against_transformers(
+        hf_opt):
+    """On a CPU every prefill reads its keys from the pages (one program per token bucket for
+    whole prompts and for prompts past cached blocks): a step holding a whole prompt that
+    scores its tokens and a prompt continuing its cached first blocks gives transformers'
+    next tokens and prompt log-probabilities."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from dsjax.config import EngineConfig
+    from dsjax.engine.core import resolve_model
+    from dsjax.engine.instance_hosts import params_loader
+    from dsjax.executor.batch import PrefillRow, SamplingRow
+    from dsjax.executor.kernels import get_attention_backend
+    from dsjax.executor.parallel import single_instance_spec
+    from dsjax.executor.runner import ModelRunner
+
+    model, path = hf_opt
+    config = EngineConfig(model=str(path))
+    mc, model_dir = resolve_model(config.model, config.load_format)
+    runner = ModelRunner(single_instance_spec("prefill", jax.devices()[:1]), mc,
+                         params_loader(config, mc, model_dir, jnp.float32), dtype=jnp.float32,
+                         num_pages=64, page_size=4, attention=get_attention_backend("xla"),
+                         max_batch_size=4, max_tokens_per_batch=128, max_blocks_per_request=16)
+    assert runner.prefill_reads_pages
+    rng = np.random.default_rng(11)
+    whole, continued = rng.integers(4, 1000, 13).tolist(), rng.integers(4, 1000, 18).tolist()
+    scored = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    runner.prefill([PrefillRow(tuple(continued[:8]), (20, 21), (SamplingRow(GREEDY, 0, 0),))])
+    out = runner.prefill([
+        PrefillRow(tuple(whole), (0, 1, 2, 3), (SamplingRow(scored, 0, 0),)),
+        PrefillRow(tuple(continued), (20, 21, 22, 23, 24), (SamplingRow(GREEDY, 0, 0),),
+                   start=8)])
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(torch.tensor([p])).logits[0], -1).numpy()
+               for p in (whole, continued)]
+    assert out.tokens.tolist() == [int(r[-1].argmax()) for r in ref]
+    want = ref[0][np.arange(len(whole) - 1), whole[1:]]
+    np.testing.assert_allclose(out.prompt_scores[0][0], want, atol=2e-4)

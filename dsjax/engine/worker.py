@@ -321,10 +321,12 @@ class InstanceWorker:
                               tuple(self._sampling_row(s, busy) for s in sequences[r.request_id]),
                               r.num_computed)
         # Prompts that start from cached blocks run as continuations of them (one program per
-        # token bucket, like whole prompts).
+        # token bucket, like whole prompts), in the same step where every prefill does.
         by_id = {}
-        for fn, group in ((self.runner.prefill, [r for r in batch if not r.num_computed]),
-                          (self.runner.prefill_cached, [r for r in batch if r.num_computed])):
+        steps = ((self.runner.prefill, batch),) if self.runner.prefill_reads_pages else \
+            ((self.runner.prefill, [r for r in batch if not r.num_computed]),
+             (self.runner.prefill_cached, [r for r in batch if r.num_computed]))
+        for fn, group in steps:
             if group:
                 by_id.update(zip(map(id, group), self._run_rows(fn, group, row)))
         results = [by_id[id(r)] for r in batch]

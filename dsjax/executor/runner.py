@@ -69,6 +69,14 @@ def platform_compiler_options(platform: str) -> dict | None:
     return {"xla_backend_optimization_level": 1} if platform == "cpu" else None
 
 
+def platform_prefills_paged(platform: str) -> bool:
+    """Whether every prefill runs as a continuation of the paged cache: one program per token
+    bucket for whole prompts and for prompts past a cached prefix alike ("prefill_paged").
+    On a CPU, where compiles are the cold start: the two families were 18 of opt-125m's
+    programs and 44 s of its warm-up threads' time (benchmarks/profile_warmup.py)."""
+    return platform == "cpu"
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
@@ -203,6 +211,9 @@ class Stage:
                                            kv_heads=kv_heads, dtype=dtype).clone(
                                                scan_layers=scan or mode != "decode")
                        for mode in ("prefill", "decode", "chunked")}
+        # Prompts (whole, or past their cached blocks) with chunked attention, which reads
+        # every key from the pages, and the prompt scoring of prefill.
+        self.models["prefill_paged"] = self.models["chunked"]
         self._scan_decode = scan
         self._compiler_options = platform_compiler_options(platform)
         self.fns = {}
@@ -341,7 +352,7 @@ def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mo
         return out, k_cache, v_cache
     last = out if mode == "decode" else out[meta.last_token_idx]
     scores = None
-    if mode == "prefill":
+    if mode in ("prefill", "prefill_paged"):
         logits_fn = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
         scores = jax.lax.cond(scored > 0, lambda: score_prompt(logits_fn, out, tokens),
                               lambda: no_scores(out.shape[0]))
@@ -428,6 +439,7 @@ class ModelRunner:
         self.min_decode_rows = (min_decode_rows or
                                 platform_min_decode_rows(spec.stage_devices(0)[0].platform))
         self.small_decode_buckets = small_decode_buckets(spec.pp)
+        self.prefill_reads_pages = platform_prefills_paged(spec.stage_devices(0)[0].platform)
         # Attention whose loops stop at the longest live row costs nothing for a block table
         # padded to the request maximum: one width then makes one decode program per batch
         # bucket, whatever the context, so no length compiles after ready. The Pallas decode
@@ -571,7 +583,13 @@ class ModelRunner:
 
     def prefill(self, rows: list[PrefillRow]) -> StepOutput:
         """Whole prompts; samples each prompt's first output token (and scores the prompt's
-        tokens when a row asks for prompt logprobs)."""
+        tokens when a row asks for prompt logprobs). Where `prefill_reads_pages`, rows may
+        start past cached blocks too (PrefillRow.start), all in one step."""
+        if self.prefill_reads_pages:
+            return self._prefill_paged(rows)
+        if any(r.start for r in rows):
+            raise ValueError("this instance prefills whole prompts only: run prompts past "
+                             "cached blocks through prefill_cached")
         mbs = []
         scored = any(r.sampling[0].params.prompt_logprobs is not None for r in rows)
         groups = self._split(rows)
@@ -602,8 +620,13 @@ class ModelRunner:
             # A prompt's last token is sampled once per sequence it starts.
             mbs.append((self._inputs((tokens, meta, np.int32(scored)), self._samples(group),
                                      np.repeat(np.arange(len(group)), per_row)), None))
+        return self._prefill_outputs("prefill", rows, groups, mbs, scored)
+
+    def _prefill_outputs(self, mode, rows, groups, mbs, scored: bool) -> StepOutput:
+        """Run a prefill's micro-batches (one per group of rows) and copy its samples, and its
+        prompt scores when asked for, to the host."""
         want_top = any(s.params.logprobs for s in self._samples(rows))
-        host = self._fetch(self._pipeline("prefill", mbs), want_top, scored)
+        host = self._fetch(self._pipeline(mode, mbs), want_top, scored)
         out = self._collect(host, [len(self._samples(g)) for g in groups])
         if scored:
             out.prompt_scores = self._prompt_scores(groups, host)
@@ -737,24 +760,29 @@ class ModelRunner:
 
     def prefill_cached(self, rows: list[PrefillRow]) -> StepOutput:
         """Prompts whose first `start` tokens are cached already (prefix-cache hits): each row
-        computes the rest, attending to its cached blocks, and samples its first token(s).
-        Rows and block tables are padded to the instance's maxima, so there is one program per
-        token bucket, as for whole prompts."""
-        if len(rows) > self.max_prompts:
-            raise ValueError(f"a prefill step of {len(rows)} prompts exceeds this instance's "
-                             f"{self.max_prompts}")
-        tokens, meta, lens = self._continuation(
-            [(r.token_ids[r.start:], r.start, r.block_table) for r in rows], self.max_prompts,
-            bucket(self.max_blocks_per_request))
-        last = np.zeros(self.max_prompts, np.int32)
-        last[:len(rows)] = np.cumsum(lens) - 1
-        samples = self._samples(rows)
-        per_row = [len(r.sampling) for r in rows]
-        inputs = self._inputs((tokens, meta.replace(last_token_idx=last), np.int32(0)), samples,
-                              np.repeat(np.arange(len(rows)), per_row))
-        want_top = any(s.params.logprobs for s in samples)
-        return self._collect(self._fetch(self._pipeline("chunked", [(inputs, None)]), want_top),
-                             [len(samples)])
+        computes the rest, attending to its cached blocks, and samples its first token(s)."""
+        return self._prefill_paged(rows)
+
+    def _prefill_paged(self, rows: list[PrefillRow]) -> StepOutput:
+        """Prompts as continuations of the paged cache (from PrefillRow.start, 0 for a whole
+        prompt): rows and block tables are padded to the instance's maxima, so there is one
+        program per token bucket."""
+        scored = any(r.sampling[0].params.prompt_logprobs is not None for r in rows)
+        groups, mbs = self._split(rows), []
+        for group in groups:
+            if len(group) > self.max_prompts:
+                raise ValueError(f"a prefill step of {len(group)} prompts exceeds this "
+                                 f"instance's {self.max_prompts}")
+            tokens, meta, lens = self._continuation(
+                [(r.token_ids[r.start:], r.start, r.block_table) for r in group],
+                self.max_prompts, bucket(self.max_blocks_per_request))
+            last = np.zeros(self.max_prompts, np.int32)
+            last[:len(group)] = np.cumsum(lens) - 1
+            per_row = [len(r.sampling) for r in group]
+            mbs.append((self._inputs((tokens, meta.replace(last_token_idx=last),
+                                      np.int32(scored)), self._samples(group),
+                                     np.repeat(np.arange(len(group)), per_row)), None))
+        return self._prefill_outputs("prefill_paged", rows, groups, mbs, scored)
 
     # ---- sampling slots ------------------------------------------------------------------------
 
@@ -774,7 +802,7 @@ class ModelRunner:
         for group, host in zip(groups, host_outs):
             at = 0
             for r in group:
-                n = len(r.token_ids)
+                n = len(r.token_ids) - r.start   # the tokens the step computed
                 sl = slice(at, at + n - 1)   # position t scores token t+1 of the same prompt
                 scores += [(host.next_logprob[sl], host.next_top_ids[sl],
                             host.next_top_logprobs[sl])] * len(r.sampling)

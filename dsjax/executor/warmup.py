@@ -137,9 +137,10 @@ def _warm_up_steps(runner, role: str, config) -> int:
         for lengths in prompts:
             runner.prefill(_prompt_rows(runner, lengths))
             steps += 1
-            if config.enable_prefix_caching:   # the same token buckets after a cached block
-                # (the cached block counts toward a request's length: the longest is trimmed,
-                # to the same bucket)
+            if config.enable_prefix_caching and not runner.prefill_reads_pages:
+                # The same token buckets after a cached block, where those are programs of
+                # their own (the cached block counts toward a request's length: the longest
+                # is trimmed, to the same bucket).
                 room = runner.max_blocks_per_request * runner.page_size - runner.page_size
                 runner.prefill_cached(_prompt_rows(runner, [min(n, room) for n in lengths],
                                                    cached=runner.page_size))
