@@ -183,23 +183,26 @@ def _warm_up_steps(runner, role: str, config) -> int:
 def warm_up_fixed_programs(runner, role: str) -> int:
     """Compile the programs whose shapes no workload setting bounds: the prefill sampler for
     every sampled-row bucket (n and best_of multiply a prompt's rows), the slot-table fill,
-    and page gathers and inserts for every block-count bucket (swap, copy on write,
-    migration). Returns the number of calls made."""
+    and page gathers for every block-count bucket (migration, swap-out, copy on write), and
+    inserts where pages arrive (all but a prefill instance, which only sends them). Returns
+    the number of calls made."""
     calls = 0
     runner.fill_sampling_slot(0, WARMUP_PARAMS, (5,), ())
     if role in ("prefill", "colocated"):
         table = _tables(runner, [1])[0]
-        for rows in powers_of_two(runner.min_decode_rows, runner.max_sampled_rows):
+        for rows in runner.prefill_sample_buckets():
             runner.prefill([PrefillRow((5,), table, (WARMUP_SAMPLING,) * rows)])
             calls += 1
     for n in powers_of_two(1, runner.max_blocks_per_request):
         ids = [j % runner.num_pages for j in range(n)]
         pages = runner.gather_pages(ids)
+        calls += 1
+        if role == "prefill":
+            continue
         runner.insert_pages(ids, pages)                  # copy on write, migration
         # swap-in, from host memory: host arrays of the pages' shapes (no copy back needed)
         runner.insert_pages(ids, [tuple(np.zeros(a.shape, a.dtype) for a in stage)
                                   for stage in pages])
-        calls += 1
     return calls
 
 
