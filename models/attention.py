@@ -363,6 +363,7 @@ class XLAAttention:
         counts = jnp.zeros(rows + 1, jnp.int32).at[seq].add(1)[:rows]
         starts = jnp.cumsum(counts) - counts
         q_pos = jnp.where(meta.token_seq >= 0, meta.positions, -1)
+        row_end = jnp.zeros(rows + 1, jnp.int32).at[seq].max(q_pos + 1)[:rows]   # context
 
         # Rows of one token (the decode rows of a mixed batch) go together, one query per row.
         single = counts == 1
@@ -398,10 +399,13 @@ class XLAAttention:
                         out, jnp.where(mine[:, None, None], o, prev), at, 0)
                 num_tiles = jnp.where(single[r], 0, (counts[r] + size - 1) // size)
                 return lambda: jax.lax.fori_loop(0, num_tiles, one_tile, out)
-            # The smallest tile that holds the row, else the largest: a short prompt in a
-            # tile of BLOCK_TOKENS queries wasted most of its work.
+            # The smallest tile that holds the row, where its context fits one full key block
+            # (a short prompt in a tile of BLOCK_TOKENS queries wasted most of its work),
+            # else the largest: a short chunk late in a long context reads its pages in
+            # blocks of BLOCK_TOKENS keys.
             sizes = [s for s in SHORT_RUN_TILES if s < tile] + [tile]
-            which = jnp.sum(jnp.array(sizes[:-1]) < counts[r])
+            which = jnp.where(row_end[r] <= pb * k_cache.shape[2],
+                              jnp.sum(jnp.array(sizes[:-1]) < counts[r]), len(sizes) - 1)
             return jax.lax.switch(which, [tiles_of(s) for s in sizes])
 
         # Up to the last row with tokens: the rest are padding (a prefill's unused prompt slots).

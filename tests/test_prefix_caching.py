@@ -238,18 +238,23 @@ def test_one_prefill_step_runs_whole_prompts_and_cached_continuations_against_tr
                          params_loader(config, mc, model_dir, jnp.float32), dtype=jnp.float32,
                          num_pages=64, page_size=4, attention=get_attention_backend("xla"),
                          max_batch_size=4, max_tokens_per_batch=128, max_blocks_per_request=16)
-    assert runner.prefill_reads_pages
+    assert runner.prefill_reads_pages == (jax.devices()[0].platform == "cpu")
     rng = np.random.default_rng(11)
     whole, continued = rng.integers(4, 1000, 13).tolist(), rng.integers(4, 1000, 18).tolist()
     scored = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     runner.prefill([PrefillRow(tuple(continued[:8]), (20, 21), (SamplingRow(GREEDY, 0, 0),))])
-    out = runner.prefill([
-        PrefillRow(tuple(whole), (0, 1, 2, 3), (SamplingRow(scored, 0, 0),)),
-        PrefillRow(tuple(continued), (20, 21, 22, 23, 24), (SamplingRow(GREEDY, 0, 0),),
-                   start=8)])
+    # (the continuation first: the whole prompt's scores start after its 10 computed tokens)
+    step = [PrefillRow(tuple(continued), (20, 21, 22, 23, 24), (SamplingRow(GREEDY, 0, 0),),
+                       start=8),
+            PrefillRow(tuple(whole), (0, 1, 2, 3), (SamplingRow(scored, 0, 0),))]
+    out = (runner.prefill if runner.prefill_reads_pages else runner.prefill_cached)(step)
     with torch.no_grad():
         ref = [torch.log_softmax(model(torch.tensor([p])).logits[0], -1).numpy()
-               for p in (whole, continued)]
+               for p in (continued, whole)]
     assert out.tokens.tolist() == [int(r[-1].argmax()) for r in ref]
-    want = ref[0][np.arange(len(whole) - 1), whole[1:]]
-    np.testing.assert_allclose(out.prompt_scores[0][0], want, atol=2e-4)
+    want = ref[1][np.arange(len(whole) - 1), whole[1:]]
+    np.testing.assert_allclose(out.prompt_scores[1][0], want, atol=2e-4)
+    # A scored prompt past cached blocks would lack its cached tokens' scores: refused.
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        runner.prefill_cached([PrefillRow(tuple(continued), (20, 21, 22, 23, 24),
+                                          (SamplingRow(scored, 0, 0),), start=8)])

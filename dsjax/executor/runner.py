@@ -6,10 +6,12 @@ runs the stages one after another per micro-batch (JAX dispatches asynchronously
 micro-batch i+1 overlaps stage s+1 of micro-batch i), and samples on the last stage.
 
 Two kinds of programs, so their counts add instead of multiplying:
-- a forward program per step shape: prefill per token bucket (a fixed number of prompt slots),
-  decode per (batch bucket, block-table bucket), chunked per (token, row, block-table bucket);
-  it returns the hidden states of the rows to sample (and, in prefill, the prompt's scores
-  when a row asks, behind a run-time branch);
+- a forward program per step shape: prefill per token bucket (a fixed number of prompt slots;
+  on a CPU "prefill_paged", whole prompts and prompts past cached blocks alike, elsewhere
+  packed prompts and, for prefix-cache hits, prefill_paged), decode per (batch bucket,
+  block-table bucket), chunked per (token, row, block-table bucket); it returns the hidden
+  states of the rows to sample (and, in a prefill, the prompt's scores when a row asks,
+  behind a run-time branch);
 - a sampler program per sampled-row bucket, shared by every mode: LM head, penalties and
   bias from the device-resident slot table, greedy/temperature/top-k/top-p chosen at run time,
   top-N log-probabilities behind a run-time branch.
@@ -121,8 +123,8 @@ class PendingStep:
     outs: list
     counts: list[int]   # rows per micro-batch
     pads: list[int]     # padded rows per micro-batch
+    token_width: int    # each micro-batch's sampled tokens, padded (_sample_step)
     want_top: bool = False   # whether any row asked for top-N log-probabilities
-    token_width: int = 0     # each micro-batch's sampled tokens, padded (_sample_step)
 
     def flat_row(self, row: int) -> int:
         """Index of the step's row `row` among the micro-batches' sampled tokens laid end to
@@ -535,9 +537,10 @@ class ModelRunner:
 
     def prefill_sample_rows(self, n: int) -> int:
         """Rows a prefill step's sampler is padded to: powers of four from the smallest decode
-        bucket, capped at the instance's most. Each bucket is a sampler program (about 1.5 s
-        of opt-125m's cold start), and a padded row costs one row of the LM head: under 4% of
-        a step of 16-token prompts, a 1-row step not padded at all."""
+        bucket (1 on a CPU, where a padded row costs; 8 on accelerators), capped at the
+        instance's most. Each bucket is a sampler program (about 1.5 s of opt-125m's cold
+        start), and a padded row costs one row of the LM head: under 4% of a step of
+        16-token prompts on a CPU."""
         rows = self.min_decode_rows
         while rows < n:
             rows *= 4
@@ -580,7 +583,7 @@ class ModelRunner:
             samples = SamplingColumns.of_rows(samples)
         n = len(samples.steps)
         pad = pad or bucket(n, self.min_decode_rows)
-        if pad > self.max_sampled_rows:
+        if max(n, pad) > self.max_sampled_rows:
             raise ValueError(f"a step samples {n} rows, over this instance's "
                              f"{self.max_sampled_rows}: lower the batch limits or n")
         src = np.zeros(pad, np.int32)
@@ -607,43 +610,54 @@ class ModelRunner:
         if any(r.start for r in rows):
             raise ValueError("this instance prefills whole prompts only: run prompts past "
                              "cached blocks through prefill_cached")
-        mbs = []
+        return self._prefill_steps("prefill", rows, self._packed_prompts)
+
+    def _packed_prompts(self, group, scored: bool):
+        """The packed prefill's forward inputs: the prompts' tokens end to end."""
+        lens = np.array([len(r.token_ids) for r in group], np.int32)
+        total = int(lens.sum())
+        t_pad = bucket(total, MIN_TOKEN_BUCKET)
+        tokens = np.zeros(t_pad, np.int32)
+        tokens[:total] = np.concatenate([r.token_ids for r in group])
+        positions = np.zeros(t_pad, np.int32)
+        positions[:total] = np.concatenate([np.arange(n) for n in lens])
+        seq_ids = np.full(t_pad, -1, np.int32)
+        seq_ids[:total] = np.repeat(np.arange(len(group)), lens)
+        # A fixed number of prompt slots: the program depends on the token bucket only.
+        cu = np.full(self.max_prompts + 1, total, np.int32)
+        cu[0] = 0
+        cu[1:len(group) + 1] = np.cumsum(lens)
+        slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
+        slots[:total] = np.concatenate(
+            [self._slots(r.block_table, np.arange(n)) for r, n in zip(group, lens)])
+        last = np.zeros(self.max_prompts, np.int32)
+        last[:len(group)] = cu[1:len(group) + 1] - 1
+        return tokens, PrefillMetadata(positions, seq_ids, cu, slots, last), np.int32(scored)
+
+    def _paged_prompts(self, group, scored: bool):
+        """prefill_paged's forward inputs: each prompt from its start, continuing its pages."""
+        tokens, meta, lens = self._continuation(
+            [(r.token_ids[r.start:], r.start, r.block_table) for r in group],
+            self.max_prompts, bucket(self.max_blocks_per_request))
+        last = np.zeros(self.max_prompts, np.int32)
+        last[:len(group)] = np.cumsum(lens) - 1
+        return tokens, meta.replace(last_token_idx=last), np.int32(scored)
+
+    def _prefill_steps(self, mode, rows, forward_inputs) -> StepOutput:
+        """Run prompts as a prefill in `mode`, a micro-batch per pipeline group
+        (forward_inputs(group, scored) makes its forward's inputs), and copy its samples, and
+        its prompt scores when asked for, to the host."""
         scored = any(r.sampling[0].params.prompt_logprobs is not None for r in rows)
-        groups = self._split(rows)
+        groups, mbs = self._split(rows), []
         for group in groups:
             if len(group) > self.max_prompts:
                 raise ValueError(f"a prefill step of {len(group)} prompts exceeds this "
                                  f"instance's {self.max_prompts}")
-            lens = np.array([len(r.token_ids) for r in group], np.int32)
-            total = int(lens.sum())
-            per_row = np.array([len(r.sampling) for r in group])
-            t_pad = bucket(total, MIN_TOKEN_BUCKET)
-            tokens = np.zeros(t_pad, np.int32)
-            tokens[:total] = np.concatenate([r.token_ids for r in group])
-            positions = np.zeros(t_pad, np.int32)
-            positions[:total] = np.concatenate([np.arange(n) for n in lens])
-            seq_ids = np.full(t_pad, -1, np.int32)
-            seq_ids[:total] = np.repeat(np.arange(len(group)), lens)
-            # A fixed number of prompt slots: the program depends on the token bucket only.
-            cu = np.full(self.max_prompts + 1, total, np.int32)
-            cu[0] = 0
-            cu[1:len(group) + 1] = np.cumsum(lens)
-            slots = np.full(t_pad, self.num_pages * self.page_size, np.int32)
-            slots[:total] = np.concatenate(
-                [self._slots(r.block_table, np.arange(n)) for r, n in zip(group, lens)])
-            last = np.zeros(self.max_prompts, np.int32)
-            last[:len(group)] = cu[1:len(group) + 1] - 1
-            meta = PrefillMetadata(positions, seq_ids, cu, slots, last)
-            # A prompt's last token is sampled once per sequence it starts.
             samples = self._samples(group)
-            mbs.append((self._inputs((tokens, meta, np.int32(scored)), samples,
-                                     np.repeat(np.arange(len(group)), per_row),
+            # A prompt's last token is sampled once per sequence it starts.
+            source = np.repeat(np.arange(len(group)), [len(r.sampling) for r in group])
+            mbs.append((self._inputs(forward_inputs(group, scored), samples, source,
                                      self.prefill_sample_rows(len(samples))), None))
-        return self._prefill_outputs("prefill", rows, groups, mbs, scored)
-
-    def _prefill_outputs(self, mode, rows, groups, mbs, scored: bool) -> StepOutput:
-        """Run a prefill's micro-batches (one per group of rows) and copy its samples, and its
-        prompt scores when asked for, to the host."""
         want_top = any(s.params.logprobs for s in self._samples(rows))
         host = self._fetch(self._pipeline(mode, mbs), want_top, scored)
         out = self._collect(host, [len(self._samples(g)) for g in groups])
@@ -688,7 +702,7 @@ class ModelRunner:
             mbs.append((inputs, self._token_override(group.prev_rows, b_pad, previous)))
             pads.append(b_pad)
         return PendingStep(self._pipeline("decode", mbs), [g.num_rows for g in groups], pads,
-                           bool(columns.sampling.logprobs.any()), self.max_sampled_rows)
+                           self.max_sampled_rows, bool(columns.sampling.logprobs.any()))
 
     def _token_override(self, prev_rows: np.ndarray, b_pad: int,
                         previous: "PendingStep | None"):
@@ -786,23 +800,10 @@ class ModelRunner:
         """Prompts as continuations of the paged cache (from PrefillRow.start, 0 for a whole
         prompt): rows and block tables are padded to the instance's maxima, so there is one
         program per token bucket."""
-        scored = any(r.sampling[0].params.prompt_logprobs is not None for r in rows)
-        groups, mbs = self._split(rows), []
-        for group in groups:
-            if len(group) > self.max_prompts:
-                raise ValueError(f"a prefill step of {len(group)} prompts exceeds this "
-                                 f"instance's {self.max_prompts}")
-            tokens, meta, lens = self._continuation(
-                [(r.token_ids[r.start:], r.start, r.block_table) for r in group],
-                self.max_prompts, bucket(self.max_blocks_per_request))
-            last = np.zeros(self.max_prompts, np.int32)
-            last[:len(group)] = np.cumsum(lens) - 1
-            per_row, samples = [len(r.sampling) for r in group], self._samples(group)
-            mbs.append((self._inputs((tokens, meta.replace(last_token_idx=last),
-                                      np.int32(scored)), samples,
-                                     np.repeat(np.arange(len(group)), per_row),
-                                     self.prefill_sample_rows(len(samples))), None))
-        return self._prefill_outputs("prefill_paged", rows, groups, mbs, scored)
+        if any(r.start and r.sampling[0].params.prompt_logprobs is not None for r in rows):
+            raise ValueError("a prompt asking for prompt_logprobs must be computed whole "
+                             "(start 0): its cached tokens would have no scores")
+        return self._prefill_steps("prefill_paged", rows, self._paged_prompts)
 
     # ---- sampling slots ------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ warmup_* settings: prompts up to `warmup_max_prompt_len` tokens, decode contexts
 setting (logprobs, prompt logprobs, penalties, bias and n are run-time inputs), so warm-up also
 compiles what any request may reach whatever its shape: the sampler for every sampled-row
 bucket, the fill of the sampler's slot table, and the page copies of swap, copy-on-write and
-migration for every block-count bucket. Runs on the instance's own thread or process, on pages
+migration for every block-count bucket (a prefill instance only sends pages: gathers). Runs on the instance's own thread or process, on pages
 nothing holds yet. With a program store (dsjax.executor.program_store) the step programs are
 only made ready, not run (ModelRunner.rehearsal): loading them is what a warm start needs.
 """
