@@ -136,8 +136,10 @@ def build_worker(plan, config, model_config, model_dir, devices, send, kv_link,
                          place_stages=place_stages, min_decode_rows=cfg.min_decode_rows)
     started = time.perf_counter()
     steps = warm_up_runner(runner, spec.role, cfg)
-    log.info("%s: warm-up made %d step shapes ready in %.1f s", spec.name, steps,
-             time.perf_counter() - started)
+    # (the page count is every step program's shape: a warm start that compiles again has
+    # likely seen another one)
+    log.info("%s: warm-up made %d step shapes ready in %.1f s (%d KV pages)", spec.name, steps,
+             time.perf_counter() - started, num_blocks)
     if spec.role == "decode":
         started = time.perf_counter()
         sources = pull_sources if pull_sources is not None else [SourceLayout(
