@@ -31,7 +31,9 @@ def test_the_auto_budget_is_a_share_of_free_memory_over_the_devices_within_bound
 def test_an_engine_resolves_auto_once_for_all_its_devices(monkeypatch):
     monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: 30 * GIB)
     plans = [InstancePlan("prefill", 0, 1, 1, (0,)), InstancePlan("decode", 0, 2, 1, (1, 2))]
-    resolved = with_cpu_kv_budget(EngineConfig(model="opt-tiny"), plans)
+    # (no compilation cache: no record of an earlier start's budget to keep)
+    resolved = with_cpu_kv_budget(EngineConfig(model="opt-tiny", compilation_cache_dir=""),
+                                  plans)
     assert resolved.cpu_kv_cache_bytes == int(0.3 * 10 * GIB)   # 30% of 30 GiB over 3 devices
     explicit = EngineConfig(model="opt-tiny", cpu_kv_cache_bytes=123 << 20)
     assert with_cpu_kv_budget(explicit, plans) is explicit
@@ -48,3 +50,31 @@ def test_pages_are_the_budget_over_one_page_of_every_layers_k_and_v():
 def test_a_negative_budget_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="cpu_kv_cache_bytes must be >= 0"):
         EngineConfig(model="opt-tiny", cpu_kv_cache_bytes=-1)
+
+
+def test_a_restart_keeps_the_last_budget_while_free_memory_drifts_less_than_a_granule(
+        tmp_path, monkeypatch):
+    """The page count is every program's shape: a warm start must see the cold start's."""
+    g = kv_cache.CPU_KV_GRANULE_BYTES
+    d = str(tmp_path)
+    assert kv_cache.steady_cpu_kv_bytes(13 * g, 2, d) == 13 * g    # the first start records
+    assert kv_cache.steady_cpu_kv_bytes(14 * g, 2, d) == 13 * g    # drift up one granule
+    assert kv_cache.steady_cpu_kv_bytes(12 * g, 2, d) == 13 * g    # or down
+    assert kv_cache.steady_cpu_kv_bytes(6 * g, 4, d) == 6 * g      # per device count
+    assert kv_cache.steady_cpu_kv_bytes(16 * g, 2, d) == 16 * g    # a real change is followed
+    assert kv_cache.steady_cpu_kv_bytes(15 * g, 2, d) == 16 * g    # and recorded
+    assert kv_cache.steady_cpu_kv_bytes(7 * g, 4, d) == 6 * g
+    (tmp_path / kv_cache.CPU_KV_RECORD).write_text("not json")
+    assert kv_cache.steady_cpu_kv_bytes(9 * g, 2, d) == 9 * g      # a broken record: replaced
+    assert kv_cache.steady_cpu_kv_bytes(10 * g, 2, d) == 9 * g
+    assert kv_cache.steady_cpu_kv_bytes(10 * g, 2, None) == 10 * g  # no cache, no record
+
+    # An engine's resolution keeps its record in the compilation cache it names.
+    plans = [InstancePlan("prefill", 0, 1, 1, (0,)), InstancePlan("decode", 0, 1, 1, (1,))]
+    config = EngineConfig(model="opt-tiny", compilation_cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: 20 * GIB)
+    assert with_cpu_kv_budget(config, plans).cpu_kv_cache_bytes == 3 * GIB
+    assert (tmp_path / "cache" / kv_cache.CPU_KV_RECORD).exists()
+    monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: int(21.75 * GIB))
+    assert kv_cache.auto_cpu_kv_bytes(2) == 3 * GIB + g               # the fresh share moved
+    assert with_cpu_kv_budget(config, plans).cpu_kv_cache_bytes == 3 * GIB

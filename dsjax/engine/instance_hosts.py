@@ -62,12 +62,23 @@ def configure_jax(config) -> None:
 
 def with_cpu_kv_budget(config, plans):
     """config with cpu_kv_cache_bytes resolved once for the whole engine when it is 0 (auto):
-    each instance sizing its own from free memory would see what the others already took."""
+    each instance sizing its own from free memory would see what the others already took.
+    With a compilation cache, a restart keeps the last start's budget while free memory
+    drifts by less than a granule (kv_cache.steady_cpu_kv_bytes), so its programs load."""
     if config.cpu_kv_cache_bytes:
         return config
-    from dsjax.executor.kv_cache import auto_cpu_kv_bytes
-    return dataclasses.replace(config, cpu_kv_cache_bytes=auto_cpu_kv_bytes(
-        sum(plan.num_devices for plan in plans)))
+    import jax
+
+    from dsjax.executor.kv_cache import auto_cpu_kv_bytes, steady_cpu_kv_bytes
+    devices = sum(plan.num_devices for plan in plans)
+    # Where the program store is: a named directory, else JAX's (a user may have set it up),
+    # else "auto"'s (the driver of child processes has not configured JAX).
+    setting = config.compilation_cache_dir
+    directory = setting and ((setting != "auto" and compilation_cache_path(setting)) or
+                             jax.config.jax_compilation_cache_dir or
+                             compilation_cache_path(setting))
+    return dataclasses.replace(config, cpu_kv_cache_bytes=steady_cpu_kv_bytes(
+        auto_cpu_kv_bytes(devices), devices, directory))
 
 
 def params_loader(config, model_config, model_dir, dtype) -> Callable:

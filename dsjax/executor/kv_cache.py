@@ -6,6 +6,7 @@ Layout and slot convention: models/attention.py. Pages are allocated by BlockMan
 from __future__ import annotations
 
 import functools
+import json
 import os
 import weakref
 
@@ -30,6 +31,8 @@ CPU_KV_MAX_BYTES = 4 << 30
 # program, and a restart compiled them all again instead of loading them from the program
 # store (warm start 57-61 s against 9 s).
 CPU_KV_GRANULE_BYTES = 256 << 20
+# Beside the compilation cache: the budget the last start chose, per device count.
+CPU_KV_RECORD = "dsjax-cpu-kv-budget.json"
 
 
 def dtype_bytes(dtype) -> int:
@@ -85,6 +88,37 @@ def auto_cpu_kv_bytes(num_devices: int, available: int | None = None) -> int:
     share = CPU_KV_MEMORY_SHARE * available / max(1, num_devices)
     share = int(share) // CPU_KV_GRANULE_BYTES * CPU_KV_GRANULE_BYTES
     return int(min(CPU_KV_MAX_BYTES, max(CPU_KV_MIN_BYTES, share)))
+
+
+def steady_cpu_kv_bytes(fresh: int, num_devices: int, directory: str | None) -> int:
+    """`fresh` (auto_cpu_kv_bytes), or the budget the last start with this cache directory
+    chose for as many devices, where that is within one granule of it. The page count is every
+    step program's shape: free memory drifting across a granule's edge between two starts
+    gives a restart other shapes, and it compiles everything again instead of loading its
+    programs (a suspected cause of a 46.9 s warm start against 11-13 s, docs/benchmarks.md).
+    Records what it returns (best effort: an unwritable directory only loses the record)."""
+    if not directory:
+        return fresh
+    path = os.path.join(directory, CPU_KV_RECORD)
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, ValueError):
+        records = {}
+    records = records if isinstance(records, dict) else {}
+    recorded = records.get(str(num_devices))
+    if isinstance(recorded, int) and abs(recorded - fresh) <= CPU_KV_GRANULE_BYTES:
+        return recorded
+    records[str(num_devices)] = fresh
+    try:
+        os.makedirs(directory, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w") as f:
+            json.dump(records, f)
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return fresh
 
 
 class PagePool:
