@@ -2,6 +2,8 @@
 the memory free when the engine starts, split over the engine's devices."""
 from __future__ import annotations
 
+import json
+
 import jax
 import pytest
 
@@ -68,13 +70,26 @@ def test_a_restart_keeps_the_last_budget_while_free_memory_drifts_less_than_a_gr
     assert kv_cache.steady_cpu_kv_bytes(9 * g, 2, d) == 9 * g      # a broken record: replaced
     assert kv_cache.steady_cpu_kv_bytes(10 * g, 2, d) == 9 * g
     assert kv_cache.steady_cpu_kv_bytes(10 * g, 2, None) == 10 * g  # no cache, no record
+    # Records this version could not have chosen are not kept; nor one above a floor budget.
+    for bad in (0, g + 1, "4"):
+        (tmp_path / kv_cache.CPU_KV_RECORD).write_text(json.dumps({"2": bad}))
+        assert kv_cache.steady_cpu_kv_bytes(g, 2, d) == g
+    assert kv_cache.steady_cpu_kv_bytes(2 * g, 2, d) == g
+    (tmp_path / kv_cache.CPU_KV_RECORD).write_text(json.dumps({"2": 2 * g}))
+    assert kv_cache.steady_cpu_kv_bytes(g, 2, d) == g
+    assert not list(tmp_path.glob("*.tmp"))
 
-    # An engine's resolution keeps its record in the compilation cache it names.
+    # An engine's resolution keeps its record beside JAX's compilation cache.
     plans = [InstancePlan("prefill", 0, 1, 1, (0,)), InstancePlan("decode", 0, 1, 1, (1,))]
-    config = EngineConfig(model="opt-tiny", compilation_cache_dir=str(tmp_path / "cache"))
-    monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: 20 * GIB)
-    assert with_cpu_kv_budget(config, plans).cpu_kv_cache_bytes == 3 * GIB
-    assert (tmp_path / "cache" / kv_cache.CPU_KV_RECORD).exists()
-    monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: int(21.75 * GIB))
-    assert kv_cache.auto_cpu_kv_bytes(2) == 3 * GIB + g               # the fresh share moved
-    assert with_cpu_kv_budget(config, plans).cpu_kv_cache_bytes == 3 * GIB
+    config = EngineConfig(model="opt-tiny")
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+    try:
+        monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: 20 * GIB)
+        assert with_cpu_kv_budget(config, plans).cpu_kv_cache_bytes == 3 * GIB
+        assert (tmp_path / "cache" / kv_cache.CPU_KV_RECORD).exists()
+        monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: int(21.75 * GIB))
+        assert kv_cache.auto_cpu_kv_bytes(2) == 3 * GIB + g           # the fresh share moved
+        assert with_cpu_kv_budget(config, plans).cpu_kv_cache_bytes == 3 * GIB
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

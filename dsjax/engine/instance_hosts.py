@@ -71,12 +71,10 @@ def with_cpu_kv_budget(config, plans):
 
     from dsjax.executor.kv_cache import auto_cpu_kv_bytes, steady_cpu_kv_bytes
     devices = sum(plan.num_devices for plan in plans)
-    # Where the program store is: a named directory, else JAX's (a user may have set it up),
-    # else "auto"'s (the driver of child processes has not configured JAX).
-    setting = config.compilation_cache_dir
-    directory = setting and ((setting != "auto" and compilation_cache_path(setting)) or
-                             jax.config.jax_compilation_cache_dir or
-                             compilation_cache_path(setting))
+    # Where the program store is, by configure_jax's rule: JAX's cache where one is set up
+    # already, else the setting's (the driver of child processes has not configured JAX).
+    setting = compilation_cache_path(config.compilation_cache_dir)
+    directory = setting and (jax.config.jax_compilation_cache_dir or setting)
     return dataclasses.replace(config, cpu_kv_cache_bytes=steady_cpu_kv_bytes(
         auto_cpu_kv_bytes(devices), devices, directory))
 

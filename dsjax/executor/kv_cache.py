@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 import weakref
 
 import jax
@@ -92,7 +93,7 @@ def auto_cpu_kv_bytes(num_devices: int, available: int | None = None) -> int:
 
 def steady_cpu_kv_bytes(fresh: int, num_devices: int, directory: str | None) -> int:
     """`fresh` (auto_cpu_kv_bytes), or the budget the last start with this cache directory
-    chose for as many devices, where that is within one granule of it. The page count is every
+    chose for as many devices, where that is within one granule of it (both rounded). The page count is every
     step program's shape: free memory drifting across a granule's edge between two starts
     gives a restart other shapes, and it compiles everything again instead of loading its
     programs (a suspected cause of a 46.9 s warm start against 11-13 s, docs/benchmarks.md).
@@ -107,15 +108,24 @@ def steady_cpu_kv_bytes(fresh: int, num_devices: int, directory: str | None) -> 
         records = {}
     records = records if isinstance(records, dict) else {}
     recorded = records.get(str(num_devices))
-    if isinstance(recorded, int) and abs(recorded - fresh) <= CPU_KV_GRANULE_BYTES:
+    # A record this version could have chosen (bounds and granule), within a granule of
+    # today's, and not above it where today's is the floor (memory is short).
+    if (type(recorded) is int and CPU_KV_MIN_BYTES <= recorded <= CPU_KV_MAX_BYTES
+            and recorded % CPU_KV_GRANULE_BYTES == 0
+            and abs(recorded - fresh) <= CPU_KV_GRANULE_BYTES
+            and (recorded <= fresh or fresh > CPU_KV_MIN_BYTES)):
         return recorded
     records[str(num_devices)] = fresh
     try:
         os.makedirs(directory, exist_ok=True)
-        partial = f"{path}.{os.getpid()}.tmp"
-        with open(partial, "w") as f:
-            json.dump(records, f)
-        os.replace(partial, path)
+        handle, partial = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as f:
+                json.dump(records, f)
+            os.replace(partial, path)
+        except BaseException:
+            os.unlink(partial)
+            raise
     except OSError:
         pass
     return fresh
