@@ -7,8 +7,10 @@ warm one (the same cache, so the program store loads what the cold start stored)
 Builds the engine in-process with the launcher's warm-up (`python -m serving`'s defaults: every
 length and batch), no HTTP server. Prints the ready time and, per timed function, its seconds
 summed over the instances' threads (they warm up side by side, so the sum can exceed the wall
-time) and its calls. Timers nest: warm_up_runner includes the runner calls it makes. Each start
-runs in a subprocess of its own, so the second sees only what the first left on disk.
+time) and its calls. Timers nest: warm_up_runner includes the runner calls it makes. Then the
+programs made ready (compiled, or loaded from the program store) by kind, with the seconds
+their making took, and the process's CPU seconds to ready (both cores compile). Each start runs
+in a subprocess of its own, so the second sees only what the first left on disk.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def one_start(model: str, cache: str) -> None:
     jax.config.update("jax_compilation_cache_dir", cache)
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
+    import os
+
     from dsjax.executor import runner, warmup
     from serving.launcher_config import LAUNCHER_DEFAULTS
 
@@ -59,15 +63,33 @@ def one_start(model: str, cache: str) -> None:
         timed(runner.ModelRunner, name)
     for name in WARMUP_CALLS:   # (build_worker imports them from the module when it runs)
         timed(warmup, name)
+    made, made_s = collections.Counter(), collections.Counter()
+    make_ready = runner.Stage._make_ready
+
+    def counted(stage, key, make, args):   # key[0]: "forward", "sample", "select", ...
+        started = time.perf_counter()
+        try:
+            return make_ready(stage, key, make, args)
+        finally:
+            made[key[0]] += 1
+            made_s[key[0]] += time.perf_counter() - started
+    runner.Stage._make_ready = counted
+    cpu = os.times()
     settings = {k: v for k, v in LAUNCHER_DEFAULTS.items() if k != "log_status"}
     started = time.perf_counter()
     engine = Engine(EngineConfig(model=model, load_format="dummy", **settings))
-    print(f"ready in {time.perf_counter() - started:.1f} s")
+    now = os.times()
+    print(f"ready in {time.perf_counter() - started:.1f} s, process CPU "
+          f"{now.user + now.system - cpu.user - cpu.system:.1f} s")
     engine.shutdown()
     print("| function | seconds (all threads) | calls |")
     print("|---|---|---|")
     for name, s in seconds.most_common():
         print(f"| {name} | {s:.1f} | {calls[name]} |")
+    print(f"\n| program kind | made ready | seconds (all threads) |\n|---|---|---|")
+    for kind, n in made.most_common():
+        print(f"| {kind} | {n} | {made_s[kind]:.1f} |")
+    print(f"| all | {sum(made.values())} | {sum(made_s.values()):.1f} |")
 
 
 def main(argv=None) -> None:

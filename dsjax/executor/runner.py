@@ -122,7 +122,6 @@ class PendingStep:
     """A dispatched step whose samples are still on the device, micro-batch by micro-batch."""
     outs: list
     counts: list[int]   # rows per micro-batch
-    pads: list[int]     # padded rows per micro-batch
     token_width: int    # each micro-batch's sampled tokens, padded (_sample_step)
     want_top: bool = False   # whether any row asked for top-N log-probabilities
 
@@ -606,7 +605,7 @@ class ModelRunner:
         tokens when a row asks for prompt logprobs). Where `prefill_reads_pages`, rows may
         start past cached blocks too (PrefillRow.start), all in one step."""
         if self.prefill_reads_pages:
-            return self._prefill_paged(rows)
+            return self.prefill_cached(rows)
         if any(r.start for r in rows):
             raise ValueError("this instance prefills whole prompts only: run prompts past "
                              "cached blocks through prefill_cached")
@@ -676,7 +675,7 @@ class ModelRunner:
         collected yet) samples, straight from the device: the host need not know it."""
         columns = rows if isinstance(rows, DecodeColumns) else \
             DecodeColumns.of_rows(rows, self.decode_table_width)
-        mbs, pads = [], []
+        mbs = []
         groups = self._split(columns)
         for group in groups:
             n = group.num_rows
@@ -700,8 +699,7 @@ class ModelRunner:
             inputs = self._inputs((tokens, meta, np.int32(0)), group.sampling, np.arange(b_pad),
                                   b_pad)
             mbs.append((inputs, self._token_override(group.prev_rows, b_pad, previous)))
-            pads.append(b_pad)
-        return PendingStep(self._pipeline("decode", mbs), [g.num_rows for g in groups], pads,
+        return PendingStep(self._pipeline("decode", mbs), [g.num_rows for g in groups],
                            self.max_sampled_rows, bool(columns.sampling.logprobs.any()))
 
     def _token_override(self, prev_rows: np.ndarray, b_pad: int,
@@ -792,14 +790,10 @@ class ModelRunner:
                              [int(per_row.sum())])
 
     def prefill_cached(self, rows: list[PrefillRow]) -> StepOutput:
-        """Prompts whose first `start` tokens are cached already (prefix-cache hits): each row
-        computes the rest, attending to its cached blocks, and samples its first token(s)."""
-        return self._prefill_paged(rows)
-
-    def _prefill_paged(self, rows: list[PrefillRow]) -> StepOutput:
-        """Prompts as continuations of the paged cache (from PrefillRow.start, 0 for a whole
-        prompt): rows and block tables are padded to the instance's maxima, so there is one
-        program per token bucket."""
+        """Prompts whose first `start` tokens are cached already (prefix-cache hits; 0 for a
+        whole prompt, every CPU prefill): each row computes the rest as a continuation of its
+        pages ("prefill_paged") and samples its first token(s). Rows and block tables are
+        padded to the instance's maxima, so there is one program per token bucket."""
         if any(r.start and r.sampling[0].params.prompt_logprobs is not None for r in rows):
             raise ValueError("a prompt asking for prompt_logprobs must be computed whole "
                              "(start 0): its cached tokens would have no scores")

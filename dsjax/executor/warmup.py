@@ -8,8 +8,8 @@ warmup_* settings: prompts up to `warmup_max_prompt_len` tokens, decode contexts
 setting (logprobs, prompt logprobs, penalties, bias and n are run-time inputs), so warm-up also
 compiles what any request may reach whatever its shape: the sampler for every sampled-row
 bucket, the fill of the sampler's slot table, and the page copies of swap, copy-on-write and
-migration for every block-count bucket (a prefill instance only sends pages: gathers). Runs on the instance's own thread or process, on pages
-nothing holds yet. With a program store (dsjax.executor.program_store) the step programs are
+migration for every block-count bucket (a prefill instance only sends pages: gathers). Runs
+on the instance's own thread or process, on pages nothing holds yet. With a program store (dsjax.executor.program_store) the step programs are
 only made ready, not run (ModelRunner.rehearsal): loading them is what a warm start needs.
 """
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _warm_up_steps(runner, role: str, config) -> int:
         last_of_splits = {}   # micro-batches in a step -> a step of that many
         for b, n in decodes:
             step = decode_step(b, n)
-            last_of_splits[len(step.pads)] = step
+            last_of_splits[len(step.counts)] = step
             steps += 1
         # The next step's token selection compiles per (the last step's micro-batch count, a
         # micro-batch bucket). Under a pipeline a batch of any size may split into buckets
