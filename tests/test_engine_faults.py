@@ -2,6 +2,7 @@
 to completion with transformers' tokens."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -160,14 +161,15 @@ def test_a_request_that_breaks_its_step_fails_alone(fresh, hf_opt, hf_reference)
 def test_host_side_failure_of_one_request_fails_it_alone(fresh, hf_opt, hf_reference):
     engine = fresh()
     worker = engine.local_worker("decode0")
-    original = worker._emit
+    original = worker._check_rich   # recording a token that asks for its log-probabilities
 
-    def emit(req, result, now):
+    def check(req, result):
         if req.request_id == engine.engine_id("poison") and len(req.output_token_ids) >= 2:
             raise KeyError("injected bookkeeping fault")
-        return original(req, result, now)
-    worker._emit = emit
-    poison = engine.add_request(engine_prompts()[0], GREEDY, request_id="poison")
+        return original(req, result)
+    worker._check_rich = check
+    poison = engine.add_request(engine_prompts()[0], dataclasses.replace(GREEDY, logprobs=1),
+                                request_id="poison")
     others = [engine.add_request(p, GREEDY) for p in engine_prompts()[1:]]
     with pytest.raises(EngineError, match="bookkeeping"):
         poison.result(timeout=120)

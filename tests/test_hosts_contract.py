@@ -93,10 +93,11 @@ def tokens_until_done(router: Router, rids, timeout: float = 120.0) -> dict[str,
     out = {rid: [] for rid in rids}
     done: set[str] = set()
     while done != set(rids):
-        for update in router.next(Report, timeout).tokens:
-            out[update.request_id].append(update.token_id)
-            if update.finish_reason:
-                done.add(update.request_id)
+        for step in router.next(Report, timeout).tokens:
+            for row, (rid, token) in enumerate(zip(step.request_ids, step.token_ids)):
+                out[rid].append(token)
+                if row in step.finish_reasons:
+                    done.add(rid)
     return out
 
 

@@ -409,18 +409,24 @@ class Engine:
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.num_cached_tokens = cached
-        by_request: dict[str, list] = {}
-        for update in report.tokens:
-            by_request.setdefault(update.request_id, []).append(update)
-        for rid, updates in by_request.items():
-            tracked = self._tracked.get(rid)
-            if tracked is None:
-                continue
-            self._first_token(tracked, inst)
-            index = tracked.parts.get(rid)
-            if index is not None:   # a resumed sequence runs as a request of its own
-                updates = [u._replace(index=index) for u in updates]
-            stopped = tracked.add_tokens(updates)
+        # Each request's tokens of this report, in order, then one delivery per request.
+        touched: dict[int, tuple[str, TrackedRequest]] = {}
+        for step in report.tokens:
+            tops = step.top_logprobs
+            for row, rid in enumerate(step.request_ids):
+                tracked = self._tracked.get(rid)
+                if tracked is None:
+                    continue
+                if id(tracked) not in touched:
+                    touched[id(tracked)] = rid, tracked
+                    self._first_token(tracked, inst)
+                index = tracked.parts.get(rid)   # a resumed sequence runs as its own request
+                tracked.add_token(step.indexes[row] if index is None else index,
+                                  step.token_ids[row], step.logprobs[row],
+                                  None if tops is None else tops[row], step.timestamp,
+                                  step.finish_reasons.get(row))
+        for rid, tracked in touched.values():
+            stopped = tracked.deliver()
             tracked.stopped.update(stopped)
             if tracked.finished:   # instances drop what a stop string ended; they freed the rest
                 self._end(tracked, drop_from=tracked.location if stopped else ())

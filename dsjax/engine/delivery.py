@@ -11,7 +11,6 @@ import logging
 import time
 from typing import Callable
 
-from dsjax.engine.messages import TokenUpdate
 from dsjax.engine.request import CompletionOutput, RequestOutput
 from dsjax.engine.stopping import StopChecker
 
@@ -45,25 +44,27 @@ class SequenceState:
             return self._text
         return self._text[:max(self._emitted, len(self._text) - self._holdback)]
 
-    def add(self, update: TokenUpdate) -> bool:
-        """Record one token; returns True when a stop string ended the sequence here (before
-        the instance decided it was done)."""
-        self.token_ids.append(update.token_id)
-        self.timestamps.append(update.timestamp)
-        self.cumulative_logprob += update.logprob
+    def add(self, token_id: int, logprob: float, top: dict[int, float] | None,
+            timestamp: float, finish_reason: str | None) -> bool:
+        """Record one token (`top`: its {token: logprob} when asked for; `finish_reason`: the
+        instance's, on its last token); returns True when a stop string ended the sequence
+        here (before the instance decided it was done)."""
+        self.token_ids.append(token_id)
+        self.timestamps.append(timestamp)
+        self.cumulative_logprob += logprob
         if self.logprobs is not None:
-            self.logprobs.append(update.logprobs or {})
-        self.new_ids.append(update.token_id)
+            self.logprobs.append(top or {})
+        self.new_ids.append(token_id)
         if self.detokenizer is not None:
-            self._text += self.detokenizer.feed(update.token_id)
+            self._text += self.detokenizer.feed(token_id)
             cut = (self.stop_checker.check_text(self._text, len(self.token_ids))
                    if self.stop_checker.has_stop_strings else None)
             if cut is not None:
                 self._text = self._text[:cut]
                 self.end("stop")
-                return update.finish_reason is None
-        if update.finish_reason is not None:
-            self.end(update.finish_reason)
+                return finish_reason is None
+        if finish_reason is not None:
+            self.end(finish_reason)
         return False
 
     def end(self, reason: str) -> None:
@@ -103,6 +104,7 @@ class TrackedRequest:
                           for i in range(params.num_samples)]
         self.internal_id = request_id   # the engine's own id (Engine.add_request sets it)
         self.stopped: set[int] = set()  # sequences a stop string ended here
+        self._stopped: list[int] = []   # of those, the ones deliver() has not returned yet
         self.spec = None                # what was sent to the instances (Engine sets it)
         # The engine's ids under which instances run it -> the sequence each runs (None: the
         # whole request; after a recompute, one id per resumed sequence), and where each is.
@@ -135,14 +137,19 @@ class TrackedRequest:
         if all(e["event_type"] != event_type for e in self.events):
             self.events.append({"timestamp": timestamp, "event_type": event_type})
 
-    def add_tokens(self, updates: list[TokenUpdate]) -> list[int]:
-        """Record tokens in order, detokenize, apply stop strings, deliver. Returns the
-        sequences a stop string ended here (the instance must be told to drop them)."""
-        stopped = []
-        for u in updates:
-            seq = self.sequences[u.index]
-            if not seq.finished and seq.add(u):
-                stopped.append(u.index)
+    def add_token(self, index: int, token_id: int, logprob: float,
+                  top: dict[int, float] | None, timestamp: float,
+                  finish_reason: str | None) -> None:
+        """Record one token of sequence `index` (in order); deliver() hands them out."""
+        seq = self.sequences[index]
+        if not seq.finished and seq.add(token_id, logprob, top, timestamp, finish_reason):
+            self._stopped.append(index)
+
+    def deliver(self) -> list[int]:
+        """After a report's tokens: end the request if every sequence has, deliver its output
+        (each report's, when streaming). Returns the sequences a stop string ended here since
+        the last call (the instance must be told to drop them)."""
+        stopped, self._stopped = self._stopped, []
         if all(s.finished for s in self.sequences):
             self.finished = True
             self.add_event("decoding_end", max((s.timestamps[-1] for s in self.sequences

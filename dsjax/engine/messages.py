@@ -106,15 +106,19 @@ class PeerMessage:
 
 # ---- instance -> engine -------------------------------------------------------------------
 
-class TokenUpdate(NamedTuple):
-    """One sampled token (a named tuple: every step makes one per row)."""
-    request_id: str
-    index: int                          # the sequence (0 unless n / best_of > 1)
-    token_id: int
-    logprob: float                      # of the chosen token (ranks best_of sequences)
-    logprobs: dict[int, float] | None   # the chosen token's and the top-N, when asked for
-    timestamp: float
-    finish_reason: str | None           # set on the sequence's last token ("stop" | "length")
+class StepTokens(NamedTuple):
+    """Tokens one step (or one call of recording) sampled, as columns: row i is sequence
+    `indexes[i]` of request `request_ids[i]`. One entry per step, not one object per token:
+    a batch of 256 is four lists, built and read in whole-list operations where it can be."""
+    request_ids: tuple[str, ...]
+    indexes: tuple[int, ...]            # the sequence (0 unless n / best_of > 1)
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]         # of each chosen token (ranks best_of sequences)
+    # Per row, the chosen token's and the top-N {token: logprob}, or None where not asked;
+    # None for the whole step when no row asked.
+    top_logprobs: tuple[dict[int, float] | None, ...] | None
+    finish_reasons: dict[int, str]      # row -> "stop" | "length", on a sequence's last token
+    timestamp: float                    # when the host recorded them (perf_counter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +139,7 @@ class RequestFailed:
 class Report:
     """One loop iteration's news from an instance (one queue operation per step)."""
     instance: str
-    tokens: tuple[TokenUpdate, ...] = ()
+    tokens: tuple[StepTokens, ...] = ()
     events: tuple[LifetimeEvent, ...] = ()
     prefilled: tuple[MigrationOffer, ...] = ()
     failed: tuple[RequestFailed, ...] = ()

@@ -31,7 +31,7 @@ from typing import Callable
 from dsjax.engine.block_manager import BlockManager
 from dsjax.engine.messages import (AbortRequest, AddRequest, ExportKV, InstanceFailed, KVReady,
                                    KVRefused, LifetimeEvent, MigrationOffer, OfferMigration,
-                                   PeerMessage, Report, RequestFailed, Shutdown, TokenUpdate)
+                                   PeerMessage, Report, RequestFailed, Shutdown, StepTokens)
 from dsjax.engine.request import Request
 from dsjax.engine.sampling_slots import SlotAssignments
 from dsjax.executor.batch import PrefillRow, SamplingRow
@@ -261,42 +261,61 @@ class InstanceWorker:
                             self._fail(r.request_id, solo)
         return [results.get(r.request_id) for r in requests]
 
-    def _emit(self, req: Request, result, now: float) -> str | None:
-        """Record a sampled token; returns the finish reason when it ends the sequence."""
-        token, logprob, top_ids, top_logprobs, _ = result
-        req.output_token_ids.append(token)
-        logprobs = None
-        if req.plain:   # no logprobs, no stop strings: the hot path of a large batch
-            reason = req.stop_checker.check_token(token, req.prior + len(req.output_token_ids))
-        else:
-            n = req.params.logprobs
-            if n is not None:
-                logprobs = {}
-                if n and top_ids is not None:
-                    logprobs = {int(t): float(lp)
-                                for t, lp in zip(top_ids[:n], top_logprobs[:n])}
-                logprobs[token] = float(logprob)
-            reason = req.stop_checker.check_token(token, req.num_generated)
-            if reason is None and req.ends_on_stop_string(self.tokenizer):
-                reason = "stop"
-        self._tokens.append(TokenUpdate(req.spec.request_id, req.index or 0, token, logprob,
-                                        logprobs, now, reason))
-        self.tokens_out += 1
-        return reason
-
     def _emit_all(self, pairs) -> list[Request]:
-        """Emit (sequence, result) pairs (results of None were failed); returns those finished."""
+        """Record (sequence, result) pairs (results of None were failed) as one StepTokens of
+        the report, and return the sequences that finished. A plain sequence's token (no
+        logprobs, no stop strings: most rows of a large batch) costs an append and one stop
+        check; no object is made per token."""
         now = time.perf_counter()
-        finished = []
+        rids, indexes, tokens, logprobs, tops, finish = [], [], [], [], [], {}
+        finished, any_top = [], False
         for req, result in pairs:
             if result is None:
                 continue
             try:
-                if self._emit(req, result, now) is not None:
-                    finished.append(req)
+                token = result[0]
+                req.output_token_ids.append(token)
+                if req.plain:
+                    top = None
+                    reason = req.stop_checker.check_token(
+                        token, req.prior + len(req.output_token_ids))
+                else:
+                    top, reason = self._check_rich(req, result)
+                    any_top = any_top or top is not None
             except Exception as e:  # noqa: BLE001 - recording this request's token failed
                 self._fail(req.request_id, e)
+                continue
+            if reason is not None:
+                finish[len(rids)] = reason
+                finished.append(req)
+            rids.append(req.spec.request_id)
+            indexes.append(req.index or 0)
+            tokens.append(token)
+            logprobs.append(result[1])
+            tops.append(top)
+        if rids:
+            self._tokens.append(StepTokens(tuple(rids), tuple(indexes), tuple(tokens),
+                                           tuple(logprobs), tuple(tops) if any_top else None,
+                                           finish, now))
+            self.tokens_out += len(rids)
         return finished
+
+    def _check_rich(self, req: Request, result) -> tuple[dict | None, str | None]:
+        """A token of a sequence that asks for log-probabilities or stop strings: its
+        {token: logprob} of the chosen and top-N tokens (None if not asked), and its finish
+        reason."""
+        token, logprob, top_ids, top_logprobs, _ = result
+        top = None
+        n = req.params.logprobs
+        if n is not None:
+            top = {}
+            if n and top_ids is not None:
+                top = {int(t): float(lp) for t, lp in zip(top_ids[:n], top_logprobs[:n])}
+            top[token] = float(logprob)
+        reason = req.stop_checker.check_token(token, req.num_generated)
+        if reason is None and req.ends_on_stop_string(self.tokenizer):
+            reason = "stop"
+        return top, reason
 
     def _prefill(self, batch: list[Request], hand_off) -> None:
         """Run a batch of whole prompts (blocks allocated), stream the first token of each of
