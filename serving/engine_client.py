@@ -19,6 +19,7 @@ from dsjax.engine.request import RequestOutput
 from dsjax.sampling_params import SamplingParams
 from serving.admission import Admission
 from serving.api_errors import ApiError
+from serving.loop_mailbox import LoopMailbox
 from serving.metrics import ServerMetrics
 
 # Longer texts are tokenized on a worker thread (BPE runs at about 7 MB/s: the longest text
@@ -69,6 +70,14 @@ class EngineClient:
         self.num_rows = 0                              # sequences admitted and not finished
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
+        self._mailbox: LoopMailbox | None = None   # made on the server's loop, on first use
+
+    def mailbox(self) -> LoopMailbox:
+        """Where engine threads post this server's outputs (the running loop's)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = LoopMailbox(loop)
+        return self._mailbox
 
     @property
     def num_active(self) -> int:
@@ -165,7 +174,7 @@ class RequestGroup:
         self.final: list[RequestOutput | None] = [None] * size
         self.estimate = None       # what admission estimated it would take (load_estimate.py)
         self.failed_before = failed_instances(client.engine)
-        self._loop = asyncio.get_running_loop()
+        self._mailbox = client.mailbox()
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def __enter__(self) -> "RequestGroup":
@@ -177,10 +186,7 @@ class RequestGroup:
     def deliver(self, index: int, output) -> None:
         """The engine's callback (from its threads): a RequestOutput, or the Exception that
         failed this request."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
-        except RuntimeError:  # the loop closed: the server is gone, nobody is listening
-            pass
+        self._mailbox.post(self._queue, (index, output))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as they come, until every request finished; raises
