@@ -135,7 +135,7 @@ def phases(args) -> None:
 
     for obj, names in ((worker.scheduler, ["schedule"]),
                        (getattr(worker, "persistent", None), ["next_step"]),
-                       (worker, ["_decode_step", "_decode_row", "_emit_all", "_flush"]),
+                       (worker, ["_decode_step", "_decode_row", "_emit_all", "_record", "_flush"]),
                        (worker.runner, ["dispatch_decode", "_inputs", "_pipeline", "_fetch"])):
         for name in names:
             if hasattr(obj, name):   # (an older tree may lack one)

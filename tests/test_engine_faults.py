@@ -163,10 +163,10 @@ def test_host_side_failure_of_one_request_fails_it_alone(fresh, hf_opt, hf_refer
     worker = engine.local_worker("decode0")
     original = worker._check_rich   # recording a token that asks for its log-probabilities
 
-    def check(req, result):
+    def check(req, *sample):
         if req.request_id == engine.engine_id("poison") and len(req.output_token_ids) >= 2:
             raise KeyError("injected bookkeeping fault")
-        return original(req, result)
+        return original(req, *sample)
     worker._check_rich = check
     poison = engine.add_request(engine_prompts()[0], dataclasses.replace(GREEDY, logprobs=1),
                                 request_id="poison")

@@ -11,7 +11,7 @@ import jax
 from dsjax.engine.persistent_batch import PersistentBatch
 from dsjax.engine.request import Request, Status
 from dsjax.engine.scheduler import DecodeScheduler
-from dsjax.engine.worker import InstanceWorker, samples_of
+from dsjax.engine.worker import InstanceWorker
 from dsjax.executor.batch import DecodeRow
 
 log = logging.getLogger("dsjax")
@@ -109,8 +109,7 @@ class DecodingWorker(InstanceWorker):
                 self._event(r, "decoding_begin", start)
         if not self.async_scheduling or not self._dispatch(step, start):
             self._read_inflight()
-            results = self._decode_all_synchronously(step)
-            for r in self._emit_all(zip(step.batch, [rs and rs[0] for rs in results])):
+            for r in self._decode_all_synchronously(step):
                 self._release(r, finished=True)
             self._hold_report = True
             self._log_step(len(step.batch), start)
@@ -132,22 +131,26 @@ class DecodingWorker(InstanceWorker):
             self._evictions_seen = self.slots.evictions
             self.persistent.reset()
 
-    def _decode_all_synchronously(self, step) -> list:
-        """A synchronous step of the whole batch from the persistent batch's columns; per
-        request, its results (as _run_rows returns them). If it fails with the runner intact,
-        the step runs again row by row (_run_rows), where a request that breaks it fails
-        alone."""
+    def _decode_all_synchronously(self, step) -> list[Request]:
+        """A synchronous step of the whole batch from the persistent batch's columns, its
+        tokens recorded; returns the requests that finished. If it fails with the runner
+        intact, the step runs again row by row (_run_rows), where a request that breaks it
+        fails alone."""
         self._carried_slots_valid()
         try:
             columns = self.persistent.next_step(step.batch, self._new_rows(step.batch),
                                                 self.blocks.tables, step.rewritten, False)
-            return [[s] for s in samples_of(self._decode_synchronously(columns))]
+            out = self._decode_synchronously(columns)
         except Exception as e:  # noqa: BLE001
             self.persistent.reset()
             self._check_state(e)
+        else:
+            return self._record(step.batch, out.tokens.tolist(), out.logprob.tolist(),
+                                out.top_ids, out.top_logprobs)
         busy = self._busy(step.batch)
-        return self._run_rows(self._decode_synchronously, step.batch,
-                              lambda r: self._decode_row(r, busy=busy))
+        results = self._run_rows(self._decode_synchronously, step.batch,
+                                 lambda r: self._decode_row(r, busy=busy))
+        return self._emit_all(zip(step.batch, [rs and rs[0] for rs in results]))
 
     def _decode_synchronously(self, rows):
         """A decode step, waited for. The previous step's report goes out once this one is
@@ -197,9 +200,10 @@ class DecodingWorker(InstanceWorker):
             for r in inflight.requests:
                 self._fail(r.request_id, e)
             return
-        live = [(r, sample) for r, sample in zip(inflight.requests, samples_of(out))
-                if self.requests.get(r.request_id) is r]
-        for r in self._emit_all(live):
+        owned = self.requests
+        live = [r if owned.get(r.request_id) is r else None for r in inflight.requests]
+        for r in self._record(live, out.tokens.tolist(), out.logprob.tolist(), out.top_ids,
+                              out.top_logprobs):
             self._release(r, finished=True)
         self._log_step(len(inflight.requests), inflight.started)
 

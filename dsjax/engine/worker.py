@@ -262,25 +262,37 @@ class InstanceWorker:
         return [results.get(r.request_id) for r in requests]
 
     def _emit_all(self, pairs) -> list[Request]:
-        """Record (sequence, result) pairs (results of None were failed) as one StepTokens of
-        the report, and return the sequences that finished. A plain sequence's token (no
-        logprobs, no stop strings: most rows of a large batch) costs an append and one stop
-        check; no object is made per token."""
+        """Record (sequence, result) pairs (results of None were failed); see _record."""
+        pairs = [(r, s) for r, s in pairs if s is not None]
+        if not pairs:
+            return []
+        requests, samples = zip(*pairs)
+        tokens, logprobs, top_ids, top_logprobs, _ = zip(*samples)
+        return self._record(requests, tokens, logprobs, top_ids, top_logprobs)
+
+    def _record(self, requests, tokens, logprobs, top_ids=None, top_logprobs=None
+                ) -> list[Request]:
+        """Record a step's sampled tokens, given as columns (a row whose request is None is
+        skipped: it was dropped meanwhile), as one StepTokens of the report; returns the
+        sequences that finished. A plain sequence's token (no logprobs, no stop strings: most
+        rows of a large batch) costs an append and one stop check; no object is made per
+        token."""
         now = time.perf_counter()
-        rids, indexes, tokens, logprobs, tops, finish = [], [], [], [], [], {}
+        rids, indexes, kept, lps, tops, finish = [], [], [], [], [], {}
         finished, any_top = [], False
-        for req, result in pairs:
-            if result is None:
+        for row, (req, token) in enumerate(zip(requests, tokens)):
+            if req is None:
                 continue
             try:
-                token = result[0]
                 req.output_token_ids.append(token)
                 if req.plain:
                     top = None
                     reason = req.stop_checker.check_token(
                         token, req.prior + len(req.output_token_ids))
                 else:
-                    top, reason = self._check_rich(req, result)
+                    top, reason = self._check_rich(
+                        req, token, logprobs[row], top_ids[row] if top_ids is not None else None,
+                        top_logprobs[row] if top_logprobs is not None else None)
                     any_top = any_top or top is not None
             except Exception as e:  # noqa: BLE001 - recording this request's token failed
                 self._fail(req.request_id, e)
@@ -290,21 +302,20 @@ class InstanceWorker:
                 finished.append(req)
             rids.append(req.spec.request_id)
             indexes.append(req.index or 0)
-            tokens.append(token)
-            logprobs.append(result[1])
+            kept.append(token)
+            lps.append(logprobs[row])
             tops.append(top)
         if rids:
-            self._tokens.append(StepTokens(tuple(rids), tuple(indexes), tuple(tokens),
-                                           tuple(logprobs), tuple(tops) if any_top else None,
-                                           finish, now))
+            self._tokens.append(StepTokens(tuple(rids), tuple(indexes), tuple(kept), tuple(lps),
+                                           tuple(tops) if any_top else None, finish, now))
             self.tokens_out += len(rids)
         return finished
 
-    def _check_rich(self, req: Request, result) -> tuple[dict | None, str | None]:
+    def _check_rich(self, req: Request, token: int, logprob: float, top_ids, top_logprobs
+                    ) -> tuple[dict | None, str | None]:
         """A token of a sequence that asks for log-probabilities or stop strings: its
         {token: logprob} of the chosen and top-N tokens (None if not asked), and its finish
         reason."""
-        token, logprob, top_ids, top_logprobs, _ = result
         top = None
         n = req.params.logprobs
         if n is not None:
