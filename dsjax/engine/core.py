@@ -411,20 +411,20 @@ class Engine:
                 tracked.num_cached_tokens = cached
         # Each request's tokens of this report, in order, then one delivery per request.
         touched: dict[int, tuple[str, TrackedRequest]] = {}
-        for step in report.tokens:
-            tops = step.top_logprobs
-            for row, rid in enumerate(step.request_ids):
-                tracked = self._tracked.get(rid)
+        live = self._tracked
+        for rids, indexes, tokens, logprobs, tops, finish, timestamp in report.tokens:
+            for row, rid in enumerate(rids):
+                tracked = live.get(rid)
                 if tracked is None:
                     continue
-                if id(tracked) not in touched:
-                    touched[id(tracked)] = rid, tracked
+                key = id(tracked)
+                if key not in touched:
+                    touched[key] = rid, tracked
                     self._first_token(tracked, inst)
                 index = tracked.parts.get(rid)   # a resumed sequence runs as its own request
-                tracked.add_token(step.indexes[row] if index is None else index,
-                                  step.token_ids[row], step.logprobs[row],
-                                  None if tops is None else tops[row], step.timestamp,
-                                  step.finish_reasons.get(row))
+                tracked.add_token(indexes[row] if index is None else index, tokens[row],
+                                  logprobs[row], None if tops is None else tops[row],
+                                  timestamp, finish.get(row))
         for rid, tracked in touched.values():
             stopped = tracked.deliver()
             tracked.stopped.update(stopped)
