@@ -132,8 +132,9 @@ def test_logprobs_zero_is_passed_through_and_formatted(loop, server):
 
         def chosen_only(output):
             if not isinstance(output, BaseException) and output.logprobs is not None:
-                output.logprobs = [{t: table[t]} for t, table in
-                                   zip(output.token_ids, output.logprobs)]
+                for seq in output.outputs:
+                    seq.logprobs = [{t: table[t]} for t, table in
+                                    zip(seq.token_ids, seq.logprobs)]
             on_output(output)
         return server.engine.add_request(prompt, dataclasses.replace(params, logprobs=1),
                                          on_output=chosen_only, **kwargs)

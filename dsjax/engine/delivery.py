@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Callable
 
-from dsjax.engine.request import CompletionOutput, RequestOutput
+from dsjax.engine.request import CompletionOutput, RequestOutput, SequenceHistory
 from dsjax.engine.stopping import StopChecker
 
 log = logging.getLogger("dsjax")
@@ -29,9 +29,11 @@ class SequenceState:
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
         self._text: str | None = "" if detokenizer is not None else None
         self._emitted = 0           # characters of _text delivered so far
+        # Only ever appended to: outputs refer to them instead of copying (SequenceHistory).
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.timestamps: list[float] = []
+        self._history = SequenceHistory(self.token_ids, self.logprobs, self.timestamps)
         self.cumulative_logprob = 0.0
         self.finished = False
         self.finish_reason: str | None = None
@@ -81,11 +83,9 @@ class SequenceState:
         if text is not None:
             self._emitted = len(text)
         out = CompletionOutput(
-            index=index, token_ids=list(self.token_ids), text=text,
-            finish_reason=self.finish_reason, logprobs=None if self.logprobs is None
-            else list(self.logprobs), cumulative_logprob=self.cumulative_logprob,
-            new_token_ids=self.new_ids, new_text=new_text,
-            token_timestamps=list(self.timestamps))
+            index=index, text=text, finish_reason=self.finish_reason,
+            cumulative_logprob=self.cumulative_logprob, new_token_ids=self.new_ids,
+            new_text=new_text, history=self._history, length=len(self.token_ids))
         self.new_ids = []
         return out
 
@@ -184,11 +184,9 @@ class TrackedRequest:
         finish = self.finish_reason or first.finish_reason
         self._call(RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids, token_ids=first.token_ids,
-            text=first.text, finished=self.finished,
+            prompt_token_ids=self.prompt_token_ids, text=first.text, finished=self.finished,
             finish_reason=finish if self.finished else None,
-            logprobs=first.logprobs, new_token_ids=first.new_token_ids,
-            new_text=first.new_text, token_timestamps=first.token_timestamps,
+            new_token_ids=first.new_token_ids, new_text=first.new_text,
             lifetime_events=list(self.events) if self.finished else [],
             prompt_logprobs=self.prompt_logprobs, outputs=outputs,
             num_cached_tokens=self.num_cached_tokens))

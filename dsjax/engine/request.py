@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 from dsjax.engine.messages import MigrationOffer, RequestSpec
 from dsjax.engine.stopping import StopChecker
@@ -27,25 +28,50 @@ class Status(enum.Enum):
     SWAPPED = "swapped"
 
 
-@dataclasses.dataclass
-class CompletionOutput:
-    """One returned sequence of a request (several with n > 1)."""
-    index: int
+class SequenceHistory(NamedTuple):
+    """A delivered sequence's token ids, {token: logprob} tables (None when not asked for) and
+    token timestamps: lists that only ever grow, so any prefix of them stays as it was."""
     token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    timestamps: list[float]
+
+
+@dataclasses.dataclass(eq=False)
+class CompletionOutput:
+    """One returned sequence of a request (several with n > 1).
+
+    token_ids, logprobs and token_timestamps are the sequence's first `length` tokens when
+    this output was made, copied out of its history on first read: a streamed output costs
+    O(1) to make, not a copy of everything generated so far (O(n^2) over a long stream), and
+    a consumer that reads only new_token_ids / new_text never pays for the copy."""
+    index: int
     text: str | None
     finish_reason: str | None
-    logprobs: list[dict[int, float]] | None
     cumulative_logprob: float
     new_token_ids: list[int]
     new_text: str | None
-    token_timestamps: list[float]
+    history: SequenceHistory = dataclasses.field(repr=False)
+    length: int = 0   # tokens of `history` this output covers
+
+    @functools.cached_property
+    def token_ids(self) -> list[int]:
+        return self.history.token_ids[:self.length]
+
+    @functools.cached_property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        logprobs = self.history.logprobs
+        return None if logprobs is None else logprobs[:self.length]
+
+    @functools.cached_property
+    def token_timestamps(self) -> list[float]:
+        return self.history.timestamps[:self.length]
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class RequestOutput:
     """What a caller sees: the whole output so far, plus the tokens new since the last update.
     The top-level token_ids/text/... are the first returned sequence's; `outputs` holds every
@@ -53,21 +79,30 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]
     text: str | None
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
-    logprobs: list[dict[int, float]] | None
     new_token_ids: list[int]
     new_text: str | None
-    token_timestamps: list[float]
     lifetime_events: list[dict[str, Any]]
+    outputs: list[CompletionOutput]
     # None for the first prompt token, then {token: logprob} (its own and the top-N), when
     # the request asked for prompt_logprobs.
     prompt_logprobs: list[dict[int, float] | None] | None = None
-    outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
     # Prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details).
     num_cached_tokens: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return self.outputs[0].logprobs
+
+    @property
+    def token_timestamps(self) -> list[float]:
+        return self.outputs[0].token_timestamps
 
 
 def sequence_id(request_id: str, index: int, num_samples: int) -> str:
