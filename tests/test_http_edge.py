@@ -244,9 +244,12 @@ def test_the_estimate_reads_the_engines_stats(loop, server):
     from serving.load_estimate import LoadEstimator
     estimator = LoadEstimator(server.engine)
     done = threading.Event()
-    server.engine.add_request(PROMPT, SamplingParams(max_tokens=48, ignore_eos=True),
-                              on_output=lambda out: getattr(out, "finished", True) and done.set())
+    # Sampled once before the request: its prefill step is then always between two samples
+    # (sampled after, a prefill faster than the first sample went unseen: flaky). Long enough
+    # that several samples see its decode steps.
     estimator.sample()
+    server.engine.add_request(PROMPT, SamplingParams(max_tokens=160, ignore_eos=True),
+                              on_output=lambda out: getattr(out, "finished", True) and done.set())
     while not done.wait(0.03):
         estimator.sample()
     assert estimator.prefill_step.value() > 0 and estimator.step_time(1) > 0
