@@ -47,15 +47,16 @@ def generate_stream_records(output: RequestOutput) -> list[dict]:
     records = []
     for seq in output.outputs:
         new = seq.new_token_ids
-        first = len(seq.token_ids) - len(new)
+        first = seq.num_tokens - len(new)
         for i, token_id in enumerate(new):
             last = i == len(new) - 1
+            timestamp, table = seq.token_at(first + i)
             record = {"text": (seq.new_text or "") if last else "", "token_id": token_id,
-                      "timestamp": seq.token_timestamps[first + i], "finished": False}
+                      "timestamp": timestamp, "finished": False}
             if len(output.outputs) > 1:
                 record["index"] = seq.index
-            if seq.logprobs is not None:
-                record["logprobs"] = _table(seq.logprobs[first + i])
+            if table is not None:
+                record["logprobs"] = _table(table)
             if last and seq.finished:
                 record["finish_reason"] = seq.finish_reason
             records.append(record)

@@ -60,7 +60,7 @@ def new_tokens(output) -> list[tuple[int, int, str]]:
     """(position, token id, text) per token new in `output` (a RequestOutput or one of its
     sequences); its new text rides on the last."""
     new = output.new_token_ids
-    first = len(output.token_ids) - len(new)
+    first = output.num_tokens - len(new)
     return [(first + i, t, (output.new_text or "") if i == len(new) - 1 else "")
             for i, t in enumerate(new)]
 

@@ -2,6 +2,8 @@
 they share the growing history instead of copying it (dsjax/engine/delivery.py)."""
 from __future__ import annotations
 
+import pytest
+
 from dsjax import SamplingParams
 from dsjax.engine.delivery import TrackedRequest
 
@@ -23,9 +25,13 @@ def test_each_streamed_output_keeps_its_own_prefix_while_the_sequence_grows():
         assert out.token_timestamps == [float(t) for t in range(step + 1)]
         assert out.logprobs == [{t: -0.5} for t in range(step + 1)]
         assert out.new_token_ids == [step]
+        assert out.num_tokens == step + 1
+        assert out.outputs[0].token_at(step) == (float(step), {step: -0.5})
         second = out.outputs[1]
         assert second.token_ids == [100 + t for t in range(step + 1)]
         assert second.cumulative_logprob == -0.5 * (step + 1)
+    with pytest.raises(IndexError):
+        outputs[3].outputs[0].token_at(4)   # past what that output covers
     # A consumer may replace what it read (the server's tests do); others are unaffected.
     outputs[3].outputs[0].token_ids = []
     assert outputs[3].token_ids == [] and outputs[4].token_ids == [0, 1, 2, 3, 4]

@@ -67,6 +67,19 @@ class CompletionOutput:
         return self.history.timestamps[:self.length]
 
     @property
+    def num_tokens(self) -> int:
+        """len(token_ids), without copying them."""
+        return self.length
+
+    def token_at(self, position: int) -> tuple[float, dict[int, float] | None]:
+        """(timestamp, {token: logprob} or None when not asked for) of token `position`,
+        without copying the history (a stream reads its new tokens this way)."""
+        if not 0 <= position < self.length:
+            raise IndexError(f"token {position} of an output of {self.length} tokens")
+        logprobs = self.history.logprobs
+        return self.history.timestamps[position], None if logprobs is None else logprobs[position]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -103,6 +116,10 @@ class RequestOutput:
     @property
     def token_timestamps(self) -> list[float]:
         return self.outputs[0].token_timestamps
+
+    @property
+    def num_tokens(self) -> int:
+        return self.outputs[0].num_tokens
 
 
 def sequence_id(request_id: str, index: int, num_samples: int) -> str:
