@@ -2,10 +2,10 @@
 streaming, abort.
 
 One HTTP request becomes a RequestGroup of engine requests (one per prompt of a batch). Engine
-threads call each request's callback for every token; it hops onto the event loop with
-`call_soon_threadsafe`, so handlers read one asyncio.Queue per group. A handler that leaves
-the group before its requests finished (client gone, handler cancelled) aborts them, which
-frees their blocks.
+threads call each request's callback with its outputs; they hop onto the event loop through
+the client's LoopMailbox (one wake-up per burst), so handlers read one asyncio.Queue per
+group. A handler that leaves the group before its requests finished (client gone, handler
+cancelled) aborts them, which frees their blocks.
 """
 from __future__ import annotations
 

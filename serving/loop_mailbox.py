@@ -23,9 +23,12 @@ class LoopMailbox:
         self._lock = threading.Lock()
         self._items: collections.deque = collections.deque()
         self._drain_pending = False
+        self._closed = False
 
     def post(self, queue: asyncio.Queue, item) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._items.append((queue, item))
             if self._drain_pending:
                 return
@@ -33,7 +36,9 @@ class LoopMailbox:
         try:
             self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop closed: the server is gone, nobody is listening
-            pass
+            with self._lock:
+                self._items.clear()   # and no drain will come: hold nothing, drop what follows
+                self._closed = True
 
     def _drain(self) -> None:
         with self._lock:
