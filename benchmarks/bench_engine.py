@@ -187,7 +187,8 @@ def threads(args) -> None:
         def timed_report(report):
             cpu = time.thread_time()
             on_report(report)
-            reports.append((sum(len(t.request_ids) for t in report.tokens),
+            # Tokens in the report: columns per step, or (older trees) one object each.
+            reports.append((sum(len(getattr(t, "request_ids", (t,))) for t in report.tokens),
                             time.thread_time() - cpu))
 
         worker._decode_step, engine._on_report = timed_step, timed_report

@@ -73,11 +73,11 @@ class ChatChoices:
                 "bytes": self.logprobs.bytes(token_id)}
 
     def _logprobs(self, output, tokens) -> dict | None:
-        if self.num_top is None or output.logprobs is None:
+        if self.num_top is None or output.history.logprobs is None:
             return None
         content = []
         for position, token_id, _ in tokens:
-            table = output.logprobs[position]
+            table = output.token_at(position)[2]   # without copying every table so far
             entry = self._entry(token_id, self.logprobs.chosen(table, token_id))
             entry["top_logprobs"] = [self._entry(t, lp)
                                      for t, lp in self.logprobs.top(table, self.num_top)]

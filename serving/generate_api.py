@@ -50,7 +50,7 @@ def generate_stream_records(output: RequestOutput) -> list[dict]:
         first = seq.num_tokens - len(new)
         for i, token_id in enumerate(new):
             last = i == len(new) - 1
-            timestamp, table = seq.token_at(first + i)
+            _, timestamp, table = seq.token_at(first + i)
             record = {"text": (seq.new_text or "") if last else "", "token_id": token_id,
                       "timestamp": timestamp, "finished": False}
             if len(output.outputs) > 1:

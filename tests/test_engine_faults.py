@@ -158,18 +158,45 @@ def test_a_request_that_breaks_its_step_fails_alone(fresh, hf_opt, hf_reference)
     assert any(carried) and not all(carried), "both the carried and the row-by-row path ran"
 
 
-def test_host_side_failure_of_one_request_fails_it_alone(fresh, hf_opt, hf_reference):
+@pytest.mark.parametrize("where", ["plain row", "logprobs row", "router"])
+def test_host_side_failure_of_one_request_fails_it_alone(where, fresh, hf_opt, hf_reference,
+                                                         monkeypatch):
+    """Recording one request's third token fails: on its decode instance (a plain row's stop
+    check, or a row's log-probabilities), or at the router delivering it. That request fails
+    with the error; the others give transformers' tokens, and every block is freed."""
+    from dsjax.engine.delivery import TrackedRequest
+    from dsjax.engine.stopping import StopChecker
     engine = fresh()
-    worker = engine.local_worker("decode0")
-    original = worker._check_rich   # recording a token that asks for its log-probabilities
+    fault = KeyError("injected bookkeeping fault")
+    if where == "plain row":
+        params = dataclasses.replace(GREEDY, max_tokens=GREEDY.max_tokens + 1)  # marks it
+        check_token = StopChecker.check_token
 
-    def check(req, *sample):
-        if req.request_id == engine.engine_id("poison") and len(req.output_token_ids) >= 2:
-            raise KeyError("injected bookkeeping fault")
-        return original(req, *sample)
-    worker._check_rich = check
-    poison = engine.add_request(engine_prompts()[0], dataclasses.replace(GREEDY, logprobs=1),
-                                request_id="poison")
+        def check(self, token_id, num_generated):
+            if self._params.max_tokens == params.max_tokens and num_generated >= 3:
+                raise fault
+            return check_token(self, token_id, num_generated)
+        monkeypatch.setattr(StopChecker, "check_token", check)
+    elif where == "logprobs row":
+        params = dataclasses.replace(GREEDY, logprobs=1)
+        worker = engine.local_worker("decode0")
+        check_rich = worker._check_rich
+
+        def check(req, *sample):
+            if req.request_id == engine.engine_id("poison") and len(req.output_token_ids) >= 3:
+                raise fault
+            return check_rich(req, *sample)
+        worker._check_rich = check
+    else:
+        params = GREEDY
+        add_token = TrackedRequest.add_token
+
+        def add(self, index, *token):
+            if self.request_id == "poison" and len(self.sequences[index].token_ids) >= 2:
+                raise fault
+            return add_token(self, index, *token)
+        monkeypatch.setattr(TrackedRequest, "add_token", add)
+    poison = engine.add_request(engine_prompts()[0], params, request_id="poison")
     others = [engine.add_request(p, GREEDY) for p in engine_prompts()[1:]]
     with pytest.raises(EngineError, match="bookkeeping"):
         poison.result(timeout=120)

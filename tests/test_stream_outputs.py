@@ -2,6 +2,8 @@
 they share the growing history instead of copying it (dsjax/engine/delivery.py)."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from dsjax import SamplingParams
@@ -26,10 +28,13 @@ def test_each_streamed_output_keeps_its_own_prefix_while_the_sequence_grows():
         assert out.logprobs == [{t: -0.5} for t in range(step + 1)]
         assert out.new_token_ids == [step]
         assert out.num_tokens == step + 1
-        assert out.outputs[0].token_at(step) == (float(step), {step: -0.5})
+        assert out.outputs[0].token_at(step) == (step, float(step), {step: -0.5})
         second = out.outputs[1]
         assert second.token_ids == [100 + t for t in range(step + 1)]
         assert second.cumulative_logprob == -0.5 * (step + 1)
+    copied = pickle.loads(pickle.dumps(outputs[9].outputs[1]))   # as sent to a process
+    assert copied.token_ids == [100 + t for t in range(10)] and copied.history.token_ids == \
+        copied.token_ids and copied.token_at(9)[0] == 109
     with pytest.raises(IndexError):
         outputs[3].outputs[0].token_at(4)   # past what that output covers
     # A consumer may replace what it read (the server's tests do); others are unaffected.

@@ -224,9 +224,10 @@ class Engine:
                     arrival_time: float | None = None, stream: bool = True,
                     cache_salt: str | None = None) -> RequestStream:
         """Queue a request; outputs go to on_output (from the engine's router thread) or the
-        returned stream: one per token, or only the final one with stream=False. A request that
-        fails inside the engine delivers an exception instead (the stream raises EngineError).
-        cache_salt: only requests with the same salt share prefix-cache blocks."""
+        returned stream: one per report of new tokens (a step's, or a few steps'), or only the
+        final one with stream=False. A request that fails inside the engine delivers an
+        exception instead (the stream raises EngineError). cache_salt: only requests with the
+        same salt share prefix-cache blocks."""
         self._check_serving()
         params = sampling_params or SamplingParams()
         text = None
@@ -409,33 +410,7 @@ class Engine:
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.num_cached_tokens = cached
-        # Each request's tokens of this report, in order, then one delivery per request.
-        touched: dict[int, tuple[str, TrackedRequest]] = {}
-        live = self._tracked
-        for rids, indexes, tokens, logprobs, tops, finish, timestamp in report.tokens:
-            for row, rid in enumerate(rids):
-                tracked = live.get(rid)
-                if tracked is None:
-                    continue
-                key = id(tracked)
-                if key not in touched:
-                    touched[key] = rid, tracked
-                    self._first_token(tracked, inst)
-                index = tracked.parts.get(rid)   # a resumed sequence runs as its own request
-                tracked.add_token(indexes[row] if index is None else index, tokens[row],
-                                  logprobs[row], None if tops is None else tops[row],
-                                  timestamp, finish.get(row))
-        for rid, tracked in touched.values():
-            stopped = tracked.deliver()
-            tracked.stopped.update(stopped)
-            if tracked.finished:   # instances drop what a stop string ended; they freed the rest
-                self._end(tracked, drop_from=tracked.location if stopped else ())
-            else:
-                for i in stopped:
-                    part = next((p for p, j in tracked.parts.items() if j == i), None)
-                    message = AbortRequest(part) if part else AbortRequest(rid, i)
-                    for name in tracked.where.get(part or rid, ()):
-                        self.instances[name].host.send(message)
+        self._deliver_tokens(report.tokens, inst)
         for offer in report.prefilled:
             self._on_prefilled(offer, inst)
         for failure in report.failed:
@@ -445,6 +420,51 @@ class Engine:
             why = f"request {tracked.request_id} failed in {report.instance}: {failure.error}"
             if not (failure.retryable and self._recompute(tracked, why)):
                 self._fail(tracked, EngineError(why))   # _end gives back its routing weight
+
+    def _deliver_tokens(self, steps, inst: _Instance) -> None:
+        """A report's tokens (StepTokens): each request's added in order, then delivered once.
+        A request whose tokens cannot be recorded or delivered (detokenizing, bookkeeping: a
+        consumer's callback is contained already) fails alone; the others are delivered."""
+        touched: dict[TrackedRequest, str] = {}   # each request, with the first id it came by
+        broken: dict[TrackedRequest, Exception] = {}
+        for step in steps:
+            indexes, tokens, logprobs = step.indexes, step.token_ids, step.logprobs
+            tops, finish, timestamp = step.top_logprobs, step.finish_reasons, step.timestamp
+            for row, rid in enumerate(step.request_ids):
+                tracked = self._tracked.get(rid)
+                if tracked is None or tracked in broken:
+                    continue
+                if tracked not in touched:
+                    touched[tracked] = rid
+                    self._first_token(tracked, inst)
+                index = tracked.parts.get(rid)   # a resumed sequence runs as its own request
+                try:
+                    tracked.add_token(indexes[row] if index is None else index, tokens[row],
+                                      logprobs[row], None if tops is None else tops[row],
+                                      timestamp, finish.get(row))
+                except Exception as e:  # noqa: BLE001 - this request fails, the rest go on
+                    broken[tracked] = e
+        for tracked, rid in touched.items():
+            try:
+                if tracked in broken:
+                    raise broken[tracked]
+                stopped = tracked.deliver()
+            except Exception as e:  # noqa: BLE001
+                log.exception("delivering the tokens of %s failed", tracked.request_id)
+                self._fail(tracked, EngineError(f"request {tracked.request_id}: delivering its "
+                                                f"tokens failed: {type(e).__name__}: {e}"))
+                continue
+            tracked.stopped.update(stopped)
+            if tracked.finished:   # instances drop what a stop string ended; they freed the rest
+                self._end(tracked, drop_from=tracked.location if stopped else ())
+                continue
+            for i in stopped:
+                # A request runs either whole (under `rid`, sequence i inside it) or, after a
+                # recompute, as one part per resumed sequence: never both.
+                part = next((p for p, j in tracked.parts.items() if j == i), None)
+                message = AbortRequest(part) if part else AbortRequest(rid, i)
+                for name in tracked.where.get(part or rid, ()):
+                    self.instances[name].host.send(message)
 
     def _first_token(self, tracked: TrackedRequest, inst: _Instance) -> None:
         """The prompt left the admission queue (its first token came)."""

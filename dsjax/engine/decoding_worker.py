@@ -145,8 +145,7 @@ class DecodingWorker(InstanceWorker):
             self.persistent.reset()
             self._check_state(e)
         else:
-            return self._record(step.batch, out.tokens.tolist(), out.logprob.tolist(),
-                                out.top_ids, out.top_logprobs)
+            return self._record_step(step.batch, out)
         busy = self._busy(step.batch)
         results = self._run_rows(self._decode_synchronously, step.batch,
                                  lambda r: self._decode_row(r, busy=busy))
@@ -202,10 +201,15 @@ class DecodingWorker(InstanceWorker):
             return
         owned = self.requests
         live = [r if owned.get(r.request_id) is r else None for r in inflight.requests]
-        for r in self._record(live, out.tokens.tolist(), out.logprob.tolist(), out.top_ids,
-                              out.top_logprobs):
+        for r in self._record_step(live, out):
             self._release(r, finished=True)
         self._log_step(len(inflight.requests), inflight.started)
+
+    def _record_step(self, requests: list, out) -> list[Request]:
+        """Record a decode step's samples (a StepOutput, one row per request; None: a request
+        dropped meanwhile); returns the requests that finished."""
+        return self._record(requests, out.tokens.tolist(), out.logprob.tolist(), out.top_ids,
+                            out.top_logprobs)
 
     def _log_step(self, batch_size: int, start: float) -> None:
         if self.step_log is not None:

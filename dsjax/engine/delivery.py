@@ -1,7 +1,9 @@
 """What the engine keeps of each request for its caller: tokens received, text, stop strings,
 lifetime events, and the outputs handed to the caller's stream or callback.
 
-Only the engine's router thread touches a TrackedRequest. Instances own the request's
+Only the engine's router thread touches a TrackedRequest. The outputs it delivers refer to
+its sequences' token, log-probability and timestamp lists, which callers read from their own
+threads: those lists are only ever appended to, and an output reads its own prefix of them. Instances own the request's
 scheduling state; this is the caller-facing copy built from their messages. A request with
 n / best_of > 1 has one SequenceState per sequence sampled from its prompt.
 """
@@ -104,7 +106,7 @@ class TrackedRequest:
                           for i in range(params.num_samples)]
         self.internal_id = request_id   # the engine's own id (Engine.add_request sets it)
         self.stopped: set[int] = set()  # sequences a stop string ended here
-        self._stopped: list[int] = []   # of those, the ones deliver() has not returned yet
+        self._newly_stopped: list[int] = []   # of those, not yet returned by deliver()
         self.spec = None                # what was sent to the instances (Engine sets it)
         # The engine's ids under which instances run it -> the sequence each runs (None: the
         # whole request; after a recompute, one id per resumed sequence), and where each is.
@@ -143,13 +145,13 @@ class TrackedRequest:
         """Record one token of sequence `index` (in order); deliver() hands them out."""
         seq = self.sequences[index]
         if not seq.finished and seq.add(token_id, logprob, top, timestamp, finish_reason):
-            self._stopped.append(index)
+            self._newly_stopped.append(index)
 
     def deliver(self) -> list[int]:
         """After a report's tokens: end the request if every sequence has, deliver its output
         (each report's, when streaming). Returns the sequences a stop string ended here since
         the last call (the instance must be told to drop them)."""
-        stopped, self._stopped = self._stopped, []
+        stopped, self._newly_stopped = self._newly_stopped, []
         if all(s.finished for s in self.sequences):
             self.finished = True
             self.add_event("decoding_end", max((s.timestamps[-1] for s in self.sequences

@@ -108,8 +108,8 @@ class PeerMessage:
 
 class StepTokens(NamedTuple):
     """Tokens one step (or one call of recording) sampled, as columns: row i is sequence
-    `indexes[i]` of request `request_ids[i]`. One entry per step, not one object per token:
-    a batch of 256 is four lists, built and read in whole-list operations where it can be."""
+    `indexes[i]` of request `request_ids[i]`. One entry per step, not one object per token
+    (a batch of 256 rows is a handful of tuples, not 256 objects to build, send and group)."""
     request_ids: tuple[str, ...]
     indexes: tuple[int, ...]            # the sequence (0 unless n / best_of > 1)
     token_ids: tuple[int, ...]

@@ -71,13 +71,21 @@ class CompletionOutput:
         """len(token_ids), without copying them."""
         return self.length
 
-    def token_at(self, position: int) -> tuple[float, dict[int, float] | None]:
-        """(timestamp, {token: logprob} or None when not asked for) of token `position`,
-        without copying the history (a stream reads its new tokens this way)."""
+    def token_at(self, position: int) -> tuple[int, float, dict[int, float] | None]:
+        """(token id, timestamp, {token: logprob} or None when not asked for) of token
+        `position`, read from the history without copying it (a stream reads its new tokens
+        this way; it does not see a caller's own replacement of `logprobs`)."""
         if not 0 <= position < self.length:
             raise IndexError(f"token {position} of an output of {self.length} tokens")
-        logprobs = self.history.logprobs
-        return self.history.timestamps[position], None if logprobs is None else logprobs[position]
+        history = self.history
+        return (history.token_ids[position], history.timestamps[position],
+                None if history.logprobs is None else history.logprobs[position])
+
+    def __getstate__(self) -> dict:
+        """Pickled (and copied) as the snapshot it is: its own prefix, not the history that
+        grew after it."""
+        prefix = SequenceHistory(self.token_ids, self.logprobs, self.token_timestamps)
+        return {**self.__dict__, "history": prefix}
 
     @property
     def finished(self) -> bool:
