@@ -187,7 +187,9 @@ class CompletionChoices:
 
     def _choice(self, index: int, seq, tokens, text: str, finished: bool,
                 prefix: tuple[str, dict | None] | None = None) -> dict:
-        logprobs = self._logprobs(index, seq.logprobs, tokens)
+        # Its tables read in place (positions before its length): copying them all per
+        # streamed token would make a stream with logprobs quadratic in its length.
+        logprobs = self._logprobs(index, seq.history.logprobs, tokens)
         if prefix is not None:
             text = prefix[0] + text
             if prefix[1] is not None and logprobs is not None:

@@ -132,9 +132,9 @@ def test_logprobs_zero_is_passed_through_and_formatted(loop, server):
 
         def chosen_only(output):
             if not isinstance(output, BaseException) and output.logprobs is not None:
-                for seq in output.outputs:
-                    seq.logprobs = [{t: table[t]} for t, table in
-                                    zip(seq.token_ids, seq.logprobs)]
+                for seq in output.outputs:   # what the server reads: the history's tables
+                    seq.history = seq.history._replace(logprobs=[
+                        {t: table[t]} for t, table in zip(seq.token_ids, seq.logprobs)])
             on_output(output)
         return server.engine.add_request(prompt, dataclasses.replace(params, logprobs=1),
                                          on_output=chosen_only, **kwargs)
