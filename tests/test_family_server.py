@@ -81,3 +81,55 @@ def test_openai_client_completions_and_chat_through_the_directorys_template(llam
     with pytest.raises(openai.BadRequestError, match="roles must be user or assistant"):
         client.chat.completions.create(model=str(path), max_tokens=2,
                                        messages=[{"role": "tool", "content": "x"}])
+
+
+def hf_logprobs(model, tokenizer, ids, n):
+    """transformers' greedy continuation of ids, and the log-softmax over the vocabulary at
+    each of its tokens' positions."""
+    tokens = hf_greedy_text(model, tokenizer, ids, n)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
+    return tokens, torch.log_softmax(logits.double(), -1)
+
+
+def test_streamed_logprobs_are_each_tokens_own(llama_dir, server):
+    """Streamed with logprobs, every chunk of a completion and of a chat carries its own
+    token's log-probability and its top-2 alternatives: transformers' log-softmax at that
+    position (the server reads them from the sequence's growing history in place)."""
+    import openai
+    from transformers import AutoTokenizer
+
+    model, path = llama_dir
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    client = openai.OpenAI(base_url=server, api_key="none")
+    close = dict(rel=1e-3, abs=1e-3)
+
+    prompt = "def f(x):\n    return"
+    tokens, want = hf_logprobs(model, tokenizer, tokenizer(prompt).input_ids, 6)
+    chunks = [c.choices[0].logprobs for c in client.completions.create(
+        model=str(path), prompt=prompt, logprobs=2, max_tokens=6, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert [len(c.token_logprobs) for c in chunks] == [1] * 6
+    assert [c.token_logprobs[0] for c in chunks] == pytest.approx(
+        [float(want[i, t]) for i, t in enumerate(tokens)], **close)
+    for chunk, row in zip(chunks, want):
+        # Keyed by token text: two ids of one text (bytes of a split character) are one key,
+        # which keeps one of their values.
+        top = row.topk(2).values.tolist()
+        got = sorted(chunk.top_logprobs[0].values(), reverse=True)
+        assert got == pytest.approx(top, **close) or (
+            len(got) == 1 and got[0] in [pytest.approx(t, **close) for t in top])
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tokens, want = hf_logprobs(model, tokenizer,
+                               tokenizer(text, add_special_tokens=False).input_ids, 4)
+    content = [c.choices[0].logprobs.content[0] for c in client.chat.completions.create(
+        model=str(path), messages=messages, max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
+        if c.choices and c.choices[0].logprobs]
+    assert [c.logprob for c in content] == pytest.approx(
+        [float(want[i, t]) for i, t in enumerate(tokens)], **close)
+    for entry, row in zip(content, want):
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            row.topk(2).values.tolist(), **close)

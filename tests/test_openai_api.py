@@ -339,39 +339,6 @@ def test_echo_returns_the_prompt_and_its_logprobs(server):
     assert lp.token_logprobs[1:] == pytest.approx(expected)
 
 
-def test_streamed_logprobs_are_each_tokens_own(server):
-    """Streamed with logprobs, every chunk of a completion and of a chat carries its own
-    token's log-probability and top alternatives, as the engine computed them (the server
-    reads them from the sequence's growing history in place)."""
-    def top2(table):
-        return sorted(table.values(), reverse=True)[:2]
-
-    client = client_of(server)
-    prompt = [2, 100, 200, 300]
-    reference = engine_output(server.engine, prompt, temperature=0, max_tokens=6,
-                              ignore_eos=True, logprobs=2)
-    chunks = [c.choices[0].logprobs for c in client.completions.create(
-        model="opt-tiny", prompt=prompt, logprobs=2, max_tokens=6, temperature=0, stream=True,
-        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
-    assert [len(c.token_logprobs) for c in chunks] == [1] * 6
-    assert [c.token_logprobs[0] for c in chunks] == pytest.approx(
-        [reference.logprobs[i][t] for i, t in enumerate(reference.token_ids)])
-    for chunk, table in zip(chunks, reference.logprobs):
-        assert sorted(chunk.top_logprobs[0].values(), reverse=True) == pytest.approx(top2(table))
-
-    ids, _ = expected_chat(server, MESSAGES, 4)
-    reference = engine_output(server.engine, ids, temperature=0, max_tokens=4, ignore_eos=True,
-                              logprobs=2)
-    content = [c.choices[0].logprobs.content[0] for c in client.chat.completions.create(
-        model="opt-tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
-        top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
-        if c.choices and c.choices[0].logprobs]
-    assert [c.logprob for c in content] == pytest.approx(
-        [reference.logprobs[i][t] for i, t in enumerate(reference.token_ids)])
-    for entry, table in zip(content, reference.logprobs):
-        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top2(table))
-
-
 def test_penalties_and_logit_bias_with_the_openai_client(server):
     client = client_of(server)
     prompt = [2, 100, 200, 300]
