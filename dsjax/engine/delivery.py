@@ -3,9 +3,10 @@ lifetime events, and the outputs handed to the caller's stream or callback.
 
 Only the engine's router thread touches a TrackedRequest. The outputs it delivers refer to
 its sequences' token, log-probability and timestamp lists, which callers read from their own
-threads: those lists are only ever appended to, and an output reads its own prefix of them. Instances own the request's
-scheduling state; this is the caller-facing copy built from their messages. A request with
-n / best_of > 1 has one SequenceState per sequence sampled from its prompt.
+threads: those lists are only ever appended to, and an output reads its own prefix of them.
+Instances own the request's scheduling state; this is the caller-facing copy built from their
+messages. A request with n / best_of > 1 has one SequenceState per sequence sampled from its
+prompt.
 """
 from __future__ import annotations
 

@@ -93,11 +93,12 @@ def auto_cpu_kv_bytes(num_devices: int, available: int | None = None) -> int:
 
 def steady_cpu_kv_bytes(fresh: int, num_devices: int, directory: str | None) -> int:
     """`fresh` (auto_cpu_kv_bytes), or the budget the last start with this cache directory
-    chose for as many devices, where that is within one granule of it (both rounded). The page count is every
-    step program's shape: free memory drifting across a granule's edge between two starts
-    gives a restart other shapes, and it compiles everything again instead of loading its
-    programs (a suspected cause of a 46.9 s warm start against 11-13 s, docs/benchmarks.md).
-    Records what it returns (best effort: an unwritable directory only loses the record)."""
+    chose for as many devices, where that is within one granule of it (both rounded). The
+    page count is every step program's shape: free memory drifting across a granule's edge
+    between two starts gives a restart other shapes, and it compiles everything again
+    instead of loading its programs (a suspected cause of a 46.9 s warm start against 11-13
+    s, docs/benchmarks.md). Records what it returns (best effort: an unwritable directory
+    only loses the record)."""
     if not directory:
         return fresh
     path = os.path.join(directory, CPU_KV_RECORD)

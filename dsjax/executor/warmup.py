@@ -9,8 +9,9 @@ setting (logprobs, prompt logprobs, penalties, bias and n are run-time inputs), 
 compiles what any request may reach whatever its shape: the sampler for every sampled-row
 bucket, the fill of the sampler's slot table, and the page copies of swap, copy-on-write and
 migration for every block-count bucket (a prefill instance only sends pages: gathers). Runs
-on the instance's own thread or process, on pages nothing holds yet. With a program store (dsjax.executor.program_store) the step programs are
-only made ready, not run (ModelRunner.rehearsal): loading them is what a warm start needs.
+on the instance's own thread or process, on pages nothing holds yet. With a program store
+(dsjax.executor.program_store) the step programs are only made ready, not run
+(ModelRunner.rehearsal): loading them is what a warm start needs.
 """
 from __future__ import annotations
 
