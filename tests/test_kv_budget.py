@@ -10,7 +10,8 @@ import pytest
 from dsjax.config import EngineConfig
 from dsjax.engine.instance_hosts import with_cpu_kv_budget
 from dsjax.executor import kv_cache
-from dsjax.executor.kv_cache import auto_cpu_kv_bytes, num_blocks_for_budget
+from dsjax.executor.kv_cache import (auto_cpu_kv_bytes, cpu_kv_bytes_across_nodes,
+                                     num_blocks_for_budget)
 from dsjax.executor.parallel import InstancePlan
 from dsjax.models.registry import config_from_name
 
@@ -39,6 +40,25 @@ def test_an_engine_resolves_auto_once_for_all_its_devices(monkeypatch):
     assert resolved.cpu_kv_cache_bytes == int(0.3 * 10 * GIB)   # 30% of 30 GiB over 3 devices
     explicit = EngineConfig(model="opt-tiny", cpu_kv_cache_bytes=123 << 20)
     assert with_cpu_kv_budget(explicit, plans) is explicit
+
+
+def test_a_clusters_budget_is_the_least_share_of_the_nodes_that_host_the_engine():
+    """On a Ray cluster each node's memory is split over the engine's devices it hosts, and
+    every instance gets the smallest of those shares (one page count for all)."""
+    nodes = {"10.0.0.1": (16, 64 * GIB), "10.0.0.2": (2, 8 * GIB), "10.0.0.3": (0, 99 * GIB)}
+    # Unpinned, 4 devices: node 1 may host all 4 (0.3 x 64 / 4 = 4.8 GiB, capped at 4 GiB),
+    # node 2 only 2 (0.3 x 8 / 2 = 1.2 GiB, rounded down to 1 GiB); node 3 hosts none.
+    assert cpu_kv_bytes_across_nodes(nodes, 4) == GIB
+    # Every actor pinned to node 1: node 2's memory does not limit it.
+    assert cpu_kv_bytes_across_nodes(nodes, 4, {"10.0.0.1": 4}) == 4 * GIB
+    # 3 on node 1, 1 on node 2: 0.3 x 64 / 3 = 6.4 -> 4 GiB; 0.3 x 8 / 1 = 2.4 -> 2.25 GiB.
+    assert cpu_kv_bytes_across_nodes(nodes, 4, {"10.0.0.1": 3, "10.0.0.2": 1}) == \
+        2 * GIB + (256 << 20)
+    # A one-node cluster (the local one): the single machine's rule.
+    assert cpu_kv_bytes_across_nodes({"a": (16, 20 * GIB)}, 2) == \
+        auto_cpu_kv_bytes(2, available=20 * GIB) == 3 * GIB
+    with pytest.raises(ValueError, match="no node of the cluster has a CPU"):
+        cpu_kv_bytes_across_nodes({"a": (0, GIB)}, 1)
 
 
 def test_pages_are_the_budget_over_one_page_of_every_layers_k_and_v():

@@ -4,6 +4,7 @@ a killed decode actor failing only its requests. One cluster for the module (Ray
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -121,6 +122,32 @@ def test_plan_file_assigns_nodes(tmp_path):
             EngineConfig.from_file(plan, instances=[bad])
     with pytest.raises(ValueError, match="need distributed_executor_backend"):
         EngineConfig.from_file(plan, distributed_executor_backend="mp")
+
+
+def test_the_kv_budget_comes_from_the_nodes_memory_not_the_drivers(cluster, monkeypatch):
+    """Launching on Ray sizes the CPU KV cache from the memory free on the nodes, each read
+    by a task pinned there: here the driver's reading is made to say 1 GiB (which would give
+    the 256 MiB floor) and the launched instances get the node's share instead."""
+    from dsjax.engine import ray_hosts
+    from dsjax.executor import kv_cache
+    gib = 1 << 30
+    ip = ray.util.get_node_ip_address()
+    nodes = ray_hosts.node_memory()
+    # The cluster's one node, with the 16 logical CPUs it was started with (this machine has
+    # fewer), and the memory this machine has free.
+    assert list(nodes) == [ip] and nodes[ip][0] == 16
+    assert abs(nodes[ip][1] - kv_cache.available_memory_bytes()) < gib
+    monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda: gib)
+    config = EngineConfig(model="opt-tiny", distributed_executor_backend="ray",
+                          compilation_cache_dir="")
+    hosts = ray_hosts.RayHost.launch(config, None, None, None, None)
+    budgets = {host._args[0].cpu_kv_cache_bytes for host in hosts}
+    assert budgets == {kv_cache.auto_cpu_kv_bytes(2, available=nodes[ip][1])}
+    assert budgets != {kv_cache.CPU_KV_MIN_BYTES}, "the node had too little memory to tell"
+    # The driver's reading still sizes a fixed page count's engine (unused there) and a set one.
+    fixed = ray_hosts.RayHost.launch(dataclasses.replace(config, num_blocks=64), None, None,
+                                     None, None)
+    assert fixed[0]._args[0].cpu_kv_cache_bytes == kv_cache.CPU_KV_MIN_BYTES
 
 
 @pytest.mark.parametrize("src,dst", [((1, 1), (2, 1)), ((1, 2), (2, 1))])

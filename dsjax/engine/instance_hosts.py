@@ -60,23 +60,26 @@ def configure_jax(config) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def with_cpu_kv_budget(config, plans):
+def with_cpu_kv_budget(config, plans, per_device: Callable[[int], int] | None = None):
     """config with cpu_kv_cache_bytes resolved once for the whole engine when it is 0 (auto):
     each instance sizing its own from free memory would see what the others already took.
-    With a compilation cache, a restart keeps the last start's budget while free memory
-    drifts by less than a granule (kv_cache.steady_cpu_kv_bytes), so its programs load."""
+    `per_device(devices)`: the budget per device of an engine of that many devices (by
+    default kv_cache.auto_cpu_kv_bytes, from this machine's free memory). With a compilation
+    cache, a restart keeps the last start's budget while free memory drifts by less than a
+    granule (kv_cache.steady_cpu_kv_bytes), so its programs load."""
     if config.cpu_kv_cache_bytes:
         return config
     import jax
 
     from dsjax.executor.kv_cache import auto_cpu_kv_bytes, steady_cpu_kv_bytes
+    per_device = per_device or auto_cpu_kv_bytes
     devices = sum(plan.num_devices for plan in plans)
     # Where the program store is, by configure_jax's rule: JAX's cache where one is set up
     # already, else the setting's (the driver of child processes has not configured JAX).
     setting = compilation_cache_path(config.compilation_cache_dir)
     directory = setting and (jax.config.jax_compilation_cache_dir or setting)
     return dataclasses.replace(config, cpu_kv_cache_bytes=steady_cpu_kv_bytes(
-        auto_cpu_kv_bytes(devices), devices, directory))
+        per_device(devices), devices, directory))
 
 
 def params_loader(config, model_config, model_dir, dtype) -> Callable:

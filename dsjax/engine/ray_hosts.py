@@ -17,6 +17,7 @@ actor's node, and the messages carry only their transfer ids.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import queue
@@ -25,17 +26,21 @@ import threading
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                            PlacementGroupSchedulingStrategy)
 
 from dsjax.engine.instance_hosts import (child_environment, params_loader, resolve_dtype,
                                          serve_in_process, setup_process, with_cpu_kv_budget)
 from dsjax.engine.startup_heap import freeze_startup_heap
 from dsjax.executor.hosts import (POLL_S, STOP_TIMEOUT_S, HostEnded, RemoteHost,
                                   devices_needed)
+from dsjax.executor.kv_cache import available_memory_bytes, cpu_kv_bytes_across_nodes
 from dsjax.executor.parallel import plan_placement
 
 # How long an instance may wait for its bundles before it fails as unplaceable.
 PLACEMENT_TIMEOUT_S = 300.0
+# How long the nodes may take to report their free memory (a task each) at launch.
+NODE_MEMORY_TIMEOUT_S = 120.0
 
 
 def connect_cluster(config, devices_needed: int) -> str:
@@ -225,6 +230,47 @@ def actor_nodes(config, plan, split: bool) -> tuple[str | None, ...]:
     return tuple(resolve_node(n, alive) for n in nodes)
 
 
+def actor_layout(config, plan) -> tuple[bool, int]:
+    """(whether the instance's pipeline stages are actors of their own, the devices of each
+    of its actors)."""
+    where = config.nodes_for(plan.role, plan.index)
+    split = plan.pp > 1 and (config.ray_stage_actors or bool(where and where.stage_nodes))
+    return split, plan.tp if split else plan.num_devices
+
+
+def node_memory() -> dict[str, tuple[int, int]]:
+    """Each alive node with CPUs: its address -> (its logical CPUs, the memory available on
+    it, read there by a task pinned to it)."""
+    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    read = ray.remote(num_cpus=0)(available_memory_bytes)
+    refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote() for n in alive]
+    try:
+        available = ray.get(refs, timeout=NODE_MEMORY_TIMEOUT_S)
+    except GetTimeoutError:
+        raise RuntimeError(f"the Ray cluster's nodes did not report their free memory in "
+                           f"{NODE_MEMORY_TIMEOUT_S:.0f} s, to size the KV cache: set "
+                           f"cpu_kv_cache_bytes (--cpu-kv-cache-bytes)") from None
+    return {n["NodeManagerAddress"]: (int(n["Resources"]["CPU"]), int(a))
+            for n, a in zip(alive, available)}
+
+
+def cluster_cpu_kv_bytes(config, plans, total_devices: int) -> int:
+    """The engine's KV budget per CPU device from the memory of the nodes it runs on, not
+    the driver's (kv_cache.cpu_kv_bytes_across_nodes): the nodes its plans pin every actor
+    to, else every node it may land on."""
+    pinned: dict[str, int] = {}
+    for plan in plans:
+        split, per_actor = actor_layout(config, plan)
+        nodes = actor_nodes(config, plan, split)
+        if None in nodes:   # Ray places this actor: any node may host it
+            pinned = {}
+            break
+        for node in nodes:
+            pinned[node] = pinned.get(node, 0) + per_actor
+    return cpu_kv_bytes_across_nodes(node_memory(), total_devices, pinned)
+
+
 class RayHost(RemoteHost):
     """An instance as a Ray actor (and stage actors). Each `take` that returns, even empty, is
     a sign of life; one that hangs past the heartbeat time-out (a frozen actor, a node cut
@@ -234,9 +280,7 @@ class RayHost(RemoteHost):
 
     def __init__(self, plan, config, model_config, model_dir, platform: str, deliver):
         super().__init__(plan, deliver, config.instance_heartbeat_timeout)
-        where = config.nodes_for(plan.role, plan.index)
-        split = plan.pp > 1 and (config.ray_stage_actors or bool(where and where.stage_nodes))
-        self._per_actor = plan.tp if split else plan.num_devices
+        split, self._per_actor = actor_layout(config, plan)
         self._split, self._platform = split, platform
         self._args = (config, model_config, model_dir)
         self.bundles = [bundle(platform, self._per_actor, n)
@@ -252,7 +296,11 @@ class RayHost(RemoteHost):
         needed = devices_needed(config)
         platform = connect_cluster(config, needed)
         plans = plan_placement(config.mode, needed, **config.placement_kwargs())
-        config = with_cpu_kv_budget(config, plans)   # from the driver's free memory
+        # The KV budget from the nodes' free memory where it sizes the cache (a CPU cluster,
+        # no fixed page count); otherwise it is unused, and the driver's does.
+        nodes_size_it = platform == "cpu" and not config.num_blocks
+        config = with_cpu_kv_budget(config, plans, functools.partial(
+            cluster_cpu_kv_bytes, config, plans) if nodes_size_it else None)
         return [cls(plan, config, model_config, model_dir, platform, deliver) for plan in plans]
 
     def _launch(self) -> None:

@@ -91,6 +91,24 @@ def auto_cpu_kv_bytes(num_devices: int, available: int | None = None) -> int:
     return int(min(CPU_KV_MAX_BYTES, max(CPU_KV_MIN_BYTES, share)))
 
 
+def cpu_kv_bytes_across_nodes(nodes: dict[str, tuple[int, int]], total_devices: int,
+                              pinned: dict[str, int] | None = None) -> int:
+    """KV cache bytes per device for an engine of total_devices CPU devices on a cluster.
+    `nodes`: each node's address -> (its logical CPUs, the memory available on it). A node
+    hosts the engine's devices `pinned` there (where the plan places every actor), else as
+    many as fit on it, up to all of them. Each node's auto_cpu_kv_bytes over those devices,
+    and the least of them: one page count for every instance, and no node asked for more
+    than its share of its own memory."""
+    counts = {addr: n for addr, n in (pinned or {}).items() if addr in nodes}
+    if not counts:
+        counts = {addr: min(total_devices, cpus) for addr, (cpus, _) in nodes.items()
+                  if cpus >= 1}
+    if not counts:
+        raise ValueError("no node of the cluster has a CPU to host an instance: add a node "
+                         "with CPUs, or set cpu_kv_cache_bytes")
+    return min(auto_cpu_kv_bytes(n, nodes[addr][1]) for addr, n in counts.items())
+
+
 def steady_cpu_kv_bytes(fresh: int, num_devices: int, directory: str | None) -> int:
     """`fresh` (auto_cpu_kv_bytes), or the budget the last start with this cache directory
     chose for as many devices, where that is within one granule of it (both rounded). The
