@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
     from dsjax.eval.engine_fit import (decode_steps, engine_latency_model, fit_link,
-                                       fit_pull_overhead, migration_samples, prefill_batches)
+                                       fit_pull_overhead, fit_pull_slowdown,
+                                       migration_samples, prefill_batches)
     from dsjax.eval.profiler import Grid, run_profile
     from dsjax.eval.latency_model import load_profile
     from dsjax.eval.replay import arrival_offsets, replay
@@ -148,6 +149,10 @@ def main(argv=None) -> int:
                 transfers_at[rate] = [t for t in list(engine.kv_transfers)[transfers_before:]
                                       if t[0] > 0]
             fitted = engine_latency_model(calibration, model)
+            # How much a pull in flight slows the decode instance's steps (on a CPU its
+            # threads share the cores), from the calibration's steps against that fit.
+            slowdown = fit_pull_slowdown(calibration, fitted) if mode == "disaggregated" \
+                else 0.0
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
                                    len(decode_steps(calibration)))
             print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
             pulls = migration_samples(
                 calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize))
 
-            def sim_config(overhead: float = 0.0):
+            def sim_config(overhead: float = 0.0, slowdown: float = 0.0):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],
                                  prefill_max_tokens=limits["context_max_tokens_per_batch"],
@@ -173,7 +178,8 @@ def main(argv=None) -> int:
                                  colocated_max_tokens=limits["context_max_tokens_per_batch"],
                                  kv_link_bytes_per_s=link_bps, kv_link_latency_s=latency,
                                  kv_transfer_waits_for_source_step=on_cpu,
-                                 kv_pull_overhead_s=overhead)
+                                 kv_pull_overhead_s=overhead,
+                                 kv_pull_slows_decode=slowdown)
             # What the real hand-offs (first token to second) took beyond their simulated twins
             # at the lowest calibration rate (the same requests and arrivals; the least
             # queueing to misfit): the messages around a pull, which neither the link nor the
@@ -185,10 +191,10 @@ def main(argv=None) -> int:
                 at = i * len(calibration_reqs)   # the calibration replays run in that order
                 overhead = fit_pull_overhead(
                     calibration[at:at + len(calibration_reqs)],
-                    [s.to_result() for s in Cluster(fitted, sim_config()).run(
+                    [s.to_result() for s in Cluster(fitted, sim_config(0.0, slowdown)).run(
                         calibration_reqs, arrival_offsets(len(calibration_reqs), lowest, 1.0,
                                                           args.seed + 1000 + i))])
-            fitted_links[mode] = (latency, link_bps, overhead, {
+            fitted_links[mode] = (latency, link_bps, overhead, slowdown, {
                 rate: (1e3 * float(np.median([s for _, s in ts])),
                        float(np.mean([s >= 0.1 for _, s in ts])), len(ts))
                 for rate, ts in transfers_at.items() if ts})
@@ -205,14 +211,19 @@ def main(argv=None) -> int:
                 offsets = arrival_offsets(len(reqs), rate, 1.0, args.seed)
                 real = replay(engine, reqs, rate, seed=args.seed, temperature=args.temperature,
                               offsets=offsets)
-                simulate = lambda m, extra: [s.to_result() for s in  # noqa: E731
-                                             Cluster(m, sim_config(extra)).run(reqs, offsets)]
-                sim, sim_profile = simulate(fitted, max(0.0, overhead)), simulate(model, 0.0)
+                simulate = lambda m, *extra: [s.to_result() for s in  # noqa: E731
+                                              Cluster(m, sim_config(*extra)).run(reqs, offsets)]
+                sim = simulate(fitted, max(0.0, overhead), slowdown)
+                sim_profile = simulate(model, 0.0, 0.0)
+                # The engine fit without the pull slowdown: what that term changes, on the
+                # same real run.
+                sim_steady = simulate(fitted, max(0.0, overhead), 0.0) if slowdown else sim
                 ra, sa = attainment(real, args.ttft_slo, args.tpot_slo), \
                     attainment(sim, args.ttft_slo, args.tpot_slo)
                 mean = lambda rs, f: 1e3 * float(np.mean([getattr(r, f) for r in rs]))
                 row = dict(mode=mode, rate=rate, real=ra, sim=sa,
                            sim_profile=attainment(sim_profile, args.ttft_slo, args.tpot_slo),
+                           sim_steady=attainment(sim_steady, args.ttft_slo, args.tpot_slo),
                            ttft=(mean(real, "ftl"), mean(sim, "ftl")),
                            tpot=(mean(real, "tpot"), mean(sim, "tpot")))
                 row["compiles"] = compiles[0]
@@ -271,8 +282,9 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
         "| mode | rate (req/s) | real attainment | simulated (engine fit) | error (pp) |"
         " simulated (runner profile) | error (pp) | real / sim TTFT-only | real / sim TPOT-only |"
         " mean TTFT ms real / sim | mean TPOT ms real / sim |"
-        " real decode step / fit (/ profile) (mean batch) | compiles |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        " real decode step / fit (/ profile) (mean batch) | compiles |"
+        " simulated (engine fit, no pull slowdown) | error (pp) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, e in zip(rows, errors):
         ep = abs(r["real"][0] - r["sim_profile"][0]) * 100
         lines.append(f"| {r['mode']} | {r['rate']:g} | {r['real'][0]:.1%} | {r['sim'][0]:.1%} | "
@@ -281,7 +293,9 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
                      f"{r['real'][2]:.1%} / {r['sim'][2]:.1%} | {r['ttft'][0]:.1f} / "
                      f"{r['ttft'][1]:.1f} | {r['tpot'][0]:.2f} / {r['tpot'][1]:.2f} | "
                      f"{r['decode_ratio']:.2f} ({r['decode_ratio_profile']:.2f}) "
-                     f"({r['decode_batch']:.1f}) | {r['compiles']} |")
+                     f"({r['decode_batch']:.1f}) | {r['compiles']} | "
+                     f"{r['sim_steady'][0]:.1%} | "
+                     f"{abs(r['real'][0] - r['sim_steady'][0]) * 100:.1f} |")
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fmt = lambda x: "none below 90%" if x is None else f"{x:.1f} req/s"  # noqa: E731
     summary = []
@@ -290,6 +304,7 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
         real_knee = knee([(r["rate"], r["real"][0]) for r, _ in mine])
         sim_knee = knee([(r["rate"], r["sim"][0]) for r, _ in mine])
         prof_knee = knee([(r["rate"], r["sim_profile"][0]) for r, _ in mine])
+        steady_knee = knee([(r["rate"], r["sim_steady"][0]) for r, _ in mine])
         below = [e for r, e in mine if real_knee is None or r["rate"] < real_knee]
         knee_err = (f" ({abs(sim_knee - real_knee) / real_knee:.0%} off)"
                     if real_knee and sim_knee is not None else "")
@@ -298,13 +313,14 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
             f"- **{m}**: max error {max(e for _, e in mine):.1f} pp; below the real knee "
             f"{max(below):.1f} pp" if below else f"- **{m}**: no rate below the real knee",
             f"  - knee (attainment crosses 90%): real {fmt(real_knee)}, engine-fit sim "
-            f"{fmt(sim_knee)}{knee_err}, runner-profile sim {fmt(prof_knee)}",
+            f"{fmt(sim_knee)}{knee_err}, runner-profile sim {fmt(prof_knee)}, engine-fit sim "
+            f"without the pull slowdown {fmt(steady_knee)}",
             f"  - engine-fitted step model from {n_pre} prefill and {n_dec} decode steps: "
             f"prefill ms = {coeffs.prefill[0]:.3g} + {coeffs.prefill[1]:.3g}*sum(len) + "
             f"{coeffs.prefill[2]:.3g}*sum(len^2); decode ms = {coeffs.decode_small[0]:.3g} + "
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
         if m == "disaggregated":
-            latency, bps, overhead, by_rate = fitted_links[m]
+            latency, bps, overhead, slowdown, by_rate = fitted_links[m]
             summary.append(f"  - KV link fitted from the calibration's transfers (on a CPU the "
                            f"lowest rate's; the waits for step ends around them are simulated, "
                            f"and on a CPU the wait for the source's running step): "
@@ -312,7 +328,9 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
                            f"hand-offs (first token to second) at the lowest calibration rate "
                            f"took a median {overhead * 1e3:.2f} ms beyond their simulated twins, "
                            f"{max(0.0, overhead) * 1e3:.2f} ms charged to each pull of the "
-                           f"engine-fit simulation")
+                           f"engine-fit simulation; a decode step during a pull took "
+                           f"{1 + slowdown:.2f}x the fit (the calibration's steps, medians), "
+                           f"charged to the engine-fit simulation's steps started during one")
             summary.append("  - the calibration's transfers, by rate: " + "; ".join(
                 f"{rate:g} req/s: median {median:.1f} ms, {slow:.0%} of {n} at 100 ms or more"
                 for rate, (median, slow, n) in by_rate.items()))

@@ -84,6 +84,59 @@ def test_steps_are_recovered_from_token_stamps_and_context_events():
         ([6, 8], 0.05), ([7, 9], 0.05), ([4], 0.03)]
 
 
+def _migrated(prompt_len, stamps, pull):
+    r = _result(prompt_len, stamps, stamps[0] - 0.01, stamps[0])
+    r.lifecycle_events += [{"event_type": "migration_begin", "timestamp": pull[0]},
+                           {"event_type": "migration_end", "timestamp": pull[1]}]
+    return r
+
+
+def test_a_migrated_requests_first_decode_token_is_a_hand_off_not_a_step():
+    """In disaggregated mode a request's first token comes from the prefill instance and its
+    second from the decode instance: the gap between them holds the pull and is no decode
+    step (counted as one, it made steps during pulls look 2-5x the fit). A colocated
+    request's second token follows its first on the same instance: a step."""
+    alone = _migrated(10, [5.0, 5.009, 5.011, 5.013], pull=(5.001, 5.007))
+    assert [(ctx, round(s, 6)) for ctx, s in decode_steps([alone])] == [
+        ([12], 0.002), ([13], 0.002)]
+    colocated = _result(10, [5.0, 5.002, 5.004], 4.99, 5.0)
+    assert [(ctx, round(s, 6)) for ctx, s in decode_steps([colocated])] == [
+        ([11], 0.002), ([12], 0.002)]
+    # Joining a running request's step: the step counts, timed from that request's last one.
+    running = _migrated(20, [4.0, 4.5, 5.005, 5.009], pull=(4.001, 4.4))
+    steps = decode_steps([alone, running])
+    assert ([11, 23], 0.004) in [(sorted(c), round(s, 6)) for c, s in steps]
+    assert all(round(s, 6) != 0.009 for _, s in steps)   # the hand-off, 5.0 -> 5.009
+    # Outside pulls: only the steps that started while no pull was in flight (alone's pull,
+    # 5.001-5.007, holds the start of the step that alone joined at 5.005).
+    assert [ctx for ctx, _ in decode_steps([alone, running], outside_pulls=True)] == \
+        [[12], [13]]
+
+
+@pytest.mark.parametrize("slowdown", [0.0, 0.5])
+def test_pull_slowdown_is_recovered_from_steps_that_start_during_pulls(slowdown):
+    """A 'real' run whose decode steps take 1 + slowdown times as long while a pull is in
+    flight (the simulator with that setting): the fit recovers the factor from the steps
+    alone, and fits the base model on the steps outside pulls."""
+    from dsjax.eval.engine_fit import engine_latency_model, fit_pull_slowdown
+    from dsjax.eval.latency_model import LatencyModel
+    from dsjax.eval.simulator import Cluster, SimConfig
+    from dsjax.eval.workloads import TestRequest
+    model = LatencyModel("opt-13b", {1: StepCoeffs((10.0, 0.1, 0.0), (5.0, 0.01, 0.5),
+                                                   (5.0, 0.01, 0.5))}, {(1, 1): 100_000})
+    rng = np.random.default_rng(2)
+    reqs = [TestRequest("", int(rng.integers(20, 400)), int(rng.integers(2, 40)))
+            for _ in range(120)]
+    arrivals = np.cumsum(rng.exponential(0.03, len(reqs))).tolist()
+    config = SimConfig(kv_link_bytes_per_s=1e8, kv_link_latency_s=0.004,
+                       kv_pull_slows_decode=slowdown)
+    real = [s.to_result() for s in Cluster(model, config).run(reqs, arrivals)]
+    assert fit_pull_slowdown(real, model) == pytest.approx(slowdown, abs=0.02)
+    refit = engine_latency_model(real, model).coeffs(1).decode_small
+    np.testing.assert_allclose(refit, model.coeffs(1).decode_small, rtol=0.02, atol=0.05)
+    assert fit_pull_slowdown(real[:3], model) == 0.0   # too few steps to say
+
+
 def test_a_real_prefill_batch_is_recovered_as_one_step():
     """The engine stamps one context_begin per prefill step, not per request: prompts that ran
     together come back as one batch of their lengths, not as one-prompt steps of the batch's

@@ -19,6 +19,7 @@ outliers of the first fit (compiles, scheduling stalls).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import defaultdict
 from typing import Sequence
@@ -48,24 +49,81 @@ def prefill_batches(results) -> list[tuple[list[int], float]]:
     return [(lens, end - begin) for (begin, end), lens in groups.items()]
 
 
-def decode_steps(results) -> list[tuple[list[int], float]]:
+def decode_step_spans(results) -> list[tuple[list[int], float, float]]:
     """Decode steps recovered from token timestamps: an instance stamps every token of one
-    step with the same time. A step's duration is its time minus the previous stamp of any
-    step, counted only when one of its requests also had a token at that previous stamp (so the
-    instance was busy with this batch, not idle). Returns [(context lens, seconds)]."""
+    step with the same time. A step runs from the previous stamp of any step to its own,
+    counted only when one of its requests had its previous token at that previous stamp from
+    the same instance (so the instance was busy with this batch, not idle): a token after
+    the first, or the first decode token of a request that did not migrate (colocated). A
+    migrated request's first decode token follows its prefill instance's stamp: that gap is
+    the hand-off (the pull and a step), not a decode step. Returns [(context lens, start,
+    end)]."""
     at = defaultdict(list)   # stamp -> [(request index, token index)]
     for i, r in enumerate(results):
         for k, t in enumerate(r.token_timestamps):
             at[t].append((i, k))
+    migrated = ["migration_begin" in _event_times(r) for r in results]
     stamps = sorted(at)
     steps = []
     for prev, t in zip(stamps, stamps[1:]):
         rows = [(i, k) for i, k in at[t] if k > 0]
         if not rows:
             continue
-        if any(results[i].token_timestamps[k - 1] == prev for i, k in rows):
-            steps.append(([results[i].prompt_len + k for i, k in rows], t - prev))
+        if any(results[i].token_timestamps[k - 1] == prev and (k > 1 or not migrated[i])
+               for i, k in rows):
+            steps.append(([results[i].prompt_len + k for i, k in rows], prev, t))
     return steps
+
+
+def pull_windows(results) -> list[tuple[float, float]]:
+    """Where some KV pull was in flight: the union of the requests' migration_begin ..
+    migration_end, as sorted disjoint (start, end) intervals."""
+    merged: list[list[float]] = []
+    for begin, end in sorted((ev["migration_begin"], ev["migration_end"])
+                             for ev in map(_event_times, results)
+                             if "migration_begin" in ev and "migration_end" in ev):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(a, b) for a, b in merged]
+
+
+def _during(spans, windows) -> list[bool]:
+    """For each (ctx, start, end) span: whether it starts inside one of the sorted disjoint
+    windows (as the simulator slows a step started while a pull is in flight)."""
+    ends = [b for _, b in windows]
+    out = []
+    for _, start, _ in spans:
+        k = bisect.bisect_right(ends, start)
+        out.append(k < len(windows) and windows[k][0] <= start)
+    return out
+
+
+def decode_steps(results, outside_pulls: bool = False) -> list[tuple[list[int], float]]:
+    """decode_step_spans as [(context lens, seconds)]; with outside_pulls, only the steps
+    that started while no KV pull was in flight (pull_windows)."""
+    spans = decode_step_spans(results)
+    if outside_pulls:
+        spans = [s for s, busy in zip(spans, _during(spans, pull_windows(results))) if not busy]
+    return [(ctx, end - start) for ctx, start, end in spans]
+
+
+def fit_pull_slowdown(results, model: LatencyModel, tp: int = 1) -> float:
+    """How much longer a decode step runs when it starts while a KV pull is in flight, as a
+    fraction: the median ratio of such steps to `model`'s decode time, over the same median
+    for the other steps, less one (>= 0). On a CPU the pull's threads (receiving, and the
+    source's sending) take the cores the step computes on: opt-tiny's steps ran 1.35-1.56x
+    the fit during pulls with `mp` (docs/validation.md, run 14). 0 without MIN_STEPS of
+    each kind."""
+    spans = decode_step_spans(results)
+    busy = _during(spans, pull_windows(results))
+    ratios = [[], []]
+    for (ctx, start, end), during in zip(spans, busy):
+        ratios[during].append((end - start) * 1e3 / model.decode_ms(ctx, tp))
+    if min(len(r) for r in ratios) < MIN_STEPS:
+        return 0.0
+    return max(0.0, float(np.median(ratios[1]) / np.median(ratios[0])) - 1.0)
 
 
 def pull_seconds(result) -> float | None:
@@ -172,6 +230,11 @@ def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
 def engine_latency_model(results, profile: LatencyModel, tp: int = 1) -> LatencyModel:
     """`profile` with its TP-`tp` coefficients refitted from the engine steps in `results`
     (RequestResults of replays), and no separate overhead: the steps already include it."""
-    coeffs = fit_engine_coeffs(prefill_batches(results), decode_steps(results), profile.coeffs(tp))
+    # Decode from the steps no KV pull slowed (fit_pull_slowdown charges those), where
+    # there are enough of them.
+    decodes = decode_steps(results, outside_pulls=True)
+    if len(decodes) < MIN_STEPS:
+        decodes = decode_steps(results)
+    coeffs = fit_engine_coeffs(prefill_batches(results), decodes, profile.coeffs(tp))
     return LatencyModel(profile.model, {**profile.measured, tp: coeffs}, profile.kv_capacity,
                         profile.gpu_memory_bytes, StepOverhead(), profile.dtype_bytes)

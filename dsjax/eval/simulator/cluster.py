@@ -74,6 +74,12 @@ class SimConfig:
     # engine's own hand-offs, first token to second, against simulated ones (engine_fit.
     # fit_pull_overhead); 0 in DistServe's model.
     kv_pull_overhead_s: float = 0.0
+    # A decode step that starts while a pull into its instance is in flight (migration_begin
+    # to migration_end) takes (1 + this) times as long. On a CPU the pull's threads take the
+    # cores the step computes on (docs/validation.md, run 14: opt-tiny's steps ran 1.35-1.56x
+    # during pulls); fitted by benchmarks/validate_simulator.py (engine_fit.
+    # fit_pull_slowdown). 0 in DistServe's model: an accelerator's copies leave its compute.
+    kv_pull_slows_decode: float = 0.0
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -124,7 +130,8 @@ class Cluster:
             self.prefills = [PrefillInstance(loop, model, c.prefill, self, c.prefill_max_batch,
                                              c.prefill_max_tokens, f"prefill{i}") for i in range(c.num_prefill)]
         if c.mode in ("disaggregated", "decode_only"):
-            self.decodes = [DecodeInstance(loop, model, c.decode, self, c.decode_max_batch, f"decode{i}")
+            self.decodes = [DecodeInstance(loop, model, c.decode, self, c.decode_max_batch,
+                                           f"decode{i}", c.kv_pull_slows_decode)
                             for i in range(c.num_decode)]
         if c.mode in ("colocated", "chunked"):
             chunk = c.chunk_size if c.mode == "chunked" else None
@@ -196,7 +203,9 @@ class Cluster:
     def on_drained(self, inst: PrefillInstance | DecodeInstance) -> None:
         c, loop = self.config, self.loop
         if isinstance(inst, PrefillInstance):
-            self.decodes.append(DecodeInstance(loop, self.model, inst.spec, self, c.decode_max_batch, inst.name))
+            self.decodes.append(DecodeInstance(loop, self.model, inst.spec, self,
+                                               c.decode_max_batch, inst.name,
+                                               c.kv_pull_slows_decode))
             self.role_switches.append((loop.now, "prefill->decode"))
             self.dispatch()
         else:
@@ -234,6 +243,7 @@ class Cluster:
             seconds = (self.config.kv_link_latency_s + self.config.kv_pull_overhead_s
                        + moved * self.kv_bytes_per_token / self.config.kv_link_bytes_per_s)
             req.log(now, "migration_begin")
+            best.pulls_in_flight += 1
             if self.config.kv_pull_waits_for_steps and isinstance(source, PrefillInstance):
                 self.loop.at(best.step_end_after(now), self._export, req, source, best, seconds)
             else:
@@ -271,6 +281,7 @@ class Cluster:
 
     def _landed(self, req: SimRequest, dest: DecodeInstance) -> None:
         req.log(self.loop.now, "migration_end")
+        dest.pulls_in_flight -= 1
         dest.admit(req)
 
     # ------------------------------------------------------------ running
