@@ -113,12 +113,12 @@ def test_a_migrated_requests_first_decode_token_is_a_hand_off_not_a_step():
         [[12], [13]]
 
 
-@pytest.mark.parametrize("slowdown", [0.0, 0.5])
-def test_pull_slowdown_is_recovered_from_steps_that_start_during_pulls(slowdown):
-    """A 'real' run whose decode steps take 1 + slowdown times as long while a pull is in
-    flight (the simulator with that setting): the fit recovers the factor from the steps
-    alone, and fits the base model on the steps outside pulls."""
-    from dsjax.eval.engine_fit import engine_latency_model, fit_pull_slowdown
+@pytest.mark.parametrize("cost", [0.0, 0.003])
+def test_pull_step_cost_is_recovered_from_steps_that_start_during_pulls(cost):
+    """A 'real' run whose decode steps take `cost` seconds longer while a pull is in flight
+    (the simulator with that setting): the fit recovers it from the steps alone, and fits
+    the base model on the steps outside pulls."""
+    from dsjax.eval.engine_fit import engine_latency_model, fit_pull_step_cost
     from dsjax.eval.latency_model import LatencyModel
     from dsjax.eval.simulator import Cluster, SimConfig
     from dsjax.eval.workloads import TestRequest
@@ -129,12 +129,12 @@ def test_pull_slowdown_is_recovered_from_steps_that_start_during_pulls(slowdown)
             for _ in range(120)]
     arrivals = np.cumsum(rng.exponential(0.03, len(reqs))).tolist()
     config = SimConfig(kv_link_bytes_per_s=1e8, kv_link_latency_s=0.004,
-                       kv_pull_slows_decode=slowdown)
+                       kv_pull_step_cost_s=cost)
     real = [s.to_result() for s in Cluster(model, config).run(reqs, arrivals)]
-    assert fit_pull_slowdown(real, model) == pytest.approx(slowdown, abs=0.02)
+    assert fit_pull_step_cost(real, model) == pytest.approx(cost, abs=2e-4)
     refit = engine_latency_model(real, model).coeffs(1).decode_small
     np.testing.assert_allclose(refit, model.coeffs(1).decode_small, rtol=0.02, atol=0.05)
-    assert fit_pull_slowdown(real[:3], model) == 0.0   # too few steps to say
+    assert fit_pull_step_cost(real[:3], model) == 0.0   # too few steps to say
 
 
 def test_a_real_prefill_batch_is_recovered_as_one_step():

@@ -109,21 +109,21 @@ def decode_steps(results, outside_pulls: bool = False) -> list[tuple[list[int], 
     return [(ctx, end - start) for ctx, start, end in spans]
 
 
-def fit_pull_slowdown(results, model: LatencyModel, tp: int = 1) -> float:
-    """How much longer a decode step runs when it starts while a KV pull is in flight, as a
-    fraction: the median ratio of such steps to `model`'s decode time, over the same median
-    for the other steps, less one (>= 0). On a CPU the pull's threads (receiving, and the
-    source's sending) take the cores the step computes on: opt-tiny's steps ran 1.35-1.56x
-    the fit during pulls with `mp` (docs/validation.md, run 14). 0 without MIN_STEPS of
-    each kind."""
+def fit_pull_step_cost(results, model: LatencyModel, tp: int = 1) -> float:
+    """Seconds a decode step takes beyond `model` when it starts while a KV pull is in flight:
+    the median excess (real minus model) of such steps less the median excess of the others
+    (>= 0). On a CPU the pull's work (its waiter thread receiving, landing the pages between
+    steps, the source's sending) takes the cores and the interpreter from the step loop:
+    about a millisecond per step with opt-tiny (docs/validation.md, run 14), steady across
+    rates where a factor on the step was not. 0 without MIN_STEPS of each kind."""
     spans = decode_step_spans(results)
     busy = _during(spans, pull_windows(results))
-    ratios = [[], []]
+    excess = [[], []]
     for (ctx, start, end), during in zip(spans, busy):
-        ratios[during].append((end - start) * 1e3 / model.decode_ms(ctx, tp))
-    if min(len(r) for r in ratios) < MIN_STEPS:
+        excess[during].append((end - start) * 1e3 - model.decode_ms(ctx, tp))
+    if min(len(e) for e in excess) < MIN_STEPS:
         return 0.0
-    return max(0.0, float(np.median(ratios[1]) / np.median(ratios[0])) - 1.0)
+    return max(0.0, float(np.median(excess[1]) - np.median(excess[0])) / 1e3)
 
 
 def pull_seconds(result) -> float | None:
@@ -230,7 +230,7 @@ def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
 def engine_latency_model(results, profile: LatencyModel, tp: int = 1) -> LatencyModel:
     """`profile` with its TP-`tp` coefficients refitted from the engine steps in `results`
     (RequestResults of replays), and no separate overhead: the steps already include it."""
-    # Decode from the steps no KV pull slowed (fit_pull_slowdown charges those), where
+    # Decode from the steps no KV pull slowed (fit_pull_step_cost charges those), where
     # there are enough of them.
     decodes = decode_steps(results, outside_pulls=True)
     if len(decodes) < MIN_STEPS:

@@ -74,12 +74,12 @@ class SimConfig:
     # engine's own hand-offs, first token to second, against simulated ones (engine_fit.
     # fit_pull_overhead); 0 in DistServe's model.
     kv_pull_overhead_s: float = 0.0
-    # A decode step that starts while a pull into its instance is in flight (migration_begin
-    # to migration_end) takes (1 + this) times as long. On a CPU the pull's threads take the
-    # cores the step computes on (docs/validation.md, run 14: opt-tiny's steps ran 1.35-1.56x
-    # during pulls); fitted by benchmarks/validate_simulator.py (engine_fit.
-    # fit_pull_slowdown). 0 in DistServe's model: an accelerator's copies leave its compute.
-    kv_pull_slows_decode: float = 0.0
+    # Seconds added to a decode step that starts while a pull into its instance is in flight
+    # (migration_begin to migration_end). On a CPU the pull's work takes the cores and the
+    # interpreter from the step loop (docs/validation.md, run 14: about 1 ms a step with
+    # opt-tiny); fitted by benchmarks/validate_simulator.py (engine_fit.fit_pull_step_cost).
+    # 0 in DistServe's model: an accelerator's copies leave its compute units alone.
+    kv_pull_step_cost_s: float = 0.0
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -131,7 +131,7 @@ class Cluster:
                                              c.prefill_max_tokens, f"prefill{i}") for i in range(c.num_prefill)]
         if c.mode in ("disaggregated", "decode_only"):
             self.decodes = [DecodeInstance(loop, model, c.decode, self, c.decode_max_batch,
-                                           f"decode{i}", c.kv_pull_slows_decode)
+                                           f"decode{i}", c.kv_pull_step_cost_s)
                             for i in range(c.num_decode)]
         if c.mode in ("colocated", "chunked"):
             chunk = c.chunk_size if c.mode == "chunked" else None
@@ -205,7 +205,7 @@ class Cluster:
         if isinstance(inst, PrefillInstance):
             self.decodes.append(DecodeInstance(loop, self.model, inst.spec, self,
                                                c.decode_max_batch, inst.name,
-                                               c.kv_pull_slows_decode))
+                                               c.kv_pull_step_cost_s))
             self.role_switches.append((loop.now, "prefill->decode"))
             self.dispatch()
         else:

@@ -171,11 +171,11 @@ class DecodeInstance:
     is swapped out (time not charged) and swapped back in before any new request joins."""
 
     def __init__(self, loop: EventLoop, model: LatencyModel, spec: Parallelism, sink: Sink,
-                 max_batch: int, name: str = "decode", pull_slowdown: float = 0.0):
+                 max_batch: int, name: str = "decode", pull_step_cost_s: float = 0.0):
         self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
-        # A step started while pulls into this instance are in flight takes (1 + this) times
-        # as long (SimConfig.kv_pull_slows_decode); the cluster counts the pulls.
-        self.pull_slowdown = pull_slowdown
+        # A step started while pulls into this instance are in flight takes this much longer
+        # (SimConfig.kv_pull_step_cost_s); the cluster counts the pulls.
+        self.pull_step_cost_s = pull_step_cost_s
         self.pulls_in_flight = 0
         self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
         self.name = name
@@ -281,8 +281,8 @@ class DecodeInstance:
         n = len(lane.running)
         # A micro-batch passes pp stages of T/pp each: its step takes the whole T.
         a, b, c = step_coeffs(self.model, self.spec.tp, n)
-        if self.pulls_in_flight and self.pull_slowdown:
-            a, b, c = (x * (1 + self.pull_slowdown) for x in (a, b, c))
+        if self.pulls_in_flight:
+            a += self.pull_step_cost_s
         # Steps that finish no one, need no swap and admit no one, ending before any other event,
         # run right here: most steps, and the heap never sees them.
         quiet = 0 if self.waiting or self.swapped else \
