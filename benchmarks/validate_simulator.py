@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from dsjax.config import EngineConfig
     from dsjax.engine.core import Engine
     from dsjax.eval.engine_fit import (decode_steps, engine_latency_model, fit_link,
-                                       fit_pull_overhead, fit_pull_step_cost,
+                                       fit_pull_overhead, fit_step_costs,
                                        migration_samples, prefill_batches)
     from dsjax.eval.profiler import Grid, run_profile
     from dsjax.eval.latency_model import load_profile
@@ -149,10 +149,11 @@ def main(argv=None) -> int:
                 transfers_at[rate] = [t for t in list(engine.kv_transfers)[transfers_before:]
                                       if t[0] > 0]
             fitted = engine_latency_model(calibration, model)
-            # What a pull in flight adds to each of the decode instance's steps (on a CPU its
-            # work shares the cores), from the calibration's steps against that fit.
-            pull_cost = fit_pull_step_cost(calibration, fitted) if mode == "disaggregated" \
-                else 0.0
+            # What a pull in flight, and a prefill step running beside, add to each of the
+            # decode instance's steps (on a CPU their work shares the cores), from the
+            # calibration's steps against that fit.
+            step_costs = fit_step_costs(calibration, fitted) if mode == "disaggregated" \
+                else (0.0, 0.0)
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
                                    len(decode_steps(calibration)))
             print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
             pulls = migration_samples(
                 calibration, engine.model_config.kv_bytes_per_token(np.dtype(args.dtype).itemsize))
 
-            def sim_config(overhead: float = 0.0, pull_cost: float = 0.0):
+            def sim_config(overhead: float = 0.0, step_costs=(0.0, 0.0)):
                 return SimConfig(mode=mode, prefill=Parallelism(1, 1), decode=Parallelism(1, 1),
                                  prefill_max_batch=limits["context_max_batch_size"],
                                  prefill_max_tokens=limits["context_max_tokens_per_batch"],
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
                                  kv_link_bytes_per_s=link_bps, kv_link_latency_s=latency,
                                  kv_transfer_waits_for_source_step=on_cpu,
                                  kv_pull_overhead_s=overhead,
-                                 kv_pull_step_cost_s=pull_cost)
+                                 kv_pull_step_cost_s=step_costs[0],
+                                 decode_cost_beside_prefill_s=step_costs[1])
             # What the real hand-offs (first token to second) took beyond their simulated twins
             # at the lowest calibration rate (the same requests and arrivals; the least
             # queueing to misfit): the messages around a pull, which neither the link nor the
@@ -191,10 +193,10 @@ def main(argv=None) -> int:
                 at = i * len(calibration_reqs)   # the calibration replays run in that order
                 overhead = fit_pull_overhead(
                     calibration[at:at + len(calibration_reqs)],
-                    [s.to_result() for s in Cluster(fitted, sim_config(0.0, pull_cost)).run(
+                    [s.to_result() for s in Cluster(fitted, sim_config(0.0, step_costs)).run(
                         calibration_reqs, arrival_offsets(len(calibration_reqs), lowest, 1.0,
                                                           args.seed + 1000 + i))])
-            fitted_links[mode] = (latency, link_bps, overhead, pull_cost, {
+            fitted_links[mode] = (latency, link_bps, overhead, step_costs, {
                 rate: (1e3 * float(np.median([s for _, s in ts])),
                        float(np.mean([s >= 0.1 for _, s in ts])), len(ts))
                 for rate, ts in transfers_at.items() if ts})
@@ -213,11 +215,12 @@ def main(argv=None) -> int:
                               offsets=offsets)
                 simulate = lambda m, *extra: [s.to_result() for s in  # noqa: E731
                                               Cluster(m, sim_config(*extra)).run(reqs, offsets)]
-                sim = simulate(fitted, max(0.0, overhead), pull_cost)
-                sim_profile = simulate(model, 0.0, 0.0)
-                # The engine fit without the pull step cost: what that term changes, on the
+                sim = simulate(fitted, max(0.0, overhead), step_costs)
+                sim_profile = simulate(model, 0.0, (0.0, 0.0))
+                # The engine fit without the step costs beside: what that term changes, on the
                 # same real run.
-                sim_steady = simulate(fitted, max(0.0, overhead), 0.0) if pull_cost else sim
+                sim_steady = simulate(fitted, max(0.0, overhead), (0.0, 0.0)) \
+                    if any(step_costs) else sim
                 ra, sa = attainment(real, args.ttft_slo, args.tpot_slo), \
                     attainment(sim, args.ttft_slo, args.tpot_slo)
                 mean = lambda rs, f: 1e3 * float(np.mean([getattr(r, f) for r in rs]))
@@ -283,7 +286,7 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
         " simulated (runner profile) | error (pp) | real / sim TTFT-only | real / sim TPOT-only |"
         " mean TTFT ms real / sim | mean TPOT ms real / sim |"
         " real decode step / fit (/ profile) (mean batch) | compiles |"
-        " simulated (engine fit, no pull step cost) | error (pp) |",
+        " simulated (engine fit, no step costs beside) | error (pp) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, e in zip(rows, errors):
         ep = abs(r["real"][0] - r["sim_profile"][0]) * 100
@@ -314,13 +317,13 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
             f"{max(below):.1f} pp" if below else f"- **{m}**: no rate below the real knee",
             f"  - knee (attainment crosses 90%): real {fmt(real_knee)}, engine-fit sim "
             f"{fmt(sim_knee)}{knee_err}, runner-profile sim {fmt(prof_knee)}, engine-fit sim "
-            f"without the pull step cost {fmt(steady_knee)}",
+            f"without the step costs beside {fmt(steady_knee)}",
             f"  - engine-fitted step model from {n_pre} prefill and {n_dec} decode steps: "
             f"prefill ms = {coeffs.prefill[0]:.3g} + {coeffs.prefill[1]:.3g}*sum(len) + "
             f"{coeffs.prefill[2]:.3g}*sum(len^2); decode ms = {coeffs.decode_small[0]:.3g} + "
             f"{coeffs.decode_small[1]:.3g}*sum(ctx) + {coeffs.decode_small[2]:.3g}*batch"]
         if m == "disaggregated":
-            latency, bps, overhead, pull_cost, by_rate = fitted_links[m]
+            latency, bps, overhead, step_costs, by_rate = fitted_links[m]
             summary.append(f"  - KV link fitted from the calibration's transfers (on a CPU the "
                            f"lowest rate's; the waits for step ends around them are simulated, "
                            f"and on a CPU the wait for the source's running step): "
@@ -329,9 +332,9 @@ def render(args, profile, co, rows, errors, step_ratios, fitted_models, fitted_l
                            f"took a median {overhead * 1e3:.2f} ms beyond their simulated twins, "
                            f"{max(0.0, overhead) * 1e3:.2f} ms charged to each pull of the "
                            f"engine-fit simulation; a decode step started during a pull took "
-                           f"{pull_cost * 1e3:.2f} ms beyond the fit (the calibration's steps, "
-                           f"medians), charged to the engine-fit simulation's steps started "
-                           f"during one")
+                           f"{step_costs[0] * 1e3:.2f} ms beyond the fit and one started during "
+                           f"a prefill step {step_costs[1] * 1e3:.2f} ms (the calibration's "
+                           f"steps, medians), charged to the engine-fit simulation's steps")
             summary.append("  - the calibration's transfers, by rate: " + "; ".join(
                 f"{rate:g} req/s: median {median:.1f} ms, {slow:.0%} of {n} at 100 ms or more"
                 for rate, (median, slow, n) in by_rate.items()))

@@ -107,18 +107,17 @@ def test_a_migrated_requests_first_decode_token_is_a_hand_off_not_a_step():
     steps = decode_steps([alone, running])
     assert ([11, 23], 0.004) in [(sorted(c), round(s, 6)) for c, s in steps]
     assert all(round(s, 6) != 0.009 for _, s in steps)   # the hand-off, 5.0 -> 5.009
-    # Outside pulls: only the steps that started while no pull was in flight (alone's pull,
-    # 5.001-5.007, holds the start of the step that alone joined at 5.005).
-    assert [ctx for ctx, _ in decode_steps([alone, running], outside_pulls=True)] == \
-        [[12], [13]]
+    # Alone: only the steps that started while no pull was in flight and no prefill step ran
+    # (alone's pull, 5.001-5.007, holds the start of the step that alone joined at 5.005).
+    assert [ctx for ctx, _ in decode_steps([alone, running], alone=True)] == [[12], [13]]
 
 
-@pytest.mark.parametrize("cost", [0.0, 0.003])
-def test_pull_step_cost_is_recovered_from_steps_that_start_during_pulls(cost):
-    """A 'real' run whose decode steps take `cost` seconds longer while a pull is in flight
-    (the simulator with that setting): the fit recovers it from the steps alone, and fits
-    the base model on the steps outside pulls."""
-    from dsjax.eval.engine_fit import engine_latency_model, fit_pull_step_cost
+@pytest.mark.parametrize("pull_cost,beside_cost", [(0.0, 0.0), (0.003, 0.0), (0.002, 0.004)])
+def test_step_costs_are_recovered_from_what_runs_when_steps_start(pull_cost, beside_cost):
+    """A 'real' run whose decode steps take longer while a pull is in flight, or while the
+    prefill instance runs a step (the simulator with those settings): the fit recovers both
+    from the steps alone, and fits the base model on the steps with neither."""
+    from dsjax.eval.engine_fit import engine_latency_model, fit_step_costs
     from dsjax.eval.latency_model import LatencyModel
     from dsjax.eval.simulator import Cluster, SimConfig
     from dsjax.eval.workloads import TestRequest
@@ -126,15 +125,17 @@ def test_pull_step_cost_is_recovered_from_steps_that_start_during_pulls(cost):
                                                    (5.0, 0.01, 0.5))}, {(1, 1): 100_000})
     rng = np.random.default_rng(2)
     reqs = [TestRequest("", int(rng.integers(20, 400)), int(rng.integers(2, 40)))
-            for _ in range(120)]
+            for _ in range(160)]
     arrivals = np.cumsum(rng.exponential(0.03, len(reqs))).tolist()
-    config = SimConfig(kv_link_bytes_per_s=1e8, kv_link_latency_s=0.004,
-                       kv_pull_step_cost_s=cost)
+    # (A link quick enough that some prefill steps run while no pull is in flight.)
+    config = SimConfig(kv_link_bytes_per_s=1e9, kv_link_latency_s=0.002,
+                       kv_pull_step_cost_s=pull_cost, decode_cost_beside_prefill_s=beside_cost)
     real = [s.to_result() for s in Cluster(model, config).run(reqs, arrivals)]
-    assert fit_pull_step_cost(real, model) == pytest.approx(cost, abs=2e-4)
+    fitted = fit_step_costs(real, model)
+    assert fitted == (pytest.approx(pull_cost, abs=2e-4), pytest.approx(beside_cost, abs=2e-4))
     refit = engine_latency_model(real, model).coeffs(1).decode_small
     np.testing.assert_allclose(refit, model.coeffs(1).decode_small, rtol=0.02, atol=0.05)
-    assert fit_pull_step_cost(real[:3], model) == 0.0   # too few steps to say
+    assert fit_step_costs(real[:3], model) == (0.0, 0.0)   # too few steps to say
 
 
 def test_a_real_prefill_batch_is_recovered_as_one_step():

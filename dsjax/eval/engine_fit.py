@@ -38,15 +38,25 @@ def _event_times(result) -> dict[str, float]:
     return {e["event_type"]: e["timestamp"] for e in result.lifecycle_events or []}
 
 
-def prefill_batches(results) -> list[tuple[list[int], float]]:
-    """Prefill steps recovered from lifecycle events: requests sharing one
-    (context_begin, context_end) pair ran in one batch. Returns [(prompt lens, seconds)]."""
+def _prefill_groups(results) -> dict[tuple[float, float], list[int]]:
+    """(context_begin, context_end) -> the prompt lengths of the requests stamped so."""
     groups = defaultdict(list)
     for r in results:
         ev = _event_times(r)
         if "context_begin" in ev and "context_end" in ev:
             groups[(ev["context_begin"], ev["context_end"])].append(r.prompt_len)
-    return [(lens, end - begin) for (begin, end), lens in groups.items()]
+    return groups
+
+
+def prefill_batches(results) -> list[tuple[list[int], float]]:
+    """Prefill steps recovered from lifecycle events: requests sharing one
+    (context_begin, context_end) pair ran in one batch. Returns [(prompt lens, seconds)]."""
+    return [(lens, end - begin) for (begin, end), lens in _prefill_groups(results).items()]
+
+
+def prefill_step_times(results) -> list[tuple[float, float]]:
+    """Each prefill step's (start, end)."""
+    return list(_prefill_groups(results))
 
 
 def decode_step_spans(results) -> list[tuple[list[int], float, float]]:
@@ -75,13 +85,10 @@ def decode_step_spans(results) -> list[tuple[list[int], float, float]]:
     return steps
 
 
-def pull_windows(results) -> list[tuple[float, float]]:
-    """Where some KV pull was in flight: the union of the requests' migration_begin ..
-    migration_end, as sorted disjoint (start, end) intervals."""
+def _union(intervals) -> list[tuple[float, float]]:
+    """Sorted disjoint (start, end) intervals covering `intervals`."""
     merged: list[list[float]] = []
-    for begin, end in sorted((ev["migration_begin"], ev["migration_end"])
-                             for ev in map(_event_times, results)
-                             if "migration_begin" in ev and "migration_end" in ev):
+    for begin, end in sorted(intervals):
         if merged and begin <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
@@ -89,9 +96,22 @@ def pull_windows(results) -> list[tuple[float, float]]:
     return [(a, b) for a, b in merged]
 
 
+def pull_windows(results) -> list[tuple[float, float]]:
+    """Where some KV pull was in flight: the union of the requests' migration_begin ..
+    migration_end, as sorted disjoint (start, end) intervals."""
+    return _union((ev["migration_begin"], ev["migration_end"])
+                  for ev in map(_event_times, results)
+                  if "migration_begin" in ev and "migration_end" in ev)
+
+
+def prefill_windows(results) -> list[tuple[float, float]]:
+    """Where some prefill step ran (context_begin .. context_end), sorted and disjoint."""
+    return _union(prefill_step_times(results))
+
+
 def _during(spans, windows) -> list[bool]:
     """For each (ctx, start, end) span: whether it starts inside one of the sorted disjoint
-    windows (as the simulator slows a step started while a pull is in flight)."""
+    windows (as the simulator charges a step by what runs when it starts)."""
     ends = [b for _, b in windows]
     out = []
     for _, start, _ in spans:
@@ -100,30 +120,42 @@ def _during(spans, windows) -> list[bool]:
     return out
 
 
-def decode_steps(results, outside_pulls: bool = False) -> list[tuple[list[int], float]]:
-    """decode_step_spans as [(context lens, seconds)]; with outside_pulls, only the steps
-    that started while no KV pull was in flight (pull_windows)."""
+def _step_kinds(results) -> list[tuple[list[int], float, float, bool, bool]]:
+    """decode_step_spans with, for each step, whether a KV pull was in flight when it started
+    and whether a prefill step of another instance was running then (disaggregated mode:
+    every prefill step is another instance's)."""
     spans = decode_step_spans(results)
-    if outside_pulls:
-        spans = [s for s, busy in zip(spans, _during(spans, pull_windows(results))) if not busy]
-    return [(ctx, end - start) for ctx, start, end in spans]
+    migrated = any("migration_begin" in _event_times(r) for r in results)
+    pulls = _during(spans, pull_windows(results))
+    beside = _during(spans, prefill_windows(results)) if migrated else [False] * len(spans)
+    return [(*span, p, q) for span, p, q in zip(spans, pulls, beside)]
 
 
-def fit_pull_step_cost(results, model: LatencyModel, tp: int = 1) -> float:
-    """Seconds a decode step takes beyond `model` when it starts while a KV pull is in flight:
-    the median excess (real minus model) of such steps less the median excess of the others
-    (>= 0). On a CPU the pull's work (its waiter thread receiving, landing the pages between
-    steps, the source's sending) takes the cores and the interpreter from the step loop:
-    about a millisecond per step with opt-tiny (docs/validation.md, run 14), steady across
-    rates where a factor on the step was not. 0 without MIN_STEPS of each kind."""
-    spans = decode_step_spans(results)
-    busy = _during(spans, pull_windows(results))
-    excess = [[], []]
-    for (ctx, start, end), during in zip(spans, busy):
-        excess[during].append((end - start) * 1e3 - model.decode_ms(ctx, tp))
-    if min(len(e) for e in excess) < MIN_STEPS:
-        return 0.0
-    return max(0.0, float(np.median(excess[1]) - np.median(excess[0])) / 1e3)
+def decode_steps(results, alone: bool = False) -> list[tuple[list[int], float]]:
+    """decode_step_spans as [(context lens, seconds)]; with `alone`, only the steps that
+    started while no KV pull was in flight and no other instance's prefill step ran."""
+    return [(ctx, end - start) for ctx, start, end, pull, beside in _step_kinds(results)
+            if not (alone and (pull or beside))]
+
+
+def fit_step_costs(results, model: LatencyModel, tp: int = 1) -> tuple[float, float]:
+    """(seconds a decode step takes beyond `model` when it starts while a KV pull is in
+    flight, seconds when it starts while another instance runs a prefill step): the median
+    excess (real minus model) of each kind of step less that of the steps with neither
+    (each >= 0; 0 without MIN_STEPS of a kind). On a CPU the pull's work (its waiter thread
+    receiving, landing the pages between steps, the source's sending) and, with the
+    instances in one process (`uni`), the prefill's host work take the cores and the
+    interpreter from the step loop: about a millisecond a step each with opt-tiny
+    (docs/validation.md, run 14), steady across rates where a factor on the step was not."""
+    excess = defaultdict(list)
+    for ctx, start, end, pull, beside in _step_kinds(results):
+        excess[pull, beside].append((end - start) * 1e3 - model.decode_ms(ctx, tp))
+    if len(excess[False, False]) < MIN_STEPS:
+        return 0.0, 0.0
+    base = float(np.median(excess[False, False]))
+    cost = lambda kind: max(0.0, float(np.median(excess[kind])) - base) / 1e3 \
+        if len(excess[kind]) >= MIN_STEPS else 0.0  # noqa: E731
+    return cost((True, False)), cost((False, True))
 
 
 def pull_seconds(result) -> float | None:
@@ -230,9 +262,9 @@ def fit_engine_coeffs(prefills: Sequence[tuple[Sequence[int], float]],
 def engine_latency_model(results, profile: LatencyModel, tp: int = 1) -> LatencyModel:
     """`profile` with its TP-`tp` coefficients refitted from the engine steps in `results`
     (RequestResults of replays), and no separate overhead: the steps already include it."""
-    # Decode from the steps no KV pull slowed (fit_pull_step_cost charges those), where
+    # Decode from the steps nothing beside them slowed (fit_step_costs charges those), where
     # there are enough of them.
-    decodes = decode_steps(results, outside_pulls=True)
+    decodes = decode_steps(results, alone=True)
     if len(decodes) < MIN_STEPS:
         decodes = decode_steps(results)
     coeffs = fit_engine_coeffs(prefill_batches(results), decodes, profile.coeffs(tp))

@@ -75,11 +75,14 @@ class SimConfig:
     # fit_pull_overhead); 0 in DistServe's model.
     kv_pull_overhead_s: float = 0.0
     # Seconds added to a decode step that starts while a pull into its instance is in flight
-    # (migration_begin to migration_end). On a CPU the pull's work takes the cores and the
-    # interpreter from the step loop (docs/validation.md, run 14: about 1 ms a step with
-    # opt-tiny); fitted by benchmarks/validate_simulator.py (engine_fit.fit_pull_step_cost).
-    # 0 in DistServe's model: an accelerator's copies leave its compute units alone.
+    # (migration_begin to migration_end), and to one that starts while a prefill instance
+    # runs a step. On a CPU the pull's work, and with the instances in one process the
+    # prefill's host work, take the cores and the interpreter from the step loop
+    # (docs/validation.md, run 14: about 1 ms a step each with opt-tiny); fitted by
+    # benchmarks/validate_simulator.py (engine_fit.fit_step_costs). 0 in DistServe's model:
+    # an accelerator's copies and another instance's steps leave its compute units alone.
     kv_pull_step_cost_s: float = 0.0
+    decode_cost_beside_prefill_s: float = 0.0
     # The pull policy's constant has one home, the engine's config.
     decode_waiting_share: float = EngineConfig.decoding_waiting_share
     # colocated / chunked: `prefill` is the instance's parallelism, `num_prefill` the instances;
@@ -130,8 +133,7 @@ class Cluster:
             self.prefills = [PrefillInstance(loop, model, c.prefill, self, c.prefill_max_batch,
                                              c.prefill_max_tokens, f"prefill{i}") for i in range(c.num_prefill)]
         if c.mode in ("disaggregated", "decode_only"):
-            self.decodes = [DecodeInstance(loop, model, c.decode, self, c.decode_max_batch,
-                                           f"decode{i}", c.kv_pull_step_cost_s)
+            self.decodes = [self._decode_instance(c.decode, f"decode{i}")
                             for i in range(c.num_decode)]
         if c.mode in ("colocated", "chunked"):
             chunk = c.chunk_size if c.mode == "chunked" else None
@@ -195,6 +197,18 @@ class Cluster:
             self.decodes.remove(inst)
             inst.drain()
 
+    def _decode_instance(self, spec: Parallelism, name: str) -> DecodeInstance:
+        c = self.config
+        return DecodeInstance(self.loop, self.model, spec, self, c.decode_max_batch, name,
+                              c.kv_pull_step_cost_s, c.decode_cost_beside_prefill_s,
+                              self._prefill_running)
+
+    def _prefill_running(self) -> bool:
+        """Whether a prefill instance is running a step now."""
+        now = self.loop.now
+        return any(p.pipeline.busy_until() > now for p in self.prefills
+                   if isinstance(p, PrefillInstance))
+
     def on_evicted(self, reqs: list[SimRequest], inst: DecodeInstance) -> None:
         """A draining decode instance's requests wait to be pulled, ahead of newer ones."""
         self.pending.extendleft((req, inst) for req in reversed(reqs))
@@ -203,9 +217,7 @@ class Cluster:
     def on_drained(self, inst: PrefillInstance | DecodeInstance) -> None:
         c, loop = self.config, self.loop
         if isinstance(inst, PrefillInstance):
-            self.decodes.append(DecodeInstance(loop, self.model, inst.spec, self,
-                                               c.decode_max_batch, inst.name,
-                                               c.kv_pull_step_cost_s))
+            self.decodes.append(self._decode_instance(inst.spec, inst.name))
             self.role_switches.append((loop.now, "prefill->decode"))
             self.dispatch()
         else:

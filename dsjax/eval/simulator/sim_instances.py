@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Protocol
+from typing import Callable, Protocol
 
 from dsjax.eval.latency_model import LatencyModel
 from dsjax.eval.simulator.events import EventLoop
@@ -171,11 +171,17 @@ class DecodeInstance:
     is swapped out (time not charged) and swapped back in before any new request joins."""
 
     def __init__(self, loop: EventLoop, model: LatencyModel, spec: Parallelism, sink: Sink,
-                 max_batch: int, name: str = "decode", pull_step_cost_s: float = 0.0):
+                 max_batch: int, name: str = "decode", pull_step_cost_s: float = 0.0,
+                 beside_prefill_cost_s: float = 0.0,
+                 prefill_running: Callable[[], bool] = lambda: False):
         self.loop, self.model, self.spec, self.sink = loop, model, spec, sink
-        # A step started while pulls into this instance are in flight takes this much longer
-        # (SimConfig.kv_pull_step_cost_s); the cluster counts the pulls.
+        # A step started while pulls into this instance are in flight, or while a prefill
+        # instance runs a step (`prefill_running`), takes this much longer
+        # (SimConfig.kv_pull_step_cost_s, decode_cost_beside_prefill_s); the cluster counts
+        # the pulls.
         self.pull_step_cost_s = pull_step_cost_s
+        self.beside_prefill_cost_s = beside_prefill_cost_s
+        self.prefill_running = prefill_running
         self.pulls_in_flight = 0
         self.capacity = model.kv_capacity_tokens(spec.tp, spec.pp)
         self.name = name
@@ -283,6 +289,8 @@ class DecodeInstance:
         a, b, c = step_coeffs(self.model, self.spec.tp, n)
         if self.pulls_in_flight:
             a += self.pull_step_cost_s
+        if self.beside_prefill_cost_s and self.prefill_running():
+            a += self.beside_prefill_cost_s
         # Steps that finish no one, need no swap and admit no one, ending before any other event,
         # run right here: most steps, and the heap never sees them.
         quiet = 0 if self.waiting or self.swapped else \
