@@ -28,6 +28,30 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- validate_simulator.py writes below this line -->"
 
 
+# The engines' batch limits (the simulator's too) and KV pages.
+LIMITS = dict(context_max_batch_size=128, context_max_tokens_per_batch=1024,
+              decoding_max_batch_size=256)
+BLOCK_SIZE, NUM_BLOCKS = 16, 4096
+
+
+def validation_engine(model: str, dtype: str, mode: str, backend: str, reqs):
+    """The engine a validation run measures (dummy weights), warmed up for every shape the
+    requests `reqs` reach before it is ready."""
+    from dsjax.config import EngineConfig
+    from dsjax.engine.core import Engine
+    return Engine(EngineConfig(
+        model=model, load_format="dummy", dtype=dtype, mode=mode,
+        block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, max_num_blocks_per_req=64,
+        distributed_executor_backend=backend,
+        # The simulator models DistServe, which caches no prefixes, and every rate replays
+        # the same prompts: with the cache on, real prefills computed only the prompts'
+        # last blocks (real steps 0.41-0.59 of the fit, which is keyed on whole prompts).
+        enable_prefix_caching=False,
+        warmup_max_prompt_len=max(r.prompt_len for r in reqs),
+        warmup_max_context_len=max(r.prompt_len + r.output_len for r in reqs),
+        warmup_max_prefill_batch=32, warmup_max_decode_batch=64, **LIMITS))
+
+
 def scaled_requests(num: int, scale: float, max_prompt: int, max_output: int, seed: int = 0):
     from dsjax.eval.workloads import TestRequest, get_dataset
     reqs = get_dataset("sharegpt").sample(num, seed=seed)
@@ -53,8 +77,9 @@ def main(argv=None) -> int:
                    help="sampling temperature (0 = greedy; see docs/validation.md)")
     p.add_argument("--modes", nargs="+", default=["disaggregated", "colocated"])
     p.add_argument("--backend", choices=["uni", "mp"], default="mp",
-                   help="executor backend: mp gives each instance its own cores, so prefill and "
-                        "decode do not share them as the simulator assumes they do not")
+                   help="executor backend: mp runs each instance in its own process, uni both "
+                        "as threads of this one (on a small machine either way they share the "
+                        "cores: the fitted step costs charge what that costs, run 14)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-rates", type=float, nargs="+", default=None,
                    help="rates of the calibration replays the engine-fitted model is fitted on "
@@ -66,8 +91,6 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from dsjax.config import EngineConfig
-    from dsjax.engine.core import Engine
     from dsjax.eval.engine_fit import (decode_steps, engine_latency_model, fit_link,
                                        fit_pull_overhead, fit_step_costs,
                                        migration_samples, prefill_batches)
@@ -108,16 +131,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"{profile} was profiled in another dtype than --dtype {args.dtype}: "
                          f"pass --reprofile (its steps and KV bytes would not match the engine's)")
     co = model.coeffs(1)
-    block_size, num_blocks = 16, 4096
-    model.kv_capacity[(1, 1)] = block_size * num_blocks
+    model.kv_capacity[(1, 1)] = BLOCK_SIZE * NUM_BLOCKS
     reqs = scaled_requests(args.num_prompts, args.scale, args.max_prompt, args.max_output, args.seed)
     mean_in = np.mean([r.prompt_len for r in reqs])
     mean_out = np.mean([r.output_len for r in reqs])
     print(f"== {len(reqs)} ShareGPT requests, lengths / {args.scale:g} capped at "
           f"{args.max_prompt}/{args.max_output}: mean in {mean_in:.1f}, out {mean_out:.1f}")
 
-    limits = dict(context_max_batch_size=128, context_max_tokens_per_batch=1024,
-                  decoding_max_batch_size=256)
+    limits = LIMITS
     calibration_reqs = scaled_requests(args.num_prompts, args.scale, args.max_prompt,
                                        args.max_output, args.seed + 1000)
     rates = sorted(args.rates)
@@ -125,19 +146,8 @@ def main(argv=None) -> int:
                                                           rates[-1]})
     rows, step_ratios, fitted_models, fitted_links = [], {}, {}, {}
     for mode in args.modes:
-        # The engine compiles the shape buckets this workload reaches before it is ready.
         t = time.perf_counter()
-        engine = Engine(EngineConfig(
-            model=args.model, load_format="dummy", dtype=args.dtype, mode=mode,
-            block_size=block_size, num_blocks=num_blocks, max_num_blocks_per_req=64,
-            distributed_executor_backend=args.backend,
-            # The simulator models DistServe, which caches no prefixes, and every rate replays
-            # the same prompts: with the cache on, real prefills computed only the prompts'
-            # last blocks (real steps 0.41-0.59 of the fit, which is keyed on whole prompts).
-            enable_prefix_caching=False,
-            warmup_max_prompt_len=max(r.prompt_len for r in reqs),
-            warmup_max_context_len=max(r.prompt_len + r.output_len for r in reqs),
-            warmup_max_prefill_batch=32, warmup_max_decode_batch=64, **limits))
+        engine = validation_engine(args.model, args.dtype, mode, args.backend, reqs)
         try:
             replay(engine, reqs, max(args.rates), seed=args.seed + 1, temperature=args.temperature)
             print(f"== {mode}: ready and warm in {time.perf_counter() - t:.1f} s")

@@ -112,21 +112,27 @@ def test_a_migrated_requests_first_decode_token_is_a_hand_off_not_a_step():
     assert [ctx for ctx, _ in decode_steps([alone, running], alone=True)] == [[12], [13]]
 
 
+def _simulated_workload(seed: int, num: int, max_output: int, gap: float):
+    """A step model, requests and Poisson arrivals (mean gap `gap` s) for the simulator to
+    play the 'real' engine on."""
+    from dsjax.eval.latency_model import LatencyModel
+    from dsjax.eval.workloads import TestRequest
+    model = LatencyModel("opt-13b", {1: StepCoeffs((10.0, 0.1, 0.0), (5.0, 0.01, 0.5),
+                                                   (5.0, 0.01, 0.5))}, {(1, 1): 100_000})
+    rng = np.random.default_rng(seed)
+    reqs = [TestRequest("", int(rng.integers(20, 400)), int(rng.integers(2, max_output)))
+            for _ in range(num)]
+    return model, reqs, np.cumsum(rng.exponential(gap, len(reqs))).tolist()
+
+
 @pytest.mark.parametrize("pull_cost,beside_cost", [(0.0, 0.0), (0.003, 0.0), (0.002, 0.004)])
 def test_step_costs_are_recovered_from_what_runs_when_steps_start(pull_cost, beside_cost):
     """A 'real' run whose decode steps take longer while a pull is in flight, or while the
     prefill instance runs a step (the simulator with those settings): the fit recovers both
     from the steps alone, and fits the base model on the steps with neither."""
     from dsjax.eval.engine_fit import engine_latency_model, fit_step_costs
-    from dsjax.eval.latency_model import LatencyModel
     from dsjax.eval.simulator import Cluster, SimConfig
-    from dsjax.eval.workloads import TestRequest
-    model = LatencyModel("opt-13b", {1: StepCoeffs((10.0, 0.1, 0.0), (5.0, 0.01, 0.5),
-                                                   (5.0, 0.01, 0.5))}, {(1, 1): 100_000})
-    rng = np.random.default_rng(2)
-    reqs = [TestRequest("", int(rng.integers(20, 400)), int(rng.integers(2, 40)))
-            for _ in range(160)]
-    arrivals = np.cumsum(rng.exponential(0.03, len(reqs))).tolist()
+    model, reqs, arrivals = _simulated_workload(seed=2, num=160, max_output=40, gap=0.03)
     # (A link quick enough that some prefill steps run while no pull is in flight.)
     config = SimConfig(kv_link_bytes_per_s=1e9, kv_link_latency_s=0.002,
                        kv_pull_step_cost_s=pull_cost, decode_cost_beside_prefill_s=beside_cost)
@@ -209,15 +215,8 @@ def test_pull_overhead_is_recovered_from_real_pulls_against_their_simulated_twin
     that overhead, on the same requests and arrivals): the fit recovers it from the first gaps
     between tokens, and charging it makes the twin's hand-offs the real ones."""
     from dsjax.eval.engine_fit import first_gap, fit_pull_overhead
-    from dsjax.eval.latency_model import LatencyModel
     from dsjax.eval.simulator import Cluster, SimConfig
-    from dsjax.eval.workloads import TestRequest
-    model = LatencyModel("opt-13b", {1: StepCoeffs((10.0, 0.1, 0.0), (5.0, 0.01, 0.5),
-                                                   (5.0, 0.01, 0.5))}, {(1, 1): 100_000})
-    rng = np.random.default_rng(1)
-    reqs = [TestRequest("", int(rng.integers(20, 400)), int(rng.integers(2, 30)))
-            for _ in range(40)]
-    arrivals = np.cumsum(rng.exponential(0.05, len(reqs))).tolist()
+    model, reqs, arrivals = _simulated_workload(seed=1, num=40, max_output=30, gap=0.05)
 
     def run(overhead):
         config = SimConfig(kv_link_bytes_per_s=1e10, kv_link_latency_s=0.002,

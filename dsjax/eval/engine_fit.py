@@ -13,7 +13,10 @@ what the engine reports per request, and DistServe's step model is fitted to tho
                                                     timed from the step before it)
 
 The host work lands in the intercepts and per-row terms, so the fitted model charges no
-separate overhead. Coefficients are fitted with all three kept >= 0 (the best non-negative
+separate overhead. In disaggregated mode the decode model is fitted to the steps that started
+with nothing beside them, and what a KV pull in flight or another instance's prefill step
+adds to a step is fitted apart (fit_step_costs; the simulator's kv_pull_step_cost_s and
+decode_cost_beside_prefill_s). Coefficients are fitted with all three kept >= 0 (the best non-negative
 subset by squared error), so no shape ever gets a negative time, and fitted again without the
 outliers of the first fit (compiles, scheduling stalls).
 """
@@ -120,7 +123,7 @@ def _during(spans, windows) -> list[bool]:
     return out
 
 
-def _step_kinds(results) -> list[tuple[list[int], float, float, bool, bool]]:
+def decode_step_kinds(results) -> list[tuple[list[int], float, float, bool, bool]]:
     """decode_step_spans with, for each step, whether a KV pull was in flight when it started
     and whether a prefill step of another instance was running then (disaggregated mode:
     every prefill step is another instance's)."""
@@ -134,7 +137,7 @@ def _step_kinds(results) -> list[tuple[list[int], float, float, bool, bool]]:
 def decode_steps(results, alone: bool = False) -> list[tuple[list[int], float]]:
     """decode_step_spans as [(context lens, seconds)]; with `alone`, only the steps that
     started while no KV pull was in flight and no other instance's prefill step ran."""
-    return [(ctx, end - start) for ctx, start, end, pull, beside in _step_kinds(results)
+    return [(ctx, end - start) for ctx, start, end, pull, beside in decode_step_kinds(results)
             if not (alone and (pull or beside))]
 
 
@@ -148,7 +151,7 @@ def fit_step_costs(results, model: LatencyModel, tp: int = 1) -> tuple[float, fl
     interpreter from the step loop: about a millisecond a step each with opt-tiny
     (docs/validation.md, run 14), steady across rates where a factor on the step was not."""
     excess = defaultdict(list)
-    for ctx, start, end, pull, beside in _step_kinds(results):
+    for ctx, start, end, pull, beside in decode_step_kinds(results):
         excess[pull, beside].append((end - start) * 1e3 - model.decode_ms(ctx, tp))
     if len(excess[False, False]) < MIN_STEPS:
         return 0.0, 0.0
