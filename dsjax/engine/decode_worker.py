@@ -11,7 +11,8 @@ from dsjax.engine.messages import ExportKV, LifetimeEvent, MigrationOffer
 from dsjax.engine.request import Request
 from dsjax.engine.scheduler import BatchLimits, DecodeScheduler
 from dsjax.engine.worker import ImportArrived, KVLost
-from dsjax.executor.kv_migration import KVPullFailed, arrays_of, await_arrival, land_shards
+from dsjax.executor.kv_migration import (KVPullFailed, arrays_of, await_arrival, land_shards,
+                                         reshard_pages)
 
 PULL_WAITERS = 8    # threads per decode instance waiting for arriving KV
 
@@ -30,7 +31,9 @@ class DecodeWorker(DecodingWorker):
         # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
         # (offer, when asked, blocks its own prefix cache supplied)
         self.migrating: dict[str, tuple[MigrationOffer, float, int]] = {}
-        self.arriving: dict[str, list] = {}   # shards of pulls on the way
+        # Pulls on the way: their shards, and once arrived the pages laid out for this
+        # instance's stages (None before).
+        self.arriving: dict[str, tuple[list, list | None]] = {}
         self.pull_timeout_s = pull_timeout_s
         self._deadlines: dict[str, float] = {}
         self._waiters = None   # threads that wait for arriving KV (started on first use)
@@ -114,12 +117,17 @@ class DecodeWorker(DecodingWorker):
                                                       f"{self.pull_timeout_s:g} s"))
 
     def _await_arrival(self, request_id: str, payload, inbox, source: str) -> None:
-        """Waiter thread: start the transfer, wait for the arrays, then tell the loop."""
+        """Waiter thread: start the transfer, wait for the arrays, lay them out for this
+        instance's stages (here, not on the step loop, which then only writes them), then
+        tell the loop."""
         started = time.monotonic()
         try:
-            shards = self.arriving[request_id] = self.kv.receive(self.runner, payload)
+            shards = self.kv.receive(self.runner, payload)
+            self.arriving[request_id] = (shards, None)
             left = self.pull_timeout_s - (time.monotonic() - started)
             await_arrival(arrays_of(shards), max(left, 0.0), source)
+            transfer_s = time.monotonic() - started
+            self.arriving[request_id] = (shards, reshard_pages(shards, self.runner))
         except KVPullFailed as e:
             inbox.put(ImportArrived(request_id, str(e)))
             return
@@ -127,10 +135,10 @@ class DecodeWorker(DecodingWorker):
             inbox.put(ImportArrived(request_id, f"KV pull from {source} failed: "
                                                 f"{type(e).__name__}: {e}"))
             return
-        inbox.put(ImportArrived(request_id, None, time.monotonic() - started))
+        inbox.put(ImportArrived(request_id, None, transfer_s))
 
     def _arrived(self, request_id: str, error: str | None, transfer_s: float = 0.0) -> None:
-        shards = self.arriving.pop(request_id, None)
+        shards, pages = self.arriving.pop(request_id, ([], None))
         self._deadlines.pop(request_id, None)
         if request_id not in self.migrating:   # dropped while arriving: nothing to write
             return
@@ -138,14 +146,14 @@ class DecodeWorker(DecodingWorker):
             self.migrating.pop(request_id)
             self.blocks.free(request_id)
             raise KVLost(error)
-        self._land(request_id, shards, transfer_s)
+        self._land(request_id, shards, transfer_s, pages)
 
-    def _land(self, request_id: str, shards, transfer_s: float = 0.0) -> None:
+    def _land(self, request_id: str, shards, transfer_s: float = 0.0, pages=None) -> None:
         """Write the arrived pages and start decoding the request's sequences."""
         offer, began, skipped = self.migrating.pop(request_id)
         table = self.blocks.tables[request_id]
         try:
-            nbytes = land_shards(self.runner, shards, table[skipped:]) if shards else 0
+            nbytes = land_shards(self.runner, shards, table[skipped:], pages) if shards else 0
         except Exception:
             self.blocks.free(request_id)
             raise

@@ -101,8 +101,12 @@ def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, 
                     upto = min(want.h1, box.h1)
                     sel = (slice(a - box.l0, b - box.l0), slice(None), slice(None),
                            slice(covered - box.h0, upto - box.h0))
-                    k_heads.append(jax.device_put(s.k[sel], device))
-                    v_heads.append(jax.device_put(s.v[sel], device))
+                    # A whole shard (matching layouts) moves as it is: slicing it anyway cost
+                    # a dispatched copy of K and of V per pull.
+                    whole = (b - a, upto - covered) == (s.k.shape[LAYER_AXIS],
+                                                        s.k.shape[HEAD_AXIS])
+                    k_heads.append(jax.device_put(s.k if whole else s.k[sel], device))
+                    v_heads.append(jax.device_put(s.v if whole else s.v[sel], device))
                     covered = upto
                     if covered == want.h1:
                         break
@@ -192,9 +196,10 @@ def await_arrival(arrays: list[jax.Array], timeout_s: float, source: str) -> Non
 
 
 
-def land_shards(runner, shards: list[PageShard], dst_blocks) -> int:
-    """Write arrived shards into the destination's pages; returns the bytes moved."""
-    runner.insert_pages(dst_blocks, reshard_pages(shards, runner))
+def land_shards(runner, shards: list[PageShard], dst_blocks, pages=None) -> int:
+    """Write arrived shards into the destination's pages; returns the bytes moved. `pages`:
+    reshard_pages(shards, runner) when the caller made them already (off its step loop)."""
+    runner.insert_pages(dst_blocks, reshard_pages(shards, runner) if pages is None else pages)
     return shards_nbytes(shards, len(dst_blocks))
 
 
