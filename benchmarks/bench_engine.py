@@ -6,6 +6,7 @@
     python benchmarks/bench_engine.py gc --batch-sizes 64,256 --steps 64
     python benchmarks/bench_engine.py migration --model opt-125m
     python benchmarks/bench_engine.py interference --model opt-125m --backends uni,mp
+    python benchmarks/bench_engine.py landing --prompt-len 128 --steps 16
 
 overhead: decode steps of a running batch; host overhead = step wall time minus the time
   blocked on the device's results (the rest is Python: scheduling, metadata, sampling bookkeeping,
@@ -19,6 +20,9 @@ interference: a decode instance's time per output token alone, and while the pre
   runs long prompts, for each executor backend (timed at the caller from token timestamps, so
   instances in other processes are measured the same way). Near 1 means the phases do not
   interfere; on a CPU only the "mp" backend gives each instance its own cores.
+landing: what a pulled request's arrival costs the decode instance's step loop (its `_land`:
+  writing the arrived pages, starting the request), per request, in a "uni" engine taking a
+  new prompt every 20 ms.
 """
 from __future__ import annotations
 
@@ -344,10 +348,45 @@ def interference(args) -> None:
         engine.shutdown()
 
 
+def landing(args) -> None:
+    import numpy as np
+    from dsjax import SamplingParams
+
+    engine = _engine(args, mode="disaggregated", distributed_executor_backend="uni",
+                     num_blocks=2048)
+    worker = engine.local_worker("decode0")
+    land, took = worker._land, []
+
+    def timed_land(*a, **k):
+        start = time.perf_counter()
+        try:
+            return land(*a, **k)
+        finally:
+            took.append(time.perf_counter() - start)
+    worker._land = timed_land
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)
+    print("| round | requests | step-loop ms per landing (median) | P90 | max |")
+    print("|---|---|---|---|---|")
+    for round_ in ("first (compiles)", "second", "third"):
+        took.clear()
+        streams = []
+        for _ in range(64):
+            streams.append(engine.add_request(rng.integers(4, 1000, args.prompt_len).tolist(),
+                                              params))
+            time.sleep(0.02)
+        for s in streams:
+            s.result()
+        ms = 1e3 * np.array(took)
+        print(f"| {round_} | {len(ms)} | {np.median(ms):.3f} | {np.percentile(ms, 90):.3f} | "
+              f"{ms.max():.1f} |")
+    engine.shutdown()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["overhead", "phases", "threads", "gc", "migration",
-                                    "interference"])
+                                    "interference", "landing"])
     p.add_argument("--model", default="opt-tiny")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-sizes", default="1,16,64,256")
@@ -361,7 +400,7 @@ def main(argv=None) -> None:
                                    " --xla_force_host_platform_device_count=8").strip()
     {"overhead": overhead, "phases": phases, "threads": threads,
      "gc": collections_during_steps, "migration": migration,
-     "interference": interference}[args.what](args)
+     "interference": interference, "landing": landing}[args.what](args)
 
 
 if __name__ == "__main__":
