@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from dsjax.eval.engine_fit import (decode_steps, engine_latency_model, fit_link,
+    from dsjax.eval.engine_fit import (MIN_STEPS, decode_steps, engine_latency_model, fit_link,
                                        fit_pull_overhead, fit_step_costs,
                                        migration_samples, prefill_batches)
     from dsjax.eval.profiler import Grid, run_profile
@@ -164,8 +164,11 @@ def main(argv=None) -> int:
             # calibration's steps against that fit.
             step_costs = fit_step_costs(calibration, fitted) if mode == "disaggregated" \
                 else (0.0, 0.0)
+            # (decode is fitted on the steps with nothing beside them, where there are enough)
+            alone = decode_steps(calibration, alone=True)
             fitted_models[mode] = (fitted.coeffs(1), len(prefill_batches(calibration)),
-                                   len(decode_steps(calibration)))
+                                   len(alone) if len(alone) >= MIN_STEPS
+                                   else len(decode_steps(calibration)))
             print(f"== {mode}: engine-fitted step model {fitted_models[mode][0]}")
             # The KV link from the transfers alone: latency + bytes / bandwidth. (A bandwidth
             # alone charged pulls' fixed cost per byte: long prompts' pulls came out 10x too

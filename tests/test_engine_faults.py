@@ -204,22 +204,21 @@ def test_host_side_failure_of_one_request_fails_it_alone(where, fresh, hf_opt, h
     wait_idle(engine)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_kv_that_cannot_be_laid_out_is_recomputed_or_fails_alone(recompute, fresh, hf_reference,
-                                                                 monkeypatch):
-    """Laying out one request's arrived KV for its decode instance fails once (on its pull's
-    waiter thread, off the step loop). Recompute on (the default): the request runs again
-    and gives transformers' tokens; off: it fails with the error. The others give
-    transformers' tokens either way, and every block is freed."""
+def test_kv_that_cannot_be_laid_out_fails_its_request_alone(fresh, hf_reference, monkeypatch):
+    """Laying out one request's arrived KV for its decode instance fails (on its pull's
+    waiter thread, off the step loop), every time. That is this instance's fault, not the
+    pull's: the request fails once with the error, and is not recomputed (it would fail the
+    same way again, forever). The others give transformers' tokens, and every block is
+    freed."""
     from dsjax.engine import decode_worker
-    engine = fresh(recompute_on_failure=recompute)
+    engine = fresh()   # recompute on failure: the default
     worker = engine.local_worker("decode0")
     waiter = threading.local()   # which request this waiter thread is receiving
     await_arrival, reshard_pages = worker._await_arrival, decode_worker.reshard_pages
     faults = []
 
     def receive(request_id, *rest):
-        waiter.poison = request_id == engine.engine_id("poison") and not faults
+        waiter.poison = request_id == engine.engine_id("poison")
         return await_arrival(request_id, *rest)
 
     def reshard(shards, runner):
@@ -231,11 +230,8 @@ def test_kv_that_cannot_be_laid_out_is_recomputed_or_fails_alone(recompute, fres
     monkeypatch.setattr(decode_worker, "reshard_pages", reshard)
     poison = engine.add_request(engine_prompts()[0], GREEDY, request_id="poison")
     others = [engine.add_request(p, GREEDY) for p in engine_prompts()[1:]]
-    if recompute:
-        assert poison.result(timeout=120).token_ids == hf_reference[0]
-    else:
-        with pytest.raises(EngineError, match="injected layout fault"):
-            poison.result(timeout=120)
+    with pytest.raises(EngineError, match="injected layout fault"):
+        poison.result(timeout=120)
     assert faults == [1]
     assert [s.result(timeout=120).token_ids for s in others] == hf_reference[1:]
     wait_idle(engine)

@@ -102,13 +102,16 @@ def test_a_migrated_requests_first_decode_token_is_a_hand_off_not_a_step():
     colocated = _result(10, [5.0, 5.002, 5.004], 4.99, 5.0)
     assert [(ctx, round(s, 6)) for ctx, s in decode_steps([colocated])] == [
         ([11], 0.002), ([12], 0.002)]
-    # Joining a running request's step: the step counts, timed from that request's last one.
-    running = _migrated(20, [4.0, 4.5, 5.005, 5.009], pull=(4.001, 4.4))
+    # Joining a running request's step: the step counts, timed from that request's last one;
+    # and the step during which alone's prefill stamped its first token (4.998 -> 5.005,
+    # across 5.0) is timed from the decode step before it, not from that stamp.
+    running = _migrated(20, [4.0, 4.998, 5.005, 5.009], pull=(4.001, 4.99))
     steps = decode_steps([alone, running])
-    assert ([11, 23], 0.004) in [(sorted(c), round(s, 6)) for c, s in steps]
-    assert all(round(s, 6) != 0.009 for _, s in steps)   # the hand-off, 5.0 -> 5.009
+    assert [(sorted(c), round(s, 6)) for c, s in steps] == [
+        ([22], 0.007), ([11, 23], 0.004), ([12], 0.002), ([13], 0.002)]
     # Alone: only the steps that started while no pull was in flight and no prefill step ran
-    # (alone's pull, 5.001-5.007, holds the start of the step that alone joined at 5.005).
+    # (alone's prefill, 4.99-5.0, holds the start of the first; its pull, 5.001-5.007, that of
+    # the step it joined).
     assert [ctx for ctx, _ in decode_steps([alone, running], alone=True)] == [[12], [13]]
 
 

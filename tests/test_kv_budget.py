@@ -54,6 +54,8 @@ def test_a_clusters_budget_is_the_least_share_of_the_nodes_that_host_the_engine(
     # 3 on node 1, 1 on node 2: 0.3 x 64 / 3 = 6.4 -> 4 GiB; 0.3 x 8 / 1 = 2.4 -> 2.25 GiB.
     assert cpu_kv_bytes_across_nodes(nodes, 4, {"10.0.0.1": 3, "10.0.0.2": 1}) == \
         2 * GIB + (256 << 20)
+    # Actors of 4 devices each: node 2 (2 CPUs) can host none, and does not count.
+    assert cpu_kv_bytes_across_nodes(nodes, 4, smallest_actor=4) == 4 * GIB
     # A one-node cluster (the local one): the single machine's rule.
     assert cpu_kv_bytes_across_nodes({"a": (16, 20 * GIB)}, 2) == \
         auto_cpu_kv_bytes(2, available=20 * GIB) == 3 * GIB

@@ -31,9 +31,7 @@ class DecodeWorker(DecodingWorker):
         # KV asked for, not arrived: request id -> (offer, when asked); pages held under its id
         # (offer, when asked, blocks its own prefix cache supplied)
         self.migrating: dict[str, tuple[MigrationOffer, float, int]] = {}
-        # Pulls on the way: their shards, and once arrived the pages laid out for this
-        # instance's stages (None before).
-        self.arriving: dict[str, tuple[list, list | None]] = {}
+        self.arriving: dict[str, list] = {}   # shards of pulls on the way
         self.pull_timeout_s = pull_timeout_s
         self._deadlines: dict[str, float] = {}
         self._waiters = None   # threads that wait for arriving KV (started on first use)
@@ -122,12 +120,9 @@ class DecodeWorker(DecodingWorker):
         tell the loop."""
         started = time.monotonic()
         try:
-            shards = self.kv.receive(self.runner, payload)
-            self.arriving[request_id] = (shards, None)
+            shards = self.arriving[request_id] = self.kv.receive(self.runner, payload)
             left = self.pull_timeout_s - (time.monotonic() - started)
             await_arrival(arrays_of(shards), max(left, 0.0), source)
-            transfer_s = time.monotonic() - started
-            self.arriving[request_id] = (shards, reshard_pages(shards, self.runner))
         except KVPullFailed as e:
             inbox.put(ImportArrived(request_id, str(e)))
             return
@@ -135,17 +130,24 @@ class DecodeWorker(DecodingWorker):
             inbox.put(ImportArrived(request_id, f"KV pull from {source} failed: "
                                                 f"{type(e).__name__}: {e}"))
             return
-        inbox.put(ImportArrived(request_id, None, transfer_s))
+        transfer_s = time.monotonic() - started
+        try:
+            pages = reshard_pages(shards, self.runner)
+        except Exception as e:  # noqa: BLE001 - this instance's fault: the request fails alone
+            inbox.put(ImportArrived(request_id, None, transfer_s, layout_error=e))
+            return
+        inbox.put(ImportArrived(request_id, None, transfer_s, pages))
 
-    def _arrived(self, request_id: str, error: str | None, transfer_s: float = 0.0) -> None:
-        shards, pages = self.arriving.pop(request_id, ([], None))
+    def _arrived(self, request_id: str, error: str | None, transfer_s: float = 0.0,
+                 pages=None, layout_error: Exception | None = None) -> None:
+        shards = self.arriving.pop(request_id, None)
         self._deadlines.pop(request_id, None)
         if request_id not in self.migrating:   # dropped while arriving: nothing to write
             return
-        if error is not None:
+        if error is not None or layout_error is not None:
             self.migrating.pop(request_id)
             self.blocks.free(request_id)
-            raise KVLost(error)
+            raise KVLost(error) if layout_error is None else layout_error
         self._land(request_id, shards, transfer_s, pages)
 
     def _land(self, request_id: str, shards, transfer_s: float = 0.0, pages=None) -> None:

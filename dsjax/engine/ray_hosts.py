@@ -247,10 +247,12 @@ def node_memory() -> dict[str, tuple[int, int]]:
         n["NodeID"], soft=False)).remote() for n in alive]
     try:
         available = ray.get(refs, timeout=NODE_MEMORY_TIMEOUT_S)
-    except GetTimeoutError:
-        raise RuntimeError(f"the Ray cluster's nodes did not report their free memory in "
-                           f"{NODE_MEMORY_TIMEOUT_S:.0f} s, to size the KV cache: set "
-                           f"cpu_kv_cache_bytes (--cpu-kv-cache-bytes)") from None
+    except (GetTimeoutError, RayError) as e:   # slow, or a node died meanwhile
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise RuntimeError(f"the Ray cluster's nodes did not report their free memory (to "
+                           f"size the KV cache): {_first_line(e)}; set cpu_kv_cache_bytes "
+                           f"(--cpu-kv-cache-bytes)") from None
     return {n["NodeManagerAddress"]: (int(n["Resources"]["CPU"]), int(a))
             for n, a in zip(alive, available)}
 
@@ -260,6 +262,7 @@ def cluster_cpu_kv_bytes(config, plans, total_devices: int) -> int:
     the driver's (kv_cache.cpu_kv_bytes_across_nodes): the nodes its plans pin every actor
     to, else every node it may land on."""
     pinned: dict[str, int] = {}
+    smallest = min(actor_layout(config, plan)[1] for plan in plans)
     for plan in plans:
         split, per_actor = actor_layout(config, plan)
         nodes = actor_nodes(config, plan, split)
@@ -268,7 +271,7 @@ def cluster_cpu_kv_bytes(config, plans, total_devices: int) -> int:
             break
         for node in nodes:
             pinned[node] = pinned.get(node, 0) + per_actor
-    return cpu_kv_bytes_across_nodes(node_memory(), total_devices, pinned)
+    return cpu_kv_bytes_across_nodes(node_memory(), total_devices, pinned, smallest)
 
 
 class RayHost(RemoteHost):

@@ -58,6 +58,12 @@ class ImportArrived:
     # The transfer alone: from the waiter starting to receive to the last array's arrival,
     # without the waits for either instance's step to end (what the simulator's link models).
     transfer_s: float = 0.0
+    # The arrived pages laid out for the instance's stages (kv_migration.reshard_pages, on
+    # the waiter thread); carried here, so a request dropped meanwhile holds nothing.
+    pages: list | None = None
+    # Why that layout failed: a fault of this instance, not of the pull, so the request
+    # fails (not retried: it would fail the same way again).
+    layout_error: Exception | None = None
 
 
 class InstanceWorker:
@@ -135,7 +141,8 @@ class InstanceWorker:
                    OfferMigration: lambda m: self._offered(m.offer),
                    ExportKV: lambda m: self._export(m.request_id, m.dest, m.skip_blocks),
                    KVReady: lambda m: self._import(m.request_id, m.payload),
-                   ImportArrived: lambda m: self._arrived(m.request_id, m.error, m.transfer_s),
+                   ImportArrived: lambda m: self._arrived(m.request_id, m.error, m.transfer_s,
+                                                          m.pages, m.layout_error),
                    KVRefused: lambda m: self._drop(m.request_id)}.get(type(msg))
         if handler is None:
             log.error("%s: unexpected message %r", self.name, msg)

@@ -16,9 +16,9 @@ The host work lands in the intercepts and per-row terms, so the fitted model cha
 separate overhead. In disaggregated mode the decode model is fitted to the steps that started
 with nothing beside them, and what a KV pull in flight or another instance's prefill step
 adds to a step is fitted apart (fit_step_costs; the simulator's kv_pull_step_cost_s and
-decode_cost_beside_prefill_s). Coefficients are fitted with all three kept >= 0 (the best non-negative
-subset by squared error), so no shape ever gets a negative time, and fitted again without the
-outliers of the first fit (compiles, scheduling stalls).
+decode_cost_beside_prefill_s). Coefficients are fitted with all three kept >= 0 (the best
+non-negative subset by squared error), so no shape ever gets a negative time, and fitted
+again without the outliers of the first fit (compiles, scheduling stalls).
 """
 from __future__ import annotations
 
@@ -65,25 +65,23 @@ def prefill_step_times(results) -> list[tuple[float, float]]:
 def decode_step_spans(results) -> list[tuple[list[int], float, float]]:
     """Decode steps recovered from token timestamps: an instance stamps every token of one
     step with the same time. A step runs from the previous stamp of any step to its own,
-    counted only when one of its requests had its previous token at that previous stamp from
-    the same instance (so the instance was busy with this batch, not idle): a token after
-    the first, or the first decode token of a request that did not migrate (colocated). A
-    migrated request's first decode token follows its prefill instance's stamp: that gap is
-    the hand-off (the pull and a step), not a decode step. Returns [(context lens, start,
-    end)]."""
+    counted only when one of its requests had its previous token at that previous stamp
+    (so the instance was busy with this batch, not idle). A migrated request's first token
+    is its prefill instance's stamp, not a decode step's: it is left out, so the gap after
+    it (the hand-off: the pull and a step) is no step, and no decode step is timed from it.
+    Returns [(context lens, start, end)]."""
     at = defaultdict(list)   # stamp -> [(request index, token index)]
     for i, r in enumerate(results):
-        for k, t in enumerate(r.token_timestamps):
+        first = 1 if "migration_begin" in _event_times(r) else 0
+        for k, t in enumerate(r.token_timestamps[first:], start=first):
             at[t].append((i, k))
-    migrated = ["migration_begin" in _event_times(r) for r in results]
     stamps = sorted(at)
     steps = []
     for prev, t in zip(stamps, stamps[1:]):
         rows = [(i, k) for i, k in at[t] if k > 0]
         if not rows:
             continue
-        if any(results[i].token_timestamps[k - 1] == prev and (k > 1 or not migrated[i])
-               for i, k in rows):
+        if any(results[i].token_timestamps[k - 1] == prev for i, k in rows):
             steps.append(([results[i].prompt_len + k for i, k in rows], prev, t))
     return steps
 
@@ -149,7 +147,9 @@ def fit_step_costs(results, model: LatencyModel, tp: int = 1) -> tuple[float, fl
     receiving, landing the pages between steps, the source's sending) and, with the
     instances in one process (`uni`), the prefill's host work take the cores and the
     interpreter from the step loop: about a millisecond a step each with opt-tiny
-    (docs/validation.md, run 14), steady across rates where a factor on the step was not."""
+    (docs/validation.md, run 14), steady across rates where a factor on the step was not.
+    The pulls are the whole run's (results carry no instance), as the simulator charges
+    them to their destination: exact with one decode instance, as validation runs."""
     excess = defaultdict(list)
     for ctx, start, end, pull, beside in decode_step_kinds(results):
         excess[pull, beside].append((end - start) * 1e3 - model.decode_ms(ctx, tp))

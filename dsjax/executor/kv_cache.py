@@ -92,17 +92,19 @@ def auto_cpu_kv_bytes(num_devices: int, available: int | None = None) -> int:
 
 
 def cpu_kv_bytes_across_nodes(nodes: dict[str, tuple[int, int]], total_devices: int,
-                              pinned: dict[str, int] | None = None) -> int:
+                              pinned: dict[str, int] | None = None,
+                              smallest_actor: int = 1) -> int:
     """KV cache bytes per device for an engine of total_devices CPU devices on a cluster.
     `nodes`: each node's address -> (its logical CPUs, the memory available on it). A node
     hosts the engine's devices `pinned` there (where the plan places every actor), else as
-    many as fit on it, up to all of them. Each node's auto_cpu_kv_bytes over those devices,
-    and the least of them: one page count for every instance, and no node asked for more
-    than its share of its own memory."""
+    many as fit on it, up to all of them (none where fewer than the smallest actor's
+    `smallest_actor` devices fit). Each node's auto_cpu_kv_bytes over those devices, and the
+    least of them: one page count for every instance, and no node asked for more than its
+    share of its own memory."""
     counts = {addr: n for addr, n in (pinned or {}).items() if addr in nodes}
     if not counts:
         counts = {addr: min(total_devices, cpus) for addr, (cpus, _) in nodes.items()
-                  if cpus >= 1}
+                  if cpus >= max(1, smallest_actor)}
     if not counts:
         raise ValueError("no node of the cluster has a CPU to host an instance: add a node "
                          "with CPUs, or set cpu_kv_cache_bytes")
