@@ -164,9 +164,7 @@ def test_every_carried_step_matches_its_rows_built_afresh(mode, extra, hf_opt):
     assert [len(o.token_ids) for o in pair.outputs] == [14, 14]
     assert penalised.token_ids == hf_greedy(hf_opt[0], prompts[1], 11, repetition_penalty=1.3)
     assert not mismatches, mismatches[0]
-    # (Coverage, not correctness: with 24 blocks memory caps the batch, and how many rows
-    # run at once depends on when pulls land; one full-suite run peaked at 4 rows.)
-    assert len(checked) > 20 and max(checked) >= 4, checked
+    assert len(checked) > 20 and max(checked) > 4, checked
     preemptions = sum(s.get("num_preemptions", 0) for s in engine.stats())
     assert preemptions > 0, "the test did not put the engine under memory pressure"
 
