@@ -261,17 +261,17 @@ def cluster_cpu_kv_bytes(config, plans, total_devices: int) -> int:
     """The engine's KV budget per CPU device from the memory of the nodes it runs on, not
     the driver's (kv_cache.cpu_kv_bytes_across_nodes): the nodes its plans pin every actor
     to, else every node it may land on."""
+    layouts = [(plan, *actor_layout(config, plan)) for plan in plans]
     pinned: dict[str, int] = {}
-    smallest = min(actor_layout(config, plan)[1] for plan in plans)
-    for plan in plans:
-        split, per_actor = actor_layout(config, plan)
+    for plan, split, per_actor in layouts:
         nodes = actor_nodes(config, plan, split)
         if None in nodes:   # Ray places this actor: any node may host it
             pinned = {}
             break
         for node in nodes:
             pinned[node] = pinned.get(node, 0) + per_actor
-    return cpu_kv_bytes_across_nodes(node_memory(), total_devices, pinned, smallest)
+    return cpu_kv_bytes_across_nodes(node_memory(), total_devices, pinned,
+                                     min(per_actor for _, _, per_actor in layouts))
 
 
 class RayHost(RemoteHost):
