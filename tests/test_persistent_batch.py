@@ -130,8 +130,10 @@ def _check_every_step(engine) -> list:
 
 
 @pytest.mark.parametrize("mode,extra", [
-    ("disaggregated", dict(async_scheduling=True)),
-    ("disaggregated", dict(async_scheduling=False)),
+    # Several pulls in flight at once (the default share admits about one into 24 blocks):
+    # with the shortest prompts first, batches of 7-8 rows form before the swaps begin.
+    ("disaggregated", dict(async_scheduling=True, decoding_waiting_share=0.5)),
+    ("disaggregated", dict(async_scheduling=False, decoding_waiting_share=0.5)),
     ("colocated", dict(async_scheduling=True)),
 ])
 def test_every_carried_step_matches_its_rows_built_afresh(mode, extra, hf_opt):
@@ -142,21 +144,22 @@ def test_every_carried_step_matches_its_rows_built_afresh(mode, extra, hf_opt):
     checked, mismatches = _check_every_step(engine)
     prompts = engine_prompts()
     lengths = [40, 30, 36, 24, 38, 18][:len(prompts)]
-    greedy = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    greedy = [(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
               for p, n in zip(prompts, lengths)]
-    varied = [engine.add_request(prompts[0], SamplingParams(n=2, temperature=0.8, seed=7,
-                                                            max_tokens=14, ignore_eos=True)),
-              engine.add_request(prompts[1], SamplingParams(temperature=0,
-                                                            repetition_penalty=1.3,
-                                                            max_tokens=11, ignore_eos=True,
-                                                            logprobs=2)),
-              engine.add_request(prompts[3], SamplingParams(temperature=0.7, seed=9,
-                                                            presence_penalty=0.5, min_tokens=5,
-                                                            max_tokens=9)),
-              engine.add_request(prompts[2], SamplingParams(temperature=1.0, top_p=0.8,
-                                                            seed=3, max_tokens=20,
-                                                            ignore_eos=True))]
-    outs = [s.result(timeout=300) for s in greedy + varied]
+    varied = [(prompts[0], SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=14,
+                                          ignore_eos=True)),
+              (prompts[1], SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=11,
+                                          ignore_eos=True, logprobs=2)),
+              (prompts[3], SamplingParams(temperature=0.7, seed=9, presence_penalty=0.5,
+                                          min_tokens=5, max_tokens=9)),
+              (prompts[2], SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=20,
+                                          ignore_eos=True))]
+    # Shortest prompts first: the first arrivals then fit side by side, so batches of more than
+    # 4 rows form before the long prompts bring the memory pressure (and the swaps).
+    requests = greedy + varied
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+    streams = {i: engine.add_request(*requests[i]) for i in order}
+    outs = [streams[i].result(timeout=300) for i in range(len(requests))]
     wait_idle(engine)
     for p, n, out in zip(prompts, lengths, outs):
         assert out.token_ids == hf_greedy(hf_opt[0], p, n)
