@@ -194,30 +194,40 @@ def test_kv_pulled_between_actors_arrives_bit_identical(cluster, src, dst):
         ray.kill(b)
 
 
+def _tiny_runners():
+    """(make(plan, devices, stage_devices=None), the model config): runners of the tiny OPT;
+    with `stage_devices`, its stage 1 runs in a StageServer on them (in this process, reached
+    through transfer channels as a Ray stage actor is) and the runner holds stage 0 only."""
+    config = EngineConfig(**TINY)
+    mc, model_dir = resolve_model(config.model, config.load_format)
+    dtype = jnp.float32
+    load, attention = params_loader(config, mc, model_dir, dtype), get_attention_backend("xla")
+    sizes = dict(dtype=dtype, num_pages=config.num_blocks, page_size=config.block_size,
+                 attention=attention)
+
+    def make(plan, devices, stage_devices=None):
+        hook = {}
+        if stage_devices is not None:
+            def servers(head_runner):
+                return [StageServer(build_stage(mc, stage_devices, 1, 2, load, **sizes,
+                                                num_slots=head_runner.max_sampled_rows),
+                                    TransferChannel("127.0.0.1"))]
+            hook = dict(place_stages=stage_placer(servers, TransferChannel("127.0.0.1")))
+        return ModelRunner(InstanceSpec.bind(plan, devices), mc, load, max_batch_size=8,
+                           max_tokens_per_batch=256, max_blocks_per_request=64, **sizes, **hook)
+    return make, mc
+
+
 def test_remote_stage_pages_and_steps_in_process():
     """A RemoteStage driving a StageServer (here in this process, on other devices) through the
     transfer channels: prefill tokens equal a local PP2 runner's, and pages written, read back
     and migrated through the relay arrive bit for bit."""
     from dsjax.executor.batch import PrefillRow, SamplingRow
-    config = EngineConfig(**TINY)
-    mc, model_dir = resolve_model(config.model, config.load_format)
-    devices, dtype = jax.devices(), jnp.float32
-    load, attention = params_loader(config, mc, model_dir, dtype), get_attention_backend("xla")
-    sizes = dict(dtype=dtype, num_pages=config.num_blocks, page_size=config.block_size,
-                 attention=attention)
-
-    def runner(spec, **hook):
-        return ModelRunner(spec, mc, load, max_batch_size=8, max_tokens_per_batch=256,
-                           max_blocks_per_request=64, **sizes, **hook)
-
-    def servers(head_runner):
-        return [StageServer(build_stage(mc, devices[1:2], 1, 2, load, **sizes,
-                                        num_slots=head_runner.max_sampled_rows),
-                            TransferChannel("127.0.0.1"))]
-    head = InstancePlan("decode", 0, 1, 2, (0,))    # the head process sees stage 0 only
-    remote = runner(InstanceSpec.bind(head, devices[:1]),
-                    place_stages=stage_placer(servers, TransferChannel("127.0.0.1")))
-    local = runner(InstanceSpec.bind(InstancePlan("decode", 0, 1, 2, (0, 1)), devices[2:4]))
+    make, mc = _tiny_runners()
+    config, devices = EngineConfig(**TINY), jax.devices()
+    # the head process sees stage 0 only
+    remote = make(InstancePlan("decode", 0, 1, 2, (0,)), devices[:1], devices[1:2])
+    local = make(InstancePlan("decode", 0, 1, 2, (0, 1)), devices[2:4])
 
     row = SamplingRow(GREEDY, 0, 0)
     rows = [PrefillRow(tuple(p), tuple(range(8 * i, 8 * i + 8)), (row,))
@@ -243,6 +253,43 @@ def test_remote_stage_pages_and_steps_in_process():
     migrate(local, [20, 1, 5], remote, [30, 31, 32])
     check(remote, [30, 31, 32])
     assert remote.healthy()
+
+
+def test_a_pull_from_tp2_stage_actors_compiles_nothing_after_warm_up():
+    """A prefill instance of TP 2 whose stage 1 is a stage actor exports that stage's pages
+    with both heads joined on its head's relay device. A decode instance's warm-up cuts its
+    zero shards the same way (SourceLayout.joined_stages, which Ray's hosts set), so the
+    pull after ready compiles nothing and lands bit for bit."""
+    from dsjax.config import WARMUP_ALL
+    from dsjax.executor.compile_watch import CompileWatch
+    from dsjax.executor.kv_migration import SourceLayout, export_shards, layout_shards
+    from dsjax.executor.warmup import warm_up_fixed_programs, warm_up_pulls
+    make, mc = _tiny_runners()
+    devices = jax.devices()
+    src = make(InstancePlan("prefill", 0, 2, 2, (0, 1)), devices[:2], devices[2:4])
+    dst = make(InstancePlan("decode", 0, 1, 1, (0,)), devices[4:5])
+    layout = SourceLayout(2, 2, src.spec.devices, joined_stages=True)
+    assert not layout.matches(dst)
+
+    def cut(shards):
+        return [(s.box, s.k.shape, s.v.shape, s.k.dtype, s.k.devices()) for s in shards]
+    assert cut(layout_shards(dst, layout, 4)) == cut(export_shards(src, [5, 2, 9]))
+
+    rng = np.random.default_rng(1)
+    pages = [tuple(rng.standard_normal((s.layer_range[1] - s.layer_range[0], 4,
+                                        TINY["block_size"], mc.num_attention_heads,
+                                        mc.head_dim)).astype(np.float32) for _ in "kv")
+             for s in src.stages]
+    src.insert_pages([3, 7, 9, 11], pages)
+    warm_up_fixed_programs(dst, "decode")
+    whole = dataclasses.replace(EngineConfig(**TINY), warmup_max_prompt_len=WARMUP_ALL)
+    assert warm_up_pulls(dst, [layout], whole) == 7    # page buckets 1 to 64
+    with CompileWatch() as watch:
+        migrate(src, [3, 7, 9], dst, [20, 1, 5])
+    assert watch.count == 0, f"the pull compiled: {watch.describe()}"
+    (k, v), = dst.gather_pages([20, 1, 5])
+    for got, sent in zip((k, v), zip(*pages)):
+        np.testing.assert_array_equal(np.asarray(got)[:, :3], np.concatenate(sent)[:, :3])
 
 
 def test_killing_a_decode_actor_recomputes_its_requests(tp_engine, hf_reference):

@@ -281,9 +281,10 @@ def setup_process(name: str, env: dict, config) -> None:
 
 
 def serve_in_process(plan, config, model_config, model_dir, inbox, send, transfer_host: str,
-                     place_stages=None) -> None:
+                     place_stages=None, pull_sources=None) -> None:
     """Body of an instance's own process: a transfer server bound to `transfer_host` for its
-    KV, the worker on every device the process sees, its loop until Shutdown."""
+    KV, the worker on every device the process sees, its loop until Shutdown (`place_stages`,
+    `pull_sources`: as build_worker takes them)."""
     import jax
 
     from dsjax.engine.startup_heap import freeze_startup_heap
@@ -292,7 +293,7 @@ def serve_in_process(plan, config, model_config, model_dir, inbox, send, transfe
     log.info("%s: KV transfer server at %s", plan.name, link.address)
     def build():
         worker = build_worker(plan, config, model_config, model_dir, jax.devices(), send, link,
-                              place_stages)
+                              place_stages, pull_sources)
         log.info("%s: start-up heap frozen in %.2f s", plan.name, freeze_startup_heap())
         return worker
     _serve(plan, build, send, inbox, link.address)

@@ -35,6 +35,7 @@ from dsjax.engine.startup_heap import freeze_startup_heap
 from dsjax.executor.hosts import (POLL_S, STOP_TIMEOUT_S, HostEnded, RemoteHost,
                                   devices_needed)
 from dsjax.executor.kv_cache import available_memory_bytes, cpu_kv_bytes_across_nodes
+from dsjax.executor.kv_migration import SourceLayout
 from dsjax.executor.parallel import plan_placement
 
 # How long an instance may wait for its bundles before it fails as unplaceable.
@@ -143,7 +144,8 @@ def start_stage_actors(plan, config, model_config, model_dir, group: StageGroup,
 class InstanceActor:
     """One instance: its worker loop on a thread, fed by `deliver`, read by `take`."""
 
-    def __init__(self, plan, config, model_config, model_dir, env, stages: StageGroup | None):
+    def __init__(self, plan, config, model_config, model_dir, env, stages: StageGroup | None,
+                 pull_sources=None):
         self._inbox: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
         self._early: dict[int, object] = {}
@@ -152,10 +154,10 @@ class InstanceActor:
         self._stage_actors: list = []
         self._thread = threading.Thread(
             target=self._main, daemon=True,
-            args=(plan, config, model_config, model_dir, env, stages))
+            args=(plan, config, model_config, model_dir, env, stages, pull_sources))
         self._thread.start()
 
-    def _main(self, plan, config, model_config, model_dir, env, stages) -> None:
+    def _main(self, plan, config, model_config, model_dir, env, stages, pull_sources) -> None:
         setup_process(plan.name, env, config)
         host = ray.util.get_node_ip_address()
         place = None
@@ -171,7 +173,7 @@ class InstanceActor:
             place = stage_placer(servers, TransferChannel(host))
         try:
             serve_in_process(plan, config, model_config, model_dir, self._inbox,
-                             self._outbox.put, host, place)
+                             self._outbox.put, host, place, pull_sources)
         finally:
             # Let the stage actors exit on their own before this actor is killed (which would
             # kill them mid-call).
@@ -281,11 +283,13 @@ class RayHost(RemoteHost):
 
     backend = "ray"
 
-    def __init__(self, plan, config, model_config, model_dir, platform: str, deliver):
+    def __init__(self, plan, config, model_config, model_dir, platform: str, deliver,
+                 pull_sources=None):
         super().__init__(plan, deliver, config.instance_heartbeat_timeout)
         split, self._per_actor = actor_layout(config, plan)
         self._split, self._platform = split, platform
         self._args = (config, model_config, model_dir)
+        self._pull_sources = pull_sources
         self.bundles = [bundle(platform, self._per_actor, n)
                         for n in actor_nodes(config, plan, split)]
         self.pg = self.actor = None
@@ -304,7 +308,12 @@ class RayHost(RemoteHost):
         nodes_size_it = platform == "cpu" and not config.num_blocks
         config = with_cpu_kv_budget(config, plans, functools.partial(
             cluster_cpu_kv_bytes, config, plans) if nodes_size_it else None)
-        return [cls(plan, config, model_config, model_dir, platform, deliver) for plan in plans]
+        # What a decode actor's warm-up reshards: each prefill instance's shards as they
+        # arrive, those of its stage actors with every head joined.
+        sources = [SourceLayout(p.tp, p.pp, joined_stages=actor_layout(config, p)[0])
+                   for p in plans if p.role == "prefill"]
+        return [cls(plan, config, model_config, model_dir, platform, deliver, sources)
+                for plan in plans]
 
     def _launch(self) -> None:
         self.pg = placement_group(self.bundles,
@@ -315,7 +324,7 @@ class RayHost(RemoteHost):
         self.actor = InstanceActor.options(
             max_concurrency=4,
             **actor_options(self._platform, self._per_actor, self.pg, 0, env)).remote(
-            local, *self._args, env, stages)
+            local, *self._args, env, stages, self._pull_sources)
 
     def _connect(self) -> None:
         """Wait for the bundles: an unplaceable instance fails with what it asked for."""

@@ -123,15 +123,26 @@ def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, 
 class SourceLayout:
     """An instance whose KV a destination pulls, as the reshard meets its shards: its degrees,
     and where the shards are when they are resharded: on its own devices (one process), or,
-    None, pulled onto the destination's first device (TransferServerKVLink.receive)."""
+    None, pulled onto the destination's first device (TransferServerKVLink.receive).
+    `joined_stages`: its stages after the first are stage actors (Ray), each of which exports
+    its pages with every head joined on one device (its head process's relay, the first of
+    `devices`), not one shard per device."""
     tp: int
     pp: int
     devices: tuple | None = None
+    joined_stages: bool = False
 
     def matches(self, runner) -> bool:
         """Whether its shards are the destination's: each lands whole, with no slice or join
         to compile."""
-        return (self.tp, self.pp) == (runner.spec.tp, runner.spec.pp)
+        return (self.tp, self.pp) == (runner.spec.tp, runner.spec.pp) and (
+            self.tp == 1 or self.joined_stages == joins_later_stages(runner))
+
+
+def joins_later_stages(runner) -> bool:
+    """Whether the runner's stages after the first live in stage actors (stage_group's
+    RemoteStage), whose pages move joined on the head's relay device."""
+    return any(getattr(stage, "relay", None) is not None for stage in runner.stages[1:])
 
 
 def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShard]:
@@ -144,12 +155,17 @@ def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShar
     shards = []
     for s, (l0, l1) in enumerate(layer_ranges(mc.num_hidden_layers, layout.pp)):
         stage_shape = (l1 - l0, num_pages, runner.page_size, cache_heads, mc.head_dim)
-        for d in range(layout.tp):
-            device = layout.devices[s * layout.tp + d] if layout.devices else landing
-            zeros = jax.device_put(np.zeros(stage_shape[:HEAD_AXIS] + (per_device, mc.head_dim),
+        joined = layout.joined_stages and s > 0
+        for d in range(1 if joined else layout.tp):
+            if not layout.devices:
+                device = landing
+            else:
+                device = layout.devices[0 if joined else s * layout.tp + d]
+            heads = cache_heads if joined else per_device
+            zeros = jax.device_put(np.zeros(stage_shape[:HEAD_AXIS] + (heads, mc.head_dim),
                                             runner.dtype), device)
             index = [slice(None)] * len(stage_shape)   # as KV_SPEC shards a stage's pages
-            index[HEAD_AXIS] = slice(d * per_device, (d + 1) * per_device)
+            index[HEAD_AXIS] = slice(d * heads, (d + 1) * heads)
             shards.append(PageShard(_box(tuple(index), stage_shape, l0, repeat), zeros, zeros))
     return shards
 
