@@ -194,27 +194,35 @@ def test_kv_pulled_between_actors_arrives_bit_identical(cluster, src, dst):
         ray.kill(b)
 
 
-def _tiny_runners():
-    """(make(plan, devices, stage_devices=None), the model config): runners of the tiny OPT;
-    with `stage_devices`, its stage 1 runs in a StageServer on them (in this process, reached
-    through transfer channels as a Ray stage actor is) and the runner holds stage 0 only."""
-    config = EngineConfig(**TINY)
+def _tiny_runners(**model):
+    """(make(plan, devices, stage_devices=None), the model config): runners of the tiny OPT,
+    or of `model` (EngineConfig's model and load_format); with `stage_devices`, its stage 1
+    runs in a StageServer on them (in this process, reached through transfer channels as a Ray
+    stage actor is) and the runner holds stage 0 only."""
+    config = EngineConfig(**{**TINY, **model})
     mc, model_dir = resolve_model(config.model, config.load_format)
     dtype = jnp.float32
-    load, attention = params_loader(config, mc, model_dir, dtype), get_attention_backend("xla")
-    sizes = dict(dtype=dtype, num_pages=config.num_blocks, page_size=config.block_size,
-                 attention=attention)
+    load = params_loader(config, mc, model_dir, dtype)
+    sizes = dict(dtype=dtype, num_pages=config.num_blocks, page_size=config.block_size)
+
+    def attention(tp):
+        return get_attention_backend("xla", num_heads=mc.num_attention_heads // tp,
+                                     num_kv_heads=mc.cache_kv_heads(tp) // tp,
+                                     head_dim=mc.head_dim, page_size=config.block_size,
+                                     dtype=dtype)
 
     def make(plan, devices, stage_devices=None):
         hook = {}
         if stage_devices is not None:
             def servers(head_runner):
                 return [StageServer(build_stage(mc, stage_devices, 1, 2, load, **sizes,
+                                                attention=attention(plan.tp),
                                                 num_slots=head_runner.max_sampled_rows),
                                     TransferChannel("127.0.0.1"))]
             hook = dict(place_stages=stage_placer(servers, TransferChannel("127.0.0.1")))
         return ModelRunner(InstanceSpec.bind(plan, devices), mc, load, max_batch_size=8,
-                           max_tokens_per_batch=256, max_blocks_per_request=64, **sizes, **hook)
+                           max_tokens_per_batch=256, max_blocks_per_request=64,
+                           attention=attention(plan.tp), **sizes, **hook)
     return make, mc
 
 
@@ -290,6 +298,38 @@ def test_a_pull_from_tp2_stage_actors_compiles_nothing_after_warm_up():
     (k, v), = dst.gather_pages([20, 1, 5])
     for got, sent in zip((k, v), zip(*pages)):
         np.testing.assert_array_equal(np.asarray(got)[:, :3], np.concatenate(sent)[:, :3])
+
+
+def test_repeated_kv_heads_move_once_out_of_and_into_stage_actors(tmp_path):
+    """GQA with TP 4 over 2 KV heads: each device's cache holds one head, each model head
+    twice. A stage actor's pages leave and arrive with each model head once, so a pull from
+    its stage into TP 1, and from TP 1 into it, lands every head bit for bit (the joined
+    heads were taken by cache index: head 1 read its copy of head 0, and a pull into a stage
+    actor failed on the shape)."""
+    from tests._hf_helpers import make_hf_family, save_safetensors
+    model_dir = save_safetensors(make_hf_family("llama", seed=2), tmp_path / "llama")
+    make, mc = _tiny_runners(model=str(model_dir), load_format="auto")
+    devices = jax.devices()
+    actors = make(InstancePlan("prefill", 0, 4, 2, (0, 1, 2, 3)), devices[:4], devices[4:8])
+    plain = make(InstancePlan("decode", 0, 1, 1, (0,)), devices[:1])
+    assert actors.kv_head_repeat == 2
+    rng = np.random.default_rng(3)
+    heads = [rng.standard_normal((s.layer_range[1] - s.layer_range[0], 4, TINY["block_size"],
+                                  mc.num_key_value_heads, mc.head_dim)).astype(np.float32)
+             for s in actors.stages]
+    # Pages as each stage's gather gives them: the head's stage holds every cache head, the
+    # stage actor each model head once.
+    pages = [(np.repeat(h, r, axis=3), 2 * np.repeat(h, r, axis=3))
+             for h, r in zip(heads, (2, 1))]
+    actors.insert_pages([3, 7, 9, 11], pages)
+    migrate(actors, [3, 7, 9], plain, [20, 1, 5])
+    (k, v), = plain.gather_pages([20, 1, 5])
+    np.testing.assert_array_equal(np.asarray(k)[:, :3], np.concatenate(heads)[:, :3])
+    np.testing.assert_array_equal(np.asarray(v)[:, :3], 2 * np.concatenate(heads)[:, :3])
+    migrate(plain, [20, 1, 5], actors, [30, 31, 32])
+    for (k, v), (sent_k, sent_v) in zip(actors.gather_pages([30, 31, 32]), pages):
+        np.testing.assert_array_equal(np.asarray(k)[:, :3], sent_k[:, :3])
+        np.testing.assert_array_equal(np.asarray(v)[:, :3], sent_v[:, :3])
 
 
 def test_killing_a_decode_actor_recomputes_its_requests(tp_engine, hf_reference):

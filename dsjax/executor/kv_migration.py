@@ -67,25 +67,36 @@ def export_shards(runner, block_ids) -> list[PageShard]:
     """Copies of the request's pages on the source's devices, one entry per device shard."""
     shards = []
     for stage, (k, v) in zip(runner.stages, runner.gather_pages(block_ids)):
-        start = stage.layer_range[0]
+        start, repeat = stage.layer_range[0], _stage_head_repeat(runner, stage)
         for ks, vs in zip(k.addressable_shards, v.addressable_shards):
-            shards.append(PageShard(_box(ks.index, k.shape, start, runner.kv_head_repeat),
-                                    ks.data, vs.data))
+            shards.append(PageShard(_box(ks.index, k.shape, start, repeat), ks.data, vs.data))
     return shards
+
+
+def _is_stage_actor(stage) -> bool:
+    """A stage in a stage actor (stage_group.RemoteStage): its pages move as one array on
+    the head's relay device, holding each of the model's KV heads once."""
+    return getattr(stage, "relay", None) is not None
+
+
+def _stage_head_repeat(runner, stage) -> int:
+    """Heads per model KV head in the arrays a stage's pages move as."""
+    return 1 if _is_stage_actor(stage) else runner.kv_head_repeat
 
 
 def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, jax.Array]]:
     """Exported shards -> the same pages laid out for each of the destination's stages."""
     _, n, page, _, head_dim = shards[0].k.shape
-    heads = dst_runner.config.cache_kv_heads(dst_runner.spec.tp)
+    mc = dst_runner.config
     out = []
     for stage in dst_runner.stages:
         d0, d1 = stage.layer_range
+        repeat = _stage_head_repeat(dst_runner, stage)
         sharding = NamedSharding(stage.mesh, KV_SPEC)
-        shape = (d1 - d0, n, page, heads, head_dim)
+        shape = (d1 - d0, n, page, mc.num_key_value_heads * repeat, head_dim)
         k_parts, v_parts = [], []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            want = _box(index, shape, d0, dst_runner.kv_head_repeat)
+            want = _box(index, shape, d0, repeat)
             k_rows, v_rows = [], []
             # Walk layers in order; for each source span of layers, join its heads, each
             # taken once (a repeated head is offered by several shards).
@@ -125,8 +136,8 @@ class SourceLayout:
     and where the shards are when they are resharded: on its own devices (one process), or,
     None, pulled onto the destination's first device (TransferServerKVLink.receive).
     `joined_stages`: its stages after the first are stage actors (Ray), each of which exports
-    its pages with every head joined on one device (its head process's relay, the first of
-    `devices`), not one shard per device."""
+    its pages with every model KV head once, joined on one device (its head process's relay,
+    the first of `devices`), not one shard per device."""
     tp: int
     pp: int
     devices: tuple | None = None
@@ -140,9 +151,8 @@ class SourceLayout:
 
 
 def joins_later_stages(runner) -> bool:
-    """Whether the runner's stages after the first live in stage actors (stage_group's
-    RemoteStage), whose pages move joined on the head's relay device."""
-    return any(getattr(stage, "relay", None) is not None for stage in runner.stages[1:])
+    """Whether the runner's stages after the first live in stage actors."""
+    return any(map(_is_stage_actor, runner.stages[1:]))
 
 
 def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShard]:
@@ -161,12 +171,13 @@ def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShar
                 device = landing
             else:
                 device = layout.devices[0 if joined else s * layout.tp + d]
-            heads = cache_heads if joined else per_device
+            heads = mc.num_key_value_heads if joined else per_device
             zeros = jax.device_put(np.zeros(stage_shape[:HEAD_AXIS] + (heads, mc.head_dim),
                                             runner.dtype), device)
             index = [slice(None)] * len(stage_shape)   # as KV_SPEC shards a stage's pages
             index[HEAD_AXIS] = slice(d * heads, (d + 1) * heads)
-            shards.append(PageShard(_box(tuple(index), stage_shape, l0, repeat), zeros, zeros))
+            shards.append(PageShard(_box(tuple(index), stage_shape, l0, 1 if joined else repeat),
+                                    zeros, zeros))
     return shards
 
 

@@ -192,7 +192,7 @@ class Stage:
     def __init__(self, config: ModelConfig, devices, layer_range, first: bool, last: bool,
                  params, num_pages: int, page_size: int, dtype, attention,
                  num_slots: int = 1):
-        self.mesh = stage_mesh(devices)
+        self.mesh, self.config = stage_mesh(devices), config
         self.layer_range = layer_range
         self.first, self.last = first, last
         self.params = params

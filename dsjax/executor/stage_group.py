@@ -89,10 +89,12 @@ def first_shard(x: jax.Array) -> jax.Array:
     return jax.device_put(x, SingleDeviceSharding(shard.device))
 
 
-def join_heads(x: jax.Array, device) -> jax.Array:
-    """A head-sharded page array as one array on `device`, shard by shard."""
+def join_heads(x: jax.Array, device, repeat: int) -> jax.Array:
+    """A head-sharded page array as one array on `device` holding each model KV head once,
+    shard by shard. `repeat`: cache heads per model KV head; above 1, each device holds one
+    cache head (tp exceeds the model's KV heads), so every repeat-th shard is a distinct one."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[HEAD_AXIS].start or 0)
-    parts = [jax.device_put(s.data, device) for s in shards]
+    parts = [jax.device_put(s.data, device) for s in shards[::repeat]]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=HEAD_AXIS)
 
 
@@ -122,6 +124,11 @@ class StageServer:
     def __init__(self, stage: Stage, channel: TransferChannel):
         self.stage, self.channel = stage, channel
         self.device = stage.mesh.devices.flat[0]
+        # Pages leave and arrive with each model KV head once (kv_migration's boxes); the
+        # pool holds one per device where tp exceeds them.
+        config = stage.config
+        self.head_repeat = (config.cache_kv_heads(stage.mesh.devices.size)
+                            // config.num_key_value_heads)
 
     def run(self, mode, hidden: ArrayRef, inputs) -> ArrayRef:
         """Dispatch this stage's part of a step; its output waits on this server."""
@@ -134,10 +141,13 @@ class StageServer:
 
     def gather(self, block_ids) -> ArrayRef:
         k, v = self.stage.pool.gather(block_ids)
-        return self.channel.offer([join_heads(k, self.device), join_heads(v, self.device)])
+        return self.channel.offer([join_heads(x, self.device, self.head_repeat)
+                                   for x in (k, v)])
 
     def insert(self, block_ids, pages: ArrayRef) -> None:
         k, v = self.channel.pull(pages, self.device)   # (the pool places them)
+        if self.head_repeat > 1:
+            k, v = (jnp.repeat(x, self.head_repeat, axis=HEAD_AXIS) for x in (k, v))
         self.stage.pool.insert(block_ids, k, v)
 
     def healthy(self) -> bool:
