@@ -313,11 +313,14 @@ def test_pipeline_stages_hold_only_their_layers_on_their_devices():
         start, end = stage.layer_range
         assert kernel.shape[0] == end - start
         # On a CPU, decode programs take each layer's params as arrays of their own.
-        layers = [k for k in stage.decode_params if k.startswith("layers")]
+        # (its vectors packed into one array, unpacked here as a step does)
+        decode_params = stage.decode_params.unpack()
+        layers = [k for k in decode_params if k.startswith("layers")]
         assert sorted(layers) == sorted(f"layers_{i}" for i in range(end - start))
+        bias = stage.params["layers"]["mlp"]["fc1"]["bias"]
         for i, k in enumerate(sorted(layers, key=lambda k: int(k.split("_")[1]))):
-            np.testing.assert_array_equal(stage.decode_params[k]["mlp"]["fc1"]["kernel"],
-                                          kernel[i])
+            np.testing.assert_array_equal(decode_params[k]["mlp"]["fc1"]["kernel"], kernel[i])
+            np.testing.assert_array_equal(decode_params[k]["mlp"]["fc1"]["bias"], bias[i])
     assert "embed_positions" in runner.stages[0].params
     assert "embed_positions" not in runner.stages[-1].params
 

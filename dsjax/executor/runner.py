@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsjax.executor.batch import (ChunkRow, DecodeColumns, DecodeRow, PrefillRow,
                                   SamplingColumns, SamplingRow)
 from dsjax.executor.kv_cache import PagePool
+from dsjax.executor.packed_params import pack_vectors, unpacked
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
                                      stage_view)
@@ -233,9 +234,12 @@ class Stage:
 
     @functools.cached_property
     def decode_params(self):
-        """The params decode programs take: per layer where they unroll. Made on first use,
-        so a prefill instance never holds the second copy."""
-        return self.params if self._scan_decode else per_layer_params(self.params)
+        """The params decode programs take: per layer where they unroll, with the vectors
+        packed into one array (fewer arguments to a step). Made on first use, so a prefill
+        instance never holds the second copy."""
+        if self._scan_decode:
+            return self.params
+        return pack_vectors(per_layer_params(self.params), self.replicated)
 
     def run_program(self, key, make, donated, *args):
         """Run the program `key` (made by `make()`, a jitted function that returns its result
@@ -344,6 +348,7 @@ class Stage:
 
 
 def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mode, layout):
+    params = unpacked(params)
     tokens, meta, scored = unpack_inputs(bufs, layout)
     if override is not None:   # tokens sampled by the step before, never seen by the host
         tokens = jnp.where(override >= 0, override, tokens)
@@ -362,6 +367,7 @@ def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mo
 
 def _decode_sample_step(model, params, k_cache, v_cache, slots, bufs, sample_bufs, override, *,
                         layout, sample_layout):
+    params = unpacked(params)
     (last, _), k_cache, v_cache = _forward_step(model, params, None, k_cache, v_cache, bufs,
                                                 override, mode="decode", layout=layout)
     samples, slots = _sample_step(model, params, last, slots, sample_bufs, layout=sample_layout)
@@ -369,6 +375,7 @@ def _decode_sample_step(model, params, k_cache, v_cache, slots, bufs, sample_buf
 
 
 def _sample_step(model, params, last, slots, bufs, *, layout):
+    params = unpacked(params)
     source_rows, st = unpack_inputs(bufs, layout)
     logits = model.apply({"params": params}, last[source_rows], method="logits")
     out = sample(logits, st, slots)
