@@ -282,6 +282,10 @@ def test_a_pull_from_tp2_stage_actors_compiles_nothing_after_warm_up():
     def cut(shards):
         return [(s.box, s.k.shape, s.v.shape, s.k.dtype, s.k.devices()) for s in shards]
     assert cut(layout_shards(dst, layout, 4)) == cut(export_shards(src, [5, 2, 9]))
+    # As Ray's hosts describe it (no devices): every shard where pulls land, this runner's
+    # first device, one per head shard of stage 0 and one for the stage actor's.
+    arriving = layout_shards(dst, dataclasses.replace(layout, devices=None), 4)
+    assert [s.k.devices() for s in arriving] == [{devices[4]}] * 3
 
     rng = np.random.default_rng(1)
     pages = [tuple(rng.standard_normal((s.layer_range[1] - s.layer_range[0], 4,
@@ -330,6 +334,12 @@ def test_repeated_kv_heads_move_once_out_of_and_into_stage_actors(tmp_path):
     for (k, v), (sent_k, sent_v) in zip(actors.gather_pages([30, 31, 32]), pages):
         np.testing.assert_array_equal(np.asarray(k)[:, :3], sent_k[:, :3])
         np.testing.assert_array_equal(np.asarray(v)[:, :3], sent_v[:, :3])
+    # In the stage actor's own pool each cache head holds model head i // 2, as its attention
+    # reads them (a round trip alone would pass with the heads laid out any consistent way).
+    k, v = actors.stages[1].server.stage.pool.gather([30, 31, 32])
+    np.testing.assert_array_equal(np.asarray(k)[:, :3], np.repeat(heads[1], 2, axis=3)[:, :3])
+    np.testing.assert_array_equal(np.asarray(v)[:, :3],
+                                  2 * np.repeat(heads[1], 2, axis=3)[:, :3])
 
 
 def test_killing_a_decode_actor_recomputes_its_requests(tp_engine, hf_reference):
