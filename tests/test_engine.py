@@ -114,13 +114,38 @@ def test_every_decode_batch_pads_to_a_bucket_warm_up_compiles():
     ("chunked", dict(num_blocks=24, decoding_max_tokens_per_batch=16)),
 ])
 def test_memory_pressure_swaps_and_matches_transformers(mode, extra, hf_opt):
-    """24 blocks of 4 tokens cannot hold six requests of up to 70 tokens at once."""
+    """24 blocks of 4 tokens cannot hold six requests of up to 70 tokens at once. A swapped
+    request keeps on the host exactly the pages of its blocks (a gather's are padded to a
+    power of two), so host memory is what swap_space counts."""
     long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     expected = [hf_greedy(hf_opt[0], p, 40) for p in engine_prompts()]
     engine = hf_engine(hf_opt[1], mode=mode, **extra)
-    assert generate(engine, engine_prompts(), long) == expected
+    held = []   # (host pages of each array, host blocks) per swapped request, after each swap
+
+    def watch(worker):
+        apply = worker._apply_swaps
+
+        def applying(step):
+            apply(step)
+            for r in step.swap_out:
+                pages = worker.swapped_pages[r.request_id]
+                held.append(({a.shape[1] for stage in pages for a in stage},
+                             len(worker.blocks.host_tables[r.request_id])))
+        worker._apply_swaps = applying
+        return apply
+    workers = [w for w in map(engine.local_worker, engine.instances)
+               if hasattr(w, "swapped_pages")]
+    originals = [watch(w) for w in workers]
+    try:
+        assert generate(engine, engine_prompts(), long) == expected
+    finally:
+        for w, apply in zip(workers, originals):
+            w._apply_swaps = apply
     preemptions = sum(s.get("num_preemptions", 0) for s in engine.stats())
     assert preemptions > 0, "the test did not put the engine under memory pressure"
+    assert held and all(pages == {blocks} for pages, blocks in held), held
+    assert any(blocks & (blocks - 1) for _, blocks in held), \
+        f"no swapped request held a block count a gather pads: {held}"
 
 
 def test_seeded_sampling_repeats_across_placements(hf_opt):

@@ -13,6 +13,7 @@ from dsjax.engine.request import Request, Status
 from dsjax.engine.scheduler import DecodeScheduler
 from dsjax.engine.worker import InstanceWorker
 from dsjax.executor.batch import DecodeRow
+from dsjax.executor.kv_cache import own_pages
 
 log = logging.getLogger("dsjax")
 
@@ -56,7 +57,10 @@ class DecodingWorker(InstanceWorker):
                         for r in step.swap_out]
             for r, pages in zip(step.swap_out, jax.device_get(gathered)):
                 r.status = Status.SWAPPED
-                self.swapped_pages[r.request_id] = pages
+                # (gathers are padded to a power of two: up to twice the request's pages)
+                n = len(step.swap_out_blocks[r.request_id])
+                self.swapped_pages[r.request_id] = [tuple(own_pages(a, n) for a in stage)
+                                                    for stage in pages]
         if step.copies:   # copy on write: sequences about to write into a shared block
             sources, targets = zip(*step.copies)
             self.runner.insert_pages(list(targets), self.runner.gather_pages(list(sources)))

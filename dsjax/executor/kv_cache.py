@@ -40,6 +40,26 @@ def dtype_bytes(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
+def padded_page_count(n: int) -> int:
+    """Pages a gather or an insert of n blocks moves: a power of two (bounded recompiles)."""
+    return max(1, 1 << (n - 1).bit_length()) if n else 1
+
+
+def own_pages(pages: np.ndarray, n: int) -> np.ndarray:
+    """Host pages [layers, padded, ...] cut to the request's n (a copy, so the padding is
+    freed): what a swap keeps, so host memory is what swap_space counts."""
+    return pages if pages.shape[1] == n else np.ascontiguousarray(pages[:, :n])
+
+
+def padded_pages(pages, n_ids: int):
+    """Host pages padded back to the page count an insert of n_ids blocks runs with (one
+    program a bucket); arrays already of that count, or on a device, as they are."""
+    missing = padded_page_count(n_ids) - pages.shape[1]
+    if missing <= 0 or not isinstance(pages, np.ndarray):
+        return pages
+    return np.pad(pages, [(0, 0), (0, missing)] + [(0, 0)] * (pages.ndim - 2))
+
+
 def bytes_per_block(config, block_size: int, dtype, tp: int, pp: int) -> int:
     """KV bytes one page costs on one device of a (tp, pp) instance (K and V, its layers and
     its share of the cache's KV heads)."""
@@ -174,8 +194,7 @@ class PagePool:
 
     def padded_ids(self, block_ids, fill: int) -> np.ndarray:
         """Block ids padded to a power of two (bounded recompiles); padding reads page `fill`."""
-        n = max(1, 1 << (len(block_ids) - 1).bit_length()) if block_ids else 1
-        ids = np.full(n, fill, np.int32)
+        ids = np.full(padded_page_count(len(block_ids)), fill, np.int32)
         ids[:len(block_ids)] = block_ids
         return ids
 

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.executor.batch import (ChunkRow, DecodeColumns, DecodeRow, PrefillRow,
                                   SamplingColumns, SamplingRow)
-from dsjax.executor.kv_cache import PagePool
+from dsjax.executor.kv_cache import PagePool, padded_pages
 from dsjax.executor.packed_params import pack_vectors, unpacked
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
@@ -874,5 +874,8 @@ class ModelRunner:
         return [stage.pool.gather(block_ids) for stage in self.stages]
 
     def insert_pages(self, block_ids, per_stage_pages) -> None:
+        """Write each stage's (K, V) pages at block_ids: as a gather returned them, or host
+        pages cut to the blocks (a swap's), padded here to the insert's page count."""
+        n = len(block_ids)
         for stage, (k, v) in zip(self.stages, per_stage_pages):
-            stage.pool.insert(block_ids, k, v)
+            stage.pool.insert(block_ids, padded_pages(k, n), padded_pages(v, n))
