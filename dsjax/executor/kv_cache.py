@@ -48,7 +48,8 @@ def padded_page_count(n: int) -> int:
 def own_pages(pages: np.ndarray, n: int) -> np.ndarray:
     """Host pages [layers, padded, ...] cut to the request's n (a copy, so the padding is
     freed): what a swap keeps, so host memory is what swap_space counts."""
-    return pages if pages.shape[1] == n else np.ascontiguousarray(pages[:, :n])
+    # (a copy even where the cut is contiguous, one layer: a view would keep the padding)
+    return pages if pages.shape[1] == n else pages[:, :n].copy()
 
 
 def padded_pages(pages, n_ids: int):
