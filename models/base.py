@@ -104,6 +104,10 @@ class ModelConfig:
         """KV heads the cache of a tp-way instance holds (layers.cache_kv_heads)."""
         return cache_kv_heads(self.num_key_value_heads, tp)
 
+    def kv_head_repeat(self, tp: int = 1) -> int:
+        """Cache heads per model KV head under tp: above 1 where tp exceeds the KV heads."""
+        return self.cache_kv_heads(tp) // self.num_key_value_heads
+
     def check_tensor_parallel(self, tp: int) -> None:
         kv = self.num_key_value_heads
         for what, n in [("num_attention_heads", self.num_attention_heads),

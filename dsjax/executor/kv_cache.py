@@ -40,9 +40,11 @@ def dtype_bytes(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def padded_page_count(n: int) -> int:
-    """Pages a gather or an insert of n blocks moves: a power of two (bounded recompiles)."""
-    return max(1, 1 << (n - 1).bit_length()) if n else 1
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): the shapes programs are compiled for (a
+    gather or an insert of n blocks moves bucket(n) pages)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
 
 
 def own_pages(pages: np.ndarray, n: int) -> np.ndarray:
@@ -55,7 +57,7 @@ def own_pages(pages: np.ndarray, n: int) -> np.ndarray:
 def padded_pages(pages, n_ids: int):
     """Host pages padded back to the page count an insert of n_ids blocks runs with (one
     program a bucket); arrays already of that count, or on a device, as they are."""
-    missing = padded_page_count(n_ids) - pages.shape[1]
+    missing = bucket(n_ids) - pages.shape[1]
     if missing <= 0 or not isinstance(pages, np.ndarray):
         return pages
     return np.pad(pages, [(0, 0), (0, missing)] + [(0, 0)] * (pages.ndim - 2))
@@ -195,7 +197,7 @@ class PagePool:
 
     def padded_ids(self, block_ids, fill: int) -> np.ndarray:
         """Block ids padded to a power of two (bounded recompiles); padding reads page `fill`."""
-        ids = np.full(padded_page_count(len(block_ids)), fill, np.int32)
+        ids = np.full(bucket(len(block_ids)), fill, np.int32)
         ids[:len(block_ids)] = block_ids
         return ids
 

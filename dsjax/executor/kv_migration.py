@@ -160,7 +160,7 @@ def layout_shards(runner, layout: SourceLayout, num_pages: int) -> list[PageShar
     where they arrive: what warm-up reshards to compile the pulls from that layout."""
     mc = runner.config
     cache_heads = mc.cache_kv_heads(layout.tp)
-    repeat, per_device = cache_heads // mc.num_key_value_heads, cache_heads // layout.tp
+    repeat, per_device = mc.kv_head_repeat(layout.tp), cache_heads // layout.tp
     landing = runner.stages[0].mesh.devices.flat[0]
     shards = []
     for s, (l0, l1) in enumerate(layer_ranges(mc.num_hidden_layers, layout.pp)):

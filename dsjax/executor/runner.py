@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.executor.batch import (ChunkRow, DecodeColumns, DecodeRow, PrefillRow,
                                   SamplingColumns, SamplingRow)
-from dsjax.executor.kv_cache import PagePool, padded_pages
+from dsjax.executor.kv_cache import PagePool, bucket, padded_pages
 from dsjax.executor.packed_params import pack_vectors, unpacked
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
@@ -78,12 +78,6 @@ def platform_prefills_paged(platform: str) -> bool:
     On a CPU, where compiles are the cold start: the two families were 18 of opt-125m's
     programs and 44 s of its warm-up threads' time (benchmarks/profile_warmup.py)."""
     return platform == "cpu"
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
 
 
 # Decode row buckets up to 8 rows, where the instance's smallest bucket is below 8 (on a CPU)
@@ -193,7 +187,8 @@ class Stage:
     def __init__(self, config: ModelConfig, devices, layer_range, first: bool, last: bool,
                  params, num_pages: int, page_size: int, dtype, attention,
                  num_slots: int = 1):
-        self.mesh, self.config = stage_mesh(devices), config
+        self.mesh = stage_mesh(devices)
+        self.kv_head_repeat = config.kv_head_repeat(len(devices))
         self.layer_range = layer_range
         self.first, self.last = first, last
         self.params = params
@@ -436,7 +431,7 @@ class ModelRunner:
                  place_stages: Callable | None = None, min_decode_rows: int = 0):
         config.check_tensor_parallel(spec.tp)
         # Cache KV heads per model KV head: > 1 where tp exceeds the model's KV heads.
-        self.kv_head_repeat = config.cache_kv_heads(spec.tp) // config.num_key_value_heads
+        self.kv_head_repeat = config.kv_head_repeat(spec.tp)
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
         self._no_overrides: dict[int, jax.Array] = {}
         self.spec, self.config, self.dtype = spec, config, dtype

@@ -126,9 +126,7 @@ class StageServer:
         self.device = stage.mesh.devices.flat[0]
         # Pages leave and arrive with each model KV head once (kv_migration's boxes); the
         # pool holds one per device where tp exceeds them.
-        config = stage.config
-        self.head_repeat = (config.cache_kv_heads(stage.mesh.devices.size)
-                            // config.num_key_value_heads)
+        self.head_repeat = stage.kv_head_repeat
 
     def run(self, mode, hidden: ArrayRef, inputs) -> ArrayRef:
         """Dispatch this stage's part of a step; its output waits on this server."""
