@@ -2,11 +2,11 @@
 
 A jitted call's host work on a CPU grows with its array arguments (XLA's argument checks and
 buffer bookkeeping, per array), and an unrolled decode step takes each layer's params as arrays
-of their own: 16 a layer for OPT, 212 arguments in all for opt-125m, whose call took 0.65 ms of
-the decode thread's CPU a step on the 2-vCPU VM. Ten of a layer's 16 are vectors (biases, norm
-scales), a few KiB each. Packed end to end into one array, which the step slices again (static
-slices, which XLA fuses into their consumers), they cost one argument: 91 in all, about 1-1.5
-us of CPU saved per argument removed (docs/benchmarks.md, run 12).
+of their own: 16 a layer for OPT, 212 arguments in all for opt-125m, whose call took 0.56-0.66
+ms of the decode thread's CPU a step on the 2-vCPU VM. Ten of a layer's 16 are vectors
+(biases, norm scales), a few KiB each. Packed end to end into one array, which the step
+slices again (static slices, which XLA fuses into their consumers), they cost one argument:
+91 in all, about 1-1.5 us of CPU saved per argument removed (docs/benchmarks.md, run 12).
 Matrices stay arrays of their own: XLA's CPU matmuls need contiguous operands, and a slice of
 a packed matrix would be copied every step.
 """

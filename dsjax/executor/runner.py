@@ -443,9 +443,9 @@ class ModelRunner:
                                 platform_min_decode_rows(spec.stage_devices(0)[0].platform))
         self.small_decode_buckets = small_decode_buckets(spec.pp)
         self.prefill_reads_pages = platform_prefills_paged(spec.stage_devices(0)[0].platform)
-        # Where the samples live in host memory already, a wait and a view of each array costs
-        # a third of jax.device_get's host time (26 against 70 us a step, two arrays); an
-        # accelerator's copies are started together by device_get instead.
+        # Where the samples live in host memory already, a wait and a view of each array cost
+        # half of jax.device_get's host time (docs/benchmarks.md, run 12); an accelerator's
+        # copies are started together by device_get instead.
         self._host_resident_samples = spec.stage_devices(0)[0].platform == "cpu"
         # Attention whose loops stop at the longest live row costs nothing for a block table
         # padded to the request maximum: one width then makes one decode program per batch
