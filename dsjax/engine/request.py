@@ -177,6 +177,10 @@ class Request:
         self.needs_slot = needs_slot(spec.params)
         # Its tokens need no log-probabilities and no text for stop strings.
         self.plain = spec.params.logprobs is None and not self.stop_checker.has_stop_strings
+        # What a plain token is checked against (the decode loop's per-row work): the tokens
+        # that may stop it, and the count of output tokens that reaches max_tokens.
+        self.stop_ids = self.stop_checker.stop_ids
+        self.length_at = spec.params.max_tokens - self.prior
 
     @classmethod
     def from_offer(cls, offer: MigrationOffer, eos_token_id: int | None) -> list["Request"]:

@@ -53,6 +53,12 @@ class StopChecker:
         return None
 
     @property
+    def stop_ids(self) -> frozenset:
+        """The tokens that may stop the sequence (eos unless ignored, and the stop ids): a
+        token outside them stops it only by length."""
+        return self._eos | self._stop_token_ids
+
+    @property
     def has_stop_strings(self) -> bool:
         return bool(self._stop_strings)
 

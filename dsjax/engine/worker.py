@@ -285,6 +285,8 @@ class InstanceWorker:
         rows of a large batch) costs an append and one stop check; no object is made per
         token."""
         now = time.perf_counter()
+        if None not in requests and all([r.plain for r in requests]):
+            return self._record_plain(requests, tokens, logprobs, now)
         rids, indexes, kept, lps, tops, finish = [], [], [], [], [], {}
         finished, any_top = [], False
         for row, (req, token) in enumerate(zip(requests, tokens)):
@@ -316,6 +318,36 @@ class InstanceWorker:
             self._tokens.append(StepTokens(tuple(rids), tuple(indexes), tuple(kept), tuple(lps),
                                            tuple(tops) if any_top else None, finish, now))
             self.tokens_out += len(rids)
+        return finished
+
+    def _record_plain(self, requests, tokens, logprobs, now: float) -> list[Request]:
+        """_record of a step whose rows are all live and plain (a large batch's usual case):
+        per row an append and a test against its stop ids and length, whole columns besides."""
+        finish, finished, failed = {}, [], []
+        for row, (req, token) in enumerate(zip(requests, tokens)):
+            out = req.output_token_ids
+            out.append(token)
+            if token in req.stop_ids or len(out) >= req.length_at:
+                try:
+                    reason = req.stop_checker.check_token(token, req.prior + len(out))
+                except Exception as e:  # noqa: BLE001 - this request's check failed
+                    self._fail(req.request_id, e)
+                    failed.append(row)
+                    continue
+                if reason is not None:   # (a stop id before min_tokens is not)
+                    finish[row] = reason
+                    finished.append(req)
+        if failed:   # the report leaves out the failed rows
+            rows = sorted(set(range(len(requests))) - set(failed))
+            finish = {i: finish[row] for i, row in enumerate(rows) if row in finish}
+            requests, tokens, logprobs = ([column[row] for row in rows]
+                                          for column in (requests, tokens, logprobs))
+        if requests:
+            self._tokens.append(StepTokens(
+                tuple([r.spec.request_id for r in requests]),
+                tuple([r.index or 0 for r in requests]), tuple(tokens), tuple(logprobs), None,
+                finish, now))
+            self.tokens_out += len(requests)
         return finished
 
     def _check_rich(self, req: Request, token: int, logprob: float, top_ids, top_logprobs
