@@ -1,6 +1,7 @@
 """Shared engine fixtures: tiny engines built once per configuration per session."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 from dsjax.config import EngineConfig
@@ -84,3 +85,32 @@ def add_after_tokens(stream, n: int, submit):
         if late is None and seen >= n:
             late = submit()
     return late
+
+
+@contextlib.contextmanager
+def watch_swaps(engine):
+    """Yields a list that gets, for each request a swap moves to the host, what the host
+    then keeps: (page counts of its arrays, head counts of its arrays, its host blocks,
+    whether every array owns its memory)."""
+    held = []
+
+    def watch(worker):
+        apply = worker._apply_swaps
+
+        def applying(step):
+            apply(step)
+            for r in step.swap_out:
+                arrays = [a for stage in worker.swapped_pages[r.request_id] for a in stage]
+                held.append(({a.shape[1] for a in arrays}, {a.shape[3] for a in arrays},
+                             len(worker.blocks.host_tables[r.request_id]),
+                             all(a.flags.owndata for a in arrays)))
+        worker._apply_swaps = applying
+        return apply
+    workers = [w for w in map(engine.local_worker, engine.instances)
+               if hasattr(w, "swapped_pages")]
+    originals = [watch(w) for w in workers]
+    try:
+        yield held
+    finally:
+        for w, apply in zip(workers, originals):
+            w._apply_swaps = apply

@@ -13,7 +13,6 @@ from dsjax.engine.request import Request, Status
 from dsjax.engine.scheduler import DecodeScheduler
 from dsjax.engine.worker import InstanceWorker
 from dsjax.executor.batch import DecodeRow
-from dsjax.executor.kv_cache import own_pages
 
 log = logging.getLogger("dsjax")
 
@@ -58,9 +57,8 @@ class DecodingWorker(InstanceWorker):
             for r, pages in zip(step.swap_out, jax.device_get(gathered)):
                 r.status = Status.SWAPPED
                 # (gathers are padded to a power of two: up to twice the request's pages)
-                n = len(step.swap_out_blocks[r.request_id])
-                self.swapped_pages[r.request_id] = [tuple(own_pages(a, n) for a in stage)
-                                                    for stage in pages]
+                self.swapped_pages[r.request_id] = self.runner.swap_copies(
+                    pages, len(step.swap_out_blocks[r.request_id]))
         if step.copies:   # copy on write: sequences about to write into a shared block
             sources, targets = zip(*step.copies)
             self.runner.insert_pages(list(targets), self.runner.gather_pages(list(sources)))

@@ -47,11 +47,18 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def own_pages(pages: np.ndarray, n: int) -> np.ndarray:
-    """Host pages [layers, padded, ...] cut to the request's n (a copy, so the padding is
-    freed): what a swap keeps, so host memory is what swap_space counts."""
+HEAD_AXIS = 3   # of pages [layers, pages, page_size, heads, head_dim]
+
+
+def own_pages(pages: np.ndarray, n: int, head_repeat: int = 1) -> np.ndarray:
+    """Host pages [layers, padded, page_size, heads, head_dim] cut to the request's n, with
+    each model KV head once where the cache repeats each `head_repeat` times (a copy, so the
+    padding and the repeats are freed): what a swap keeps, so host memory is what swap_space
+    counts."""
+    if pages.shape[1] == n and head_repeat == 1:
+        return pages
     # (a copy even where the cut is contiguous, one layer: a view would keep the padding)
-    return pages if pages.shape[1] == n else pages[:, :n].copy()
+    return pages[:, :n, :, ::head_repeat].copy()
 
 
 def padded_pages(pages, n_ids: int):
@@ -61,6 +68,14 @@ def padded_pages(pages, n_ids: int):
     if missing <= 0 or not isinstance(pages, np.ndarray):
         return pages
     return np.pad(pages, [(0, 0), (0, missing)] + [(0, 0)] * (pages.ndim - 2))
+
+
+def every_cache_head(pages, heads: int):
+    """Host pages with each model KV head once (own_pages) -> each repeated to a pool's
+    `heads` cache heads; arrays that have them, or on a device, as they are."""
+    if not isinstance(pages, np.ndarray) or pages.shape[HEAD_AXIS] == heads:
+        return pages
+    return np.repeat(pages, heads // pages.shape[HEAD_AXIS], axis=HEAD_AXIS)
 
 
 def bytes_per_block(config, block_size: int, dtype, tp: int, pp: int) -> int:
@@ -213,7 +228,9 @@ class PagePool:
 
     def insert(self, block_ids, k_pages, v_pages) -> None:
         """Write pages (as returned by gather, padding included, or host arrays of their
-        shape) at block_ids, in place."""
+        shape or with each model KV head once) at block_ids, in place."""
+        heads = self.k.shape[HEAD_AXIS]
+        k_pages, v_pages = (every_cache_head(a, heads) for a in (k_pages, v_pages))
         ids = jax.device_put(self.padded_ids(block_ids, self.num_pages), self.replicated)
         # Placed as the pool is, so one program (one stored executable) serves pages from the
         # host and from this pool alike (migration reshards onto this mesh before it inserts).

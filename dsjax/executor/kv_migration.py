@@ -31,9 +31,10 @@ from jax.sharding import NamedSharding
 
 import numpy as np
 
+from dsjax.executor.kv_cache import HEAD_AXIS
 from dsjax.executor.parallel import KV_SPEC, layer_ranges
 
-HEAD_AXIS, LAYER_AXIS = 3, 0
+LAYER_AXIS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,21 +68,12 @@ def export_shards(runner, block_ids) -> list[PageShard]:
     """Copies of the request's pages on the source's devices, one entry per device shard."""
     shards = []
     for stage, (k, v) in zip(runner.stages, runner.gather_pages(block_ids)):
-        start, repeat = stage.layer_range[0], _stage_head_repeat(runner, stage)
+        # (a stage's kv_head_repeat: heads per model KV head in the arrays its pages move as;
+        # 1 in a stage actor's, stage_group.RemoteStage)
+        start, repeat = stage.layer_range[0], stage.kv_head_repeat
         for ks, vs in zip(k.addressable_shards, v.addressable_shards):
             shards.append(PageShard(_box(ks.index, k.shape, start, repeat), ks.data, vs.data))
     return shards
-
-
-def _is_stage_actor(stage) -> bool:
-    """A stage in a stage actor (stage_group.RemoteStage): its pages move as one array on
-    the head's relay device, holding each of the model's KV heads once."""
-    return getattr(stage, "relay", None) is not None
-
-
-def _stage_head_repeat(runner, stage) -> int:
-    """Heads per model KV head in the arrays a stage's pages move as."""
-    return 1 if _is_stage_actor(stage) else runner.kv_head_repeat
 
 
 def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, jax.Array]]:
@@ -91,7 +83,7 @@ def reshard_pages(shards: list[PageShard], dst_runner) -> list[tuple[jax.Array, 
     out = []
     for stage in dst_runner.stages:
         d0, d1 = stage.layer_range
-        repeat = _stage_head_repeat(dst_runner, stage)
+        repeat = stage.kv_head_repeat
         sharding = NamedSharding(stage.mesh, KV_SPEC)
         shape = (d1 - d0, n, page, mc.num_key_value_heads * repeat, head_dim)
         k_parts, v_parts = [], []
@@ -148,6 +140,12 @@ class SourceLayout:
         to compile."""
         return (self.tp, self.pp) == (runner.spec.tp, runner.spec.pp) and (
             self.tp == 1 or self.joined_stages == joins_later_stages(runner))
+
+
+def _is_stage_actor(stage) -> bool:
+    """A stage in a stage actor (stage_group.RemoteStage): its pages move as one array on
+    the head's relay device, holding each of the model's KV heads once."""
+    return getattr(stage, "relay", None) is not None
 
 
 def joins_later_stages(runner) -> bool:

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.executor.batch import (ChunkRow, DecodeColumns, DecodeRow, PrefillRow,
                                   SamplingColumns, SamplingRow)
-from dsjax.executor.kv_cache import PagePool, bucket, padded_pages
+from dsjax.executor.kv_cache import PagePool, bucket, own_pages, padded_pages
 from dsjax.executor.packed_params import pack_vectors, unpacked
 from dsjax.executor.parallel import (InstanceSpec, instance_mesh, layer_ranges, param_shardings,
                                      pipeline_param_shardings, stage_mesh, stage_param_tree,
@@ -870,7 +870,16 @@ class ModelRunner:
 
     def insert_pages(self, block_ids, per_stage_pages) -> None:
         """Write each stage's (K, V) pages at block_ids: as a gather returned them, or host
-        pages cut to the blocks (a swap's), padded here to the insert's page count."""
+        pages as swap_copies made them, padded here to the insert's page count (the pool
+        repeats their heads)."""
         n = len(block_ids)
         for stage, (k, v) in zip(self.stages, per_stage_pages):
             stage.pool.insert(block_ids, padded_pages(k, n), padded_pages(v, n))
+
+    def swap_copies(self, host_pages, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """What a swap keeps of one request's gathered pages, fetched to the host: each
+        stage's cut to the request's n blocks, with each model KV head once (a local stage
+        with tp above the model's KV heads holds each several times; a stage actor's gather
+        gives each once already). Host memory is then what swap_space counts."""
+        return [tuple(own_pages(a, n, stage.kv_head_repeat) for a in pages)
+                for stage, pages in zip(self.stages, host_pages)]

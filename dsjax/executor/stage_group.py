@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
+from dsjax.executor.kv_cache import HEAD_AXIS
 from dsjax.executor.parallel import (layer_ranges, param_shardings, stage_mesh,
                                      stage_param_tree)
 from dsjax.executor.runner import Stage
 from dsjax.executor.sampling import SampleOutput
 
-HEAD_AXIS = 3   # pages are [layers, pages, page_size, heads, head_dim]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +163,8 @@ class RemoteStage:
         self.channel, self.relay = channel, relay
         self.mesh = stage_mesh([relay])
         self.pool = self   # gather/insert below move the remote pool's pages via the relay
+        # Its pages move with each model KV head once (StageServer.gather and insert).
+        self.kv_head_repeat = 1
 
     def run(self, mode, hidden, inputs):
         """Returns an ArrayRef the next remote stage pulls, or the last stage's samples."""
