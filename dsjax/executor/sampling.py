@@ -27,35 +27,57 @@ SAMPLING_MODES = ("greedy", "temperature", "mixed", "auto")
 SCORE_TILE = 128
 
 
+_K = MAX_LOGIT_BIAS
+
+
 @flax.struct.dataclass
 class SlotTable:
     """Per-sequence sampling state on the device, one row per slot (a sequence holds a slot
     while it runs with penalties, a logit bias or a min_tokens ban of stop ids).
 
     counts: how often each token was generated; in_prompt: which tokens the prompt holds (for
-    the repetition penalty); the bias and ban lists are padded with -1."""
+    the repetition penalty). A slot's settings are packed in one int and one float array
+    (every step takes and donates the table: two arguments instead of seven), read through
+    the properties below; the bias and ban lists are padded with -1."""
     counts: jax.Array        # [N, V] i32
     in_prompt: jax.Array     # [N, V] bool
-    presence: jax.Array      # [N] f32
-    frequency: jax.Array     # [N] f32
-    repetition: jax.Array    # [N] f32, 1 = off
-    bias_ids: jax.Array      # [N, K] i32
-    bias_values: jax.Array   # [N, K] f32
-    min_tokens: jax.Array    # [N] i32: stop ids are banned while fewer tokens were generated
-    ban_ids: jax.Array       # [N, K] i32, the stop ids
+    ints: jax.Array          # [N, 2K + 1] i32: bias ids, ban ids, min_tokens
+    floats: jax.Array        # [N, 3 + K] f32: presence, frequency, repetition, bias values
+
+    @property
+    def bias_ids(self) -> jax.Array:     # [N, K]
+        return self.ints[:, :_K]
+
+    @property
+    def ban_ids(self) -> jax.Array:      # [N, K], the stop ids
+        return self.ints[:, _K:2 * _K]
+
+    @property
+    def min_tokens(self) -> jax.Array:   # [N]: stop ids are banned while fewer were generated
+        return self.ints[:, 2 * _K]
+
+    @property
+    def presence(self) -> jax.Array:     # [N]
+        return self.floats[:, 0]
+
+    @property
+    def frequency(self) -> jax.Array:    # [N]
+        return self.floats[:, 1]
+
+    @property
+    def repetition(self) -> jax.Array:   # [N], 1 = off
+        return self.floats[:, 2]
+
+    @property
+    def bias_values(self) -> jax.Array:  # [N, K]
+        return self.floats[:, 3:]
 
     @classmethod
     def zeros(cls, num_slots: int, vocab: int) -> "SlotTable":
-        k = MAX_LOGIT_BIAS
+        ints = jnp.full((num_slots, 2 * _K + 1), -1, jnp.int32).at[:, 2 * _K].set(0)
+        floats = jnp.zeros((num_slots, 3 + _K), jnp.float32).at[:, 2].set(1.0)
         return cls(counts=jnp.zeros((num_slots, vocab), jnp.int32),
-                   in_prompt=jnp.zeros((num_slots, vocab), bool),
-                   presence=jnp.zeros(num_slots, jnp.float32),
-                   frequency=jnp.zeros(num_slots, jnp.float32),
-                   repetition=jnp.ones(num_slots, jnp.float32),
-                   bias_ids=jnp.full((num_slots, k), -1, jnp.int32),
-                   bias_values=jnp.zeros((num_slots, k), jnp.float32),
-                   min_tokens=jnp.zeros(num_slots, jnp.int32),
-                   ban_ids=jnp.full((num_slots, k), -1, jnp.int32))
+                   in_prompt=jnp.zeros((num_slots, vocab), bool), ints=ints, floats=floats)
 
 
 def slot_inputs(params: SamplingParams, prompt: Sequence[int], output: Sequence[int],
@@ -91,15 +113,11 @@ def fill_slot(table: SlotTable, slot, prompt_ids, output_ids, scalars, bias_ids,
     drop = lambda ids: jnp.where(ids < 0, vocab, ids)   # noqa: E731 - out of range: dropped
     counts = jnp.zeros(vocab, jnp.int32).at[drop(output_ids)].add(1, mode="drop")
     in_prompt = jnp.zeros(vocab, bool).at[drop(prompt_ids)].set(True, mode="drop")
+    ints = jnp.concatenate([bias_ids, ban_ids, jnp.reshape(min_tokens, 1)]).astype(jnp.int32)
+    floats = jnp.concatenate([scalars, bias_values]).astype(jnp.float32)
     return table.replace(
         counts=table.counts.at[slot].set(counts), in_prompt=table.in_prompt.at[slot].set(in_prompt),
-        presence=table.presence.at[slot].set(scalars[0]),
-        frequency=table.frequency.at[slot].set(scalars[1]),
-        repetition=table.repetition.at[slot].set(scalars[2]),
-        bias_ids=table.bias_ids.at[slot].set(bias_ids),
-        bias_values=table.bias_values.at[slot].set(bias_values),
-        min_tokens=table.min_tokens.at[slot].set(min_tokens),
-        ban_ids=table.ban_ids.at[slot].set(ban_ids))
+        ints=table.ints.at[slot].set(ints), floats=table.floats.at[slot].set(floats))
 
 
 def record_tokens(table: SlotTable, slots: jax.Array, tokens: jax.Array) -> SlotTable:
