@@ -161,16 +161,17 @@ def test_a_request_that_breaks_its_step_fails_alone(fresh, hf_opt, hf_reference)
 @pytest.mark.parametrize("where", ["plain row", "logprobs row", "router"])
 def test_host_side_failure_of_one_request_fails_it_alone(where, fresh, hf_opt, hf_reference,
                                                          monkeypatch):
-    """Recording one request's token fails: on its decode instance (a plain row's stop check,
-    which a plain row runs on a stop id or its last token; or a row's log-probabilities, from
-    the third token), or at the router delivering it. That request fails with the error; the
-    others give transformers' tokens, and every block is freed."""
+    """Recording one request's third token fails, in a step it shares with the others: on
+    its decode instance (a plain row's stop check, which runs on a stop id or a row's last
+    token, here its third; or a row's log-probabilities), or at the router delivering it.
+    That request fails with the error; the others give transformers' tokens, and every block
+    is freed."""
     from dsjax.engine.delivery import TrackedRequest
     from dsjax.engine.stopping import StopChecker
     engine = fresh()
     fault = KeyError("injected bookkeeping fault")
     if where == "plain row":
-        params = dataclasses.replace(GREEDY, max_tokens=GREEDY.max_tokens + 1)  # marks it
+        params = dataclasses.replace(GREEDY, max_tokens=3)   # marks it: the others run on
         check_token = StopChecker.check_token
 
         def check(self, token_id, num_generated):

@@ -6,7 +6,8 @@ window, QKV biases and a tied head, QK-norm with an explicit head_dim, GPT-2's f
 and three engines serve it:
 - disaggregated, prefill TP 4 (above LLaMA's 2 KV heads: each is repeated) -> two decode
   instances of TP 1, so KV migrates between different TP degrees;
-- colocated with PP 2 x TP 2 under memory pressure (swap to host and back);
+- colocated with PP 2 x TP 2 under memory pressure (swap to host and back), and LLaMA at TP 4
+  under it (each KV head repeated on the devices, kept once on the host);
 - chunked prefill (Sarathi) with a 16-token budget.
 The multi-process backend runs the GQA family (the worker and model code are the same).
 """
@@ -69,6 +70,22 @@ def test_family_placement_matches_transformers(kind, placement, checkpoints):
         kv_heads = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
         assert held and all(heads == {kv_heads} for _, heads, _, _ in held), (kv_heads, held)
     shutdown_all()   # one engine at a time: they hold their devices' memory
+
+
+def test_a_swap_keeps_one_copy_of_each_kv_head_that_tp_repeats(checkpoints):
+    """LLaMA's 2 KV heads at TP 4: the devices hold each head twice (h0 h0 h1 h1). A swap
+    keeps each once on the host and puts both copies back; had it kept the wrong cache heads
+    (h0 h0, a tiled layout's), the swapped requests would attend to the wrong keys and leave
+    transformers' tokens."""
+    model, path, reference = checkpoints("llama")
+    assert model.config.num_key_value_heads == 2
+    engine = hf_engine(path, mode="colocated", context_tensor_parallel_size=4, num_blocks=24)
+    with watch_swaps(engine) as held:
+        assert generate(engine, engine_prompts(), GREEDY) == reference
+    stats = {s["instance"]: s for s in engine.stats()}
+    assert stats["colocated0"]["num_preemptions"] > 0, "no swap: raise the pressure"
+    assert held and all(heads == {2} for _, heads, _, _ in held), held
+    shutdown_all()
 
 
 @pytest.mark.slow

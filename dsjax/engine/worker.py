@@ -281,9 +281,9 @@ class InstanceWorker:
                 ) -> list[Request]:
         """Record a step's sampled tokens, given as columns (a row whose request is None is
         skipped: it was dropped meanwhile), as one StepTokens of the report; returns the
-        sequences that finished. A plain sequence's token (no logprobs, no stop strings: most
-        rows of a large batch) costs an append and one stop check; no object is made per
-        token."""
+        sequences that finished. No object is made per token. A step whose rows are all live
+        and plain (no logprobs, no stop strings: a large batch's usual case) goes to
+        _record_plain; here, in a mixed step, a plain row costs an append and one stop check."""
         now = time.perf_counter()
         if None not in requests and all([r.plain for r in requests]):
             return self._record_plain(requests, tokens, logprobs, now)

@@ -36,7 +36,6 @@ from dsjax.executor.runner import Stage
 from dsjax.executor.sampling import SampleOutput
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ArrayRef:
     """Arrays waiting on a transfer server: where, under which id, their shapes and dtypes."""
