@@ -76,12 +76,19 @@ def test_a_swap_keeps_one_copy_of_each_kv_head_that_tp_repeats(checkpoints):
     """LLaMA's 2 KV heads at TP 4: the devices hold each head twice (h0 h0 h1 h1). A swap
     keeps each once on the host and puts both copies back; had it kept the wrong cache heads
     (h0 h0, a tiled layout's), the swapped requests would attend to the wrong keys and leave
-    transformers' tokens."""
+    transformers' tokens. Warm-up (here of 8-token prompts and 8 rows) makes every page
+    copy's programs ready, whatever its length ranges: the swaps compile none after ready."""
+    from dsjax.executor.compile_watch import CompileWatch
     model, path, reference = checkpoints("llama")
     assert model.config.num_key_value_heads == 2
-    engine = hf_engine(path, mode="colocated", context_tensor_parallel_size=4, num_blocks=24)
-    with watch_swaps(engine) as held:
+    engine = hf_engine(path, mode="colocated", context_tensor_parallel_size=4, num_blocks=24,
+                       warmup_max_prompt_len=8, warmup_max_prefill_batch=1,
+                       warmup_max_decode_batch=8)
+    with watch_swaps(engine) as held, CompileWatch() as watch:
         assert generate(engine, engine_prompts(), GREEDY) == reference
+    page_programs = [name for name in (*watch.names, *watch.compiled)
+                     if name in ("jit(_insert)", "jit(_gather)", "insert", "gather")]
+    assert not page_programs, watch.describe()
     stats = {s["instance"]: s for s in engine.stats()}
     assert stats["colocated0"]["num_preemptions"] > 0, "no swap: raise the pressure"
     assert held and all(heads == {2} for _, heads, _, _ in held), held

@@ -70,14 +70,6 @@ def padded_pages(pages, n_ids: int):
     return np.pad(pages, [(0, 0), (0, missing)] + [(0, 0)] * (pages.ndim - 2))
 
 
-def every_cache_head(pages, heads: int):
-    """Host pages with each model KV head once (own_pages) -> each repeated to a pool's
-    `heads` cache heads; arrays that have them, or on a device, as they are."""
-    if not isinstance(pages, np.ndarray) or pages.shape[HEAD_AXIS] == heads:
-        return pages
-    return np.repeat(pages, heads // pages.shape[HEAD_AXIS], axis=HEAD_AXIS)
-
-
 def bytes_per_block(config, block_size: int, dtype, tp: int, pp: int) -> int:
     """KV bytes one page costs on one device of a (tp, pp) instance (K and V, its layers and
     its share of the cache's KV heads)."""
@@ -228,15 +220,18 @@ class PagePool:
 
     def insert(self, block_ids, k_pages, v_pages) -> None:
         """Write pages (as returned by gather, padding included, or host arrays of their
-        shape or with each model KV head once) at block_ids, in place."""
-        heads = self.k.shape[HEAD_AXIS]
-        k_pages, v_pages = (every_cache_head(a, heads) for a in (k_pages, v_pages))
+        shape) at block_ids, in place. Pages may hold each model KV head once where the pool
+        repeats each (a swap's host copy, a stage actor's pages): the program repeats them."""
+        heads = k_pages.shape[HEAD_AXIS]
         ids = jax.device_put(self.padded_ids(block_ids, self.num_pages), self.replicated)
         # Placed as the pool is, so one program (one stored executable) serves pages from the
-        # host and from this pool alike (migration reshards onto this mesh before it inserts).
-        k_pages, v_pages = (jax.device_put(a, self.sharding) for a in (k_pages, v_pages))
-        _, self.k, self.v = self._run(("insert", len(ids), str(k_pages.dtype)), lambda: _insert,
-                                      INSERT_DONATED, self.k, self.v, ids, k_pages, v_pages)
+        # host and from this pool alike (migration reshards onto this mesh before it inserts);
+        # pages with fewer heads than the pool go whole to each device, which repeats them.
+        place = self.sharding if heads == self.k.shape[HEAD_AXIS] else self.replicated
+        k_pages, v_pages = (jax.device_put(a, place) for a in (k_pages, v_pages))
+        _, self.k, self.v = self._run(("insert", len(ids), str(k_pages.dtype), heads),
+                                      lambda: _insert, INSERT_DONATED, self.k, self.v, ids,
+                                      k_pages, v_pages)
 
 
 # Programs return their result, then the arguments they donate, updated (the form of
@@ -251,6 +246,9 @@ INSERT_DONATED = (0, 1)
 
 @functools.partial(jax.jit, donate_argnums=INSERT_DONATED)
 def _insert(k, v, ids, k_pages, v_pages):
+    repeat = k.shape[HEAD_AXIS] // k_pages.shape[HEAD_AXIS]
+    if repeat > 1:   # each model KV head once -> as the pool holds them (h0 h0 h1 h1)
+        k_pages, v_pages = (jnp.repeat(a, repeat, axis=HEAD_AXIS) for a in (k_pages, v_pages))
     # Padding ids are out of range (num_pages) and dropped.
     return ((), k.at[:, ids].set(k_pages.astype(k.dtype), mode="drop"),
             v.at[:, ids].set(v_pages.astype(v.dtype), mode="drop"))

@@ -870,8 +870,8 @@ class ModelRunner:
 
     def insert_pages(self, block_ids, per_stage_pages) -> None:
         """Write each stage's (K, V) pages at block_ids: as a gather returned them, or host
-        pages as swap_copies made them, padded here to the insert's page count (the pool
-        repeats their heads)."""
+        pages as swap_copies made them, padded here to the insert's page count (the pool's
+        program repeats their heads)."""
         n = len(block_ids)
         for stage, (k, v) in zip(self.stages, per_stage_pages):
             stage.pool.insert(block_ids, padded_pages(k, n), padded_pages(v, n))

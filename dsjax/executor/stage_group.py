@@ -142,9 +142,7 @@ class StageServer:
                                    for x in (k, v)])
 
     def insert(self, block_ids, pages: ArrayRef) -> None:
-        k, v = self.channel.pull(pages, self.device)   # (the pool places them)
-        if self.head_repeat > 1:
-            k, v = (jnp.repeat(x, self.head_repeat, axis=HEAD_AXIS) for x in (k, v))
+        k, v = self.channel.pull(pages, self.device)   # (the pool places and repeats them)
         self.stage.pool.insert(block_ids, k, v)
 
     def healthy(self) -> bool:

@@ -64,7 +64,8 @@ def prefill_shapes(runner, max_prompt: int, max_batch: int) -> list[list[int]]:
     max_batch = min(max_batch, runner.max_batch_size)
     max_tokens = min(_step_tokens(runner), max_batch * max_prompt)
     shapes = []
-    for t in powers_of_two(MIN_TOKEN_BUCKET, max_tokens):
+    # (from the smallest bucket even where the longest batch is shorter: its prompts run in it)
+    for t in powers_of_two(MIN_TOKEN_BUCKET, max(max_tokens, MIN_TOKEN_BUCKET)):
         n = min(t, max_tokens)
         b = -(-n // max_prompt)
         shapes.append([n // b + (1 if i < n % b else 0) for i in range(b)])
@@ -201,9 +202,9 @@ def warm_up_fixed_programs(runner, role: str) -> int:
         if role == "prefill":
             continue
         runner.insert_pages(ids, pages)                  # copy on write, migration
-        # swap-in, from host memory: host arrays of the pages' shapes (no copy back needed)
-        runner.insert_pages(ids, [tuple(np.zeros(a.shape, a.dtype) for a in stage)
-                                  for stage in pages])
+        # swap-in, from host memory: zeros kept as a swap keeps pages (no copy back needed)
+        runner.insert_pages(ids, runner.swap_copies(
+            [tuple(np.zeros(a.shape, a.dtype) for a in stage) for stage in pages], n))
     return calls
 
 
