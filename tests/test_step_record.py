@@ -28,6 +28,7 @@ def _recorder():
                                    _fail=lambda rid, e: failed.append((rid, str(e))))
     worker._record_plain = functools.partial(InstanceWorker._record_plain, worker)
     worker._check_rich = functools.partial(InstanceWorker._check_rich, worker)
+    worker._report_tokens = functools.partial(InstanceWorker._report_tokens, worker)
     worker.tokenizer = None
     return worker, failed
 

@@ -314,11 +314,15 @@ class InstanceWorker:
             kept.append(token)
             lps.append(logprobs[row])
             tops.append(top)
-        if rids:
-            self._tokens.append(StepTokens(tuple(rids), tuple(indexes), tuple(kept), tuple(lps),
-                                           tuple(tops) if any_top else None, finish, now))
-            self.tokens_out += len(rids)
+        self._report_tokens(StepTokens(tuple(rids), tuple(indexes), tuple(kept), tuple(lps),
+                                       tuple(tops) if any_top else None, finish, now))
         return finished
+
+    def _report_tokens(self, tokens: StepTokens) -> None:
+        """Add a step's recorded rows (if any) to the report the next flush sends."""
+        if tokens.request_ids:
+            self._tokens.append(tokens)
+            self.tokens_out += len(tokens.request_ids)
 
     def _record_plain(self, requests, tokens, logprobs, now: float) -> list[Request]:
         """_record of a step whose rows are all live and plain (a large batch's usual case):
@@ -342,12 +346,10 @@ class InstanceWorker:
             finish = {i: finish[row] for i, row in enumerate(rows) if row in finish}
             requests, tokens, logprobs = ([column[row] for row in rows]
                                           for column in (requests, tokens, logprobs))
-        if requests:
-            self._tokens.append(StepTokens(
-                tuple([r.spec.request_id for r in requests]),
-                tuple([r.index or 0 for r in requests]), tuple(tokens), tuple(logprobs), None,
-                finish, now))
-            self.tokens_out += len(requests)
+        self._report_tokens(StepTokens(
+            tuple([r.spec.request_id for r in requests]),
+            tuple([r.index or 0 for r in requests]), tuple(tokens), tuple(logprobs), None,
+            finish, now))
         return finished
 
     def _check_rich(self, req: Request, token: int, logprob: float, top_ids, top_logprobs
