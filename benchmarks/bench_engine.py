@@ -11,7 +11,8 @@
 overhead: decode steps of a running batch; host overhead = step wall time minus the time
   blocked on the device's results (the rest is Python: scheduling, metadata, sampling bookkeeping,
   streaming). Target: < 1 ms per step at batch 256, so the engine never starves a GPU.
-phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch).
+phases: where a synchronous decode step's host time goes, phase by phase (at the largest batch);
+  with --async-scheduling, an overlapped step's (the default engine's).
 threads: CPU time per synchronous step of the decode thread, and of the router per report.
 gc: Python's garbage collections during synchronous decode steps: the start-up heap handed
   back to the collector, frozen at CPython's thresholds, and frozen as the engine sets it.
@@ -102,9 +103,11 @@ def overhead(args) -> None:
 
 
 def phases(args) -> None:
-    """Where a synchronous decode step's host time goes, at the largest of --batch-sizes: each
-    phase of the decode thread timed by a wrapper around the worker's and runner's methods
-    (per step: mean; per call of the two jitted functions: median and the slowest)."""
+    """Where a decode step's host time goes, at the largest of --batch-sizes: each phase of the
+    decode thread timed by a wrapper around the worker's and runner's methods (per step: mean;
+    per call of the two jitted functions: median and the slowest). Synchronous steps unless
+    --async-scheduling (then a step's inputs may take the previous step's samples on the
+    device: `_tokens_from` where that is a program of its own)."""
     import collections
 
     import numpy as np
@@ -113,7 +116,8 @@ def phases(args) -> None:
     b = max(int(x) for x in args.batch_sizes.split(","))
     engine = _engine(args, mode="disaggregated", decoding_max_batch_size=b,
                      context_max_batch_size=b, context_max_tokens_per_batch=16 * b,
-                     num_blocks=b * (args.steps // 16 + 4) + 16, async_scheduling=False,
+                     num_blocks=b * (args.steps // 16 + 4) + 16,
+                     async_scheduling=args.async_scheduling,
                      warmup_max_prompt_len=16, warmup_max_context_len=16 + args.steps + 1,
                      warmup_max_decode_batch=b, warmup_max_prefill_batch=8)
     rng = np.random.default_rng(0)
@@ -140,7 +144,8 @@ def phases(args) -> None:
     for obj, names in ((worker.scheduler, ["schedule"]),
                        (getattr(worker, "persistent", None), ["next_step"]),
                        (worker, ["_decode_step", "_decode_row", "_emit_all", "_record", "_flush"]),
-                       (worker.runner, ["dispatch_decode", "_inputs", "_pipeline", "_fetch"])):
+                       (worker.runner, ["dispatch_decode", "_inputs", "_pipeline", "_fetch",
+                                        "_tokens_from"])):
         for name in names:
             if hasattr(obj, name):   # (an older tree may lack one)
                 setattr(obj, name, timed(getattr(obj, name), name))
@@ -154,7 +159,8 @@ def phases(args) -> None:
         s.result()
     engine.shutdown()
     steps = calls["_decode_step"]
-    print(f"batch {b}, {steps} steps (the first run's steps compiled every shape)\n")
+    print(f"batch {b}, {steps} {'overlapped' if args.async_scheduling else 'synchronous'} "
+          "steps (the first run's steps compiled every shape)\n")
     print("| phase | ms per step (mean) | thread CPU ms per step (mean) | calls per step | "
           "median ms per call | slowest ms |")
     print("|---|---|---|---|---|---|")
@@ -394,6 +400,8 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="uni,mp")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="phases: overlapped steps, as the engine runs by default")
     args = p.parse_args(argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

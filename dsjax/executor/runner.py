@@ -293,29 +293,30 @@ class Stage:
                        donate_argnums=DECODE_SAMPLE_DONATED,
                        compiler_options=self._compiler_options)
 
-    def run(self, mode, hidden, inputs: StepInputs, override=None):
+    def run(self, mode, hidden, inputs: StepInputs, device_tokens=None):
         """One stage of a step on the previous stage's activations (None on the first stage);
-        the last stage samples and returns a SampleOutput. `override`: input token ids already
-        on a device (the previous step's samples), -1 where the packed ones stand."""
-        # Arrays from other devices are moved onto this stage's mesh (the token override too,
-        # whether the host or the previous step made it: one signature, one program); the
+        the last stage samples and returns a SampleOutput. `device_tokens`: tokens already on
+        a device that negative packed input tokens stand for (-1 - i: element i)."""
+        # Arrays from other devices are moved onto this stage's mesh (the device tokens too,
+        # whether the host or the previous step made them: one signature, one program); the
         # packed host inputs go to the jitted call as NumPy, whose C++ path copies them where
         # the params live at a fraction of an explicit device_put's cost.
         if hidden is not None:
             hidden = jax.device_put(hidden, self.replicated)
-        if override is not None and getattr(override, "sharding", None) != self.replicated:
-            override = jax.device_put(override, self.replicated)
+        if device_tokens is not None and \
+                getattr(device_tokens, "sharding", None) != self.replicated:
+            device_tokens = jax.device_put(device_tokens, self.replicated)
         if mode == "decode" and self.first and self.last:   # one program, one dispatch
             layouts = (inputs.layout, inputs.sample_layout)
             samples, self.pool.k, self.pool.v, self.slots = self.run_program(
                 ("decode+sample",) + layouts, lambda: self._decode_and_sample(*layouts),
                 DECODE_SAMPLE_DONATED, self.decode_params, self.pool.k, self.pool.v,
-                self.slots, inputs.packed, inputs.sample_packed, override)
+                self.slots, inputs.packed, inputs.sample_packed, device_tokens)
             return samples
         out, self.pool.k, self.pool.v = self.run_program(
             ("forward", mode, inputs.layout), lambda: self._forward(mode, inputs.layout),
             FORWARD_DONATED, self.decode_params if mode == "decode" else self.params, hidden,
-            self.pool.k, self.pool.v, inputs.packed, override)
+            self.pool.k, self.pool.v, inputs.packed, device_tokens)
         if not self.last:
             return out
         last, scores = out
@@ -342,11 +343,14 @@ class Stage:
         return not (self.pool.k.is_deleted() or self.pool.v.is_deleted())
 
 
-def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mode, layout):
+def _forward_step(model, params, hidden, k_cache, v_cache, bufs, device_tokens, *, mode,
+                  layout):
     params = unpacked(params)
     tokens, meta, scored = unpack_inputs(bufs, layout)
-    if override is not None:   # tokens sampled by the step before, never seen by the host
-        tokens = jnp.where(override >= 0, override, tokens)
+    if device_tokens is not None:
+        # A host token -1 - i stands for element i of device_tokens: a token the step before
+        # sampled, which the host has not read yet (ModelRunner._device_tokens).
+        tokens = jnp.where(tokens >= 0, tokens, device_tokens[jnp.maximum(-1 - tokens, 0)])
     inputs = tokens if model.first_stage else hidden
     out, (k_cache, v_cache) = model.apply({"params": params}, inputs, (k_cache, v_cache), meta)
     if not model.last_stage:
@@ -360,11 +364,11 @@ def _forward_step(model, params, hidden, k_cache, v_cache, bufs, override, *, mo
     return (last, scores), k_cache, v_cache
 
 
-def _decode_sample_step(model, params, k_cache, v_cache, slots, bufs, sample_bufs, override, *,
-                        layout, sample_layout):
+def _decode_sample_step(model, params, k_cache, v_cache, slots, bufs, sample_bufs,
+                        device_tokens, *, layout, sample_layout):
     params = unpacked(params)
     (last, _), k_cache, v_cache = _forward_step(model, params, None, k_cache, v_cache, bufs,
-                                                override, mode="decode", layout=layout)
+                                                device_tokens, mode="decode", layout=layout)
     samples, slots = _sample_step(model, params, last, slots, sample_bufs, layout=sample_layout)
     return samples, k_cache, v_cache, slots
 
@@ -433,7 +437,7 @@ class ModelRunner:
         # Cache KV heads per model KV head: > 1 where tp exceeds the model's KV heads.
         self.kv_head_repeat = config.kv_head_repeat(spec.tp)
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
-        self._no_overrides: dict[int, jax.Array] = {}
+        self._unread: dict[int, jax.Array] = {}   # _unread_tokens
         self.spec, self.config, self.dtype = spec, config, dtype
         self.num_pages, self.page_size = num_pages, page_size
         self.max_batch_size = max_batch_size
@@ -523,11 +527,12 @@ class ModelRunner:
     # ---- steps -------------------------------------------------------------------------------
 
     def _pipeline(self, mode, micro_batches) -> list:
-        """micro_batches: list of (StepInputs, token override or None). Returns SampleOutputs."""
+        """micro_batches: list of (StepInputs, device tokens or None: Stage.run). Returns
+        SampleOutputs."""
         return [self._run_stages(mode, *mb) for mb in micro_batches]
 
-    def _run_stages(self, mode, inputs: StepInputs, override=None):
-        x = self.stages[0].run(mode, None, inputs, override)
+    def _run_stages(self, mode, inputs: StepInputs, device_tokens=None):
+        x = self.stages[0].run(mode, None, inputs, device_tokens)
         for stage in self.stages[1:]:
             x = stage.run(mode, x, inputs)
         return x
@@ -702,24 +707,40 @@ class ModelRunner:
             context = np.zeros(b_pad, np.int32)
             context[:n] = at + 1
             meta = DecodeMetadata(positions, slots, tables, context)
+            device_tokens = self._device_tokens(tokens, group.prev_rows, b_pad, previous)
             inputs = self._inputs((tokens, meta, np.int32(0)), group.sampling, np.arange(b_pad),
                                   b_pad)
-            mbs.append((inputs, self._token_override(group.prev_rows, b_pad, previous)))
+            mbs.append((inputs, device_tokens))
         return PendingStep(self._pipeline("decode", mbs), [g.num_rows for g in groups],
                            self.max_sampled_rows, bool(columns.sampling.logprobs.any()))
 
-    def _token_override(self, prev_rows: np.ndarray, b_pad: int,
-                        previous: "PendingStep | None"):
-        """[b_pad] token ids for the first stage: the previous step's samples where rows ask
-        for them (prev_rows >= 0), -1 elsewhere (always an array, so one program serves both
-        cases)."""
+    def _device_tokens(self, tokens: np.ndarray, prev_rows: np.ndarray, b_pad: int,
+                       previous: "PendingStep | None") -> jax.Array:
+        """The tokens on a device that a decode micro-batch's step reads for its rows whose
+        input token is the previous step's sample (prev_rows >= 0), not yet read by the host:
+        each such row's host token becomes -1 - i, for element i of the returned array (written
+        into `tokens`). A single-stage instance reads the previous step's samples as they are,
+        with no program of its own to select them (one dispatch a step fewer, and one program
+        per batch bucket); a pipeline's first stage takes them selected where the last stage
+        sampled them. Always an array, of one shape per program, so a step with no such row
+        runs the same program."""
+        single = self._single_program_decode
         if previous is None or not (prev_rows >= 0).any():
-            return self._no_override(b_pad)
+            return self._unread_tokens(self.max_sampled_rows if single else b_pad)
+        n, taken = len(prev_rows), prev_rows >= 0
+        if single:   # one micro-batch: the previous step's rows are its samples' rows
+            tokens[:n] = np.where(taken, -1 - prev_rows, tokens[:n])
+            return previous.outs[0].tokens
+        tokens[:n] = np.where(taken, -1 - np.arange(n, dtype=np.int32), tokens[:n])
         idx = np.full(b_pad, -1, np.int32)
-        # One micro-batch: its rows are the flat rows (no per-row offset lookup).
-        idx[:len(prev_rows)] = prev_rows if len(previous.counts) == 1 else \
+        idx[:n] = prev_rows if len(previous.counts) == 1 else \
             [previous.flat_row(row) for row in prev_rows.tolist()]
         return self._tokens_from(previous, idx)
+
+    @functools.cached_property
+    def _single_program_decode(self) -> bool:
+        """Whether a decode step is one program (one local stage: Stage.run's decode+sample)."""
+        return len(self.stages) == 1 and isinstance(self.stages[0], Stage)
 
     def _tokens_from(self, previous: "PendingStep", idx: np.ndarray) -> jax.Array:
         """The selection runs where the previous step's samples are: through the last stage's
@@ -734,19 +755,21 @@ class ModelRunner:
                                        lambda: _select_tokens, (), tokens, idx)
         return selected
 
-    def _no_override(self, b_pad: int) -> jax.Array:
-        """An all -1 override (every input token from the host), kept on stage 0's devices:
-        a synchronous step copies nothing for it."""
-        cached = self._no_overrides.get(b_pad)
+    def _unread_tokens(self, n: int) -> jax.Array:
+        """n device tokens for a step that reads none, kept on stage 0's devices: a synchronous
+        step copies nothing for them."""
+        cached = self._unread.get(n)
         if cached is None:
-            cached = self._no_overrides[b_pad] = jax.device_put(
-                np.full(b_pad, -1, np.int32), self.stages[0].replicated)
+            cached = self._unread[n] = jax.device_put(np.zeros(n, np.int32),
+                                                      self.stages[0].replicated)
         return cached
 
     def warm_token_selection(self, previous_steps: list["PendingStep"], batch_buckets) -> None:
         """Compile the async input-token selection for every (previous step's micro-batch
         count, micro-batch bucket) pair, so a batch that grows or shrinks after ready compiles
-        nothing."""
+        nothing. A single-program decode selects none (_device_tokens)."""
+        if self._single_program_decode:
+            return
         for previous in previous_steps:
             for b_pad in batch_buckets:
                 self._tokens_from(previous, np.zeros(b_pad, np.int32)).block_until_ready()
