@@ -1,6 +1,7 @@
-"""Step programs, page copies and token selections stored on disk: a second engine loads them
-(no tracing, no lowering), rehearses its warm-up on them, and still gives transformers' greedy
-tokens; a damaged file, or one whose program fails on its first run, is removed."""
+"""Step programs and page copies (and a pipeline's token selections) stored on disk: a second
+engine loads them (no tracing, no lowering), rehearses its warm-up on them, and still gives
+transformers' greedy tokens; a damaged file, or one whose program fails on its first run, is
+removed."""
 from __future__ import annotations
 
 import logging

@@ -1,11 +1,12 @@
 """A latency model fitted from the engine's own steps, not from timed `ModelRunner` calls.
 
 The runner-level profile (dsjax.eval.profiler) times kernels and the runner's input packing.
-A served step costs more: the router's and workers' messages, scheduling, token delivery and
-the async token-selection program all run between two steps, and with 1-2 ms steps on a CPU
-that host work is most of the step (docs/validation.md, run 6: real decode steps 1.5-3.2x the
-profile). So here the engine itself runs a calibration workload, every step is recovered from
-what the engine reports per request, and DistServe's step model is fitted to those steps:
+A served step costs more: the router's and workers' messages, scheduling and token delivery
+(and under a pipeline the async token-selection program) run between two steps; with 1-2 ms
+steps on a CPU that host work is most of the step (docs/validation.md, run 6: real decode
+steps 1.5-3.2x the profile). So here the engine itself runs a calibration workload, every
+step is recovered from what the engine reports per request, and DistServe's step model is
+fitted to those steps:
 
     prefill ms = a + b*sum(len) + c*sum(len^2)     (a step: requests sharing one
                                                     context_begin/context_end pair)

@@ -235,7 +235,6 @@ class PagePool:
                                       lambda: _insert, INSERT_DONATED, self.k, self.v, ids,
                                       k_pages, v_pages)
 
-
     def _repeated_head_sharding(self, heads: int) -> NamedSharding:
         """Pages with each of `heads` model KV heads once, split so that each device gets the
         head its cache shard repeats: device d holds cache head d, model head d // repeat
@@ -250,6 +249,7 @@ class PagePool:
                         ("model_kv_heads", "repeat"))
             sharding = self._by_model_heads[heads] = NamedSharding(mesh, PartitionSpec(*spec))
         return sharding
+
 
 # Programs return their result, then the arguments they donate, updated (the form of
 # Stage.run_program).

@@ -379,9 +379,10 @@ def _sample_step(model, params, last, slots, bufs, *, layout):
     logits = model.apply({"params": params}, last[source_rows], method="logits")
     out = sample(logits, st, slots)
     slots = record_tokens(slots, st.slots, out.tokens)
-    # The tokens padded to the slot table's rows (the most rows an instance samples): the next
-    # decode step's input-token selection then has one shape per micro-batch count, whatever
-    # this step's bucket (11 programs for 11 buckets, not 121).
+    # The tokens padded to the slot table's rows (max_sampled_rows, the most rows an instance
+    # samples), whatever this step's bucket: the next overlapped decode step then reads them in
+    # one shape (ModelRunner._device_tokens; a pipeline's selection, one program per
+    # micro-batch count and bucket, not per pair of buckets: 11 programs, not 121).
     width = slots.counts.shape[0]
     return out.replace(tokens=jnp.pad(out.tokens, (0, width - out.tokens.shape[0]))), slots
 
