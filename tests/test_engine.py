@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dsjax import SamplingParams
-from dsjax.executor.batch import DecodeRow, SamplingRow
+from dsjax.executor.batch import DecodeRow, PrefillRow, SamplingRow
 from dsjax.executor.kv_migration import migrate
 from tests._engine_helpers import (generate, get_engine, hf_engine, shutdown_all, wait_idle,
                                    watch_swaps)
@@ -203,28 +203,33 @@ def test_pallas_kernels_under_tensor_parallelism_match_transformers(hf_opt, hf_r
 
 @pytest.mark.parametrize("name", ["tp1->1", "pp1->2"])
 def test_rows_reading_the_last_steps_samples_on_the_device_get_them_in_any_order(name, hf_opt):
-    """An overlapped decode step whose rows take the previous, uncollected step's samples in
-    another order (prev_rows 2 and 0) beside a row whose token the host gives: the same tokens
-    and log-probabilities as that step with those samples handed in by the host. One stage
-    reads them in its decode program; a pipeline selects them on its last stage first."""
+    """Three prompts prefilled and decoded a step on the decode runner, then an overlapped
+    step whose rows take that step's uncollected samples in another order (prev_rows 2 and 0)
+    beside a row whose token the host gives: every row continues its own sequence as
+    transformers does. One stage reads the samples in its decode program; a pipeline selects
+    them on its last stage first."""
     engine = hf_engine(hf_opt[1], **PLACEMENTS[name])
     wait_idle(engine)
     runner = engine.local_worker("decode0").runner
     greedy = SamplingRow(SamplingParams(temperature=0.0), 0, 0)
+    # Prompts whose second greedy tokens differ (else the rows' order could not show).
+    rng, prompts, want = np.random.default_rng(11), [], []
+    while len(prompts) < 3:
+        prompt = rng.integers(4, 1000, 5).tolist()
+        tokens = hf_greedy(hf_opt[0], prompt, 3)
+        if tokens[1] not in {w[1] for w in want}:
+            prompts.append(prompt)
+            want.append(tokens)
     tables = [(0, 1), (2, 3), (4, 5)]
-    first = runner.dispatch_decode([DecodeRow(t, 5, table, greedy)
-                                    for t, table in zip((11, 22, 33), tables)])
-    second = [DecodeRow(-1, 6, tables[0], greedy, 2), DecodeRow(-1, 6, tables[1], greedy, 0),
-              DecodeRow(77, 6, tables[2], greedy)]
-    overlapped = runner.dispatch_decode(second, first)
-    sampled = runner.collect(first).tokens
-    got = runner.collect(overlapped)
-    assert len(set(sampled.tolist())) == 3   # (else the order could not show)
-    handed = [row._replace(token_id=int(token), prev_row=-1)
-              for row, token in zip(second, (sampled[2], sampled[0], 77))]
-    want = runner.collect(runner.dispatch_decode(handed))
-    np.testing.assert_array_equal(got.tokens, want.tokens)
-    np.testing.assert_allclose(got.logprob, want.logprob, rtol=1e-6)
+    first = runner.prefill([PrefillRow(tuple(p), t, (greedy,)) for p, t in zip(prompts, tables)])
+    assert first.tokens.tolist() == [w[0] for w in want]
+    step = runner.dispatch_decode([DecodeRow(int(token), 5, table, greedy)
+                                   for token, table in zip(first.tokens, tables)])
+    overlapped = runner.dispatch_decode(
+        [DecodeRow(-1, 6, tables[2], greedy, 2), DecodeRow(-1, 6, tables[0], greedy, 0),
+         DecodeRow(want[1][1], 6, tables[1], greedy)], step)
+    assert runner.collect(step).tokens.tolist() == [w[1] for w in want]
+    assert runner.collect(overlapped).tokens.tolist() == [want[2][2], want[0][2], want[1][2]]
 
 
 # ---- migration ---------------------------------------------------------------------------

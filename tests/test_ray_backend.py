@@ -316,7 +316,7 @@ def test_repeated_kv_heads_move_once_out_of_and_into_stage_actors(tmp_path):
     devices = jax.devices()
     actors = make(InstancePlan("prefill", 0, 4, 2, (0, 1, 2, 3)), devices[:4], devices[4:8])
     plain = make(InstancePlan("decode", 0, 1, 1, (0,)), devices[:1])
-    assert actors.kv_head_repeat == 2
+    assert actors.stages[0].kv_head_repeat == 2
     rng = np.random.default_rng(3)
     heads = [rng.standard_normal((s.layer_range[1] - s.layer_range[0], 4, TINY["block_size"],
                                   mc.num_key_value_heads, mc.head_dim)).astype(np.float32)

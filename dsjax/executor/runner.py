@@ -435,8 +435,6 @@ class ModelRunner:
                  max_batch_size: int, max_tokens_per_batch: int, max_blocks_per_request: int,
                  place_stages: Callable | None = None, min_decode_rows: int = 0):
         config.check_tensor_parallel(spec.tp)
-        # Cache KV heads per model KV head: > 1 where tp exceeds the model's KV heads.
-        self.kv_head_repeat = config.kv_head_repeat(spec.tp)
         self.last_wait_s = 0.0  # time the last step blocked on device results (benchmarks)
         self._unread: dict[int, jax.Array] = {}   # _unread_tokens
         self.spec, self.config, self.dtype = spec, config, dtype
@@ -725,10 +723,10 @@ class ModelRunner:
         per batch bucket); a pipeline's first stage takes them selected where the last stage
         sampled them. Always an array, of one shape per program, so a step with no such row
         runs the same program."""
-        single = self._single_program_decode
-        if previous is None or not (prev_rows >= 0).any():
+        single, taken = self._single_program_decode, prev_rows >= 0
+        if previous is None or not taken.any():
             return self._unread_tokens(self.max_sampled_rows if single else b_pad)
-        n, taken = len(prev_rows), prev_rows >= 0
+        n = len(prev_rows)
         if single:   # one micro-batch: the previous step's rows are its samples' rows
             tokens[:n] = np.where(taken, -1 - prev_rows, tokens[:n])
             return previous.outs[0].tokens
